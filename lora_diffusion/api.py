@@ -1,0 +1,298 @@
+"""The public API: add, load, save, switch, merge and remove adapters on models and pipelines.
+
+A "pipeline" is anything with a ``components`` dict of modules (diffusers pipelines); every
+function that takes one applies to each component that carries adapters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .core.context import CallContext
+from .core.errors import AdapterError, AdapterFileError
+from .core.registry import variant_names  # noqa: F401  (re-exported)
+from .core.spec import AdapterSpec
+from .inject.walker import adapted_layers, adapter_names, inject, model_state, remove
+from .io import canonical
+from .io.files import read_safetensors, write_safetensors
+
+log = logging.getLogger(__name__)
+
+
+def components(obj: Any) -> dict[str, nn.Module]:
+    """{"": model} for a model, {name: module} for a pipeline's module components."""
+    if isinstance(obj, nn.Module):
+        return {"": obj}
+    comps = getattr(obj, "components", None)
+    if isinstance(comps, dict):
+        return {k: v for k, v in comps.items() if isinstance(v, nn.Module)}
+    raise TypeError(f"expected a torch module or a pipeline with .components, found {type(obj).__name__}")
+
+
+# --- adding and training ---
+def add_adapter(model: nn.Module, spec: AdapterSpec, name: str = "default", scale: float = 1.0,
+                trainable: bool = True) -> list[str]:
+    """Inject adapter ``name`` into every module that ``spec`` targets; returns their names.
+
+    All targets are checked and every adapter built before the model is touched, so a bad
+    spec leaves the model exactly as it was. With ``trainable`` (the default) everything but
+    this adapter is frozen.
+    """
+    names = inject(model, spec, name, scale)
+    if trainable:
+        mark_trainable(model, [name])
+    return names
+
+
+def mark_trainable(model: nn.Module, names: Sequence[str]) -> None:
+    """Freeze every parameter of ``model`` except those of the named adapters."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, layer in adapted_layers(model):
+        for n in names:
+            if n in layer.adapters:
+                for p in layer.adapters[n].parameters():
+                    p.requires_grad_(True)
+
+
+def adapter_parameters(model: nn.Module, name: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
+    for lname, layer in adapted_layers(model):
+        for aname, ad in layer.adapters.items():
+            if name is None or aname == name:
+                for pname, p in ad.named_parameters():
+                    yield f"{lname}.adapters.{aname}.{pname}", p
+
+
+def param_groups(model: nn.Module, lr: float, name: str | None = None,
+                 lr_ratios: dict[str, float] | None = None, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+    """Optimizer parameter groups by tensor role ("A", "B", "magnitude", ...).
+
+    ``lr_ratios`` multiplies the learning rate per role: LoRA+ is ``{"B": 16.0}``.
+    """
+    lr_ratios = lr_ratios or {}
+    groups: dict[str, list[nn.Parameter]] = {}
+    for lname, layer in adapted_layers(model):
+        for aname, ad in layer.adapters.items():
+            if name is not None and aname != name:
+                continue
+            roles = ad.param_roles
+            for pname, p in ad.named_parameters():
+                if p.requires_grad:
+                    groups.setdefault(roles.get(pname, "other"), []).append(p)
+    return [{"params": ps, "lr": lr * lr_ratios.get(role, 1.0), "weight_decay": weight_decay, "role": role}
+            for role, ps in groups.items()]
+
+
+# --- state dicts and files ---
+def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """``<module>.<param>`` -> tensor for adapter ``name`` (regenerable frozen tensors excluded)."""
+    _require(model, name)
+    out = {}
+    for lname, layer in adapted_layers(model):
+        if name in layer.adapters:
+            for k, v in layer.adapters[name].state_dict().items():
+                out[f"{lname}.{k}"] = v
+    return out
+
+
+def load_adapter_state_dict(model: nn.Module, name: str, sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
+    """Copy ``sd`` into adapter ``name``; every key must be used and every shape must fit."""
+    expected = adapter_state_dict(model, name)
+    missing = sorted(set(expected) - set(sd))
+    unused = sorted(set(sd) - set(expected))
+    if missing or unused:
+        raise AdapterFileError(f"{source}: adapter '{name}' expects {len(expected)} tensors; "
+                               f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                               f"unexpected {unused[:5]}{'...' if len(unused) > 5 else ''}")
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise AdapterFileError(f"{source}: tensor '{k}' has shape {tuple(v.shape)}; "
+                                   f"expected {tuple(expected[k].shape)}")
+    with torch.no_grad():
+        for k, v in sd.items():
+            expected[k].copy_(v)
+
+
+def save_adapter(model_or_pipeline: Any, path: str | os.PathLike, name: str = "default",
+                 metadata: dict[str, str] | None = None) -> Path:
+    """Write adapter ``name`` (of every component that has it) as one canonical safetensors file."""
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, canonical.ComponentEntry] = {}
+    for comp, model in components(model_or_pipeline).items():
+        st = model_state(model)
+        if st is None or name not in st.specs:
+            continue
+        prefix = f"{comp}." if comp else ""
+        tensors.update({prefix + k: v for k, v in adapter_state_dict(model, name).items()})
+        entries[comp] = canonical.ComponentEntry(st.specs[name], st.modules[name], type(model).__name__, name)
+    if not entries:
+        raise AdapterError(f"no adapter named '{name}' to save; present: {list_adapters(model_or_pipeline)}")
+    path = Path(path)
+    write_safetensors(path, tensors, canonical.encode_metadata(entries, metadata))
+    log.info("saved adapter '%s' (%d tensors) to %s", name, len(tensors), path)
+    return path
+
+
+def _target(obj: Any, comp: str, model_class: str, path: str) -> nn.Module:
+    comps = components(obj)
+    if isinstance(obj, nn.Module):
+        if comp and type(obj).__name__ != model_class:
+            raise AdapterFileError(f"{path}: adapts the pipeline component '{comp}' ({model_class}); "
+                                   f"the model is a {type(obj).__name__}")
+        return obj
+    if comp in comps:
+        return comps[comp]
+    match = [m for m in comps.values() if type(m).__name__ == model_class]
+    if not match:
+        raise AdapterFileError(f"{path}: adapts a {model_class} ('{comp}'); the pipeline has {sorted(comps)}")
+    return match[0]
+
+
+def load_adapter(model_or_pipeline: Any, path: str | os.PathLike, name: str | None = None,
+                 scale: float = 1.0, trainable: bool = False) -> str:
+    """Load a canonical adapter file; returns the adapter's name (default: the file's stem).
+
+    Nothing is applied unless every component, module and tensor of the file applies.
+    """
+    path = Path(path)
+    tensors, meta = read_safetensors(path)
+    entries = canonical.decode_metadata(meta, str(path))
+    name = name or re.sub(r"[^A-Za-z0-9_-]", "_", path.stem)
+    done: list[nn.Module] = []
+    try:
+        for comp, entry in entries.items():
+            model = _target(model_or_pipeline, comp, entry.model_class, str(path))
+            inject(model, entry.spec, name, scale, module_names=entry.modules)
+            done.append(model)
+            sd = canonical.split_component(tensors, comp) if len(entries) > 1 or comp else tensors
+            load_adapter_state_dict(model, name, sd, str(path))
+            if trainable:
+                mark_trainable(model, [name])
+            else:
+                for _, p in adapter_parameters(model, name):
+                    p.requires_grad_(False)
+    except BaseException:
+        for model in done:
+            remove(model, [name])
+        raise
+    return name
+
+
+# --- switching, merging, removing ---
+def list_adapters(model_or_pipeline: Any) -> list[str]:
+    out: list[str] = []
+    for m in components(model_or_pipeline).values():
+        out.extend(n for n in adapter_names(m) if n not in out)
+    return out
+
+
+def _require(model_or_pipeline: Any, *names: str) -> None:
+    present = list_adapters(model_or_pipeline)
+    unknown = [n for n in names if n not in present]
+    if unknown:
+        raise AdapterError(f"no adapter named {unknown}; present: {present}")
+
+
+def set_adapters(model_or_pipeline: Any, names: str | Sequence[str],
+                 scales: float | Sequence[float] | dict[str, float] | None = None) -> None:
+    """Activate exactly ``names`` (others off) with optional per-adapter scales."""
+    names = [names] if isinstance(names, str) else list(names)
+    _require(model_or_pipeline, *names)
+    if scales is None:
+        sc: dict[str, float] = {}
+    elif isinstance(scales, dict):
+        sc = dict(scales)
+    elif isinstance(scales, (int, float)):
+        sc = {n: float(scales) for n in names}
+    else:
+        if len(scales) != len(names):
+            raise AdapterError(f"set_adapters: {len(names)} names but {len(scales)} scales")
+        sc = dict(zip(names, scales))
+    for m in components(model_or_pipeline).values():
+        for _, layer in adapted_layers(m):
+            layer.set_active(names, sc)
+
+
+def disable_adapters(model_or_pipeline: Any) -> None:
+    for m in components(model_or_pipeline).values():
+        for _, layer in adapted_layers(m):
+            layer.set_active([])
+
+
+def merge_adapters(model_or_pipeline: Any, names: Sequence[str] | None = None) -> None:
+    """Fold the active (or named) adapters into the base weights; ``unmerge_adapters`` undoes it exactly."""
+    if names is not None:
+        _require(model_or_pipeline, *names)
+    for m in components(model_or_pipeline).values():
+        for _, layer in adapted_layers(m):
+            layer.merge(None if names is None else [n for n in names if n in layer.adapters])
+
+
+def unmerge_adapters(model_or_pipeline: Any) -> None:
+    for m in components(model_or_pipeline).values():
+        for _, layer in adapted_layers(m):
+            layer.unmerge()
+
+
+def remove_adapters(model_or_pipeline: Any, names: Sequence[str] | None = None, merge: bool = False) -> None:
+    """Delete adapters and restore the original modules (with ``merge``, fold them in first)."""
+    if names is not None:
+        _require(model_or_pipeline, *names)
+    for m in components(model_or_pipeline).values():
+        present = adapter_names(m)
+        here = present if names is None else [n for n in names if n in present]
+        if here:
+            remove(m, here, merge=merge)
+
+
+def get_spec(model: nn.Module, name: str = "default") -> AdapterSpec:
+    st = model_state(model)
+    if st is None or name not in st.specs:
+        raise AdapterError(f"no adapter named '{name}'; present: {adapter_names(model)}")
+    return st.specs[name]
+
+
+# --- per-call context ---
+def _holders(model_or_pipeline: Any):
+    for m in components(model_or_pipeline).values():
+        st = model_state(m)
+        if st is not None:
+            yield st.holder
+
+
+def set_context(model_or_pipeline: Any, **changes: Any) -> None:
+    """Set context fields (timestep, num_train_timesteps, step, gates) until changed again."""
+    for h in _holders(model_or_pipeline):
+        h.update(**changes)
+
+
+def set_timestep(model_or_pipeline: Any, t: float | int | torch.Tensor | None,
+                 num_train_timesteps: int | None = None) -> None:
+    """The diffusion timestep that T-LoRA's rank mask (and any timestep-aware variant) reads."""
+    changes: dict[str, Any] = {"timestep": t}
+    if num_train_timesteps is not None:
+        changes["num_train_timesteps"] = num_train_timesteps
+    set_context(model_or_pipeline, **changes)
+
+
+@contextlib.contextmanager
+def timestep(model_or_pipeline: Any, t: float | int | torch.Tensor | None,
+             num_train_timesteps: int | None = None) -> Iterator[None]:
+    """``with timestep(unet, t): ...`` sets the timestep and restores the previous context after."""
+    holders = list(_holders(model_or_pipeline))
+    saved: list[CallContext] = [h.state for h in holders]
+    set_timestep(model_or_pipeline, t, num_train_timesteps)
+    try:
+        yield
+    finally:
+        for h, s in zip(holders, saved):
+            h.restore(s)

@@ -1,0 +1,132 @@
+"""The Adapter contract: one adapter for one base layer.
+
+A variant states its weight delta, ``delta_weight(ctx) -> (out, in, *k)``, and may give a faster
+``delta_forward(x, ctx)`` (default: the layer's own op with ΔW). Merge, unmerge, export and
+rank compression are then generic. A non-additive variant (DoRA) sets ``additive = False`` and
+overrides ``adapted_output`` and ``merged_weight``.
+
+The adapted layer calls ``adapted_output(x, base_out, layer, ctx, scale)`` for each active
+adapter; ``scale`` is the user's per-adapter scale times any gate from the context.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from .context import CallContext
+from .errors import TargetError
+from .layerinfo import LayerInfo
+from .spec import AdapterSpec, ModuleConfig
+
+if TYPE_CHECKING:
+    from .shared import SharedStore
+
+
+@dataclass
+class NoOptions:
+    """Variants without options."""
+
+
+class Adapter(nn.Module):
+    variant: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    additive: ClassVar[bool] = True  # output = base + scale * delta_forward(x)
+    kinds: ClassVar[frozenset[str]] = frozenset({"linear", "conv2d"})
+    identity_init: ClassVar[bool] = True  # output equals the base output at init
+    uses_alpha: ClassVar[bool] = True
+    uses_context: ClassVar[bool] = False  # reads timestep/step from the context
+    # Role of each trainable tensor, for optimizer parameter groups (LoRA+: "B" gets a higher lr).
+    param_roles: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, info: LayerInfo, cfg: ModuleConfig, *, base_weight: torch.Tensor | None = None,
+                 shared: SharedStore | None = None) -> None:
+        super().__init__()
+        self.info = info
+        self.cfg = cfg
+        self.scaling = cfg.scaling if self.uses_alpha else 1.0
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+
+    # --- checks and formulas (classmethods: run before anything is built) ---
+    @classmethod
+    def check(cls, info: LayerInfo, cfg: ModuleConfig) -> None:
+        """Raise a clear error if this variant cannot adapt this layer with this config."""
+        if info.kind not in cls.kinds:
+            raise TargetError(
+                f"module '{cfg.module_name}': variant '{cls.variant}' does not support {info.kind} layers "
+                f"(supported: {sorted(cls.kinds)})")
+        limit = min(info.out_features, info.fan_in)
+        if cfg.rank > limit:
+            raise TargetError(
+                f"module '{cfg.module_name}': rank {cfg.rank} is larger than the layer allows "
+                f"(expected rank <= min(out={info.out_features}, in={info.fan_in}) = {limit})")
+
+    @classmethod
+    def num_params(cls, info: LayerInfo, cfg: ModuleConfig) -> int:
+        """Trainable parameters per the paper's formula (tests compare it with the module)."""
+        raise NotImplementedError
+
+    @classmethod
+    def prepare_shared(cls, store: SharedStore, adapter_name: str, infos: dict[str, LayerInfo],
+                       spec: AdapterSpec) -> None:
+        """Create model-level frozen tensors (VeRA); default: none."""
+
+    # --- the weight delta ---
+    def delta_weight(self, ctx: CallContext | None = None) -> torch.Tensor:
+        """ΔW in the base weight's (out, in, *k) layout, scaling included."""
+        raise NotImplementedError
+
+    def delta_forward(self, x: torch.Tensor, ctx: CallContext | None = None) -> torch.Tensor:
+        """ΔW applied to x; override when there is a cheaper way than building ΔW."""
+        return self.info.op(x, self.delta_weight(ctx))
+
+    def adapted_output(self, x: torch.Tensor, base_out: torch.Tensor, layer: nn.Module,
+                       ctx: CallContext | None, scale: float | torch.Tensor) -> torch.Tensor:
+        x = self.dropout(x.to(self.dtype))
+        delta = self.delta_forward(x, ctx)
+        return base_out + (delta * scale).to(base_out.dtype)
+
+    def merged_weight(self, weight: torch.Tensor, ctx: CallContext | None, scale: float) -> torch.Tensor:
+        """The base weight with this adapter folded in."""
+        return weight + (self.delta_weight(ctx) * scale).to(weight.dtype)
+
+    # --- helpers ---
+    @property
+    def dtype(self) -> torch.dtype:
+        p = next(self.parameters(), None)
+        return p.dtype if p is not None else torch.float32
+
+    def extra_repr(self) -> str:
+        s = f"rank={self.cfg.rank}"
+        if self.uses_alpha:
+            s += f", alpha={self.cfg.alpha:g}, scaling={self.scaling:.4g}"
+        return s
+
+
+def new_param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape))
+
+
+def kaiming_uniform_(t: torch.Tensor, gen: torch.Generator, a: float = math.sqrt(5)) -> torch.Tensor:
+    """nn.Linear's default init (kaiming_uniform with a=sqrt(5)), drawn from ``gen``."""
+    fan_in = t[0].numel() if t.dim() > 1 else t.numel()
+    gain = math.sqrt(2.0 / (1 + a * a))
+    bound = math.sqrt(3.0) * gain / math.sqrt(fan_in)
+    with torch.no_grad():
+        return t.uniform_(-bound, bound, generator=gen)
+
+
+def normal_(t: torch.Tensor, gen: torch.Generator, std: float) -> torch.Tensor:
+    with torch.no_grad():
+        return t.normal_(0.0, std, generator=gen)
+
+
+def options_to_dict(options: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(options)

@@ -1,0 +1,147 @@
+"""AdaptedLayer: a base layer plus any number of named adapters.
+
+    y = base(x) + Σ_{active, unmerged} scale_i · gate_i · Δ_i(x)      (additive adapters)
+
+It replaces the target module (so adapters show in ``print(model)``) and keeps the original
+module object as ``base_layer``, which ``remove`` puts back. Merging folds adapters into the base
+weight; the first merge keeps a copy of the original weight (on the CPU), so unmerging restores
+it bit for bit instead of subtracting (which would leave rounding error).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adapter import Adapter
+from .context import CallContext, ContextHolder
+from .errors import AdapterError
+from .layerinfo import LayerInfo
+
+
+class AdaptedLayer(nn.Module):
+    def __init__(self, base_layer: nn.Module, info: LayerInfo, holder: ContextHolder) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.info = info
+        self.adapters = nn.ModuleDict()
+        self.scales: dict[str, float] = {}
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self._holder = holder
+        self._original: torch.Tensor | None = None
+        self._run: list[str] = []
+
+    def __getattr__(self, name: str):  # weight, bias, in_features, nf, ... of the base layer
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__["_modules"].get("base_layer")
+            if base is None or name.startswith("_"):
+                raise
+            return getattr(base, name)
+
+    # --- weights ---
+    def base_weight(self) -> torch.Tensor:
+        """The (possibly merged) base weight, (out, in, *k)."""
+        w = self.base_layer.weight
+        return w.T if self.info.transposed else w
+
+    @torch.no_grad()
+    def _write_weight(self, w: torch.Tensor) -> None:
+        target = self.base_layer.weight
+        target.copy_(w.T if self.info.transposed else w)
+
+    # --- adapters ---
+    def add(self, name: str, adapter: Adapter, scale: float = 1.0, active: bool = True) -> None:
+        if name in self.adapters:
+            raise AdapterError(f"adapter '{name}' already exists on this layer")
+        self.adapters[name] = adapter
+        self.scales[name] = float(scale)
+        if active:
+            self.active.append(name)
+        self._refresh()
+
+    def delete(self, name: str) -> None:
+        if name in self.merged:
+            self.unmerge([name])
+        del self.adapters[name]
+        self.scales.pop(name, None)
+        self.active = [n for n in self.active if n != name]
+        self._refresh()
+
+    def set_active(self, names: list[str], scales: dict[str, float] | None = None) -> None:
+        scales = scales or {}
+        remerge = [n for n in self.merged if n in scales and scales[n] != self.scales[n]]
+        if remerge:  # a merged adapter's scale changed: fold it in again at the new scale
+            self.unmerge(remerge)
+        self.active = [n for n in names if n in self.adapters]
+        for n, s in scales.items():
+            if n in self.adapters:
+                self.scales[n] = float(s)
+        if remerge:
+            self.merge(remerge)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._run = [n for n in self.active if n not in self.merged]
+
+    # --- forward ---
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if not self._run:
+            return result
+        ctx = self._holder.current()
+        for name in self._run:
+            scale = self._scale(name, ctx, result)
+            result = self.adapters[name].adapted_output(x, result, self, ctx, scale)
+        return result
+
+    def _scale(self, name: str, ctx: CallContext, result: torch.Tensor) -> float | torch.Tensor:
+        gate = ctx.gates.get(name) if ctx.gates else None
+        if gate is None:
+            return self.scales[name]
+        if isinstance(gate, torch.Tensor) and gate.dim() > 0:
+            if gate.shape[0] != result.shape[0]:
+                raise AdapterError(f"gate for adapter '{name}' has {gate.shape[0]} entries; "
+                                   f"expected one per batch row ({result.shape[0]})")
+            if not self.adapters[name].additive:
+                raise AdapterError(f"adapter '{name}' is not additive; per-sample gates are not supported")
+            gate = gate.view(-1, *([1] * (result.dim() - 1))).to(result.device)
+        return self.scales[name] * gate
+
+    # --- merge ---
+    @torch.no_grad()
+    def merge(self, names: list[str] | None = None) -> None:
+        names = [n for n in (self.active if names is None else names) if n not in self.merged]
+        if not names:
+            return
+        if self._original is None:
+            self._original = self.base_weight().detach().to("cpu", copy=True)
+        ctx = self._holder.current()
+        w = self.base_weight().detach().clone()
+        for n in names:
+            w = self.adapters[n].merged_weight(w, ctx, self.scales[n])
+        self._write_weight(w)
+        self.merged.extend(names)
+        self._refresh()
+
+    @torch.no_grad()
+    def unmerge(self, names: list[str] | None = None) -> None:
+        """Restore the original weight exactly, then re-merge whatever stays merged."""
+        if not self.merged:
+            return
+        keep = [] if names is None else [n for n in self.merged if n not in names]
+        w = self.base_weight()
+        self._write_weight(self._original.to(w.device, w.dtype))
+        self.merged = []
+        self._original = None
+        self.merge(keep)
+        self._refresh()
+
+    def extra_repr(self) -> str:
+        parts = []
+        for n, a in self.adapters.items():
+            state = "merged" if n in self.merged else ("active" if n in self.active else "inactive")
+            parts.append(f"{n}: {a.variant} scale={self.scales[n]:g} {state}")
+        return "adapters={" + ", ".join(parts) + "}"

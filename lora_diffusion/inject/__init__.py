@@ -1,0 +1,1 @@
+"""Finding target modules by name and swapping them for adapted layers."""

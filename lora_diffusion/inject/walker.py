@@ -1,0 +1,181 @@
+"""Inject adapters into a model, all or nothing, and walk the adapted layers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..core.adapter import Adapter
+from ..core.context import ContextHolder
+from ..core.errors import AdapterError
+from ..core.layer import AdaptedLayer
+from ..core.layerinfo import LayerInfo, get_base_weight, layer_info
+from ..core.registry import get_variant, parse_options
+from ..core.shared import STORE_ATTR, get_store
+from ..core.spec import AdapterSpec, ModuleConfig
+from .targets import find_targets
+
+log = logging.getLogger(__name__)
+STATE_ATTR = "_lora_state"
+
+
+class ModelState:
+    """Per-model bookkeeping kept on the model root: the context holder and each adapter's spec."""
+
+    def __init__(self) -> None:
+        self.holder = ContextHolder()
+        self.specs: dict[str, AdapterSpec] = {}
+        self.modules: dict[str, list[str]] = {}
+
+
+def model_state(model: nn.Module, create: bool = False) -> ModelState | None:
+    st = model.__dict__.get(STATE_ATTR)
+    if st is None and create:
+        st = ModelState()
+        model.__dict__[STATE_ATTR] = st
+    return st
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    for name, m in model.named_modules():
+        if isinstance(m, AdaptedLayer):
+            yield name, m
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, AdaptedLayer) else module
+
+
+def module_configs(spec: AdapterSpec, cls: type[Adapter], names: list[str], adapter_name: str) -> dict[str, ModuleConfig]:
+    options = parse_options(cls, spec.options)
+    out = {}
+    for n in names:
+        rank = spec.rank_for(n)
+        alpha = spec.alpha_for(n)
+        out[n] = ModuleConfig(n, rank, float(rank if alpha is None else alpha), spec.dropout, spec.rslora,
+                              spec.seed, options, adapter_name)
+    return out
+
+
+def _adapter_dtype(w: torch.Tensor) -> torch.dtype:
+    return torch.float64 if w.dtype == torch.float64 else torch.float32
+
+
+def build_adapters(model: nn.Module, spec: AdapterSpec, name: str, targets: dict[str, nn.Module]) -> dict[str, Adapter]:
+    """Check every target, then build every adapter; raises before touching the model."""
+    cls = get_variant(spec.variant)
+    infos: dict[str, LayerInfo] = {n: layer_info(_base(m), n) for n, m in targets.items()}
+    cfgs = module_configs(spec, cls, list(targets), name)
+    for n in targets:
+        cls.check(infos[n], cfgs[n])
+    created_store = getattr(model, STORE_ATTR, None) is None
+    store = get_store(model)
+    try:
+        cls.prepare_shared(store, name, infos, spec)
+        built = {}
+        for n, m in targets.items():
+            w = get_base_weight(_base(m), infos[n])
+            ad = cls(infos[n], cfgs[n], base_weight=w.detach(), shared=store)
+            built[n] = ad.to(device=w.device, dtype=_adapter_dtype(w))
+        return built
+    except BaseException:
+        store.drop_suffix(f"__{name}")  # shared tensors of this adapter
+        if created_store:
+            delattr(model, STORE_ATTR)
+        raise
+
+
+def inject(model: nn.Module, spec: AdapterSpec, name: str = "default", scale: float = 1.0,
+           module_names: list[str] | None = None) -> list[str]:
+    """Add adapter ``name`` to every target of ``spec`` (or exactly ``module_names``)."""
+    if not name or "." in name or "/" in name:
+        raise AdapterError(f"adapter name {name!r}: expected a non-empty name without '.' or '/'")
+    if name in adapter_names(model):
+        raise AdapterError(f"adapter '{name}' already exists on {type(model).__name__}; remove it or pick another name")
+    if module_names is None:
+        targets = find_targets(model, spec)
+    else:
+        mods = dict(model.named_modules())
+        missing = [n for n in module_names if n not in mods]
+        if missing:
+            raise AdapterError(f"module(s) {missing[:5]} not found in {type(model).__name__} (expected {len(module_names)} modules)")
+        targets = {n: mods[n] for n in module_names}
+    built = build_adapters(model, spec, name, targets)
+    state = model_state(model, create=True)
+    for n, ad in built.items():
+        _wrap(model, n, targets[n], state.holder).add(name, ad, scale)
+    state.specs[name] = spec
+    state.modules[name] = list(built)
+    log.info("added adapter '%s' (%s, rank %d) to %d modules", name, spec.variant, spec.rank, len(built))
+    return list(built)
+
+
+def _wrap(model: nn.Module, name: str, module: nn.Module, holder: ContextHolder) -> AdaptedLayer:
+    if isinstance(module, AdaptedLayer):
+        return module
+    layer = AdaptedLayer(module, layer_info(module, name), holder)
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, layer)
+    return layer
+
+
+def _unwrap(model: nn.Module, name: str, layer: AdaptedLayer) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, layer.base_layer)
+
+
+def _drop(layer: AdaptedLayer, name: str) -> None:
+    del layer.adapters[name]
+    layer.scales.pop(name, None)
+    layer.active = [a for a in layer.active if a != name]
+    layer._refresh()
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    st = model_state(model)
+    names = list(st.specs) if st else []
+    for _, layer in adapted_layers(model):
+        names.extend(n for n in layer.adapters if n not in names)
+    return names
+
+
+def remove(model: nn.Module, names: list[str] | None = None, merge: bool = False) -> None:
+    """Delete adapters (all by default); a layer left with none is replaced by its original module.
+
+    merge=False restores the original weights exactly; merge=True folds the adapters in first.
+    """
+    all_names = adapter_names(model)
+    names = all_names if names is None else names
+    unknown = [n for n in names if n not in all_names]
+    if unknown:
+        raise AdapterError(f"no adapter named {unknown} on {type(model).__name__}; present: {all_names}")
+    for lname, layer in list(adapted_layers(model)):
+        here = [n for n in names if n in layer.adapters]
+        if merge and here:
+            keep_merged = [n for n in layer.merged if n not in here]
+            layer.unmerge()
+            layer.merge(here)  # permanent: forget the original weight
+            layer.merged, layer._original = [], None
+            for n in here:
+                _drop(layer, n)
+            layer.merge(keep_merged)
+        for n in here:
+            if n in layer.adapters:
+                layer.delete(n)
+        if not layer.adapters:
+            _unwrap(model, lname, layer)
+    st = model_state(model)
+    store = getattr(model, STORE_ATTR, None)
+    for n in names:
+        if st:
+            st.specs.pop(n, None)
+            st.modules.pop(n, None)
+        if store is not None:
+            store.drop_suffix(f"__{n}")
+    if store is not None and not store._buffers:
+        delattr(model, STORE_ATTR)

@@ -1,0 +1,1 @@
+"""Adapter files: the only safetensors reader/writer, and the canonical format."""

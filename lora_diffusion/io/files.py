@@ -1,0 +1,88 @@
+"""The one place that reads and writes adapter files. Only safetensors; pickles are refused.
+
+Writes are atomic: a temporary file in the same folder, fsync, then ``os.replace``, so a crash
+never leaves a half-written adapter where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..core.errors import AdapterFileError
+
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+def _refuse_pickle(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise AdapterFileError(f"{path}: '{path.suffix}' files are pickles, which can run code when loaded; "
+                               "only .safetensors files are read (convert it with a trusted tool first)")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise AdapterFileError(f"{path}: this is a pickle/zip (torch.save) file, not safetensors; "
+                               "only .safetensors files are read")
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
+    """(tensor index {key: {dtype, shape, data_offsets}}, metadata) without loading any tensor."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFileError(f"{path}: no such file")
+    _refuse_pickle(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise AdapterFileError(f"{path}: file is {size} bytes, too short for a safetensors header")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER or n + 8 > size:
+            raise AdapterFileError(f"{path}: header claims {n} bytes but the file has {size}; the file is truncated or not safetensors")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise AdapterFileError(f"{path}: header is not valid JSON ({e})") from None
+    meta = header.pop("__metadata__", None) or {}
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise AdapterFileError(f"{path}: tensors need {8 + n + end} bytes but the file has {size}; the file is truncated")
+    return header, meta
+
+
+def read_safetensors(path: str | os.PathLike, check_finite: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = Path(path)
+    _, meta = read_header(path)
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for bad offsets, dtypes, ...
+        raise AdapterFileError(f"{path}: not a valid safetensors file ({e})") from None
+    if check_finite:
+        for k, t in tensors.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise AdapterFileError(f"{path}: tensor '{k}' contains NaN or Inf values")
+    return tensors, meta
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

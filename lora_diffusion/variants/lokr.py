@@ -1,0 +1,123 @@
+"""LoKr (KronA, Edalati et al. 2022, arXiv 2212.10650; LyCORIS): Kronecker product adaptation.
+
+    out = a·b, in = c·d (``factorization``),   ΔW = s · W1 ⊗ W2,   W1: (a, c),   W2: (b, d[, kh, kw])
+
+W2 is low-rank W2a W2b (b×r, r×d·k) when r < max(b, d)/2, else full; W1 is low-rank too with
+``decompose_both``. Conv kernels live in W2 (W1 is broadcast as a×c×1×1); ``use_tucker`` stores W2
+as a Tucker core t2 (r, r, kh, kw) with W2a (r, b), W2b (r, d). Names, shapes, init and the
+"both factors full: alpha = rank, s = 1" rule follow LyCORIS, so its files load unchanged.
+Init: W1 (or W1a, W1b) and W2a kaiming-uniform, W2 / W2b = 0 (ΔW = 0).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..core.adapter import Adapter, kaiming_uniform_, new_param
+from ..core.context import CallContext
+from ..core.functional import factorization, rebuild_tucker
+from ..core.layerinfo import LayerInfo
+from ..core.registry import register_variant
+from ..core.spec import ModuleConfig
+
+
+@dataclass(frozen=True)
+class LoKrShapes:
+    a: int  # out = a·b
+    b: int
+    c: int  # in = c·d
+    d: int
+    k: tuple[int, ...]
+    full_w1: bool
+    full_w2: bool
+    tucker: bool
+
+
+def lokr_shapes(info: LayerInfo, cfg: ModuleConfig) -> LoKrShapes:
+    o = cfg.options
+    c, d = factorization(info.in_features, o.factor)
+    a, b = factorization(info.out_features, o.factor)
+    if o.unbalanced_factorization:
+        a, b = b, a
+    r, k = cfg.rank, info.kernel_size
+    full_w1 = not (o.decompose_both and r < max(a, c) / 2 and not o.full_matrix)
+    full_w2 = r >= max(b, d) / 2 or o.full_matrix
+    tucker = bool(o.use_tucker) and info.kind == "conv2d" and any(x != 1 for x in k) and not full_w2
+    return LoKrShapes(a, b, c, d, k, full_w1, full_w2, tucker)
+
+
+@register_variant
+class LoKr(Adapter):
+    variant = "lokr"
+    paper = "https://arxiv.org/abs/2212.10650"
+    param_roles = {"lokr_w1": "w1", "lokr_w1_a": "w1", "lokr_w1_b": "w1",
+                   "lokr_w2": "B", "lokr_w2_a": "A", "lokr_w2_b": "B", "lokr_t2": "core"}
+
+    @dataclass
+    class Options:
+        factor: int = -1
+        decompose_both: bool = False
+        use_tucker: bool = False
+        full_matrix: bool = False
+        unbalanced_factorization: bool = False
+
+    def __init__(self, info: LayerInfo, cfg: ModuleConfig, **kw) -> None:
+        super().__init__(info, cfg, **kw)
+        sh = self.shapes = lokr_shapes(info, cfg)
+        r, gen = cfg.rank, cfg.generator()
+        if sh.full_w1 and sh.full_w2:  # LyCORIS: "alpha ignored in full dimension", s = 1 (rs: sqrt r)
+            self.scaling = r / (math.sqrt(r) if cfg.rslora else r)
+        if sh.full_w1:
+            self.lokr_w1 = kaiming_uniform_(new_param(sh.a, sh.c), gen)
+        else:
+            self.lokr_w1_a = kaiming_uniform_(new_param(sh.a, r), gen)
+            self.lokr_w1_b = kaiming_uniform_(new_param(r, sh.c), gen)
+        if sh.full_w2:
+            self.lokr_w2 = torch.nn.Parameter(torch.zeros(sh.b, sh.d, *sh.k))
+            return
+        if sh.tucker:
+            self.lokr_t2 = kaiming_uniform_(new_param(r, r, *sh.k), gen)
+            self.lokr_w2_a = kaiming_uniform_(new_param(r, sh.b), gen)
+            self.lokr_w2_b = torch.nn.Parameter(torch.zeros(r, sh.d))
+        else:
+            self.lokr_w2_a = kaiming_uniform_(new_param(sh.b, r), gen)
+            self.lokr_w2_b = torch.nn.Parameter(torch.zeros(r, sh.d * math.prod(sh.k)))
+
+    @classmethod
+    def check(cls, info: LayerInfo, cfg: ModuleConfig) -> None:
+        if info.kind not in cls.kinds:
+            super().check(info, cfg)
+
+    @classmethod
+    def num_params(cls, info: LayerInfo, cfg: ModuleConfig) -> int:
+        sh, r = lokr_shapes(info, cfg), cfg.rank
+        kk = math.prod(sh.k)
+        n = sh.a * sh.c if sh.full_w1 else r * (sh.a + sh.c)
+        if sh.full_w2:
+            return n + sh.b * sh.d * kk
+        if sh.tucker:
+            return n + r * r * kk + r * (sh.b + sh.d)
+        return n + r * (sh.b + sh.d * kk)
+
+    def _w1(self) -> torch.Tensor:
+        return self.lokr_w1 if self.shapes.full_w1 else self.lokr_w1_a @ self.lokr_w1_b  # (a, c)
+
+    def _w2(self) -> torch.Tensor:
+        sh = self.shapes
+        if sh.full_w2:
+            return self.lokr_w2
+        if sh.tucker:
+            return rebuild_tucker(self.lokr_t2, self.lokr_w2_a, self.lokr_w2_b)  # (b, d, *k)
+        return (self.lokr_w2_a @ self.lokr_w2_b).view(sh.b, sh.d, *sh.k)
+
+    def delta_weight(self, ctx: CallContext | None = None) -> torch.Tensor:
+        w1, w2 = self._w1(), self._w2()
+        w1 = w1.view(*w1.shape, *([1] * (w2.dim() - 2)))
+        return torch.kron(w1, w2) * self.scaling  # (a·b, c·d, *k)
+
+    def extra_repr(self) -> str:
+        sh = self.shapes
+        return super().extra_repr() + f", kron=({sh.a}x{sh.c})⊗({sh.b}x{sh.d})"
