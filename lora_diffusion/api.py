@@ -80,7 +80,7 @@ def param_groups(model: nn.Module, lr: float, name: str | None = None,
     """
     lr_ratios = lr_ratios or {}
     groups: dict[str, list[nn.Parameter]] = {}
-    for lname, layer in adapted_layers(model):
+    for _lname, layer in adapted_layers(model):
         for aname, ad in layer.adapters.items():
             if name is not None and aname != name:
                 continue

@@ -101,7 +101,8 @@ def inject(model: nn.Module, spec: AdapterSpec, name: str = "default", scale: fl
         mods = dict(model.named_modules())
         missing = [n for n in module_names if n not in mods]
         if missing:
-            raise AdapterError(f"module(s) {missing[:5]} not found in {type(model).__name__} (expected {len(module_names)} modules)")
+            raise AdapterError(f"module(s) {missing[:5]} not found in {type(model).__name__} "
+                               f"(expected all {len(module_names)} modules of the adapter)")
         targets = {n: mods[n] for n in module_names}
     built = build_adapters(model, spec, name, targets)
     state = model_state(model, create=True)

@@ -45,7 +45,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
             raise AdapterFileError(f"{path}: file is {size} bytes, too short for a safetensors header")
         (n,) = struct.unpack("<Q", raw)
         if n > MAX_HEADER or n + 8 > size:
-            raise AdapterFileError(f"{path}: header claims {n} bytes but the file has {size}; the file is truncated or not safetensors")
+            raise AdapterFileError(f"{path}: header claims {n} bytes but the file has {size}; "
+                                   "the file is truncated or not safetensors")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
