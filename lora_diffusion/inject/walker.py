@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 
@@ -64,6 +65,16 @@ def _adapter_dtype(w: torch.Tensor) -> torch.dtype:
     return torch.float64 if w.dtype == torch.float64 else torch.float32
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
 def build_adapters(model: nn.Module, spec: AdapterSpec, name: str, targets: dict[str, nn.Module]) -> dict[str, Adapter]:
     """Check every target, then build every adapter; raises before touching the model."""
     cls = get_variant(spec.variant)
@@ -78,8 +89,12 @@ def build_adapters(model: nn.Module, spec: AdapterSpec, name: str, targets: dict
         built = {}
         for n, m in targets.items():
             w = get_base_weight(_base(m), infos[n])
-            ad = cls(infos[n], cfgs[n], base_weight=w.detach(), shared=store)
-            built[n] = ad.to(device=w.device, dtype=_adapter_dtype(w))
+            dtype = _adapter_dtype(w)
+            with _default_dtype(dtype):  # build in the final dtype: init math (norms, SVD) matches forward
+                ad = cls(infos[n], cfgs[n], base_weight=w.detach(), shared=store)
+            built[n] = ad.to(device=w.device, dtype=dtype)
+        if created_store and not store._buffers:
+            delattr(model, STORE_ATTR)
         return built
     except BaseException:
         store.drop_suffix(f"__{name}")  # shared tensors of this adapter

@@ -26,8 +26,10 @@ def _refuse_pickle(path: Path) -> None:
         raise AdapterFileError(f"{path}: '{path.suffix}' files are pickles, which can run code when loaded; "
                                "only .safetensors files are read (convert it with a trusted tool first)")
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = f.read(9)
+    if head[8:9] == b"{":  # safetensors: u64 header length, then a JSON object
+        return
+    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         raise AdapterFileError(f"{path}: this is a pickle/zip (torch.save) file, not safetensors; "
                                "only .safetensors files are read")
 

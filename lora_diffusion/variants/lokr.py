@@ -116,7 +116,8 @@ class LoKr(Adapter):
     def delta_weight(self, ctx: CallContext | None = None) -> torch.Tensor:
         w1, w2 = self._w1(), self._w2()
         w1 = w1.view(*w1.shape, *([1] * (w2.dim() - 2)))
-        return torch.kron(w1, w2) * self.scaling  # (a·b, c·d, *k)
+        # torch.kron fails on a non-contiguous w2 (the Tucker einsum's output); PEFT and LyCORIS also call .contiguous()
+        return torch.kron(w1, w2.contiguous()) * self.scaling  # (a·b, c·d, *k)
 
     def extra_repr(self) -> str:
         sh = self.shapes

@@ -1,0 +1,465 @@
+"""Adapter core benchmark: one training step of a diffusers UNet with attention adapters.
+
+Compares, on the same UNet weights and the same inputs:
+
+* ``ours-lora``  -- ``ld.add_adapter(unet, AdapterSpec("lora", rank=r, targets="unet-attn"))``
+* ``peft-lora``  -- ``unet.add_adapter(peft.LoraConfig(r=r, lora_alpha=r, init_lora_weights="gaussian",
+  target_modules=["to_q", "to_k", "to_v", "to_out.0"]))``
+* ``ours-tlora`` -- ``AdapterSpec("tlora", rank=r, options={"min_rank": r // 2})``, timestep set every
+  step with ``ld.set_timestep(unet, t)``
+
+A training step is forward + MSE loss + backward + ``AdamW.step`` + ``zero_grad(set_to_none=True)``
+over the adapter parameters only (everything else frozen).
+
+How it measures (each measurement in a fresh subprocess of this script):
+
+* Step time: one timing worker builds one UNet per case (same seed, so the same weights) and runs
+  the cases round-robin, one step each, rotating the order every round. Every case therefore sees
+  the same machine load (a 2-core CPU shared with other jobs is noisy); the table shows median and
+  min over the measured rounds and the median of the per-round paired ratios.
+* Peak memory: one worker per case. After the UNet is built the baseline is taken, then the adapter
+  is added, the optimizer built and ``--mem-steps`` steps run.
+  - CPU: peak RSS above the baseline (VmHWM is reset through /proc/self/clear_refs after the baseline,
+    ``ru_maxrss`` is the fallback), and the peak of live torch tensor bytes above the baseline: the
+    adapter's persistent tensors (parameters, buffers, AdamW state) plus the peak of one steady-state
+    step traced with the torch profiler's allocator events (``profile_memory=True``).
+  - CUDA: ``torch.cuda.max_memory_allocated()`` above ``memory_allocated()`` at the baseline.
+
+Usage::
+
+    python benchmarks/bench_core.py                      # reduced SD1.5-like UNet, CPU, a few minutes
+    python benchmarks/bench_core.py --config sd15 --device cuda --steps 50
+    python benchmarks/bench_core.py --profile            # also print the top ops per case (torch.profiler)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+SD15_CONFIG = ROOT / "tests" / "fixtures" / "sd15-unet.json"
+CASES = ("ours-lora", "peft-lora", "ours-tlora")
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+RESULT_TAG = "BENCH_RESULT "
+MiB = 2**20
+
+
+# --------------------------------------------------------------------------- model and inputs
+def unet_config(name: str) -> dict[str, Any]:
+    """The SD1.5 UNet config, or (``small``) the same architecture scaled down to run on a laptop CPU."""
+    cfg = json.loads(SD15_CONFIG.read_text())
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    if name == "small":
+        cfg.update(
+            block_out_channels=[64, 128, 256],
+            down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            cross_attention_dim=256,
+            sample_size=32,
+        )
+    elif name != "sd15":
+        raise SystemExit(f"--config: expected 'small' or 'sd15', found {name!r}")
+    return cfg
+
+
+def build_unet(args: argparse.Namespace):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(args.seed)  # same seed -> same weights in every case and every process
+    unet = UNet2DConditionModel(**unet_config(args.config))
+    return unet.to(device=args.device, dtype=DTYPES[args.dtype])
+
+
+def make_inputs(args: argparse.Namespace, cross_dim: int, n_steps: int) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(args.seed + 1)
+    side = args.resolution // 8
+    dt = DTYPES[args.dtype]
+    shape = (args.batch, 4, side, side)
+    return {
+        "sample": torch.randn(shape, generator=g).to(args.device, dt),
+        "target": torch.randn(shape, generator=g).to(args.device, dt),
+        "encoder_hidden_states": torch.randn(args.batch, 77, cross_dim, generator=g).to(args.device, dt),
+        "timesteps": torch.randint(0, 1000, (n_steps,), generator=g).tolist(),  # one t per step, same for all cases
+    }
+
+
+def add_case_adapter(unet, case: str, args: argparse.Namespace) -> None:
+    if case == "peft-lora":
+        from peft import LoraConfig
+
+        unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=TARGETS,
+                                    init_lora_weights="gaussian", lora_dropout=0.0))
+        for n, p in unet.named_parameters():  # PEFT already does this; make it explicit
+            p.requires_grad_("lora_" in n)
+        return
+    import lora_diffusion as ld
+
+    if case == "ours-lora":
+        spec = ld.AdapterSpec(variant="lora", rank=args.rank, targets="unet-attn", options={"init": "gaussian"})
+    elif case == "ours-tlora":
+        spec = ld.AdapterSpec(variant="tlora", rank=args.rank, targets="unet-attn",
+                              options={"min_rank": args.min_rank or args.rank // 2})
+    else:
+        raise SystemExit(f"unknown case {case!r}; expected one of {CASES}")
+    ld.add_adapter(unet, spec)
+
+
+def adapted_module_count(unet, case: str) -> int:
+    if case == "peft-lora":
+        return sum(1 for _, m in unet.named_modules() if hasattr(m, "lora_A") and len(getattr(m, "lora_A", {})) > 0)
+    import lora_diffusion as ld
+
+    return sum(1 for m in unet.modules() if isinstance(m, ld.AdaptedLayer))
+
+
+class Runner:
+    """One case: a UNet with its adapter, an AdamW over the trainable parameters, and ``step(i)``."""
+
+    def __init__(self, case: str, args: argparse.Namespace, unet=None) -> None:
+        self.case, self.args = case, args
+        self.unet = unet if unet is not None else build_unet(args)
+        add_case_adapter(self.unet, case, args)
+        self.unet.train()
+        self.params = [p for p in self.unet.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=1e-4)
+        self.n_modules = adapted_module_count(self.unet, case)
+        self.n_trainable = sum(p.numel() for p in self.params)
+        if case == "ours-tlora":
+            import lora_diffusion as ld
+
+            self._set_t = lambda t: ld.set_timestep(self.unet, t)
+        else:
+            self._set_t = None
+
+    def step(self, inputs: dict[str, Any], i: int) -> None:
+        t = inputs["timesteps"][i % len(inputs["timesteps"])]
+        if self._set_t is not None:
+            self._set_t(t)
+        ts = torch.full((self.args.batch,), t, device=self.args.device, dtype=torch.long)
+        out = self.unet(inputs["sample"], ts, inputs["encoder_hidden_states"]).sample
+        loss = F.mse_loss(out.float(), inputs["target"].float())
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------- workers (subprocesses)
+def worker_time(args: argparse.Namespace) -> dict[str, Any]:
+    """Round-robin over the cases, one step each, rotating the order; returns per-step seconds."""
+    cases = args.cases
+    runners = {c: Runner(c, args) for c in cases}
+    cross = runners[cases[0]].unet.config.cross_attention_dim
+    inputs = make_inputs(args, cross, args.warmup + args.steps)
+    times: dict[str, list[float]] = {c: [] for c in cases}
+    for i in range(args.warmup + args.steps):
+        k = i % len(cases)
+        for c in cases[k:] + cases[:k]:
+            sync(args.device)
+            t0 = time.perf_counter()
+            runners[c].step(inputs, i)
+            sync(args.device)
+            dt = time.perf_counter() - t0
+            if i >= args.warmup:
+                times[c].append(dt)
+    meta = {c: {"modules": r.n_modules, "trainable": r.n_trainable} for c, r in runners.items()}
+    return {"times": times, "meta": meta}
+
+
+def _rss_kib(field: str) -> int | None:
+    try:
+        m = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+def _reset_hwm() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) on Linux >= 4.0
+    except OSError:
+        return False
+    return _rss_kib("VmHWM") is not None
+
+
+def _trim() -> None:
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _tensor_bytes(unet) -> int:
+    seen, total = set(), 0
+    for t in list(unet.parameters()) + list(unet.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def _profiled_step_peak(runner: Runner, inputs: dict[str, Any], i: int) -> int:
+    """Peak of live tensor bytes above the start of one step, from the profiler's allocator events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        runner.step(inputs, i)
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type().name == "CPU"]
+    events.sort(key=lambda e: e.start_ns())
+    cur = peak = 0
+    for e in events:
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak
+
+
+def worker_mem(args: argparse.Namespace) -> dict[str, Any]:
+    case = args.cases[0]
+    cuda = args.device.startswith("cuda")
+    unet = build_unet(args)
+    inputs = make_inputs(args, unet.config.cross_attention_dim, args.mem_steps + 1)
+    model_bytes = _tensor_bytes(unet)
+    _trim()
+    sync(args.device)
+    rss0 = _rss_kib("VmRSS")
+    hwm_ok = _reset_hwm()
+    maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if cuda:
+        alloc0 = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+
+    runner = Runner(case, args, unet=unet)
+    for i in range(args.mem_steps):
+        runner.step(inputs, i)
+    sync(args.device)
+
+    out: dict[str, Any] = {"case": case, "modules": runner.n_modules, "trainable": runner.n_trainable}
+    if hwm_ok and rss0 is not None:
+        out["rss_peak_mib"] = (_rss_kib("VmHWM") - rss0) / 1024
+        out["rss_method"] = "VmHWM - VmRSS(baseline)"
+    else:  # ru_maxrss only grows: right only if the run's peak exceeds the build's
+        out["rss_peak_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss0) / 1024
+        out["rss_method"] = "ru_maxrss increase"
+    adapter_bytes = _tensor_bytes(unet) - model_bytes
+    opt_bytes = sum(t.numel() * t.element_size() for st in runner.opt.state.values()
+                    for t in st.values() if isinstance(t, torch.Tensor))
+    out["persistent_mib"] = (adapter_bytes + opt_bytes) / MiB
+    if cuda:
+        out["alloc_peak_mib"] = (torch.cuda.max_memory_allocated() - alloc0) / MiB
+        out["alloc_method"] = "cuda max_memory_allocated - baseline"
+    else:
+        step_peak = _profiled_step_peak(runner, inputs, args.mem_steps)
+        out["step_peak_mib"] = step_peak / MiB
+        out["alloc_peak_mib"] = out["persistent_mib"] + step_peak / MiB
+        out["alloc_method"] = "adapter params+buffers+AdamW state + profiled step peak"
+    return out
+
+
+def worker_profile(args: argparse.Namespace) -> dict[str, Any]:
+    """torch.profiler over ``--profile-steps`` steady-state steps of one case; top ops by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    case = args.cases[0]
+    runner = Runner(case, args)
+    n = args.profile_steps
+    inputs = make_inputs(args, runner.unet.config.cross_attention_dim, args.warmup + n)
+    for i in range(args.warmup):
+        runner.step(inputs, i)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    with profile(activities=acts) as prof:
+        for i in range(args.warmup, args.warmup + n):
+            runner.step(inputs, i)
+        sync(args.device)
+    rows = []
+    for e in prof.key_averages():
+        rows.append({"name": e.key, "count": e.count / n, "self_cpu_ms": e.self_cpu_time_total / 1e3 / n,
+                     "cpu_ms": e.cpu_time_total / 1e3 / n})
+    rows.sort(key=lambda r: -r["self_cpu_ms"])
+    return {"case": case, "ops": rows[: args.profile_top], "total_self_cpu_ms": sum(r["self_cpu_ms"] for r in rows)}
+
+
+# --------------------------------------------------------------------------- orchestration
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def common_argv(args: argparse.Namespace) -> list[str]:
+    return ["--config", args.config, "--device", args.device, "--dtype", args.dtype, "--rank", str(args.rank),
+            "--min-rank", str(args.min_rank or args.rank // 2), "--resolution", str(args.resolution),
+            "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+            "--mem-steps", str(args.mem_steps), "--seed", str(args.seed), "--threads", str(args.threads),
+            "--profile-steps", str(args.profile_steps), "--profile-top", str(args.profile_top)]
+
+
+def spawn(kind: str, cases: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--cases", *cases, *common_argv(args)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"worker {kind} {cases} failed with exit code {proc.returncode}")
+    line = next(ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith(RESULT_TAG))
+    print(f"  worker {kind:7s} {' '.join(cases):32s} {time.perf_counter() - t0:6.1f} s", flush=True)
+    return json.loads(line[len(RESULT_TAG):])
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        m = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+        if m:
+            cpu = m.group(1).strip()
+    return f"{cpu}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return machine()
+
+
+def fmt_ratio(x: float, target: float) -> str:
+    return f"{x:.3f}x ({'ok' if x <= target else 'OVER'} <= {target:g}x)"
+
+
+def report(args: argparse.Namespace, timing: dict[str, Any], mems: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    import diffusers
+    import peft
+
+    times = timing["times"]
+    cases = list(times)
+    med = {c: statistics.median(times[c]) for c in cases}
+    mn = {c: min(times[c]) for c in cases}
+    mem = {c: {k: statistics.median(r[k] for r in runs) for k in ("rss_peak_mib", "alloc_peak_mib", "persistent_mib")}
+           for c, runs in mems.items()}
+    cuda = args.device.startswith("cuda")
+    side = args.resolution // 8
+    print()
+    print(f"UNet2DConditionModel config={args.config}, latents {args.batch}x4x{side}x{side}, {args.dtype}, "
+          f"device={args.device} ({device_name(args.device)})")
+    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}; "
+          f"{args.steps} timed steps after {args.warmup} warm-up, cases interleaved round-robin")
+    print(f"memory: {mems[cases[0]][0]['alloc_method']}" + ("" if cuda else f"; RSS: {mems[cases[0]][0]['rss_method']}")
+          + f"; median of {args.mem_repeats} subprocess run(s) per case")
+    print()
+    hdr = (f"| {'case':10s} | {'modules':>7s} | {'trainable':>9s} | {'step median ms':>14s} | {'step min ms':>11s} | "
+           f"{'tensor peak MiB':>15s} | {'peak RSS MiB':>12s} |")
+    print(hdr)
+    print("|" + "|".join("-" * (len(p) + 0) for p in hdr.split("|")[1:-1]) + "|")
+    for c in cases:
+        rss = "n/a" if cuda else f"{mem[c]['rss_peak_mib']:.1f}"
+        print(f"| {c:10s} | {timing['meta'][c]['modules']:7d} | {timing['meta'][c]['trainable']:9d} | {med[c] * 1e3:14.1f} | "
+              f"{mn[c] * 1e3:11.1f} | {mem[c]['alloc_peak_mib']:15.1f} | {rss:>12s} |")
+    print()
+
+    def paired(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+    ratios: dict[str, dict[str, float]] = {}
+    for a, b, tgt in (("ours-lora", "peft-lora", 1.0), ("ours-tlora", "ours-lora", 1.05)):
+        if a not in cases or b not in cases:
+            continue
+        r = {"time_median": med[a] / med[b], "time_min": mn[a] / mn[b], "time_paired": paired(a, b),
+             "tensor_peak": mem[a]["alloc_peak_mib"] / mem[b]["alloc_peak_mib"]}
+        if not cuda:
+            r["rss_peak"] = mem[a]["rss_peak_mib"] / mem[b]["rss_peak_mib"]
+        ratios[f"{a}/{b}"] = r
+        print(f"{a} / {b}: step time median {fmt_ratio(r['time_median'], tgt)}, min {r['time_min']:.3f}x, "
+              f"paired-median {r['time_paired']:.3f}x; tensor peak {fmt_ratio(r['tensor_peak'], 1.0 if tgt == 1.0 else tgt)}"
+              + ("" if cuda else f", peak RSS {r['rss_peak']:.3f}x"))
+    return {"median_s": med, "min_s": mn, "memory_mib": mem, "ratios": ratios, "meta": timing["meta"]}
+
+
+def print_profiles(profiles: dict[str, dict[str, Any]]) -> None:
+    for case, p in profiles.items():
+        print(f"\n== torch.profiler, {case}: top ops by self CPU time per step "
+              f"(sum of all self times {p['total_self_cpu_ms']:.1f} ms/step)")
+        print(f"{'op':48s} {'calls/step':>10s} {'self ms':>9s} {'total ms':>9s}")
+        for r in p["ops"]:
+            print(f"{r['name'][:48]:48s} {r['count']:10.0f} {r['self_cpu_ms']:9.2f} {r['cpu_ms']:9.2f}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="small", choices=["small", "sd15"],
+                   help="small: SD1.5 architecture scaled down (64/128/256 channels, cross-attn 256); "
+                        "sd15: tests/fixtures/sd15-unet.json (use a GPU)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--min-rank", type=int, default=0, help="T-LoRA min_rank (default rank // 2)")
+    p.add_argument("--resolution", type=int, default=None, help="image side in pixels; latents are 1/8 "
+                   "(default 256 -> 32x32 latents for small, 512 for sd15)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per case")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per case first")
+    p.add_argument("--mem-steps", type=int, default=3, help="steps run in each memory worker")
+    p.add_argument("--mem-repeats", type=int, default=1, help="memory subprocesses per case")
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--profile", action="store_true", help="also run torch.profiler per case and print top ops")
+    p.add_argument("--profile-steps", type=int, default=5)
+    p.add_argument("--profile-top", type=int, default=25)
+    p.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    p.add_argument("--worker", choices=["time", "mem", "profile"], help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.resolution is None:
+        args.resolution = 512 if args.config == "sd15" else 256
+    if args.resolution % 8:
+        p.error("--resolution must be a multiple of 8")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        fn = {"time": worker_time, "mem": worker_mem, "profile": worker_profile}[args.worker]
+        print(RESULT_TAG + json.dumps(fn(args)), flush=True)
+        return
+
+    started = datetime.datetime.now().astimezone()
+    print(f"bench_core {started:%Y-%m-%d %H:%M %Z}: {' '.join(sys.argv)}", flush=True)
+    timing = spawn("time", args.cases, args)
+    mems: dict[str, list[dict[str, Any]]] = {c: [] for c in args.cases}
+    for rep in range(args.mem_repeats):  # interleave the cases' memory runs too
+        order = args.cases[rep % len(args.cases):] + args.cases[: rep % len(args.cases)]
+        for c in order:
+            mems[c].append(spawn("mem", [c], args))
+    for c in args.cases:
+        if mems[c][0]["trainable"] != timing["meta"][c]["trainable"]:
+            raise SystemExit(f"{c}: trainable parameter counts differ between workers")
+    results = report(args, timing, mems)
+    if args.profile:
+        print_profiles({c: spawn("profile", [c], args) for c in args.cases})
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "started": str(started),
+                                         "machine": device_name(args.device), "timing": timing, "memory": mems,
+                                         **results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
