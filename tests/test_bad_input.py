@@ -153,8 +153,8 @@ def test_pickle_files_are_refused(tmp_path):
 
 
 def test_nan_tensor_is_named(good_file, tmp_path):
-    from safetensors.torch import load_file
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
     tensors = load_file(str(good_file))
     with safe_open(str(good_file), "pt") as f:

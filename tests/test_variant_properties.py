@@ -11,7 +11,7 @@ from torch import nn
 import lora_diffusion as ld
 from lora_diffusion.core.functional import active_rank, factorization, rank_mask
 
-from .conftest import layer_and_input, perturb, run
+from .conftest import layer_and_input, perturb
 
 
 def one_layer(variant: str, kind: str = "linear", **spec_kw):
