@@ -19,6 +19,7 @@ from .api import (
     set_adapters,
     set_context,
     set_timestep,
+    shared_tensors,
     timestep,
     unmerge_adapters,
 )
@@ -35,6 +36,6 @@ __all__ = [
     "UnknownVariantError", "adapter_parameters", "adapter_state_dict", "add_adapter", "components",
     "disable_adapters", "find_targets", "get_spec", "get_variant", "list_adapters", "load_adapter",
     "load_adapter_state_dict", "mark_trainable", "merge_adapters", "param_groups", "preset_names",
-    "register_variant", "remove_adapters", "save_adapter", "set_adapters", "set_context", "set_timestep",
+    "register_variant", "remove_adapters", "save_adapter", "set_adapters", "set_context", "set_timestep", "shared_tensors",
     "timestep", "unmerge_adapters", "variant_names",
 ]

@@ -254,6 +254,17 @@ def remove_adapters(model_or_pipeline: Any, names: Sequence[str] | None = None, 
             remove(m, here, merge=merge)
 
 
+def shared_tensors(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
+    """Model-level frozen tensors (VeRA projections), ``<key>__<adapter name>`` -> tensor."""
+    from .core.shared import SharedStore
+
+    out: dict[str, torch.Tensor] = {}
+    for m in model.modules():
+        if isinstance(m, SharedStore):
+            out.update({k: v for k, v in m._buffers.items() if name is None or k.endswith(f"__{name}")})
+    return out
+
+
 def get_spec(model: nn.Module, name: str = "default") -> AdapterSpec:
     st = model_state(model)
     if st is None or name not in st.specs:

@@ -21,7 +21,7 @@ def untouched(net: nn.Module, before: nn.Module) -> bool:
     sd0, sd1 = before.state_dict(), net.state_dict()
     no_wrappers = not any(isinstance(m, ld.AdaptedLayer) for m in net.modules())
     return no_wrappers and sd0.keys() == sd1.keys() and all(torch.equal(sd0[k], sd1[k]) for k in sd0) \
-        and not hasattr(net, "lora_shared") and ld.list_adapters(net) == []
+        and ld.list_adapters(net) == []
 
 
 @pytest.fixture

@@ -216,8 +216,8 @@ def test_vera_projections_equal_peft_bitwise(dtype: torch.dtype) -> None:
     """Our VeRA regenerates PEFT's shared projections from spec.seed == projection_prng_key, bit for bit."""
     case = next(c for c in CASES if c.id == "vera")
     pm, pnet, ours = build(case, dtype)
-    store = ours.get_submodule("lora_shared")
-    ours_a, ours_b = store.get("vera_A__default"), store.get("vera_B__default")
+    store = ld.shared_tensors(ours)
+    ours_a, ours_b = store["vera_A__default"], store["vera_B__default"]
     assert ours_a.shape == (4, 20) and ours_b.shape == (24, 4)  # (r, in_max), (out_max, r)
     for m in ("lin", "lin2"):
         peft_a, peft_b = pnet.get_submodule(m).vera_A["default"], pnet.get_submodule(m).vera_B["default"]

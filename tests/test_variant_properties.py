@@ -134,9 +134,9 @@ def test_vera_projections_regenerate_bitwise_and_are_shared():
     net2, _, _ = layer_and_input("linear")
     net2.lin2 = nn.Linear(24, 8).double()
     ld.add_adapter(net2, ld.AdapterSpec(variant="vera", rank=4, targets=["lin", "lin2"], seed=3))
-    a1, a2 = net1.lora_shared.get("vera_A__default"), net2.lora_shared.get("vera_A__default")
+    a1, a2 = ld.shared_tensors(net1)["vera_A__default"], ld.shared_tensors(net2)["vera_A__default"]
     assert torch.equal(a1, a2) and a1.shape == (4, 24)  # in_max = 24
-    assert len(list(net1.lora_shared.buffers())) == 2  # stored once, not per layer
+    assert len(list(net1.buffers())) == 2  # stored once, not per layer
     lin2 = net1.lin2.adapters["default"]
     assert lin2._projections(torch.float64)[0].shape == (4, 24) and net1.lin.adapters["default"]._projections(
         torch.float64)[0].shape == (4, 16)

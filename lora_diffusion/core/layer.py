@@ -16,7 +16,7 @@ from torch import nn
 from .adapter import Adapter
 from .context import CallContext, ContextHolder
 from .errors import AdapterError
-from .layerinfo import LayerInfo
+from .layerinfo import LayerInfo, dequantize, is_quantized
 
 
 class AdaptedLayer(nn.Module):
@@ -43,8 +43,10 @@ class AdaptedLayer(nn.Module):
 
     # --- weights ---
     def base_weight(self) -> torch.Tensor:
-        """The (possibly merged) base weight, (out, in, *k)."""
+        """The (possibly merged) base weight, (out, in, *k); a dequantized copy for a 4-bit base."""
         w = self.base_layer.weight
+        if is_quantized(self.base_layer):
+            return dequantize(w)
         return w.T if self.info.transposed else w
 
     @torch.no_grad()
@@ -116,6 +118,9 @@ class AdaptedLayer(nn.Module):
         names = [n for n in (self.active if names is None else names) if n not in self.merged]
         if not names:
             return
+        if is_quantized(self.base_layer):
+            raise AdapterError("merging into a quantized (4-bit) base weight would re-quantize it and lose precision; "
+                               "keep the adapter unmerged, or load the base in 16/32-bit to merge")
         if self._original is None:
             self._original = self.base_weight().detach().to("cpu", copy=True)
         ctx = self._holder.current()

@@ -77,6 +77,23 @@ def layer_info(module: nn.Module, name: str = "") -> LayerInfo:
     )
 
 
+def is_quantized(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit (Params4bit) or 8-bit (Int8Params) weight: frozen, dequantized on demand."""
+    return type(getattr(module, "weight", None)).__name__ in ("Params4bit", "Int8Params")
+
+
 def get_base_weight(module: nn.Module, info: LayerInfo) -> torch.Tensor:
-    """The base weight in (out, in, *k) layout (a view; transposed for Conv1D)."""
-    return module.weight.T if info.transposed else module.weight
+    """The base weight in (out, in, *k) layout (a view; transposed for Conv1D; dequantized for 4-bit)."""
+    w = module.weight
+    if is_quantized(module):
+        return dequantize(w)
+    return w.T if info.transposed else w
+
+
+def dequantize(w: torch.Tensor) -> torch.Tensor:
+    """A bitsandbytes 4-bit weight as a float tensor (out, in)."""
+    if type(w).__name__ != "Params4bit":
+        raise TargetError(f"{type(w).__name__} weights are not supported yet; expected a bitsandbytes 4-bit (Params4bit) weight")
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(w.data, w.quant_state)

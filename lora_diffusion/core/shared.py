@@ -1,7 +1,9 @@
-"""Frozen tensors shared by many layers (VeRA's projections), stored once per model.
+"""Frozen tensors shared by many layers (VeRA's projections), stored once per adapter.
 
-The store is a submodule of the model root, so ``model.to(device)`` moves each tensor once;
-adapters keep a plain (unregistered) reference to it and look tensors up by key. Buffers are
+One store per adapter name, registered as the ``shared`` child of that adapter's first layer
+instance (not of the model root: ``nn.Sequential`` and friends iterate their children), so
+``model.to(device)`` moves each tensor once and removing the adapter removes the store. The other
+layers keep a plain (unregistered) reference and look tensors up by key. Buffers are
 non-persistent: they are regenerated from a seed, never saved.
 """
 
@@ -9,8 +11,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-
-STORE_ATTR = "lora_shared"
 
 
 class SharedStore(nn.Module):
@@ -36,12 +36,3 @@ class SharedStore(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self._buffers.items())
-
-
-def get_store(model: nn.Module, create: bool = True) -> SharedStore | None:
-    store = getattr(model, STORE_ATTR, None)
-    if store is None and create:
-        p = next(model.parameters(), None)
-        store = SharedStore(p.device if p is not None else "cpu")
-        model.add_module(STORE_ATTR, store)
-    return store

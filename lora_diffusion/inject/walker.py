@@ -15,7 +15,7 @@ from ..core.errors import AdapterError
 from ..core.layer import AdaptedLayer
 from ..core.layerinfo import LayerInfo, get_base_weight, layer_info
 from ..core.registry import get_variant, parse_options
-from ..core.shared import STORE_ATTR, get_store
+from ..core.shared import SharedStore
 from ..core.spec import AdapterSpec, ModuleConfig
 from .targets import find_targets
 
@@ -82,25 +82,19 @@ def build_adapters(model: nn.Module, spec: AdapterSpec, name: str, targets: dict
     cfgs = module_configs(spec, cls, list(targets), name)
     for n in targets:
         cls.check(infos[n], cfgs[n])
-    created_store = getattr(model, STORE_ATTR, None) is None
-    store = get_store(model)
-    try:
-        cls.prepare_shared(store, name, infos, spec)
-        built = {}
-        for n, m in targets.items():
-            w = get_base_weight(_base(m), infos[n])
-            dtype = _adapter_dtype(w)
-            with _default_dtype(dtype):  # build in the final dtype: init math (norms, SVD) matches forward
-                ad = cls(infos[n], cfgs[n], base_weight=w.detach(), shared=store)
-            built[n] = ad.to(device=w.device, dtype=dtype)
-        if created_store and not store._buffers:
-            delattr(model, STORE_ATTR)
-        return built
-    except BaseException:
-        store.drop_suffix(f"__{name}")  # shared tensors of this adapter
-        if created_store:
-            delattr(model, STORE_ATTR)
-        raise
+    first = next(iter(targets.values()))
+    store = SharedStore(get_base_weight(_base(first), infos[next(iter(targets))]).device)
+    cls.prepare_shared(store, name, infos, spec)
+    built = {}
+    for n, m in targets.items():
+        w = get_base_weight(_base(m), infos[n])
+        dtype = _adapter_dtype(w)
+        with _default_dtype(dtype):  # build in the final dtype: init math (norms, SVD) matches forward
+            ad = cls(infos[n], cfgs[n], base_weight=w.detach(), shared=store)
+        built[n] = ad.to(device=w.device, dtype=dtype)
+    if store._buffers:  # owned (and moved, and deleted) with the first layer's adapter
+        next(iter(built.values())).add_module("shared", store)
+    return built
 
 
 def inject(model: nn.Module, spec: AdapterSpec, name: str = "default", scale: float = 1.0,
@@ -186,12 +180,7 @@ def remove(model: nn.Module, names: list[str] | None = None, merge: bool = False
         if not layer.adapters:
             _unwrap(model, lname, layer)
     st = model_state(model)
-    store = getattr(model, STORE_ATTR, None)
     for n in names:
         if st:
             st.specs.pop(n, None)
             st.modules.pop(n, None)
-        if store is not None:
-            store.drop_suffix(f"__{n}")
-    if store is not None and not store._buffers:
-        delattr(model, STORE_ATTR)
