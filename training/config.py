@@ -1,0 +1,335 @@
+"""Trainer configuration: dataclasses, CLI flags generated from them, YAML/TOML config files.
+
+Precedence: dataclass defaults < per-variant defaults < config file < command-line flags.
+Every leaf field is a flag of the same name (``--lora_rank``); ``aliases`` in a field's metadata
+add the official T-LoRA / diffusers spellings (``--train_data_dir``, ``--num_train_epochs``).
+A config file may be flat (``lora_rank: 8``) or grouped by section (``adapter: {lora_rank: 8}``).
+
+The generic machinery (``build_parser``, ``load_config_file``, ``merge``, ``to_dict``) serves any
+trainer made of section dataclasses; the T-LoRA sections are below it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A bad flag, config file or value, reported before anything is loaded."""
+
+
+# --- generic machinery ---
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _base_type(tp: Any) -> Any:
+    """``int | None`` -> int; ``dict[str, Any]`` -> dict."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    return typing.get_origin(tp) or tp
+
+
+def sections(cfg_cls: type) -> dict[str, type]:
+    """Section name -> section dataclass of a config made of section dataclasses."""
+    return {f.name: _hints(cfg_cls)[f.name] for f in dataclasses.fields(cfg_cls)}
+
+
+def leaf_index(cfg_cls: type) -> dict[str, tuple[str, str]]:
+    """Every accepted key (field names and aliases) -> (section, field)."""
+    out: dict[str, tuple[str, str]] = {}
+    for sec, scls in sections(cfg_cls).items():
+        for f in dataclasses.fields(scls):
+            for key in [f.name, *f.metadata.get("aliases", [])]:
+                out[key.lstrip("-").replace("-", "_")] = (sec, f.name)
+    return out
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    base = _base_type(tp)
+    if value is None:
+        return None
+    try:
+        if base is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if base is dict:
+            return json.loads(value) if isinstance(value, str) else dict(value)
+        if base in (int, float, str):
+            if base is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return base(value)
+    except (ValueError, TypeError, json.JSONDecodeError):
+        raise ConfigError(f"{key}: expected {getattr(base, '__name__', base)}, found {value!r}") from None
+    return value
+
+
+def build_parser(cfg_cls: type, description: str = "") -> argparse.ArgumentParser:
+    """One flag per leaf field (defaults suppressed, so only flags given on the command line are set)."""
+    p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", type=Path, help="YAML or TOML file with any of the options below")
+    p.add_argument("--print-config", "--print_config", action="store_true", dest="print_config",
+                   help="print the resolved configuration (as YAML, usable with --config) and exit")
+    for sec, scls in sections(cfg_cls).items():
+        group = p.add_argument_group(sec)
+        hints = _hints(scls)
+        for f in dataclasses.fields(scls):
+            flags = [f"--{f.name}", *f.metadata.get("aliases", [])]
+            kw: dict[str, Any] = {"dest": f"{sec}.{f.name}", "help": f.metadata.get("help", "")}
+            if _base_type(hints[f.name]) is bool:
+                kw["action"] = argparse.BooleanOptionalAction
+            else:
+                kw["metavar"] = f.name.upper()
+                if "choices" in f.metadata:
+                    kw["choices"] = f.metadata["choices"]
+            group.add_argument(*flags, **kw)
+    return p
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"--config: no such file: {path}")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    elif path.suffix == ".toml":
+        import tomllib
+
+        data = tomllib.loads(text)
+    else:
+        raise ConfigError(f"--config {path}: expected a .yaml, .yml or .toml file")
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of options, found {type(data).__name__}")
+    return data
+
+
+def flatten_file(data: dict[str, Any], cfg_cls: type, source: str) -> dict[tuple[str, str], Any]:
+    """File content (flat or by section) -> {(section, field): value}; unknown keys are errors."""
+    index, secs, out = leaf_index(cfg_cls), sections(cfg_cls), {}
+    items: list[tuple[str, Any]] = []
+    for k, v in data.items():
+        if k in secs and isinstance(v, dict):
+            items.extend(v.items())
+        else:
+            items.append((k, v))
+    for k, v in items:
+        key = str(k).replace("-", "_")
+        if key not in index:
+            raise ConfigError(f"{source}: unknown option '{k}'; valid options: {sorted(index)}")
+        out[index[key]] = v
+    return out
+
+
+def merge(cfg_cls: type, *layers: dict[tuple[str, str], Any]) -> Any:
+    """Build ``cfg_cls`` from layers of {(section, field): value}, later layers winning."""
+    values: dict[str, dict[str, Any]] = {s: {} for s in sections(cfg_cls)}
+    for layer in layers:
+        for (sec, name), v in layer.items():
+            values[sec][name] = v
+    built = {}
+    for sec, scls in sections(cfg_cls).items():
+        hints = _hints(scls)
+        built[sec] = scls(**{k: _convert(v, hints[k], f"--{k}") for k, v in values[sec].items()})
+    return cfg_cls(**built)
+
+
+def parse_args(cfg_cls: type, argv: list[str] | None, description: str = "") -> tuple[Any, bool, set[tuple[str, str]]]:
+    """(config, print_config, explicitly set keys) from argv and an optional --config file."""
+    ns = vars(build_parser(cfg_cls, description).parse_args(argv))
+    file_layer = {}
+    if ns.get("config") is not None:
+        file_layer = flatten_file(load_config_file(ns["config"]), cfg_cls, str(ns["config"]))
+    cli_layer = {tuple(k.split(".", 1)): v for k, v in ns.items() if "." in k}
+    cfg = merge(cfg_cls, file_layer, cli_layer)
+    return cfg, bool(ns.get("print_config")), set(file_layer) | set(cli_layer)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def opt(default: Any, help: str, *aliases: str, **meta: Any) -> Any:
+    """A dataclass field with CLI help text and alias flags."""
+    meta = {"help": help, "aliases": list(aliases), **meta}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --- sections shared by trainers ---
+@dataclass
+class OptimArgs:
+    learning_rate: float | None = opt(None, "AdamW learning rate (None: the variant's default, 1e-4 for T-LoRA)", "--lr")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    adam_weight_decay: float = opt(1e-4, "AdamW weight decay (official T-LoRA: 1e-4)")
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon")
+    use_8bit_adam: bool = opt(False, "8-bit AdamW from bitsandbytes (CUDA only)")
+    loraplus_lr_ratio: float | None = opt(None, "LoRA+: learning-rate multiplier of the B (up) tensors")
+    lr_scheduler: str = opt("constant", "learning-rate schedule (diffusers.optimization names)",
+                            choices=["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                                     "polynomial"])
+    lr_warmup_steps: int = opt(0, "warm-up steps of the learning-rate schedule")
+    max_grad_norm: float | None = opt(None, "clip the gradient norm (None: no clipping, as the official code)")
+    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step")
+    max_train_steps: int | None = opt(None, "optimizer steps (None: the variant's default, 800 for T-LoRA)",
+                                      "--num_train_epochs")
+
+
+@dataclass
+class CheckpointArgs:
+    output_dir: str = opt("outputs/tlora", "where the adapter, checkpoints, samples and logs go")
+    checkpointing_steps: int | None = opt(200, "write a checkpoint every N steps (None or 0: never)")
+    checkpoints_total_limit: int | None = opt(3, "keep the last K checkpoints (None: all)")
+    resume_from_checkpoint: str | None = opt(None, "'latest' or a checkpoint folder to continue from")
+
+
+@dataclass
+class RunArgs:
+    seed: int = opt(0, "seeds adapter init, data order, noise and timesteps")
+    report_to: str = opt("tensorboard", "'tensorboard' or 'none'", choices=["tensorboard", "none"])
+    logging_dir: str = opt("logs", "TensorBoard folder, relative to output_dir")
+    cpu: bool = opt(False, "train on the CPU even if a GPU is present")
+    progress: bool = opt(True, "show a progress bar")
+
+
+# --- T-LoRA / diffusion sections ---
+@dataclass
+class ModelArgs:
+    pretrained_model_name_or_path: str | None = opt(
+        None, "hub id, local diffusers folder or single .safetensors checkpoint (SD1.x/2.x, SDXL); "
+        "None: the embedded demo model in assets/demo-model/", "--model")
+    revision: str | None = opt(None, "hub revision")
+    pretrained_vae_model_name_or_path: str | None = opt(None, "another VAE (e.g. madebyollin/sdxl-vae-fp16-fix)")
+    single_file_config: str | None = opt(None, "diffusers folder or hub id holding the configs of a single-file model")
+    mixed_precision: str = opt("no", "no | fp16 | bf16 (adapter weights stay fp32)", choices=["no", "fp16", "bf16"])
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    attention: str = opt("auto", "auto (xformers if installed on CUDA, else SDPA) | sdpa | xformers",
+                         choices=["auto", "sdpa", "xformers"])
+    allow_tf32: bool = opt(True, "TF32 matmuls on Ampere+ GPUs")
+
+
+@dataclass
+class AdapterArgs:
+    variant: str = opt("tlora", "adapter variant (lora_diffusion.variant_names())")
+    lora_rank: int | None = opt(None, "rank r (None: the variant's default; T-LoRA 64)", "--rank")
+    lora_alpha: float | None = opt(None, "alpha (None: alpha = rank, scale 1, as the official code)")
+    min_rank: int | None = opt(None, "T-LoRA r_min (None: 32 at rank 64, i.e. rank // 2)")
+    alpha_rank_scale: float = opt(1.0, "T-LoRA schedule exponent of ((T - t)/T)")
+    sig_type: str = opt("last", "T-LoRA Ortho-LoRA init components", choices=["last", "principal", "middle"])
+    trainer_type: str = opt("ortho_lora", "T-LoRA: ortho_lora (full T-LoRA) | lora (vanilla T-LoRA)",
+                            choices=["ortho_lora", "lora"])
+    targets: str = opt("unet-attn", "target preset or comma-separated module patterns")
+    lora_dropout: float = opt(0.0, "dropout on the adapter input")
+    adapter_options: dict = opt({}, "extra variant options as JSON, e.g. '{\"decompose_factor\": 4}'")
+
+
+@dataclass
+class DataArgs:
+    instance_data_dir: str | None = opt(None, "folder with the subject's image(s)", "--train_data_dir")
+    one_image: str | None = opt(None, "train on this one file of the folder (name or suffix, e.g. 02.jpg)")
+    placeholder_token: str = opt("sks", "the rare token that names the subject")
+    class_name: str = opt("", "the subject's class, e.g. dog")
+    prompt_template: str = opt("a photo of {0}", "'#'-separated templates; {0} = '<token> <class>'")
+    resolution: int | None = opt(None, "training resolution (None: 1024 for SDXL, the model's size otherwise)")
+    center_crop: bool = opt(True, "center crop (else random crop: augmentation, disables latent caching)")
+    random_flip: bool = opt(False, "random horizontal flip")
+    train_batch_size: int = opt(1, "images per micro-batch per process")
+    with_prior_preservation: bool = opt(False, "add class images with the class prompt to the loss")
+    class_data_dir: str | None = opt(None, "folder of class (prior-preservation) images")
+    class_prompt: str | None = opt(None, "prompt of the class images (None: 'a photo of <class>')")
+    prior_loss_weight: float = opt(1.0, "weight of the prior-preservation loss")
+    cache_latents: bool = opt(True, "encode each image once (per flip) instead of every step")
+    cache_text_embeddings: bool = opt(True, "encode each prompt once")
+
+
+@dataclass
+class ValidationArgs:
+    validation_prompts: str | None = opt(None, "'#'-separated prompts; {0} = '<token> <class>'")
+    validation_steps: int | None = opt(None, "sample every N steps (None: at each checkpoint and at the end)")
+    num_val_imgs_per_prompt: int = opt(1, "images per validation prompt")
+    num_inference_steps: int = opt(25, "denoising steps of validation images")
+    guidance_scale: float = opt(5.0, "classifier-free guidance of validation images")
+    validation_seed: int = opt(42, "seed of validation images")
+
+
+@dataclass
+class TLoRAConfig:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    adapter: AdapterArgs = field(default_factory=AdapterArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
+    validation: ValidationArgs = field(default_factory=ValidationArgs)
+    run: RunArgs = field(default_factory=RunArgs)
+
+
+# Per-variant defaults (rank, learning rate, steps): T-LoRA follows the paper (r 64, r_min 32, lr 1e-4,
+# 800 steps), LoRA-family variants the common SD LoRA recipe; VeRA needs a high shared rank and lr.
+VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tlora": {"lora_rank": 64, "learning_rate": 1e-4, "max_train_steps": 800},
+    "lora": {"lora_rank": 16, "learning_rate": 1e-4, "max_train_steps": 500},
+    "rslora": {"lora_rank": 16, "learning_rate": 1e-4, "max_train_steps": 500},
+    "dora": {"lora_rank": 16, "learning_rate": 1e-4, "max_train_steps": 500},
+    "loha": {"lora_rank": 8, "learning_rate": 2e-4, "max_train_steps": 500},
+    "lokr": {"lora_rank": 8, "learning_rate": 2e-4, "max_train_steps": 500},
+    "vera": {"lora_rank": 256, "learning_rate": 1e-3, "max_train_steps": 500},
+}
+FALLBACK_DEFAULTS: dict[str, Any] = {"lora_rank": 16, "learning_rate": 1e-4, "max_train_steps": 500}
+
+
+def resolve_defaults(cfg: TLoRAConfig, variant_names: list[str]) -> TLoRAConfig:
+    """Check the variant and fill the fields left to the variant's defaults (in place)."""
+    a, o = cfg.adapter, cfg.optim
+    if a.variant not in variant_names:
+        raise ConfigError(f"--variant: unknown variant '{a.variant}'; registered variants: {variant_names}")
+    d = VARIANT_DEFAULTS.get(a.variant, FALLBACK_DEFAULTS)
+    a.lora_rank = d["lora_rank"] if a.lora_rank is None else a.lora_rank
+    o.learning_rate = d["learning_rate"] if o.learning_rate is None else o.learning_rate
+    o.max_train_steps = d["max_train_steps"] if o.max_train_steps is None else o.max_train_steps
+    if a.variant == "tlora" and a.min_rank is None:
+        a.min_rank = max(1, a.lora_rank // 2)
+    elif a.variant != "tlora" and a.min_rank is not None:
+        log.warning("--min_rank applies to T-LoRA only; ignored for variant '%s'", a.variant)
+    _check_ranges(cfg)
+    return cfg
+
+
+def _check_ranges(cfg: TLoRAConfig) -> None:
+    checks = [("lora_rank", cfg.adapter.lora_rank, 1), ("max_train_steps", cfg.optim.max_train_steps, 1),
+              ("train_batch_size", cfg.data.train_batch_size, 1),
+              ("gradient_accumulation_steps", cfg.optim.gradient_accumulation_steps, 1),
+              ("num_val_imgs_per_prompt", cfg.validation.num_val_imgs_per_prompt, 1)]
+    for name, v, lo in checks:
+        if v is None or v < lo:
+            raise ConfigError(f"--{name}: expected an integer >= {lo}, found {v!r}")
+    if cfg.adapter.variant == "tlora" and not 1 <= (cfg.adapter.min_rank or 0) <= cfg.adapter.lora_rank:
+        raise ConfigError(f"--min_rank: expected 1 <= min_rank <= lora_rank={cfg.adapter.lora_rank}, "
+                          f"found {cfg.adapter.min_rank}")
+    if not (cfg.optim.learning_rate or 0) > 0:
+        raise ConfigError(f"--learning_rate: expected > 0, found {cfg.optim.learning_rate}")
+    if cfg.data.resolution is not None and (cfg.data.resolution < 8 or cfg.data.resolution % 8):
+        raise ConfigError(f"--resolution: expected a multiple of 8, found {cfg.data.resolution}")
