@@ -22,7 +22,9 @@ from .core.errors import AdapterError, AdapterFileError
 from .core.registry import variant_names  # noqa: F401  (re-exported)
 from .core.spec import AdapterSpec
 from .inject.walker import adapted_layers, adapter_names, inject, model_state, remove
-from .io import canonical
+from .io import canonical, diffusers_format, formats, kohya, peft_format
+from .io.bundle import FAMILY_NAMES, Bundle, Part, component_role, model_family, model_view
+from .io.detect import file_family
 from .io.files import read_safetensors, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -123,8 +125,21 @@ def load_adapter_state_dict(model: nn.Module, name: str, sd: dict[str, torch.Ten
 
 
 def save_adapter(model_or_pipeline: Any, path: str | os.PathLike, name: str = "default",
-                 metadata: dict[str, str] | None = None) -> Path:
-    """Write adapter ``name`` (of every component that has it) as one canonical safetensors file."""
+                 metadata: dict[str, str] | None = None, format: str = "canonical",
+                 trigger_word: str | None = None, base_model: str | None = None) -> Path:
+    """Write adapter ``name`` (of every component that has it) in ``format``.
+
+    "canonical" (one safetensors file, every variant, lossless), "kohya" (A1111/ComfyUI/Civitai; LoRA, DoRA,
+    LoHa, LoKr), "diffusers" (``load_lora_weights``; LoRA, DoRA) or "peft" (a folder for ``PeftModel``;
+    LoRA, DoRA, VeRA). A T-LoRA (or, outside PEFT, a VeRA) is written to the external formats as the
+    exactly equal plain LoRA at full rank: those formats have no timestep mask (logged).
+    """
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    meta.update({k: v for k, v in (("trigger_word", trigger_word), ("base_model", base_model)) if v})
+    if format not in formats.FORMATS:
+        raise AdapterError(f"save_adapter: format {format!r}; expected one of {list(formats.FORMATS)}")
+    if format != "canonical":
+        return _save_external(model_or_pipeline, Path(path), name, meta, format)
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, canonical.ComponentEntry] = {}
     for comp, model in components(model_or_pipeline).items():
@@ -137,8 +152,63 @@ def save_adapter(model_or_pipeline: Any, path: str | os.PathLike, name: str = "d
     if not entries:
         raise AdapterError(f"no adapter named '{name}' to save; present: {list_adapters(model_or_pipeline)}")
     path = Path(path)
-    write_safetensors(path, tensors, canonical.encode_metadata(entries, metadata))
+    family = model_family(model_or_pipeline)
+    if family:
+        meta.setdefault("base_model_family", family)
+    main = next(iter(entries.values())).spec
+    meta.update(_summary(main))
+    write_safetensors(path, tensors, canonical.encode_metadata(entries, meta))
     log.info("saved adapter '%s' (%d tensors) to %s", name, len(tensors), path)
+    return path
+
+
+def _summary(spec: AdapterSpec) -> dict[str, str]:
+    return {"variant": spec.variant, "rank": str(spec.rank), "alpha": str(spec.alpha if spec.alpha is not None else spec.rank)}
+
+
+def _export_parts(obj: Any, name: str, fmt: str) -> tuple[list[Part], dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    parts, views, shared = [], {}, {}
+    for comp, model in components(obj).items():
+        st = model_state(model)
+        if st is None or name not in st.specs:
+            continue
+        role = comp or component_role(model)
+        spec = st.specs[name]
+        part = Part(role, spec, list(st.modules[name]), adapter_state_dict(model, name))
+        views[role] = model_view(model)
+        if spec.variant == "tlora" or (spec.variant == "vera" and fmt != "peft"):
+            if spec.variant == "tlora":
+                log.info("T-LoRA '%s' written to %s at full rank (rank 2r, exact without a timestep); the %s format has "
+                         "no timestep mask, the canonical file keeps the schedule", name, fmt, fmt)
+            ads = {m: layer.adapters[name] for m, layer in adapted_layers(model) if name in layer.adapters}
+            part = formats.plain_lora(part, ads)
+        elif spec.variant == "vera":
+            store = _vera_store(model, name)
+            shared[role] = {k: store.get(f"{k}__{name}") for k in ("vera_A", "vera_B")}
+        parts.append(part)
+    if not parts:
+        raise AdapterError(f"no adapter named '{name}' to save; present: {list_adapters(obj)}")
+    return parts, views, shared
+
+
+def _save_external(obj: Any, path: Path, name: str, meta: dict[str, str], fmt: str) -> Path:
+    parts, views, shared = _export_parts(obj, name, fmt)
+    family = model_family(obj)
+    unet = _role_targets(obj).get("unet")
+    main = parts[0].spec
+    meta.update(_summary(main))
+    meta.setdefault("name", name)
+    if family:
+        meta.setdefault("base_model_family", family)
+    if fmt == "kohya":
+        tensors = kohya.write(parts, family, getattr(unet, "config", None), views)
+        write_safetensors(path, tensors, kohya.metadata(parts, family, meta))
+    elif fmt == "diffusers":
+        tensors, dmeta = diffusers_format.write(parts, views)
+        write_safetensors(path, tensors, {**meta, **dmeta})
+    else:
+        peft_format.write_folder(path, parts, views, meta, shared)
+    log.info("saved adapter '%s' in %s format to %s", name, fmt, path)
     return path
 
 
@@ -159,14 +229,89 @@ def _target(obj: Any, comp: str, model_class: str, path: str) -> nn.Module:
 
 def load_adapter(model_or_pipeline: Any, path: str | os.PathLike, name: str | None = None,
                  scale: float = 1.0, trainable: bool = False) -> str:
-    """Load a canonical adapter file; returns the adapter's name (default: the file's stem).
+    """Load an adapter file, folder or cached hub repo in any supported format; returns the adapter's name.
 
-    Nothing is applied unless every component, module and tensor of the file applies.
+    Formats: canonical, kohya/A1111/Civitai (LoRA, LoCon, LyCORIS LoHa/LoKr, dora_scale), diffusers, PEFT folders.
+    The name defaults to the file's stem; a file mixing variants adds ``<name>_<variant>`` adapters for the
+    smaller groups. Nothing is applied unless every component, module and tensor of the file applies.
     """
-    path = Path(path)
-    tensors, meta = read_safetensors(path)
+    src = formats.resolve(path)
+    loaded = read_safetensors(src) if src.is_file() else None
+    if loaded is None and not formats.is_peft_folder(src):
+        src = formats.weights_file(src)
+        loaded = read_safetensors(src)
+    name = name or re.sub(r"[^A-Za-z0-9_-]", "_", src.stem if src.is_file() else src.name)
+    if loaded is not None and canonical.is_canonical(loaded[1]):
+        return _load_canonical(model_or_pipeline, src, loaded, name, scale, trainable)
+    targets = _role_targets(model_or_pipeline)
+    if loaded is not None:
+        _check_family(model_or_pipeline, src, loaded)
+    views = {role: model_view(m) for role, m in targets.items()}
+    unet_config = getattr(targets.get("unet"), "config", None)
+    bundle = formats.read_bundle(src, views, unet_config, loaded, bare=isinstance(model_or_pipeline, nn.Module))
+    _apply(bundle, targets, name, scale, trainable, str(src))
+    return name
+
+
+def _role_targets(obj: Any) -> dict[str, nn.Module]:
+    if isinstance(obj, nn.Module):
+        return {component_role(obj): obj}
+    return components(obj)
+
+
+def _check_family(obj: Any, src: Path, loaded: tuple[dict[str, torch.Tensor], dict[str, str]]) -> None:
+    tensors, meta = loaded
+    want, have = file_family({k: tuple(v.shape) for k, v in tensors.items()}, meta), model_family(obj)
+    if want and have and want != have:
+        raise AdapterFileError(f"{src}: this LoRA is for {FAMILY_NAMES[want]}, the model is {FAMILY_NAMES[have]}; "
+                               f"expected a {FAMILY_NAMES[have]} LoRA")
+
+
+def _apply(bundle: Bundle, targets: dict[str, nn.Module], name: str, scale: float, trainable: bool, src: str) -> None:
+    added: list[tuple[nn.Module, str]] = []
+    try:
+        for part in bundle.parts:
+            model = targets[part.component]
+            aname = f"{name}_{part.group}" if part.group else name
+            inject(model, part.spec, aname, scale, module_names=part.modules)
+            added.append((model, aname))
+            expected = adapter_state_dict(model, aname)
+            for k, v in part.tensors.items():
+                if k in expected and tuple(v.shape) != tuple(expected[k].shape):
+                    raise AdapterFileError(f"{src}: key '{part.origin.get(k, k)}': shape {tuple(v.shape)} does not fit "
+                                           f"the model; expected {tuple(expected[k].shape)}")
+            load_adapter_state_dict(model, aname, part.tensors, src)
+            _check_shared(model, aname, part, src)
+            if trainable:
+                mark_trainable(model, [aname])
+            else:
+                for _, p in adapter_parameters(model, aname):
+                    p.requires_grad_(False)
+    except BaseException:
+        for model, aname in reversed(added):
+            remove(model, [aname])
+        raise
+    log.info("loaded %s adapter '%s' from %s: %s", bundle.format, name, src,
+             ", ".join(f"{p.component or 'model'}/{p.spec.variant}: {len(p.modules)} modules" for p in bundle.parts))
+
+
+def _vera_store(model: nn.Module, name: str) -> Any:
+    return next(layer.adapters[name]._store[0] for _, layer in adapted_layers(model) if name in layer.adapters)
+
+
+def _check_shared(model: nn.Module, aname: str, part: Part, src: str) -> None:
+    """PEFT VeRA files may carry vera_A/vera_B: they must equal the projections regenerated from the seed."""
+    for k, v in part.shared.items():
+        ours = _vera_store(model, aname).get(f"{k}__{aname}")
+        if tuple(ours.shape) != tuple(v.shape) or not torch.allclose(ours.float(), v.float(), atol=1e-6):
+            raise AdapterFileError(f"{src}: key 'base_model.{k}' {tuple(v.shape)} differs from the projection regenerated "
+                                   f"from projection_prng_key={part.spec.seed} {tuple(ours.shape)}; expected equal tensors")
+
+
+def _load_canonical(model_or_pipeline: Any, path: Path, loaded: tuple[dict[str, torch.Tensor], dict[str, str]],
+                    name: str, scale: float, trainable: bool) -> str:
+    tensors, meta = loaded
     entries = canonical.decode_metadata(meta, str(path))
-    name = name or re.sub(r"[^A-Za-z0-9_-]", "_", path.stem)
     done: list[nn.Module] = []
     try:
         for comp, entry in entries.items():

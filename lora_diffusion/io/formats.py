@@ -1,0 +1,105 @@
+"""Format dispatch: find the file (path, folder or cached hub repo), detect its format, convert to/from a Bundle."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.errors import AdapterFileError
+from . import diffusers_format, kohya, peft_format
+from .bundle import Bundle, ModuleView, Part, spec_from_modules
+from .detect import detect_format
+from .files import read_safetensors
+
+log = logging.getLogger(__name__)
+FORMATS = ("canonical", "kohya", "diffusers", "peft")
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def resolve(path_or_repo: str | os.PathLike) -> Path:
+    """A local file/folder, or a Hugging Face repo id found in the local cache (never downloads)."""
+    p = Path(path_or_repo)
+    if p.exists():
+        return p
+    s = str(path_or_repo)
+    if _REPO_ID.fullmatch(s) and ".." not in s and not s.endswith(".safetensors"):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(s, local_files_only=True))
+        except Exception as e:
+            raise AdapterFileError(f"{s}: not a local file or folder, and the Hugging Face repo '{s}' is not in the local "
+                                   f"cache ({type(e).__name__}); this library works offline: download it first "
+                                   f"(huggingface-cli download {s}) or pass a file path") from None
+    raise AdapterFileError(f"{s}: no such file or folder")
+
+
+def weights_file(folder: Path) -> Path:
+    """The adapter file inside a folder (diffusers' pytorch_lora_weights, or the only .safetensors)."""
+    for name in ("pytorch_lora_weights.safetensors", peft_format.WEIGHTS):
+        if (folder / name).is_file():
+            return folder / name
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) != 1:
+        raise AdapterFileError(f"{folder}: expected one .safetensors adapter file (or a PEFT folder), found "
+                               f"{[f.name for f in files] or 'none'}")
+    return files[0]
+
+
+def is_peft_folder(p: Path) -> bool:
+    return p.is_dir() and ((p / peft_format.CONFIG).is_file() or any(p.glob(f"*/{peft_format.CONFIG}")))
+
+
+def read_bundle(src: Path, views: dict[str, ModuleView], unet_config: Any = None,
+                loaded: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None, bare: bool = False) -> Bundle:
+    """Any non-canonical adapter file or folder -> Bundle on the modules of ``views``."""
+    if is_peft_folder(src):
+        return peft_format.read_folder(src, views)
+    tensors, meta = loaded or read_safetensors(src)
+    fmt = detect_format(list(tensors), meta)
+    if fmt == "kohya":
+        return kohya.read(tensors, meta, views, str(src), unet_config, skip_components=bare)
+    if fmt == "diffusers":
+        return diffusers_format.read(tensors, meta, views, str(src))
+    if fmt == "peft":
+        return peft_format.read_folder(src.parent, views) if (src.parent / peft_format.CONFIG).is_file() else \
+            Bundle([peft_format.parts_from_state_dict({k.removeprefix(peft_format.PREFIX): v for k, v in tensors.items()},
+                                                      None, next(iter(views), ""), next(iter(views.values()), {}),
+                                                      str(src), peft_format.PREFIX)], meta, "peft")
+    key = next(iter(tensors), "<no tensors>")
+    if fmt == "old-diffusers":
+        raise AdapterFileError(f"{src}: key '{key}': the pre-0.14 diffusers attention-processor format is not read; "
+                               "expected kohya, diffusers (lora_A/lora_B), PEFT or canonical keys")
+    raise AdapterFileError(f"{src}: key '{key}': unknown adapter format; expected kohya ('lora_unet_…', 'lora_te…'), "
+                           "diffusers ('unet.….lora_A.weight'), PEFT ('base_model.model.…') or lora-diffusion canonical keys")
+
+
+def plain_lora(part: Part, adapters: dict[str, Any]) -> Part:
+    """T-LoRA (full rank, no timestep mask) or VeRA as an exactly equal plain LoRA, for formats without them.
+
+    T-LoRA: ΔW = s·(B diag(S) A − B0 diag(S0) A0) = s'·[B·S, −B0·S0] [A; A0] with rank 2r, alpha = s·2r.
+    VeRA: ΔW = (λb ⊙ B_s)(λd ⊙ A_s), rank r, alpha = r.
+    """
+    ranks, alphas, tensors = {}, {}, {}
+    for m in part.modules:
+        ad = adapters[m]
+        with torch.no_grad():
+            if part.spec.variant == "vera":
+                a, b = ad._projections(ad.dtype)
+                down, up, s = ad.vera_lambda_d[:, None] * a, ad.vera_lambda_b[:, None] * b, 1.0
+            elif hasattr(ad, "lora_S"):
+                sv = ad.lora_S.view(1, -1, *([1] * (ad.lora_B.dim() - 2)))
+                s0 = ad.lora_S0.view_as(sv)
+                down = torch.cat([ad.lora_A, ad.lora_A0])
+                up, s = torch.cat([ad.lora_B * sv, -ad.lora_B0 * s0], dim=1), ad.scaling
+            else:
+                down, up, s = ad.lora_A, ad.lora_B, ad.scaling
+        r = down.shape[0]
+        ranks[m], alphas[m] = r, s * r
+        tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"] = down.detach().clone(), up.detach().clone()
+    return Part(part.component, spec_from_modules("lora", ranks, alphas), list(part.modules), tensors, group=part.group)
