@@ -48,6 +48,20 @@ class LoopResult:
     last_step: int = 0
 
 
+def make_accelerator(mixed_precision: str = "no", cpu: bool = False) -> Any:
+    """An ``accelerate.Accelerator``; in a single process, earlier in-process settings are dropped first,
+    so one Python session (tests, the app) can train several times with different precisions."""
+    import os
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
 def _all_finite(accelerator: Any, loss: torch.Tensor) -> bool:
     bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
     if accelerator.num_processes > 1:

@@ -1,0 +1,156 @@
+"""One-image (or few-image) subject data: folder checks, augmentation, prompts, a resumable sampler.
+
+Images are decoded once, resized so the short side equals the resolution, and kept in memory
+(one to a few photos). Each step the sampler draws which image, crop, flip and prompt to use from
+its own generator, so the exact sequence of examples resumes from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+class DataError(ValueError):
+    """A data folder, image or prompt that cannot be trained on."""
+
+
+def find_images(folder: str | Path | None, one_image: str | None = None, what: str = "--instance_data_dir") -> list[Path]:
+    """Image files of ``folder`` (sorted); with ``one_image`` the one file whose name ends with it."""
+    if folder is None:
+        raise DataError(f"{what}: no folder given; pass a folder holding one or a few images of the subject")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{what}: {folder} is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    images = [p for p in files if p.suffix.lower() in IMAGE_EXTS]
+    if not images:
+        seen = ", ".join(p.name for p in files[:5]) or "nothing"
+        raise DataError(f"{what}: no images in {folder} (looked for {', '.join(IMAGE_EXTS)}; found {seen})")
+    if one_image:
+        picked = [p for p in images if p.name.endswith(one_image)]
+        if len(picked) != 1:
+            raise DataError(f"--one_image {one_image!r}: matches {len(picked)} images in {folder}: "
+                            f"{[p.name for p in picked] or [p.name for p in images]}")
+        images = picked
+    return images
+
+
+def load_image(path: Path, resolution: int) -> torch.Tensor:
+    """(3, H, W) in [-1, 1], short side resized to ``resolution`` (Lanczos)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"{path}: not a readable image ({e})") from None
+    w, h = im.size
+    if min(w, h) < resolution:
+        raise DataError(f"{path}: {w}x{h} pixels is smaller than the training resolution {resolution}; "
+                        f"use a larger image or a smaller --resolution")
+    s = resolution / min(w, h)
+    im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.LANCZOS)
+    t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.size[1], im.size[0], 3)
+    return t.permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def files_digest(paths: list[Path]) -> str:
+    """Content hash of the training files (part of a checkpoint's identity)."""
+    h = hashlib.sha1()
+    for p in paths:
+        h.update(p.name.encode())
+        h.update(hashlib.sha1(p.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def check_single_token(tokenizer: Any, token: str) -> None:
+    """The placeholder must be one token, or the model sees pieces of it as unrelated words."""
+    pieces = tokenizer.tokenize(token)
+    if len(pieces) != 1:
+        raise DataError(f"--placeholder_token {token!r}: the tokenizer splits it into {pieces}; pick a rare word "
+                        f"that is a single token (the official T-LoRA uses 'sks')")
+
+
+def subject_phrase(token: str, class_name: str) -> str:
+    return f"{token} {class_name}".strip()
+
+
+def expand_prompts(templates: str, phrase: str) -> list[str]:
+    """'#'-separated templates, ``{0}`` replaced by the subject phrase."""
+    out = [t.strip().format(phrase) for t in templates.split("#") if t.strip()]
+    if not out:
+        raise DataError("--prompt_template: no prompt given")
+    return out
+
+
+@dataclass(frozen=True)
+class Example:
+    """Which image, crop and flip, and which prompt; ``prior`` marks a class image."""
+
+    image: int
+    top: int
+    left: int
+    flip: bool
+    prompt: int
+    prior: bool = False
+
+
+class ImageSet:
+    """Images in memory plus how to cut a training view out of them."""
+
+    def __init__(self, paths: list[Path], resolution: int, prompts: list[str], center_crop: bool = True,
+                 random_flip: bool = False) -> None:
+        self.paths, self.resolution, self.prompts = paths, resolution, prompts
+        self.center_crop, self.random_flip = center_crop, random_flip
+        self.images = [load_image(p, resolution) for p in paths]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def draw(self, gen: torch.Generator, prior: bool = False) -> Example:
+        i = int(torch.randint(len(self.images), (1,), generator=gen))
+        _, h, w = self.images[i].shape
+        r = self.resolution
+        if self.center_crop:
+            top, left = (h - r) // 2, (w - r) // 2
+        else:
+            top = int(torch.randint(h - r + 1, (1,), generator=gen))
+            left = int(torch.randint(w - r + 1, (1,), generator=gen))
+        flip = bool(torch.rand((), generator=gen) < 0.5) if self.random_flip else False
+        p = int(torch.randint(len(self.prompts), (1,), generator=gen)) if len(self.prompts) > 1 else 0
+        return Example(i, top, left, flip, p, prior)
+
+    def pixels(self, ex: Example) -> torch.Tensor:
+        """(3, r, r) view of the example's image."""
+        r = self.resolution
+        view = self.images[ex.image][:, ex.top:ex.top + r, ex.left:ex.left + r]
+        return view.flip(-1) if ex.flip else view
+
+
+class ExampleSampler:
+    """Draws micro-batches of examples (instance, then class images) from its own generator."""
+
+    def __init__(self, instances: ImageSet, batch_size: int, seed: int, classes: ImageSet | None = None) -> None:
+        self.instances, self.classes, self.batch_size = instances, classes, batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def next_batch(self) -> list[Example]:
+        batch = [self.instances.draw(self.gen) for _ in range(self.batch_size)]
+        if self.classes is not None:
+            batch += [self.classes.draw(self.gen, prior=True) for _ in range(self.batch_size)]
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.gen.set_state(state["gen"])

@@ -1,0 +1,236 @@
+"""Diffusion-specific building blocks of the trainer: model, adapter, optimizer, data, validation, outputs."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import lora_diffusion as ld
+from lora_diffusion.generate import _slug, generate, install_timestep_hook, load_pipeline, remove_timestep_hook
+
+from .config import ConfigError, TLoRAConfig
+from .data import DataError, ExampleSampler, ImageSet, check_single_token, expand_prompts, find_images, subject_phrase
+from .objectives import Conditioner
+
+log = logging.getLogger(__name__)
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# --- pre-flight checks (before any model is loaded) ---
+def check_output_dir(path: str | Path) -> Path:
+    """Create the folder and prove it is writable."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--output_dir {out}: not writable ({e.strerror or e})") from None
+    return out
+
+
+def preflight(cfg: TLoRAConfig) -> list[Path]:
+    """Output folder, data folders and optional features; returns the instance image files."""
+    check_output_dir(cfg.checkpoint.output_dir)
+    images = find_images(cfg.data.instance_data_dir, cfg.data.one_image)
+    if cfg.data.with_prior_preservation:
+        find_images(cfg.data.class_data_dir, None, "--class_data_dir")
+    if cfg.optim.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
+    if cfg.model.attention == "xformers" and importlib.util.find_spec("xformers") is None:
+        raise ConfigError("--attention xformers: xformers is not installed (pip install xformers)")
+    if cfg.validation.validation_prompts is not None:
+        expand_prompts(cfg.validation.validation_prompts, "x")
+    return images
+
+
+# --- model and adapter ---
+def adapter_spec(cfg: TLoRAConfig) -> ld.AdapterSpec:
+    a = cfg.adapter
+    options = dict(a.adapter_options)
+    if a.variant == "tlora":
+        options.update(min_rank=a.min_rank, rank_exponent=a.alpha_rank_scale, sig_type=a.sig_type,
+                       ortho=a.trainer_type == "ortho_lora")
+    targets: str | list[str] = a.targets if a.targets in ld.PRESETS else [t.strip() for t in a.targets.split(",")]
+    return ld.AdapterSpec(variant=a.variant, rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout,
+                          targets=targets, seed=cfg.run.seed, options=options)
+
+
+def load_base(cfg: TLoRAConfig) -> Any:
+    m = cfg.model
+    pipe = load_pipeline(m.pretrained_model_name_or_path, torch.float32, m.revision, m.single_file_config,
+                         m.pretrained_vae_model_name_or_path)
+    pipe.set_progress_bar_config(disable=True)
+    for comp in ld.components(pipe).values():
+        comp.requires_grad_(False)
+    return pipe
+
+
+def default_resolution(pipe: Any) -> int:
+    if hasattr(pipe, "text_encoder_2"):
+        return 1024
+    return int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+
+
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast a model to ``dtype`` except its adapters (trainable weights stay fp32)."""
+    if dtype == torch.float32:
+        return
+    adapters = [m for m in model.modules() if isinstance(m, ld.Adapter)]
+    shared = getattr(model, "lora_shared", None)
+    model.to(dtype)
+    for m in adapters:
+        m.float()
+    if shared is not None:
+        shared.float()
+
+
+def add_adapter(pipe: Any, cfg: TLoRAConfig, device: torch.device) -> nn.Module:
+    unet = pipe.unet
+    names = ld.add_adapter(unet, adapter_spec(cfg))  # raises before touching the model on a bad rank/target
+    n = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    log.info("%s rank %d on %d modules: %.2fM trainable parameters", cfg.adapter.variant, cfg.adapter.lora_rank,
+             len(names), n / 1e6)
+    dtype = DTYPES[cfg.model.mixed_precision]
+    cast_frozen(unet, dtype)
+    for comp in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)):
+        if comp is not None:
+            comp.to(device, dtype)
+    pipe.vae.to(device, torch.float32)  # fp32 VAE: no fp16 NaNs (sd-scripts --no_half_vae)
+    unet.to(device)
+    set_attention(unet, cfg.model.attention, device)
+    if cfg.model.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet
+
+
+def set_attention(unet: nn.Module, mode: str, device: torch.device) -> None:
+    has_xf = importlib.util.find_spec("xformers") is not None
+    if mode == "xformers" or (mode == "auto" and has_xf and device.type == "cuda"):
+        unet.enable_xformers_memory_efficient_attention()
+        log.info("attention: xformers")
+    else:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
+        log.info("attention: PyTorch SDPA")
+
+
+def make_optimizer(unet: nn.Module, cfg: TLoRAConfig) -> tuple[torch.optim.Optimizer, Any]:
+    from diffusers.optimization import get_scheduler
+
+    o = cfg.optim
+    ratios = {"B": o.loraplus_lr_ratio} if o.loraplus_lr_ratio else None
+    groups = ld.param_groups(unet, o.learning_rate, lr_ratios=ratios, weight_decay=o.adam_weight_decay)
+    kw = {"betas": (o.adam_beta1, o.adam_beta2), "eps": o.adam_epsilon}
+    if o.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        opt: torch.optim.Optimizer = bnb.optim.AdamW8bit(groups, **kw)
+    else:
+        opt = torch.optim.AdamW(groups, **kw)
+    sched = get_scheduler(o.lr_scheduler, opt, num_warmup_steps=o.lr_warmup_steps, num_training_steps=o.max_train_steps)
+    return opt, sched
+
+
+# --- data ---
+def build_data(cfg: TLoRAConfig, pipe: Any, images: list[Path], resolution: int, process_index: int,
+               device: torch.device) -> tuple[ExampleSampler, Conditioner]:
+    d = cfg.data
+    check_single_token(pipe.tokenizer, d.placeholder_token)
+    if getattr(pipe, "tokenizer_2", None) is not None:
+        check_single_token(pipe.tokenizer_2, d.placeholder_token)
+    prompts = expand_prompts(d.prompt_template, subject_phrase(d.placeholder_token, d.class_name))
+    inst = ImageSet(images, resolution, prompts, d.center_crop, d.random_flip)
+    classes = None
+    class_prompt = None
+    if d.with_prior_preservation:
+        class_prompt = d.class_prompt or f"a photo of {d.class_name}".strip()
+        classes = ImageSet(find_images(d.class_data_dir, None, "--class_data_dir"), resolution, [class_prompt],
+                           d.center_crop, d.random_flip)
+    log.info("%d training image(s) at %d px; prompts: %s", len(inst), resolution, prompts)
+    cond = Conditioner(pipe, inst, classes, class_prompt, d.cache_latents, d.cache_text_embeddings)
+    cond.warm(device)
+    return ExampleSampler(inst, d.train_batch_size, cfg.run.seed * 1000 + process_index, classes), cond
+
+
+def identity(cfg: TLoRAConfig, digest: str, resolution: int) -> dict[str, Any]:
+    """What a checkpoint depends on: resuming with any of these changed is refused."""
+    a, d, o = cfg.adapter, cfg.data, cfg.optim
+    return {"variant": a.variant, "lora_rank": a.lora_rank, "lora_alpha": a.lora_alpha, "targets": a.targets,
+            "min_rank": a.min_rank if a.variant == "tlora" else None, "alpha_rank_scale": a.alpha_rank_scale,
+            "trainer_type": a.trainer_type if a.variant == "tlora" else None, "sig_type": a.sig_type,
+            "adapter_options": a.adapter_options, "base_model": cfg.model.pretrained_model_name_or_path,
+            "placeholder_token": d.placeholder_token, "class_name": d.class_name, "prompt_template": d.prompt_template,
+            "images": digest, "resolution": resolution, "train_batch_size": d.train_batch_size,
+            "with_prior_preservation": d.with_prior_preservation, "seed": cfg.run.seed,
+            "gradient_accumulation_steps": o.gradient_accumulation_steps}
+
+
+# --- validation and outputs ---
+def validation_prompts(cfg: TLoRAConfig) -> list[str]:
+    v, d = cfg.validation, cfg.data
+    if not v.validation_prompts:
+        return []
+    return expand_prompts(v.validation_prompts, subject_phrase(d.placeholder_token, d.class_name))
+
+
+def sample(pipe: Any, cfg: TLoRAConfig, step: int, resolution: int) -> list[tuple[str, Any]]:
+    """Validation images at ``step`` written to ``samples/step-<step>/``; returns (prompt, image) pairs."""
+    prompts = validation_prompts(cfg)
+    if not prompts:
+        return []
+    v, unet = cfg.validation, pipe.unet
+    unet.eval()
+    install_timestep_hook(unet, pipe.scheduler.config.num_train_timesteps)
+    try:
+        with torch.no_grad():
+            images = generate(pipe, prompts, v.num_inference_steps, v.guidance_scale, v.validation_seed,
+                              v.num_val_imgs_per_prompt, resolution, resolution)
+    finally:
+        remove_timestep_hook(unet)
+        unet.train()
+    folder = Path(cfg.checkpoint.output_dir) / "samples" / f"step-{step}"
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for k, im in enumerate(images):
+        prompt = prompts[k // v.num_val_imgs_per_prompt]
+        im.save(folder / f"{_slug(prompt)}-{k % v.num_val_imgs_per_prompt}.png")
+        pairs.append((prompt, im))
+    log.info("step %d: %d validation image(s) in %s", step, len(images), folder)
+    return pairs
+
+
+def adapter_metadata(cfg: TLoRAConfig, step: int, resolution: int) -> dict[str, str]:
+    d = cfg.data
+    return {"trigger_word": subject_phrase(d.placeholder_token, d.class_name), "placeholder_token": d.placeholder_token,
+            "class_name": d.class_name, "base_model": str(cfg.model.pretrained_model_name_or_path or "demo-model"),
+            "resolution": str(resolution), "steps": str(step), "prompt_template": d.prompt_template,
+            "trainer": "training.train_tlora"}
+
+
+def save_outputs(unet: nn.Module, cfg: TLoRAConfig, folder: Path, step: int, resolution: int) -> dict[str, Path]:
+    """The canonical adapter file, plus kohya and diffusers files when the library can write them."""
+    name = cfg.adapter.variant
+    meta = adapter_metadata(cfg, step, resolution)
+    out = {"canonical": ld.save_adapter(unet, folder / f"{name}.safetensors", metadata=meta)}
+    if "format" not in inspect.signature(ld.save_adapter).parameters:
+        return out
+    for fmt, fname in (("kohya", f"{name}.kohya.safetensors"), ("diffusers", "pytorch_lora_weights.safetensors")):
+        try:
+            out[fmt] = ld.save_adapter(unet, folder / fname, metadata=meta, format=fmt)
+        except ld.AdapterError as e:  # e.g. a variant the format cannot express
+            log.warning("no %s file for variant '%s': %s", fmt, name, e)
+    return out
+
+
+__all__ = ["DataError", "add_adapter", "build_data", "check_output_dir", "identity", "load_base", "make_optimizer",
+           "preflight", "sample", "save_outputs"]
