@@ -28,6 +28,7 @@ from .io.detect import file_family
 from .io.files import read_safetensors, write_safetensors
 
 log = logging.getLogger(__name__)
+GROUPS_ATTR = "_lora_groups"  # {adapter name: [names of the further variant groups loaded with it]}
 
 
 def components(obj: Any) -> dict[str, nn.Module]:
@@ -167,28 +168,37 @@ def _summary(spec: AdapterSpec) -> dict[str, str]:
 
 
 def _export_parts(obj: Any, name: str, fmt: str) -> tuple[list[Part], dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """Parts of adapter ``name`` and of the variant groups loaded with it (``<name>_<group>``) per component."""
     parts, views, shared = [], {}, {}
     for comp, model in components(obj).items():
         st = model_state(model)
-        if st is None or name not in st.specs:
-            continue
         role = comp or component_role(model)
-        spec = st.specs[name]
-        part = Part(role, spec, list(st.modules[name]), adapter_state_dict(model, name))
-        views[role] = model_view(model)
-        if spec.variant == "tlora" or (spec.variant == "vera" and fmt != "peft"):
-            if spec.variant == "tlora":
-                log.info("T-LoRA '%s' written to %s at full rank (rank 2r, exact without a timestep); the %s format has "
-                         "no timestep mask, the canonical file keeps the schedule", name, fmt, fmt)
-            ads = {m: layer.adapters[name] for m, layer in adapted_layers(model) if name in layer.adapters}
-            part = formats.plain_lora(part, ads)
-        elif spec.variant == "vera":
-            store = _vera_store(model, name)
-            shared[role] = {k: store.get(f"{k}__{name}") for k in ("vera_A", "vera_B")}
-        parts.append(part)
+        for aname in [name, *model.__dict__.get(GROUPS_ATTR, {}).get(name, [])]:
+            if st is None or aname not in st.specs:
+                continue
+            views[role] = views.get(role) or model_view(model)
+            parts.append(_export_part(model, role, aname, name, fmt, shared))
     if not parts:
         raise AdapterError(f"no adapter named '{name}' to save; present: {list_adapters(obj)}")
     return parts, views, shared
+
+
+def _export_part(model: nn.Module, role: str, aname: str, name: str, fmt: str,
+                 shared: dict[str, dict[str, torch.Tensor]]) -> Part:
+    st = model_state(model)
+    assert st is not None
+    spec = st.specs[aname]
+    part = Part(role, spec, list(st.modules[aname]), adapter_state_dict(model, aname), group=aname[len(name) + 1:])
+    if spec.variant == "tlora" or (spec.variant == "vera" and fmt != "peft"):
+        if spec.variant == "tlora":
+            log.info("T-LoRA '%s' written to %s at full rank (rank 2r, exact without a timestep); the %s format has "
+                     "no timestep mask, the canonical file keeps the schedule", aname, fmt, fmt)
+        ads = {m: layer.adapters[aname] for m, layer in adapted_layers(model) if aname in layer.adapters}
+        return formats.plain_lora(part, ads)
+    if spec.variant == "vera":
+        store = _vera_store(model, aname)
+        shared[role] = {k: store.get(f"{k}__{aname}") for k in ("vera_A", "vera_B")}
+    return part
 
 
 def _save_external(obj: Any, path: Path, name: str, meta: dict[str, str], fmt: str) -> Path:
@@ -275,6 +285,8 @@ def _apply(bundle: Bundle, targets: dict[str, nn.Module], name: str, scale: floa
             aname = f"{name}_{part.group}" if part.group else name
             inject(model, part.spec, aname, scale, module_names=part.modules)
             added.append((model, aname))
+            if part.group:  # saved together with the main adapter
+                model.__dict__.setdefault(GROUPS_ATTR, {}).setdefault(name, []).append(aname)
             expected = adapter_state_dict(model, aname)
             for k, v in part.tensors.items():
                 if k in expected and tuple(v.shape) != tuple(expected[k].shape):
@@ -290,6 +302,7 @@ def _apply(bundle: Bundle, targets: dict[str, nn.Module], name: str, scale: floa
     except BaseException:
         for model, aname in reversed(added):
             remove(model, [aname])
+            model.__dict__.get(GROUPS_ATTR, {}).pop(name, None)
         raise
     log.info("loaded %s adapter '%s' from %s: %s", bundle.format, name, src,
              ", ".join(f"{p.component or 'model'}/{p.spec.variant}: {len(p.modules)} modules" for p in bundle.parts))

@@ -125,8 +125,10 @@ def _lokr_found(src: str, flat: str, ts: dict[str, torch.Tensor], info: LayerInf
     except KeyError as e:
         raise _err(src, f"{flat}.{e.args[0]}", "missing; a LoKr module needs lokr_w1 (or lokr_w1_a/_b) and lokr_w2 "
                    "(or lokr_w2_a/_b [+ lokr_t2])") from None
+    # both factors full: LyCORIS stores alpha = lora_dim (ignored, scale 1); that rank also reproduces its full/low-rank choice
+    alpha = float(ts["alpha"].float().item()) if "alpha" in ts else 1.0
     r = ts["lokr_w1_a"].shape[1] if not full_w1 else (ts["lokr_t2"].shape[0] if tucker else
-                                                     ts["lokr_w2_a"].shape[1] if not full_w2 else 1)
+                                                     ts["lokr_w2_a"].shape[1] if not full_w2 else max(1, round(alpha)))
     return r, (a, b, c, d, full_w1, full_w2, tucker)
 
 
