@@ -116,7 +116,7 @@ def load_pipeline(source: str | os.PathLike | None = None, dtype: torch.dtype = 
             cls = _single_file_class(path)
             pipe = cls.from_single_file(str(path), config=single_file_config, **kw)
         else:
-            config = diffusers.DiffusionPipeline.load_config(src, revision=revision)
+            config = _load_config(src, revision, path.exists())
             name = config.get("_class_name")
             if name not in SUPPORTED:
                 raise ModelLoadError(f"{src}: a {name}; supported pipelines: {list(SUPPORTED)}")
@@ -133,6 +133,35 @@ def load_pipeline(source: str | os.PathLike | None = None, dtype: torch.dtype = 
     if vae is not None:
         pipe.vae = _load_vae(vae, dtype)
     return pipe
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        socket.create_connection((urlparse(constants.ENDPOINT).hostname or "huggingface.co", 443), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_config(src: str, revision: str | None, local: bool) -> dict[str, Any]:
+    """model_index.json from a folder, the HF cache, or (if reachable) the Hub — no minute of retries offline."""
+    import diffusers
+
+    try:
+        return diffusers.DiffusionPipeline.load_config(src, revision=revision, local_files_only=True)
+    except Exception:
+        if local or _hub_reachable():
+            return diffusers.DiffusionPipeline.load_config(src, revision=revision)
+        raise ModelLoadError(f"could not load the base model '{src}': not a local folder or file, not in the Hugging "
+                             "Face cache, and the Hub is unreachable (offline); download it where there is a network "
+                             "(huggingface-cli download ...) or pass a local diffusers folder or .safetensors file") from None
 
 
 def _load_vae(src: str, dtype: torch.dtype) -> Any:

@@ -1,0 +1,80 @@
+"""Trainer flags (official T-LoRA names and aliases), config files, precedence, per-variant defaults."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+import lora_diffusion as ld
+from training.config import ConfigError, TLoRAConfig, parse_args, resolve_defaults
+from training.train_tlora import main
+
+
+def resolved(argv: list[str]) -> TLoRAConfig:
+    cfg, _, _ = parse_args(TLoRAConfig, argv)
+    return resolve_defaults(cfg, ld.variant_names())
+
+
+def test_official_flags_and_aliases() -> None:
+    cfg = resolved(["--train_data_dir", "dog", "--placeholder_token", "sks", "--class_name", "dog", "--lora_rank", "64",
+                    "--min_rank", "32", "--alpha_rank_scale", "2", "--learning_rate", "1e-4", "--resolution", "1024",
+                    "--num_train_epochs", "800", "--checkpointing_steps", "100", "--mixed_precision", "bf16",
+                    "--seed", "3", "--validation_prompts", "a {0} lying in the bed#a {0} swimming",
+                    "--trainer_type", "lora", "--sig_type", "principal", "--one_image", "02.jpg"])
+    assert cfg.data.instance_data_dir == "dog" and cfg.optim.max_train_steps == 800
+    assert (cfg.adapter.lora_rank, cfg.adapter.min_rank, cfg.adapter.alpha_rank_scale) == (64, 32, 2.0)
+    assert cfg.model.mixed_precision == "bf16" and cfg.run.seed == 3 and cfg.data.one_image == "02.jpg"
+
+
+def test_tlora_defaults_follow_the_paper() -> None:
+    cfg = resolved([])
+    assert (cfg.adapter.variant, cfg.adapter.lora_rank, cfg.adapter.min_rank) == ("tlora", 64, 32)
+    assert (cfg.optim.learning_rate, cfg.optim.max_train_steps, cfg.optim.adam_weight_decay) == (1e-4, 800, 1e-4)
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora", "loha", "lokr", "vera"])
+def test_other_variants_get_their_defaults(variant: str) -> None:
+    cfg = resolved(["--variant", variant])
+    assert cfg.adapter.variant == variant and cfg.adapter.lora_rank >= 4 and cfg.optim.learning_rate > 0
+    assert cfg.adapter.min_rank is None
+
+
+def test_yaml_and_toml_files_flat_or_by_section_and_cli_wins(tmp_path) -> None:
+    y = tmp_path / "a.yaml"
+    y.write_text("adapter:\n  variant: dora\n  lora_rank: 8\ntrain_data_dir: photos\nlearning_rate: 2.0e-4\n")
+    cfg = resolved(["--config", str(y), "--lora_rank", "4"])
+    assert (cfg.adapter.variant, cfg.adapter.lora_rank, cfg.optim.learning_rate) == ("dora", 4, 2e-4)
+    assert cfg.data.instance_data_dir == "photos"
+    t = tmp_path / "a.toml"
+    t.write_text('variant = "loha"\n[optim]\nmax_train_steps = 12\n')
+    cfg = resolved(["--config", str(t)])
+    assert (cfg.adapter.variant, cfg.optim.max_train_steps) == ("loha", 12)
+
+
+def test_unknown_key_in_file(tmp_path) -> None:
+    y = tmp_path / "a.yaml"
+    y.write_text("lora_rnak: 8\n")
+    with pytest.raises(ConfigError, match="unknown option 'lora_rnak'"):
+        resolved(["--config", str(y)])
+
+
+def test_print_config_round_trips(tmp_path, capsys) -> None:
+    main(["--variant", "lora", "--lora_rank", "12", "--print-config"])
+    text = capsys.readouterr().out
+    data = yaml.safe_load(text)
+    assert data["adapter"]["lora_rank"] == 12 and data["optim"]["learning_rate"] == 1e-4
+    f = tmp_path / "printed.yaml"
+    f.write_text(text)
+    again = resolved(["--config", str(f)])
+    assert again.adapter.variant == "lora" and again.adapter.lora_rank == 12
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--min_rank", "80"], "--min_rank: expected 1 <= min_rank <= lora_rank=64"),
+    (["--resolution", "30"], "--resolution: expected a multiple of 8"),
+    (["--learning_rate", "0"], "--learning_rate: expected > 0"),
+    (["--max_train_steps", "0"], "--max_train_steps: expected an integer >= 1"),
+])
+def test_bad_values(argv: list[str], msg: str) -> None:
+    with pytest.raises(ConfigError, match=msg):
+        resolved(argv)
