@@ -22,7 +22,7 @@ from .core.errors import AdapterError, AdapterFileError
 from .core.registry import variant_names  # noqa: F401  (re-exported)
 from .core.spec import AdapterSpec
 from .inject.walker import adapted_layers, adapter_names, inject, model_state, remove
-from .io import canonical, diffusers_format, formats, kohya, peft_format
+from .io import canonical, formats
 from .io.bundle import FAMILY_NAMES, Bundle, Part, component_role, model_family, model_view
 from .io.detect import file_family
 from .io.files import read_safetensors, write_safetensors
@@ -157,14 +157,11 @@ def save_adapter(model_or_pipeline: Any, path: str | os.PathLike, name: str = "d
     if family:
         meta.setdefault("base_model_family", family)
     main = next(iter(entries.values())).spec
-    meta.update(_summary(main))
+    alpha = main.alpha if main.alpha is not None else main.rank
+    meta.update({"variant": main.variant, "rank": str(main.rank), "alpha": str(alpha)})
     write_safetensors(path, tensors, canonical.encode_metadata(entries, meta))
     log.info("saved adapter '%s' (%d tensors) to %s", name, len(tensors), path)
     return path
-
-
-def _summary(spec: AdapterSpec) -> dict[str, str]:
-    return {"variant": spec.variant, "rank": str(spec.rank), "alpha": str(spec.alpha if spec.alpha is not None else spec.rank)}
 
 
 def _export_parts(obj: Any, name: str, fmt: str) -> tuple[list[Part], dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
@@ -191,7 +188,7 @@ def _export_part(model: nn.Module, role: str, aname: str, name: str, fmt: str,
     part = Part(role, spec, list(st.modules[aname]), adapter_state_dict(model, aname), group=aname[len(name) + 1:])
     if spec.variant == "tlora" or (spec.variant == "vera" and fmt != "peft"):
         if spec.variant == "tlora":
-            log.info("T-LoRA '%s' written to %s at full rank (rank 2r, exact without a timestep); the %s format has "
+            log.warning("T-LoRA '%s' written to %s at full rank (rank 2r, exact without a timestep); the %s format has "
                      "no timestep mask, the canonical file keeps the schedule", aname, fmt, fmt)
         ads = {m: layer.adapters[aname] for m, layer in adapted_layers(model) if aname in layer.adapters}
         return formats.plain_lora(part, ads)
@@ -203,21 +200,9 @@ def _export_part(model: nn.Module, role: str, aname: str, name: str, fmt: str,
 
 def _save_external(obj: Any, path: Path, name: str, meta: dict[str, str], fmt: str) -> Path:
     parts, views, shared = _export_parts(obj, name, fmt)
-    family = model_family(obj)
-    unet = _role_targets(obj).get("unet")
-    main = parts[0].spec
-    meta.update(_summary(main))
     meta.setdefault("name", name)
-    if family:
-        meta.setdefault("base_model_family", family)
-    if fmt == "kohya":
-        tensors = kohya.write(parts, family, getattr(unet, "config", None), views)
-        write_safetensors(path, tensors, kohya.metadata(parts, family, meta))
-    elif fmt == "diffusers":
-        tensors, dmeta = diffusers_format.write(parts, views)
-        write_safetensors(path, tensors, {**meta, **dmeta})
-    else:
-        peft_format.write_folder(path, parts, views, meta, shared)
+    unet = _role_targets(obj).get("unet")
+    formats.write_parts(path, parts, fmt, views, meta, model_family(obj), getattr(unet, "config", None), shared)
     log.info("saved adapter '%s' in %s format to %s", name, fmt, path)
     return path
 

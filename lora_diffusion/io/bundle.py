@@ -109,3 +109,14 @@ def spec_from_modules(variant: str, ranks: dict[str, int], alphas: dict[str, flo
 def module_alpha(spec: AdapterSpec, module: str) -> float:
     a = spec.alpha_for(module)
     return float(spec.rank_for(module) if a is None else a)
+
+
+TEXT_MODEL = "text_model."  # transformers < 5 nests CLIP text modules under text_model; files from then keep it
+
+
+def find_module(path: str, view: ModuleView) -> str | None:
+    """``path`` in ``view``, allowing for the ``text_model.`` level transformers 5 dropped from CLIP."""
+    for p in (path, path.removeprefix(TEXT_MODEL), TEXT_MODEL + path):
+        if p in view:
+            return p
+    return None

@@ -14,7 +14,7 @@ from ..core.errors import AdapterFileError
 from . import diffusers_format, kohya, peft_format
 from .bundle import Bundle, ModuleView, Part, spec_from_modules
 from .detect import detect_format
-from .files import read_safetensors
+from .files import read_safetensors, write_safetensors
 
 log = logging.getLogger(__name__)
 FORMATS = ("canonical", "kohya", "diffusers", "peft")
@@ -103,3 +103,22 @@ def plain_lora(part: Part, adapters: dict[str, Any]) -> Part:
         ranks[m], alphas[m] = r, s * r
         tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"] = down.detach().clone(), up.detach().clone()
     return Part(part.component, spec_from_modules("lora", ranks, alphas), list(part.modules), tensors, group=part.group)
+
+
+def write_parts(path: Path, parts: list[Part], fmt: str, views: dict[str, ModuleView], meta: dict[str, str],
+                family: str | None = None, unet_config: Any = None,
+                shared: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Parts -> a kohya / diffusers file or a PEFT folder (canonical files are written by ``api.save_adapter``)."""
+    main = parts[0].spec
+    meta = {"variant": main.variant, "rank": str(main.rank), "alpha": str(main.alpha if main.alpha is not None else main.rank),
+            **({"base_model_family": family} if family else {}), **meta}
+    if fmt == "kohya":
+        write_safetensors(path, kohya.write(parts, family, unet_config, views), kohya.metadata(parts, family, meta))
+    elif fmt == "diffusers":
+        tensors, dmeta = diffusers_format.write(parts, views)
+        write_safetensors(path, tensors, {**meta, **dmeta})
+    elif fmt == "peft":
+        peft_format.write_folder(path, parts, views, meta, shared)
+    else:
+        raise AdapterFileError(f"{path}: format {fmt!r}; expected kohya, diffusers or peft")
+    return path

@@ -25,7 +25,7 @@ from ..core.layerinfo import LayerInfo
 from ..core.registry import parse_options
 from ..core.spec import ModuleConfig
 from ..variants.lokr import LoKr, lokr_shapes
-from .bundle import Bundle, ModuleView, Part, spec_from_modules
+from .bundle import TEXT_MODEL, Bundle, ModuleView, Part, spec_from_modules
 from .sgm import to_sgm
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,8 @@ def name_index(views: dict[str, ModuleView], unet_config: Any = None) -> dict[st
         for path in view:
             for p in prefixes:
                 idx[f"{p}_{path.replace('.', '_')}"] = (role, path)
+                if role.startswith("text_encoder") and not path.startswith(TEXT_MODEL):  # kohya's (transformers < 5) spelling
+                    idx[f"{p}_text_model_{path.replace('.', '_')}"] = (role, path)
             if role == "unet" and unet_config is not None:
                 sgm = to_sgm(path, unet_config)
                 if sgm:
@@ -269,6 +271,8 @@ def flat_name(role: str, path: str, family: str | None, unet_config: Any = None)
                                "text encoders; expected a diffusers pipeline component")
     if role == "unet" and family == "sdxl" and unet_config is not None:
         path = to_sgm(path, unet_config) or path
+    if role.startswith("text_encoder") and not path.startswith(TEXT_MODEL):
+        path = TEXT_MODEL + path  # the spelling A1111, ComfyUI and kohya expect
     return f"{prefix}_{path.replace('.', '_')}"
 
 

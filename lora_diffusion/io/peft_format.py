@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..core.errors import AdapterFileError
-from .bundle import Bundle, ModuleView, Part, module_alpha, most_common, spec_from_modules
+from .bundle import Bundle, ModuleView, Part, find_module, module_alpha, most_common, spec_from_modules
 from .files import read_safetensors, write_safetensors
 
 CONFIG = "adapter_config.json"
@@ -73,6 +73,7 @@ def parts_from_state_dict(sd: dict[str, torch.Tensor], config: dict[str, Any] | 
             raise AdapterFileError(f"{src}: key '{key_prefix}{key}': unknown parameter; expected one of "
                                    f"{sorted('<module>.' + s for s in SUFFIXES)}")
         path, ours = sk
+        path = find_module(path, view) or path
         if path not in view:
             raise AdapterFileError(f"{src}: key '{key_prefix}{key}': module '{path}' is not in the model "
                                    f"({role or 'model'}); expected one of its Linear/Conv2d module paths")

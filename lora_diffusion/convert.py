@@ -1,0 +1,113 @@
+"""Convert adapter files between formats, and inspect them.
+
+    python -m lora_diffusion.convert IN OUT --to kohya|diffusers|peft|canonical [--base sd1|sd2|sdxl]
+    python -m lora_diffusion.convert inspect FILE [--json]
+
+Conversion maps module names through an empty (meta-device) pipeline of the file's base family (from its
+keys/metadata, or ``--base``), so no model is downloaded or loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .api import _role_targets
+from .core.errors import AdapterError
+from .io import canonical
+from .io.bundle import Part, component_role, model_family, model_view
+from .io.files import read_safetensors
+from .io.formats import FORMATS, read_bundle, resolve, write_parts
+from .io.library import describe
+from .io.skeleton import Skeleton
+
+log = logging.getLogger(__name__)
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, base: str | None = None,
+            model: Any = None, metadata: dict[str, str] | None = None) -> Path:
+    """Read ``src`` (any format) and write it as ``to``, tensors as they are (no model is built or loaded).
+
+    Module names are mapped through ``model`` (a pipeline or model; by default an empty meta-device pipeline of
+    the file's base family). Canonical T-LoRA/VeRA adapters need their regenerated frozen tensors: load them
+    into a model and use ``save_adapter`` instead.
+    """
+    path = resolve(src)
+    if model is None:
+        base = base or describe(path)["base_family"]
+        if base is None:
+            raise AdapterError(f"{src}: cannot tell the base model family from the keys or metadata; pass --base sd1|sd2|sdxl")
+        model = Skeleton(base)
+    targets = _role_targets(model)
+    views = {role: model_view(m) for role, m in targets.items()}
+    unet_config = getattr(targets.get("unet"), "config", None)
+    loaded = read_safetensors(path) if path.is_file() else None
+    meta = {k: v for k, v in (loaded[1] if loaded else {}).items() if k.startswith(("ss_", "modelspec.")) or
+            k in ("trigger_word", "base_model", "name")} | (metadata or {})
+    if loaded is not None and canonical.is_canonical(loaded[1]):
+        entries = canonical.decode_metadata(loaded[1], str(path))
+        role = component_role(next(iter(targets.values())))
+        tensors = loaded[0]
+        parts = [Part(c or role, e.spec, e.modules, canonical.split_component(tensors, c) if c or len(entries) > 1 else tensors)
+                 for c, e in entries.items()]
+        if any(p.spec.variant in ("tlora", "vera") for p in parts):
+            raise AdapterError(f"{src}: a {parts[0].spec.variant} adapter's frozen tensors are regenerated from its seed; "
+                               "load it into a model and call save_adapter(..., format=...) instead")
+    else:
+        parts = read_bundle(path, views, unet_config, loaded, bare=isinstance(model, nn.Module)).parts
+    if to == "canonical":
+        raise AdapterError("converting to canonical: load the file with load_adapter and call save_adapter")
+    family = model_family(model) or getattr(model, "family", None)
+    out = write_parts(Path(dst), parts, to, views, meta, family, unet_config)
+    log.info("converted %s -> %s (%s, %d modules)", src, out, to, sum(len(p.modules) for p in parts))
+    return out
+
+
+def _inspect(path: str, as_json: bool) -> int:
+    info = describe(resolve(path))
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=2) + "\n")
+        return 0
+    meta = info.pop("metadata")
+    for k, v in info.items():
+        sys.stdout.write(f"{k:>14}: {v}\n")
+    sys.stdout.write(f"{'metadata':>14}: {len(meta)} keys\n")
+    for k, v in sorted(meta.items()):
+        sys.stdout.write(f"{'':>16}{k} = {v}\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if argv[:1] == ["inspect"]:
+        p = argparse.ArgumentParser(prog="python -m lora_diffusion.convert inspect")
+        p.add_argument("file")
+        p.add_argument("--json", action="store_true")
+        a = p.parse_args(argv[1:])
+        runner = lambda: _inspect(a.file, a.json)  # noqa: E731
+    else:
+        p = argparse.ArgumentParser(prog="python -m lora_diffusion.convert", description=__doc__,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("src")
+        p.add_argument("dst")
+        p.add_argument("--to", required=True, choices=FORMATS)
+        p.add_argument("--base", choices=["sd1", "sd2", "sdxl"])
+        a = p.parse_args(argv)
+        runner = lambda: (convert(a.src, a.dst, a.to, a.base), 0)[1]  # noqa: E731
+    try:
+        return runner()
+    except AdapterError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

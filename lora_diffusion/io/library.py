@@ -1,0 +1,154 @@
+"""Describe adapter files from their header alone, and index a folder of them (cached, refreshed on change).
+
+``describe`` never loads a tensor: format, base family, modules, rank, variant and size come from the
+safetensors header (names, shapes); alpha, trigger words and tags from the metadata (``ss_network_alpha``,
+``modelspec.trigger_phrase``, ``ss_tag_frequency``, ...). The index adds the file's sha256 and is kept in
+``<folder>/.lora_library.json``; a file is re-read only when its size or mtime changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import AdapterError
+from . import canonical, peft_format
+from .bundle import FAMILY_NAMES
+from .detect import KOHYA_PREFIXES, detect_format, file_family
+from .files import read_header
+
+log = logging.getLogger(__name__)
+CACHE = ".lora_library.json"
+RANK_KEYS = ("lora_down.weight", "lora_A.weight", "hada_w1_b", "lokr_w1_b", "lokr_w2_b", "lora_A")
+
+
+def _component(key: str, fmt: str) -> str:
+    if fmt == "kohya":
+        return next((p.rstrip("_") for p in sorted(KOHYA_PREFIXES, key=len, reverse=True) if key.startswith(p)), "")
+    if fmt == "diffusers":
+        return key.split(".")[0] if key.split(".")[0] in ("unet", "text_encoder", "text_encoder_2", "transformer") else ""
+    if fmt == "canonical":
+        return key.split(".")[0]
+    return ""
+
+
+def _variant(keys: list[str]) -> str:
+    s = " ".join(keys)
+    base = "loha" if "hada_w" in s else "lokr" if "lokr_w" in s else "vera" if "vera_lambda" in s else "lora"
+    return f"dora({base})" if "dora_scale" in s or "magnitude" in s else base
+
+
+def tags(meta: dict[str, str], top: int = 20) -> list[str]:
+    """Most frequent training tags (kohya ``ss_tag_frequency`` = {dataset: {tag: count}}) and ``modelspec.tags``."""
+    counts: Counter[str] = Counter()
+    try:
+        for per_dir in json.loads(meta.get("ss_tag_frequency", "{}")).values():
+            counts.update({t.strip(): int(n) for t, n in per_dir.items() if t.strip()})
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        log.warning("ss_tag_frequency is not the expected JSON {dataset: {tag: count}}; ignored")
+    out = [t for t, _ in counts.most_common(top)]
+    out += [t.strip() for t in meta.get("modelspec.tags", "").split(",") if t.strip() and t.strip() not in out]
+    return out
+
+
+def trigger_words(meta: dict[str, str], tag_list: list[str]) -> list[str]:
+    words = [meta.get(k, "") for k in ("modelspec.trigger_phrase", "trigger_word", "ss_output_name")]
+    words = [w for w in dict.fromkeys(w.strip() for w in words) if w]
+    return words or tag_list[:1]
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """Format, base family, components and module counts, rank, alpha, variant, trigger words, tags: header only."""
+    path = Path(path)
+    config = {}
+    if path.is_dir():
+        if (path / peft_format.CONFIG).is_file():
+            config = json.loads((path / peft_format.CONFIG).read_text())
+        path = path / peft_format.WEIGHTS
+    header, meta = read_header(path)
+    keys = list(header)
+    shapes = {k: v["shape"] for k, v in header.items()}
+    fmt = "peft" if config else detect_format(keys, meta)
+    modules: Counter[str] = Counter()
+    ranks: Counter[int] = Counter()
+    for k in keys:
+        mod, _, param = k.partition(".") if fmt == "kohya" else (k.rsplit(".", 2)[0], "", k)
+        if any(param.endswith(r) for r in RANK_KEYS) or (fmt != "kohya" and k.endswith(RANK_KEYS)):
+            modules[_component(k, fmt) or "model"] += 1
+            ranks[int(shapes[k][0])] += 1
+    if fmt == "canonical":
+        entries = canonical.decode_metadata(meta, str(path))
+        modules = Counter({c or "model": len(e.modules) for c, e in entries.items()})
+        ranks = Counter({e.spec.rank: 1 for e in entries.values()})
+    family = file_family(shapes, meta)
+    tag_list = tags(meta)
+    alpha = meta.get("ss_network_alpha") or meta.get("alpha") or config.get("lora_alpha")
+    return {"path": str(path), "format": fmt, "base_family": family, "base": FAMILY_NAMES.get(family or "", "unknown"),
+            "variant": meta.get("variant") or (str(config.get("peft_type", "")).lower() or _variant(keys)),
+            "components": dict(modules), "modules": sum(modules.values()),
+            "rank": ranks.most_common(1)[0][0] if ranks else None, "ranks": sorted(ranks),
+            "alpha": alpha, "size": path.stat().st_size, "trigger_words": trigger_words(meta, tag_list), "tags": tag_list,
+            "metadata": {k: (v if len(v) < 200 else v[:200] + "...") for k, v in meta.items()}}
+
+
+def sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class LoraLibrary:
+    """An index of the adapter files under ``folder`` (``*.safetensors`` and PEFT folders), cached on disk."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise AdapterError(f"{self.folder}: not a folder")
+        self.cache_path = self.folder / CACHE
+
+    def _load_cache(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.cache_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def files(self) -> list[Path]:
+        out = [p for p in self.folder.rglob("*.safetensors") if not (p.parent / peft_format.CONFIG).is_file()]
+        return sorted(out + [p.parent for p in self.folder.rglob(peft_format.CONFIG)])
+
+    def scan(self) -> list[dict[str, Any]]:
+        """Every adapter's entry; files new or changed since the cache are re-read (header + sha256), others reused."""
+        old, new = self._load_cache(), {}
+        for p in self.files():
+            f = p / peft_format.WEIGHTS if p.is_dir() else p
+            rel, st = str(p.relative_to(self.folder)), f.stat()
+            stamp = [st.st_size, st.st_mtime_ns]
+            if rel in old and old[rel].get("stamp") == stamp:
+                new[rel] = old[rel]
+                continue
+            try:
+                entry = describe(p)
+            except AdapterError as e:
+                entry = {"path": str(f), "error": str(e)}
+                log.warning("%s", e)
+            entry.update({"file": rel, "stamp": stamp, "sha256": sha256(f)})
+            entry.pop("metadata", None)
+            new[rel] = entry
+        if new != old:
+            tmp = self.cache_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(new, indent=1, sort_keys=True))
+            tmp.replace(self.cache_path)
+        return list(new.values())
+
+    def find(self, text: str) -> list[dict[str, Any]]:
+        """Entries whose file name, trigger words or tags contain ``text`` (case-insensitive)."""
+        t = text.lower()
+        return [e for e in self.scan()
+                if t in e["file"].lower() or any(t in w.lower() for w in e.get("trigger_words", []) + e.get("tags", []))]
