@@ -25,7 +25,8 @@ def pipe():
 
 
 def good(pipe) -> dict[str, torch.Tensor]:
-    return {f"{Q}.lora_down.weight": torch.randn(4, 32), f"{Q}.lora_up.weight": torch.randn(32, 4), f"{Q}.alpha": torch.tensor(4.0)}
+    return {f"{Q}.lora_down.weight": torch.randn(4, 32), f"{Q}.lora_up.weight": torch.randn(32, 4),
+            f"{Q}.alpha": torch.tensor(4.0)}
 
 
 def untouched(pipe, before) -> bool:
@@ -78,7 +79,8 @@ def test_rank_mismatch_between_down_and_up_applies_nothing(tmp_path, pipe):
     t = good(pipe)
     t[f"{Q}.lora_up.weight"] = torch.randn(32, 3)
     p = write(tmp_path / "rank.safetensors", t)
-    with pytest.raises(AdapterFileError, match=rf"rank.safetensors: key '{Q}.lora_up.weight': shape \(32, 3\).*expected \(32, 4\)"):
+    with pytest.raises(AdapterFileError, match=rf"rank.safetensors: key '{Q}.lora_up.weight': shape \(32, 3\).*"
+                                               r"expected \(32, 4\)"):
         ld.load_adapter(pipe, p)
     assert untouched(pipe, before)
 

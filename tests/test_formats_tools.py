@@ -27,8 +27,8 @@ def sd15_kohya(path, rank=4):
     t = {}
     for mod, (o, i) in {Q: (320, 320), K2: (1280, 768)}.items():
         f = "lora_unet_" + mod.replace(".", "_")
-        t |= {f"{f}.lora_down.weight": torch.randn(rank, i, generator=g), f"{f}.lora_up.weight": torch.randn(o, rank, generator=g),
-              f"{f}.alpha": torch.tensor(2.0)}
+        t |= {f"{f}.lora_down.weight": torch.randn(rank, i, generator=g),
+              f"{f}.lora_up.weight": torch.randn(o, rank, generator=g), f"{f}.alpha": torch.tensor(2.0)}
     t |= {"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.randn(rank, 768, generator=g),
           "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.randn(768, rank, generator=g)}
     meta = {"ss_base_model_version": "sd_v1", "ss_network_alpha": "2", "ss_output_name": "mystyle",
@@ -41,7 +41,8 @@ def test_cli_convert_kohya_to_diffusers_and_peft_and_back(tmp_path):
     src = sd15_kohya(tmp_path / "civitai.safetensors")
     assert main([str(src), str(tmp_path / "d.safetensors"), "--to", "diffusers"]) == 0  # real SD1.5 names on meta
     d, dmeta = read_safetensors(tmp_path / "d.safetensors")
-    assert f"unet.{Q}.lora_A.weight" in d and "text_encoder.encoder.layers.0.self_attn.q_proj.lora_B.weight" in d  # transformers 5 names
+    assert f"unet.{Q}.lora_A.weight" in d
+    assert "text_encoder.encoder.layers.0.self_attn.q_proj.lora_B.weight" in d  # transformers 5 module names
     assert json.loads(dmeta["lora_adapter_metadata"])["unet.lora_alpha"] == 2.0
     convert(tmp_path / "d.safetensors", tmp_path / "k.safetensors", "kohya")
     a, b = read_safetensors(src)[0], read_safetensors(tmp_path / "k.safetensors")[0]
