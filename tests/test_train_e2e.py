@@ -182,3 +182,22 @@ def test_accelerate_launch_two_cpu_processes(sd_model, subject, tmp_path):  # no
     assert json.loads((ck / "checkpoint.json").read_text())["num_processes"] == 2
     assert (ck / "local-0.pt").is_file() and (ck / "local-1.pt").is_file()
     assert (out / "tlora.safetensors").is_file()
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(sd_model, subject, tmp_path, monkeypatch):  # noqa: F811
+    from training.objectives import DiffusionObjective
+    from training.train_tlora import TrainingError
+
+    real = DiffusionObjective.__call__
+    calls = []
+
+    def nan_at_3(self, batch):
+        calls.append(1)
+        loss = real(self, batch)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(DiffusionObjective, "__call__", nan_at_3)
+    with pytest.raises(TrainingError, match=r"step 3: the loss is nan.*last good checkpoint: .*checkpoint-2"):
+        train(tiny_config(sd_model, subject, tmp_path, max_train_steps=6, checkpointing_steps=2))
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-2"]
+    assert not (tmp_path / "tlora.safetensors").exists()

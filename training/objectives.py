@@ -113,12 +113,13 @@ class DiffusionObjective:
             out["pooled"] = torch.cat([p for _, p in texts]).to(device)
         return out
 
-    def conditioning_kwargs(self, x: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def conditioning_kwargs(self, x: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, Any]:
         if "pooled" not in x:
             return {}
         r = self.resolution  # SDXL micro-conditioning: original size, crop (0, 0), target size
-        ids = torch.tensor([[r, r, 0, 0, r, r]], device=x["text"].device, dtype=x["text"].dtype)
-        return {"added_cond_kwargs": {"text_embeds": x["pooled"], "time_ids": ids.expand(x["pooled"].shape[0], -1)}}
+        ids = torch.tensor([[r, r, 0, 0, r, r]], device=x["text"].device, dtype=dtype)
+        pooled = x["pooled"].to(dtype)
+        return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids.expand(pooled.shape[0], -1)}}
 
     def __call__(self, batch: list[Example]) -> torch.Tensor:
         device = next(self.unet.parameters()).device
@@ -128,7 +129,7 @@ class DiffusionObjective:
         target = sched.get_velocity(x["latents"], x["noise"], t) if self.prediction_type == "v_prediction" else x["noise"]
         ld.set_timestep(self.unet, t, self.T)  # T-LoRA: rank mask r(t), one per sample
         dtype = next(p for p in self.unet.parameters() if not p.requires_grad).dtype
-        pred = self.model(noisy.to(dtype), t, x["text"].to(dtype), **self.conditioning_kwargs(x)).sample.float()
+        pred = self.model(noisy.to(dtype), t, x["text"].to(dtype), **self.conditioning_kwargs(x, dtype)).sample.float()
         prior = torch.tensor([ex.prior for ex in batch], device=device)
         err = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))
         loss = err[~prior].mean()
