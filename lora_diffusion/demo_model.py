@@ -1,0 +1,134 @@
+"""The embedded default model: a small Stable Diffusion pipeline of the shapes world, shipped in ``assets/``.
+
+It is the model everything uses when none is named, so the app and the examples work offline on a
+CPU. The folder is an ordinary diffusers ``StableDiffusionPipeline`` (fp16 safetensors), built by
+``python -m training.pretrain_demo`` (see ``docs/demo_model.md``)::
+
+    >>> pipe = load_demo_pipeline()
+    >>> pipe("a red star on a blue background", num_inference_steps=20).images[0]
+
+The library never imports ``training/``: a missing or damaged folder gives :class:`DemoModelError`,
+whose message says which file is wrong and the command that rebuilds it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ENV_ASSETS = "LORA_DIFFUSION_ASSETS"
+ENV_MODEL = "LORA_DIFFUSION_DEMO_MODEL"
+DEMO_MODEL_DIRNAME = "demo-sd"
+REBUILD_HINT = ("rebuild it with `python -m training.pretrain_demo` (about 2 hours on a 2-core CPU; add --resume to "
+                "continue a stopped run), or pass the path of another Stable Diffusion pipeline folder")
+COMPONENTS = ("unet", "vae", "text_encoder")
+DEFAULT_PROMPT = "a red star on a blue background"
+
+
+class DemoModelError(FileNotFoundError):
+    """The embedded demo model is missing or damaged."""
+
+
+def assets_dir() -> Path:
+    """``$LORA_DIFFUSION_ASSETS`` or the repository's ``assets/`` folder."""
+    env = os.environ.get(ENV_ASSETS)
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "assets"
+
+
+def check_model_folder(path: str | Path) -> list[str]:
+    """Problems that would stop ``StableDiffusionPipeline.from_pretrained(path)`` (empty list: looks fine).
+    Checks the folder layout and each safetensors header; does not read the tensors."""
+    path = Path(path)
+    if not path.is_dir():
+        return [f"{path} does not exist"]
+    problems: list[str] = []
+    index = path / "model_index.json"
+    try:
+        json.loads(index.read_text())
+    except FileNotFoundError:
+        problems.append(f"{index} is missing")
+    except (OSError, ValueError) as e:
+        problems.append(f"{index} is not valid JSON ({e})")
+    for sub in ("scheduler", "tokenizer"):
+        if not (path / sub).is_dir() or not any((path / sub).iterdir()):
+            problems.append(f"{path / sub} is missing or empty")
+    for comp in COMPONENTS:
+        folder = path / comp
+        if not (folder / "config.json").is_file():
+            problems.append(f"{folder / 'config.json'} is missing")
+        weights = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+        if not weights:
+            problems.append(f"{folder} has no .safetensors weights")
+        for w in weights:
+            problem = _check_safetensors(w)
+            if problem:
+                problems.append(problem)
+    return problems
+
+
+def _check_safetensors(file: Path) -> str | None:
+    """The header parses and the data it describes fits in the file."""
+    try:
+        with open(file, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                return f"{file} is truncated"
+            n = int.from_bytes(raw, "little")
+            size = file.stat().st_size
+            if n <= 0 or 8 + n > size:
+                return f"{file} has a damaged header"
+            header = json.loads(f.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end != size:
+            return f"{file} is truncated or padded ({size} bytes, header describes {8 + n + end})"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{file} is damaged ({type(e).__name__}: {e})"
+    return None
+
+
+def default_model_path(check: bool = True) -> Path:
+    """``$LORA_DIFFUSION_DEMO_MODEL`` or ``assets/demo-sd``; with ``check``, raise :class:`DemoModelError` (saying
+    how to rebuild it) when the folder is missing or damaged."""
+    env = os.environ.get(ENV_MODEL)
+    path = Path(env) if env else assets_dir() / DEMO_MODEL_DIRNAME
+    if check:
+        problems = check_model_folder(path)
+        if problems:
+            what = "missing" if not path.exists() else "damaged"
+            raise DemoModelError(f"the embedded demo model at {path} is {what}: {'; '.join(problems[:4])}. {REBUILD_HINT}")
+    return path
+
+
+def load_demo_pipeline(path: str | Path | None = None, device: str | Any = "cpu", dtype: Any = None) -> Any:
+    """Load the demo ``StableDiffusionPipeline`` (default: :func:`default_model_path`) in ``dtype`` (default
+    float32 on CPU, float16 on CUDA), safety checker off, progress bar off."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    folder = default_model_path() if path is None else Path(path)
+    if path is not None:
+        problems = check_model_folder(folder)
+        if problems:
+            raise DemoModelError(f"the model folder {folder} is not usable: {'; '.join(problems[:4])}. {REBUILD_HINT}")
+    dev = torch.device(device)
+    if dtype is None:
+        dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype, safety_checker=None,
+                                                       requires_safety_checker=False)
+    except Exception as e:  # noqa: BLE001 - any load failure becomes one clear message
+        raise DemoModelError(f"could not load the demo model at {folder} ({type(e).__name__}: {e}). {REBUILD_HINT}") from e
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dev)
+
+
+def demo_model_info(path: str | Path | None = None) -> dict[str, Any]:
+    """The ``demo_model.json`` written next to the pipeline by the pretraining (resolution, vocabulary, metrics)."""
+    folder = default_model_path() if path is None else Path(path)
+    file = folder / "demo_model.json"
+    return json.loads(file.read_text()) if file.is_file() else {}
