@@ -7,6 +7,7 @@ from .api import (
     add_adapter,
     components,
     disable_adapters,
+    enable_gradient_checkpointing,
     get_spec,
     list_adapters,
     load_adapter,
@@ -34,7 +35,8 @@ from .inject.targets import find_targets
 __all__ = [
     "PRESETS", "AdaptedLayer", "Adapter", "AdapterError", "AdapterFileError", "AdapterSpec", "TargetError",
     "UnknownVariantError", "adapter_parameters", "adapter_state_dict", "add_adapter", "components",
-    "disable_adapters", "find_targets", "get_spec", "get_variant", "list_adapters", "load_adapter",
+    "disable_adapters", "enable_gradient_checkpointing", "find_targets", "get_spec", "get_variant",
+    "list_adapters", "load_adapter",
     "load_adapter_state_dict", "mark_trainable", "merge_adapters", "param_groups", "preset_names",
     "register_variant", "remove_adapters", "save_adapter", "set_adapters", "set_context", "set_timestep", "shared_tensors",
     "timestep", "unmerge_adapters", "variant_names",

@@ -397,6 +397,33 @@ def remove_adapters(model_or_pipeline: Any, names: Sequence[str] | None = None, 
             remove(m, here, merge=merge)
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on non-reentrant gradient checkpointing that recomputes with the context each segment saw.
+
+    Works on diffusers models (``enable_gradient_checkpointing``) and transformers models
+    (``gradient_checkpointing_enable``); exact for T-LoRA even with several forwards at different
+    timesteps before one backward. Call it after adding adapters.
+    """
+    import functools
+
+    import torch.utils.checkpoint as cp
+
+    from .core.context import checkpoint_context_fn
+
+    holders = list(_holders(model))
+    if not holders:
+        raise AdapterError(f"{type(model).__name__} has no adapters; add them before enabling checkpointing")
+    context_fn = checkpoint_context_fn(holders)
+    if hasattr(model, "enable_gradient_checkpointing"):  # diffusers ModelMixin
+        ckpt = functools.partial(cp.checkpoint, use_reentrant=False, context_fn=context_fn)
+        model.enable_gradient_checkpointing(gradient_checkpointing_func=lambda module, *args: ckpt(module.__call__, *args))
+    elif hasattr(model, "gradient_checkpointing_enable"):  # transformers PreTrainedModel
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn})
+    else:
+        raise AdapterError(f"{type(model).__name__} has no gradient-checkpointing switch (expected a diffusers or "
+                           "transformers model); wrap its blocks with torch.utils.checkpoint and checkpoint_context_fn")
+
+
 def shared_tensors(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
     """Model-level frozen tensors (VeRA projections), ``<key>__<adapter name>`` -> tensor."""
     from .core.shared import SharedStore

@@ -105,7 +105,7 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("variant", all_variants())
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_targets_and_identity_at_init(request, case, variant):
+def test_add_adapter_targets_trainable_identity(request, case, variant):
     b = setup(request, case, variant)
     base_out = forward(b)
     expected = sorted(ld.find_targets(b.model, b.spec))
@@ -114,22 +114,15 @@ def test_targets_and_identity_at_init(request, case, variant):
     assert all(isinstance(b.model.get_submodule(n), ld.AdaptedLayer) for n in names)
     if b.kind == "gpt2":  # the default preset reaches transformers' transposed Conv1D layers
         assert any(type(b.model.get_submodule(n).base_layer).__name__ == "Conv1D" for n in names)
+    # only adapter parameters are trainable, in the base model's dtype
+    trainable = {id(p) for p in b.model.parameters() if p.requires_grad}
+    adapter = {id(p) for _, p in ld.adapter_parameters(b.model)}
+    assert adapter and trainable == adapter
+    assert all(p.dtype == torch.float64 for _, p in ld.adapter_parameters(b.model))
     out = forward(b)
     assert out.dtype == base_out.dtype
     if ld.get_variant(variant).identity_init:
         assert torch.equal(out, base_out), f"output changed at init (rel err {rel_err(out, base_out):.3g})"
-
-
-@pytest.mark.parametrize("variant", all_variants())
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_only_adapter_params_trainable(request, case, variant):
-    b = setup(request, case, variant)
-    add(b)
-    trainable = {id(p) for p in b.model.parameters() if p.requires_grad}
-    adapter = {id(p) for _, p in ld.adapter_parameters(b.model)}
-    assert adapter and trainable == adapter
-    # dtype follows the base model
-    assert all(p.dtype == torch.float64 for _, p in ld.adapter_parameters(b.model))
 
 
 @pytest.mark.parametrize("variant", all_variants())

@@ -4,14 +4,22 @@ One :class:`ContextHolder` per adapted model; every adapted layer keeps a refere
 ``set_context(model, timestep=t)`` reaches all of them with one assignment.
 
 Gradient checkpointing re-runs forwards during backward, possibly after the caller has already
-changed or reset the context (a ``with`` block that exited). So while autograd runs a backward
-pass, layers read the context that the last ordinary forward saw, not the current one: the
-recomputed forward then sees what the original forward saw. Under ``torch.compile`` the context
-is read at trace time and guarded like any other Python state.
+changed or reset the context (a ``with`` block that exited). Two mechanisms keep recomputation
+right:
+
+- ``checkpoint_context_fn(holders)`` gives ``torch.utils.checkpoint`` a ``context_fn`` that snapshots
+  the context when each checkpointed segment runs and restores that snapshot while the segment is
+  recomputed: exact even when several forwards (different timesteps) precede one backward.
+  ``lora_diffusion.enable_gradient_checkpointing(model)`` installs it on diffusers/transformers models.
+- Without it (plain ``enable_gradient_checkpointing()``), layers read, during a backward pass, the
+  context the last ordinary forward saw: right for the usual one-forward-one-backward step.
+
+Under ``torch.compile`` the context is read at trace time and guarded like any other Python state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -36,10 +44,13 @@ class ContextHolder:
     def __init__(self) -> None:
         self.state = CallContext()
         self._last_forward = self.state
+        self._recompute: CallContext | None = None  # set while a checkpointed segment is recomputed
 
     def current(self) -> CallContext:
         if torch.compiler.is_compiling():
             return self.state
+        if self._recompute is not None:
+            return self._recompute
         if _in_backward():
             return self._last_forward
         self._last_forward = self.state
@@ -55,3 +66,35 @@ class ContextHolder:
 
     def restore(self, previous: CallContext) -> None:
         self.state = previous
+
+
+def checkpoint_context_fn(holders: list[ContextHolder]):
+    """A ``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``.
+
+    The first context manager runs around the original forward and snapshots every holder's
+    state; the second runs around the recomputation and makes the holders return that snapshot.
+    """
+
+    def context_fn():
+        snapshot: dict[int, CallContext] = {}
+
+        @contextlib.contextmanager
+        def forward():
+            for h in holders:
+                snapshot[id(h)] = h.state
+            yield
+
+        @contextlib.contextmanager
+        def recompute():
+            saved = [h._recompute for h in holders]
+            for h in holders:
+                h._recompute = snapshot.get(id(h), h.state)
+            try:
+                yield
+            finally:
+                for h, s in zip(holders, saved):
+                    h._recompute = s
+
+        return forward(), recompute()
+
+    return context_fn

@@ -55,7 +55,7 @@ class DoRA(Adapter):
         self.inner = cls(info, icfg, base_weight=base_weight, shared=shared)
         self.scaling = self.inner.scaling
         with torch.no_grad():
-            v = base_weight.detach().to(self.inner.dtype) + self.inner.delta_weight()
+            v = base_weight.detach().to(self.inner.dtype) + self.inner.delta_weight().to(base_weight.device)
             self.magnitude = nn.Parameter(v.flatten(1).norm(dim=1))  # (out,)
 
     @property
