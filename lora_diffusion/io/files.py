@@ -7,6 +7,7 @@ never leaves a half-written adapter where a good one was.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import tempfile
@@ -69,9 +70,18 @@ def read_safetensors(path: str | os.PathLike, check_finite: bool = True) -> tupl
         raise AdapterFileError(f"{path}: not a valid safetensors file ({e})") from None
     if check_finite:
         for k, t in tensors.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if t.is_floating_point() and not all_finite(t):
                 raise AdapterFileError(f"{path}: tensor '{k}' contains NaN or Inf values")
     return tensors, meta
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf. A NaN/Inf element makes the sum NaN/Inf, so a finite sum proves the tensor finite in one
+    cheap reduction; only a non-finite sum (bad values, or a huge sum overflowing) runs the full elementwise test.
+    (CPU ``isfinite`` on half tensors is ~10x slower than the sum.)"""
+    if math.isfinite(float(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
