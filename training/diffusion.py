@@ -107,8 +107,8 @@ def add_adapter(pipe: Any, cfg: TLoRAConfig, device: torch.device) -> nn.Module:
     pipe.vae.to(device, torch.float32)  # fp32 VAE: no fp16 NaNs (sd-scripts --no_half_vae)
     unet.to(device)
     set_attention(unet, cfg.model.attention, device)
-    if cfg.model.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+    if cfg.model.gradient_checkpointing:  # recomputation sees the timestep its forward saw
+        ld.enable_gradient_checkpointing(unet)
     return unet
 
 
