@@ -99,8 +99,8 @@ def test_sdxl_lora_on_sd15_model(tmp_path):
 
 def test_unknown_format(tmp_path, pipe):
     p = write(tmp_path / "weird.safetensors", {"model.diffusion.something": torch.zeros(2)})
-    with pytest.raises(AdapterFileError, match=r"weird.safetensors: key 'model.diffusion.something': unknown adapter format; "
-                                               r"expected kohya"):
+    with pytest.raises(AdapterFileError, match=r"weird.safetensors: key 'model.diffusion.something': unknown adapter format"
+                                               r".*expected kohya"):
         ld.load_adapter(pipe, p)
 
 

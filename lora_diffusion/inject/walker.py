@@ -75,8 +75,18 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-def build_adapters(model: nn.Module, spec: AdapterSpec, name: str, targets: dict[str, nn.Module]) -> dict[str, Adapter]:
-    """Check every target, then build every adapter; raises before touching the model."""
+# Variants whose every tensor is a persistent parameter, so a loader that fills all of them may skip the init.
+NO_INIT_OK = frozenset({"lora", "rslora", "loha", "lokr"})
+
+
+def build_adapters(model: nn.Module, spec: AdapterSpec, name: str, targets: dict[str, nn.Module],
+                   init: bool = True) -> dict[str, Adapter]:
+    """Check every target, then build every adapter; raises before touching the model.
+
+    ``init=False`` (file loaders that then copy every tensor): variants in ``NO_INIT_OK`` are built on the meta
+    device and materialised uninitialised, skipping random init of memory that is overwritten anyway.
+    """
+    skip = not init and spec.variant in NO_INIT_OK
     cls = get_variant(spec.variant)
     infos: dict[str, LayerInfo] = {n: layer_info(_base(m), n) for n, m in targets.items()}
     cfgs = module_configs(spec, cls, list(targets), name)
@@ -89,17 +99,20 @@ def build_adapters(model: nn.Module, spec: AdapterSpec, name: str, targets: dict
     for n, m in targets.items():
         w = get_base_weight(_base(m), infos[n])
         dtype = _adapter_dtype(w)
-        with _default_dtype(dtype):  # build in the final dtype: init math (norms, SVD) matches forward
-            ad = cls(infos[n], cfgs[n], base_weight=w.detach(), shared=store)
-        built[n] = ad.to(device=w.device, dtype=dtype)
+        with _default_dtype(dtype), (torch.device("meta") if skip else contextlib.nullcontext()):
+            ad = cls(infos[n], cfgs[n], base_weight=w.detach(), shared=store)  # final dtype: init math matches forward
+        built[n] = ad.to_empty(device=w.device) if skip else ad.to(device=w.device, dtype=dtype)
     if store._buffers:  # owned (and moved, and deleted) with the first layer's adapter
         next(iter(built.values())).add_module("shared", store)
     return built
 
 
 def inject(model: nn.Module, spec: AdapterSpec, name: str = "default", scale: float = 1.0,
-           module_names: list[str] | None = None) -> list[str]:
-    """Add adapter ``name`` to every target of ``spec`` (or exactly ``module_names``)."""
+           module_names: list[str] | None = None, init: bool = True) -> list[str]:
+    """Add adapter ``name`` to every target of ``spec`` (or exactly ``module_names``).
+
+    ``init=False`` is for loaders that overwrite every adapter tensor next (see ``build_adapters``).
+    """
     if not name or "." in name or "/" in name:
         raise AdapterError(f"adapter name {name!r}: expected a non-empty name without '.' or '/'")
     if name in adapter_names(model):
@@ -113,7 +126,7 @@ def inject(model: nn.Module, spec: AdapterSpec, name: str = "default", scale: fl
             raise AdapterError(f"module(s) {missing[:5]} not found in {type(model).__name__} "
                                f"(expected all {len(module_names)} modules of the adapter)")
         targets = {n: mods[n] for n in module_names}
-    built = build_adapters(model, spec, name, targets)
+    built = build_adapters(model, spec, name, targets, init)
     state = model_state(model, create=True)
     for n, ad in built.items():
         _wrap(model, n, targets[n], state.holder).add(name, ad, scale)

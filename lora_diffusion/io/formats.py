@@ -75,7 +75,8 @@ def read_bundle(src: Path, views: dict[str, ModuleView], unet_config: Any = None
     if fmt == "old-diffusers":
         raise AdapterFileError(f"{src}: key '{key}': the pre-0.14 diffusers attention-processor format is not read; "
                                "expected kohya, diffusers (lora_A/lora_B), PEFT or canonical keys")
-    raise AdapterFileError(f"{src}: key '{key}': unknown adapter format; expected kohya ('lora_unet_…', 'lora_te…'), "
+    raise AdapterFileError(f"{src}: key '{key}': unknown adapter format (not a lora-diffusion canonical file either: "
+                           f"metadata 'format' is {meta.get('format')!r}); expected kohya ('lora_unet_…', 'lora_te…'), "
                            "diffusers ('unet.….lora_A.weight'), PEFT ('base_model.model.…') or lora-diffusion canonical keys")
 
 
