@@ -244,13 +244,15 @@ class EMA:
 
 # ---------------------------------------------------------------------------------------------------- trainer
 class Pretrainer:
-    def __init__(self, arch: Arch, cfg: Train, out: Path, max_minutes: float | None, evaluator: Path | None) -> None:
+    def __init__(self, arch: Arch, cfg: Train, out: Path, max_minutes: float | None, evaluator: Path | None,
+                 device: str = "cpu") -> None:
         self.arch, self.cfg, self.out, self.t0 = arch, cfg, out, time.time()
+        self.device = torch.device(device)
         self.max_minutes = max_minutes
         self.ckpt_file = out / "checkpoint.pt"
         self.tokenizer = build_tokenizer(arch.max_length)
         torch.manual_seed(cfg.seed)
-        self.models = build_models(arch, len(self.tokenizer))
+        self.models = {k: m.to(self.device) for k, m in build_models(arch, len(self.tokenizer)).items()}
         self.stage, self.step = "vae", 0
         self.metrics: dict[str, Any] = {}
         self.vae_opt = torch.optim.AdamW(self.models["vae"].parameters(), lr=cfg.vae_lr, weight_decay=0.0)
@@ -281,7 +283,7 @@ class Pretrainer:
     def load(self) -> None:
         if not self.ckpt_file.is_file():
             raise SystemExit(f"--resume: no checkpoint at {self.ckpt_file}")
-        state = torch.load(self.ckpt_file, map_location="cpu", weights_only=False)
+        state = torch.load(self.ckpt_file, map_location="cpu", weights_only=False)  # load_state_dict moves to device
         saved = state["arch"]
         mine = asdict(self.arch)
         diff = [k for k in mine if json.dumps(saved.get(k)) != json.dumps(mine[k])]
@@ -318,6 +320,9 @@ class Pretrainer:
         self.stage, self.step = "unet", 0
         log.info("VAE taken from %s (scaling factor %.4f)", checkpoint, self.scaling_factor)
 
+    def _randn(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        return torch.randn(shape, generator=self.g).to(self.device)
+
     def out_of_time(self) -> bool:
         return self.max_minutes is not None and time.time() - self.t0 > 60 * self.max_minutes
 
@@ -334,8 +339,9 @@ class Pretrainer:
             x = pool[torch.randint(0, len(pool), (cfg.vae_batch,), generator=self.g)]
             if torch.rand((), generator=self.g) < 0.5:
                 x = x.flip(-1)
+            x = x.to(self.device)
             dist = vae.encode(x).latent_dist
-            z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=self.g)
+            z = dist.mean + dist.std * self._randn(dist.mean.shape)
             rec = vae.decode(z).sample
             rec_loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
             loss = rec_loss + cfg.vae_kl * dist.kl().mean()
@@ -366,7 +372,7 @@ class Pretrainer:
 
         vae = self.models["vae"].eval()
         scenes = sample_training_scenes(n, 777)
-        x = _to_tensor(world.render_batch(scenes, self.arch.resolution))
+        x = _to_tensor(world.render_batch(scenes, self.arch.resolution)).to(self.device)
         mean = torch.cat([vae.encode(x[i:i + 128]).latent_dist.mean for i in range(0, n, 128)])
         rec = torch.cat([vae.decode(mean[i:i + 128]).sample for i in range(0, n, 128)]).clamp(-1, 1)
         self.scaling_factor = float(1.0 / mean.std())
@@ -374,8 +380,8 @@ class Pretrainer:
                              "scaling_factor": round(self.scaling_factor, 5)}
         ev = self._evaluator()
         if ev is not None:
-            m["evaluator_on_renders"] = ev.accuracy(x, scenes)
-            m["evaluator_on_reconstructions"] = ev.accuracy(rec, scenes)
+            m["evaluator_on_renders"] = ev.accuracy(x.cpu(), scenes)
+            m["evaluator_on_reconstructions"] = ev.accuracy(rec.cpu(), scenes)
         self.metrics["vae"] = m
         log.info("VAE: %s", json.dumps(m))
 
@@ -404,9 +410,9 @@ class Pretrainer:
             n = min(1000, cfg.bank - i)
             imgs, caps, _ = world.make_dataset(n, cfg.seed * 1000 + 10 + i, "pretrain", self.arch.resolution,
                                                caption_variety=cfg.caption_variety)
-            d = vae.encode(_to_tensor(imgs)).latent_dist
-            means.append(d.mean.half())
-            stds.append(d.std.half())
+            d = vae.encode(_to_tensor(imgs).to(self.device)).latent_dist
+            means.append(d.mean.half().cpu())
+            stds.append(d.std.half().cpu())
             ids.append(self.tokenize(caps))
         data = {"n": cfg.bank, "scaling_factor": self.scaling_factor, "mean": torch.cat(means), "std": torch.cat(stds),
                 "ids": torch.cat(ids)}
@@ -437,11 +443,13 @@ class Pretrainer:
         ema_loss = None
         while self.step < cfg.unet_steps:
             idx = torch.randint(0, len(mean), (cfg.unet_batch,), generator=self.g)
-            lat = (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=self.g)) * self.scaling_factor
+            lat = (mean[idx].float().to(self.device) + std[idx].float().to(self.device) * self._randn(mean[idx].shape))
+            lat = lat * self.scaling_factor
             tok = ids[idx].clone()
             tok[torch.rand(len(idx), generator=self.g) < cfg.cond_drop] = empty
-            noise = torch.randn(lat.shape, generator=self.g)
-            t = self.sample_timesteps(len(idx))
+            tok = tok.to(self.device)
+            noise = self._randn(lat.shape)
+            t = self.sample_timesteps(len(idx)).to(self.device)
             noisy = sched.add_noise(lat, noise, t)
             target = sched.get_velocity(lat, noise, t) if self.arch.prediction_type == "v_prediction" else noise
             hidden = text(tok).last_hidden_state
@@ -483,7 +491,7 @@ class Pretrainer:
         log.info("saved the pipeline to %s", folder)
         if measure_n > 0:
             self.metrics["generation"] = measure_generation(folder, self.evaluator_path, measure_n, self.cfg.sample_steps,
-                                                            self.cfg.guidance)
+                                                            self.cfg.guidance, device=self.device)
             meta = json.loads((folder / "demo_model.json").read_text())
             meta["metrics"] = self.metrics
             (folder / "demo_model.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -492,7 +500,7 @@ class Pretrainer:
 
 @torch.no_grad()
 def measure_generation(folder: Path, evaluator: Path | None = None, n: int = 64, steps: int = 20, guidance: float = 4.0,
-                       seed: int = 4242, save_grid: bool = True) -> dict[str, Any]:
+                       seed: int = 4242, save_grid: bool = True, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Generate ``n`` images for seen and for held-out (shape, color, background) combinations with the canonical
     caption; the evaluator's accuracy on each attribute the prompt names."""
     from lora_diffusion.demo_model import load_demo_pipeline
@@ -503,16 +511,14 @@ def measure_generation(folder: Path, evaluator: Path | None = None, n: int = 64,
     except EvaluatorError as e:
         log.warning("generation not measured: %s", e)
         return {}
-    pipe = load_demo_pipeline(folder)
+    pipe = load_demo_pipeline(folder, device=device, dtype=torch.float32)
     out: dict[str, Any] = {"steps": steps, "guidance": guidance}
     for split in ("pretrain", "pretrain-heldout-combos"):
         scenes = world.sample_scenes(n, seed, split, textured=0.0)
         g = torch.Generator().manual_seed(seed)
-        images = []
-        for i in range(0, n, 32):
-            images += pipe([s.caption() for s in scenes[i:i + 32]], num_inference_steps=steps, guidance_scale=guidance,
-                           generator=g, output_type="np").images
-        arr = (np.clip(np.stack(images), 0, 1) * 255).round().astype(np.uint8)
+        images = [pipe([s.caption() for s in scenes[i:i + 32]], num_inference_steps=steps, guidance_scale=guidance,
+                       generator=g, output_type="np").images for i in range(0, n, 32)]
+        arr = (np.clip(np.concatenate(images), 0, 1) * 255).round().astype(np.uint8)
         truth = [{"shape": s.shape, "color": s.color, "background": s.background} for s in scenes]
         out[split] = {k: round(v, 4) for k, v in ev.accuracy(arr, truth).items()}
         if save_grid:
@@ -554,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--evaluator", type=Path, default=None, help="evaluator folder (default assets/evaluator)")
     p.add_argument("--measure", type=int, default=64, help="images per split for the final accuracy (0: skip)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy machine)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     _add_dataclass_flags(p, Arch)
     _add_dataclass_flags(p, Train)
     a = p.parse_args(argv)
@@ -566,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     out = a.out or Path("outputs/pretrain_demo")
     folder = a.model_dir or assets_dir() / DEMO_MODEL_DIRNAME
     out.mkdir(parents=True, exist_ok=True)
-    tr = Pretrainer(arch, cfg, out, a.max_minutes, a.evaluator)
+    tr = Pretrainer(arch, cfg, out, a.max_minutes, a.evaluator, a.device)
     if a.resume:
         tr.load()
     elif tr.ckpt_file.exists():
