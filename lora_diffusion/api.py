@@ -268,7 +268,8 @@ def _apply(bundle: Bundle, targets: dict[str, nn.Module], name: str, scale: floa
         for part in bundle.parts:
             model = targets[part.component]
             aname = f"{name}_{part.group}" if part.group else name
-            inject(model, part.spec, aname, scale, module_names=part.modules, init=False)  # every tensor is copied next
+            # every tensor is copied next (no init); inference loads keep the base's fp16/bf16 dtype
+            inject(model, part.spec, aname, scale, module_names=part.modules, init=False, follow_base_dtype=not trainable)
             added.append((model, aname))
             if part.group:  # saved together with the main adapter
                 model.__dict__.setdefault(GROUPS_ATTR, {}).setdefault(name, []).append(aname)

@@ -61,7 +61,11 @@ def module_configs(spec: AdapterSpec, cls: type[Adapter], names: list[str], adap
     return out
 
 
-def _adapter_dtype(w: torch.Tensor) -> torch.dtype:
+def _adapter_dtype(w: torch.Tensor, follow_base: bool = False) -> torch.dtype:
+    """fp32 adapters (fp64 on an fp64 base) for training; ``follow_base``: the base's own float dtype
+    (fp16/bf16 inference loads write half the memory, as diffusers/PEFT do)."""
+    if follow_base and w.is_floating_point():
+        return w.dtype
     return torch.float64 if w.dtype == torch.float64 else torch.float32
 
 
@@ -80,7 +84,7 @@ NO_INIT_OK = frozenset({"lora", "rslora", "loha", "lokr"})
 
 
 def build_adapters(model: nn.Module, spec: AdapterSpec, name: str, targets: dict[str, nn.Module],
-                   init: bool = True) -> dict[str, Adapter]:
+                   init: bool = True, follow_base_dtype: bool = False) -> dict[str, Adapter]:
     """Check every target, then build every adapter; raises before touching the model.
 
     ``init=False`` (file loaders that then copy every tensor): variants in ``NO_INIT_OK`` are built on the meta
@@ -98,17 +102,18 @@ def build_adapters(model: nn.Module, spec: AdapterSpec, name: str, targets: dict
     built = {}
     for n, m in targets.items():
         w = get_base_weight(_base(m), infos[n])
-        dtype = _adapter_dtype(w)
-        with _default_dtype(dtype), (torch.device("meta") if skip else contextlib.nullcontext()):
+        dtype = _adapter_dtype(w, follow_base_dtype)
+        init_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32  # init math in fp32 at least
+        with _default_dtype(init_dtype), (torch.device("meta") if skip else contextlib.nullcontext()):
             ad = cls(infos[n], cfgs[n], base_weight=w.detach(), shared=store)  # final dtype: init math matches forward
-        built[n] = ad.to_empty(device=w.device) if skip else ad.to(device=w.device, dtype=dtype)
+        built[n] = ad.to(dtype=dtype).to_empty(device=w.device) if skip else ad.to(device=w.device, dtype=dtype)
     if store._buffers:  # owned (and moved, and deleted) with the first layer's adapter
         next(iter(built.values())).add_module("shared", store)
     return built
 
 
 def inject(model: nn.Module, spec: AdapterSpec, name: str = "default", scale: float = 1.0,
-           module_names: list[str] | None = None, init: bool = True) -> list[str]:
+           module_names: list[str] | None = None, init: bool = True, follow_base_dtype: bool = False) -> list[str]:
     """Add adapter ``name`` to every target of ``spec`` (or exactly ``module_names``).
 
     ``init=False`` is for loaders that overwrite every adapter tensor next (see ``build_adapters``).
@@ -126,7 +131,7 @@ def inject(model: nn.Module, spec: AdapterSpec, name: str = "default", scale: fl
             raise AdapterError(f"module(s) {missing[:5]} not found in {type(model).__name__} "
                                f"(expected all {len(module_names)} modules of the adapter)")
         targets = {n: mods[n] for n in module_names}
-    built = build_adapters(model, spec, name, targets, init)
+    built = build_adapters(model, spec, name, targets, init, follow_base_dtype)
     state = model_state(model, create=True)
     for n, ad in built.items():
         _wrap(model, n, targets[n], state.holder).add(name, ad, scale)
