@@ -31,6 +31,10 @@ class AdaptedLayer(nn.Module):
         self._holder = holder
         self._original: torch.Tensor | None = None
         self._run: list[str] = []
+        if is_quantized(base_layer) and hasattr(base_layer, "support_avx512bf16_for_cpu"):
+            # bnb's CPU inference path repacks 4-bit weights in place; keep the standard layout that
+            # DoRA's norms read, so training and inference forwards stay the same function
+            base_layer.support_avx512bf16_for_cpu = False
 
     def __getattr__(self, name: str):  # weight, bias, in_features, nf, ... of the base layer
         try:

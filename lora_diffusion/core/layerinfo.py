@@ -96,4 +96,9 @@ def dequantize(w: torch.Tensor) -> torch.Tensor:
         raise TargetError(f"{type(w).__name__} weights are not supported yet; expected a bitsandbytes 4-bit (Params4bit) weight")
     import bitsandbytes.functional as bnbf
 
-    return bnbf.dequantize_4bit(w.data, w.quant_state)
+    data, state = w.data, w.quant_state
+    if getattr(state, "packing_format_for_cpu", False):  # bnb repacked it for CPU inference: undo (to ~3e-4)
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        data, state = _convert_weight_packed_for_cpu_inverse(data, state)
+    return bnbf.dequantize_4bit(data, state)
