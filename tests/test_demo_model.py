@@ -103,3 +103,13 @@ def test_pretrain_command_stops_resumes_and_exports(tmp_path):
     pipe = dm.load_demo_pipeline(tmp_path / "model")
     assert pipe.vae.config.scaling_factor == pytest.approx(info["metrics"]["vae"]["scaling_factor"], rel=1e-3)
     assert pipe("a blue circle on a white background", num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 3)
+
+
+def test_shipped_demo_model_is_complete_and_small():
+    path = dm.default_model_path(check=False)
+    if not path.exists():
+        pytest.skip("assets/demo-sd not built (python -m training.pretrain_demo)")
+    assert dm.check_model_folder(path) == []
+    assert sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) <= 20 * 2**20
+    info = dm.demo_model_info()
+    assert info["trained"] is True and info["vocabulary"] == world.vocabulary()
