@@ -27,7 +27,6 @@ from . import api
 from .core.errors import AdapterError
 
 log = logging.getLogger(__name__)
-DEMO_MODEL = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
 SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 HOOK_ATTR = "_lora_timestep_hook"
 
@@ -80,14 +79,18 @@ def _first_line(e: BaseException) -> str:
 
 
 def resolve_source(source: str | os.PathLike | None) -> str:
+    """The base model to load: ``source``, else the embedded demo model (``lora_diffusion.demo_model``)."""
     if source is not None:
         return str(source)
-    if (DEMO_MODEL / "model_index.json").is_file():
-        return str(DEMO_MODEL)
-    raise ModelLoadError(
-        f"no base model given, and the embedded demo model ({DEMO_MODEL}) is not installed yet; pass one with "
-        "--pretrained_model_name_or_path (generate: --model): a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5, "
-        "a local diffusers folder, or a single .safetensors checkpoint")
+    from .demo_model import DemoModelError, default_model_path
+
+    try:
+        return str(default_model_path())
+    except DemoModelError as e:
+        raise ModelLoadError(
+            f"no base model given, and {e} Or pass one with --pretrained_model_name_or_path (generate: --model): "
+            "a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5, a local diffusers folder, or a single "
+            ".safetensors checkpoint") from None
 
 
 def _single_file_class(path: Path) -> Any:

@@ -105,13 +105,11 @@ def test_hub_id_offline_is_one_clear_line(subject, tmp_path, no_training):  # no
 
 
 def test_no_model_and_no_demo_model(subject, tmp_path, no_training, monkeypatch):  # noqa: F811
-    import lora_diffusion.generate as gen
-
-    monkeypatch.setattr(gen, "DEMO_MODEL", tmp_path / "assets" / "demo-model")
+    monkeypatch.setenv("LORA_DIFFUSION_DEMO_MODEL", str(tmp_path / "assets" / "demo-sd"))
     cfg = tiny_config(Path("x"), subject, tmp_path / "out")
     cfg.model.pretrained_model_name_or_path = None
-    with pytest.raises(ld.AdapterError, match=r"demo model .* is not installed yet; pass one with "
-                                              r"--pretrained_model_name_or_path"):
+    with pytest.raises(ld.AdapterError, match=r"no base model given, and the embedded demo model at .* is missing.*"
+                                              r"python -m training.pretrain_demo.*pass one with --pretrained_model_name_or_path"):
         train(cfg)
 
 
