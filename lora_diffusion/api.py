@@ -67,6 +67,15 @@ def mark_trainable(model: nn.Module, names: Sequence[str]) -> None:
                     p.requires_grad_(True)
 
 
+def _set_trainable(model: nn.Module, name: str, trainable: bool) -> None:
+    """A loaded adapter is frozen for inference, or the only trainable part (``mark_trainable``)."""
+    if trainable:
+        mark_trainable(model, [name])
+        return
+    for _, p in adapter_parameters(model, name):
+        p.requires_grad_(False)
+
+
 def adapter_parameters(model: nn.Module, name: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
     for lname, layer in adapted_layers(model):
         for aname, ad in layer.adapters.items():
@@ -280,11 +289,7 @@ def _apply(bundle: Bundle, targets: dict[str, nn.Module], name: str, scale: floa
                                            f"the model; expected {tuple(expected[k].shape)}")
             load_adapter_state_dict(model, aname, part.tensors, src)
             _check_shared(model, aname, part, src)
-            if trainable:
-                mark_trainable(model, [aname])
-            else:
-                for _, p in adapter_parameters(model, aname):
-                    p.requires_grad_(False)
+            _set_trainable(model, aname, trainable)
     except BaseException:
         for model, aname in reversed(added):
             remove(model, [aname])
@@ -319,11 +324,7 @@ def _load_canonical(model_or_pipeline: Any, path: Path, loaded: tuple[dict[str, 
             done.append(model)
             sd = canonical.split_component(tensors, comp) if len(entries) > 1 or comp else tensors
             load_adapter_state_dict(model, name, sd, str(path))
-            if trainable:
-                mark_trainable(model, [name])
-            else:
-                for _, p in adapter_parameters(model, name):
-                    p.requires_grad_(False)
+            _set_trainable(model, name, trainable)
     except BaseException:
         for model in done:
             remove(model, [name])

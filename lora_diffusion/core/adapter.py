@@ -41,6 +41,7 @@ class Adapter(nn.Module):
     identity_init: ClassVar[bool] = True  # output equals the base output at init
     uses_alpha: ClassVar[bool] = True
     uses_context: ClassVar[bool] = False  # reads timestep/step from the context
+    rank_limited: ClassVar[bool] = True  # rank <= min(out, in) of the layer
     # Role of each trainable tensor, for optimizer parameter groups (LoRA+: "B" gets a higher lr).
     param_roles: ClassVar[dict[str, str]] = {}
 
@@ -61,7 +62,7 @@ class Adapter(nn.Module):
                 f"module '{cfg.module_name}': variant '{cls.variant}' does not support {info.kind} layers "
                 f"(supported: {sorted(cls.kinds)})")
         limit = min(info.out_features, info.fan_in)
-        if cfg.rank > limit:
+        if cls.rank_limited and cfg.rank > limit:
             raise TargetError(
                 f"module '{cfg.module_name}': rank {cfg.rank} is larger than the layer allows "
                 f"(expected rank <= min(out={info.out_features}, in={info.fan_in}) = {limit})")

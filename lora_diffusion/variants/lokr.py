@@ -52,6 +52,7 @@ def lokr_shapes(info: LayerInfo, cfg: ModuleConfig) -> LoKrShapes:
 @register_variant
 class LoKr(Adapter):
     variant = "lokr"
+    rank_limited = False  # r only bounds W2's factorisation; LyCORIS falls back to full factors
     paper = "https://arxiv.org/abs/2212.10650"
     param_roles = {"lokr_w1": "w1", "lokr_w1_a": "w1", "lokr_w1_b": "w1",
                    "lokr_w2": "B", "lokr_w2_a": "A", "lokr_w2_b": "B", "lokr_t2": "core"}
@@ -85,11 +86,6 @@ class LoKr(Adapter):
         else:
             self.lokr_w2_a = kaiming_uniform_(new_param(sh.b, r), gen)
             self.lokr_w2_b = torch.nn.Parameter(torch.zeros(r, sh.d * math.prod(sh.k)))
-
-    @classmethod
-    def check(cls, info: LayerInfo, cfg: ModuleConfig) -> None:
-        if info.kind not in cls.kinds:
-            super().check(info, cfg)
 
     @classmethod
     def num_params(cls, info: LayerInfo, cfg: ModuleConfig) -> int:

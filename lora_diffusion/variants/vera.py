@@ -35,6 +35,7 @@ class VeRA(Adapter):
     paper = "https://arxiv.org/abs/2310.11454"
     kinds = frozenset({"linear"})
     uses_alpha = False
+    rank_limited = False  # r sizes the shared projections, not this layer (PEFT's default r is 256)
     param_roles = {"vera_lambda_d": "d", "vera_lambda_b": "b"}
 
     @dataclass
@@ -49,11 +50,6 @@ class VeRA(Adapter):
         self._keys = projection_keys(cfg.adapter_name)
         self.vera_lambda_d = nn.Parameter(torch.full((cfg.rank,), float(cfg.options.d_initial)))
         self.vera_lambda_b = nn.Parameter(torch.zeros(info.out_features))
-
-    @classmethod
-    def check(cls, info: LayerInfo, cfg: ModuleConfig) -> None:
-        if info.kind not in cls.kinds:
-            super().check(info, cfg)
 
     @classmethod
     def num_params(cls, info: LayerInfo, cfg: ModuleConfig) -> int:
