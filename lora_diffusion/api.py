@@ -25,7 +25,7 @@ from .inject.walker import adapted_layers, adapter_names, inject, model_state, r
 from .io import canonical, formats
 from .io.bundle import FAMILY_NAMES, Bundle, Part, component_role, model_family, model_view
 from .io.detect import file_family
-from .io.files import read_safetensors, write_safetensors
+from .io.files import read_safetensors, single_thread, write_safetensors
 
 log = logging.getLogger(__name__)
 GROUPS_ATTR = "_lora_groups"  # {adapter name: [names of the further variant groups loaded with it]}
@@ -116,9 +116,14 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     return out
 
 
-def load_adapter_state_dict(model: nn.Module, name: str, sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
-    """Copy ``sd`` into adapter ``name``; every key must be used and every shape must fit."""
-    expected = adapter_state_dict(model, name)
+def load_adapter_state_dict(model: nn.Module, name: str, sd: dict[str, torch.Tensor], source: str = "state dict",
+                            assign: bool = False) -> None:
+    """Copy ``sd`` into adapter ``name``; every key must be used and every shape must fit.
+
+    ``assign`` (file loaders): a tensor of the parameter's dtype and device becomes the parameter itself
+    (no allocation, no copy, as diffusers' low_cpu_mem_usage load); others are copied.
+    """
+    expected = _adapter_tensors(model, name)
     missing = sorted(set(expected) - set(sd))
     unused = sorted(set(sd) - set(expected))
     if missing or unused:
@@ -129,9 +134,24 @@ def load_adapter_state_dict(model: nn.Module, name: str, sd: dict[str, torch.Ten
         if tuple(v.shape) != tuple(expected[k].shape):
             raise AdapterFileError(f"{source}: tensor '{k}' has shape {tuple(v.shape)}; "
                                    f"expected {tuple(expected[k].shape)}")
-    with torch.no_grad():
+    with torch.no_grad(), single_thread():
         for k, v in sd.items():
-            expected[k].copy_(v)
+            t = expected[k]
+            if assign and v.dtype == t.dtype and v.device == t.device and v.is_contiguous():
+                t.data = v
+            else:
+                t.copy_(v)
+
+
+def _adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Like ``adapter_state_dict`` but the Parameter/buffer objects themselves (keep_vars)."""
+    _require(model, name)
+    out = {}
+    for lname, layer in adapted_layers(model):
+        if name in layer.adapters:
+            for k, v in layer.adapters[name].state_dict(keep_vars=True).items():
+                out[f"{lname}.{k}"] = v
+    return out
 
 
 def save_adapter(model_or_pipeline: Any, path: str | os.PathLike, name: str = "default",
@@ -287,7 +307,7 @@ def _apply(bundle: Bundle, targets: dict[str, nn.Module], name: str, scale: floa
                 if k in expected and tuple(v.shape) != tuple(expected[k].shape):
                     raise AdapterFileError(f"{src}: key '{part.origin.get(k, k)}': shape {tuple(v.shape)} does not fit "
                                            f"the model; expected {tuple(expected[k].shape)}")
-            load_adapter_state_dict(model, aname, part.tensors, src)
+            load_adapter_state_dict(model, aname, part.tensors, src, assign=True)
             _check_shared(model, aname, part, src)
             _set_trainable(model, aname, trainable)
     except BaseException:
@@ -323,7 +343,7 @@ def _load_canonical(model_or_pipeline: Any, path: Path, loaded: tuple[dict[str, 
             inject(model, entry.spec, name, scale, module_names=entry.modules)
             done.append(model)
             sd = canonical.split_component(tensors, comp) if len(entries) > 1 or comp else tensors
-            load_adapter_state_dict(model, name, sd, str(path))
+            load_adapter_state_dict(model, name, sd, str(path), assign=True)
             _set_trainable(model, name, trainable)
     except BaseException:
         for model in done:
