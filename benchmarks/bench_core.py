@@ -15,8 +15,9 @@ How it measures (each measurement in a fresh subprocess of this script):
 
 * Step time: one timing worker builds one UNet per case (same seed, so the same weights) and runs
   the cases round-robin, one step each, rotating the order every round. Every case therefore sees
-  the same machine load (a 2-core CPU shared with other jobs is noisy); the table shows median and
-  min over the measured rounds and the median of the per-round paired ratios.
+  the same machine load (a 2-core CPU shared with other jobs is noisy). The ratios use the "quiet"
+  rounds, whose total time is within ``--quiet-slack`` of the fastest round (whole rounds are dropped,
+  so no case is favoured); median over all rounds, min and per-round paired ratios are shown too.
 * Peak memory: one worker per case. After the UNet is built the baseline is taken, then the adapter
   is added, the optimizer built and ``--mem-steps`` steps run.
   - CPU: peak RSS above the baseline (VmHWM is reset through /proc/self/clear_refs after the baseline,
@@ -84,8 +85,8 @@ def build_unet(args: argparse.Namespace):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(args.seed)  # same seed -> same weights in every case and every process
-    unet = UNet2DConditionModel(**unet_config(args.config))
-    return unet.to(device=args.device, dtype=DTYPES[args.dtype])
+    unet = UNet2DConditionModel(**unet_config(args.config)).to(args.device)
+    return unet if args.dtype == "float32" else unet.to(DTYPES[args.dtype])
 
 
 def make_inputs(args: argparse.Namespace, cross_dim: int, n_steps: int) -> dict[str, Any]:
@@ -128,6 +129,13 @@ def adapted_module_count(unet, case: str) -> int:
     import lora_diffusion as ld
 
     return sum(1 for m in unet.modules() if isinstance(m, ld.AdaptedLayer))
+
+
+def _preimport() -> None:
+    import peft  # noqa: F401
+    import peft.tuners.lora  # noqa: F401
+
+    import lora_diffusion  # noqa: F401
 
 
 class Runner:
@@ -174,18 +182,27 @@ def worker_time(args: argparse.Namespace) -> dict[str, Any]:
     cross = runners[cases[0]].unet.config.cross_attention_dim
     inputs = make_inputs(args, cross, args.warmup + args.steps)
     times: dict[str, list[float]] = {c: [] for c in cases}
-    for i in range(args.warmup + args.steps):
+    cpu: dict[str, list[float]] = {c: [] for c in cases}
+    start = time.perf_counter()
+    i = 0
+    while True:
+        done = i - args.warmup
+        if done >= args.steps and (len(quiet_rounds(times, args.quiet_slack)) >= min(args.min_quiet, done)
+                                   or time.perf_counter() - start > args.max_seconds):
+            break
         k = i % len(cases)
         for c in cases[k:] + cases[:k]:
             sync(args.device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             runners[c].step(inputs, i)
             sync(args.device)
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             if i >= args.warmup:
                 times[c].append(dt)
+                cpu[c].append(dc)
+        i += 1
     meta = {c: {"modules": r.n_modules, "trainable": r.n_trainable} for c, r in runners.items()}
-    return {"times": times, "meta": meta}
+    return {"times": times, "cpu_times": cpu, "meta": meta}
 
 
 def _rss_kib(field: str) -> int | None:
@@ -238,6 +255,7 @@ def _profiled_step_peak(runner: Runner, inputs: dict[str, Any], i: int) -> int:
 def worker_mem(args: argparse.Namespace) -> dict[str, Any]:
     case = args.cases[0]
     cuda = args.device.startswith("cuda")
+    _preimport()  # both libraries are imported before the baseline, whatever the case
     unet = build_unet(args)
     inputs = make_inputs(args, unet.config.cross_attention_dim, args.mem_steps + 1)
     model_bytes = _tensor_bytes(unet)
@@ -295,9 +313,13 @@ def worker_profile(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for e in prof.key_averages():
         rows.append({"name": e.key, "count": e.count / n, "self_cpu_ms": e.self_cpu_time_total / 1e3 / n,
-                     "cpu_ms": e.cpu_time_total / 1e3 / n})
-    rows.sort(key=lambda r: -r["self_cpu_ms"])
-    return {"case": case, "ops": rows[: args.profile_top], "total_self_cpu_ms": sum(r["self_cpu_ms"] for r in rows)}
+                     "cpu_ms": e.cpu_time_total / 1e3 / n,
+                     "self_device_ms": getattr(e, "self_device_time_total", 0) / 1e3 / n})
+    key = "self_device_ms" if args.device.startswith("cuda") else "self_cpu_ms"
+    rows.sort(key=lambda r: -r[key])
+    return {"case": case, "ops": rows[: args.profile_top], "sort": key,
+            "total_self_cpu_ms": sum(r["self_cpu_ms"] for r in rows),
+            "total_self_device_ms": sum(r["self_device_ms"] for r in rows)}
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -309,7 +331,8 @@ def common_argv(args: argparse.Namespace) -> list[str]:
             "--min-rank", str(args.min_rank or args.rank // 2), "--resolution", str(args.resolution),
             "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--mem-steps", str(args.mem_steps), "--seed", str(args.seed), "--threads", str(args.threads),
-            "--profile-steps", str(args.profile_steps), "--profile-top", str(args.profile_top)]
+            "--profile-steps", str(args.profile_steps), "--profile-top", str(args.profile_top),
+            "--quiet-slack", str(args.quiet_slack), "--min-quiet", str(args.min_quiet), "--max-seconds", str(args.max_seconds)]
 
 
 def spawn(kind: str, cases: list[str], args: argparse.Namespace) -> dict[str, Any]:
@@ -322,6 +345,12 @@ def spawn(kind: str, cases: list[str], args: argparse.Namespace) -> dict[str, An
     line = next(ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith(RESULT_TAG))
     print(f"  worker {kind:7s} {' '.join(cases):32s} {time.perf_counter() - t0:6.1f} s", flush=True)
     return json.loads(line[len(RESULT_TAG):])
+
+
+def _loadavg() -> float | None:
+    with contextlib.suppress(OSError, AttributeError):
+        return round(os.getloadavg()[0], 2)
+    return None
 
 
 def machine() -> str:
@@ -340,17 +369,32 @@ def device_name(device: str) -> str:
 
 
 def fmt_ratio(x: float, target: float) -> str:
-    return f"{x:.3f}x ({'ok' if x <= target else 'OVER'} <= {target:g}x)"
+    return f"{x:.3f}x ({'ok' if round(x, 3) <= target else 'OVER'} <= {target:g}x)"
+
+
+def quiet_rounds(times: dict[str, list[float]], slack: float) -> list[int]:
+    """Rounds whose total time (all cases) is within ``slack`` of the fastest round.
+
+    Whole rounds are kept or dropped, so no case is favoured; on a shared machine this drops the rounds
+    in which another job took the CPU (with 2 threads such a round can be 10-40x slower).
+    """
+    totals = [sum(v[i] for v in times.values()) for i in range(len(next(iter(times.values()))))]
+    best = min(totals)
+    return [i for i, t in enumerate(totals) if t <= best * slack]
 
 
 def report(args: argparse.Namespace, timing: dict[str, Any], mems: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     import diffusers
     import peft
 
-    times = timing["times"]
+    times, cpu = timing["times"], timing["cpu_times"]
     cases = list(times)
-    med = {c: statistics.median(times[c]) for c in cases}
+    quiet = quiet_rounds(times, args.quiet_slack)
+    q = {c: [times[c][i] for i in quiet] for c in cases}
+    med_all = {c: statistics.median(times[c]) for c in cases}
+    med = {c: statistics.median(q[c]) for c in cases}
     mn = {c: min(times[c]) for c in cases}
+    cmed = {c: statistics.median(cpu[c][i] for i in quiet) for c in cases}
     mem = {c: {k: statistics.median(r[k] for r in runs) for k in ("rss_peak_mib", "alloc_peak_mib", "persistent_mib")}
            for c, runs in mems.items()}
     cuda = args.device.startswith("cuda")
@@ -359,45 +403,52 @@ def report(args: argparse.Namespace, timing: dict[str, Any], mems: dict[str, lis
     print(f"UNet2DConditionModel config={args.config}, latents {args.batch}x4x{side}x{side}, {args.dtype}, "
           f"device={args.device} ({device_name(args.device)})")
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}; "
-          f"{args.steps} timed steps after {args.warmup} warm-up, cases interleaved round-robin")
-    print(f"memory: {mems[cases[0]][0]['alloc_method']}" + ("" if cuda else f"; RSS: {mems[cases[0]][0]['rss_method']}")
-          + f"; median of {args.mem_repeats} subprocess run(s) per case")
+          f"{len(times[cases[0]])} timed rounds after {args.warmup} warm-up, cases interleaved round-robin; "
+          f"{len(quiet)} quiet rounds (round total <= {args.quiet_slack:g}x the fastest round)")
+    print(f"tensor peak: {mems[cases[0]][0]['alloc_method']}"
+          + ("" if cuda else f"; peak RSS: {mems[cases[0]][0]['rss_method']}")
+          + f"; both above the baseline after the UNet is built; median of {args.mem_repeats} subprocess run(s) per case")
     print()
-    hdr = (f"| {'case':10s} | {'modules':>7s} | {'trainable':>9s} | {'step median ms':>14s} | {'step min ms':>11s} | "
-           f"{'tensor peak MiB':>15s} | {'peak RSS MiB':>12s} |")
-    print(hdr)
-    print("|" + "|".join("-" * (len(p) + 0) for p in hdr.split("|")[1:-1]) + "|")
+    cols = [("case", -10), ("modules", 7), ("trainable", 9), ("median ms, quiet", 16), ("median ms, all", 14),
+            ("min ms", 7), ("CPU ms, quiet", 13), ("tensor peak MiB", 15), ("peak RSS MiB", 12)]
+    print("| " + " | ".join(f"{n:<{-w}s}" if w < 0 else f"{n:>{w}s}" for n, w in cols) + " |")
+    print("|" + "|".join("-" * (abs(w) + 2) for _, w in cols) + "|")
     for c in cases:
-        rss = "n/a" if cuda else f"{mem[c]['rss_peak_mib']:.1f}"
-        print(f"| {c:10s} | {timing['meta'][c]['modules']:7d} | {timing['meta'][c]['trainable']:9d} | {med[c] * 1e3:14.1f} | "
-              f"{mn[c] * 1e3:11.1f} | {mem[c]['alloc_peak_mib']:15.1f} | {rss:>12s} |")
+        vals = [c, timing["meta"][c]["modules"], timing["meta"][c]["trainable"], f"{med[c] * 1e3:.1f}",
+                f"{med_all[c] * 1e3:.1f}", f"{mn[c] * 1e3:.1f}", f"{cmed[c] * 1e3:.1f}",
+                f"{mem[c]['alloc_peak_mib']:.1f}", "n/a" if cuda else f"{mem[c]['rss_peak_mib']:.1f}"]
+        print("| " + " | ".join(f"{v!s:<{-w}s}" if w < 0 else f"{v!s:>{w}s}" for v, (_, w) in zip(vals, cols)) + " |")
     print()
 
     def paired(a: str, b: str) -> float:
-        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+        return statistics.median(times[a][i] / times[b][i] for i in quiet)
 
     ratios: dict[str, dict[str, float]] = {}
     for a, b, tgt in (("ours-lora", "peft-lora", 1.0), ("ours-tlora", "ours-lora", 1.05)):
         if a not in cases or b not in cases:
             continue
-        r = {"time_median": med[a] / med[b], "time_min": mn[a] / mn[b], "time_paired": paired(a, b),
+        r = {"time_quiet_median": med[a] / med[b], "time_paired_quiet": paired(a, b), "time_min": mn[a] / mn[b],
+             "time_all_median": med_all[a] / med_all[b], "cpu_time_quiet_median": cmed[a] / cmed[b],
              "tensor_peak": mem[a]["alloc_peak_mib"] / mem[b]["alloc_peak_mib"]}
         if not cuda:
             r["rss_peak"] = mem[a]["rss_peak_mib"] / mem[b]["rss_peak_mib"]
         ratios[f"{a}/{b}"] = r
-        print(f"{a} / {b}: step time median {fmt_ratio(r['time_median'], tgt)}, min {r['time_min']:.3f}x, "
-              f"paired-median {r['time_paired']:.3f}x; tensor peak {fmt_ratio(r['tensor_peak'], 1.0 if tgt == 1.0 else tgt)}"
+        print(f"{a} / {b}: step time {fmt_ratio(r['time_quiet_median'], tgt)} [quiet median; paired "
+              f"{r['time_paired_quiet']:.3f}x, min {r['time_min']:.3f}x, all-rounds median {r['time_all_median']:.3f}x, "
+              f"CPU time {r['cpu_time_quiet_median']:.3f}x]; tensor peak {fmt_ratio(r['tensor_peak'], tgt)}"
               + ("" if cuda else f", peak RSS {r['rss_peak']:.3f}x"))
-    return {"median_s": med, "min_s": mn, "memory_mib": mem, "ratios": ratios, "meta": timing["meta"]}
+    return {"quiet_rounds": quiet, "median_quiet_s": med, "median_all_s": med_all, "min_s": mn,
+            "cpu_median_quiet_s": cmed, "memory_mib": mem, "ratios": ratios, "meta": timing["meta"]}
 
 
 def print_profiles(profiles: dict[str, dict[str, Any]]) -> None:
     for case, p in profiles.items():
-        print(f"\n== torch.profiler, {case}: top ops by self CPU time per step "
-              f"(sum of all self times {p['total_self_cpu_ms']:.1f} ms/step)")
-        print(f"{'op':48s} {'calls/step':>10s} {'self ms':>9s} {'total ms':>9s}")
+        print(f"\n== torch.profiler, {case}: top ops by {p['sort']} per step (sums of all self times: "
+              f"CPU {p['total_self_cpu_ms']:.1f} ms, device {p['total_self_device_ms']:.1f} ms)")
+        print(f"{'op':48s} {'calls/step':>10s} {'self CPU ms':>11s} {'CPU total ms':>12s} {'self device ms':>14s}")
         for r in p["ops"]:
-            print(f"{r['name'][:48]:48s} {r['count']:10.0f} {r['self_cpu_ms']:9.2f} {r['cpu_ms']:9.2f}")
+            print(f"{r['name'][:48]:48s} {r['count']:10.0f} {r['self_cpu_ms']:11.2f} {r['cpu_ms']:12.2f} "
+                  f"{r['self_device_ms']:14.2f}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -412,10 +463,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels; latents are 1/8 "
                    "(default 256 -> 32x32 latents for small, 512 for sd15)")
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--steps", type=int, default=20, help="timed steps per case")
+    p.add_argument("--steps", type=int, default=21, help="timed steps per case (a multiple of the number of cases "
+                   "gives each case each position in the round equally often)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per case first")
     p.add_argument("--mem-steps", type=int, default=3, help="steps run in each memory worker")
-    p.add_argument("--mem-repeats", type=int, default=1, help="memory subprocesses per case")
+    p.add_argument("--mem-repeats", type=int, default=2, help="memory subprocesses per case")
+    p.add_argument("--quiet-slack", type=float, default=1.25,
+                   help="a round is quiet if its total time is within this factor of the fastest round")
+    p.add_argument("--min-quiet", type=int, default=8,
+                   help="after --steps rounds, add rounds until this many are quiet or --max-seconds have passed")
+    p.add_argument("--max-seconds", type=float, default=600, help="time budget of the timing worker for extra rounds")
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -429,6 +486,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.resolution = 512 if args.config == "sd15" else 256
     if args.resolution % 8:
         p.error("--resolution must be a multiple of 8")
+    if args.steps < 1 or args.warmup < 0 or args.mem_steps < 1 or args.mem_repeats < 1:
+        p.error("--steps, --mem-steps and --mem-repeats must be >= 1, --warmup >= 0")
     return args
 
 
@@ -443,6 +502,7 @@ def main(argv: list[str] | None = None) -> None:
 
     started = datetime.datetime.now().astimezone()
     print(f"bench_core {started:%Y-%m-%d %H:%M %Z}: {' '.join(sys.argv)}", flush=True)
+    load0 = _loadavg()
     timing = spawn("time", args.cases, args)
     mems: dict[str, list[dict[str, Any]]] = {c: [] for c in args.cases}
     for rep in range(args.mem_repeats):  # interleave the cases' memory runs too
@@ -453,6 +513,9 @@ def main(argv: list[str] | None = None) -> None:
         if mems[c][0]["trainable"] != timing["meta"][c]["trainable"]:
             raise SystemExit(f"{c}: trainable parameter counts differ between workers")
     results = report(args, timing, mems)
+    results["loadavg"] = [load0, _loadavg()]
+    print(f"1-minute load average at start / end: {load0} / {results['loadavg'][1]} "
+          f"({os.cpu_count()} CPUs; a load above the CPU count means other jobs competed for the CPU)")
     if args.profile:
         print_profiles({c: spawn("profile", [c], args) for c in args.cases})
     if args.json:
