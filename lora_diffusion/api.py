@@ -120,8 +120,8 @@ def load_adapter_state_dict(model: nn.Module, name: str, sd: dict[str, torch.Ten
                             assign: bool = False) -> None:
     """Copy ``sd`` into adapter ``name``; every key must be used and every shape must fit.
 
-    ``assign`` (file loaders): a tensor of the parameter's dtype and device becomes the parameter itself
-    (no allocation, no copy, as diffusers' low_cpu_mem_usage load); others are copied.
+    ``assign`` (file loaders): a 64-byte-aligned tensor of the parameter's dtype and device becomes the
+    parameter itself (no allocation, no copy, as diffusers' low_cpu_mem_usage load); others are copied.
     """
     expected = _adapter_tensors(model, name)
     missing = sorted(set(expected) - set(sd))
@@ -137,7 +137,9 @@ def load_adapter_state_dict(model: nn.Module, name: str, sd: dict[str, torch.Ten
     with torch.no_grad(), single_thread():
         for k, v in sd.items():
             t = expected[k]
-            if assign and v.dtype == t.dtype and v.device == t.device and v.is_contiguous():
+            # 64-byte alignment: BLAS picks kernels by alignment, and a file's tensors (8-byte aligned in
+            # safetensors) would give outputs that differ in the last bit from freshly allocated ones
+            if assign and v.dtype == t.dtype and v.device == t.device and v.is_contiguous() and v.data_ptr() % 64 == 0:
                 t.data = v
             else:
                 t.copy_(v)

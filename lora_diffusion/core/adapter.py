@@ -90,6 +90,8 @@ class Adapter(nn.Module):
                        ctx: CallContext | None, scale: float | torch.Tensor) -> torch.Tensor:
         x = self.dropout(x.to(self.dtype))
         delta = self.delta_forward(x, ctx)
+        if not isinstance(scale, torch.Tensor) and scale == 1.0:  # skip an output-sized multiply
+            return base_out + delta.to(base_out.dtype)
         return base_out + (delta * scale).to(base_out.dtype)
 
     def merged_weight(self, weight: torch.Tensor, ctx: CallContext | None, scale: float) -> torch.Tensor:

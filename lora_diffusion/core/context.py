@@ -32,6 +32,8 @@ class CallContext:
     num_train_timesteps: int = 1000
     step: int | None = None  # training step, for variants with a schedule
     gates: dict[str, float | torch.Tensor] = field(default_factory=dict)  # name -> scalar or (B,)
+    # per-context memo for values every layer would recompute (T-LoRA's r(t), masks); reset on every update
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def _in_backward() -> bool:
@@ -61,7 +63,7 @@ class ContextHolder:
         previous = self.state
         if "timestep" in changes and changes["timestep"] is not None:
             changes["timestep"] = torch.as_tensor(changes["timestep"])
-        self.state = dataclasses.replace(self.state, **changes)
+        self.state = dataclasses.replace(self.state, cache={}, **changes)
         return previous
 
     def restore(self, previous: CallContext) -> None:

@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ..core.adapter import Adapter, kaiming_uniform_, new_param, normal_
 from ..core.context import CallContext
@@ -58,6 +60,18 @@ class LoRA(Adapter):
 
     def delta_forward(self, x: torch.Tensor, ctx: CallContext | None = None) -> torch.Tensor:
         return lowrank_forward(x, self.info, self.lora_A, self.lora_B) * self.scaling
+
+    def adapted_output(self, x: torch.Tensor, base_out: torch.Tensor, layer: nn.Module,
+                       ctx: CallContext | None, scale: float | torch.Tensor) -> torch.Tensor:
+        """Linear fast path: base + (s·scale)·(x Aᵀ) Bᵀ in one addmm (no output-sized multiply or add)."""
+        a = self.lora_A
+        if (self.info.kind != "linear" or isinstance(scale, torch.Tensor) or not isinstance(self.dropout, nn.Identity)
+                or not (x.dtype == a.dtype == base_out.dtype)):
+            return super().adapted_output(x, base_out, layer, ctx, scale)
+        h = F.linear(x, a)  # (..., r)
+        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t(),
+                          alpha=self.scaling * scale)
+        return out.view(base_out.shape)
 
 
 @register_variant

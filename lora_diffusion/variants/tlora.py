@@ -25,7 +25,7 @@ from torch import nn
 from ..core.adapter import Adapter, new_param, normal_
 from ..core.context import CallContext
 from ..core.errors import AdapterError
-from ..core.functional import lowrank_forward, lowrank_weight, rank_mask
+from ..core.functional import active_rank, lowrank_forward, lowrank_weight, rank_mask
 from ..core.layerinfo import LayerInfo
 from ..core.registry import register_variant
 from ..core.spec import ModuleConfig
@@ -91,15 +91,39 @@ class TLoRA(Adapter):
     def num_params(cls, info: LayerInfo, cfg: ModuleConfig) -> int:
         return cfg.rank * (info.fan_in + info.out_features) + (cfg.rank if cfg.options.ortho else 0)
 
+    def _schedule(self, ctx: CallContext) -> tuple[int, int, int, float]:
+        o = self.cfg.options
+        return self.cfg.rank, self.min_rank, o.num_train_timesteps or ctx.num_train_timesteps, o.rank_exponent
+
     def mask(self, ctx: CallContext | None) -> torch.Tensor | None:
-        """(r,) or (B, r) rank mask for the context's timestep; None (full rank) without one."""
+        """(r,) or (B, r) rank mask for the context's timestep; None (full rank) without one.
+
+        Memoised per context: all layers with the same schedule share one mask per timestep."""
         if ctx is None or ctx.timestep is None:
             return None
-        T = self.cfg.options.num_train_timesteps or ctx.num_train_timesteps
-        t = ctx.timestep.to(self.lora_A.device)
-        return rank_mask(t, self.cfg.rank, self.min_rank, T, self.cfg.options.rank_exponent).to(self.dtype)
+        key = ("mask", *self._schedule(ctx), self.lora_A.device, self.dtype)
+        m = ctx.cache.get(key)
+        if m is None:
+            m = rank_mask(ctx.timestep.to(self.lora_A.device), *self._schedule(ctx)).to(self.dtype)
+            ctx.cache[key] = m
+        return m
+
+    def active_rank(self, ctx: CallContext | None) -> int | None:
+        """r(t) as a Python int when one timestep covers the batch (memoised per context: one host read per
+        step, not per layer); None for per-sample timesteps and under torch.compile (the mask path)."""
+        if ctx is None or ctx.timestep is None:
+            return self.cfg.rank
+        if torch.compiler.is_compiling():
+            return None
+        key = ("rank", *self._schedule(ctx))
+        if key not in ctx.cache:
+            t = ctx.timestep.detach().flatten()
+            uniform = t.numel() == 1 or bool((t == t[0]).all())
+            ctx.cache[key] = active_rank(float(t[0]), *self._schedule(ctx)) if uniform else None
+        return ctx.cache[key]
 
     def _mids(self, ctx: CallContext | None, batch: int | None) -> tuple[Any, Any]:
+        """Rank-space multipliers (λ ⊙ m, λ0 ⊙ m) of the trained and frozen halves (vanilla: m, None)."""
         m = self.mask(ctx)
         if m is not None and m.dim() == 2 and batch is not None and m.shape[0] != batch:
             if bool((ctx.timestep == ctx.timestep.flatten()[0]).all()):
@@ -122,11 +146,20 @@ class TLoRA(Adapter):
         return w * self.scaling
 
     def delta_forward(self, x: torch.Tensor, ctx: CallContext | None = None) -> torch.Tensor:
+        r_t = self.active_rank(ctx)
+        if r_t is not None:  # one timestep: compute only the r(t) active components (slices, no 0/1 multiplies)
+            return self._sliced_forward(x, r_t) * self.scaling
         mid, mid0 = self._mids(ctx, x.shape[0] if x.dim() > 1 else None)
         y = lowrank_forward(x, self.info, self.lora_A, self.lora_B, mid)
         if self.cfg.options.ortho:
             y = y - lowrank_forward(x, self.info, self.lora_A0, self.lora_B0, mid0)
         return y * self.scaling
+
+    def _sliced_forward(self, x: torch.Tensor, r: int) -> torch.Tensor:
+        if not self.cfg.options.ortho:
+            return lowrank_forward(x, self.info, self.lora_A[:r], self.lora_B[:, :r])
+        y = lowrank_forward(x, self.info, self.lora_A[:r], self.lora_B[:, :r], self.lora_S[:r])
+        return y - lowrank_forward(x, self.info, self.lora_A0[:r], self.lora_B0[:, :r], self.lora_S0[:r])
 
     def extra_repr(self) -> str:
         o = self.cfg.options
