@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapter import Adapter, new_param, normal_
@@ -148,16 +149,37 @@ class TLoRA(Adapter):
     def delta_forward(self, x: torch.Tensor, ctx: CallContext | None = None) -> torch.Tensor:
         r_t = self.active_rank(ctx)
         if r_t is not None:  # one timestep: compute only the r(t) active components (slices, no 0/1 multiplies)
-            return self._sliced_forward(x, r_t) * self.scaling
-        mid, mid0 = self._mids(ctx, x.shape[0] if x.dim() > 1 else None)
-        y = lowrank_forward(x, self.info, self.lora_A, self.lora_B, mid)
-        if self.cfg.options.ortho:
-            y = y - lowrank_forward(x, self.info, self.lora_A0, self.lora_B0, mid0)
-        return y * self.scaling
+            y = self._sliced_forward(x, r_t)
+        else:
+            mid, mid0 = self._mids(ctx, x.shape[0] if x.dim() > 1 else None)
+            y = lowrank_forward(x, self.info, self.lora_A, self.lora_B, mid)
+            if self.cfg.options.ortho:
+                y = y - lowrank_forward(x, self.info, self.lora_A0, self.lora_B0, mid0)
+        return y if self.scaling == 1.0 else y * self.scaling
+
+    def adapted_output(self, x: torch.Tensor, base_out: torch.Tensor, layer: nn.Module,
+                       ctx: CallContext | None, scale: float | torch.Tensor) -> torch.Tensor:
+        """Linear fast path (one timestep, ortho): the trained-minus-frozen difference in one addmm.
+
+            B·(S⊙Ax) − B0·(S0⊙A0x) = [B, B − B0] · [h − h0; h0],  h = S⊙Ax, h0 = S0⊙A0x
+
+        At init (trained == frozen) both blocks are exact zeros, so the output is exactly the base output."""
+        r = self.active_rank(ctx) if self.info.kind == "linear" and self.cfg.options.ortho else None
+        if (r is None or isinstance(scale, torch.Tensor) or not isinstance(self.dropout, nn.Identity)
+                or not (x.dtype == self.lora_A.dtype == base_out.dtype)):
+            return super().adapted_output(x, base_out, layer, ctx, scale)
+        h = F.linear(x, self.lora_A[:r]) * self.lora_S[:r]  # (..., r)
+        h0 = F.linear(x, self.lora_A0[:r]) * self.lora_S0[:r]
+        mid = torch.cat([h - h0, h0], dim=-1).reshape(-1, 2 * r)  # (N, 2r)
+        b, b0 = self.lora_B[:, :r], self.lora_B0[:, :r]  # (out, r)
+        up = torch.cat([b, b - b0], dim=1)  # (out, 2r)
+        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), mid, up.t(), alpha=self.scaling * scale)
+        return out.view(base_out.shape)
 
     def _sliced_forward(self, x: torch.Tensor, r: int) -> torch.Tensor:
         if not self.cfg.options.ortho:
             return lowrank_forward(x, self.info, self.lora_A[:r], self.lora_B[:, :r])
+        # the frozen half is subtracted after both up-projections: exactly zero while trained == frozen
         y = lowrank_forward(x, self.info, self.lora_A[:r], self.lora_B[:, :r], self.lora_S[:r])
         return y - lowrank_forward(x, self.info, self.lora_A0[:r], self.lora_B0[:, :r], self.lora_S0[:r])
 
