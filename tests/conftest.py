@@ -10,10 +10,20 @@ import torch
 from torch import nn
 
 import lora_diffusion as ld
+from lora_diffusion.io.files import single_thread
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # Tolerances are a property of the dtype, never of the variant.
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Modules of many tiny tensor ops run faster and steadier on one intra-op thread (2 shared cores).
+
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    with single_thread():
+        yield
 
 
 def all_variants() -> list[str]:

@@ -20,9 +20,11 @@ TINY_FLAGS = ["--resolution", "16", "--vae-channels", "8,16", "--unet-channels",
               "--max-length", "16"]
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread, restored after the module
+
+
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    torch.set_num_threads(1)
     return pd.build_demo_pipeline(tmp_path_factory.mktemp("demo") / "demo-sd", TINY)
 
 
@@ -85,7 +87,6 @@ def test_library_does_not_import_training():
 
 @pytest.mark.slow
 def test_pretrain_command_stops_resumes_and_exports(tmp_path):
-    torch.set_num_threads(1)
     common = [*TINY_FLAGS, "--out", str(tmp_path / "work"), "--model-dir", str(tmp_path / "model"), "--vae-steps", "3",
               "--vae-batch", "4", "--vae-pool", "8", "--bank", "8", "--unet-steps", "4", "--unet-batch", "4",
               "--checkpoint-every", "2", "--measure", "0"]

@@ -18,9 +18,11 @@ from .test_formats_helpers import adaptable_weights, sd15_pipeline
 Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread, restored after the module
+
+
 @pytest.fixture(scope="module")
 def pipe():
-    torch.set_num_threads(1)
     return sd15_pipeline()
 
 

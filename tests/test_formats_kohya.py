@@ -41,13 +41,7 @@ from .test_formats_helpers import (
     unet_call,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one intra-op thread (conftest)
 
 
 def _sd15_file(tmp_path, alpha: float | None = 3.0, seed: int = 0):

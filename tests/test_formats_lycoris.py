@@ -22,12 +22,7 @@ from .test_formats_helpers import adaptable_weights, close, sd15_pipeline, te_ca
 kohya = pytest.importorskip("lycoris.kohya")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one intra-op thread (conftest)
 
 
 CASES = {

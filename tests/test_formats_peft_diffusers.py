@@ -15,13 +15,7 @@ from lora_diffusion.io.files import read_safetensors
 from .conftest import perturb
 from .test_formats_helpers import close, sd15_pipeline, te_call, unet_call
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one intra-op thread (conftest)
 
 
 def _llama():

@@ -13,13 +13,7 @@ from lora_diffusion import chat, llm
 
 from .test_llm_train import make_tiny_folder
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one intra-op thread (conftest)
 
 
 @pytest.fixture(scope="module")

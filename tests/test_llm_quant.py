@@ -20,12 +20,7 @@ from .test_llm_train import make_tiny_folder, tiny_model
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is a dev dependency")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one intra-op thread (conftest)
 
 
 @pytest.fixture(scope="module")

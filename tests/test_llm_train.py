@@ -23,12 +23,7 @@ RANKS = {"vera": 16}
 LRS = {"vera": 5e-2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one intra-op thread (conftest)
 
 
 def tiny_model(arch: str, dtype: torch.dtype = torch.float32, hidden: int = 32):

@@ -36,13 +36,7 @@ DTYPES = [torch.float64, torch.float32]
 DIRECTIONS = ["lycoris_to_ours", "ours_to_lycoris"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only add overhead (a lot of it on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one intra-op thread (conftest)
 
 
 class ParityNet(nn.Module):

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lora_diffusion.io.files import single_thread
+
 WORDS = ["a", "photo", "of", "sks", "dog", "cat", "in", "the", "snow", "on", "beach", "rendering"]
 
 
@@ -135,10 +137,8 @@ def subject(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def _one_thread():
     """2 shared CPU cores: one thread per test process is faster and steadier."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with single_thread():
+        yield
 
 
 def tiny_config(model: Path, images: Path, out: Path, **overrides):
