@@ -26,6 +26,18 @@ def one_thread():
         yield
 
 
+def train_losses(model: nn.Module, batch: dict, opt: torch.optim.Optimizer, steps: int) -> list[float]:
+    """``steps`` optimizer steps of a transformers model on one batch; the loss of each."""
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def all_variants() -> list[str]:
     return ld.variant_names()
 

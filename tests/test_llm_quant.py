@@ -14,7 +14,7 @@ import lora_diffusion as ld
 from lora_diffusion import llm
 from training.llm_data import char_tokenizer, collate, load_examples
 
-from .conftest import FIXTURES
+from .conftest import FIXTURES, train_losses
 from .test_llm_train import make_tiny_folder, tiny_model
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is a dev dependency")
@@ -79,13 +79,7 @@ def test_qlora_and_qdora_train_over_the_4bit_base(folder, batch, variant):
     assert {p.dtype for _, p in ld.adapter_parameters(model)} == {torch.float32}
     opt = torch.optim.AdamW(ld.param_groups(model, 1e-2))
     model.train()
-    losses = []
-    for _ in range(6):
-        loss = model(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, batch, opt, 6)
     assert losses[-1] < losses[0] - 0.05, losses
     base = {n.replace(".base_layer", ""): p for n, p in model.named_parameters() if ".adapters." not in n}
     assert all(torch.equal(base[n], t) for n, t in frozen.items())

@@ -15,7 +15,7 @@ from lora_diffusion import llm
 from training import train_llm
 from training.llm_data import char_tokenizer, collate, load_examples
 
-from .conftest import FIXTURES
+from .conftest import FIXTURES, train_losses
 
 TRAIN = FIXTURES / "llm_shout_train.jsonl"
 EVAL = FIXTURES / "llm_shout_eval.jsonl"
@@ -68,13 +68,7 @@ def test_variant_trains_saves_and_reloads(tmp_path, arch, variant, batch):
     assert len(names) == (14 if arch == "llama" else 8)  # 7 linears (llama) / c_attn, c_proj x2, c_fc (gpt2) per layer
     opt = torch.optim.AdamW(ld.param_groups(model, LRS.get(variant, 1e-2)))
     model.train()
-    losses = []
-    for _ in range(8):
-        loss = model(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, batch, opt, 8)
     assert losses[-1] < losses[0] - 0.05, losses
     model.eval()
     path = llm.save_llm_adapter(model, tmp_path / "a.safetensors")
