@@ -30,6 +30,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -323,6 +324,18 @@ class Pretrainer:
     def _randn(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
         return torch.randn(shape, generator=self.g).to(self.device)
 
+    def _after_step(self, bar: Any, postfix: Callable[[], dict[str, str]]) -> bool:
+        """Progress (postfix every 10 steps), periodic checkpoint, time limit; False: the stage must stop now."""
+        bar.update(1)
+        if self.step % 10 == 0:
+            bar.set_postfix(**postfix())
+        if self.step % self.cfg.checkpoint_every == 0:
+            self.save()
+        if self.out_of_time():
+            bar.close()
+            return False
+        return True
+
     def out_of_time(self) -> bool:
         return self.max_minutes is not None and time.time() - self.t0 > 60 * self.max_minutes
 
@@ -351,13 +364,7 @@ class Pretrainer:
             self.vae_opt.step()
             self.vae_sched.step()
             self.step += 1
-            bar.update(1)
-            if self.step % 10 == 0:
-                bar.set_postfix(rec=f"{float(rec_loss):.4f}")
-            if self.step % cfg.checkpoint_every == 0:
-                self.save()
-            if self.out_of_time():
-                bar.close()
+            if not self._after_step(bar, lambda r=rec_loss: {"rec": f"{float(r):.4f}"}):
                 return False
         bar.close()
         vae.eval()
@@ -464,13 +471,7 @@ class Pretrainer:
             self.step += 1
             li = loss.item()
             ema_loss = li if ema_loss is None else 0.98 * ema_loss + 0.02 * li
-            bar.update(1)
-            if self.step % 10 == 0:
-                bar.set_postfix(loss=f"{ema_loss:.4f}")
-            if self.step % cfg.checkpoint_every == 0:
-                self.save()
-            if self.out_of_time():
-                bar.close()
+            if not self._after_step(bar, lambda e=ema_loss: {"loss": f"{e:.4f}"}):
                 return False
         bar.close()
         self.stage, self.step = "export", 0
