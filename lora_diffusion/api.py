@@ -107,13 +107,7 @@ def param_groups(model: nn.Module, lr: float, name: str | None = None,
 # --- state dicts and files ---
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
     """``<module>.<param>`` -> tensor for adapter ``name`` (regenerable frozen tensors excluded)."""
-    _require(model, name)
-    out = {}
-    for lname, layer in adapted_layers(model):
-        if name in layer.adapters:
-            for k, v in layer.adapters[name].state_dict().items():
-                out[f"{lname}.{k}"] = v
-    return out
+    return {k: v.detach() for k, v in _adapter_tensors(model, name).items()}
 
 
 def load_adapter_state_dict(model: nn.Module, name: str, sd: dict[str, torch.Tensor], source: str = "state dict",

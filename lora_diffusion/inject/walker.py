@@ -96,8 +96,7 @@ def build_adapters(model: nn.Module, spec: AdapterSpec, name: str, targets: dict
     cfgs = module_configs(spec, cls, list(targets), name)
     for n in targets:
         cls.check(infos[n], cfgs[n])
-    first = next(iter(targets.values()))
-    store = SharedStore(get_base_weight(_base(first), infos[next(iter(targets))]).device)
+    store = SharedStore(_base(next(iter(targets.values()))).weight.device)  # no dequantizing just for a device
     cls.prepare_shared(store, name, infos, spec)
     built = {}
     for n, m in targets.items():
