@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import stat
 import struct
 
 import pytest
@@ -201,3 +203,16 @@ def test_save_is_atomic_and_keeps_the_old_file_on_failure(good_file, monkeypatch
         ld.save_adapter(model, good_file)
     assert good_file.read_bytes() == old
     assert [p.name for p in good_file.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_saved_file_has_the_usual_permissions(tmp_path):
+    """Atomic writes go through a private temporary file; the result must still be readable as a plain
+    write would leave it (0o666 minus the umask), not owner-only."""
+    model = fresh()
+    ld.add_adapter(model, ld.AdapterSpec(targets=["lin"]))
+    old = os.umask(0o022)
+    try:
+        path = ld.save_adapter(model, tmp_path / "a.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644

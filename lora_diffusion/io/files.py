@@ -102,6 +102,12 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+def _new_file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,6 +118,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
         save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _new_file_mode())  # mkstemp makes it owner-only; a plain open() would give 0o666 & ~umask
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
