@@ -28,6 +28,14 @@ REBUILD_HINT = ("rebuild it with `python -m training.pretrain_demo` (about 2 hou
                 "continue a stopped run), or pass the path of another Stable Diffusion pipeline folder")
 COMPONENTS = ("unet", "vae", "text_encoder")
 DEFAULT_PROMPT = "a red star on a blue background"
+DEMO_FORMAT = "lora-diffusion-demo-model"
+
+#: Training defaults on this model, where a run leaves them unset (``training.config.resolve_defaults``).
+#: Its small UNet draws shapes with its ResNet convolutions: adapters on attention alone (the SD/SDXL
+#: default) learned no new shape even at 10x the learning rate (concept fidelity 0-22% vs 75-88% with the
+#: convolutions, ``benchmarks/personalization.py``, docs/demo_model.md). Variants that adapt only linear
+#: layers (VeRA) keep the attention preset. The learning rate is ``lr_scale`` x the variant's default.
+TRAIN_DEFAULTS: dict[str, Any] = {"targets": "unet-full", "linear_only_targets": "unet-attn", "lr_scale": 5.0}
 
 
 class DemoModelError(FileNotFoundError):
@@ -125,6 +133,15 @@ def load_demo_pipeline(path: str | Path | None = None, device: str | Any = "cpu"
         raise DemoModelError(f"could not load the demo model at {folder} ({type(e).__name__}: {e}). {REBUILD_HINT}") from e
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(dev)
+
+
+def is_demo_model(source: str | Path | None) -> bool:
+    """Whether ``source`` (None: the default model) is a folder made by ``training.pretrain_demo``."""
+    folder = default_model_path(check=False) if source is None else Path(source)
+    try:
+        return json.loads((folder / "demo_model.json").read_text()).get("format") == DEMO_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def demo_model_info(path: str | Path | None = None) -> dict[str, Any]:

@@ -27,9 +27,34 @@ def test_official_flags_and_aliases() -> None:
 
 
 def test_tlora_defaults_follow_the_paper() -> None:
-    cfg = resolved([])
+    cfg = resolved(["--pretrained_model_name_or_path", "stabilityai/stable-diffusion-xl-base-1.0"])
     assert (cfg.adapter.variant, cfg.adapter.lora_rank, cfg.adapter.min_rank) == ("tlora", 64, 32)
     assert (cfg.optim.learning_rate, cfg.optim.max_train_steps, cfg.optim.adam_weight_decay) == (1e-4, 800, 1e-4)
+    assert cfg.adapter.targets == "unet-attn"
+
+
+@pytest.mark.parametrize("variant", ld.variant_names())
+def test_demo_model_defaults(variant: str, tmp_path) -> None:
+    """On the embedded demo model (the default, or any folder pretrain_demo made) adapters go on the convolutions
+    too, at TRAIN_DEFAULTS' learning-rate scale; linear-only variants keep the attention preset."""
+    from lora_diffusion.demo_model import DEMO_FORMAT, TRAIN_DEFAULTS
+    from training.config import VARIANT_DEFAULTS
+
+    copy = tmp_path / "my-demo"
+    copy.mkdir()
+    (copy / "demo_model.json").write_text(f'{{"format": "{DEMO_FORMAT}"}}')
+    convs = "conv2d" in ld.get_variant(variant).kinds
+    base_lr = VARIANT_DEFAULTS.get(variant, {"learning_rate": 1e-4})["learning_rate"]
+    for argv in ([], ["--pretrained_model_name_or_path", str(copy)]):
+        cfg = resolved(["--variant", variant, *argv])
+        assert cfg.adapter.targets == ("unet-full" if convs else "unet-attn")
+        assert cfg.optim.learning_rate == pytest.approx(base_lr * TRAIN_DEFAULTS["lr_scale"])
+    explicit = resolved(["--variant", variant, "--targets", "unet-attn-ff", "--learning_rate", "3e-5"])
+    assert (explicit.adapter.targets, explicit.optim.learning_rate) == ("unet-attn-ff", 3e-5)
+    other = tmp_path / "not-demo"
+    other.mkdir()
+    (other / "demo_model.json").write_text("{not json")  # damaged metadata: not taken for the demo model
+    assert resolved(["--variant", variant, "--model", str(other)]).adapter.targets == "unet-attn"
 
 
 @pytest.mark.parametrize("variant", ["lora", "dora", "loha", "lokr", "vera"])
@@ -62,7 +87,9 @@ def test_print_config_round_trips(tmp_path, capsys) -> None:
     main(["--variant", "lora", "--lora_rank", "12", "--print-config"])
     text = capsys.readouterr().out
     data = yaml.safe_load(text)
-    assert data["adapter"]["lora_rank"] == 12 and data["optim"]["learning_rate"] == 1e-4
+    assert data["adapter"]["lora_rank"] == 12
+    # no model named: the embedded demo model's defaults are what gets printed (and used)
+    assert data["optim"]["learning_rate"] == pytest.approx(5e-4) and data["adapter"]["targets"] == "unet-full"
     f = tmp_path / "printed.yaml"
     f.write_text(text)
     again = resolved(["--config", str(f)])

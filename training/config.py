@@ -1,6 +1,6 @@
 """Trainer configuration: dataclasses, CLI flags generated from them, YAML/TOML config files.
 
-Precedence: dataclass defaults < per-variant defaults < config file < command-line flags.
+Precedence: dataclass defaults < per-variant (and demo-model) defaults < config file < command-line flags.
 Every leaf field is a flag of the same name (``--lora_rank``); ``aliases`` in a field's metadata
 add the official T-LoRA / diffusers spellings (``--train_data_dir``, ``--num_train_epochs``).
 A config file may be flat (``lora_rank: 8``) or grouped by section (``adapter: {lora_rank: 8}``).
@@ -20,6 +20,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lora_diffusion.demo_model import TRAIN_DEFAULTS as DEMO_TRAIN_DEFAULTS
+from lora_diffusion.demo_model import is_demo_model
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +224,7 @@ class RunArgs:
 class ModelArgs:
     pretrained_model_name_or_path: str | None = opt(
         None, "hub id, local diffusers folder or single .safetensors checkpoint (SD1.x/2.x, SDXL); "
-        "None: the embedded demo model in assets/demo-model/", "--model")
+        "None: the embedded demo model in assets/demo-sd/", "--model")
     revision: str | None = opt(None, "hub revision")
     pretrained_vae_model_name_or_path: str | None = opt(None, "another VAE (e.g. madebyollin/sdxl-vae-fp16-fix)")
     single_file_config: str | None = opt(None, "diffusers folder or hub id holding the configs of a single-file model")
@@ -242,7 +245,8 @@ class AdapterArgs:
     sig_type: str = opt("last", "T-LoRA Ortho-LoRA init components", choices=["last", "principal", "middle"])
     trainer_type: str = opt("ortho_lora", "T-LoRA: ortho_lora (full T-LoRA) | lora (vanilla T-LoRA)",
                             choices=["ortho_lora", "lora"])
-    targets: str = opt("unet-attn", "target preset or comma-separated module patterns")
+    targets: str | None = opt(None, "target preset or comma-separated module patterns (None: unet-attn; on the "
+                              "embedded demo model unet-full, or unet-attn for linear-only variants such as VeRA)")
     lora_dropout: float = opt(0.0, "dropout on the adapter input")
     adapter_options: dict = opt({}, "extra variant options as JSON, e.g. '{\"decompose_factor\": 4}'")
 
@@ -301,14 +305,28 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
 FALLBACK_DEFAULTS: dict[str, Any] = {"lora_rank": 16, "learning_rate": 1e-4, "max_train_steps": 500}
 
 
+def default_targets(variant: str, demo: bool) -> str:
+    """``unet-attn``; on the demo model (which draws shapes with convolutions) ``unet-full`` where the variant
+    adapts Conv2d layers."""
+    import lora_diffusion as ld
+
+    if demo and "conv2d" in ld.get_variant(variant).kinds:
+        return DEMO_TRAIN_DEFAULTS["targets"]
+    return DEMO_TRAIN_DEFAULTS["linear_only_targets"] if demo else "unet-attn"
+
+
 def resolve_defaults(cfg: TLoRAConfig, variant_names: list[str]) -> TLoRAConfig:
     """Check the variant and fill the fields left to the variant's defaults (in place)."""
     a, o = cfg.adapter, cfg.optim
     if a.variant not in variant_names:
         raise ConfigError(f"--variant: unknown variant '{a.variant}'; registered variants: {variant_names}")
     d = VARIANT_DEFAULTS.get(a.variant, FALLBACK_DEFAULTS)
+    demo = is_demo_model(cfg.model.pretrained_model_name_or_path)
     a.lora_rank = d["lora_rank"] if a.lora_rank is None else a.lora_rank
-    o.learning_rate = d["learning_rate"] if o.learning_rate is None else o.learning_rate
+    if o.learning_rate is None:
+        o.learning_rate = d["learning_rate"] * (DEMO_TRAIN_DEFAULTS["lr_scale"] if demo else 1.0)
+    if a.targets is None:
+        a.targets = default_targets(a.variant, demo)
     o.max_train_steps = d["max_train_steps"] if o.max_train_steps is None else o.max_train_steps
     if a.variant == "tlora" and a.min_rank is None:
         a.min_rank = max(1, a.lora_rank // 2)
