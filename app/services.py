@@ -3,7 +3,6 @@ files, generate. The UI in ``app/ui.py`` only calls these; tests call them direc
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -14,9 +13,7 @@ from typing import Any
 import torch
 
 from lora_diffusion import AdapterError
-from lora_diffusion.generate import apply_adapters, load_pipeline, resolve_source
-
-log = logging.getLogger(__name__)
+from lora_diffusion.generate import apply_adapters, generate, load_pipeline, resolve_source
 
 #: prompts the demo model knows (docs/demo_model.md); "sks" is the placeholder a one-image adapter learns
 DEMO_EXAMPLES = ("a red star on a blue background", "a green triangle on a black background",
@@ -63,11 +60,8 @@ class GenerateService:
         self._pipe: Any = None
         self._lock = threading.Lock()  # one generation at a time: the pipeline is not re-entrant
 
-    def model_name(self, model: str | None) -> str:
-        return resolve_source(model)
-
     def _pipeline(self, req: GenerateRequest) -> Any:
-        key = (self.model_name(req.model), tuple(_stamp(a) for a in req.adapters), req.scales)
+        key = (resolve_source(req.model), tuple(_stamp(a) for a in req.adapters), req.scales)
         if key != self._key:
             self._pipe, self._key = None, None  # a failed load leaves nothing half-applied behind
             dtype = torch.float16 if self.device == "cuda" else torch.float32
@@ -87,20 +81,8 @@ class GenerateService:
                 pipe = self._pipeline(req)
             except AdapterError as e:
                 raise AppError(str(e)) from None
-            images = []
-            total = req.steps * req.num_images
-            for i in range(req.num_images):
-                def on_step(p: Any, step: int, t: Any, kw: dict, i: int = i) -> dict:
-                    if progress is not None:
-                        progress((i * req.steps + step + 1) / total, f"image {i + 1}/{req.num_images}")
-                    return kw
-
-                g = torch.Generator("cpu").manual_seed(req.seed + i)
-                out = pipe(req.prompt, negative_prompt=req.negative_prompt or None, num_inference_steps=req.steps,
-                           guidance_scale=req.guidance, generator=g, callback_on_step_end=on_step)
-                images.extend(out.images)
-        log.info("generated %d image(s) for %r on %s", len(images), req.prompt, self.device)
-        return images
+            return generate(pipe, [req.prompt], req.steps, req.guidance, req.seed, req.num_images,
+                            negative_prompt=req.negative_prompt or None, progress=progress)
 
 
 def _stamp(path: str | os.PathLike) -> tuple[str, float, int]:

@@ -94,11 +94,6 @@ def recontext_prompts(train: world.Scene, n: int, seed: int) -> list[tuple[str, 
     return [pairs[i] for i in rng.permutation(len(pairs))[:n]]
 
 
-def caption(color: str, background: str) -> str:
-    article = "an" if color[0] in "aeiou" else "a"
-    return f"{article} {color} {TOKEN} on a {background} background"
-
-
 def _train(run: Run, cfg: BenchConfig, work: Path) -> tuple[Path, dict[str, Any]]:
     """Train ``run.variant`` on the run's one image; the canonical adapter file and the settings used."""
     import lora_diffusion as ld
@@ -114,7 +109,7 @@ def _train(run: Run, cfg: BenchConfig, work: Path) -> tuple[Path, dict[str, Any]
     tc.adapter.variant = run.variant
     tc.data.instance_data_dir = str(data)
     tc.data.placeholder_token = TOKEN
-    tc.data.prompt_template = caption(scene.color, scene.background).replace(TOKEN, "{0}")
+    tc.data.prompt_template = world.caption("{0}", scene.color, scene.background)
     tc.optim.max_train_steps = cfg.steps
     tc.adapter.targets = cfg.targets
     resolve_defaults(tc, ld.variant_names())
@@ -134,16 +129,15 @@ def _train(run: Run, cfg: BenchConfig, work: Path) -> tuple[Path, dict[str, Any]
 @torch.no_grad()
 def _draw(run: Run, cfg: BenchConfig, adapter: Path | None) -> tuple[np.ndarray, list[dict[str, str]]]:
     """Images (N, H, W, 3) uint8 for the run's recontextualizing prompts, and what each prompt asked for."""
-    from lora_diffusion.generate import apply_adapters, install_timestep_hook, load_pipeline
+    from lora_diffusion.generate import apply_adapters, load_pipeline
 
     pipe = load_pipeline(cfg.model).to(cfg.device)
     pipe.set_progress_bar_config(disable=True)
     if adapter is not None:
-        apply_adapters(pipe, [adapter])
-    install_timestep_hook(pipe.unet, pipe.scheduler.config.num_train_timesteps)
+        apply_adapters(pipe, [adapter])  # also installs the hook that gives T-LoRA the timestep of each step
     pairs = recontext_prompts(training_scene(run.concept, run.seed), cfg.prompts, run.seed)
     asked = [{"shape": run.concept, "color": c, "background": b} for c, b in pairs for _ in range(cfg.images)]
-    prompts = [caption(c, b) for c, b in pairs for _ in range(cfg.images)]
+    prompts = [world.caption(TOKEN, c, b) for c, b in pairs for _ in range(cfg.images)]
     g = torch.Generator().manual_seed(1000 + run.seed)
     images = [pipe(prompts[i:i + 32], num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance, generator=g,
                    output_type="np").images for i in range(0, len(prompts), 32)]
@@ -152,13 +146,12 @@ def _draw(run: Run, cfg: BenchConfig, adapter: Path | None) -> tuple[np.ndarray,
 
 def score(preds: list[dict[str, str]], asked: list[dict[str, str]], train: world.Scene) -> dict[str, float]:
     """Fractions over the images: fidelity, alignment (color and background), both, copied."""
-    fid = [p["shape"] == a["shape"] for p, a in zip(preds, asked)]
-    ali = [p["color"] == a["color"] and p["background"] == a["background"] for p, a in zip(preds, asked)]
-    copied = [p["color"] == train.color or p["background"] == train.background for p in preds]
-    return {"fidelity": float(np.mean(fid)), "alignment": float(np.mean(ali)),
-            "color": float(np.mean([p["color"] == a["color"] for p, a in zip(preds, asked)])),
-            "background": float(np.mean([p["background"] == a["background"] for p, a in zip(preds, asked)])),
-            "both": float(np.mean([f and a for f, a in zip(fid, ali)])), "copied": float(np.mean(copied))}
+    right = {k: np.array([p[k] == a[k] for p, a in zip(preds, asked)]) for k in ("shape", "color", "background")}
+    aligned = right["color"] & right["background"]
+    copied = np.array([p["color"] == train.color or p["background"] == train.background for p in preds])
+    return {"fidelity": float(right["shape"].mean()), "alignment": float(aligned.mean()),
+            "color": float(right["color"].mean()), "background": float(right["background"].mean()),
+            "both": float((right["shape"] & aligned).mean()), "copied": float(copied.mean())}
 
 
 def run_one(run: Run, cfg: BenchConfig, threads: int | None = None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import argparse
 import functools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -179,17 +179,27 @@ def _load_vae(src: str, dtype: torch.dtype) -> Any:
 # --- generation ---
 def generate(pipe: Any, prompts: Sequence[str], steps: int = 25, guidance_scale: float = 5.0, seed: int = 0,
              num_images: int = 1, height: int | None = None, width: int | None = None,
-             negative_prompt: str | None = None) -> list[Any]:
-    """PIL images, ``num_images`` per prompt, seed ``seed + i`` for image i of each prompt."""
+             negative_prompt: str | None = None, progress: Callable[[float, str], None] | None = None) -> list[Any]:
+    """PIL images, ``num_images`` per prompt, seed ``seed + i`` for image i of each prompt. ``progress(fraction,
+    what)`` is called after every denoising step when given."""
     if getattr(pipe.unet, HOOK_ATTR, None) is None:
         install_timestep_hook(pipe.unet, pipe.scheduler.config.num_train_timesteps)
     device = pipe.unet.device
-    images = []
+    images: list[Any] = []
+    total = steps * num_images * len(prompts)
     for prompt in prompts:
         for i in range(num_images):
+            k = len(images)  # images done so far
+
+            def on_step(p: Any, step: int, t: Any, kw: dict, k: int = k) -> dict:
+                if progress is not None:
+                    progress((k * steps + step + 1) / total, f"image {k + 1}/{num_images * len(prompts)}")
+                return kw
+
             g = torch.Generator(device="cpu").manual_seed(seed + i)
             out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, generator=g, height=height,
-                       width=width, negative_prompt=negative_prompt, output_type="pil")
+                       width=width, negative_prompt=negative_prompt, output_type="pil",
+                       callback_on_step_end=on_step if progress is not None else None)
             images.extend(out.images)
     log.info("generated %d image(s) on %s", len(images), device)
     return images

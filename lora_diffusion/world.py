@@ -29,7 +29,8 @@ from PIL import Image, ImageDraw
 
 __all__ = [
     "BACKGROUNDS", "CAPTION_TEMPLATES", "COLORS", "HELDOUT_SHAPES", "HELDOUT_TEXTURES", "PLACEHOLDERS", "PRETRAIN_SHAPES",
-    "PRETRAIN_TEXTURES", "SHAPES", "SHAPE_COLORS", "SPLITS", "TEXTURES", "Scene", "WorldError", "is_heldout_combination",
+    "PRETRAIN_TEXTURES", "SHAPES", "SHAPE_COLORS", "SPLITS", "TEXTURES", "Scene", "WorldError", "caption",
+    "is_heldout_combination",
     "make_dataset", "render", "render_batch", "sample_scene", "sample_scenes", "vocabulary",
 ]
 
@@ -79,6 +80,15 @@ def vocabulary() -> list[str]:
     return words
 
 
+def caption(shape: str, color: str, background: str, texture: str = "plain", template: int | str = 0) -> str:
+    """A caption from ``CAPTION_TEMPLATES[template]`` (or a format string with the same fields); ``shape`` may
+    be any word, e.g. a placeholder such as ``sks``."""
+    fmt = CAPTION_TEMPLATES[template] if isinstance(template, int) else template
+    a = "an" if color[0] in "aeiou" else "a"
+    return fmt.format(a=a, color=color, shape=shape, background=background,
+                      texture="" if texture == "plain" else f"{texture} ")
+
+
 def _choices(kind: str, name: str, valid: Sequence[str]) -> WorldError:
     return WorldError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(valid)}")
 
@@ -119,10 +129,7 @@ class Scene:
 
     def caption(self, template: int | str = 0) -> str:
         """The caption, from ``CAPTION_TEMPLATES[template]`` or a format string with the same fields."""
-        fmt = CAPTION_TEMPLATES[template] if isinstance(template, int) else template
-        texture = "" if self.texture == "plain" else f"{self.texture} "
-        a = "an" if self.color[0] in "aeiou" else "a"
-        return fmt.format(a=a, color=self.color, shape=self.shape, background=self.background, texture=texture)
+        return caption(self.shape, self.color, self.background, self.texture, template)
 
     def labels(self) -> dict[str, int]:
         """Class indices of the attributes (what the evaluator predicts)."""
