@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+CAPTION_EXT = ".txt"
 
 
 class DataError(ValueError):
@@ -64,12 +65,32 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
 
 
 def files_digest(paths: list[Path]) -> str:
-    """Content hash of the training files (part of a checkpoint's identity)."""
+    """Content hash of the training files and their caption sidecars (part of a checkpoint's identity)."""
     h = hashlib.sha1()
     for p in paths:
         h.update(p.name.encode())
         h.update(hashlib.sha1(p.read_bytes()).digest())
+        if p.with_suffix(CAPTION_EXT).is_file():
+            h.update(hashlib.sha1(p.with_suffix(CAPTION_EXT).read_bytes()).digest())
     return h.hexdigest()[:16]
+
+
+def read_captions(images: list[Path], phrase: str) -> list[str] | None:
+    """kohya-style sidecar captions: ``<image stem>.txt`` next to every image gives that image its own caption
+    (``{0}`` in it becomes the subject phrase). None when no image has one; an error when only some do."""
+    files = [p.with_suffix(CAPTION_EXT) for p in images]
+    have = [f.is_file() for f in files]
+    if not any(have):
+        return None
+    if not all(have):
+        missing = [p.name for p, h in zip(images, have) if not h]
+        raise DataError(f"{images[0].parent}: {len(missing)} of {len(images)} images have no {CAPTION_EXT} caption "
+                        f"({missing[:5]}); give every image a caption file or none (then --prompt_template is used)")
+    caps = [f.read_text().strip().replace("{0}", phrase) for f in files]
+    empty = [f.name for f, c in zip(files, caps) if not c]
+    if empty:
+        raise DataError(f"empty caption files: {empty[:5]}")
+    return caps
 
 
 def check_single_token(tokenizer: Any, token: str) -> None:
@@ -105,11 +126,14 @@ class Example:
 
 
 class ImageSet:
-    """Images in memory plus how to cut a training view out of them."""
+    """Images in memory plus how to cut a training view out of them. With ``per_image`` prompts, prompt i is
+    image i's own caption; otherwise any prompt goes with any image."""
 
     def __init__(self, paths: list[Path], resolution: int, prompts: list[str], center_crop: bool = True,
-                 random_flip: bool = False) -> None:
-        self.paths, self.resolution, self.prompts = paths, resolution, prompts
+                 random_flip: bool = False, per_image: bool = False) -> None:
+        if per_image and len(prompts) != len(paths):
+            raise DataError(f"{len(paths)} images but {len(prompts)} captions")
+        self.paths, self.resolution, self.prompts, self.per_image = paths, resolution, prompts, per_image
         self.center_crop, self.random_flip = center_crop, random_flip
         self.images = [load_image(p, resolution) for p in paths]
 
@@ -126,7 +150,7 @@ class ImageSet:
             top = int(torch.randint(h - r + 1, (1,), generator=gen))
             left = int(torch.randint(w - r + 1, (1,), generator=gen))
         flip = bool(torch.rand((), generator=gen) < 0.5) if self.random_flip else False
-        p = int(torch.randint(len(self.prompts), (1,), generator=gen)) if len(self.prompts) > 1 else 0
+        p = i if self.per_image else int(torch.randint(len(self.prompts), (1,), generator=gen)) if len(self.prompts) > 1 else 0
         return Example(i, top, left, flip, p, prior)
 
     def pixels(self, ex: Example) -> torch.Tensor:

@@ -16,7 +16,16 @@ import lora_diffusion as ld
 from lora_diffusion.generate import _slug, generate, install_timestep_hook, load_pipeline, remove_timestep_hook
 
 from .config import ConfigError, TLoRAConfig
-from .data import DataError, ExampleSampler, ImageSet, check_single_token, expand_prompts, find_images, subject_phrase
+from .data import (
+    DataError,
+    ExampleSampler,
+    ImageSet,
+    check_single_token,
+    expand_prompts,
+    find_images,
+    read_captions,
+    subject_phrase,
+)
 from .objectives import Conditioner
 
 log = logging.getLogger(__name__)
@@ -148,15 +157,18 @@ def build_data(cfg: TLoRAConfig, pipe: Any, images: list[Path], resolution: int,
     check_single_token(pipe.tokenizer, d.placeholder_token)
     if getattr(pipe, "tokenizer_2", None) is not None:
         check_single_token(pipe.tokenizer_2, d.placeholder_token)
-    prompts = expand_prompts(d.prompt_template, subject_phrase(d.placeholder_token, d.class_name))
-    inst = ImageSet(images, resolution, prompts, d.center_crop, d.random_flip)
+    phrase = subject_phrase(d.placeholder_token, d.class_name)
+    captions = read_captions(images, phrase)  # per-image .txt captions win over the template
+    prompts = captions or expand_prompts(d.prompt_template, phrase)
+    inst = ImageSet(images, resolution, prompts, d.center_crop, d.random_flip, per_image=captions is not None)
     classes = None
     class_prompt = None
     if d.with_prior_preservation:
         class_prompt = d.class_prompt or f"a photo of {d.class_name}".strip()
         classes = ImageSet(find_images(d.class_data_dir, None, "--class_data_dir"), resolution, [class_prompt],
                            d.center_crop, d.random_flip)
-    log.info("%d training image(s) at %d px; prompts: %s", len(inst), resolution, prompts)
+    log.info("%d training image(s) at %d px; %s: %s%s", len(inst), resolution,
+             "captions (.txt)" if captions else "prompts", prompts[:4], " ..." if len(prompts) > 4 else "")
     cond = Conditioner(pipe, inst, classes, class_prompt, d.cache_latents, d.cache_text_embeddings)
     cond.warm(device)
     return ExampleSampler(inst, d.train_batch_size, cfg.run.seed * 1000 + process_index, classes), cond

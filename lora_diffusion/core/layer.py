@@ -1,6 +1,11 @@
 """AdaptedLayer: a base layer plus any number of named adapters.
 
     y = base(x) + Σ_{active, unmerged} scale_i · gate_i · Δ_i(x)      (additive adapters)
+    y = combiner(layer, x, y0 = base(x), ctx)                         (with a combiner installed)
+
+A combiner (``lora_diffusion.fusion``: gated AutoLoRA, K-LoRA, scheduled weights, ...) replaces the sum:
+it asks the layer for each adapter's own output ``y_i = adapter_output(name, x, y0, ctx)`` and decides
+how to combine them, per layer, token, channel and timestep.
 
 It replaces the target module (so adapters show in ``print(model)``) and keeps the original
 module object as ``base_layer``, which ``remove`` puts back. Merging folds adapters into the base
@@ -31,6 +36,7 @@ class AdaptedLayer(nn.Module):
         self._holder = holder
         self._original: torch.Tensor | None = None
         self._run: list[str] = []
+        self.combiner: nn.Module | None = None
         if is_quantized(base_layer) and hasattr(base_layer, "support_avx512bf16_for_cpu"):
             # bnb's CPU inference path repacks 4-bit weights in place; keep the standard layout that
             # DoRA's norms read, so training and inference forwards stay the same function
@@ -92,16 +98,33 @@ class AdaptedLayer(nn.Module):
     def _refresh(self) -> None:
         self._run = [n for n in self.active if n not in self.merged]
 
+    def set_combiner(self, combiner: nn.Module | None) -> None:
+        """Install (or, with None, remove) a module called as ``combiner(layer, x, y0, ctx)`` instead of the sum."""
+        self.combiner = combiner
+
     # --- forward ---
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if not self._run:
             return result
         ctx = self._holder.current()
+        if self.combiner is not None:
+            return self.combiner(self, x, result, ctx)
         for name in self._run:
             scale = self._scale(name, ctx, result)
             result = self.adapters[name].adapted_output(x, result, self, ctx, scale)
         return result
+
+    def adapter_output(self, name: str, x: torch.Tensor, y0: torch.Tensor, ctx: CallContext) -> torch.Tensor:
+        """Adapter ``name``'s own contribution y_i at its scale (and context gate): y0 + y_i is what it alone gives."""
+        ad = self.adapters[name]
+        scale = self._scale(name, ctx, y0)
+        if not ad.additive:
+            return ad.adapted_output(x, y0, self, ctx, scale) - y0
+        delta = ad.delta_forward(ad.dropout(x.to(ad.dtype)), ctx)
+        if not isinstance(scale, torch.Tensor) and scale == 1.0:
+            return delta.to(y0.dtype)
+        return (delta * scale).to(y0.dtype)
 
     def _scale(self, name: str, ctx: CallContext, result: torch.Tensor) -> float | torch.Tensor:
         gate = ctx.gates.get(name) if ctx.gates else None

@@ -1,0 +1,157 @@
+"""Gated fusion (AutoLoRA), learned per layer, token, channel and denoising step.
+
+Li et al., "AutoLoRA: Automatic LoRA Retrieval and Fine-Grained Gated Fusion for Text-to-Image Generation",
+arXiv 2508.02107 (gate as in DiffSynth-Studio's ``LoraMerger``):
+
+    g_i = σ( w_base ⊙ LN(y0) + w_lora ⊙ LN(y_i) + w_cross ⊙ LN(y0) ⊙ LN(y_i) + b + u · φ(t) )
+    y   = y0 + Σ_i w_out ⊙ g_i ⊙ y_i
+
+LN normalises over the output channels (per token / pixel, no affine); w_base, w_lora, w_cross, b, w_out are
+per-channel vectors of each adapted layer, shared by all LoRAs, so one gate serves any number of LoRAs and
+LoRAs it never saw. The paper's gate sees the timestep only through y0 and y_i; here it also reaches the gate
+through the per-call context: φ(t) = [sin πkp, cos πkp]_{k=1..K}, p = 1 - t/T, with a learned u per layer.
+Init: w_* = 0, b = 0, u = 0 and w_out = 2, so an untrained gate gives exactly the static sum at weight 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.context import CallContext
+from ..core.errors import AdapterError, AdapterFileError
+from ..core.layer import AdaptedLayer
+from ..io.files import read_safetensors, write_safetensors
+from .base import Combiner, Fusion, FusionMethod, fourier, per_sample, progress
+
+log = logging.getLogger(__name__)
+GATES_FORMAT = "lora-diffusion-gates"
+
+
+def _ln(y: torch.Tensor, channel_dim: int, eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm over the channel dimension (last for linear layers, 1 for convolutions), no affine."""
+    if channel_dim == -1:
+        return F.layer_norm(y, y.shape[-1:], eps=eps)
+    return F.layer_norm(y.movedim(1, -1), y.shape[1:2], eps=eps).movedim(-1, 1)
+
+
+class GateCombiner(Combiner):
+    def __init__(self, names: list[str], channels: int, channel_dim: int, time_features: int, init_out: float) -> None:
+        super().__init__(names)
+        self.channel_dim, self.time_features = channel_dim, time_features
+        self.w_base = nn.Parameter(torch.zeros(channels))
+        self.w_lora = nn.Parameter(torch.zeros(channels))
+        self.w_cross = nn.Parameter(torch.zeros(channels))
+        self.b = nn.Parameter(torch.zeros(channels))
+        self.w_out = nn.Parameter(torch.full((channels,), float(init_out)))
+        self.u = nn.Parameter(torch.zeros(2 * time_features))
+
+    def _vec(self, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        p = p.to(y.dtype)
+        return p.view(-1, *([1] * (y.dim() - 2))) if self.channel_dim == 1 else p
+
+    def gates(self, y0: torch.Tensor, ys: dict[str, torch.Tensor], ctx: CallContext) -> dict[str, torch.Tensor]:
+        """{name: g_i} (broadcastable to y_i)."""
+        n0 = _ln(y0, self.channel_dim)
+        pre0 = self._vec(self.w_base, y0) * n0 + self._vec(self.b, y0)
+        p = progress(ctx)
+        if p is not None:
+            pre0 = pre0 + per_sample(fourier(p.to(self.u.device), self.time_features) @ self.u, y0)
+        out = {}
+        for n, y in ys.items():
+            ni = _ln(y, self.channel_dim)
+            out[n] = torch.sigmoid(pre0 + self._vec(self.w_lora, y) * ni + self._vec(self.w_cross, y) * n0 * ni)
+        return out
+
+    def combine(self, layer: AdaptedLayer, y0: torch.Tensor, ys: dict[str, torch.Tensor],
+                ctx: CallContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        w_out = self._vec(self.w_out, y0)
+        weights = {n: w_out * g for n, g in self.gates(y0, ys, ctx).items()}
+        out = y0
+        for n, y in ys.items():
+            out = out + weights[n] * y
+        return out, weights
+
+
+class GatedFusion(FusionMethod):
+    name = "gated"
+    formula = ("g_i = sigmoid(w_base*LN(y0) + w_lora*LN(y_i) + w_cross*LN(y0)*LN(y_i) + b + u.phi(t)); "
+               "y = y0 + sum_i w_out*g_i*y_i")
+    paper = "https://arxiv.org/abs/2508.02107"
+    trainable = True
+
+    @dataclass
+    class Options:
+        time_features: int = 3  # K in phi(t)
+        init_out: float = 2.0  # w_out at init: 2 * sigmoid(0) = 1, the static sum
+
+    def make_combiner(self, key: str, layer: AdaptedLayer, names: list[str], roles: dict[str, str]) -> Combiner | None:
+        if not any(n in layer.adapters for n in names):
+            return None
+        dim = 1 if layer.info.kind.startswith("conv") else -1
+        return GateCombiner(names, layer.info.out_features, dim, self.options.time_features, self.options.init_out)
+
+
+# --- gate files ---
+def gate_state_dict(fusion: Fusion) -> dict[str, torch.Tensor]:
+    return {f"{k}.{p}": v.detach() for k, c in fusion.combiners.items() for p, v in c.state_dict().items()}
+
+
+def save_gates(fusion: Fusion, path: str | os.PathLike, lora_hashes: dict[str, str],
+               metadata: dict[str, str] | None = None) -> Path:
+    """Write the gates (a small safetensors file) with the sha256 of every LoRA they were trained with."""
+    if not isinstance(fusion.method, GatedFusion):
+        raise AdapterError(f"only gated fusion has gates to save, not '{fusion.method.name}'")
+    meta = {"format": GATES_FORMAT, "loras": json.dumps(lora_hashes, sort_keys=True),
+            "options": json.dumps(vars(fusion.method.options)), **(metadata or {})}
+    write_safetensors(Path(path), gate_state_dict(fusion), meta)
+    return Path(path)
+
+
+def check_gate_hashes(path: str | os.PathLike, meta: dict[str, str], lora_hashes: dict[str, str],
+                      allow_unseen: bool = False) -> None:
+    """Refuse gates trained for other LoRAs: a name whose file differs, or (unless ``allow_unseen``) a LoRA the
+    gates never saw. The message names each one."""
+    trained = json.loads(meta.get("loras", "{}"))
+    by_hash = {h: n for n, h in trained.items()}
+    changed = [n for n, h in lora_hashes.items() if n in trained and trained[n] != h and h not in by_hash]
+    unseen = [n for n, h in lora_hashes.items() if h not in by_hash and n not in changed]
+    problems = [f"'{n}' differs from the file the gates were trained with (sha256 {lora_hashes[n][:12]} vs "
+                f"{trained[n][:12]})" for n in changed]
+    if unseen and not allow_unseen:
+        problems.append(f"not trained with {[f'{n} (sha256 {lora_hashes[n][:12]})' for n in unseen]}")
+    if problems:
+        raise AdapterFileError(f"{path}: gates trained for LoRAs {sorted(trained)}; refused: " + "; ".join(problems)
+                               + " (retrain with python -m training.train_gates, or allow unseen LoRAs explicitly)")
+    if unseen:
+        log.warning("%s: gates applied to LoRAs they were not trained with: %s", path, unseen)
+
+
+def load_gates(fusion: Fusion, path: str | os.PathLike, lora_hashes: dict[str, str] | None = None,
+               allow_unseen: bool = False) -> dict[str, str]:
+    """Load gates into a gated fusion; refuses other LoRAs' gates (see ``check_gate_hashes``) and other models'
+    layers (naming the missing and unexpected keys). Returns the file's metadata."""
+    tensors, meta = read_safetensors(path)
+    if meta.get("format") != GATES_FORMAT:
+        raise AdapterFileError(f"{path}: not a gates file (metadata format={meta.get('format')!r}, expected {GATES_FORMAT!r})")
+    if lora_hashes is not None:
+        check_gate_hashes(path, meta, lora_hashes, allow_unseen)
+    expected = gate_state_dict(fusion)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise AdapterFileError(f"{path}: gates for other layers; missing {missing[:4]}, unexpected {unexpected[:4]}")
+    for k, v in tensors.items():
+        if v.shape != expected[k].shape:
+            raise AdapterFileError(f"{path}: '{k}' has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+    with torch.no_grad():
+        for k, c in fusion.combiners.items():
+            for p, t in c.state_dict(keep_vars=True).items():
+                t.copy_(tensors[f"{k}.{p}"])
+    return meta

@@ -1,0 +1,182 @@
+"""Fusion methods: the gated formula's limits (gates 1 = plain LoRA, gates 0 = base), static = diffusers
+``set_adapters`` on the same files, K-LoRA's choice on a constructed case, schedules, registry-wide behaviour."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lora_diffusion as ld
+from lora_diffusion.core.errors import AdapterError
+from lora_diffusion.fusion import FUSION_METHODS, fuse, unfuse
+from lora_diffusion.fusion.klora import gamma
+
+from .conftest import perturb
+from .test_formats_helpers import close, sd15_pipeline, unet_call
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _unet_with(n: int, seed: int = 0):
+    pipe = sd15_pipeline()
+    for i in range(n):
+        ld.add_adapter(pipe.unet, ld.AdapterSpec(rank=4, alpha=4, targets="unet-full", seed=i), f"a{i}", trainable=False)
+        perturb(pipe.unet, f"a{i}", std=0.3, seed=seed + i)
+    return pipe.unet
+
+
+def _set_gate(fusion, b: float, w_out: float = 1.0) -> None:
+    with torch.no_grad():
+        for c in fusion.combiners.values():
+            c.b.fill_(b)
+            c.w_out.fill_(w_out)
+
+
+def test_gated_one_lora_gates_one_equals_plain_lora():
+    unet = _unet_with(1)
+    ld.set_adapters(unet, ["a0"])
+    plain = unet_call(unet)
+    f = fuse(unet, ["a0"], method="gated")
+    _set_gate(f, math.inf)  # sigmoid(inf) = 1 exactly
+    assert close(unet_call(unet), plain, 1e-5)
+    f.remove()
+    assert torch.equal(unet_call(unet), plain)
+
+
+def test_gated_all_gates_zero_is_the_base_model():
+    unet = _unet_with(2)
+    ld.disable_adapters(unet)
+    base = unet_call(unet)
+    f = fuse(unet, ["a0", "a1"], method="gated")
+    _set_gate(f, -math.inf)
+    assert torch.equal(unet_call(unet), base)
+
+
+def test_untrained_gate_is_the_static_sum_at_weight_one():
+    unet = _unet_with(2)
+    fuse(unet, ["a0", "a1"], method="static")
+    static = unet_call(unet)
+    fuse(unet, ["a0", "a1"], method="gated")  # replaces the static fusion
+    assert close(unet_call(unet), static, 1e-5)
+    assert not torch.equal(static, unet_call(_unet_with(0)))
+
+
+def test_static_equals_diffusers_set_adapters_with_the_same_files(tmp_path):
+    src = sd15_pipeline()
+    for i in range(2):
+        ld.add_adapter(src.unet, ld.AdapterSpec(rank=4, alpha=2 + i, targets="unet-full", seed=i), f"l{i}")
+        perturb(src.unet, f"l{i}", std=0.2, seed=i)
+        ld.save_adapter(src, tmp_path / f"l{i}.safetensors", f"l{i}", format="diffusers")
+    ref = sd15_pipeline()
+    for i in range(2):
+        ref.load_lora_weights(str(tmp_path / f"l{i}.safetensors"), adapter_name=f"l{i}")
+    ref.set_adapters(["l0", "l1"], [0.7, 0.4])
+    ours = sd15_pipeline()
+    for i in range(2):
+        ld.load_adapter(ours, tmp_path / f"l{i}.safetensors", name=f"l{i}")
+    fuse(ours, ["l0", "l1"], method="static", weights=[0.7, 0.4])
+    expected = unet_call(ref.unet)
+    assert close(unet_call(ours.unet), expected)
+    fused = fuse(ours, ["l0", "l1"], method="static", weights=[0.7, 0.4], fuse=True)
+    assert close(unet_call(ours.unet), expected, 1e-4)
+    fused.remove()  # unfuse exactly
+    fuse(ours, ["l0", "l1"], method="static", weights=[0.7, 0.4])
+    assert close(unet_call(ours.unet), expected)
+
+
+class Two(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(3, 2, bias=False), nn.Linear(3, 2, bias=False)
+
+    def forward(self, x):
+        return torch.cat([self.l1(x), self.l2(x)], -1)
+
+
+def _set_lora(model, name, layer, a, b):
+    ad = getattr(model, layer).adapters[name]
+    with torch.no_grad():
+        ad.lora_A.copy_(torch.tensor(a))
+        ad.lora_B.copy_(torch.tensor(b))
+
+
+def test_klora_picks_per_its_formula_on_a_constructed_case():
+    """Rank 1, so k = 1 and S = max |ΔW|. Layer 1: subject ΔW twice the style's; layer 2: equal.
+    γ = mean(2, 1) = 1.5, ratios S_c/(γ S_s): 1.333 and 0.667; s(t) = 1.5 (1 - t/T) + 0.5."""
+    torch.manual_seed(0)
+    m = Two()
+    for n in ("c", "s"):
+        ld.add_adapter(m, ld.AdapterSpec(rank=1, alpha=1, targets=["l1", "l2"]), n, trainable=False)
+    _set_lora(m, "c", "l1", [[1.0, 0.0, 0.0]], [[2.0], [0.0]])  # ΔW_c,1 = 2 e11
+    _set_lora(m, "s", "l1", [[0.0, 1.0, 0.0]], [[0.0], [1.0]])  # ΔW_s,1 = e22
+    _set_lora(m, "c", "l2", [[0.0, 0.0, 1.0]], [[1.0], [0.0]])
+    _set_lora(m, "s", "l2", [[1.0, 0.0, 0.0]], [[0.0], [-1.0]])
+    x = torch.tensor([[1.0, 2.0, 3.0]])
+    with torch.no_grad():
+        base = torch.cat([m.l1.base_layer(x), m.l2.base_layer(x)], -1)
+    dc = torch.tensor([[2.0, 0.0, 3.0, 0.0]])  # subject's contribution to (l1, l2) outputs
+    ds = torch.tensor([[0.0, 2.0, 0.0, -1.0]])
+    f = fuse(m, ["c", "s"], method="klora", roles={"c": "subject", "s": "style"})
+    assert f.method.gamma == pytest.approx(1.5)
+    f.record()
+    for t, use_c in ((1000, (1, 1)), (500, (1, 0)), (0, (0, 0))):  # s = 0.5, 1.25, 2.0
+        with ld.timestep(m, t, 1000), torch.no_grad():
+            out = m(x)
+        pick = torch.tensor([[use_c[0]] * 2 + [use_c[1]] * 2], dtype=torch.float32)
+        assert torch.allclose(out, base + pick * dc + (1 - pick) * ds), t
+    st = f.stats()
+    assert st.timesteps == [1000.0, 500.0, 0.0] and st.strength[:, :, 0].tolist() == [[1, 1, 0], [1, 0, 0]]
+
+
+def test_klora_gamma_drops_outlier_ratios():
+    one = torch.ones(2, 2)
+    assert gamma([(one, one)] * 3 + [(100 * one, one)]) == pytest.approx(1.0)
+
+
+def test_scheduled_subject_early_style_late():
+    unet = _unet_with(2)
+    ld.set_adapters(unet, ["a0"])
+    only0 = unet_call(unet)
+    ld.set_adapters(unet, ["a1"])
+    only1 = unet_call(unet)
+    fuse(unet, ["a0", "a1"], method="scheduled", roles={"a0": "subject", "a1": "style"}, width=0.2)
+    with ld.timestep(unet, 999, 1000):  # p ~ 0: the subject alone
+        assert close(unet_call(unet), only0, 1e-5)
+    with ld.timestep(unet, 0, 1000):  # p = 1: the style alone
+        assert close(unet_call(unet), only1, 1e-5)
+
+
+@pytest.mark.parametrize("method", list(FUSION_METHODS))
+def test_every_method_runs_records_and_removes(method):
+    unet = _unet_with(2)
+    ld.set_adapters(unet, ["a0", "a1"])
+    plain = unet_call(unet)
+    f = fuse(unet, ["a0", "a1"], method=method)
+    f.record()
+    for t in (900, 100):
+        with ld.timestep(unet, t, 1000):
+            assert torch.isfinite(unet_call(unet)).all()
+    st = f.stats()
+    if f.combiners:
+        assert st.strength.shape == (len(f.combiners), 2, 2) and st.timesteps == [900.0, 100.0]
+        assert set(st.per_timestep()) == {"a0", "a1"}
+    unfuse(unet)
+    assert torch.equal(unet_call(unet), plain)
+
+
+def test_bad_fusion_requests_are_named():
+    unet = _unet_with(2)
+    with pytest.raises(AdapterError, match="unknown fusion method 'nope'"):
+        fuse(unet, ["a0"], method="nope")
+    with pytest.raises(AdapterError, match="unknown option.*'bogus'"):
+        fuse(unet, ["a0"], method="gated", bogus=1)
+    with pytest.raises(AdapterError, match="one subject and one style"):
+        fuse(unet, ["a0", "a1"], method="klora", roles={"a0": "subject", "a1": "subject"})
+    with pytest.raises(AdapterError, match="no adapter named"):
+        fuse(unet, ["zz"], method="static")
+    fuse(unet, ["a0", "a1"], method="klora")
+    with pytest.raises(AdapterError, match="needs the timestep"):
+        unet_call(unet)
