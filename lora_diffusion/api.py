@@ -213,8 +213,8 @@ def _export_part(model: nn.Module, role: str, aname: str, name: str, fmt: str,
     part = Part(role, spec, list(st.modules[aname]), adapter_state_dict(model, aname), group=aname[len(name) + 1:])
     if spec.variant == "tlora" or (spec.variant == "vera" and fmt != "peft"):
         if spec.variant == "tlora":
-            log.warning("T-LoRA '%s' written to %s at full rank (rank 2r, exact without a timestep); the %s format has "
-                     "no timestep mask, the canonical file keeps the schedule", aname, fmt, fmt)
+            log.warning("T-LoRA '%s' written to %s at full rank (rank min(2r, out, in), exact without a timestep); the "
+                        "%s format has no timestep mask, the canonical file keeps the schedule", aname, fmt, fmt)
         ads = {m: layer.adapters[aname] for m, layer in adapted_layers(model) if aname in layer.adapters}
         return formats.plain_lora(part, ads)
     if spec.variant == "vera":

@@ -55,17 +55,23 @@ class Adapter(nn.Module):
 
     # --- checks and formulas (classmethods: run before anything is built) ---
     @classmethod
-    def check(cls, info: LayerInfo, cfg: ModuleConfig) -> None:
-        """Raise a clear error if this variant cannot adapt this layer with this config."""
+    def check(cls, info: LayerInfo, cfg: ModuleConfig, loading: bool = False) -> None:
+        """Raise a clear error if this variant cannot adapt this layer with this config.
+
+        ``loading``: the tensors come from a file (no init). A factorisation of rank above min(out, in) is still a
+        valid ΔW, so the rank limit, which guards new adapters (parameters without capacity; T-LoRA's orthogonal
+        init has only min(out, in) directions), is not applied to variants that load without an init.
+        """
         if info.kind not in cls.kinds:
             raise TargetError(
                 f"module '{cfg.module_name}': variant '{cls.variant}' does not support {info.kind} layers "
                 f"(supported: {sorted(cls.kinds)})")
         limit = min(info.out_features, info.fan_in)
-        if cls.rank_limited and cfg.rank > limit:
+        if cls.rank_limited and cfg.rank > limit and not loading:
             raise TargetError(
-                f"module '{cfg.module_name}': rank {cfg.rank} is larger than the layer allows "
-                f"(expected rank <= min(out={info.out_features}, in={info.fan_in}) = {limit})")
+                f"module '{cfg.module_name}': rank {cfg.rank} is larger than the layer allows for a new adapter (ΔW of "
+                "a layer has rank at most min(out, in): a larger rank adds parameters but no capacity); expected rank "
+                f"<= min(out={info.out_features}, in={info.fan_in}) = {limit}")
 
     @classmethod
     def num_params(cls, info: LayerInfo, cfg: ModuleConfig) -> int:

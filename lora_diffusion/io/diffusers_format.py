@@ -13,7 +13,7 @@ import torch
 
 from ..core.errors import AdapterFileError
 from .bundle import Bundle, ModuleView, Part
-from .peft_format import lora_config, parts_from_state_dict, state_dict_from_part
+from .peft_format import bake_scale, lora_config, parts_from_state_dict, state_dict_from_part
 
 META_KEY = "lora_adapter_metadata"
 ROLES = ("text_encoder_2", "text_encoder", "unet", "transformer")
@@ -60,6 +60,7 @@ def write(parts: list[Part], views: dict[str, ModuleView]) -> tuple[dict[str, to
     for part in parts:
         if part.spec.variant == "vera":
             raise AdapterFileError("diffusers LoRA files have no VeRA form; expected lora, rslora or dora (use format='peft')")
+        part = bake_scale(part)  # alpha = rank: the same ΔW with and without lora_adapter_metadata
         prefix = f"{part.component}." if part.component else ""
         tensors.update({prefix + k: v for k, v in state_dict_from_part(part).items()})
         cfg = lora_config(part, views.get(part.component))

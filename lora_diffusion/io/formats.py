@@ -80,10 +80,27 @@ def read_bundle(src: Path, views: dict[str, ModuleView], unet_config: Any = None
                            "diffusers ('unet.….lora_A.weight'), PEFT ('base_model.model.…') or lora-diffusion canonical keys")
 
 
+def exact_rank(down: torch.Tensor, up: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) of rank r > ``limit`` = min(out, fan_in) re-factored at rank ``limit`` with the same product.
+
+    up·down has rank <= limit, so its SVD truncated to ``limit`` triplets is exact (float64, up to rounding):
+    down' = √S·Vᵀ, up' = U·√S, in the factors' conv layouts (r, in, *k) and (out, r, 1, 1).
+    """
+    if down.shape[0] <= limit:
+        return down, up
+    dw = up.flatten(1).double() @ down.flatten(1).double()  # (out, fan_in)
+    u, s, vh = torch.linalg.svd(dw, full_matrices=False)
+    root = s[:limit].sqrt()
+    d = (root[:, None] * vh[:limit]).to(down.dtype).reshape(limit, *down.shape[1:])
+    p = (u[:, :limit] * root).to(up.dtype).reshape(up.shape[0], limit, *up.shape[2:])
+    return d.contiguous(), p.contiguous()
+
+
 def plain_lora(part: Part, adapters: dict[str, Any]) -> Part:
     """T-LoRA (full rank, no timestep mask) or VeRA as an exactly equal plain LoRA, for formats without them.
 
-    T-LoRA: ΔW = s·(B diag(S) A − B0 diag(S0) A0) = s'·[B·S, −B0·S0] [A; A0] with rank 2r, alpha = s·2r.
+    T-LoRA: ΔW = s·(B diag(S) A − B0 diag(S0) A0) = s'·[B·S, −B0·S0] [A; A0], rank 2r, at most min(out, in)
+    (``exact_rank``: an SVD of the product when 2r exceeds it, so the file reloads on its own model), alpha = s·rank.
     VeRA: ΔW = (λb ⊙ B_s)(λd ⊙ A_s), rank r, alpha = r.
     """
     ranks, alphas, tensors = {}, {}, {}
@@ -100,6 +117,7 @@ def plain_lora(part: Part, adapters: dict[str, Any]) -> Part:
                 up, s = torch.cat([ad.lora_B * sv, -ad.lora_B0 * s0], dim=1), ad.scaling
             else:
                 down, up, s = ad.lora_A, ad.lora_B, ad.scaling
+            down, up = exact_rank(down, up, min(ad.info.out_features, ad.info.fan_in))
         r = down.shape[0]
         ranks[m], alphas[m] = r, s * r
         tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"] = down.detach().clone(), up.detach().clone()

@@ -25,7 +25,8 @@ from ..core.layerinfo import LayerInfo
 from ..core.registry import parse_options
 from ..core.spec import ModuleConfig
 from ..variants.lokr import LoKr, lokr_shapes
-from .bundle import TEXT_MODEL, Bundle, ModuleView, Part, spec_from_modules
+from .bundle import TEXT_MODEL, Bundle, ModuleView, Part, most_common, spec_from_modules
+from .peft_format import bake_scale, lora_scales
 from .sgm import to_sgm
 
 log = logging.getLogger(__name__)
@@ -289,9 +290,13 @@ def _module_scale(part: Part, module: str, names: set[str]) -> float:
 
 def write(parts: list[Part], family: str | None, unet_config: Any = None,
           views: dict[str, ModuleView] | None = None) -> dict[str, torch.Tensor]:
-    """Parts (variants lora, rslora, dora, loha, lokr) -> kohya/LyCORIS tensors; alpha = scale * rank per module."""
+    """Parts (variants lora, rslora, dora, loha, lokr) -> kohya/LyCORIS tensors. LoRA modules share the file's most
+    common alpha, the rest of a module's scale is in its ``lora_up``; LoHa/LoKr: alpha = scale * rank per module."""
     out: dict[str, torch.Tensor] = {}
+    alphas = [s * p.spec.rank_for(m) for p in parts for m, s in (lora_scales(p) or {}).items()]
+    one_alpha = most_common(alphas) if alphas else None  # the file's usual alpha; others are folded into lora_up
     for part in parts:
+        part = bake_scale(part, one_alpha)  # one alpha: diffusers' kohya converter keeps only the most common one
         inner = part.spec.options.get("inner", "lora") if part.spec.variant == "dora" else part.spec.variant
         if inner not in ("lora", "rslora", "loha", "lokr"):
             raise AdapterFileError(f"variant '{part.spec.variant}' has no kohya/LyCORIS form; expected lora, rslora, "

@@ -8,6 +8,7 @@ component. The state-dict half (``parts_from_state_dict``/``state_dict_from_part
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -121,6 +122,37 @@ def state_dict_from_part(part: Part) -> dict[str, torch.Tensor]:
     return out
 
 
+def lora_scales(part: Part) -> dict[str, float] | None:
+    """Per-module scale s (alpha/r, alpha/√r for rsLoRA) of a LoRA / rsLoRA / DoRA-over-LoRA part; None otherwise."""
+    spec = part.spec
+    inner = spec.options.get("inner", "lora") if spec.variant == "dora" else spec.variant
+    if inner not in ("lora", "rslora"):
+        return None
+    rs = spec.rslora or inner == "rslora"
+    return {m: module_alpha(spec, m) / (math.sqrt(spec.rank_for(m)) if rs else spec.rank_for(m)) for m in part.modules}
+
+
+def bake_scale(part: Part, alpha: float | None = None) -> Part:
+    """The same adapter with one ``alpha`` for every module (None: alpha = rank, scale 1), the rest of each module's
+    scale folded into ``lora_B``: ΔW = s·B·A = (alpha/r)·(s·r/alpha·B)·A. A file then means the same in loaders that
+    read per-module alphas and in those that do not (diffusers files without lora_adapter_metadata, diffusers' kohya
+    converter, which keeps only the most common alpha). LoRA, rsLoRA and DoRA over LoRA (W' = m·(W + s·BA)/‖W + s·BA‖,
+    so s·B is exact there too); other variants are returned as is."""
+    scales = lora_scales(part)
+    if scales is None:
+        return part
+    spec, tensors = part.spec, dict(part.tensors)
+    for m, s in scales.items():
+        r = spec.rank_for(m)
+        f = s * r / (r if alpha is None else alpha)
+        key = f"{m}.inner.lora_B" if spec.variant == "dora" else f"{m}.lora_B"
+        tensors[key] = tensors[key] * f if f != 1.0 else tensors[key]
+    variant = "lora" if spec.variant == "rslora" else spec.variant
+    options = {**spec.options, "inner": "lora"} if spec.variant == "dora" else spec.options
+    baked = dataclasses.replace(spec, variant=variant, alpha=alpha, alpha_pattern={}, rslora=False, options=options)
+    return dataclasses.replace(part, spec=baked, tensors=tensors)
+
+
 def lora_config(part: Part, views: ModuleView | None = None) -> dict[str, Any]:
     """The LoraConfig/VeraConfig fields that reproduce the part's per-module ranks and alphas."""
     spec, mods = part.spec, sorted(part.modules)
@@ -147,14 +179,14 @@ def read_folder(folder: Path, views: dict[str, ModuleView], src: str | None = No
         raise AdapterFileError(f"{src}: no {CONFIG} here or in a component sub-folder; expected a PEFT adapter folder")
     parts, meta = [], {}
     for role, sub in subs.items():
-        role = role if role else (next(iter(views)) if len(views) == 1 else "")
-        if role not in views:
-            raise AdapterFileError(f"{sub}: adapts component '{role}'; the target has {sorted(views)}")
         try:
             config = json.loads((sub / CONFIG).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise AdapterFileError(f"{sub / CONFIG}: not a readable JSON config ({e})") from None
         tensors, meta = read_safetensors(sub / WEIGHTS)
+        role = role if role else _role_of(tensors, views)
+        if role not in views:
+            raise AdapterFileError(f"{sub}: adapts component '{role}'; the target has {sorted(views)}")
         shared = {k.removeprefix("base_model."): tensors.pop(k) for k in list(tensors) if k.removeprefix("base_model.") in SHARED}
         bad = [k for k in tensors if not k.startswith(PREFIX)]
         if bad:
@@ -164,6 +196,15 @@ def read_folder(folder: Path, views: dict[str, ModuleView], src: str | None = No
         part.shared = shared
         parts.append(part)
     return Bundle(parts, dict(meta), "peft")
+
+
+def _role_of(tensors: dict[str, torch.Tensor], views: dict[str, ModuleView]) -> str:
+    """The component a folder without sub-folders adapts: the only one, or the one holding its modules."""
+    if len(views) == 1:
+        return next(iter(views))
+    paths = {sk[0] for k in tensors if (sk := split_key(k.removeprefix(PREFIX)))}
+    fits = [r for r, v in views.items() if paths and all(find_module(p, v) for p in paths)]
+    return fits[0] if len(fits) == 1 else ""
 
 
 def write_folder(folder: Path, parts: list[Part], views: dict[str, ModuleView], meta: dict[str, str],

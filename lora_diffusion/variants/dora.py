@@ -63,9 +63,9 @@ class DoRA(Adapter):
         return {f"inner.{k}": v for k, v in self.inner.param_roles.items()} | {"magnitude": "magnitude"}
 
     @classmethod
-    def check(cls, info: LayerInfo, cfg: ModuleConfig) -> None:
+    def check(cls, info: LayerInfo, cfg: ModuleConfig, loading: bool = False) -> None:
         inner_cls, icfg = _inner(cfg)
-        inner_cls.check(info, icfg)
+        inner_cls.check(info, icfg, loading)
 
     @classmethod
     def num_params(cls, info: LayerInfo, cfg: ModuleConfig) -> int:

@@ -1,0 +1,165 @@
+"""Our exports mean the same in every loader: each registered variant, exported to each external format, read by
+our loader, by diffusers (with and without the file's metadata), by PEFT, and by a reimplementation of the rule
+ComfyUI and A1111 apply to a LoRA file (W + (alpha/r)·up·down, scale 1 without an alpha key), gives the output of
+the in-memory adapter. T-LoRA and VeRA exports whose full rank exceeds a layer's min(out, in) reload on their own model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import lora_diffusion as ld
+from lora_diffusion.core.registry import variant_names
+from lora_diffusion.io.files import read_safetensors, write_safetensors
+
+from .conftest import perturb
+from .test_formats_helpers import adaptable_weights, close, max_rel_diff, sd15_pipeline, te_call, unet_call
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one intra-op thread (conftest)
+
+FORMATS = ("kohya", "diffusers", "peft")
+NO_FORM = {("loha", "diffusers"), ("lokr", "diffusers"), ("loha", "peft"), ("lokr", "peft")}  # refused, named
+UNET_T = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "conv2"]  # linear + 1x1 and 3x3 convs
+TE_T = ["q_proj", "v_proj", "fc1"]
+
+
+def _spec(variant: str, rank: int = 4, linear_only: bool = False) -> ld.AdapterSpec:
+    targets = [t for t in UNET_T if not (linear_only and t.startswith(("conv", "proj_in")))]
+    return ld.AdapterSpec(variant, rank=rank, alpha=rank / 2, targets=targets, seed=3)  # alpha != rank
+
+
+def _adapted(variant: str, rank: int = 4):
+    pipe = sd15_pipeline()
+    linear_only = variant == "vera"
+    ld.add_adapter(pipe.unet, _spec(variant, rank, linear_only), "x")
+    ld.add_adapter(pipe.text_encoder, ld.AdapterSpec(variant, rank=rank, alpha=rank * 2, targets=TE_T, seed=4), "x")
+    for m in (pipe.unet, pipe.text_encoder):
+        perturb(m, "x", std=0.05)
+    return pipe
+
+
+def _merged(pipe) -> dict[str, dict[str, torch.Tensor]]:
+    p = copy.deepcopy(pipe)
+    ld.merge_adapters(p)
+    return {c: adaptable_weights(p.components[c]) for c in ("unet", "text_encoder")}
+
+
+def comfy_rule(pipe, sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The ComfyUI / A1111 rule for LoRA keys, written from their documented behaviour: per module
+    W += up·down · (alpha/r if the file has '<module>.alpha' else 1); kohya names (lora_unet_/lora_te_ + path with
+    '_') or diffusers/PEFT names (unet./text_encoder. + path + .lora_A/.lora_B). Every tensor must be used."""
+    out = {c: adaptable_weights(pipe.components[c]) for c in ("unet", "text_encoder")}
+    names = {}
+    for comp, ws in out.items():
+        for path in ws:
+            kpath = path if comp == "unet" else f"text_model.{path}"
+            names[f"{'lora_unet' if comp == 'unet' else 'lora_te'}_{kpath.replace('.', '_')}"] = (comp, path)
+            names[f"{comp}.{path}"] = (comp, path)
+    used = set()
+    for key in sd:
+        for down_s, up_s in ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight")):
+            if not key.endswith(down_s):
+                continue
+            mod = key[: -len(down_s)]
+            comp, path = names[mod]
+            down, up = sd[key].float(), sd[mod + up_s].float()
+            r = down.shape[0]
+            scale = float(sd[mod + ".alpha"]) / r if mod + ".alpha" in sd else 1.0
+            w = out[comp][path]
+            out[comp][path] = w + scale * (up.flatten(1) @ down.flatten(1)).view_as(w)
+            used |= {key, mod + up_s, mod + ".alpha"}
+    assert used >= set(sd), sorted(set(sd) - used)[:3]
+    return out
+
+
+def _diffusers_ref(path, strip_metadata: bool = False):
+    ref = sd15_pipeline()
+    if strip_metadata:
+        sd, meta = read_safetensors(path)
+        path = path.with_name("no_meta.safetensors")
+        write_safetensors(path, sd, {"format": "pt"})
+    ref.load_lora_weights(str(path), adapter_name="r")
+    return ref
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("variant", variant_names())
+def test_export_reads_the_same_in_every_loader(tmp_path, variant, fmt):
+    pipe = _adapted(variant)
+    want_u, want_t = unet_call(pipe.unet), te_call(pipe.text_encoder)
+    if (variant, fmt) in NO_FORM:
+        with pytest.raises(ld.AdapterFileError, match=f"variant '{variant}'.*no PEFT/diffusers LoRA form"):
+            ld.save_adapter(pipe, tmp_path / "x.safetensors", "x", format=fmt)
+        return
+    path = ld.save_adapter(pipe, tmp_path / ("x" if fmt == "peft" else "x.safetensors"), "x", format=fmt)
+    again = sd15_pipeline()
+    ld.load_adapter(again, path, name="y")  # ours
+    assert close(unet_call(again.unet), want_u, 1e-4) and close(te_call(again.text_encoder), want_t, 1e-4)
+    if fmt == "peft":
+        from peft import PeftModel
+
+        te = PeftModel.from_pretrained(sd15_pipeline().text_encoder, str(path / "text_encoder")).eval()
+        assert close(te_call(te), want_t, 1e-4)
+        return
+    sd, _ = read_safetensors(path)
+    plain = not any(k.endswith(("dora_scale", "lora_magnitude_vector")) or ".hada_" in k or ".lokr_" in k for k in sd)
+    if plain:  # the rule and diffusers read LoRA keys (diffusers drops kohya dora_scale, refuses LoHa/LoKr)
+        want = _merged(pipe)
+        got = comfy_rule(sd15_pipeline(), sd)
+        assert max(max_rel_diff(got[c], want[c]) for c in want) < 1e-4
+        for strip in (False, True) if fmt == "diffusers" else (False,):
+            ref = _diffusers_ref(path, strip)
+            assert close(unet_call(ref.unet), want_u, 1e-4), strip
+            # diffusers 0.42 on transformers 5 drops kohya's (A1111/ComfyUI) 'lora_te_text_model_' keys: the rule checks them
+            assert fmt == "kohya" or close(te_call(ref.text_encoder), want_t, 1e-4), strip
+
+
+def test_diffusers_export_bakes_the_scale(tmp_path):
+    pipe = _adapted("lora")
+    path = ld.save_adapter(pipe, tmp_path / "d.safetensors", "x", format="diffusers")
+    _, meta = read_safetensors(path)
+    cfg = json.loads(meta["lora_adapter_metadata"])
+    assert cfg["unet.lora_alpha"] == cfg["unet.r"] == 4 and not cfg["unet.alpha_pattern"] and not cfg["unet.use_rslora"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("variant", ["tlora", "vera"])
+def test_full_rank_export_above_layer_width_reloads(tmp_path, variant, fmt, caplog):
+    """T-LoRA rank 24 (2r = 48 > 32, the narrow layers' width) and VeRA rank 40 become LoRA of rank min(2r, out, in)
+    by an SVD of the product (exact); the file reloads on the same model with the same output."""
+    pipe = sd15_pipeline()
+    rank = 24 if variant == "tlora" else 40
+    ld.add_adapter(pipe.unet, _spec(variant, rank, linear_only=variant == "vera"), "x")
+    perturb(pipe.unet, "x", std=0.05)
+    want = unet_call(pipe.unet)
+    if variant == "vera" and fmt == "peft":  # PEFT has VeRA: no conversion
+        return
+    path = ld.save_adapter(pipe, tmp_path / ("x" if fmt == "peft" else "x.safetensors"), "x", format=fmt)
+    again = sd15_pipeline()
+    ld.load_adapter(again, path, name="y")
+    spec = ld.get_spec(again.unet, "y")
+    ranks = {spec.rank_for(m) for m in spec.targets}
+    assert max(ranks) <= 64 and 32 in ranks  # 64-wide layers keep min(2r, 64); 32-wide ones are cut to 32
+    assert close(unet_call(again.unet), want, 1e-4)
+
+
+def test_loaded_rank_above_layer_width_is_valid(tmp_path):
+    """A kohya file of rank 48 on a 32-wide layer is a valid ΔW: it loads (as kohya and A1111 load it); only a new
+    adapter is refused, with a message that says why."""
+    pipe = sd15_pipeline()
+    mod = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    g = torch.Generator().manual_seed(0)
+    down, up = torch.randn(48, 32, generator=g) * 0.1, torch.randn(32, 48, generator=g) * 0.1
+    flat = f"lora_unet_{mod.replace('.', '_')}"
+    write_safetensors(tmp_path / "wide.safetensors", {f"{flat}.lora_down.weight": down, f"{flat}.lora_up.weight": up,
+                                                      f"{flat}.alpha": torch.tensor(24.0)}, {})
+    w = pipe.unet.get_submodule(mod).weight.detach().clone()
+    ld.load_adapter(pipe, tmp_path / "wide.safetensors")
+    ld.merge_adapters(pipe)
+    assert torch.allclose(pipe.unet.get_submodule(mod).weight, w + 0.5 * up @ down, atol=1e-6)
+    with pytest.raises(ld.TargetError, match=r"rank 48 is larger than the layer allows for a new adapter.*no capacity"):
+        ld.add_adapter(sd15_pipeline().unet, ld.AdapterSpec(rank=48, targets=[mod]), "new")
