@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..core.errors import AdapterFileError
-from . import diffusers_format, kohya, peft_format
+from . import diffusers_format, kohya, old_diffusers, peft_format
 from .bundle import Bundle, ModuleView, Part, spec_from_modules
 from .detect import detect_format
 from .files import read_safetensors, write_safetensors
@@ -71,10 +71,9 @@ def read_bundle(src: Path, views: dict[str, ModuleView], unet_config: Any = None
             Bundle([peft_format.parts_from_state_dict({k.removeprefix(peft_format.PREFIX): v for k, v in tensors.items()},
                                                       None, next(iter(views), ""), next(iter(views.values()), {}),
                                                       str(src), peft_format.PREFIX)], meta, "peft")
-    key = next(iter(tensors), "<no tensors>")
     if fmt == "old-diffusers":
-        raise AdapterFileError(f"{src}: key '{key}': the pre-0.14 diffusers attention-processor format is not read; "
-                               "expected kohya, diffusers (lora_A/lora_B), PEFT or canonical keys")
+        return old_diffusers.read(tensors, meta, views, str(src))
+    key = next(iter(tensors), "<no tensors>")
     raise AdapterFileError(f"{src}: key '{key}': unknown adapter format (not a lora-diffusion canonical file either: "
                            f"metadata 'format' is {meta.get('format')!r}); expected kohya ('lora_unet_…', 'lora_te…'), "
                            "diffusers ('unet.….lora_A.weight'), PEFT ('base_model.model.…') or lora-diffusion canonical keys")
