@@ -1,0 +1,72 @@
+"""blend(): what was chosen and why, on the embedded demo model. Bad input: another family's LoRA skipped with a
+note, a damaged file reported and skipped, nothing usable -> the base model (and it says so), gates trained for
+other LoRAs refused naming them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lora_diffusion as ld
+from lora_diffusion.blend import blend, plot_gate_stats
+from lora_diffusion.core.errors import AdapterFileError
+from lora_diffusion.demo_model import load_demo_pipeline
+from lora_diffusion.fusion import fuse, save_gates
+from lora_diffusion.io.library import sha256
+from training.build_demo_library import write_other_family
+
+from .conftest import perturb
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPT = "a red dotted ring on a blue background"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("loras")
+    pipe = load_demo_pipeline()
+    for i, name in enumerate(("ring", "dotted", "other")):
+        ld.add_adapter(pipe.unet, ld.AdapterSpec(rank=2, targets="unet-attn", seed=i), name)
+        perturb(pipe.unet, name, std=0.2, seed=i)
+        ld.save_adapter(pipe.unet, d / f"{name}.safetensors", name, metadata={"lora_kind": "concept" if i == 0 else "style"})
+    (d / "broken.safetensors").write_bytes((d / "ring.safetensors").read_bytes()[:3000])
+    return {"dir": d, "xl": write_other_family(d), **{n: d / f"{n}.safetensors" for n in ("ring", "dotted", "other", "broken")}}
+
+
+def _run(files, names, **kw):
+    pipe = load_demo_pipeline()
+    return pipe, blend(pipe, PROMPT, [files[n] for n in names], steps=2, **kw)
+
+
+def test_other_family_and_damaged_files_are_skipped_with_a_note(files):
+    _, res = _run(files, ["ring", "broken", "xl", "dotted"], method="klora")
+    assert [c.name for c in res.chosen] == ["ring", "dotted"]
+    assert [c.role for c in res.chosen] == ["subject", "style"]  # from the files' lora_kind
+    assert any("broken.safetensors" in n and "truncated" in n for n in res.notes)
+    assert any("sdxl-watercolor.safetensors" in n and "SDXL" in n for n in res.notes)
+    st = res.gate_stats
+    assert st.names == ["ring", "dotted"] and len(st.timesteps) == 2 and np.isfinite(st.strength).all()
+
+
+def test_no_usable_lora_generates_with_the_base_model_and_says_so(files):
+    pipe, res = _run(files, ["broken", "xl"], method="gated")
+    assert res.method == "base" and res.chosen == [] and res.gate_stats is None
+    assert any("generated with the base model" in n for n in res.notes)
+    ref = ld.generate.generate(load_demo_pipeline(), [PROMPT], steps=2, guidance_scale=4.0, seed=0)
+    assert np.array_equal(np.asarray(res.images[0]), np.asarray(ref[0]))
+
+
+def test_gates_for_other_loras_are_refused_naming_them(files, tmp_path):
+    pipe = load_demo_pipeline()
+    for n in ("ring", "dotted"):
+        ld.load_adapter(pipe, files[n], name=n)
+    f = fuse(pipe, ["ring", "dotted"], method="gated")
+    gates = save_gates(f, tmp_path / "gates.safetensors", {"ring": sha256(files["ring"]), "dotted": "0" * 64})
+    with pytest.raises(AdapterFileError, match=r"'dotted' differs from the file the gates were trained with"):
+        _run(files, ["ring", "dotted"], method="gated", gates=gates)
+    with pytest.raises(AdapterFileError, match=r"not trained with \['other"):
+        _run(files, ["ring", "other"], method="gated", gates=gates)
+    _, res = _run(files, ["ring", "other"], method="gated", gates=gates, allow_unseen=True)
+    assert res.gate_stats.strength.shape[2] == 2
+    out = plot_gate_stats(res.gate_stats, tmp_path / "g.png", "t")
+    assert out.read_bytes()[:4] == b"\x89PNG"
