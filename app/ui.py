@@ -1,64 +1,524 @@
-"""The Gradio front end: a Generate tab over ``app.services`` (the embedded demo model unless another is named)."""
+"""The Gradio front end: Personalize, Generate & Blend and Library tabs over ``app.services``.
+
+Every handler goes through ``handled``: a user mistake (``AppError``) becomes one ``gr.Error`` naming the field and
+one log line; the app keeps serving. Generation shares one queue (``concurrency_id="gpu"``), so one GPU job runs at
+a time and the others see their place. Jobs live on disk: a reloaded page finds them again.
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
+import threading
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from .services import DEMO_EXAMPLES, AppError, GenerateRequest, GenerateService, parse_adapters
+import lora_diffusion as ld
+
+from .services import (
+    DEMO_EXAMPLES,
+    EXPORT_FORMATS,
+    PRESETS,
+    AdapterUse,
+    AppError,
+    AppServices,
+    GenerateRequest,
+    JobRequest,
+    estimate,
+    parse_seed,
+)
+from .services.jobs import model_family
+
+log = logging.getLogger("app")
+SLOTS = 4  # adapters blended at once in the Generate & Blend tab
+GPU = "gpu"
 
 
-def make_generate_fn(service: GenerateService) -> Any:
-    """The click handler: UI values -> images, with a progress bar; bad input -> one gr.Error naming the field."""
+class Cancelled(Exception):
+    """The user pressed Stop during a generation."""
 
-    def run(prompt: str, negative: str, steps: float, guidance: float, seed: float, n: float, model: str,
-            files: list[str] | None, scales: str,
-            progress: gr.Progress = gr.Progress()) -> list[Any]:  # noqa: B008 - how Gradio asks for a progress bar
+
+def handled(fn: Any) -> Any:
+    """AppError -> gr.Error with its message, logged as one line; a bug -> logged with its traceback."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
         try:
-            adapters, scale_values = parse_adapters(files, scales)
-            req = GenerateRequest(prompt, negative, int(steps), float(guidance), int(seed), int(n),
-                                  model.strip() or None, adapters, scale_values)
-            images = service.generate(req, progress=lambda f, desc: progress(f, desc=desc))
-            return [_for_display(im) for im in images]
+            return fn(*args, **kwargs)
         except AppError as e:
-            raise gr.Error(str(e)) from None
+            log.warning("%s: %s", fn.__name__, e)
+            raise gr.Error(str(e), print_exception=False) from None
+        except Cancelled:
+            log.info("%s: stopped by the user", fn.__name__)
+            raise gr.Error("stopped", print_exception=False) from None
+        except gr.Error:
+            raise
+        except Exception as e:
+            log.exception("%s failed", fn.__name__)
+            raise gr.Error(f"internal error ({type(e).__name__}); the server log has the details",
+                           print_exception=False) from None
 
     return run
 
 
-def _for_display(image: Any, min_side: int = 256) -> Any:
-    """Small images (the demo model draws 32x32) enlarged with hard pixel edges, so the gallery shows them."""
+def owner(request: gr.Request | None) -> str:
+    return (getattr(request, "username", None) or "local") if request is not None else "local"
+
+
+def session(request: gr.Request | None) -> str | None:
+    return getattr(request, "session_hash", None) if request is not None else None
+
+
+def enlarge(image: Any, min_side: int = 256) -> Any:
+    """A small image enlarged with hard pixel edges for viewing (downloads stay at native size)."""
     factor = -(-min_side // max(1, min(image.size)))
     return image if factor <= 1 else image.resize((image.width * factor, image.height * factor), 0)  # 0: NEAREST
 
 
-def build_app(service: GenerateService | None = None) -> gr.Blocks:
-    service = service or GenerateService()
-    with gr.Blocks(title="lora-diffusion") as demo:
-        gr.Markdown("# lora-diffusion\nGenerate with a base model and your adapters (LoRA, T-LoRA, LoHa, LoKr, DoRA, "
-                    "VeRA; kohya/A1111, LyCORIS, diffusers and PEFT files). Without a model path it uses the "
-                    "embedded demo model, a small shapes world that runs on a CPU in seconds.")
-        with gr.Tab("Generate"):
-            with gr.Row():
-                with gr.Column():
-                    prompt = gr.Textbox(label="Prompt", value=DEMO_EXAMPLES[0], lines=2)
-                    negative = gr.Textbox(label="Negative prompt", value="")
-                    gr.Examples([[p] for p in DEMO_EXAMPLES], inputs=[prompt], label="Prompts the demo model knows")
-                    with gr.Row():
-                        steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
-                        guidance = gr.Slider(0, 15, value=4.0, step=0.5, label="Guidance")
-                    with gr.Row():
-                        seed = gr.Number(value=0, precision=0, label="Seed")
-                        n = gr.Slider(1, 16, value=4, step=1, label="Images")
-                    with gr.Accordion("Model and adapters", open=False):
-                        model = gr.Textbox(label="Base model (hub id, diffusers folder or .safetensors)",
-                                           placeholder="empty: the embedded demo model", value="")
-                        files = gr.File(label="Adapter files (.safetensors)", file_count="multiple",
-                                        file_types=[".safetensors"], type="filepath")
-                        scales = gr.Textbox(label="Scales, comma-separated (empty: 1.0 each)", value="")
-                    button = gr.Button("Generate", variant="primary")
-                gallery = gr.Gallery(label="Images", columns=4, height="auto")
-        button.click(make_generate_fn(service), [prompt, negative, steps, guidance, seed, n, model, files, scales],
-                     gallery, api_name="generate")
+def _int_or_none(v: Any, field: str) -> int | None:
+    if v is None or v == "" or v == 0:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise AppError(f"{field}: expected an integer, got {v!r}") from None
+    if f != int(f):
+        raise AppError(f"{field}: expected an integer, got {v!r}")
+    return int(f)
+
+
+def _fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "unknown"
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class UI:
+    """The handlers, bound to the services (kept apart from the layout so tests can call them)."""
+
+    def __init__(self, services: AppServices) -> None:
+        self.s = services
+        self._stops: dict[str, threading.Event] = {}
+
+    # --- personalize ---
+    def preview(self, files: list[Any] | None) -> list[Any]:
+        from PIL import Image
+
+        from .services.jobs import crop_square
+
+        out = []
+        for f in files or []:
+            try:
+                with Image.open(f) as im:
+                    out.append((crop_square(im.convert("RGB")), Path(f).name))
+            except Exception:
+                gr.Warning(f"images: {Path(f).name} is not an image this app can read")
+        return out
+
+    def estimate_text(self, model: str, variant: str, steps: Any) -> str:
+        from training.config import VARIANT_DEFAULTS
+
+        try:
+            n = _int_or_none(steps, "total steps") or VARIANT_DEFAULTS.get(variant, {}).get("max_train_steps", 500)
+            e = estimate(self.s.settings, model, variant, n, self.s.jobs.speed_history())
+        except AppError as err:
+            return f"⚠ {err}"
+        mem = f"~{e['memory'] / 2**30:.2f} GiB (rough)"
+        avail = f" of {e['available'] / 2**30:.1f} GiB free" if e["available"] else ""
+        time_s = (f"~{_fmt_seconds(e['seconds'])} at {e['it_per_s']:.2f} it/s (this machine's last run)" if e["seconds"]
+                  else "measured during the first steps (no earlier run of this model and variant here)")
+        warn = ("\n\n**⚠ This would likely run out of memory**: lower the rank or resolution, or use another device."
+                if e["too_big"] else "")
+        fam = model_family(self.s.settings, model)
+        return (f"**{n} steps** · time {time_s} · memory {mem}{avail} on {self.s.settings.device} · preset "
+                f"'{fam}' ({PRESETS[fam]['resolution']} px){warn}")
+
+    @handled
+    def start(self, files: list[Any] | None, token: str, class_word: str, variant: str, model: str, steps: Any,
+              rank: Any, lr: Any, template: str, sample_prompts: str, sample_every: Any, ckpt_every: Any, seed: Any,
+              name: str, sample_steps: Any = None, request: gr.Request = None) -> tuple[Any, str]:
+        paths = [str(f) for f in files or []]
+        req = JobRequest(paths, token, class_word, variant, model, _int_or_none(steps, "total steps"),
+                         _int_or_none(rank, "rank"), float(lr) if lr else None, template.strip() or None,
+                         sample_prompts.strip() or None, _int_or_none(sample_every, "sample every"),
+                         _int_or_none(ckpt_every, "checkpoint every"), parse_seed(seed), name.strip(),
+                         _int_or_none(sample_steps, "sample denoising steps"), [Path(p).name for p in paths])
+        job = self.s.jobs.create(req, owner(request))
+        return self.job_choices(request, job.id), f"Job {job.name} queued"
+
+    def job_choices(self, request: gr.Request | None, selected: str | None = None) -> Any:
+        jobs = self.s.jobs.list(owner(request))
+        choices = [(f"{j.name} · {j.state} · {j.id}", j.id) for j in jobs]
+        if selected is None:
+            active = [j for j in jobs if j.state in ("queued", "running", "stopping")]
+            selected = (active or jobs)[0].id if jobs else None
+        return gr.update(choices=choices, value=selected)
+
+    def job_choices_for(self, selected: str | None = None, request: gr.Request = None) -> Any:
+        return self.job_choices(request, selected or None)
+
+    @handled
+    def stop(self, job_id: str, request: gr.Request = None) -> str:
+        job = self.s.jobs.stop(job_id, owner(request))
+        return f"Stopping {job.name}: the last checkpoint is kept; Resume continues from it"
+
+    @handled
+    def resume(self, job_id: str, request: gr.Request = None) -> str:
+        job = self.s.jobs.resume(job_id, owner(request))
+        return f"{job.name} queued to resume from its latest checkpoint"
+
+    def status(self, job_id: str | None, request: gr.Request = None) -> tuple[str, Any, list[Any], Any]:
+        """(status text, loss table, samples, downloads) of the selected job; polled every second."""
+        import pandas as pd
+
+        empty = pd.DataFrame({"step": [], "loss": []})
+        try:
+            job = self.s.jobs.get(job_id, owner(request))
+        except AppError:
+            return "No job yet: drop images and press Start.", empty, [], None
+        jm = self.s.jobs
+        p = jm.progress(job)
+        parts = [f"**{job.name}** — {job.state}", f"step {p['step']}/{p['total']}"]
+        if p["it_per_s"]:
+            parts.append(f"{p['it_per_s']:.2f} it/s")
+        if p["eta_s"] is not None:
+            parts.append(f"ETA {_fmt_seconds(p['eta_s'])}")
+        if job.state == "queued":
+            parts.append(f"place {jm.place(job)} in the training queue")
+        ckpt = jm.latest_checkpoint(job)
+        if ckpt:
+            parts.append(f"last checkpoint: step {ckpt[0]}")
+        text = " · ".join(parts)
+        if job.library_name:
+            text += f"\n\nSaved to the library as **{job.library_name}**."
+        if job.error:
+            text += f"\n\n⚠ {job.error}"
+        losses = pd.DataFrame(p["losses"], columns=["step", "loss"]) if p["losses"] else empty
+        samples = [(str(f), cap) for f, cap in jm.samples(job)][-12:]
+        samples = [(enlarge(_open(f)), cap) for f, cap in samples]
+        files = [str(v) for v in jm.outputs(job).values()] if job.state == "done" else None
+        return text, losses, samples, self._session_copies(files, request)
+
+    def _session_copies(self, files: list[str] | None, request: gr.Request | None) -> list[str] | None:
+        """Files handed to the browser are copied into this session's folder first (no app folder is served)."""
+        if not files:
+            return None
+        import shutil
+
+        folder = self.s.sessions.folder(session(request)) / "downloads"
+        folder.mkdir(exist_ok=True)
+        out = []
+        for f in files:
+            dst = folder / Path(f).name
+            if not dst.exists() or dst.stat().st_mtime < Path(f).stat().st_mtime:
+                shutil.copyfile(f, dst)
+            out.append(str(dst))
+        return out
+
+    @handled
+    def try_prompt(self, job_id: str, prompt: str, seed: Any, request: gr.Request = None) -> list[Any]:
+        job = self.s.jobs.get(job_id, owner(request))
+        adapter = self.s.jobs.current_adapter(job)
+        req = GenerateRequest(prompt, seed=parse_seed(seed), num_images=2, model=job.request["model"],
+                              adapters=(AdapterUse(str(adapter), 1.0, job.name),), steps=20,
+                              guidance=PRESETS[job.family]["guidance_scale"])
+        return [enlarge(im) for im in self.s.generator.generate(req)]
+
+    # --- generate & blend ---
+    def library_choices(self) -> Any:
+        return [e["name"] for e in self.s.library.entries() if "error" not in e]
+
+    @handled
+    def generate(self, prompt: str, negative: str, seed: Any, steps: float, guidance: float, size: float, n: float,
+                 model: str, insert_triggers: bool, a1: str, on1: bool, w1: float, a2: str, on2: bool, w2: float,
+                 a3: str, on3: bool, w3: float, a4: str, on4: bool, w4: float, request: gr.Request = None,
+                 progress: gr.Progress = gr.Progress()) -> tuple[list[Any], Any, list[str]]:  # noqa: B008
+        """SLOTS (4) adapter slots, each (library name, on, weight), spelled out so Gradio can pass the request."""
+        slots = (a1, on1, w1, a2, on2, w2, a3, on3, w3, a4, on4, w4)
+        uses, triggers = [], []
+        for k in range(SLOTS):
+            name, on, weight = slots[3 * k: 3 * k + 3]
+            if not name:
+                continue
+            path = self.s.library.path(name)
+            uses.append(AdapterUse(str(path), _finite(weight, f"weight of {name}"), name, bool(on)))
+            if on and insert_triggers:
+                triggers += [w for w in self.s.library.entry(name).get("trigger_words", []) if w not in prompt]
+        text = " ".join([*dict.fromkeys(triggers), prompt]) if triggers else prompt
+        side = _int_or_none(size, "size")
+        req = GenerateRequest(text, negative, int(steps), _finite(guidance, "guidance"), parse_seed(seed), int(n), model,
+                              tuple(uses), side, side)
+        stop = self._stops.setdefault(session(request) or "", threading.Event())
+        stop.clear()
+
+        def tick(f: float, desc: str) -> None:
+            if stop.is_set():
+                raise Cancelled()
+            progress(f, desc=desc)
+
+        images = self.s.generator.generate(req, progress=tick)
+        folder = self.s.sessions.folder(session(request)) / "images"
+        folder.mkdir(exist_ok=True)
+        files = []
+        for i, im in enumerate(images):
+            path = folder / f"seed{req.seed + i}-{len(list(folder.iterdir()))}.png"
+            im.save(path)  # lossless, native size
+            files.append(str(path))
+        log.info("generated %d image(s) for session %s", len(images), (session(request) or "-")[:8])
+        return [(f, f"seed {req.seed + i}") for i, f in enumerate(files)], enlarge(images[0], 512), files
+
+    def stop_generation(self, request: gr.Request = None) -> None:
+        self._stops.setdefault(session(request) or "", threading.Event()).set()
+
+    # --- library ---
+    def library_table(self) -> Any:
+        import pandas as pd
+
+        rows = []
+        for e in self.s.library.entries():
+            t = e.get("training", {})
+            rows.append({"name": e["name"], "format": e.get("format", "?"), "base": e.get("base", "?") +
+                         (" (other family)" if e.get("other_family") else ""), "variant": e.get("variant", "?"),
+                         "rank": e.get("rank"), "trigger words": ", ".join(e.get("trigger_words", [])),
+                         "trained": f"{t['steps']} steps, {t.get('variant')}" if t.get("steps") else "",
+                         "size MB": round(e.get("size", 0) / 2**20, 2), "sample": "yes" if e.get("sample") else "",
+                         "error": e.get("error", "")})
+        return pd.DataFrame(rows, columns=["name", "format", "base", "variant", "rank", "trigger words", "trained",
+                                           "size MB", "sample", "error"])
+
+    def library_refresh(self, selected: str | None = None) -> tuple[Any, ...]:
+        names = self.library_choices()
+        sel = selected if selected in names else (names[0] if names else None)
+        slot = gr.update(choices=[""] + names)
+        return (self.library_table(), gr.update(choices=names, value=sel), *[slot] * SLOTS)
+
+    @handled
+    def library_upload(self, files: list[Any] | None) -> tuple[Any, ...]:
+        if not files:
+            raise AppError("adapter files: none; choose one or more .safetensors files")
+        names = [self.s.library.import_file(f, Path(f).name) for f in files]
+        gr.Info(f"Imported {', '.join(names)}")
+        return self.library_refresh(names[-1])
+
+    @handled
+    def library_import_path(self, path: str) -> tuple[Any, ...]:
+        name = self.s.library.import_server_path(path)
+        return self.library_refresh(name)
+
+    @handled
+    def library_inspect(self, name: str | None) -> tuple[Any, Any]:
+        if not name:
+            return None, None
+        e = self.s.library.entry(name)
+        sample = enlarge(_open(e["sample"]), 256) if e.get("sample") else None
+        return {k: v for k, v in e.items() if k not in ("sha256", "stamp")}, sample
+
+    @handled
+    def library_rename(self, name: str, new: str) -> tuple[Any, ...]:
+        if not name:
+            raise AppError("adapter: none selected")
+        return self.library_refresh(self.s.library.rename(name, new))
+
+    @handled
+    def library_delete(self, name: str) -> tuple[Any, ...]:
+        if not name:
+            raise AppError("adapter: none selected")
+        self.s.library.delete(name)
+        return self.library_refresh()
+
+    @handled
+    def library_export(self, name: str, fmt: str, request: gr.Request = None) -> str:
+        if not name:
+            raise AppError("adapter: none selected")
+        folder = self.s.sessions.folder(session(request)) / "exports"
+        return str(self.s.library.export(name, fmt, folder, self._fresh_pipe))
+
+    def _fresh_pipe(self) -> Any:
+        from lora_diffusion.generate import load_pipeline
+
+        return load_pipeline(self.s.settings.model_source(None if "demo" in self.s.settings.models else
+                                                          next(iter(self.s.settings.models))))
+
+    def close_session(self, request: gr.Request) -> None:
+        self.s.sessions.close(session(request))
+        self._stops.pop(session(request) or "", None)
+
+
+def _open(path: str | Path) -> Any:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _finite(v: Any, field: str) -> float:
+    import math
+
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise AppError(f"{field}: expected a number, got {v!r}") from None
+    if not math.isfinite(f):
+        raise AppError(f"{field}: expected a finite number, got {v!r}")
+    return f
+
+
+def build_app(services: AppServices | None = None) -> gr.Blocks:
+    services = services or AppServices()
+    ui = UI(services)
+    st = services.settings
+    models = list(st.models)
+    with gr.Blocks(title="lora-diffusion", analytics_enabled=False) as demo:
+        gr.Markdown("# lora-diffusion\nTrain an adapter from one photo, keep a library of LoRAs, blend them. "
+                    f"Models on this server: {', '.join(models)} (device: {st.device}).")
+        with gr.Tab("Personalize", id="personalize"):
+            _personalize_tab(ui, models)
+        with gr.Tab("Generate & Blend", id="generate"):
+            gen_slots = _generate_tab(ui, models)
+        with gr.Tab("Library", id="library"):
+            _library_tab(ui, gen_slots, demo)
+        demo.unload(ui.close_session)
     return demo
+
+
+def _personalize_tab(ui: UI, models: list[str]) -> None:
+    variants = ld.variant_names()
+    with gr.Row():
+        with gr.Column(scale=1):
+            images = gr.File(label="Images of the subject (one is enough)", file_count="multiple", file_types=["image"],
+                             type="filepath", elem_id="train-images")
+            preview = gr.Gallery(label="Training crops (center square)", columns=4, height=160, format="png")
+            with gr.Row():
+                token = gr.Textbox(value="sks", label="Placeholder token", info="one rare word; no spaces")
+                class_word = gr.Textbox(value="", label="Class word", info="e.g. dog; empty for none")
+            with gr.Row():
+                variant = gr.Dropdown(variants, value="tlora" if "tlora" in variants else variants[0], label="Variant")
+                model = gr.Dropdown(models, value=models[0], label="Base model")
+            with gr.Accordion("Advanced", open=False):
+                with gr.Row():
+                    steps = gr.Number(value=None, precision=0, label="Total steps (empty: the variant's default)",
+                                      elem_id="train-steps")
+                    rank = gr.Number(value=None, precision=0, label="Rank (empty: default)")
+                    lr = gr.Number(value=None, label="Learning rate (empty: default)")
+                template = gr.Textbox(label="Training prompt ('{0}' = token + class; empty: the preset's)", value="")
+                sample_prompts = gr.Textbox(label="Sample prompts, '#'-separated (empty: the preset's)", value="")
+                with gr.Row():
+                    sample_every = gr.Number(value=None, precision=0, label="Sample every N steps", elem_id="sample-every")
+                    ckpt_every = gr.Number(value=None, precision=0, label="Checkpoint every N steps",
+                                           elem_id="ckpt-every")
+                    seed = gr.Textbox(value="0", label="Seed")
+                    sample_steps = gr.Number(value=None, precision=0, label="Sample denoising steps",
+                                             elem_id="sample-steps")
+                name = gr.Textbox(label="Job name (empty: token-variant)", value="")
+            plan = gr.Markdown(ui.estimate_text(models[0], "tlora", None), elem_id="train-estimate")
+            with gr.Row():
+                start = gr.Button("Start", variant="primary", elem_id="train-start")
+                stop = gr.Button("Stop", elem_id="train-stop")
+                resume = gr.Button("Resume", elem_id="train-resume")
+        with gr.Column(scale=1):
+            job = gr.Dropdown([], label="Job", elem_id="job-select", allow_custom_value=True)
+            status = gr.Markdown("No job yet.", elem_id="job-status")
+            loss = gr.LinePlot(x="step", y="loss", title="Loss", height=220, elem_id="loss-plot")
+            samples = gr.Gallery(label="Samples", columns=4, height=260, format="png", elem_id="job-samples")
+            downloads = gr.File(label="Adapter files (canonical, kohya for A1111/ComfyUI, diffusers)", file_count="multiple",
+                                elem_id="job-downloads")
+            with gr.Row():
+                try_prompt = gr.Textbox(label="Try a prompt with this job's adapter (while stopped or when done)",
+                                        value="a yellow sks on a black background", scale=3)
+                try_seed = gr.Textbox(value="0", label="Seed", scale=1)
+            try_btn = gr.Button("Try", elem_id="try-btn")
+            tried = gr.Gallery(label="Tried", columns=2, height=200, format="png", elem_id="tried")
+    msg = gr.Markdown(elem_id="train-msg")
+    for c in (model, variant, steps):
+        c.change(ui.estimate_text, [model, variant, steps], plan, queue=False, show_progress="hidden")
+    images.change(ui.preview, images, preview, queue=False)
+    start.click(ui.start, [images, token, class_word, variant, model, steps, rank, lr, template, sample_prompts,
+                           sample_every, ckpt_every, seed, name, sample_steps], [job, msg], api_name="train_start",
+                concurrency_limit=None)
+    stop.click(ui.stop, job, msg, api_name="train_stop", concurrency_limit=None)
+    resume.click(ui.resume, job, msg, api_name="train_resume", concurrency_limit=None)
+    timer = gr.Timer(1.0)
+    outs = [status, loss, samples, downloads]
+    timer.tick(ui.status, job, outs, queue=False, show_progress="hidden")
+    job.change(ui.status, job, outs, queue=False, show_progress="hidden", api_name="train_status")
+    job.focus(ui.job_choices_for, job, job, queue=False)
+    try_prompt.submit(ui.try_prompt, [job, try_prompt, try_seed], tried, concurrency_id=GPU, api_name="train_try")
+    try_btn.click(ui.try_prompt, [job, try_prompt, try_seed], tried, concurrency_id=GPU)
+    # a reloaded page selects the user's running (or latest) job again
+    gr.context.Context.root_block.load(ui.job_choices_for, None, job, queue=False)
+
+
+def _generate_tab(ui: UI, models: list[str]) -> list[Any]:
+    names = [""] + ui.library_choices()
+    with gr.Row():
+        with gr.Column():
+            prompt = gr.Textbox(label="Prompt (Enter generates)", value=DEMO_EXAMPLES[0], lines=1, elem_id="gen-prompt")
+            negative = gr.Textbox(label="Negative prompt", value="")
+            gr.Examples([[p] for p in DEMO_EXAMPLES], inputs=[prompt], label="Prompts the demo model knows")
+            with gr.Row():
+                steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
+                guidance = gr.Slider(0, 15, value=4.0, step=0.5, label="Guidance")
+            with gr.Row():
+                seed = gr.Textbox(value="0", label="Seed (0..2^64-1)")
+                size = gr.Number(value=None, precision=0, label="Size px (empty: the model's)")
+                n = gr.Slider(1, 16, value=4, step=1, label="Images")
+            model = gr.Dropdown(models, value=models[0], label="Base model")
+            gr.Markdown("**Adapters from the library** (import files in the Library tab)")
+            slots: list[Any] = []
+            for k in range(SLOTS):
+                with gr.Row():
+                    slots += [gr.Dropdown(names, value="", label=f"Adapter {k + 1}", scale=3, elem_id=f"slot-{k}",
+                                          allow_custom_value=True),
+                              gr.Checkbox(value=True, label="on", scale=1, elem_id=f"slot-on-{k}"),
+                              gr.Slider(-2, 2, value=1.0, step=0.05, label="weight", scale=3, elem_id=f"slot-w-{k}")]
+            triggers = gr.Checkbox(value=False, label="Insert the adapters' trigger words into the prompt")
+            with gr.Row():
+                go = gr.Button("Generate", variant="primary", elem_id="gen-go")
+                stop = gr.Button("Stop", elem_id="gen-stop")
+        with gr.Column():
+            gallery = gr.Gallery(label="Images (PNG, native size)", columns=4, height="auto", format="png",
+                                 elem_id="gen-gallery")
+            big = gr.Image(label="Enlarged view", format="png", elem_id="gen-big", height=320)
+            files = gr.File(label="Download PNGs (lossless, native size)", file_count="multiple", elem_id="gen-files")
+    inputs = [prompt, negative, seed, steps, guidance, size, n, model, triggers, *slots]
+    ev = go.click(ui.generate, inputs, [gallery, big, files], api_name="generate", concurrency_id=GPU,
+                  concurrency_limit=ui.s.settings.max_concurrent_generations)
+    ev2 = prompt.submit(ui.generate, inputs, [gallery, big, files], concurrency_id=GPU)
+    stop.click(ui.stop_generation, None, None, queue=False, cancels=[ev, ev2])
+    return [s for i, s in enumerate(slots) if i % 3 == 0]
+
+
+def _library_tab(ui: UI, gen_slots: list[Any], demo: gr.Blocks) -> None:
+    st = ui.s.settings
+    with gr.Row():
+        upload = gr.File(label="Import adapter files (.safetensors)", file_count="multiple", file_types=[".safetensors"],
+                         type="filepath", elem_id="lib-upload")
+        with gr.Column(visible=st.allow_server_paths):
+            server_path = gr.Textbox(label="…or a file on the server (allowed by the operator)")
+            import_path = gr.Button("Import from server path")
+    table = gr.Dataframe(ui.library_table(), label="Library", interactive=False, elem_id="lib-table", wrap=True)
+    with gr.Row():
+        selected = gr.Dropdown(ui.library_choices(), label="Adapter", elem_id="lib-select", allow_custom_value=True)
+        refresh = gr.Button("Refresh", elem_id="lib-refresh")
+    with gr.Row():
+        info = gr.JSON(label="Inspect (header and metadata)", elem_id="lib-info")
+        sample = gr.Image(label="Sample", format="png", height=256, elem_id="lib-sample")
+    with gr.Row():
+        new_name = gr.Textbox(label="New name")
+        rename = gr.Button("Rename")
+        fmt = gr.Radio(list(EXPORT_FORMATS), value="kohya", label="Export as")
+        export = gr.Button("Export")
+        delete = gr.Button("Delete", variant="stop")
+    exported = gr.File(label="Exported file", elem_id="lib-exported")
+    outs = [table, selected, *gen_slots]
+    upload.upload(ui.library_upload, upload, outs, api_name="library_upload")
+    import_path.click(ui.library_import_path, server_path, outs, api_name="library_import_path")
+    refresh.click(lambda s: ui.library_refresh(s), selected, outs, queue=False, api_name="library_refresh")
+    selected.change(ui.library_inspect, selected, [info, sample], queue=False)
+    rename.click(ui.library_rename, [selected, new_name], outs, api_name="library_rename")
+    delete.click(ui.library_delete, selected, outs, api_name="library_delete")
+    export.click(ui.library_export, [selected, fmt], exported, api_name="library_export")
+    demo.load(lambda: ui.library_refresh(), None, outs, queue=False)

@@ -1,103 +1,294 @@
-"""The app's services (no Gradio) and the Gradio handler, on the embedded demo model."""
+"""The app's services without Gradio or a browser: generation cache and inputs, the library, training jobs."""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import lora_diffusion as ld
-from app.services import AppError, GenerateRequest, GenerateService, parse_adapters
+from app.services import (
+    AdapterUse,
+    AppError,
+    AppServices,
+    GenerateRequest,
+    JobManager,
+    JobRequest,
+    Settings,
+    parse_models,
+    parse_seed,
+    read_users,
+    safe_name,
+)
 from lora_diffusion.generate import load_pipeline
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPT = "a red star on a blue background"
 
 
 @pytest.fixture(scope="module")
-def service() -> GenerateService:
-    return GenerateService("cpu")
+def services(tmp_path_factory) -> AppServices:
+    root = tmp_path_factory.mktemp("app")
+    return AppServices(Settings(library=root / "lib", output=root / "out", device="cpu"))
 
 
-def pixels(images) -> np.ndarray:
-    return np.stack([np.asarray(im) for im in images])
-
-
-def test_generates_with_the_embedded_model_by_default(service) -> None:
-    seen: list[float] = []
-    images = service.generate(GenerateRequest("a red star on a blue background", steps=3, num_images=2),
-                              progress=lambda f, desc: seen.append(f))
-    assert len(images) == 2 and images[0].size == (32, 32)
-    assert seen[-1] == pytest.approx(1.0) and len(seen) == 6
-    pipe = service._pipe
-    again = service.generate(GenerateRequest("a red star on a blue background", steps=3, num_images=2))
-    assert service._pipe is pipe  # cached, not reloaded
-    assert (pixels(images) == pixels(again)).all()  # seeded
-
-
-def test_adapter_files_change_the_images(service, tmp_path) -> None:
+@pytest.fixture(scope="module")
+def lora_file(tmp_path_factory) -> Path:
+    """A random LoRA on the demo model's UNet (strong enough to change images)."""
     pipe = load_pipeline(None)
     ld.add_adapter(pipe.unet, ld.AdapterSpec("lora", rank=4, targets="unet-full", seed=0))
     with torch.no_grad():
         for _, p in ld.adapter_parameters(pipe.unet):
             p.normal_(0, 0.2)
-    path = ld.save_adapter(pipe.unet, tmp_path / "a.safetensors")
-    req = GenerateRequest("a red star on a blue background", steps=3, num_images=1)
-    plain = pixels(service.generate(req))
-    adapted = pixels(service.generate(GenerateRequest(req.prompt, steps=3, num_images=1, adapters=(str(path),))))
-    assert np.abs(plain.astype(int) - adapted.astype(int)).max() > 10
+    return ld.save_adapter(pipe.unet, tmp_path_factory.mktemp("a") / "tlora.safetensors")
 
 
-@pytest.mark.parametrize("req, match", [
-    (GenerateRequest(" "), "prompt: empty"),
-    (GenerateRequest("a star", steps=0), "steps: expected 1..200"),
-    (GenerateRequest("a star", num_images=99), "number of images"),
-    (GenerateRequest("a star", adapters=("/nope/a.safetensors",)), "adapter file /nope/a.safetensors: not found"),
-    (GenerateRequest("a star", model="/nope/model"), "/nope/model"),
+def pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(im) for im in images]).astype(int)
+
+
+def req(*adapters: AdapterUse, **kw) -> GenerateRequest:
+    return GenerateRequest(PROMPT, steps=kw.pop("steps", 3), num_images=kw.pop("num_images", 1), adapters=adapters, **kw)
+
+
+# --- generation ---
+def test_generates_with_the_embedded_model_by_default(services) -> None:
+    seen: list[float] = []
+    images = services.generator.generate(req(num_images=2), progress=lambda f, desc: seen.append(f))
+    assert len(images) == 2 and images[0].size == (32, 32)  # native size
+    assert seen[-1] == pytest.approx(1.0) and len(seen) == 6
+    loads = services.generator.loads
+    again = services.generator.generate(req(num_images=2))
+    assert services.generator.loads == loads  # cached, not reloaded
+    assert (pixels(images) == pixels(again)).all()  # seeded
+
+
+def test_scales_change_in_place_and_same_content_loads_once(services, lora_file, tmp_path) -> None:
+    """Two copies of one file (other names, other folders) are one adapter; a new weight reloads nothing."""
+    copy = tmp_path / "other-name.safetensors"
+    copy.write_bytes(lora_file.read_bytes())
+    gen = services.generator
+    base = pixels(gen.generate(req()))
+    one = pixels(gen.generate(req(AdapterUse(str(lora_file), 1.0, "tlora.safetensors"))))
+    loads = gen.loads
+    pipe = next(reversed(gen._pipes.values()))
+    half = pixels(gen.generate(req(AdapterUse(str(copy), 0.5, "other-name.safetensors"))))
+    off = pixels(gen.generate(req(AdapterUse(str(copy), 1.0, "x", enabled=False))))
+    assert gen.loads == loads and next(reversed(gen._pipes.values())) is pipe  # same pipeline, scales set in place
+    assert ld.list_adapters(pipe) == [f"a{gen.hashes(lora_file)[:16]}"]  # loaded once, named by content
+    assert np.abs(one - base).max() > 10 and np.abs(half - one).max() > 0 and (off == base).all()
+
+
+def test_two_files_with_the_same_name_blend(services, lora_file, tmp_path) -> None:
+    """Every run writes tlora.safetensors: two different ones must load side by side."""
+    pipe = load_pipeline(None)
+    ld.add_adapter(pipe.unet, ld.AdapterSpec("lora", rank=2, targets="unet-full", seed=1))
+    with torch.no_grad():
+        for _, p in ld.adapter_parameters(pipe.unet):
+            p.normal_(0, 0.2)
+    (tmp_path / "b").mkdir()
+    other = ld.save_adapter(pipe.unet, tmp_path / "b" / "tlora.safetensors")
+    images = services.generator.generate(req(AdapterUse(str(lora_file), 0.7, "tlora.safetensors"),
+                                             AdapterUse(str(other), 0.7, "tlora.safetensors")))
+    assert len(images) == 1
+    assert len(services.generator._pipes) <= services.settings.max_pipelines  # LRU bound
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(prompt=" "), "prompt: empty"),
+    (dict(steps=0), "steps: expected 1..200"),
+    (dict(num_images=99), "number of images"),
+    (dict(guidance=float("nan")), "guidance"),
+    (dict(seed=2**64), "seed: expected an integer in 0..2\\^64-1"),
+    (dict(seed=2**64 - 1, num_images=2), "seed: expected an integer in 0..2\\^64-2 for 2 image"),
+    (dict(width=30), "width: expected a multiple of 8"),
+    (dict(model="/etc"), "base model: '/etc' is not one of the models this server offers"),
+    (dict(model="stabilityai/sdxl-turbo"), "base model"),
 ])
-def test_bad_requests_are_named(service, req, match) -> None:
+def test_bad_requests_are_named(services, bad, match) -> None:
+    kw = dict(prompt=PROMPT, steps=3, num_images=1) | bad
     with pytest.raises(AppError, match=match):
-        service.generate(req)
+        services.generator.generate(GenerateRequest(**kw))
 
 
-def test_parse_adapters() -> None:
-    assert parse_adapters(["a", "b"], "") == (("a", "b"), (1.0, 1.0))
-    assert parse_adapters(["a", "b"], "1, 0.5") == (("a", "b"), (1.0, 0.5))
-    with pytest.raises(AppError, match="scales: 1 value"):
-        parse_adapters(["a", "b"], "1")
-    with pytest.raises(AppError, match="comma-separated numbers"):
-        parse_adapters(["a"], "x")
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), 1e6, -1e6])
+def test_non_finite_or_huge_scales_are_refused(services, lora_file, scale) -> None:
+    with pytest.raises(AppError, match="weight of my.safetensors: expected a finite number in -4..4"):
+        services.generator.generate(req(AdapterUse(str(lora_file), scale, "my.safetensors")))
 
 
-def test_gradio_handler(service) -> None:
-    import gradio as gr
+@pytest.mark.parametrize("value, ok", [("", None), (None, None), ("12", 12), (7, 7), (str(2**64 - 1), 2**64 - 1),
+                                       (str(2**64), None), ("-1", None), ("1.5", None), ("abc", None), (float("inf"), None)])
+def test_seed_field(value, ok) -> None:
+    if ok is None:
+        with pytest.raises(AppError, match="seed: "):
+            parse_seed(value)
+    else:
+        assert parse_seed(value) == ok
 
-    from app.ui import build_app, make_generate_fn
 
-    assert isinstance(build_app(service), gr.Blocks)
-    run = make_generate_fn(service)
-    images = run("a green triangle on a black background", "", 2, 4.0, 1, 2, "", None, "", progress=lambda f, desc: None)
-    assert len(images) == 2 and images[0].size == (256, 256)  # the 32x32 demo images, enlarged for the gallery
-    with pytest.raises(gr.Error, match="prompt: empty"):
-        run("", "", 2, 4.0, 1, 2, "", None, "", progress=lambda f, desc: None)
+def test_bad_adapter_fails_before_the_base_model_loads(tmp_path) -> None:
+    """A broken file is refused from its header, named as the user knows it (not the server's temp path)."""
+    services = AppServices(Settings(library=tmp_path / "lib", output=tmp_path / "out", device="cpu"))
+    bad = tmp_path / "tmp123" / "upload.safetensors"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    with pytest.raises(AppError, match="adapter my-lora.safetensors: not a readable adapter file") as e:
+        services.generator.generate(req(AdapterUse(str(bad), 1.0, "my-lora.safetensors")))
+    assert str(bad.parent) not in str(e.value) and services.generator.loads == 0
+
+
+# --- library ---
+def test_library_import_list_rename_export_delete(services, lora_file, tmp_path) -> None:
+    lib = services.library
+    name = lib.import_file(lora_file, "My Style.safetensors")
+    again = lib.import_file(lora_file, "My Style.safetensors")
+    assert (name, again) == ("My Style", "My Style-2")
+    entry = next(e for e in lib.entries() if e["name"] == name)
+    assert entry["format"] == "canonical" and entry["variant"] == "lora" and entry["rank"] == 4 and entry["size"] > 0
+    assert lib.rename(again, "second") == "second"
+    kohya = lib.export("second", "kohya", tmp_path / "exp", lambda: load_pipeline(None))
+    assert kohya.is_file() and ld.io.detect.detect_format(list(ld.io.files.read_header(kohya)[0]), {}) == "kohya"
+    lib.delete("second")
+    assert "second" not in [e["name"] for e in lib.entries()]
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "..", "a/../../b"])
+def test_library_refuses_names_that_are_paths(services, name) -> None:
+    with pytest.raises(AppError, match="adapter: (no adapter named|expected a file name)"):
+        services.library.path(name)
+
+
+def test_library_import_refuses_bad_files(services, tmp_path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(AppError, match="adapter file notes.txt: expected a .safetensors file"):
+        services.library.import_file(text)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(os.urandom(64))
+    with pytest.raises(AppError, match="adapter junk.safetensors: not a readable adapter file"):
+        services.library.import_file(junk)
+    big = Settings(library=tmp_path / "l2", output=tmp_path / "o2", device="cpu", max_upload_mb=0.00001)
+    with pytest.raises(AppError, match="more than the 1e-05 MB"):
+        AppServices(big).library.import_file(junk)
+    with pytest.raises(AppError, match="does not allow importing files by path"):
+        services.library.import_server_path("/etc/passwd")
+
+
+def test_safe_name() -> None:
+    assert safe_name("../../etc/pass wd.safetensors") == "pass wd"
+    with pytest.raises(AppError, match="new name"):
+        safe_name("..", "new name")
+
+
+# --- settings ---
+def test_settings_models_and_users(tmp_path) -> None:
+    assert parse_models([]) == {"demo": None}
+    assert parse_models(["demo", "sd15=/m/sd15", "/m/xl"]) == {"demo": None, "sd15": "/m/sd15", "xl": "/m/xl"}
+    users = tmp_path / "users"
+    users.write_text("# team\nbob:pw2\n")
+    assert read_users(["alice:pw"], str(users)) == [("alice", "pw"), ("bob", "pw2")]
+    with pytest.raises(AppError, match="--auth: expected user:password"):
+        read_users(["alice"], None)
+
+
+# --- training jobs ---
+def image(path: Path, size=(48, 40), color=(200, 30, 30)) -> str:
+    Image.new("RGB", size, color).save(path)
+    return str(path)
+
+
+def wait(jobs: JobManager, job, states=("done", "failed", "stopped"), timeout=150.0, until=None) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if (until and until()) or (until is None and job.state in states):
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"job {job.id}: still {job.state} after {timeout}s; log:\n{jobs.log_tail(job, 30)}")
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(token="my dog"), "placeholder token: expected one word without spaces"),
+    (dict(token=""), "placeholder token"),
+    (dict(variant="nope"), "variant: 'nope' is not one of"),
+    (dict(steps=0), "total steps: expected an integer in 1..100000"),
+    (dict(learning_rate=5.0), "learning rate"),
+    (dict(images=[]), "images: none"),
+    (dict(model="/etc"), "base model"),
+])
+def test_job_inputs_are_named(services, tmp_path, kw, match) -> None:
+    kw = {"images": [image(tmp_path / "a.png")], **kw}
+    with pytest.raises(AppError, match=match):
+        services.jobs.create(JobRequest(**kw))
+
+
+def test_job_refuses_non_images_small_and_oversized(services, tmp_path) -> None:
+    fake = tmp_path / "cat.png"
+    fake.write_bytes(b"not a png at all")
+    with pytest.raises(AppError, match="image cat.png: not an image this app can read"):
+        services.jobs.create(JobRequest([str(fake)], image_names=["cat.png"]))
+    with pytest.raises(AppError, match=r"image tiny.png: 16x16 px, smaller than the 32 px"):
+        services.jobs.create(JobRequest([image(tmp_path / "tiny.png", (16, 16))], image_names=["tiny.png"]))
+    small = AppServices(Settings(library=tmp_path / "l", output=tmp_path / "o", device="cpu", max_image_mb=1e-4))
+    with pytest.raises(AppError, match="image a.png: .* MB, more than the 0.0001 MB"):
+        small.jobs.create(JobRequest([image(tmp_path / "a.png", (64, 64))]))
+    assert not [j for j in services.jobs.list() if j.state == "queued" and not (services.jobs.dir(j) / "config.yaml").exists()]
 
 
 @pytest.mark.slow
-def test_served_app_answers_an_api_call(service) -> None:
-    """The real server: launch on a free port, call the Generate endpoint over HTTP with gradio_client."""
-    import socket
+def test_job_trains_stops_resumes_and_survives_a_restart(tmp_path, monkeypatch) -> None:
+    """A real trainer subprocess: stop keeps the checkpoint, resume continues from it, the finished adapter reaches
+    the library with a sample, and a new JobManager (an app restart) finds everything."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    settings = Settings(library=tmp_path / "lib", output=tmp_path / "out", device="cpu")
+    services = AppServices(settings)
+    jm = services.jobs
+    job = jm.create(JobRequest([image(tmp_path / "ring.png", (64, 48))], steps=30, checkpoint_every=2,
+                               sample_every=30, sample_steps=2, name="ring"))
+    second = jm.create(JobRequest([image(tmp_path / "b.png")], steps=2, sample_steps=2, name="second"))
+    assert job.state == "running" and second.state == "queued" and jm.place(second) == 2  # one job at a time
+    wait(jm, job, until=lambda: (jm.latest_checkpoint(job) or (0,))[0] >= 2)
+    jm.stop(job.id)
+    wait(jm, job, ("stopped",))
+    kept = jm.latest_checkpoint(job)
+    assert kept is not None and jm.progress(job)["step"] < 30  # really stopped, checkpoint kept
+    assert jm.current_adapter(job) == kept[1]  # 'try a prompt' uses it while stopped
+    wait(jm, second, ("done",))  # the queue moved on
+    jm.resume(job.id)
+    wait(jm, job, ("done",))
+    log_text = (jm.dir(job) / "log.txt").read_text()
+    assert f"resumed from {kept[1].parent}" in log_text
+    p = jm.progress(job)
+    assert p["step"] == 30 and len(p["losses"]) == 30 and all(np.isfinite([v for _, v in p["losses"]]))
+    entry = next(e for e in services.library.entries() if e["name"] == "ring")
+    assert entry["sample"] and entry["training"]["steps"] == 30 and entry["trigger_words"] == ["sks"]
+    assert set(jm.outputs(job)) == {"canonical", "kohya", "diffusers"}
+    # an app restart: job state comes from disk; a job whose process died with the app is resumable
+    state = json.loads((jm.dir(second) / "job.json").read_text())
+    (jm.dir(second) / "job.json").write_text(json.dumps({**state, "state": "running", "pid": 999999}))
+    again = JobManager(settings, services.library)
+    assert again.get(job.id).state == "done" and again.get(second.id).state == "stopped"
+    assert "Resume continues it" in again.get(second.id).error
 
-    from gradio_client import Client
 
-    from app.ui import build_app
+def test_handler_turns_a_mistake_into_one_named_message_and_one_log_line(services, caplog) -> None:
+    import gradio as gr
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo = build_app(service).queue()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        out = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
-            "a purple circle on a yellow background", "", 3, 4.0, 3, 2, "", [], "", api_name="/generate")
-        assert len(out) == 2 and all(Path(item["image"]).is_file() for item in out)
-    finally:
-        demo.close()
+    from app.ui import UI
+
+    ui = UI(services)
+    with caplog.at_level(logging.INFO, logger="app"), pytest.raises(gr.Error, match="seed: empty"):
+        ui.generate(PROMPT, "", "", 3, 4.0, None, 1, "demo", False, "", True, 1.0, "", True, 1.0, "", True, 1.0,
+                    "", True, 1.0, progress=lambda *a, **k: None)
+    records = [r for r in caplog.records if r.name == "app"]
+    assert len(records) == 1 and records[0].exc_info is None and "seed: empty" in records[0].getMessage()
+    with pytest.raises(gr.Error, match="weight of nope: expected a finite number|adapter: no adapter named 'nope'"):
+        ui.generate(PROMPT, "", "0", 3, 4.0, None, 1, "demo", False, "nope", True, float("nan"), "", True, 1.0,
+                    "", True, 1.0, "", True, 1.0, progress=lambda *a, **k: None)

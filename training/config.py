@@ -217,6 +217,7 @@ class RunArgs:
     logging_dir: str = opt("logs", "TensorBoard folder, relative to output_dir")
     cpu: bool = opt(False, "train on the CPU even if a GPU is present")
     progress: bool = opt(True, "show a progress bar")
+    progress_file: str | None = opt(None, "append one JSON line per step (step, total, loss, lr, it/s, time) for apps")
 
 
 # --- T-LoRA / diffusion sections ---

@@ -128,6 +128,22 @@ def _rate(bar: Any) -> float:
     return float(rate) if rate and math.isfinite(rate) else 0.0
 
 
+class JsonlProgress:
+    """A step hook appending ``{"step", "total", "loss", "lr", "it_per_s", "time"}`` lines to a file, flushed at
+    once, for apps that watch a trainer running in another process."""
+
+    def __init__(self, path: Any, total: int) -> None:
+        import json
+
+        self.path, self.total, self._dumps = path, total, json.dumps
+
+    def __call__(self, step: int, logs: dict[str, float]) -> None:
+        import time
+
+        with open(self.path, "a") as f:
+            f.write(self._dumps({"step": step, "total": self.total, **logs, "time": time.time()}) + "\n")
+
+
 class Reporter:
     """TensorBoard scalars and images (main process only); a no-op without tensorboard."""
 

@@ -26,7 +26,7 @@ from . import diffusion as dif
 from .checkpoint import CheckpointError, CheckpointManager, GlobalRNG, TrainableParams
 from .config import ConfigError, TLoRAConfig, parse_args, resolve_defaults, to_yaml
 from .data import DataError, files_digest
-from .loop import LoopConfig, NonFiniteLossError, Reporter, fit, make_accelerator
+from .loop import JsonlProgress, LoopConfig, NonFiniteLossError, Reporter, fit, make_accelerator
 from .objectives import DiffusionObjective
 
 log = logging.getLogger("train_tlora")
@@ -93,7 +93,9 @@ def train(cfg: TLoRAConfig) -> TrainResult:
     loop = LoopConfig(cfg.optim.max_train_steps, cfg.optim.gradient_accumulation_steps, cfg.optim.max_grad_norm,
                       f"train {cfg.adapter.variant}", cfg.run.progress)
     try:
-        result = fit(acc, model, opt, sched, sampler, objective, loop, start, [on_step])
+        hooks = [on_step] + ([JsonlProgress(cfg.run.progress_file, loop.max_steps)]
+                             if cfg.run.progress_file and acc.is_main_process else [])
+        result = fit(acc, model, opt, sched, sampler, objective, loop, start, hooks)
     except NonFiniteLossError as e:
         last = ckpt.checkpoints()
         raise TrainingError(f"{e}: training stopped, nothing of this step was applied; last good checkpoint: "

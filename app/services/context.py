@@ -1,0 +1,25 @@
+"""All of the app's services, built from the operator's settings."""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from pathlib import Path
+
+from .jobs import JobManager
+from .library import LibraryService
+from .pipelines import GenerateService
+from .sessions import Sessions
+from .settings import Settings
+
+
+class AppServices:
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        self.generator = GenerateService(self.settings)
+        self.library = LibraryService(self.settings)
+        self.jobs = JobManager(self.settings, self.library)
+        # per-session outputs live in the system temp folder: Gradio copies returned files from there into its own
+        # cache and serves only that cache (no app folder is ever served directly)
+        self.sessions = Sessions(Path(tempfile.gettempdir()) / f"lora-diffusion-app-{uuid.uuid4().hex[:8]}",
+                                 self.settings.session_ttl_s)

@@ -1,0 +1,85 @@
+"""What the operator decides at launch: folders, device, allowed base models, limits, users."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import AppError
+
+DEMO = "demo"  # the name of the embedded demo model in the base-model field
+
+
+@dataclass
+class Settings:
+    library: Path = Path("outputs/app/library")  # adapter files (the Library tab)
+    output: Path = Path("outputs/app")  # jobs/, sessions/
+    device: str | None = None  # None: cuda when available
+    models: dict[str, str | None] = field(default_factory=lambda: {DEMO: None})  # field value -> source (None: demo)
+    allow_server_paths: bool = False  # Library: import a file by its path on the server
+    max_upload_mb: float = 512.0  # adapter files; images are limited to max_image_mb
+    max_image_mb: float = 20.0
+    max_images: int = 16
+    max_pipelines: int = 2  # cached base+adapter pipelines (one per different set of adapters)
+    max_concurrent_generations: int = 1  # "one GPU job at a time"; the queue shows the others their place
+    session_ttl_s: float = 3600.0  # session folders older than this (and of closed sessions) are removed
+
+    def __post_init__(self) -> None:
+        self.library, self.output = Path(self.library).resolve(), Path(self.output).resolve()
+        self.library.mkdir(parents=True, exist_ok=True)
+        self.output.mkdir(parents=True, exist_ok=True)
+        if self.device is None:
+            import torch
+
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def model_source(self, name: str | None) -> str | None:
+        """The source of a base model the operator allows; anything else (a server path, a hub id not listed) is
+        refused, naming the field and the allowed choices."""
+        name = (name or DEMO).strip() or DEMO
+        if name not in self.models:
+            raise AppError(f"base model: '{name}' is not one of the models this server offers: {sorted(self.models)}")
+        return self.models[name]
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.output / "jobs"
+
+    @property
+    def sessions_dir(self) -> Path:
+        return self.output / "sessions"
+
+
+def parse_models(specs: list[str]) -> dict[str, str | None]:
+    """``--model`` values -> {name shown: source}; 'demo' (or nothing) is the embedded model; 'name=source' names
+    a hub id, folder or .safetensors file; a bare source is shown by its last path component."""
+    out: dict[str, str | None] = {}
+    for spec in specs or [DEMO]:
+        if spec == DEMO:
+            out[DEMO] = None
+            continue
+        name, _, src = spec.partition("=") if "=" in spec else (Path(spec).name or spec, "", spec)
+        out[name] = src
+    return out
+
+
+def read_users(auth: list[str], auth_file: str | None) -> list[tuple[str, str]]:
+    """``user:pass`` values and a file of such lines (``#`` comments) -> [(user, password)]."""
+    lines = list(auth or [])
+    if auth_file:
+        path = Path(auth_file)
+        if not path.is_file():
+            raise AppError(f"--auth-file {path}: no such file")
+        lines += [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    users = []
+    for ln in lines:
+        user, sep, password = ln.partition(":")
+        if not sep or not user or not password:
+            raise AppError(f"--auth: expected user:password, got {ln.split(':')[0]!r}:...")
+        users.append((user, password))
+    return users
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
