@@ -1,8 +1,8 @@
 """The embedded default model: a small Stable Diffusion pipeline of the shapes world, shipped in ``assets/``.
 
 It is the model everything uses when none is named, so the app and the examples work offline on a
-CPU. The folder is an ordinary diffusers ``StableDiffusionPipeline`` (fp16 safetensors), built by
-``python -m training.pretrain_demo`` (see ``docs/demo_model.md``)::
+CPU. The folder is an ordinary diffusers ``StableDiffusionPipeline`` (fp16-rounded weights stored as fp32
+safetensors, so diffusers' default dtype works), built by ``python -m training.pretrain_demo`` (see ``docs/demo_model.md``)::
 
     >>> pipe = load_demo_pipeline()
     >>> pipe("a red star on a blue background", num_inference_steps=20).images[0]

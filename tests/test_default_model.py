@@ -44,3 +44,22 @@ def test_train_tlora_and_generate_without_naming_a_model(ring, tmp_path):
     images = generate(pipe, ["a sks ring on a green background"], steps=4, seed=0)
     assert len(images) == 1 and images[0].size == (32, 32)
     assert len(set(images[0].getdata())) > 1  # an image, not a blank
+
+
+def test_demo_model_loads_with_diffusers_defaults():
+    """No torch_dtype: fp32 weights (fp16-rounded) and an fp32 text-encoder config, so CPU generation just works and
+    equals our loader's (which asks for fp32 explicitly)."""
+    import numpy as np
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from lora_diffusion.demo_model import load_demo_pipeline
+
+    assert DEMO is not None, WHY
+    theirs = DiffusionPipeline.from_pretrained(str(DEMO))
+    assert {m.dtype for m in (theirs.unet, theirs.vae, theirs.text_encoder)} == {torch.float32}
+    kw = dict(num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
+    a = theirs("a red star on a blue background", **kw).images
+    kw["generator"] = torch.Generator().manual_seed(0)
+    b = load_demo_pipeline()("a red star on a blue background", **kw).images
+    assert np.isfinite(a).all() and np.array_equal(a, b)
