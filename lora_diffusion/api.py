@@ -24,7 +24,7 @@ from .core.spec import AdapterSpec
 from .inject.walker import adapted_layers, adapter_names, inject, model_state, remove
 from .io import canonical, formats
 from .io.bundle import FAMILY_NAMES, Bundle, Part, component_role, model_family, model_view
-from .io.detect import file_family
+from .io.detect import TRANSFORMER_FAMILIES, file_family
 from .io.files import read_safetensors, single_thread, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -279,12 +279,20 @@ def _role_targets(obj: Any) -> dict[str, nn.Module]:
     return components(obj)
 
 
+def _family_words(family: str) -> str:
+    return f"{FAMILY_NAMES[family]}, a transformer model" if family in TRANSFORMER_FAMILIES else FAMILY_NAMES[family]
+
+
 def _check_family(obj: Any, src: Path, loaded: tuple[dict[str, torch.Tensor], dict[str, str]]) -> None:
+    """Refuse a file made for another base family before anything is injected (the file's family from its keys and
+    shapes, else its metadata; the model's from its UNet config). A transformer (Flux, SD3) file never fits a UNet."""
     tensors, meta = loaded
     want, have = file_family({k: tuple(v.shape) for k, v in tensors.items()}, meta), model_family(obj)
-    if want and have and want != have:
-        raise AdapterFileError(f"{src}: this LoRA is for {FAMILY_NAMES[want]}, the model is {FAMILY_NAMES[have]}; "
-                               f"expected a {FAMILY_NAMES[have]} LoRA")
+    has_unet = "unet" in _role_targets(obj) or "UNet" in type(obj).__name__
+    if want and have and want != have or want in TRANSFORMER_FAMILIES and has_unet:
+        model = FAMILY_NAMES[have] if have else "a UNet (Stable Diffusion 1/2/XL-style) model"
+        expected = f"a {FAMILY_NAMES[have]} LoRA" if have else "a LoRA for a UNet model"
+        raise AdapterFileError(f"{src}: this LoRA is for {_family_words(want)}; the model is {model}; expected {expected}")
 
 
 def _apply(bundle: Bundle, targets: dict[str, nn.Module], name: str, scale: float, trainable: bool, src: str) -> None:

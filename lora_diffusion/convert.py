@@ -22,7 +22,7 @@ from torch import nn
 from .api import _role_targets
 from .core.errors import AdapterError
 from .io import canonical
-from .io.bundle import Part, component_role, model_family, model_view
+from .io.bundle import FAMILY_NAMES, Part, component_role, model_family, model_view
 from .io.files import read_safetensors
 from .io.formats import FORMATS, read_bundle, resolve, write_parts
 from .io.library import describe
@@ -44,6 +44,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, base: str |
         base = base or describe(path)["base_family"]
         if base is None:
             raise AdapterError(f"{src}: cannot tell the base model family from the keys or metadata; pass --base sd1|sd2|sdxl")
+        if base not in ("sd1", "sd2", "sdxl"):
+            raise AdapterError(f"{src}: this LoRA is for {FAMILY_NAMES.get(base, base)}, a transformer model; converting "
+                               "needs its module names, known here for SD1.x, SD2.x and SDXL; expected one of those")
         model = Skeleton(base)
     targets = _role_targets(model)
     views = {role: model_view(m) for role, m in targets.items()}
@@ -71,17 +74,21 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, base: str |
 
 
 def _inspect(path: str, as_json: bool) -> int:
+    """Print the description; exit status 3 when the format is unknown (the file is not a LoRA this library reads)."""
     info = describe(resolve(path))
+    status = 3 if info["format"] == "unknown" else 0
+    if status:
+        sys.stderr.write(f"error: {path}: unknown adapter format; expected kohya, diffusers, PEFT or lora-diffusion keys\n")
     if as_json:
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
-        return 0
+        return status
     meta = info.pop("metadata")
     for k, v in info.items():
         sys.stdout.write(f"{k:>14}: {v}\n")
     sys.stdout.write(f"{'metadata':>14}: {len(meta)} keys\n")
     for k, v in sorted(meta.items()):
         sys.stdout.write(f"{'':>16}{k} = {v}\n")
-    return 0
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,7 +94,7 @@ def test_sdxl_lora_on_sd15_model(tmp_path):
          "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.randn(4, 2048),
          "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.randn(640, 4)}
     p = write(tmp_path / "sdxl_style.safetensors", t, {"ss_base_model_version": "sdxl_base_v1-0"})
-    with pytest.raises(AdapterFileError, match=r"sdxl_style.safetensors: this LoRA is for SDXL, the model is SD1.x"):
+    with pytest.raises(AdapterFileError, match=r"sdxl_style.safetensors: this LoRA is for SDXL; the model is SD1.x"):
         ld.load_adapter(sd15, p)
     assert ld.list_adapters(sd15) == []
 

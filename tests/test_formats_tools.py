@@ -76,7 +76,7 @@ def test_inspect_reads_the_header_only(tmp_path, monkeypatch):
     info = describe(src)
     assert info["format"] == "kohya" and info["base_family"] == "sd1" and info["rank"] == 4 and info["alpha"] == "2"
     assert info["components"] == {"lora_unet": 2, "lora_te": 1} and info["variant"] == "lora"
-    assert info["trigger_words"] == ["mystyle"] and info["tags"][:2] == ["sks dog", "smiling"]
+    assert info["trigger_words"] == ["mystyle", "sks dog"] and info["tags"][:2] == ["sks dog", "smiling"]
 
 
 def test_library_index_is_cached_and_refreshed(tmp_path, monkeypatch):

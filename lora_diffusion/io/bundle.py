@@ -23,7 +23,7 @@ from ..core.spec import AdapterSpec
 log = logging.getLogger(__name__)
 
 ModuleView = dict[str, LayerInfo]  # module path -> what an adapter sees of it (kind, weight shape)
-FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux"}
 
 
 @dataclass

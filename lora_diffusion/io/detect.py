@@ -28,23 +28,52 @@ def detect_format(keys: Sequence[str], meta: Mapping[str, str]) -> str:
     return "unknown"
 
 
-_FAMILY_META = (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"))
-_ARCH = (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1"))
+_FAMILY_META = (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"), ("sd3", "sd3"), ("flux", "flux"))
+_ARCH = (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1"),
+         ("stable-diffusion-3", "sd3"), ("flux", "flux"))
 _CROSS_DIM = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+_TE_DIM = {768: "sd1", 1024: "sd2"}  # the (only) CLIP text encoder's width
+# Transformer (DiT) models: kohya/BFL names and diffusers names. A T5 encoder ("encoder_block", "encoder.block")
+# can sit behind lora_te2_ / text_encoder_2 (Flux) or lora_te3_ / text_encoder_3 (SD3): never SDXL evidence.
+_FLUX = ("double_blocks", "single_blocks", "single_transformer_blocks", "img_attn", "txt_attn")
+_SD3 = ("joint_blocks", "context_block", "_x_block_", ".x_block.", "lora_te3_", "text_encoder_3.")
+_T5 = ("encoder_block_", "encoder.block.")
+TRANSFORMER_FAMILIES = {"flux": "Flux", "sd3": "SD3"}
+
+
+def _down(k: str) -> bool:
+    return "lora_down" in k or "lora_A" in k or k.endswith(".down.weight")
 
 
 def family_from_keys(shapes: Mapping[str, Sequence[int]]) -> str | None:
-    """From cross-attention's key input width (768 SD1, 1024 SD2, 2048 SDXL), else SDXL-only names.
+    """The base family from key names and shapes (metadata can be wrong or missing).
 
-    (``lora_te1`` alone is not SDXL: diffusers' ``convert_state_dict_to_kohya`` writes it for SD1 too.)
+    Transformer families first (Flux, SD3: their block names), then cross-attention's key input width (768 SD1,
+    1024 SD2, 2048 SDXL), SDXL-only UNet names and a CLIP (not T5) second text encoder, then the single text
+    encoder's width (768 SD1, 1024 SD2; SDXL's first one is 768 too, so ``lora_te1_`` does not count), then a
+    conv proj_in (SD1; SD2 and SDXL use Linear). (``lora_te1`` alone is not SDXL: diffusers'
+    ``convert_state_dict_to_kohya`` writes it for SD1 too.)
     """
+    keys = list(shapes)
+    if any(p in k for k in keys for p in _FLUX):
+        return "flux"
+    if any(p in k for k in keys for p in _SD3) or any(k.startswith("transformer.transformer_blocks.") for k in keys):
+        return "sd3"
     for k, s in shapes.items():
-        if ("attn2_to_k" in k or "attn2.to_k" in k) and ("lora_down" in k or "lora_A" in k) and len(s) >= 2:
+        if ("attn2_to_k" in k or "attn2.to_k" in k) and _down(k) and len(s) >= 2:
             fam = _CROSS_DIM.get(int(s[1]))
             if fam:
                 return fam
-    if any(k.startswith(("lora_te2_", "text_encoder_2.")) or "input_blocks_" in k or "label_emb_" in k for k in shapes):
+    te2_clip = any(k.startswith(("lora_te2_", "text_encoder_2.")) and not any(t in k for t in _T5) for k in keys)
+    if te2_clip or any("input_blocks_" in k or "label_emb_" in k for k in keys):
         return "sdxl"
+    for k, s in shapes.items():
+        if k.startswith(("lora_te_", "text_encoder.")) and "q_proj" in k and _down(k) and len(s) >= 2:
+            fam = _TE_DIM.get(int(s[1]))
+            if fam:
+                return fam
+    if any("proj_in" in k and _down(k) and len(s) == 4 for k, s in shapes.items()):
+        return "sd1"
     return None
 
 
@@ -59,7 +88,7 @@ def family_from_metadata(meta: Mapping[str, str]) -> str | None:
     for prefix, fam in _ARCH:
         if arch.startswith(prefix):
             return fam
-    return {"sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl"}.get(meta.get("base_model_family", ""))
+    return {f: f for f in ("sd1", "sd2", "sdxl", "sd3", "flux")}.get(meta.get("base_model_family", ""))
 
 
 def file_family(shapes: Mapping[str, Sequence[int]], meta: Mapping[str, str]) -> str | None:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -56,10 +57,41 @@ def tags(meta: dict[str, str], top: int = 20) -> list[str]:
     return out
 
 
+_COMMENT_TRIGGER = re.compile(r"(?:trigger|activation|instance)\s*(?:words?|phrases?|prompts?|tokens?)?\s*[:=]\s*([^\n;]+)", re.I)
+
+
+def _dataset_concepts(meta: dict[str, str]) -> list[str]:
+    """kohya dataset folders are named '<repeats>_<trigger> <class>' ('10_sks dog'): the concept, without the count."""
+    try:
+        dirs = list(json.loads(meta.get("ss_tag_frequency", "{}")))
+    except (json.JSONDecodeError, TypeError):
+        return []
+    return [m.group(1).strip() for d in dirs if (m := re.fullmatch(r"\d+_(.+)", str(d).strip()))]
+
+
 def trigger_words(meta: dict[str, str], tag_list: list[str]) -> list[str]:
-    words = [meta.get(k, "") for k in ("modelspec.trigger_phrase", "trigger_word", "ss_output_name")]
-    words = [w for w in dict.fromkeys(w.strip() for w in words) if w]
-    return words or tag_list[:1]
+    """Explicit trigger fields (``modelspec.trigger_phrase``, ``trigger_word``), 'trigger: …' in
+    ``ss_training_comment``, the output name, the kohya dataset folders' concepts (``ss_tag_frequency`` keys), then
+    the most frequent caption tag."""
+    words = [meta.get(k, "") for k in ("modelspec.trigger_phrase", "trigger_word")]
+    m = _COMMENT_TRIGGER.search(meta.get("ss_training_comment", ""))
+    words += [w for w in m.group(1).split(",")] if m else []
+    words += [meta.get("ss_output_name", ""), *_dataset_concepts(meta), *tag_list[:1]]
+    return [w for w in dict.fromkeys(w.strip() for w in words) if w]
+
+
+def _alpha_tensors(path: Path, keys: list[str]) -> str | None:
+    """The most common ``.alpha`` tensor value (kohya files whose metadata lacks ``ss_network_alpha``); reads only
+    those scalars."""
+    alphas = [k for k in keys if k.endswith(".alpha")]
+    if not alphas:
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        values = Counter(float(f.get_tensor(k).float()) for k in alphas)
+    v = values.most_common(1)[0][0]
+    return str(int(v)) if v == int(v) else str(v)
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
@@ -87,7 +119,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         ranks = Counter({e.spec.rank: 1 for e in entries.values()})
     family = file_family(shapes, meta)
     tag_list = tags(meta)
-    alpha = meta.get("ss_network_alpha") or meta.get("alpha") or config.get("lora_alpha")
+    alpha = meta.get("ss_network_alpha") or meta.get("alpha") or config.get("lora_alpha") or _alpha_tensors(path, keys)
     return {"path": str(path), "format": fmt, "base_family": family, "base": FAMILY_NAMES.get(family or "", "unknown"),
             "variant": meta.get("variant") or (str(config.get("peft_type", "")).lower() or _variant(keys)),
             "components": dict(modules), "modules": sum(modules.values()),
