@@ -3,7 +3,9 @@
 ``describe`` never loads a tensor: format, base family, modules, rank, variant and size come from the
 safetensors header (names, shapes); alpha, trigger words and tags from the metadata (``ss_network_alpha``,
 ``modelspec.trigger_phrase``, ``ss_tag_frequency``, ...). The index adds the file's sha256 and is kept in
-``<folder>/.lora_library.json``; a file is re-read only when its size or mtime changes.
+``<folder>/.lora_library.json``; a file is re-read only when its size or mtime changes. The descriptive
+metadata (titles, descriptions, captions, trigger words: ``TEXT_KEYS``) is kept in the index for
+:mod:`lora_diffusion.retrieval`, which builds a text description of each file from it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from .files import read_header
 log = logging.getLogger(__name__)
 CACHE = ".lora_library.json"
 RANK_KEYS = ("lora_down.weight", "lora_A.weight", "hada_w1_b", "lokr_w1_b", "lokr_w2_b", "lora_A")
+#: metadata worth reading as text: kohya/SAI titles, comments, dataset folders; our trainer's trigger and captions
+TEXT_KEYS = ("ss_output_name", "ss_training_comment", "ss_dataset_dirs", "modelspec.title", "modelspec.description",
+             "modelspec.trigger_phrase", "modelspec.tags", "modelspec.architecture", "trigger_word", "placeholder_token",
+             "class_name", "prompt_template", "captions", "description", "name", "base_model", "base_model_family")
 
 
 def _component(key: str, fmt: str) -> str:
@@ -94,6 +100,18 @@ def _alpha_tensors(path: Path, keys: list[str]) -> str | None:
     return str(int(v)) if v == int(v) else str(v)
 
 
+def family_hint(shapes: dict[str, list[int]], meta: dict[str, str]) -> str | None:
+    """A base family that ``detect.file_family`` does not name: "flux" (Flux transformer keys or modelspec),
+    "demo" (the embedded demo model: cross-attention keys 64 wide), else None."""
+    arch = meta.get("modelspec.architecture", "")
+    if arch.startswith("flux") or any(s in k for k in shapes for s in ("single_transformer_blocks", "double_blocks")):
+        return "flux"
+    for k, s in shapes.items():
+        if ("attn2_to_k" in k or "attn2.to_k" in k) and ("lora_down" in k or "lora_A" in k) and len(s) >= 2 and s[1] == 64:
+            return "demo"
+    return None
+
+
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """Format, base family, components and module counts, rank, alpha, variant, trigger words, tags: header only."""
     path = Path(path)
@@ -125,6 +143,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             "components": dict(modules), "modules": sum(modules.values()),
             "rank": ranks.most_common(1)[0][0] if ranks else None, "ranks": sorted(ranks),
             "alpha": alpha, "size": path.stat().st_size, "trigger_words": trigger_words(meta, tag_list), "tags": tag_list,
+            "family_hint": None if family else family_hint(shapes, meta),
+            "text_metadata": {k: meta[k][:2000] for k in TEXT_KEYS if meta.get(k)},
             "metadata": {k: (v if len(v) < 200 else v[:200] + "...") for k, v in meta.items()}}
 
 
@@ -152,8 +172,12 @@ class LoraLibrary:
             return {}
 
     def files(self) -> list[Path]:
-        out = [p for p in self.folder.rglob("*.safetensors") if not (p.parent / peft_format.CONFIG).is_file()]
-        return sorted(out + [p.parent for p in self.folder.rglob(peft_format.CONFIG)])
+        """Adapter files and PEFT folders under the folder; hidden folders (caches such as ``.lora_embeddings``) skipped."""
+        def visible(p: Path) -> bool:
+            return not any(part.startswith(".") for part in p.relative_to(self.folder).parts)
+
+        out = [p for p in self.folder.rglob("*.safetensors") if visible(p) and not (p.parent / peft_format.CONFIG).is_file()]
+        return sorted(out + [p.parent for p in self.folder.rglob(peft_format.CONFIG) if visible(p)])
 
     def scan(self) -> list[dict[str, Any]]:
         """Every adapter's entry; files new or changed since the cache are re-read (header + sha256), others reused."""
@@ -162,7 +186,8 @@ class LoraLibrary:
             f = p / peft_format.WEIGHTS if p.is_dir() else p
             rel, st = str(p.relative_to(self.folder)), f.stat()
             stamp = [st.st_size, st.st_mtime_ns]
-            if rel in old and old[rel].get("stamp") == stamp:
+            fresh = "error" in old.get(rel, {}) or "text_metadata" in old.get(rel, {})  # not from an older index
+            if rel in old and old[rel].get("stamp") == stamp and fresh:
                 new[rel] = old[rel]
                 continue
             try:
@@ -170,13 +195,19 @@ class LoraLibrary:
             except AdapterError as e:
                 entry = {"path": str(f), "error": str(e)}
                 log.warning("%s", e)
+            except Exception as e:  # a header that parses but is not what a safetensors header holds
+                entry = {"path": str(f), "error": f"{f}: unreadable header ({type(e).__name__}: {e})"}
+                log.warning("%s", entry["error"])
             entry.update({"file": rel, "stamp": stamp, "sha256": sha256(f)})
             entry.pop("metadata", None)
             new[rel] = entry
         if new != old:
             tmp = self.cache_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(new, indent=1, sort_keys=True))
-            tmp.replace(self.cache_path)
+            try:
+                tmp.write_text(json.dumps(new, indent=1, sort_keys=True))
+                tmp.replace(self.cache_path)
+            except OSError as e:  # a read-only library still works, only uncached
+                log.warning("%s: cannot write the index cache (%s); the library is re-read next time", self.cache_path, e)
         return list(new.values())
 
     def find(self, text: str) -> list[dict[str, Any]]:
