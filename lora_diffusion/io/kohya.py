@@ -149,11 +149,29 @@ def _parse_lokr(src: str, flat: str, ts: dict[str, torch.Tensor], info: LayerInf
                         sh = lokr_shapes(info, ModuleConfig(flat, r, r, 0.0, False, 0, parse_options(LoKr, opts)))
                         if (sh.a, sh.b, sh.c, sh.d, sh.full_w1, sh.full_w2, sh.tucker) == want:
                             cands.append(opts)
-    if not cands:
-        raise _err(src, f"{flat}.{next(iter(ts))}", f"LoKr factors ({a}x{c}) kron ({b}x{d}) do not fit the module "
-                   f"{info.weight_shape}; expected out = {info.out_features} = a*b and in = {info.in_features} = c*d")
     names = [n for n in LOKR_NAMES if n in ts]
+    if not cands:  # a layout no current LyCORIS option set makes (pre-release files): take it from the tensors
+        return _lokr_explicit(src, flat, ts, info, r, names)
     return "lokr", r, {n: ts[n] for n in names}, {n: f"{flat}.{n}" for n in names}, cands
+
+
+def _lokr_explicit(src: str, flat: str, ts: dict[str, torch.Tensor], info: LayerInfo, r: int,
+                   names: list[str]) -> tuple[str, int, dict, dict, list]:
+    """W1 (a, c) and W2 (b, d) as matrices over (out, fan_in), ΔW = (W1 ⊗ W2).reshape(weight.shape) (A1111/ComfyUI)."""
+    if "lokr_t2" in ts:
+        raise _err(src, f"{flat}.lokr_t2", "a Tucker LoKr core in a factor layout no LyCORIS option set makes; "
+                   f"expected W2 with its kernel (b, d, kh, kw) for the module {info.weight_shape}")
+    w1 = ts["lokr_w1"].flatten(1) if "lokr_w1" in ts else None
+    w2 = ts["lokr_w2"].flatten(1) if "lokr_w2" in ts else None
+    a, c = w1.shape if w1 is not None else (ts["lokr_w1_a"].shape[0], ts["lokr_w1_b"].flatten(1).shape[1])
+    b, d = w2.shape if w2 is not None else (ts["lokr_w2_a"].shape[0], ts["lokr_w2_b"].flatten(1).shape[1])
+    if a * b != info.out_features or c * d != info.fan_in:
+        raise _err(src, f"{flat}.{names[0]}", f"LoKr factors W1 ({a}x{c}) and W2 ({b}x{d}) give a ({a * b}x{c * d}) "
+                   f"Kronecker product; expected out·fan_in = {info.out_features}x{info.fan_in} for the module "
+                   f"{info.weight_shape}")
+    tensors = {n: ts[n].flatten(1) if n in ("lokr_w1", "lokr_w2", "lokr_w1_b", "lokr_w2_b") else ts[n] for n in names}
+    opts = {"shape": [a, b, c, d], "decompose_both": w1 is None, "full_matrix": w2 is not None}
+    return "lokr", r, tensors, {n: f"{flat}.{n}" for n in names}, [opts]
 
 
 def _parse_module(src: str, flat: str, ts: dict[str, torch.Tensor], role: str, path: str, info: LayerInfo) -> _Module:

@@ -7,6 +7,11 @@ W2 is low-rank W2a W2b (b×r, r×d·k) when r < max(b, d)/2, else full; W1 is lo
 as a Tucker core t2 (r, r, kh, kw) with W2a (r, b), W2b (r, d). Names, shapes, init and the
 "both factors full: alpha = rank, s = 1" rule follow LyCORIS, so its files load unchanged.
 Init: W1 (or W1a, W1b) and W2a kaiming-uniform, W2 / W2b = 0 (ΔW = 0).
+
+``shape=[a, b, c, d]`` gives the factor layout explicitly, as files of pre-release LyCORIS have it (any split of
+out = a·b and of fan_in = in·kh·kw = c·d, kernels spread across both factors): W1 (a, c), W2 (b, d) are matrices and
+ΔW = s · (W1 ⊗ W2).reshape(weight.shape), the rule A1111 and ComfyUI apply; there ``decompose_both`` means "W1 is
+W1a W1b" and ``full_matrix`` "W2 is full" (no rank rule: the file says which).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 
 from ..core.adapter import Adapter, kaiming_uniform_, new_param
 from ..core.context import CallContext
+from ..core.errors import TargetError
 from ..core.functional import factorization, rebuild_tucker
 from ..core.layerinfo import LayerInfo
 from ..core.registry import register_variant
@@ -38,6 +44,13 @@ class LoKrShapes:
 
 def lokr_shapes(info: LayerInfo, cfg: ModuleConfig) -> LoKrShapes:
     o = cfg.options
+    if o.shape is not None:  # explicit layout (pre-release LyCORIS): matrices over (out, fan_in), the file's choices
+        a, b, c, d = o.shape
+        if a * b != info.out_features or c * d != info.fan_in:
+            raise ValueError(f"LoKr shape {list(o.shape)}: expected a·b = out = {info.out_features} and c·d = "
+                             f"in·kh·kw = {info.fan_in}")
+        tucker = False
+        return LoKrShapes(a, b, c, d, (), not o.decompose_both, bool(o.full_matrix), tucker)
     c, d = factorization(info.in_features, o.factor)
     a, b = factorization(info.out_features, o.factor)
     if o.unbalanced_factorization:
@@ -64,6 +77,11 @@ class LoKr(Adapter):
         use_tucker: bool = False
         full_matrix: bool = False
         unbalanced_factorization: bool = False
+        shape: list[int] | None = None  # [a, b, c, d]: W1 (a, c), W2 (b, d) over (out, fan_in); see the docstring
+
+        def __post_init__(self) -> None:
+            if self.shape is not None and (len(self.shape) != 4 or not all(isinstance(x, int) and x > 0 for x in self.shape)):
+                raise ValueError(f"option shape: expected [a, b, c, d] of positive ints, found {self.shape!r}")
 
     def __init__(self, info: LayerInfo, cfg: ModuleConfig, **kw) -> None:
         super().__init__(info, cfg, **kw)
@@ -86,6 +104,14 @@ class LoKr(Adapter):
         else:
             self.lokr_w2_a = kaiming_uniform_(new_param(sh.b, r), gen)
             self.lokr_w2_b = torch.nn.Parameter(torch.zeros(r, sh.d * math.prod(sh.k)))
+
+    @classmethod
+    def check(cls, info: LayerInfo, cfg: ModuleConfig, loading: bool = False) -> None:
+        super().check(info, cfg, loading)
+        try:
+            lokr_shapes(info, cfg)
+        except ValueError as e:
+            raise TargetError(f"module '{cfg.module_name}': {e}") from None
 
     @classmethod
     def num_params(cls, info: LayerInfo, cfg: ModuleConfig) -> int:
@@ -113,7 +139,8 @@ class LoKr(Adapter):
         w1, w2 = self._w1(), self._w2()
         w1 = w1.view(*w1.shape, *([1] * (w2.dim() - 2)))
         # torch.kron fails on a non-contiguous w2 (the Tucker einsum's output); PEFT and LyCORIS also call .contiguous()
-        return torch.kron(w1, w2.contiguous()) * self.scaling  # (a·b, c·d, *k)
+        dw = torch.kron(w1, w2.contiguous()) * self.scaling  # (a·b, c·d, *k)
+        return dw if self.shapes.k == self.info.kernel_size else dw.reshape(self.info.weight_shape)  # explicit shape
 
     def extra_repr(self) -> str:
         sh = self.shapes
