@@ -69,6 +69,7 @@ class BenchConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     jobs: int = 1
     out: Path = field(default_factory=lambda: ROOT / "outputs" / "personalization")
+    overrides: tuple[str, ...] = ()  # trainer options "key=value" (training.config names), e.g. train_embedding=false
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,21 @@ def recontext_prompts(train: world.Scene, n: int, seed: int) -> list[tuple[str, 
     return [pairs[i] for i in rng.permutation(len(pairs))[:n]]
 
 
+def set_options(tc: Any, options: tuple[str, ...]) -> None:
+    """``key=value`` trainer options (the flag names of training.config) onto a TLoRAConfig."""
+    from training.config import TLoRAConfig, _convert, _hints, leaf_index
+
+    index = leaf_index(TLoRAConfig)
+    for item in options:
+        key, sep, value = item.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        if not sep or key not in index:
+            raise SystemExit(f"--set {item!r}: expected key=value with a trainer option; valid: {sorted(index)}")
+        sec, name = index[key]
+        section = getattr(tc, sec)
+        setattr(section, name, _convert(None if value == "None" else value, _hints(type(section))[name], f"--{key}"))
+
+
 def _train(run: Run, cfg: BenchConfig, work: Path) -> tuple[Path, dict[str, Any]]:
     """Train ``run.variant`` on the run's one image; the canonical adapter file and the settings used."""
     import lora_diffusion as ld
@@ -108,10 +124,10 @@ def _train(run: Run, cfg: BenchConfig, work: Path) -> tuple[Path, dict[str, Any]
     tc.model.pretrained_model_name_or_path = cfg.model
     tc.adapter.variant = run.variant
     tc.data.instance_data_dir = str(data)
-    tc.data.placeholder_token = TOKEN
     tc.data.prompt_template = world.caption("{0}", scene.color, scene.background)
     tc.optim.max_train_steps = cfg.steps
     tc.adapter.targets = cfg.targets
+    set_options(tc, cfg.overrides)
     resolve_defaults(tc, ld.variant_names())
     tc.optim.learning_rate *= cfg.lr_scale
     tc.checkpoint.output_dir = str(work / "train")
@@ -122,12 +138,13 @@ def _train(run: Run, cfg: BenchConfig, work: Path) -> tuple[Path, dict[str, Any]
     tc.run.cpu = cfg.device == "cpu"
     result = train(tc)
     used = {"rank": tc.adapter.lora_rank, "lr": tc.optim.learning_rate, "steps": tc.optim.max_train_steps,
-            "targets": tc.adapter.targets}
+            "targets": tc.adapter.targets, "token": tc.data.placeholder_token,
+            "embedding": bool(tc.embedding.train_embedding)}
     return result.outputs["canonical"], used
 
 
 @torch.no_grad()
-def _draw(run: Run, cfg: BenchConfig, adapter: Path | None) -> tuple[np.ndarray, list[dict[str, str]]]:
+def _draw(run: Run, cfg: BenchConfig, adapter: Path | None, token: str = TOKEN) -> tuple[np.ndarray, list[dict[str, str]]]:
     """Images (N, H, W, 3) uint8 for the run's recontextualizing prompts, and what each prompt asked for."""
     from lora_diffusion.generate import apply_adapters, load_pipeline
 
@@ -137,7 +154,7 @@ def _draw(run: Run, cfg: BenchConfig, adapter: Path | None) -> tuple[np.ndarray,
         apply_adapters(pipe, [adapter])  # also installs the hook that gives T-LoRA the timestep of each step
     pairs = recontext_prompts(training_scene(run.concept, run.seed), cfg.prompts, run.seed)
     asked = [{"shape": run.concept, "color": c, "background": b} for c, b in pairs for _ in range(cfg.images)]
-    prompts = [world.caption(TOKEN, c, b) for c, b in pairs for _ in range(cfg.images)]
+    prompts = [world.caption(token, c, b) for c, b in pairs for _ in range(cfg.images)]
     g = torch.Generator().manual_seed(1000 + run.seed)
     images = [pipe(prompts[i:i + 32], num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance, generator=g,
                    output_type="np").images for i in range(0, len(prompts), 32)]
@@ -165,7 +182,7 @@ def run_one(run: Run, cfg: BenchConfig, threads: int | None = None) -> dict[str,
     with tempfile.TemporaryDirectory(prefix=f"pers-{run.variant}-") as tmp:
         adapter, used = (None, {}) if run.variant == "base" else _train(run, cfg, Path(tmp))
         t_train = time.time() - t0
-        images, asked = _draw(run, cfg, adapter)
+        images, asked = _draw(run, cfg, adapter, used.get("token", TOKEN))
     preds = load_evaluator(cfg.evaluator).predict(images)
     figures = score(preds, asked, training_scene(run.concept, run.seed))
     per_image = [[a["color"], a["background"], p["shape"], p["color"], p["background"]] for a, p in zip(asked, preds)]
@@ -259,13 +276,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default=d.device)
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (GPU: 4-8)")
     p.add_argument("--out", type=Path, default=d.out)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a trainer option for every run (repeat), e.g. --set train_embedding=false --set embedding_lr=0.01")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     _quiet()
     cfg = BenchConfig(variants=tuple(a.variants.split(",")), concepts=tuple(a.concepts.split(",")),
                       seeds=tuple(int(s) for s in a.seeds.split(",")), steps=a.steps, lr_scale=a.lr_scale,
                       targets=a.targets, prompts=a.prompts, images=a.images, sample_steps=a.sample_steps,
-                      guidance=a.guidance, model=a.model, evaluator=a.evaluator, device=a.device, jobs=a.jobs, out=a.out)
+                      guidance=a.guidance, model=a.model, evaluator=a.evaluator, device=a.device, jobs=a.jobs, out=a.out,
+                      overrides=tuple(a.set))
     _check(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

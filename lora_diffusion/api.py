@@ -17,12 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import embeddings as emb
 from .core.context import CallContext
 from .core.errors import AdapterError, AdapterFileError
 from .core.registry import variant_names  # noqa: F401  (re-exported)
 from .core.spec import AdapterSpec
 from .inject.walker import adapted_layers, adapter_names, inject, model_state, remove
 from .io import canonical, formats
+from .io import embeddings as emb_io
 from .io.bundle import FAMILY_NAMES, Bundle, Part, component_role, model_family, model_view
 from .io.detect import TRANSFORMER_FAMILIES, file_family
 from .io.files import read_safetensors, single_thread, write_safetensors
@@ -175,18 +177,28 @@ def save_adapter(model_or_pipeline: Any, path: str | os.PathLike, name: str = "d
         prefix = f"{comp}." if comp else ""
         tensors.update({prefix + k: v for k, v in adapter_state_dict(model, name).items()})
         entries[comp] = canonical.ComponentEntry(st.specs[name], st.modules[name], type(model).__name__, name)
-    if not entries:
+    placeholders = _placeholders(model_or_pipeline, name)
+    if not entries and not placeholders:
         raise AdapterError(f"no adapter named '{name}' to save; present: {list_adapters(model_or_pipeline)}")
+    bundled, emb_meta = emb_io.bundle_tensors(model_or_pipeline, placeholders)
+    tensors.update(bundled)
+    meta.update(emb_meta)
     path = Path(path)
     family = model_family(model_or_pipeline)
     if family:
         meta.setdefault("base_model_family", family)
-    main = next(iter(entries.values())).spec
-    alpha = main.alpha if main.alpha is not None else main.rank
-    meta.update({"variant": main.variant, "rank": str(main.rank), "alpha": str(alpha)})
+    if entries:
+        main = next(iter(entries.values())).spec
+        alpha = main.alpha if main.alpha is not None else main.rank
+        meta.update({"variant": main.variant, "rank": str(main.rank), "alpha": str(alpha)})
     write_safetensors(path, tensors, canonical.encode_metadata(entries, meta))
     log.info("saved adapter '%s' (%d tensors) to %s", name, len(tensors), path)
     return path
+
+
+def _placeholders(obj: Any, name: str) -> list[emb.TokenEmbeddings]:
+    """The placeholder tokens trained or loaded with adapter ``name`` (pipelines only)."""
+    return [] if isinstance(obj, nn.Module) else emb.current_vectors(obj, name)
 
 
 def _export_parts(obj: Any, name: str, fmt: str) -> tuple[list[Part], dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
@@ -227,7 +239,12 @@ def _save_external(obj: Any, path: Path, name: str, meta: dict[str, str], fmt: s
     parts, views, shared = _export_parts(obj, name, fmt)
     meta.setdefault("name", name)
     unet = _role_targets(obj).get("unet")
-    formats.write_parts(path, parts, fmt, views, meta, model_family(obj), getattr(unet, "config", None), shared)
+    bundled: dict[str, torch.Tensor] = {}
+    if fmt == "kohya":  # sd-scripts' bundled embeddings; other formats get a separate embedding file
+        bundled, emb_meta = emb_io.bundle_tensors(obj, _placeholders(obj, name))
+        meta.update(emb_meta)
+    formats.write_parts(path, parts, fmt, views, meta, model_family(obj), getattr(unet, "config", None), shared,
+                        extra_tensors=bundled)
     log.info("saved adapter '%s' in %s format to %s", name, fmt, path)
     return path
 
@@ -248,19 +265,58 @@ def _target(obj: Any, comp: str, model_class: str, path: str) -> nn.Module:
 
 
 def load_adapter(model_or_pipeline: Any, path: str | os.PathLike, name: str | None = None,
-                 scale: float = 1.0, trainable: bool = False) -> str:
+                 scale: float = 1.0, trainable: bool = False, token: str | None = None) -> str:
     """Load an adapter file, folder or cached hub repo in any supported format; returns the adapter's name.
 
     Formats: canonical, kohya/A1111/Civitai (LoRA, LoCon, LyCORIS LoHa/LoKr, dora_scale), diffusers, PEFT folders.
     The name defaults to the file's stem; a file mixing variants adds ``<name>_<variant>`` adapters for the
     smaller groups. Nothing is applied unless every component, module and tensor of the file applies.
+    Placeholder embeddings travel along (kohya ``bundle_emb.*``, our canonical file) or alone (A1111/ComfyUI and
+    diffusers embedding files, ``token`` names the prompt word): the tokenizer gets the tokens, the text encoder
+    their rows, and ``remove_adapters`` restores both exactly.
     """
     src = formats.resolve(path)
+    if src.is_file() and src.suffix in (".pt", ".bin"):  # A1111 / diffusers textual-inversion files
+        return load_embeddings(model_or_pipeline, src, name, token)
     loaded = read_safetensors(src) if src.is_file() else None
     if loaded is None and not formats.is_peft_folder(src):
         src = formats.weights_file(src)
         loaded = read_safetensors(src)
     name = name or re.sub(r"[^A-Za-z0-9_-]", "_", src.stem if src.is_file() else src.name)
+    if loaded is None:
+        return _load_weights(model_or_pipeline, src, None, name, scale, trainable)
+    if emb_io.is_embedding_file(loaded[0]) and not canonical.is_canonical(loaded[1]):
+        return load_embeddings(model_or_pipeline, src, name, token, loaded)
+    tensors, raw = emb_io.split_bundle(loaded[0])
+    placeholders = []
+    if raw and not isinstance(model_or_pipeline, nn.Module):
+        placeholders = emb_io.from_bundle(model_or_pipeline, raw, loaded[1], str(src))
+        emb.check(model_or_pipeline, placeholders, str(src))  # before anything is applied
+    elif raw:
+        log.warning("%s: bundled embeddings %s skipped: load onto the pipeline to get the tokens", src, sorted(raw))
+    _load_weights(model_or_pipeline, src, (tensors, loaded[1]), name, scale, trainable)
+    try:
+        emb.apply_embeddings(model_or_pipeline, name, placeholders, str(src))
+    except BaseException:
+        remove_adapters(model_or_pipeline, [name])
+        raise
+    return name
+
+
+def load_embeddings(pipe: Any, path: str | os.PathLike, name: str | None = None, token: str | None = None,
+                    loaded: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None) -> str:
+    """Load a textual-inversion file (A1111/ComfyUI ``emb_params``/``clip_l``+``clip_g``, diffusers) as adapter
+    ``name`` (default: the file's stem); the prompt names ``token`` (default: the file's token or stem)."""
+    src = Path(path)
+    tensors, meta = loaded or emb_io.read_embedding_file(src)
+    name = name or re.sub(r"[^A-Za-z0-9_-]", "_", src.stem)
+    placeholders = emb_io.embeddings_from_file(pipe, tensors, meta, str(src), token)
+    emb.apply_embeddings(pipe, name, placeholders, str(src))
+    return name
+
+
+def _load_weights(model_or_pipeline: Any, src: Path, loaded: tuple[dict[str, torch.Tensor], dict[str, str]] | None,
+                  name: str, scale: float, trainable: bool) -> str:
     if loaded is not None and canonical.is_canonical(loaded[1]):
         return _load_canonical(model_or_pipeline, src, loaded, name, scale, trainable)
     targets = _role_targets(model_or_pipeline)
@@ -361,6 +417,8 @@ def list_adapters(model_or_pipeline: Any) -> list[str]:
     out: list[str] = []
     for m in components(model_or_pipeline).values():
         out.extend(n for n in adapter_names(m) if n not in out)
+    if not isinstance(model_or_pipeline, nn.Module):
+        out.extend(n for n in emb.loaded_embeddings(model_or_pipeline) if n not in out)
     return out
 
 
@@ -421,6 +479,9 @@ def remove_adapters(model_or_pipeline: Any, names: Sequence[str] | None = None, 
         here = present if names is None else [n for n in names if n in present]
         if here:
             remove(m, here, merge=merge)
+    if not isinstance(model_or_pipeline, nn.Module):  # placeholder tokens: tokenizer and embeddings restored
+        for n in list(emb.loaded_embeddings(model_or_pipeline)) if names is None else names:
+            emb.remove_embeddings(model_or_pipeline, n)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

@@ -198,6 +198,8 @@ class OptimArgs:
     lr_warmup_steps: int = opt(0, "warm-up steps of the learning-rate schedule")
     max_grad_norm: float | None = opt(None, "clip the gradient norm (None: no clipping, as the official code)")
     gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step")
+    timestep_bias: float = opt(1.0, "timestep sampling t = T (1 - (1 - u)^(1/b)): 1 uniform (the official code), "
+                               "< 1 more high-noise steps (where the layout, hence the shape, is decided)")
     max_train_steps: int | None = opt(None, "optimizer steps (None: the variant's default, 800 for T-LoRA)",
                                       "--num_train_epochs")
 
@@ -256,7 +258,8 @@ class AdapterArgs:
 class DataArgs:
     instance_data_dir: str | None = opt(None, "folder with the subject's image(s)", "--train_data_dir")
     one_image: str | None = opt(None, "train on this one file of the folder (name or suffix, e.g. 02.jpg)")
-    placeholder_token: str = opt("sks", "the rare token that names the subject")
+    placeholder_token: str | None = opt(None, "the token that names the subject (None: 'sks'; with "
+                                        "--train_embedding a new token '<sks>')")
     class_name: str = opt("", "the subject's class, e.g. dog")
     prompt_template: str = opt("a photo of {0}", "'#'-separated templates; {0} = '<token> <class>'")
     resolution: int | None = opt(None, "training resolution (None: 1024 for SDXL, the model's size otherwise)")
@@ -269,6 +272,23 @@ class DataArgs:
     prior_loss_weight: float = opt(1.0, "weight of the prior-preservation loss")
     cache_latents: bool = opt(True, "encode each image once (per flip) instead of every step")
     cache_text_embeddings: bool = opt(True, "encode each prompt once")
+
+
+@dataclass
+class EmbeddingArgs:
+    """Textual inversion / pivotal tuning: new placeholder-token vectors, alone or with the adapter."""
+
+    train_embedding: bool | None = opt(None, "train the placeholder's input embedding (pivotal tuning; with --variant "
+                                       "none: textual inversion alone). None: on for the embedded demo model, off "
+                                       "otherwise", "--pivotal_tuning", "--train_text_embedding")
+    num_vectors: int = opt(1, "vectors (tokens) of the placeholder: <tok>, <tok>_1, ...", "--num_new_tokens_per_abstraction")
+    initializer_token: str | None = opt(None, "init the vectors from this one-token word (None: --class_name, else "
+                                        "the vocabulary mean)")
+    embedding_lr: float | None = opt(None, "learning rate of the vectors (None: 5e-3, as textual inversion at batch 1)")
+    embedding_steps: int | None = opt(None, "stop training the vectors after N steps (None: train them throughout)")
+    allow_existing_token: bool = opt(False, "train the row of a placeholder that is already a vocabulary word")
+    text_encoder_targets: str | None = opt(None, "also put a LoRA (rank --lora_rank) on the text encoder(s): a "
+                                           "preset such as clip-text, or module patterns (None: no text adapter)")
 
 
 @dataclass
@@ -286,6 +306,7 @@ class TLoRAConfig:
     model: ModelArgs = field(default_factory=ModelArgs)
     adapter: AdapterArgs = field(default_factory=AdapterArgs)
     data: DataArgs = field(default_factory=DataArgs)
+    embedding: EmbeddingArgs = field(default_factory=EmbeddingArgs)
     optim: OptimArgs = field(default_factory=OptimArgs)
     checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
     validation: ValidationArgs = field(default_factory=ValidationArgs)
@@ -302,7 +323,10 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
     "loha": {"lora_rank": 8, "learning_rate": 2e-4, "max_train_steps": 500},
     "lokr": {"lora_rank": 8, "learning_rate": 2e-4, "max_train_steps": 500},
     "vera": {"lora_rank": 256, "learning_rate": 1e-3, "max_train_steps": 500},
+    "none": {"lora_rank": 1, "learning_rate": 5e-3, "max_train_steps": 500},  # textual inversion alone
 }
+NO_ADAPTER = "none"
+EMBEDDING_LR = 5e-3
 FALLBACK_DEFAULTS: dict[str, Any] = {"lora_rank": 16, "learning_rate": 1e-4, "max_train_steps": 500}
 
 
@@ -319,15 +343,17 @@ def default_targets(variant: str, demo: bool) -> str:
 def resolve_defaults(cfg: TLoRAConfig, variant_names: list[str]) -> TLoRAConfig:
     """Check the variant and fill the fields left to the variant's defaults (in place)."""
     a, o = cfg.adapter, cfg.optim
-    if a.variant not in variant_names:
-        raise ConfigError(f"--variant: unknown variant '{a.variant}'; registered variants: {variant_names}")
+    if a.variant not in variant_names and a.variant != NO_ADAPTER:
+        raise ConfigError(f"--variant: unknown variant '{a.variant}'; registered variants: {variant_names} (or "
+                          f"'{NO_ADAPTER}' with --train_embedding: textual inversion alone)")
     d = VARIANT_DEFAULTS.get(a.variant, FALLBACK_DEFAULTS)
     demo = is_demo_model(cfg.model.pretrained_model_name_or_path)
     a.lora_rank = d["lora_rank"] if a.lora_rank is None else a.lora_rank
     if o.learning_rate is None:
         o.learning_rate = d["learning_rate"] * (DEMO_TRAIN_DEFAULTS["lr_scale"] if demo else 1.0)
     if a.targets is None:
-        a.targets = default_targets(a.variant, demo)
+        a.targets = "" if a.variant == NO_ADAPTER else default_targets(a.variant, demo)
+    _resolve_embedding(cfg, demo)
     o.max_train_steps = d["max_train_steps"] if o.max_train_steps is None else o.max_train_steps
     if a.variant == "tlora" and a.min_rank is None:
         a.min_rank = max(1, a.lora_rank // 2)
@@ -335,6 +361,21 @@ def resolve_defaults(cfg: TLoRAConfig, variant_names: list[str]) -> TLoRAConfig:
         log.warning("--min_rank applies to T-LoRA only; ignored for variant '%s'", a.variant)
     _check_ranges(cfg)
     return cfg
+
+
+def _resolve_embedding(cfg: TLoRAConfig, demo: bool) -> None:
+    e, d = cfg.embedding, cfg.data
+    if e.train_embedding is None:
+        e.train_embedding = demo and bool(DEMO_TRAIN_DEFAULTS.get("train_embedding", False))
+    if cfg.adapter.variant == NO_ADAPTER and not e.train_embedding:
+        raise ConfigError("--variant none trains nothing without --train_embedding (textual inversion)")
+    if d.placeholder_token is None:
+        d.placeholder_token = "<sks>" if e.train_embedding else "sks"
+    if e.train_embedding:
+        e.embedding_lr = EMBEDDING_LR if e.embedding_lr is None else e.embedding_lr
+        if e.num_vectors < 1 or e.embedding_lr <= 0 or (e.embedding_steps is not None and e.embedding_steps < 0):
+            raise ConfigError(f"--num_vectors >= 1, --embedding_lr > 0, --embedding_steps >= 0 expected; found "
+                              f"{e.num_vectors}, {e.embedding_lr}, {e.embedding_steps}")
 
 
 def _check_ranges(cfg: TLoRAConfig) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import logging
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,12 @@ import torch
 from torch import nn
 
 import lora_diffusion as ld
+from lora_diffusion import embeddings as ld_emb
+from lora_diffusion.embeddings import TrainableTokens
 from lora_diffusion.generate import _slug, generate, install_timestep_hook, load_pipeline, remove_timestep_hook
+from lora_diffusion.io import embeddings as emb_io
 
-from .config import ConfigError, TLoRAConfig
+from .config import NO_ADAPTER, ConfigError, TLoRAConfig
 from .data import (
     DataError,
     ExampleSampler,
@@ -29,6 +33,7 @@ from .data import (
 from .objectives import Conditioner
 
 log = logging.getLogger(__name__)
+ADAPTER = "default"  # the name the trained adapter (and its placeholder tokens) has in the pipeline
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -102,12 +107,52 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
         shared.float()
 
 
+def add_placeholder(pipe: Any, cfg: TLoRAConfig) -> TrainableTokens | None:
+    """With --train_embedding: the placeholder's new token(s) in the tokenizer(s), initialized, and trainable."""
+    e, d = cfg.embedding, cfg.data
+    if not e.train_embedding:
+        return None
+    source = f"--placeholder_token {d.placeholder_token!r}"
+    try:
+        init = e.initializer_token or d.class_name.split()[-1] if (e.initializer_token or d.class_name) else None
+        vectors = ld_emb.init_vectors(pipe, init, e.num_vectors,
+                                      "--initializer_token" if e.initializer_token else "--class_name")
+        placeholder = ld_emb.TokenEmbeddings(d.placeholder_token, vectors)
+        ld_emb.apply_embeddings(pipe, ADAPTER, [placeholder], source, allow_existing=e.allow_existing_token)
+    except ld_emb.EmbeddingError as err:
+        raise ConfigError(str(err)) from None
+    log.info("placeholder %s: %d vector(s) initialized from %s, lr %g%s", placeholder.names, e.num_vectors,
+             repr(init) if init else "the vocabulary mean", e.embedding_lr,
+             f", trained for {e.embedding_steps} steps" if e.embedding_steps is not None else "")
+    return ld_emb.TrainableTokens(pipe, ADAPTER)
+
+
+def add_text_adapter(pipe: Any, cfg: TLoRAConfig) -> list[nn.Module]:
+    """--text_encoder_targets: a LoRA of rank --lora_rank on each text encoder; returns the adapted encoders."""
+    targets = cfg.embedding.text_encoder_targets
+    if not targets:
+        return []
+    a = cfg.adapter
+    spec = ld.AdapterSpec(variant="lora", rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout,
+                          targets=targets if targets in ld.PRESETS else [t.strip() for t in targets.split(",")],
+                          seed=cfg.run.seed)
+    out = []
+    for role in ld_emb.ENCODERS:
+        te = getattr(pipe, role, None)
+        if te is not None:
+            names = ld.add_adapter(te, spec, ADAPTER)
+            log.info("text encoder %s: LoRA rank %d on %d modules", role, a.lora_rank, len(names))
+            out.append(te)
+    return out
+
+
 def add_adapter(pipe: Any, cfg: TLoRAConfig, device: torch.device) -> nn.Module:
     unet = pipe.unet
-    names = ld.add_adapter(unet, adapter_spec(cfg))  # raises before touching the model on a bad rank/target
-    n = sum(p.numel() for p in unet.parameters() if p.requires_grad)
-    log.info("%s rank %d on %d modules: %.2fM trainable parameters", cfg.adapter.variant, cfg.adapter.lora_rank,
-             len(names), n / 1e6)
+    if cfg.adapter.variant != NO_ADAPTER:
+        names = ld.add_adapter(unet, adapter_spec(cfg))  # raises before touching the model on a bad rank/target
+        n = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+        log.info("%s rank %d on %d modules: %.2fM trainable parameters", cfg.adapter.variant, cfg.adapter.lora_rank,
+                 len(names), n / 1e6)
     dtype = DTYPES[cfg.model.mixed_precision]
     cast_frozen(unet, dtype)
     for comp in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)):
@@ -133,12 +178,20 @@ def set_attention(unet: nn.Module, mode: str, device: torch.device) -> None:
         log.info("attention: PyTorch SDPA")
 
 
-def make_optimizer(unet: nn.Module, cfg: TLoRAConfig) -> tuple[torch.optim.Optimizer, Any]:
+def make_optimizer(unet: nn.Module, cfg: TLoRAConfig, tokens: TrainableTokens | None = None,
+                   text_encoders: list[nn.Module] = ()) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the adapter's tensors (by role), the text adapters and the placeholder vectors (own lr, no decay)."""
     from diffusers.optimization import get_scheduler
 
     o = cfg.optim
     ratios = {"B": o.loraplus_lr_ratio} if o.loraplus_lr_ratio else None
     groups = ld.param_groups(unet, o.learning_rate, lr_ratios=ratios, weight_decay=o.adam_weight_decay)
+    for te in text_encoders:
+        groups += [{**g, "role": f"text_{g['role']}"} for g in
+                   ld.param_groups(te, o.learning_rate, lr_ratios=ratios, weight_decay=o.adam_weight_decay)]
+    if tokens is not None:
+        groups.append({"params": list(tokens.parameters()), "lr": cfg.embedding.embedding_lr, "weight_decay": 0.0,
+                       "role": "embedding"})
     kw = {"betas": (o.adam_beta1, o.adam_beta2), "eps": o.adam_epsilon}
     if o.use_8bit_adam:
         import bitsandbytes as bnb
@@ -170,6 +223,7 @@ def build_data(cfg: TLoRAConfig, pipe: Any, images: list[Path], resolution: int,
     log.info("%d training image(s) at %d px; %s: %s%s", len(inst), resolution,
              "captions (.txt)" if captions else "prompts", prompts[:4], " ..." if len(prompts) > 4 else "")
     cond = Conditioner(pipe, inst, classes, class_prompt, d.cache_latents, d.cache_text_embeddings)
+    cond.live_text = bool(cfg.embedding.train_embedding or cfg.embedding.text_encoder_targets)
     cond.warm(device)
     return ExampleSampler(inst, d.train_batch_size, cfg.run.seed * 1000 + process_index, classes), cond
 
@@ -184,7 +238,8 @@ def identity(cfg: TLoRAConfig, digest: str, resolution: int) -> dict[str, Any]:
             "placeholder_token": d.placeholder_token, "class_name": d.class_name, "prompt_template": d.prompt_template,
             "images": digest, "resolution": resolution, "train_batch_size": d.train_batch_size,
             "with_prior_preservation": d.with_prior_preservation, "seed": cfg.run.seed,
-            "gradient_accumulation_steps": o.gradient_accumulation_steps}
+            "gradient_accumulation_steps": o.gradient_accumulation_steps,
+            "embedding": {k: v for k, v in vars(cfg.embedding).items() if k != "embedding_steps"}}
 
 
 # --- validation and outputs ---
@@ -229,16 +284,26 @@ def adapter_metadata(cfg: TLoRAConfig, step: int, resolution: int) -> dict[str, 
             "trainer": "training.train_tlora"}
 
 
-def save_outputs(unet: nn.Module, cfg: TLoRAConfig, folder: Path, step: int, resolution: int) -> dict[str, Path]:
-    """The canonical adapter file, plus kohya and diffusers files when the library can write them."""
+def save_target(pipe: Any, cfg: TLoRAConfig) -> Any:
+    """What the adapter file is written from: the UNet, or the pipeline when tokens or text adapters were trained."""
+    return pipe if cfg.embedding.train_embedding or cfg.embedding.text_encoder_targets else pipe.unet
+
+
+def save_outputs(pipe: Any, cfg: TLoRAConfig, folder: Path, step: int, resolution: int) -> dict[str, Path]:
+    """The canonical adapter file, kohya and diffusers files, and the embedding files of a trained placeholder."""
     name = cfg.adapter.variant
     meta = adapter_metadata(cfg, step, resolution)
-    out = {"canonical": ld.save_adapter(unet, folder / f"{name}.safetensors", metadata=meta)}
-    if "format" not in inspect.signature(ld.save_adapter).parameters:
+    target = save_target(pipe, cfg)
+    out = {"canonical": ld.save_adapter(target, folder / f"{name}.safetensors", metadata=meta)}
+    if cfg.embedding.train_embedding:
+        stem = re.sub(r"[^A-Za-z0-9_-]", "", cfg.data.placeholder_token) or "embedding"
+        out["a1111"] = emb_io.save_embeddings(pipe, folder / "embeddings" / f"{stem}.safetensors", ADAPTER, "a1111")
+        out["diffusers_emb"] = emb_io.save_embeddings(pipe, folder / f"{name}_emb.safetensors", ADAPTER, "diffusers")
+    if "format" not in inspect.signature(ld.save_adapter).parameters or name == NO_ADAPTER:
         return out
     for fmt, fname in (("kohya", f"{name}.kohya.safetensors"), ("diffusers", "pytorch_lora_weights.safetensors")):
         try:
-            out[fmt] = ld.save_adapter(unet, folder / fname, metadata=meta, format=fmt)
+            out[fmt] = ld.save_adapter(target, folder / fname, metadata=meta, format=fmt)
         except ld.AdapterError as e:  # e.g. a variant the format cannot express
             log.warning("no %s file for variant '%s': %s", fmt, name, e)
     return out

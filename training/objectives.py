@@ -33,6 +33,7 @@ class Conditioner:
         if cache_latents and not instances.center_crop:
             log.info("random crops: latents are encoded every step (no latent cache)")
         self.cache_text = cache_text
+        self.live_text = False  # set by the trainer when text-side parameters train
         self.xl = hasattr(pipe, "text_encoder_2")
         self._latents: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._text: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -56,28 +57,34 @@ class Conditioner:
             self._latents[key] = out
         return out
 
-    @torch.no_grad()
     def text(self, prompt: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(prompt embeddings (1, L, D), SDXL pooled embeddings (1, P) or None)."""
+        """(prompt embeddings (1, L, D), SDXL pooled embeddings (1, P) or None); with ``live_text`` (trained
+        placeholder vectors or text adapters) computed with gradients every call, else cached."""
+        if self.live_text:
+            return self._encode(prompt, device)
         if prompt in self._text:
             return self._text[prompt]
+        with torch.no_grad():
+            out = self._encode(prompt, device)
+        if self.cache_text:
+            self._text[prompt] = out
+        return out
+
+    def _encode(self, prompt: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.xl:
             emb, _, pooled, _ = self.pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
                                                         do_classifier_free_guidance=False)
         else:
             emb, _ = self.pipe.encode_prompt(prompt, device, 1, False)
             pooled = None
-        out = (emb, pooled)
-        if self.cache_text:
-            self._text[prompt] = out
-        return out
+        return emb, pooled
 
     def warm(self, device: torch.device) -> None:
         """Fill the caches up front (every image/flip view and every prompt)."""
         for prior, s in self.sets.items():
             if s is None:
                 continue
-            if self.cache_text:
+            if self.cache_text and not self.live_text:
                 for p in ([self.class_prompt] if prior and self.class_prompt else s.prompts):
                     self.text(p, device)
             if self.cache_latents:
@@ -92,10 +99,11 @@ class DiffusionObjective:
     """The ε- or v-prediction MSE of a (possibly wrapped) UNet on a micro-batch of examples."""
 
     def __init__(self, model: nn.Module, unet: nn.Module, scheduler: Any, cond: Conditioner, seed: int,
-                 prior_loss_weight: float = 1.0, resolution: int = 512) -> None:
+                 prior_loss_weight: float = 1.0, resolution: int = 512, timestep_bias: float = 1.0) -> None:
         self.model, self.unet, self.scheduler, self.cond = model, unet, scheduler, cond
         self.gen = torch.Generator().manual_seed(seed)
         self.prior_loss_weight, self.resolution = prior_loss_weight, resolution
+        self.timestep_bias = timestep_bias
         self.T = int(scheduler.config.num_train_timesteps)
         self.prediction_type = scheduler.config.prediction_type
 
@@ -105,13 +113,20 @@ class DiffusionObjective:
         std = torch.cat([s for _, s in stats]).to(device)
         eps = torch.randn(mean.shape, generator=self.gen).to(device)
         noise = torch.randn(mean.shape, generator=self.gen).to(device)
-        t = torch.randint(0, self.T, (len(batch),), generator=self.gen).to(device)
+        t = self.timesteps(len(batch)).to(device)
         texts = [self.cond.text(self.cond.prompt(ex), device) for ex in batch]
         out = {"latents": mean + std * eps, "noise": noise, "timesteps": t,
                "text": torch.cat([e for e, _ in texts]).to(device)}
         if self.cond.xl:
             out["pooled"] = torch.cat([p for _, p in texts]).to(device)
         return out
+
+    def timesteps(self, n: int) -> torch.Tensor:
+        """Uniform integers in [0, T), or with ``timestep_bias`` b != 1: t = T (1 - (1 - u)^(1/b)), u ~ U(0, 1)."""
+        if self.timestep_bias == 1.0:
+            return torch.randint(0, self.T, (n,), generator=self.gen)
+        u = torch.rand((n,), generator=self.gen, dtype=torch.float64)
+        return (self.T * (1 - (1 - u) ** (1 / self.timestep_bias))).long().clamp(0, self.T - 1)
 
     def conditioning_kwargs(self, x: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, Any]:
         if "pooled" not in x:

@@ -56,17 +56,23 @@ def train(cfg: TLoRAConfig) -> TrainResult:
     torch.manual_seed(cfg.run.seed)
     pipe = dif.load_base(cfg)
     res = cfg.data.resolution or dif.default_resolution(pipe)
+    tokens = dif.add_placeholder(pipe, cfg)  # pivotal tuning: the new token(s), before the prompts are checked
+    text_encoders = dif.add_text_adapter(pipe, cfg)
     unet = dif.add_adapter(pipe, cfg, acc.device)
     sampler, cond = dif.build_data(cfg, pipe, images, res, acc.process_index, acc.device)
-    opt, sched = dif.make_optimizer(unet, cfg)
+    opt, sched = dif.make_optimizer(unet, cfg, tokens, text_encoders)
     model, opt = acc.prepare(unet, opt)
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     objective = DiffusionObjective(model, unet, noise_sched, cond, cfg.run.seed * 1000 + acc.process_index + 1,
-                                   cfg.data.prior_loss_weight, res)
+                                   cfg.data.prior_loss_weight, res, cfg.optim.timestep_bias)
     ckpt = CheckpointManager(out / "checkpoints", dif.identity(cfg, files_digest(images), res),
                              cfg.checkpoint.checkpoints_total_limit, acc.process_index, acc.num_processes,
                              acc.wait_for_everyone)
     shared = {"params": TrainableParams(unet), "optimizer": opt, "lr_scheduler": sched}
+    if tokens is not None:
+        shared["embeddings"] = tokens
+    for i, te in enumerate(text_encoders):
+        shared[f"text_params_{i}"] = TrainableParams(te)
     if acc.scaler is not None:
         shared["grad_scaler"] = acc.scaler
     local = {"rng": GlobalRNG(), "data": sampler, "objective": objective}
@@ -76,16 +82,29 @@ def train(cfg: TLoRAConfig) -> TrainResult:
         start = ckpt.load(path, shared, local) if path else 0
         if path is None:
             log.info("no checkpoint in %s yet: starting from step 0", ckpt.root)
+    stop_embedding = cfg.embedding.embedding_steps
+
+    def freeze_embedding(step: int) -> None:
+        if tokens is not None and stop_embedding is not None and step >= stop_embedding and tokens.trainable:
+            tokens.set_trainable(False)
+            cond.live_text = bool(text_encoders)
+            log.info("step %d: placeholder vectors frozen (--embedding_steps %d)", step, stop_embedding)
+
+    freeze_embedding(start)
+    target = dif.save_target(pipe, cfg)
     reporter = Reporter(out / cfg.run.logging_dir, cfg.run.report_to == "tensorboard" and acc.is_main_process)
 
     sampled: set[int] = set()
 
     def on_step(step: int, logs: dict[str, float]) -> None:
         reporter.scalars(step, logs)
+        freeze_embedding(step)
+        if tokens is not None:
+            tokens.commit()  # the embedding rows hold the trained vectors (saving and sampling read them)
         every, val_every = cfg.checkpoint.checkpointing_steps, cfg.validation.validation_steps
         if every and step % every == 0:
             meta = dif.adapter_metadata(cfg, step, res)
-            ckpt.save(step, shared, local, lambda d: ld.save_adapter(unet, d / "adapter.safetensors", metadata=meta))
+            ckpt.save(step, shared, local, lambda d: ld.save_adapter(target, d / "adapter.safetensors", metadata=meta))
         if acc.is_main_process and (step % val_every == 0 if val_every else bool(every) and step % every == 0):
             reporter.images(step, dif.sample(pipe, cfg, step, res))
             sampled.add(step)
@@ -104,7 +123,9 @@ def train(cfg: TLoRAConfig) -> TrainResult:
     acc.wait_for_everyone()
     outputs = {}
     if acc.is_main_process:
-        outputs = dif.save_outputs(unet, cfg, out, result.last_step, res)
+        if tokens is not None:
+            tokens.commit()
+        outputs = dif.save_outputs(pipe, cfg, out, result.last_step, res)
         if result.last_step > start and result.last_step not in sampled:
             reporter.images(result.last_step, dif.sample(pipe, cfg, result.last_step, res))
     reporter.close()

@@ -125,13 +125,15 @@ def plain_lora(part: Part, adapters: dict[str, Any]) -> Part:
 
 def write_parts(path: Path, parts: list[Part], fmt: str, views: dict[str, ModuleView], meta: dict[str, str],
                 family: str | None = None, unet_config: Any = None,
-                shared: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+                shared: dict[str, dict[str, torch.Tensor]] | None = None,
+                extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Parts -> a kohya / diffusers file or a PEFT folder (canonical files are written by ``api.save_adapter``)."""
     main = parts[0].spec
     meta = {"variant": main.variant, "rank": str(main.rank), "alpha": str(main.alpha if main.alpha is not None else main.rank),
             **({"base_model_family": family} if family else {}), **meta}
     if fmt == "kohya":
-        write_safetensors(path, kohya.write(parts, family, unet_config, views), kohya.metadata(parts, family, meta))
+        tensors = {**kohya.write(parts, family, unet_config, views), **(extra_tensors or {})}
+        write_safetensors(path, tensors, kohya.metadata(parts, family, meta))
     elif fmt == "diffusers":
         tensors, dmeta = diffusers_format.write(parts, views)
         write_safetensors(path, tensors, {**meta, **dmeta})

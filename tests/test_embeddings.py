@@ -1,0 +1,222 @@
+"""Pivotal tuning / textual inversion: training only the new rows, exact removal, resume, every file form,
+diffusers parity, and bad input that changes nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import lora_diffusion as ld
+from lora_diffusion import embeddings as E
+from lora_diffusion.generate import load_pipeline
+from lora_diffusion.io import embeddings as emb_io
+from lora_diffusion.io.files import read_safetensors, write_safetensors
+from training.config import ConfigError
+from training.train_tlora import train
+
+from .tiny_sd import _one_thread, sd_model, sdxl_model, subject, tiny_config  # noqa: F401
+
+MODELS = ["sd_model", "sdxl_model"]
+
+
+def _pipe(model: Path):
+    pipe = load_pipeline(str(model))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _text_state(pipe) -> dict[str, torch.Tensor]:
+    out = {}
+    for role, (_, te) in E.encoders(pipe).items():
+        out.update({f"{role}.{k}": v.clone() for k, v in te.state_dict().items()})
+    return out
+
+
+def _vectors(pipe, name: str = "default") -> dict[str, dict[str, torch.Tensor]]:
+    return {e.token: e.vectors for e in E.current_vectors(pipe, name)}
+
+
+@pytest.fixture(scope="module")
+def trained(request, tmp_path_factory):
+    """Pivotal tuning (LoRA + 2 placeholder vectors) on the tiny SD and SDXL pipelines, 3 steps."""
+    out = {}
+    for m in MODELS:
+        model = request.getfixturevalue(m)
+        images = request.getfixturevalue("subject")
+        cfg = tiny_config(model, images, tmp_path_factory.mktemp(f"pivotal-{m}"), variant="lora", max_train_steps=3,
+                          train_embedding=True, num_vectors=2, embedding_lr=0.05, prompt_template="a photo of {0}")
+        out[m] = train(cfg).outputs
+    return out
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_embedding_training_changes_only_the_new_rows(model, request, subject, tmp_path):  # noqa: F811
+    path = request.getfixturevalue(model)
+    base = _text_state(_pipe(path))
+    cfg = tiny_config(path, subject, tmp_path / "out", variant="none", max_train_steps=3, train_embedding=True,
+                      embedding_lr=0.05, initializer_token="dog")
+    outputs = train(cfg).outputs
+    pipe = _pipe(path)
+    ld.load_adapter(pipe, outputs["canonical"])
+    tok, te = E.encoders(pipe)["text_encoder"]
+    new_id = tok.convert_tokens_to_ids("<sks>")
+    after = _text_state(pipe)
+    for k, v in base.items():
+        if k.endswith("token_embedding.weight"):
+            assert torch.equal(after[k][: v.shape[0]], v)  # every old row bit-exact
+            dog = v[tok.convert_tokens_to_ids("dog</w>")]
+            assert after[k].shape[0] == v.shape[0] + 1 and not torch.equal(after[k][new_id], dog)  # trained from 'dog'
+        else:
+            assert torch.equal(after[k], v), k  # the rest of the text encoder untouched
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_remove_restores_tokenizer_and_text_encoder_bit_exactly(model, request, trained):
+    pipe = _pipe(request.getfixturevalue(model))
+    toks = {r: (t, len(t), dict(t.get_vocab())) for r, (t, _) in E.encoders(pipe).items()}
+    modules = {r: te.get_input_embeddings() for r, (_, te) in E.encoders(pipe).items()}
+    base = _text_state(pipe)
+    name = ld.load_adapter(pipe, trained[model]["canonical"])
+    assert "<sks>" in pipe.tokenizer.get_vocab() and "<sks>_1" in pipe.tokenizer.get_vocab()
+    assert pipe.maybe_convert_prompt("a photo of <sks>", pipe.tokenizer) == "a photo of <sks> <sks>_1"
+    ld.remove_adapters(pipe, [name])
+    for r, (tok, n, vocab) in toks.items():
+        cur, cur_te = E.encoders(pipe)[r]
+        assert cur is tok and len(cur) == n and cur.get_vocab() == vocab
+        assert cur_te.get_input_embeddings() is modules[r] and cur_te.config.vocab_size == n
+    after = _text_state(pipe)
+    assert after.keys() == base.keys() and all(torch.equal(after[k], base[k]) for k in base)
+    assert ld.list_adapters(pipe) == []
+
+
+def test_removing_an_earlier_adapter_keeps_the_later_tokens(sd_model, trained, tmp_path):  # noqa: F811
+    pipe = _pipe(sd_model)
+    a = ld.load_adapter(pipe, trained["sd_model"]["canonical"], name="a")
+    e = E.TokenEmbeddings("<other>", {"text_encoder": torch.randn(1, 32)})
+    E.apply_embeddings(pipe, "b", [e])
+    ld.remove_adapters(pipe, [a])
+    assert "<sks>" not in pipe.tokenizer.get_vocab() and "<other>" in pipe.tokenizer.get_vocab()
+    assert torch.equal(_vectors(pipe, "b")["<other>"]["text_encoder"], e.vectors["text_encoder"])
+
+
+def test_resume_restores_embeddings_and_their_optimizer_state(sd_model, subject, tmp_path):  # noqa: F811
+    kw = dict(variant="lora", max_train_steps=4, train_embedding=True, embedding_lr=0.05, checkpointing_steps=2,
+              checkpoints_total_limit=None)
+    full = train(tiny_config(sd_model, subject, tmp_path / "full", **kw))
+    half = tiny_config(sd_model, subject, tmp_path / "half", **{**kw, "max_train_steps": 2})
+    train(half)
+    resumed = train(tiny_config(sd_model, subject, tmp_path / "half", **kw, resume_from_checkpoint="latest"))
+    assert resumed.first_step == 3 and resumed.losses == full.losses[2:]
+    a, _ = read_safetensors(full.outputs["canonical"])
+    b, _ = read_safetensors(resumed.outputs["canonical"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    state = torch.load(tmp_path / "half" / "checkpoints" / "checkpoint-2" / "shared.pt", weights_only=False)
+    emb_group = next(i for i, g in enumerate(state["optimizer"]["param_groups"]) if g["role"] == "embedding")
+    pid = state["optimizer"]["param_groups"][emb_group]["params"][0]
+    assert state["optimizer"]["state"][pid]["exp_avg"].abs().sum() > 0 and "embeddings" in state
+
+
+def test_embedding_steps_freeze_the_vectors(sd_model, subject, tmp_path):  # noqa: F811
+    kw = dict(variant="lora", train_embedding=True, embedding_lr=0.05)
+    stopped = train(tiny_config(sd_model, subject, tmp_path / "a", max_train_steps=3, embedding_steps=1, **kw))
+    one = train(tiny_config(sd_model, subject, tmp_path / "b", max_train_steps=1, **kw))
+    a, _ = read_safetensors(stopped.outputs["canonical"])
+    b, _ = read_safetensors(one.outputs["canonical"])
+    key = "bundle_emb.<sks>.string_to_param.*"
+    assert torch.equal(a[key], b[key])  # trained for 1 step, then frozen
+    assert not torch.equal(a["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B"],
+                           b["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B"])
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("form", ["canonical", "kohya", "a1111", "diffusers_emb"])
+def test_round_trip_in_every_format(model, form, request, trained, tmp_path):
+    src = trained[model][form]
+    pipe = _pipe(request.getfixturevalue(model))
+    ld.load_adapter(pipe, trained[model]["canonical"], name="ref")
+    ref = _vectors(pipe, "ref")["<sks>"]
+    fresh = _pipe(request.getfixturevalue(model))
+    name = ld.load_adapter(fresh, src, token="<sks>" if form == "diffusers_emb" else None)
+    got = _vectors(fresh, name)
+    assert list(got) == ["<sks>"] and got["<sks>"].keys() == ref.keys()
+    assert all(torch.equal(got["<sks>"][r], ref[r]) for r in ref)
+    again = tmp_path / f"again-{form}.safetensors"
+    if form in ("a1111", "diffusers_emb"):
+        emb_io.save_embeddings(fresh, again, name, "a1111" if form == "a1111" else "diffusers")
+    else:
+        ld.save_adapter(fresh, again, name, format=form)
+    t0, _ = read_safetensors(src)
+    t1, _ = read_safetensors(again)
+    assert t0.keys() == t1.keys() and all(torch.equal(t0[k], t1[k]) for k in t0)
+
+
+def test_files_from_the_wild(sd_model, tmp_path):  # noqa: F811
+    """A1111 .pt (string_to_param), diffusers learned_embeds, the advanced script's <s0><s1> tokens."""
+    pipe = _pipe(sd_model)
+    v = torch.randn(2, 32)
+    torch.save({"string_to_param": {"*": v}, "name": "mystyle"}, tmp_path / "mystyle.pt")
+    assert ld.load_adapter(pipe, tmp_path / "mystyle.pt") == "mystyle"
+    assert pipe.maybe_convert_prompt("a mystyle dog", pipe.tokenizer) == "a mystyle mystyle_1 dog"
+    write_safetensors(tmp_path / "learned_embeds.safetensors", {"<cat-toy>": v[0]}, {})
+    ld.load_adapter(pipe, tmp_path / "learned_embeds.safetensors")
+    assert torch.equal(_vectors(pipe, "learned_embeds")["<cat-toy>"]["text_encoder"], v[:1])
+    write_safetensors(tmp_path / "adv_emb.safetensors", {"clip_l": v}, {})
+    ld.load_adapter(pipe, tmp_path / "adv_emb.safetensors", token="<s0><s1>")
+    assert pipe.tokenizer.tokenize("a <s0><s1> dog")[1:3] == ["<s0>", "<s1>"]
+    ld.remove_adapters(pipe)
+    assert "<s0>" not in pipe.tokenizer.get_vocab() and "mystyle" not in pipe.tokenizer.get_vocab()
+
+
+# --- bad input: one clear error, nothing changed ---
+def test_placeholder_already_in_the_vocabulary(sd_model, subject, tmp_path):  # noqa: F811
+    cfg = tiny_config(sd_model, subject, tmp_path / "out", variant="none", train_embedding=True, placeholder_token="dog")
+    with pytest.raises(ConfigError, match="token 'dog</w>'|token 'dog' is already a word.*--allow_existing_token"):
+        train(cfg)
+
+
+def test_initializer_of_several_tokens(sd_model, subject, tmp_path):  # noqa: F811
+    cfg = tiny_config(sd_model, subject, tmp_path / "out", variant="none", train_embedding=True,
+                      initializer_token="snowdog")
+    with pytest.raises(ConfigError, match="--initializer_token 'snowdog'.*splits it into .* tokens"):
+        train(cfg)
+
+
+def _unchanged(pipe, base, before):
+    assert _text_state(pipe).keys() == base.keys()
+    assert all(torch.equal(v, base[k]) for k, v in _text_state(pipe).items())
+    assert {r: len(t) for r, (t, _) in E.encoders(pipe).items()} == before
+    assert ld.list_adapters(pipe) == []
+
+
+def test_sd1_embedding_on_sdxl_and_wrong_width(sd_model, sdxl_model, trained, tmp_path):  # noqa: F811
+    pipe = _pipe(sdxl_model)
+    base, before = _text_state(pipe), {r: len(t) for r, (t, _) in E.encoders(pipe).items()}
+    with pytest.raises(E.EmbeddingError, match=r"sks.safetensors: token '<sks>'.*expects 'clip_l' \(32 wide\) and 'clip_g'"):
+        ld.load_adapter(pipe, trained["sd_model"]["a1111"])
+    with pytest.raises(E.EmbeddingError, match=r"token '<sks>'.*expects"):  # a LoRA bundling SD1 embeddings: no LoRA either
+        ld.load_adapter(pipe, trained["sd_model"]["kohya"])
+    _unchanged(pipe, base, before)
+    sd = _pipe(sd_model)
+    write_safetensors(tmp_path / "wide.safetensors", {"emb_params": torch.randn(1, 768)}, {})
+    with pytest.raises(E.EmbeddingError, match=r"wide.safetensors: token 'wide'.*shape \(1, 768\).*expects \(1, 32\)"):
+        ld.load_adapter(sd, tmp_path / "wide.safetensors")
+
+
+def test_nan_embedding_and_clashing_tokens(sd_model, trained, tmp_path):  # noqa: F811
+    pipe = _pipe(sd_model)
+    base, before = _text_state(pipe), {r: len(t) for r, (t, _) in E.encoders(pipe).items()}
+    t, meta = read_safetensors(trained["sd_model"]["kohya"])
+    t["bundle_emb.<sks>.string_to_param.*"][0, 3] = float("nan")
+    write_safetensors(tmp_path / "nan.safetensors", t, meta)
+    with pytest.raises(ld.AdapterError, match="nan.safetensors.*(NaN|non-finite|nan)"):
+        ld.load_adapter(pipe, tmp_path / "nan.safetensors")
+    _unchanged(pipe, base, before)
+    with pytest.raises(E.EmbeddingError, match="nan.safetensors: token '<sks>' embedding for text_encoder contains NaN"):
+        E.check(pipe, emb_io.from_bundle(pipe, emb_io.split_bundle(t)[1], meta, str(tmp_path / "nan.safetensors")),
+                str(tmp_path / "nan.safetensors"))
+    ld.load_adapter(pipe, trained["sd_model"]["canonical"], name="first")
+    with pytest.raises(E.EmbeddingError, match="token '<sks>' is already loaded \\(by 'first'\\)"):
+        ld.load_adapter(pipe, trained["sd_model"]["kohya"], name="second")
+    assert ld.list_adapters(pipe) == ["first"]
