@@ -1,0 +1,237 @@
+"""Concept + style composition on the embedded demo model, scored by the evaluator: which fusion keeps both?
+
+    python -m training.build_demo_library --out outputs/demo_library                  # the LoRAs (once)
+    python -m training.train_gates --loras <the concept and style LoRAs> --output_dir outputs/gates
+    python benchmarks/composition.py --library outputs/demo_library --gates outputs/gates/gates.safetensors
+
+For every (concept LoRA, style LoRA) pair, e.g. ring + dotted, ``--prompts`` prompts that also name a color and a
+background (``a red dotted ring on a blue background``), ``--seeds`` images each, drawn with each method:
+
+- base / concept only / style only: references;
+- static: the sum at weight 1 (diffusers ``set_adapters([c, s], [1, 1])``);
+- static-tuned: the best (w_c, w_s) of a grid, picked on separate tuning prompts and seeds;
+- klora (K-LoRA), scheduled (subject early, style late), gated (AutoLoRA gates from ``train_gates``).
+
+The evaluator reads shape, texture, color and background of every image. ``both`` = the concept's shape AND
+the style's texture; ``all`` = both and the prompted color and background. 95% Wilson intervals over images.
+Writes ``results.json``, ``table.md`` and ``grid.png`` (one row per method) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import lora_diffusion as ld  # noqa: E402
+from lora_diffusion import world  # noqa: E402
+from lora_diffusion.fusion import fuse, load_gates, unfuse  # noqa: E402
+from lora_diffusion.io.library import sha256  # noqa: E402
+
+log = logging.getLogger("composition")
+METHODS = ("base", "concept", "style", "static", "static-tuned", "klora", "scheduled", "gated")
+GRID = (0.5, 0.75, 1.0, 1.25)
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def prompts_for(concept: str, style: str, n: int, seed: int) -> list[tuple[str, str, str]]:
+    """``n`` (prompt, color, background) with a seeded color and background."""
+    rng = np.random.default_rng([seed, world.SHAPES.index(concept), world.TEXTURES.index(style)])
+    pairs = [(c, b) for c in world.SHAPE_COLORS for b in world.BACKGROUNDS if c != b]
+    return [(world.caption(concept, c, b, style), c, b) for c, b in (pairs[i] for i in rng.permutation(len(pairs))[:n])]
+
+
+@torch.no_grad()
+def draw(pipe: Any, prompts: list[str], seeds: list[int], steps: int, guidance: float, batch: int = 48) -> np.ndarray:
+    out = []
+    for k in range(0, len(prompts), batch):
+        gens = [torch.Generator().manual_seed(s) for s in seeds[k:k + batch]]
+        im = pipe(prompts[k:k + batch], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                  output_type="np").images
+        out.append(im)
+    return (np.clip(np.concatenate(out), 0, 1) * 255).round().astype(np.uint8)
+
+
+def setup(pipe: Any, method: str, c: str, s: str, args: argparse.Namespace, tuned: dict[tuple[str, str], tuple]) -> None:
+    unfuse(pipe)
+    roles = {c: "subject", s: "style"}
+    if method == "base":
+        ld.disable_adapters(pipe)
+    elif method in ("concept", "style"):
+        fuse(pipe, [c if method == "concept" else s], "static")
+    elif method == "static":
+        fuse(pipe, [c, s], "static", weights=[1.0, 1.0])
+    elif method == "static-tuned":
+        fuse(pipe, [c, s], "static", weights=list(tuned[(c, s)]))
+    elif method == "gated":
+        f = fuse(pipe, [c, s], "gated", roles=roles)
+        load_gates(f, args.gates, {c: sha256(args.files[c]), s: sha256(args.files[s])}, allow_unseen=args.allow_unseen)
+    else:
+        fuse(pipe, [c, s], method, roles=roles)
+
+
+def score(preds: list[dict[str, str]], asked: list[dict[str, str]]) -> dict[str, np.ndarray]:
+    r = {k: np.array([p[k] == a[k] for p, a in zip(preds, asked)]) for k in ("shape", "texture", "color", "background")}
+    r["both"] = r["shape"] & r["texture"]
+    r["all"] = r["both"] & r["color"] & r["background"]
+    return r
+
+
+def run_set(pipe: Any, ev: Any, method: str, pairs: list[tuple[str, str]], n_prompts: int, seeds: list[int],
+            args: argparse.Namespace, tuned: dict, prompt_seed: int) -> dict[str, Any]:
+    per_pair, images = {}, {}
+    for c, s in pairs:
+        setup(pipe, method, c, s, args, tuned)
+        ps = prompts_for(c, s, n_prompts, prompt_seed)
+        prompts = [p for p, _, _ in ps for _ in seeds]
+        asked = [{"shape": c, "texture": s, "color": col, "background": bg} for _, col, bg in ps for _ in seeds]
+        ims = draw(pipe, prompts, [sd for _ in ps for sd in seeds], args.steps, args.guidance)
+        per_pair[f"{c}+{s}"] = score(ev.predict(ims), asked)
+        images[f"{c}+{s}"] = ims
+    unfuse(pipe)
+    return {"per_pair": per_pair, "images": images}
+
+
+def tune_static(pipe: Any, ev: Any, pairs: list[tuple[str, str]], args: argparse.Namespace) -> dict[tuple[str, str], tuple]:
+    """Best (w_c, w_s) per pair on tuning prompts/seeds disjoint from the test set (by 'both', then 'all')."""
+    best: dict[tuple[str, str], tuple] = {}
+    for c, s in pairs:
+        scores = {}
+        for w in itertools.product(GRID, GRID):
+            res = run_set(pipe, ev, "static-tuned", [(c, s)], 2, [10_000, 10_001], args, {(c, s): w}, prompt_seed=99)
+            r = res["per_pair"][f"{c}+{s}"]
+            scores[w] = (r["both"].mean(), r["all"].mean())
+        best[(c, s)] = max(scores, key=lambda w: scores[w])
+        log.info("static-tuned %s+%s: weights %s (tuning both %.2f)", c, s, best[(c, s)], scores[best[(c, s)]][0])
+    return best
+
+
+def summarize(results: dict[str, dict]) -> list[dict[str, Any]]:
+    rows = []
+    for m, res in results.items():
+        row: dict[str, Any] = {"method": m}
+        for k in ("both", "all", "shape", "texture", "color", "background"):
+            v = np.concatenate([r[k] for r in res["per_pair"].values()])
+            row[k], row[k + "_n"], row[k + "_ci"] = float(v.mean()), int(v.size), wilson(int(v.sum()), int(v.size))
+        row["per_pair_both"] = {p: float(r["both"].mean()) for p, r in res["per_pair"].items()}
+        row["seconds"] = res.get("seconds")
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], tuned: dict) -> str:
+    def f(r: dict, k: str) -> str:
+        lo, hi = r[k + "_ci"]
+        return f"{100 * r[k]:.1f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+    lines = ["| method | both kept (shape AND texture) | all (both + color + background) | shape | texture | color | "
+             "background |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {f(r, 'both')} | {f(r, 'all')} | {100 * r['shape']:.0f}% | "
+                     f"{100 * r['texture']:.0f}% | {100 * r['color']:.0f}% | {100 * r['background']:.0f}% |")
+    pairs = list(rows[0]["per_pair_both"])
+    lines += ["", "| both kept, per pair | " + " | ".join(pairs) + " |", "|---|" + "---|" * len(pairs)]
+    for r in rows:
+        lines.append(f"| {r['method']} | " + " | ".join(f"{100 * r['per_pair_both'][p]:.0f}%" for p in pairs) + " |")
+    if tuned:
+        lines += ["", "static-tuned weights (w_concept, w_style): " + ", ".join(f"{c}+{s} {w}" for (c, s), w in tuned.items())]
+    return "\n".join(lines)
+
+
+def grid(results: dict[str, dict], path: Path, per_pair: int = 2, scale: int = 3) -> None:
+    from PIL import Image, ImageDraw
+
+    methods = list(results)
+    pairs = list(results[methods[0]]["images"])
+    cell, label_w, head = 32 * scale, 110, 16
+    W = label_w + len(pairs) * per_pair * (cell + 2)
+    img = Image.new("RGB", (W, head + len(methods) * (cell + 2)), "white")
+    d = ImageDraw.Draw(img)
+    for j, p in enumerate(pairs):
+        d.text((label_w + j * per_pair * (cell + 2) + 2, 2), p, fill="black")
+    for i, m in enumerate(methods):
+        y = head + i * (cell + 2)
+        d.text((4, y + cell // 2 - 6), m, fill="black")
+        for j, p in enumerate(pairs):
+            ims = results[m]["images"][p]
+            for k in range(per_pair):
+                idx = k * (len(ims) // per_pair)  # different prompts
+                im = Image.fromarray(ims[idx]).resize((cell, cell), Image.NEAREST)
+                img.paste(im, (label_w + (j * per_pair + k) * (cell + 2), y))
+    img.save(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--library", default="outputs/demo_library")
+    p.add_argument("--concepts", default="ring,heart,moon")
+    p.add_argument("--styles", default="dotted,checkered")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--gates", default="outputs/gates/gates.safetensors")
+    p.add_argument("--allow-unseen", action="store_true", help="apply the gates to LoRAs they were not trained with")
+    p.add_argument("--prompts", type=int, default=4, help="prompts (color, background) per pair")
+    p.add_argument("--seeds", type=int, default=4, help="images per prompt")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "composition")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("lora_diffusion").setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    from lora_diffusion.evaluator import load_evaluator
+    from lora_diffusion.generate import install_timestep_hook, load_pipeline
+
+    concepts, styles = args.concepts.split(","), args.styles.split(",")
+    pairs = [(c, s) for c in concepts for s in styles]
+    pipe = load_pipeline(None).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    args.files = {n: Path(args.library) / f"{n}.safetensors" for n in concepts + styles}
+    for n, f in args.files.items():
+        ld.load_adapter(pipe, f, name=n)
+    install_timestep_hook(pipe.unet, pipe.scheduler.config.num_train_timesteps)
+    ev = load_evaluator()
+    methods = args.methods.split(",")
+    tuned = tune_static(pipe, ev, pairs, args) if "static-tuned" in methods else {}
+    seeds = list(range(args.seeds))
+    results = {}
+    for m in methods:
+        t0 = time.time()
+        results[m] = run_set(pipe, ev, m, pairs, args.prompts, seeds, args, tuned, prompt_seed=0)
+        results[m]["seconds"] = round(time.time() - t0, 1)
+        both = np.concatenate([r["both"] for r in results[m]["per_pair"].values()])
+        log.info("%-13s both kept %.1f%% (%d images, %.0f s)", m, 100 * both.mean(), both.size, results[m]["seconds"])
+    rows = summarize(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = markdown(rows, tuned)
+    (args.out / "table.md").write_text(table + "\n")
+    (args.out / "results.json").write_text(json.dumps({"rows": rows, "tuned": {f"{c}+{s}": w for (c, s), w in tuned.items()},
+                                                       "config": {k: str(v) for k, v in vars(args).items()}}, indent=1))
+    grid(results, args.out / "grid.png")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
