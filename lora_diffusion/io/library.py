@@ -101,11 +101,7 @@ def _alpha_tensors(path: Path, keys: list[str]) -> str | None:
 
 
 def family_hint(shapes: dict[str, list[int]], meta: dict[str, str]) -> str | None:
-    """A base family that ``detect.file_family`` does not name: "flux" (Flux transformer keys or modelspec),
-    "demo" (the embedded demo model: cross-attention keys 64 wide), else None."""
-    arch = meta.get("modelspec.architecture", "")
-    if arch.startswith("flux") or any(s in k for k in shapes for s in ("single_transformer_blocks", "double_blocks")):
-        return "flux"
+    """"demo" for the embedded demo model (cross-attention keys 64 wide), which ``detect.file_family`` does not name."""
     for k, s in shapes.items():
         if ("attn2_to_k" in k or "attn2.to_k" in k) and ("lora_down" in k or "lora_A" in k) and len(s) >= 2 and s[1] == 64:
             return "demo"

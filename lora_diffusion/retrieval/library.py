@@ -29,9 +29,9 @@ from ..io.library import LoraLibrary as HeaderIndex
 
 log = logging.getLogger(__name__)
 
-FAMILIES = {**FAMILY_NAMES, "demo": "the demo model", "flux": "Flux"}
+FAMILIES = {**FAMILY_NAMES, "demo": "the demo model"}
 _A1111_VERSION = {"SD1": "sd1", "SD2": "sd2", "SDXL": "sdxl"}
-_CIVITAI_BASE = (("SDXL", "sdxl"), ("SD 1", "sd1"), ("SD 2", "sd2"), ("Flux", "flux"))
+_CIVITAI_BASE = (("SDXL", "sdxl"), ("SD 1", "sd1"), ("SD 2", "sd2"), ("SD 3", "sd3"), ("Flux", "flux"))
 _NOISE = re.compile(r"^(v\d+(\.\d+)*|\d+|e\d+|lora|lycoris|locon|loha|lokr|dora|final|last|pytorch|weights|adapter|model|"
                     r"kohya|safetensors|fp16|bf16)$", re.IGNORECASE)
 _GENERIC_STEMS = {"pytorch_lora_weights", "adapter_model", "adapter", "lora", "model"}
@@ -205,6 +205,7 @@ class LoraLibrary:
             raise LibraryError(f"{self.folder}: not a folder (a LoRA library is a folder of .safetensors files)")
         self._embedder = embedder
         self._caches: dict[str, Any] = {}
+        self._weights: tuple[int, Any] | None = None
         self.entries: list[LibraryEntry] = []
         self.refresh()
 
@@ -253,18 +254,38 @@ class LoraLibrary:
             self._caches[embedder.id] = EmbeddingCache(self.folder if os.access(self.folder, os.W_OK) else None, embedder)
         return self._caches[embedder.id]
 
+    def weight_retriever(self) -> Any:
+        """The weight retriever trained on this folder (``<folder>/.lora_retriever.safetensors``), or None."""
+        from .weights import DEFAULT_NAME, WeightRetriever
+
+        path = self.folder / DEFAULT_NAME
+        if not path.is_file():
+            return None
+        stamp = path.stat().st_mtime_ns
+        if self._weights is None or self._weights[0] != stamp:
+            self._weights = (stamp, WeightRetriever.load(path))
+        return self._weights[1]
+
     def retrieve(self, prompt: str, k: int = 3, threshold: float | None = None, family: str | None = None,
-                 embedder: Any = None, weights: Any = None, weight_mix: float = 0.5, phrase_words: int = 3) -> Any:
+                 embedder: Any = None, weights: Any = "auto", weight_mix: float = 0.5, phrase_words: int = 3) -> Any:
         """The ``k`` entries most relevant to ``prompt`` (a :class:`~lora_diffusion.retrieval.search.Retrieval`).
 
         ``family`` drops entries for another base family (listed in ``.skipped``); ``threshold`` drops matches
-        scoring below it; ``weights`` (a :class:`~lora_diffusion.retrieval.weights.WeightRetriever`) mixes in
-        the weight-based score: score = (1 - weight_mix) * text + weight_mix * weight. The text score is the best
+        scoring below it; ``weights`` (a :class:`~lora_diffusion.retrieval.weights.WeightRetriever`; "auto": the
+        one trained on this folder, if any and trained against the same embedder; None: text only) mixes in the
+        weight-based score: score = (1 - weight_mix) * text + weight_mix * weight. The text score is the best
         cosine over the whole prompt and its phrases of up to ``phrase_words`` words (0: the whole prompt only).
         """
         from .search import retrieve
 
-        return retrieve(self, prompt, k=k, threshold=threshold, family=family, embedder=embedder or self.embedder,
+        embedder = embedder or self.embedder
+        if isinstance(weights, str) and weights == "auto":
+            weights = self.weight_retriever()
+            if weights is not None and weights.embedder_id != embedder.id:
+                log.info("%s: weight retriever trained against %s, not %s: text scores only", self.folder,
+                         weights.embedder_id, embedder.id)
+                weights = None
+        return retrieve(self, prompt, k=k, threshold=threshold, family=family, embedder=embedder,
                         weights=weights, weight_mix=weight_mix, phrase_words=phrase_words)
 
     def listing(self, family: str | None = None) -> str:
