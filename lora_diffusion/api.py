@@ -369,6 +369,7 @@ def _apply(bundle: Bundle, targets: dict[str, nn.Module], name: str, scale: floa
                                            f"the model; expected {tuple(expected[k].shape)}")
             load_adapter_state_dict(model, aname, part.tensors, src, assign=True)
             _check_shared(model, aname, part, src)
+            _check_base_copies(model, part, src)
             _set_trainable(model, aname, trainable)
     except BaseException:
         for model, aname in reversed(added):
@@ -390,6 +391,17 @@ def _check_shared(model: nn.Module, aname: str, part: Part, src: str) -> None:
         if tuple(ours.shape) != tuple(v.shape) or not torch.allclose(ours.float(), v.float(), atol=1e-6):
             raise AdapterFileError(f"{src}: key 'base_model.{k}' {tuple(v.shape)} differs from the projection regenerated "
                                    f"from projection_prng_key={part.spec.seed} {tuple(ours.shape)}; expected equal tensors")
+
+
+def _check_base_copies(model: nn.Module, part: Part, src: str) -> None:
+    """PEFT folders can carry a copy of a targeted layer's base weight (embedding layers: lm_head, embed_tokens); it is
+    not applied, so it must equal the model's own weight (else the adapter was trained on another base)."""
+    for mod, t in part.base_copies.items():
+        w = model.get_submodule(mod).weight
+        if tuple(w.shape) != tuple(t.shape) or not torch.allclose(w.detach().float(), t.float(), atol=1e-6):
+            key = part.origin.get(f"{mod}.base_layer.weight", mod)
+            raise AdapterFileError(f"{src}: key '{key}': a copy of the base weight of '{mod}' that differs from the model's "
+                                   f"{tuple(w.shape)}; expected the same base model (the copy is not applied)")
 
 
 def _load_canonical(model_or_pipeline: Any, path: Path, loaded: tuple[dict[str, torch.Tensor], dict[str, str]],

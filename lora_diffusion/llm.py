@@ -43,7 +43,7 @@ CHATML_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 # variants that PEFT implements and ld.save_adapter(..., format="peft") writes (rsLoRA as use_rslora)
-PEFT_VARIANTS = ("lora", "rslora", "dora", "vera")
+PEFT_VARIANTS = ("lora", "rslora", "dora", "vera", "loha", "lokr")
 
 
 # --- variants ---

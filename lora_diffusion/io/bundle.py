@@ -37,6 +37,8 @@ class Part:
     origin: dict[str, str] = field(default_factory=dict)  # our key -> the file's key (for error messages)
     group: str = ""  # "" for the main group; a suffix for further variant groups of a mixed file
     shared: dict[str, torch.Tensor] = field(default_factory=dict)  # model-level tensors (PEFT VeRA's vera_A/vera_B)
+    base_copies: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> a copy of its base weight (PEFT
+    # writes lm_head/embed_tokens' base_layer.weight when they are targeted); checked equal to the model's, not applied
 
 
 @dataclass

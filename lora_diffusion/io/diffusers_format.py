@@ -58,8 +58,9 @@ def write(parts: list[Part], views: dict[str, ModuleView]) -> tuple[dict[str, to
     tensors: dict[str, torch.Tensor] = {}
     config: dict[str, Any] = {}
     for part in parts:
-        if part.spec.variant == "vera":
-            raise AdapterFileError("diffusers LoRA files have no VeRA form; expected lora, rslora or dora (use format='peft')")
+        if part.spec.variant in ("vera", "loha", "lokr"):
+            raise AdapterFileError(f"variant '{part.spec.variant}': diffusers LoRA files have no {part.spec.variant} form "
+                                   "(diffusers reads LoRA only); expected lora, rslora or dora; use format='peft' or 'kohya'")
         part = bake_scale(part)  # alpha = rank: the same ΔW with and without lora_adapter_metadata
         prefix = f"{part.component}." if part.component else ""
         tensors.update({prefix + k: v for k, v in state_dict_from_part(part).items()})

@@ -58,14 +58,34 @@ def _expected(name: str, info: Any, r: int) -> tuple[int, ...]:
             "magnitude": (info.out_features,), "vera_lambda_b": (info.out_features,), "vera_lambda_d": (r,)}[name]
 
 
+BASE_COPY = ".base_layer.weight"
+
+
 def parts_from_state_dict(sd: dict[str, torch.Tensor], config: dict[str, Any] | None, role: str, view: ModuleView,
                           src: str, key_prefix: str = "") -> Part:
     """{<path>.<PEFT param>: tensor} + a PEFT/LoraConfig dict -> one Part on ``view``'s modules."""
+    sd = dict(sd)
+    copies = {k[: -len(BASE_COPY)]: sd.pop(k) for k in list(sd) if k.endswith(BASE_COPY)}
+    part = _part(sd, config, role, view, src, key_prefix)
+    for path, t in copies.items():
+        mod = find_module(path, view) or path
+        if mod not in part.modules:
+            raise AdapterFileError(f"{src}: key '{key_prefix}{path}{BASE_COPY}': a base-weight copy for a module the "
+                                   "adapter does not target; expected copies only of targeted modules")
+        part.base_copies[mod] = t
+        part.origin[f"{mod}{BASE_COPY}"] = f"{key_prefix}{path}{BASE_COPY}"
+    return part
+
+
+def _part(sd: dict[str, torch.Tensor], config: dict[str, Any] | None, role: str, view: ModuleView,
+          src: str, key_prefix: str = "") -> Part:
     cfg = config or {}
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type in LYCORIS_TYPES:
+        return _lycoris_part(sd, cfg, peft_type, role, view, src, key_prefix)
     if peft_type not in ("LORA", "VERA"):
-        raise AdapterFileError(f"{src}: peft_type {peft_type!r} is not supported here; expected LORA (incl. DoRA) or VERA "
-                               "(LoHa/LoKr: load the LyCORIS/kohya file)")
+        raise AdapterFileError(f"{src}: peft_type {peft_type!r} is not supported here; expected LORA (incl. DoRA), VERA, "
+                               "LOHA or LOKR")
     dora = bool(cfg.get("use_dora")) or any(split_key(k) and split_key(k)[1] == "magnitude" for k in sd)  # type: ignore[index]
     by_mod: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, t in sd.items():
@@ -105,19 +125,93 @@ def parts_from_state_dict(sd: dict[str, torch.Tensor], config: dict[str, Any] | 
     return Part(role, spec, list(by_mod), tensors, origin)
 
 
+# PEFT's LoHa / LoKr tensors have LyCORIS' names and layouts, which are ours (variants/loha.py, variants/lokr.py).
+LYCORIS_TYPES = {"LOHA": ("loha", ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")),
+                 "LOKR": ("lokr", ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"))}
+
+
+def _lycoris_options(variant: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    opts: dict[str, Any] = {"use_tucker": bool(cfg.get("use_effective_conv2d", False))}
+    if variant == "lokr":
+        opts |= {"decompose_both": bool(cfg.get("decompose_both", False)), "factor": int(cfg.get("decompose_factor", -1))}
+    return opts
+
+
+def _lycoris_part(sd: dict[str, torch.Tensor], cfg: dict[str, Any], peft_type: str, role: str, view: ModuleView,
+                  src: str, key_prefix: str) -> Part:
+    """A PEFT LoHa/LoKr state dict: ranks and alphas from the config (PEFT's scale is alpha/r, for LoKr too: where
+    both Kronecker factors are full, LyCORIS' and our scale is 1, so PEFT's alpha/r is folded into lokr_w2, exact)."""
+    variant, names = LYCORIS_TYPES[peft_type]
+    by_mod: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    for key, t in sd.items():
+        path, _, name = key.rpartition(".")
+        if name not in names:
+            raise AdapterFileError(f"{src}: key '{key_prefix}{key}': unknown parameter for peft_type {peft_type}; "
+                                   f"expected one of {sorted('<module>.' + n for n in names)}")
+        path = find_module(path, view) or path
+        if path not in view:
+            raise AdapterFileError(f"{src}: key '{key_prefix}{key}': module '{path}' is not in the model "
+                                   f"({role or 'model'}); expected one of its Linear/Conv2d module paths")
+        by_mod.setdefault(path, {})[name] = (f"{key_prefix}{key}", t)
+    ranks, alphas, tensors, origin = {}, {}, {}, {}
+    for path, ps in by_mod.items():
+        r = int(pattern_value(cfg.get("rank_pattern") or {}, path, cfg.get("r", 8)))
+        alpha = float(pattern_value(cfg.get("alpha_pattern") or {}, path, cfg.get("alpha", r)))
+        both_full = {"lokr_w1", "lokr_w2"} <= set(ps)
+        ranks[path], alphas[path] = r, None if both_full else alpha
+        for n, (key, t) in ps.items():
+            tensors[f"{path}.{n}"] = t * (alpha / r) if both_full and n == "lokr_w2" else t
+            origin[f"{path}.{n}"] = key
+    spec = spec_from_modules(variant, ranks, alphas, _lycoris_options(variant, cfg))
+    return Part(role, spec, list(by_mod), tensors, origin)
+
+
+def _lycoris_config(part: Part, views: ModuleView | None) -> dict[str, Any]:
+    """LoHaConfig / LoKrConfig fields reproducing the part (PEFT LoKr scales alpha/r even with both factors full)."""
+    spec, mods = part.spec, sorted(part.modules)
+    o = spec.options
+    conv1d = [m for m in mods if views and m in views and views[m].transposed]
+    if conv1d:
+        raise AdapterFileError(f"module '{conv1d[0]}': PEFT's {spec.variant} has no form for GPT-2 Conv1D layers "
+                               "(PEFT supports Linear, Conv1d and Conv2d there); use the kohya or canonical format")
+    bad = {k: v for k, v in o.items() if k in ("full_matrix", "unbalanced_factorization", "shape") and v} | (
+        {"rslora": True} if spec.rslora else {})
+    if bad:
+        raise AdapterFileError(f"variant '{spec.variant}' with {bad} has no PEFT form (PEFT's LoKr has no such option); "
+                               "expected the default LyCORIS options; use the kohya or canonical format")
+    ranks = {m: spec.rank_for(m) for m in mods}
+    alphas = {}
+    for m in mods:
+        names = {k.rpartition(".")[2] for k in part.tensors if k.startswith(m + ".")}
+        alphas[m] = float(ranks[m]) if {"lokr_w1", "lokr_w2"} <= names else module_alpha(spec, m)
+    r, a = most_common(list(ranks.values())), most_common(list(alphas.values()))
+    cfg = {"peft_type": "LOHA" if spec.variant == "loha" else "LOKR", "r": r, "alpha": a, "target_modules": mods,
+           "rank_pattern": {f"^{m}": v for m, v in ranks.items() if v != r},
+           "alpha_pattern": {f"^{m}": v for m, v in alphas.items() if v != a},
+           "use_effective_conv2d": bool(o.get("use_tucker", False)), "rank_dropout": 0.0, "module_dropout": 0.0,
+           "init_weights": True}
+    if spec.variant == "lokr":
+        cfg |= {"decompose_both": bool(o.get("decompose_both", False)), "decompose_factor": int(o.get("factor", -1))}
+    return cfg
+
+
 OURS_TO_PEFT = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector",
                 "vera_lambda_b": "vera_lambda_b", "vera_lambda_d": "vera_lambda_d"}
 
 
 def state_dict_from_part(part: Part) -> dict[str, torch.Tensor]:
+    if part.spec.variant in ("loha", "lokr"):
+        return dict(part.tensors)  # LyCORIS names = PEFT's
     if part.spec.variant not in ("lora", "rslora", "dora", "vera") or (
             part.spec.variant == "dora" and part.spec.options.get("inner", "lora") != "lora"):
         raise AdapterFileError(f"variant '{part.spec.variant}' ({part.spec.options}) has no PEFT/diffusers LoRA form; "
-                               "expected lora, rslora, dora (inner lora) or vera; use the kohya or canonical format")
+                               "expected lora, rslora, dora (inner lora), vera, loha or lokr; use the kohya or canonical format")
     out = {}
     for k, v in part.tensors.items():
         path, _, name = k.rpartition(".")
         path = path.removesuffix(".inner")
+        if name == "magnitude" and part.tensors[f"{path}.inner.lora_A"].dim() == 4:
+            v = v.reshape(1, -1, 1, 1)  # PEFT's conv DoRA keeps the per-output norm as (1, out, 1, 1)
         out[f"{path}.{OURS_TO_PEFT[name]}"] = v
     return out
 
@@ -157,6 +251,8 @@ def lora_config(part: Part, views: ModuleView | None = None) -> dict[str, Any]:
     """The LoraConfig/VeraConfig fields that reproduce the part's per-module ranks and alphas."""
     spec, mods = part.spec, sorted(part.modules)
     fan_in_fan_out = any(views[m].transposed for m in mods) if views else False
+    if spec.variant in ("loha", "lokr"):
+        return _lycoris_config(part, views)
     if spec.variant == "vera":
         return {"peft_type": "VERA", "r": spec.rank, "target_modules": mods, "projection_prng_key": spec.seed,
                 "save_projection": True, "d_initial": float(spec.options.get("d_initial", 0.1)),
@@ -202,7 +298,8 @@ def _role_of(tensors: dict[str, torch.Tensor], views: dict[str, ModuleView]) -> 
     """The component a folder without sub-folders adapts: the only one, or the one holding its modules."""
     if len(views) == 1:
         return next(iter(views))
-    paths = {sk[0] for k in tensors if (sk := split_key(k.removeprefix(PREFIX)))}
+    paths = {sk[0] if (sk := split_key(k.removeprefix(PREFIX))) else k.removeprefix(PREFIX).rpartition(".")[0]
+             for k in tensors}
     fits = [r for r, v in views.items() if paths and all(find_module(p, v) for p in paths)]
     return fits[0] if len(fits) == 1 else ""
 
