@@ -34,10 +34,10 @@ ROLES = ("subject", "style", "other")
 
 def progress(ctx: CallContext) -> torch.Tensor | None:
     """Sampling progress p = 1 - t/T in [0, 1] (0 at pure noise), () or (B,), or None without a timestep."""
-    t = ctx.timestep
-    if t is None:
-        return None
-    return 1.0 - t.float() / float(ctx.num_train_timesteps)
+    if "fusion_progress" not in ctx.cache:  # once per context, not per layer
+        t = ctx.timestep
+        ctx.cache["fusion_progress"] = None if t is None else 1.0 - t.float() / float(ctx.num_train_timesteps)
+    return ctx.cache["fusion_progress"]
 
 
 def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -63,8 +63,8 @@ class Combiner(nn.Module):
             if n not in ys:
                 out = out + layer.adapter_output(n, x, y0, ctx)
         if self.record and not torch.is_grad_enabled():
-            vec = torch.stack([strengths[n].detach().float().mean() if n in strengths else y0.new_zeros((), dtype=torch.float32)
-                               for n in self.names])
+            zero = y0.new_zeros((), dtype=torch.float32)
+            vec = torch.stack([strengths[n].detach().float().mean() if n in strengths else zero for n in self.names])
             self.trace.append((None if ctx.timestep is None else ctx.timestep.detach().float().mean(), vec))
         return out
 

@@ -57,27 +57,40 @@ class GateCombiner(Combiner):
         p = p.to(y.dtype)
         return p.view(-1, *([1] * (y.dim() - 2))) if self.channel_dim == 1 else p
 
+    def _shared(self, y0: torch.Tensor, ctx: CallContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LoRA-independent parts: A = w_base LN(y0) + b + u.phi(t) and C = w_lora + w_cross LN(y0)."""
+        n0 = _ln(y0, self.channel_dim)
+        a = torch.addcmul(self._vec(self.b, y0), self._vec(self.w_base, y0), n0)
+        phi = time_features(ctx, self.time_features)
+        if phi is not None:
+            a = a + per_sample(phi.to(self.u.device) @ self.u, y0)
+        return a, torch.addcmul(self._vec(self.w_lora, y0), self._vec(self.w_cross, y0), n0)
+
     def gates(self, y0: torch.Tensor, ys: dict[str, torch.Tensor], ctx: CallContext) -> dict[str, torch.Tensor]:
         """{name: g_i} (broadcastable to y_i)."""
-        n0 = _ln(y0, self.channel_dim)
-        pre0 = self._vec(self.w_base, y0) * n0 + self._vec(self.b, y0)
-        p = progress(ctx)
-        if p is not None:
-            pre0 = pre0 + per_sample(fourier(p.to(self.u.device), self.time_features) @ self.u, y0)
-        out = {}
-        for n, y in ys.items():
-            ni = _ln(y, self.channel_dim)
-            out[n] = torch.sigmoid(pre0 + self._vec(self.w_lora, y) * ni + self._vec(self.w_cross, y) * n0 * ni)
-        return out
+        a, c = self._shared(y0, ctx)
+        return {n: torch.sigmoid(torch.addcmul(a, _ln(y, self.channel_dim), c)) for n, y in ys.items()}
 
     def combine(self, layer: AdaptedLayer, y0: torch.Tensor, ys: dict[str, torch.Tensor],
                 ctx: CallContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        a, c = self._shared(y0, ctx)
         w_out = self._vec(self.w_out, y0)
-        weights = {n: w_out * g for n, g in self.gates(y0, ys, ctx).items()}
-        out = y0
+        out, weights = y0, {}
         for n, y in ys.items():
-            out = out + weights[n] * y
+            g = torch.sigmoid(torch.addcmul(a, _ln(y, self.channel_dim), c))  # pre = A + LN(y_i) * C
+            out = torch.addcmul(out, g * y, w_out)
+            if self.record:
+                weights[n] = w_out * g
         return out, weights
+
+
+def time_features(ctx: CallContext, n: int) -> torch.Tensor | None:
+    """phi(t) of the context, computed once per context (memoised in ``ctx.cache``), () -> (2n,), (B,) -> (B, 2n)."""
+    key = ("fusion_phi", n)
+    if key not in ctx.cache:
+        p = progress(ctx)
+        ctx.cache[key] = None if p is None else fourier(p, n)
+    return ctx.cache[key]
 
 
 class GatedFusion(FusionMethod):
