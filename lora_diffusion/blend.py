@@ -109,14 +109,19 @@ def load_chosen(pipe: Any, chosen: list[Chosen], notes: list[str]) -> list[Chose
     return ok
 
 
-def retrieve(prompt: str, library: str | os.PathLike, top_k: int, threshold: float | None) -> list[tuple[str, float]]:
-    """(path, score) of the library's LoRAs that fit the prompt, best first (``lora_diffusion.retrieval``)."""
+def retrieve(pipe: Any, prompt: str, library: str | os.PathLike, top_k: int, threshold: float | None,
+             notes: list[str]) -> list[tuple[str, float]]:
+    """(path, score) of the library's LoRAs that fit the prompt, best first (``lora_diffusion.retrieval``: MiniLM
+    over the descriptions, plus the weight-based retriever when one was trained on the folder). Files of another
+    base family and damaged files are never returned; the retrieval's message goes to ``notes``."""
+    from .retrieval import LibraryError, LoraLibrary, pipeline_family
+
     try:
-        from . import retrieval
-    except ImportError:
-        raise AdapterError("retrieval by prompt is not available in this version; pass the LoRA files (--lora)") from None
-    hits = retrieval.search(prompt, library, top_k=top_k, threshold=threshold)
-    return [(str(h["path"]), float(h["score"])) for h in hits]
+        r = LoraLibrary(library).retrieve(prompt, k=top_k, threshold=threshold, family=pipeline_family(pipe))
+    except LibraryError as e:
+        raise AdapterError(str(e)) from None
+    notes.append(r.message)
+    return [(str(m.entry.path), float(m.score)) for m in r]
 
 
 def _roles(chosen: list[Chosen], roles: dict[str, str] | None) -> dict[str, str]:
@@ -144,7 +149,7 @@ def blend(pipe: Any, prompt: str, loras: Sequence[str | os.PathLike] = (), libra
     scores: dict[str, float] = {}
     paths = [str(p) for p in loras]
     if library is not None and not paths:
-        hits = retrieve(prompt, library, top_k, threshold)
+        hits = retrieve(pipe, prompt, library, top_k, threshold, notes)
         scores = {str(Path(p).resolve()): s for p, s in hits}
         paths = [p for p, _ in hits]
     chosen = load_chosen(pipe, inspect_files(pipe, paths, notes), notes)

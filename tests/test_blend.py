@@ -26,7 +26,8 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("loras")
     pipe = load_demo_pipeline()
     for i, name in enumerate(("ring", "dotted", "other")):
-        ld.add_adapter(pipe.unet, ld.AdapterSpec(rank=2, targets="unet-attn", seed=i), name)
+        # unet-full as the demo trainer writes them: a conv proj_in must not make them "SD1" files
+        ld.add_adapter(pipe.unet, ld.AdapterSpec(rank=2, targets="unet-full" if i == 0 else "unet-attn", seed=i), name)
         perturb(pipe.unet, name, std=0.2, seed=i)
         ld.save_adapter(pipe.unet, d / f"{name}.safetensors", name, metadata={"lora_kind": "concept" if i == 0 else "style"})
     (d / "broken.safetensors").write_bytes((d / "ring.safetensors").read_bytes()[:3000])

@@ -59,11 +59,10 @@ def family_from_keys(shapes: Mapping[str, Sequence[int]]) -> str | None:
         return "flux"
     if any(p in k for k in keys for p in _SD3) or any(k.startswith("transformer.transformer_blocks.") for k in keys):
         return "sd3"
-    for k, s in shapes.items():
-        if ("attn2_to_k" in k or "attn2.to_k" in k) and _down(k) and len(s) >= 2:
-            fam = _CROSS_DIM.get(int(s[1]))
-            if fam:
-                return fam
+    cross = [int(s[1]) for k, s in shapes.items() if ("attn2_to_k" in k or "attn2.to_k" in k) and _down(k) and len(s) >= 2]
+    for width in cross:
+        if width in _CROSS_DIM:
+            return _CROSS_DIM[width]
     te2_clip = any(k.startswith(("lora_te2_", "text_encoder_2.")) and not any(t in k for t in _T5) for k in keys)
     if te2_clip or any("input_blocks_" in k or "label_emb_" in k for k in keys):
         return "sdxl"
@@ -72,7 +71,8 @@ def family_from_keys(shapes: Mapping[str, Sequence[int]]) -> str | None:
             fam = _TE_DIM.get(int(s[1]))
             if fam:
                 return fam
-    if any("proj_in" in k and _down(k) and len(s) == 4 for k, s in shapes.items()):
+    # (a cross-attention width none of these families has, e.g. the 64 of the demo model, is not SD1 either)
+    if not cross and any("proj_in" in k and _down(k) and len(s) == 4 for k, s in shapes.items()):
         return "sd1"
     return None
 
