@@ -40,7 +40,10 @@ def trainer_file(path: Path, g: torch.Generator, meta: dict[str, str], rank: int
     for mod, i, o in DEMO_LAYERS:
         a, b = _factors(g, i, o, rank)
         tensors[f"unet.{mod}.lora_A"], tensors[f"unet.{mod}.lora_B"] = a, b
-    entry = canonical.ComponentEntry(AdapterSpec(rank=rank, targets="unet-attn"), [m for m, _, _ in DEMO_LAYERS],
+    conv = "down_blocks.0.attentions.0.proj_in"  # a 1x1 conv on the demo model (SD1.x uses conv proj_in too)
+    a, b = _factors(g, 64, 64, rank)
+    tensors[f"unet.{conv}.lora_A"], tensors[f"unet.{conv}.lora_B"] = a[..., None, None], b[..., None, None]
+    entry = canonical.ComponentEntry(AdapterSpec(rank=rank, targets="unet-full"), [m for m, _, _ in DEMO_LAYERS] + [conv],
                                      "UNet2DConditionModel", "default")
     extra = {"base_model": "demo-model", "resolution": "32", "steps": "800", "trainer": "training.train_tlora",
              "variant": "lora", "rank": str(rank), "alpha": str(rank), **meta}

@@ -28,6 +28,7 @@ from .files import read_header
 log = logging.getLogger(__name__)
 CACHE = ".lora_library.json"
 RANK_KEYS = ("lora_down.weight", "lora_A.weight", "hada_w1_b", "lokr_w1_b", "lokr_w2_b", "lora_A")
+INDEX_VERSION = 2  # entries of an older index are re-read
 #: metadata worth reading as text: kohya/SAI titles, comments, dataset folders; our trainer's trigger and captions
 TEXT_KEYS = ("ss_output_name", "ss_training_comment", "ss_dataset_dirs", "modelspec.title", "modelspec.description",
              "modelspec.trigger_phrase", "modelspec.tags", "modelspec.architecture", "trigger_word", "placeholder_token",
@@ -101,7 +102,8 @@ def _alpha_tensors(path: Path, keys: list[str]) -> str | None:
 
 
 def family_hint(shapes: dict[str, list[int]], meta: dict[str, str]) -> str | None:
-    """"demo" for the embedded demo model (cross-attention keys 64 wide), which ``detect.file_family`` does not name."""
+    """"demo" for the embedded demo model (cross-attention keys 64 wide). ``detect.file_family`` does not name it
+    (and calls its files SD1.x: conv proj_in); retrieval trusts this over ``base_family``."""
     for k, s in shapes.items():
         if ("attn2_to_k" in k or "attn2.to_k" in k) and ("lora_down" in k or "lora_A" in k) and len(s) >= 2 and s[1] == 64:
             return "demo"
@@ -139,7 +141,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             "components": dict(modules), "modules": sum(modules.values()),
             "rank": ranks.most_common(1)[0][0] if ranks else None, "ranks": sorted(ranks),
             "alpha": alpha, "size": path.stat().st_size, "trigger_words": trigger_words(meta, tag_list), "tags": tag_list,
-            "family_hint": None if family else family_hint(shapes, meta),
+            "family_hint": family_hint(shapes, meta), "index_version": INDEX_VERSION,
             "text_metadata": {k: meta[k][:2000] for k in TEXT_KEYS if meta.get(k)},
             "metadata": {k: (v if len(v) < 200 else v[:200] + "...") for k, v in meta.items()}}
 
@@ -182,7 +184,7 @@ class LoraLibrary:
             f = p / peft_format.WEIGHTS if p.is_dir() else p
             rel, st = str(p.relative_to(self.folder)), f.stat()
             stamp = [st.st_size, st.st_mtime_ns]
-            fresh = "error" in old.get(rel, {}) or "text_metadata" in old.get(rel, {})  # not from an older index
+            fresh = "error" in old.get(rel, {}) or old.get(rel, {}).get("index_version") == INDEX_VERSION
             if rel in old and old[rel].get("stamp") == stamp and fresh:
                 new[rel] = old[rel]
                 continue

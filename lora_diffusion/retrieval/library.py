@@ -180,7 +180,7 @@ def entry_from_index(folder: Path, raw: dict[str, Any]) -> LibraryEntry:
                          error=raw.get("error"), size=raw.get("size", 0))
     if entry.error:
         return entry
-    entry.family = side.get("family") or raw.get("base_family") or raw.get("family_hint")
+    entry.family = side.get("family") or raw.get("family_hint") or raw.get("base_family")  # hint: the demo model
     entry.format, entry.variant, entry.rank, entry.alpha = raw["format"], raw["variant"], raw.get("rank"), raw.get("alpha")
     entry.trigger_words = list(dict.fromkeys([*side.get("trigger_words", []), *trigger]))
     entry.tags, entry.metadata = raw.get("tags", []), meta

@@ -1,0 +1,80 @@
+"""Retrieval quality on a LoRA library whose kinds are known (``library.json`` from training.build_demo_library).
+
+    python -m training.build_demo_library --out outputs/demo_library       # once (~15 min on CPU)
+    python -m benchmarks.retrieval --library outputs/demo_library --family demo
+
+For every concept x style pair of the library and 3 wordings, is each right LoRA in the top 3? Printed for
+phrase-level text scores, whole-prompt text scores, and (when ``<library>/.lora_retriever.safetensors`` exists,
+from ``python -m training.train_retriever``) text mixed with weight scores; plus the weight retriever's
+same-kind vs cross-kind cosine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from lora_diffusion.retrieval import LoraLibrary
+from lora_diffusion.retrieval.weights import theme_cosines
+
+WORDS = {"ring": ("ring", "rings"), "heart": ("heart", "hearts"), "moon": ("crescent moon", "moon"),
+         "dotted": ("dotted", "polka-dot"), "checkered": ("checkered", "checkerboard"), "striped": ("striped", "stripy"),
+         "miniature": ("miniature", "tiny")}
+TEMPLATES = ("a red {s} {c} on a blue background", "{c1} drawn in {s1} style, yellow background", "{s} {c}, green on white")
+
+
+def cases(kinds: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(prompt, concept, style) for every concept x style of the library that WORDS can phrase."""
+    concepts = [n for n, k in kinds.items() if k == "concept" and n in WORDS]
+    styles = [n for n, k in kinds.items() if k == "style" and n in WORDS]
+    out = []
+    for c in concepts:
+        for s in styles:
+            for t in TEMPLATES:
+                out.append((t.format(c=WORDS[c][0], c1=WORDS[c][1], s=WORDS[s][0], s1=WORDS[s][1]), c, s))
+    return out
+
+
+def top3_rate(lib: LoraLibrary, family: str | None, items: list[tuple[str, str, str]], **kw) -> tuple[float, list[str]]:
+    misses = []
+    for prompt, c, s in items:
+        got = [Path(m.entry.file).stem for m in lib.retrieve(prompt, k=3, family=family, **kw)]
+        if c not in got or s not in got:
+            misses.append(f"{prompt!r} -> {got}")
+    return 1 - len(misses) / len(items), misses
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--library", required=True)
+    p.add_argument("--family", default="demo")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    lib = LoraLibrary(a.library)
+    kinds = {n: v["kind"] for n, v in json.loads((lib.folder / "library.json").read_text()).items()}
+    items = cases(kinds)
+    print(f"{len(lib.entries)} files, {len(lib.usable(a.family))} usable for {a.family}; {len(items)} prompts")
+    rows = [("phrase-level text", {"weights": None}), ("whole-prompt text", {"weights": None, "phrase_words": 0})]
+    if lib.weight_retriever() is not None:
+        rows.append(("text + weights (mix 0.5)", {}))
+    for name, kw in rows:
+        rate, misses = top3_rate(lib, a.family, items, **kw)
+        print(f"| {name} | {rate:.3f} ({round(rate * len(items))}/{len(items)}) |")
+        for m in misses[:6]:
+            print(f"    miss: {m}")
+    if (r := lib.weight_retriever()) is not None:
+        emb = r.embeddings(lib, lib.usable(a.family))
+        files = [f for f in emb if Path(f).stem in kinds]
+        same, cross = theme_cosines(torch.stack([emb[f] for f in files]), [kinds[Path(f).stem] for f in files])
+        print(f"weight embeddings of {len(files)} LoRAs: same kind {same:.3f}, cross kind {cross:.3f} "
+              f"(trained on {len(r.info.get('trained_on', []))} of them)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
