@@ -23,7 +23,7 @@ from .core.errors import AdapterError, AdapterFileError
 from .core.registry import variant_names  # noqa: F401  (re-exported)
 from .core.spec import AdapterSpec
 from .inject.walker import adapted_layers, adapter_names, inject, model_state, remove
-from .io import canonical, formats
+from .io import canonical, formats, tlora_official
 from .io import embeddings as emb_io
 from .io.bundle import FAMILY_NAMES, Bundle, Part, component_role, model_family, model_view
 from .io.detect import TRANSFORMER_FAMILIES, file_family
@@ -223,6 +223,9 @@ def _export_part(model: nn.Module, role: str, aname: str, name: str, fmt: str,
     assert st is not None
     spec = st.specs[aname]
     part = Part(role, spec, list(st.modules[aname]), adapter_state_dict(model, aname), group=aname[len(name) + 1:])
+    if fmt == formats.TLORA_OFFICIAL and spec.variant == "tlora":  # the official layout keeps the schedule
+        ads = {m: layer.adapters[aname] for m, layer in adapted_layers(model) if aname in layer.adapters}
+        return tlora_official.with_frozen(part, ads)
     if spec.variant == "tlora" or (spec.variant == "vera" and fmt != "peft"):
         if spec.variant == "tlora":
             log.warning("T-LoRA '%s' written to %s at full rank (rank min(2r, out, in), exact without a timestep); the "
@@ -243,8 +246,8 @@ def _save_external(obj: Any, path: Path, name: str, meta: dict[str, str], fmt: s
     if fmt == "kohya":  # sd-scripts' bundled embeddings; other formats get a separate embedding file
         bundled, emb_meta = emb_io.bundle_tensors(obj, _placeholders(obj, name))
         meta.update(emb_meta)
-    formats.write_parts(path, parts, fmt, views, meta, model_family(obj), getattr(unet, "config", None), shared,
-                        extra_tensors=bundled)
+    path = formats.write_parts(path, parts, fmt, views, meta, model_family(obj), getattr(unet, "config", None), shared,
+                               extra_tensors=bundled)
     log.info("saved adapter '%s' in %s format to %s", name, fmt, path)
     return path
 

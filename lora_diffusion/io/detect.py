@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from . import canonical
+from . import canonical, tlora_official
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")
@@ -14,13 +14,15 @@ OLD_DIFFUSERS = ("_lora.down", "_lora.up", ".lora.down", ".lora.up", "lora_linea
 
 
 def detect_format(keys: Sequence[str], meta: Mapping[str, str]) -> str:
-    """"canonical" | "kohya" | "diffusers" | "peft" | "old-diffusers" | "unknown"."""
+    """"canonical" | "kohya" | "diffusers" | "peft" | "tlora-official" | "old-diffusers" | "unknown"."""
     if canonical.is_canonical(dict(meta)):
         return "canonical"
     if keys and all(k.startswith(KOHYA_PREFIXES) for k in keys):
         return "kohya"
     if any(k.startswith(PEFT_PREFIX) for k in keys):
         return "peft"
+    if tlora_official.is_official(list(keys)):
+        return "tlora-official"
     if any(p in k for k in keys for p in OLD_DIFFUSERS):
         return "old-diffusers"
     if keys and all(any(p in k for p in _LORA_PARAMS) for k in keys):

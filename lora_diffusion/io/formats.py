@@ -11,13 +11,14 @@ from typing import Any
 import torch
 
 from ..core.errors import AdapterFileError
-from . import diffusers_format, kohya, old_diffusers, peft_format
+from . import diffusers_format, kohya, old_diffusers, peft_format, tlora_official
 from .bundle import Bundle, ModuleView, Part, spec_from_modules
 from .detect import detect_format
 from .files import read_safetensors, write_safetensors
 
 log = logging.getLogger(__name__)
-FORMATS = ("canonical", "kohya", "diffusers", "peft")
+TLORA_OFFICIAL = "tlora-official"
+FORMATS = ("canonical", "kohya", "diffusers", "peft", TLORA_OFFICIAL)
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -71,8 +72,12 @@ def read_bundle(src: Path, views: dict[str, ModuleView], unet_config: Any = None
             Bundle([peft_format.parts_from_state_dict({k.removeprefix(peft_format.PREFIX): v for k, v in tensors.items()},
                                                       None, next(iter(views), ""), next(iter(views.values()), {}),
                                                       str(src), peft_format.PREFIX)], meta, "peft")
+    if fmt == "tlora-official":
+        return tlora_official.read(tensors, meta, views, src)
     if fmt == "old-diffusers":
-        return old_diffusers.read(tensors, meta, views, str(src))
+        bundle = old_diffusers.read(tensors, meta, views, str(src))
+        sched = tlora_official.schedule(meta, src)  # the official vanilla T-LoRA checkpoint has these keys
+        return tlora_official.as_vanilla_tlora(bundle, sched, src) if sched is not None else bundle
     key = next(iter(tensors), "<no tensors>")
     raise AdapterFileError(f"{src}: key '{key}': unknown adapter format (not a lora-diffusion canonical file either: "
                            f"metadata 'format' is {meta.get('format')!r}); expected kohya ('lora_unet_…', 'lora_te…'), "
@@ -139,6 +144,26 @@ def write_parts(path: Path, parts: list[Part], fmt: str, views: dict[str, Module
         write_safetensors(path, tensors, {**meta, **dmeta})
     elif fmt == "peft":
         peft_format.write_folder(path, parts, views, meta, shared)
+    elif fmt == TLORA_OFFICIAL:
+        path = write_official(path, parts, views, meta)
     else:
-        raise AdapterFileError(f"{path}: format {fmt!r}; expected kohya, diffusers or peft")
+        raise AdapterFileError(f"{path}: format {fmt!r}; expected kohya, diffusers, peft or {TLORA_OFFICIAL}")
     return path
+
+
+def write_official(path: Path, parts: list[Part], views: dict[str, ModuleView], meta: dict[str, str]) -> Path:
+    """A ``.safetensors`` path: that file; a folder: the official run layout its ``inference.py`` reads,
+    ``checkpoint-0/pytorch_lora_weights.safetensors`` + ``logs/hparams.yml``. Returns the weights file."""
+    tensors, tmeta = tlora_official.write(parts, views)
+    meta = {k: v for k, v in meta.items() if k not in ("variant", "rank", "alpha")} | tmeta
+    if path.suffix == ".safetensors":
+        write_safetensors(path, tensors, meta)
+        return path
+    weights = path / "checkpoint-0" / "pytorch_lora_weights.safetensors"
+    write_safetensors(weights, tensors, meta)
+    hp = path / "logs" / "hparams.yml"
+    hp.parent.mkdir(parents=True, exist_ok=True)
+    tmp = hp.with_suffix(".tmp")
+    tmp.write_text(tlora_official.hparams(tmeta))
+    tmp.replace(hp)
+    return weights

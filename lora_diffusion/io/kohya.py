@@ -37,7 +37,8 @@ LOHA_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "ha
 LOKR_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 EXTRA_NAMES = ("alpha", "dora_scale", "lora_mid.weight")
 UNSUPPORTED = {"diff": "full fine-tune (diff)", "diff_b": "full fine-tune (diff)", "on_input": "IA3", "weight": "IA3",
-               "oft_blocks": "OFT", "oft_diag": "BOFT/OFT", "a1.weight": "GLoRA", "w_norm": "norm", "b_norm": "norm"}
+               "oft_blocks": "OFT", "oft_diag": "BOFT/OFT", "a1.weight": "GLoRA", "w_norm": "norm", "b_norm": "norm",
+               "q_layer.weight": "T-LoRA (tlora)", "p_layer.weight": "T-LoRA (tlora)", "lambda_layer": "T-LoRA (tlora)"}
 
 
 @dataclass
@@ -180,6 +181,8 @@ def _parse_module(src: str, flat: str, ts: dict[str, torch.Tensor], role: str, p
         if s not in known:
             algo = UNSUPPORTED.get(s)
             what = f"LyCORIS {algo} modules are not supported" if algo else "unknown parameter"
+            if algo == "T-LoRA (tlora)":  # LyCORIS rebuilds the frozen copies from an SVD of the base weight at load
+                what += " (the file has no frozen init copies: LyCORIS rebuilds them from the base weight's SVD)"
             raise _err(src, f"{flat}.{s}", f"{what}; expected LoRA (lora_down/lora_up), LoHa (hada_*) or LoKr (lokr_*) "
                        "keys, plus alpha / dora_scale")
     if any(s.startswith("hada_") for s in ts):

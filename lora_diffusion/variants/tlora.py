@@ -56,10 +56,13 @@ class TLoRA(Adapter):
         ortho: bool = True  # Ortho-LoRA init (full T-LoRA); False: vanilla T-LoRA
         sig_type: str = "last"  # which singular triplets: "last" | "principal" | "middle"
         num_train_timesteps: int | None = None  # None: from the context (scheduler's T, 1000)
+        frozen: str = "seed"  # A0, B0, λ0: "seed" = regenerated, not stored; "stored" = in the file (official checkpoints)
 
         def __post_init__(self) -> None:
             if self.sig_type not in ("last", "principal", "middle"):
                 raise AdapterError(f"option sig_type: expected 'last', 'principal' or 'middle', found {self.sig_type!r}")
+            if self.frozen not in ("seed", "stored"):
+                raise AdapterError(f"option frozen: expected 'seed' or 'stored', found {self.frozen!r}")
             if not self.rank_exponent > 0:
                 raise AdapterError(f"option rank_exponent: expected > 0, found {self.rank_exponent!r}")
 
@@ -77,9 +80,10 @@ class TLoRA(Adapter):
         self.lora_A = nn.Parameter(a.view(a_shape).clone())
         self.lora_B = nn.Parameter(b.view(b_shape).clone())
         self.lora_S = nn.Parameter(s.clone())
-        self.register_buffer("lora_A0", a.view(a_shape), persistent=False)  # frozen copies, regenerated
-        self.register_buffer("lora_B0", b.view(b_shape), persistent=False)
-        self.register_buffer("lora_S0", s, persistent=False)
+        stored = o.frozen == "stored"  # frozen copies: regenerated from the seed, or read from the file
+        self.register_buffer("lora_A0", a.view(a_shape), persistent=stored)
+        self.register_buffer("lora_B0", b.view(b_shape), persistent=stored)
+        self.register_buffer("lora_S0", s, persistent=stored)
 
     @classmethod
     def check(cls, info: LayerInfo, cfg: ModuleConfig, loading: bool = False) -> None:

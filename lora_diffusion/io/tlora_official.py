@@ -1,0 +1,166 @@
+"""Checkpoints of the official T-LoRA code (github.com/ControlGenAI/T-LoRA, SDXL trainer), both directions.
+
+The trainer replaces every UNet attention processor and saves them with diffusers' ``save_attn_procs``
+(``checkpoint-N/pytorch_lora_weights.safetensors``); keys are ``<block>.attn1.processor.to_q_lora.<param>`` for
+``to_q / to_k / to_v / to_out`` (-> ``to_out.0``):
+
+- ``--trainer_type ortho_lora`` (full T-LoRA): ``q_layer.weight`` (r, in), ``p_layer.weight`` (out, r),
+  ``lambda_layer`` (1, r) and their frozen init copies ``base_q.weight``, ``base_p.weight``, ``base_lambda``:
+  ΔW_t = P diag(λ ⊙ m_t) Q − P0 diag(λ0 ⊙ m_t) Q0. Here: our ``tlora`` with ``frozen="stored"`` (the copies are
+  read from the file, not regenerated from a seed).
+- ``--trainer_type lora`` (vanilla T-LoRA): ``down.weight`` / ``up.weight``, ΔW_t = up · M_t · down; the same keys as
+  diffusers' <= 0.14 attention-processor files (``old_diffusers.py`` reads those), made a vanilla T-LoRA when a
+  schedule is known.
+
+No alpha: the adapter output is added with scale 1. The schedule r(t) = ⌊((T − t)/T)^α (r − r_min)⌋ + r_min comes
+from the file's metadata (``tlora_*`` keys, written by ``write``) or the run's ``logs/hparams.yml`` two levels up
+(``lora_rank``, ``min_rank``, ``alpha_rank_scale``, ``trainer_class``); without either, r_min = r/2 (the paper's) is
+used and a warning says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.errors import AdapterFileError
+from .bundle import Bundle, ModuleView, Part, spec_from_modules
+
+log = logging.getLogger(__name__)
+ORTHO = {"q_layer.weight": "lora_A", "p_layer.weight": "lora_B", "lambda_layer": "lora_S",
+         "base_q.weight": "lora_A0", "base_p.weight": "lora_B0", "base_lambda": "lora_S0"}
+VANILLA = {"down.weight": "lora_A", "up.weight": "lora_B"}
+PROJ = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+_KEY = re.compile(r"(?:unet\.)?(?P<block>.+)\.processor\.(?P<p>to_q|to_k|to_v|to_out)_lora\.(?P<param>.+)")
+META = ("tlora_rank", "tlora_min_rank", "tlora_alpha_rank_scale", "tlora_trainer_type")
+
+
+def is_official(keys: list[str]) -> bool:
+    return any(k.endswith(("_lora.q_layer.weight", "_lora.lambda_layer")) for k in keys)
+
+
+def schedule(meta: dict[str, str], src: Path | None) -> dict[str, Any] | None:
+    """{"rank", "min_rank", "rank_exponent"} from ``tlora_*`` metadata or the run's logs/hparams.yml; None if neither."""
+    if "tlora_min_rank" in meta:
+        return {"rank": int(meta.get("tlora_rank", 0)), "min_rank": int(meta["tlora_min_rank"]),
+                "rank_exponent": float(meta.get("tlora_alpha_rank_scale", 1.0))}
+    hp = src.parent.parent / "logs" / "hparams.yml" if src is not None else None
+    if hp is None or not hp.is_file():
+        return None
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(hp.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise AdapterFileError(f"{hp}: not a readable hparams.yml ({e}); expected the official trainer's log") from None
+    if cfg.get("trainer_class") == "sdxl_lora":  # plain LoRA / Ortho-LoRA run: no mask
+        return {"rank": int(cfg.get("lora_rank", 0)), "min_rank": int(cfg.get("lora_rank", 0)), "rank_exponent": 1.0}
+    return {"rank": int(cfg.get("lora_rank", 0)), "min_rank": int(cfg.get("min_rank", 1)),
+            "rank_exponent": float(cfg.get("alpha_rank_scale", 1.0))}
+
+
+def read(tensors: dict[str, torch.Tensor], meta: dict[str, str], views: dict[str, ModuleView], src: Path) -> Bundle:
+    """An ortho_lora (full T-LoRA) checkpoint -> one tlora Part on the UNet."""
+    if "unet" not in views:
+        raise AdapterFileError(f"{src}: an official T-LoRA checkpoint adapts a UNet; the target has {sorted(views)}")
+    view = views["unet"]
+    by_mod: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    for key, t in tensors.items():
+        m = _KEY.fullmatch(key)
+        if m is None or m["param"] not in ORTHO:
+            raise AdapterFileError(f"{src}: key '{key}': not a key of the official T-LoRA (ortho_lora) format; expected "
+                                   f"'<block>.attn1.processor.to_q_lora.<param>' with param in {sorted(ORTHO)}")
+        path = f"{m['block']}.{PROJ[m['p']]}"
+        if path not in view:
+            raise AdapterFileError(f"{src}: key '{key}': module '{path}' is not in the model (official T-LoRA format); "
+                                   "expected an attention projection of its UNet")
+        by_mod.setdefault(path, {})[ORTHO[m["param"]]] = (key, t)
+    ranks, tensors_out, origin = {}, {}, {}
+    for path, ps in by_mod.items():
+        missing = [f for f, ours in ORTHO.items() if ours not in ps]
+        if missing:
+            raise AdapterFileError(f"{src}: module '{path}' lacks '{missing[0]}' (official T-LoRA format); expected "
+                                   f"all of {sorted(ORTHO)}")
+        ranks[path] = ps["lora_A"][1].shape[0]
+        for ours, (key, t) in ps.items():
+            tensors_out[f"{path}.{ours}"] = t.reshape(-1) if ours in ("lora_S", "lora_S0") else t
+            origin[f"{path}.{ours}"] = key
+    spec = tlora_spec(ranks, schedule(meta, src), src, ortho=True)
+    return Bundle([Part("unet", spec, list(by_mod), tensors_out, origin)], dict(meta), "T-LoRA official (ortho_lora)")
+
+
+def tlora_spec(ranks: dict[str, int], sched: dict[str, Any] | None, src: Path, ortho: bool) -> Any:
+    r = max(ranks.values())
+    if sched is None:
+        log.warning("%s: no T-LoRA schedule in the metadata or ../../logs/hparams.yml; using min_rank = rank/2 = %d "
+                    "(the paper's); pass the run's hparams.yml along to use its own", src, r // 2)
+        sched = {"min_rank": r // 2, "rank_exponent": 1.0}
+    options = {"min_rank": min(int(sched["min_rank"]), r), "rank_exponent": float(sched["rank_exponent"]),
+               "ortho": ortho, "num_train_timesteps": 1000} | ({"frozen": "stored"} if ortho else {})
+    return spec_from_modules("tlora", ranks, dict.fromkeys(ranks), options)
+
+
+def as_vanilla_tlora(bundle: Bundle, sched: dict[str, Any], src: Path) -> Bundle:
+    """A diffusers <= 0.14 attention-processor LoRA that is a vanilla T-LoRA checkpoint (a schedule is known)."""
+    for part in bundle.parts:
+        ranks = {m: part.spec.rank_for(m) for m in part.modules}
+        part.spec = tlora_spec(ranks, sched, src, ortho=False)
+    bundle.format = "T-LoRA official (vanilla lora)"
+    return bundle
+
+
+def _flat(path: str) -> tuple[str, str]:
+    for p in ("to_q", "to_k", "to_v", "to_out.0"):
+        if path.endswith("." + p):
+            return path[: -len(p) - 1], p.removesuffix(".0")
+    raise AdapterFileError(f"module '{path}': the official T-LoRA format adapts only attention to_q/to_k/to_v/to_out.0; "
+                           "expected those targets (e.g. 'unet-attn')")
+
+
+def with_frozen(part: Part, adapters: dict[str, Any]) -> Part:
+    """A T-LoRA part with its frozen copies A0, B0, λ0 among the tensors and the scale s folded into B and B0."""
+    tensors = dict(part.tensors)
+    for m in part.modules:
+        ad = adapters[m]
+        with torch.no_grad():
+            tensors[f"{m}.lora_B"] = ad.lora_B.detach() * ad.scaling
+            if ad.cfg.options.ortho:
+                tensors |= {f"{m}.lora_A0": ad.lora_A0, f"{m}.lora_B0": ad.lora_B0 * ad.scaling, f"{m}.lora_S0": ad.lora_S0}
+    return Part(part.component, part.spec, list(part.modules), tensors, group=part.group)
+
+
+def write(parts: list[Part], views: dict[str, ModuleView]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """T-LoRA parts (from ``with_frozen``: UNet attention projections) -> official keys and ``tlora_*`` metadata."""
+    out: dict[str, torch.Tensor] = {}
+    for part in parts:
+        if part.component != "unet" or part.spec.variant != "tlora":
+            raise AdapterFileError(f"component '{part.component}' / variant '{part.spec.variant}': the official T-LoRA "
+                                   "format holds a UNet T-LoRA only; expected variant 'tlora' on the UNet")
+        ortho = part.spec.options.get("ortho", True)
+        names = {v: k for k, v in (ORTHO if ortho else VANILLA).items()}
+        for m in part.modules:
+            info = views.get("unet", {}).get(m)
+            if info is not None and info.kind != "linear":
+                raise AdapterFileError(f"module '{m}': the official T-LoRA format holds Linear layers only")
+            block, proj = _flat(m)
+            for ours, theirs in names.items():
+                t = part.tensors[f"{m}.{ours}"].detach().float()
+                out[f"{block}.processor.{proj}_lora.{theirs}"] = (t[None] if ours in ("lora_S", "lora_S0") else t).contiguous()
+    spec = parts[0].spec
+    o, r = spec.options, spec.rank
+    min_rank = o.get("min_rank") if o.get("min_rank") is not None else r // 2
+    meta = {"tlora_rank": str(r), "tlora_min_rank": str(min_rank), "tlora_alpha_rank_scale": str(o.get("rank_exponent", 1.0)),
+            "tlora_trainer_type": "ortho_lora" if o.get("ortho", True) else "lora", "format": "pt"}
+    return out, meta
+
+
+def hparams(meta: dict[str, str]) -> str:
+    """The logs/hparams.yml the official inference.py reads (the schedule and trainer choice)."""
+    return json.dumps({"trainer_class": "sdxl_tlora", "trainer_type": meta["tlora_trainer_type"],
+                       "lora_rank": int(meta["tlora_rank"]), "min_rank": int(meta["tlora_min_rank"]),
+                       "alpha_rank_scale": float(meta["tlora_alpha_rank_scale"]), "sig_type": "last"}, indent=1) + "\n"
