@@ -1,27 +1,33 @@
-"""Personalization quality per variant on the embedded demo model: concept fidelity vs prompt alignment.
+"""One-image personalization on the embedded demo model: concept fidelity vs prompt alignment, per variant,
+caption regime and training length; T-LoRA vs LoRA at matched fidelity.
 
-    python benchmarks/personalization.py                                   # 6 variants x 3 held-out shapes x 3 seeds
-    python benchmarks/personalization.py --variants tlora,lora --seeds 0 --concepts ring --steps 200   # a quick look
-    python benchmarks/personalization.py --jobs 6 --device cuda            # the same, runs in parallel on a GPU
+    python benchmarks/personalization.py --jobs 2        # the full table: 2 variants x 2 regimes x 5 concepts x 3 seeds
+    python benchmarks/personalization.py --variants tlora:64,lora:64 --concepts ring --seeds 0 --regimes bare \\
+        --sweep 100,400                                  # a quick look
+    python benchmarks/personalization.py --jobs 6 --device cuda        # the same, runs in parallel on a GPU
 
-The shapes ``ring``, ``heart`` and ``moon`` were held out of the demo model's pretraining: it cannot draw
-them. For each (concept, seed) one image of the concept is rendered (a color and background picked by
-the seed) and each variant is trained on that ONE image with ``training.train_tlora.train`` and the
-variant's default rank / learning rate / steps, captioned ``a <color> sks on a <background> background``.
-Then it draws the concept in new contexts: ``--prompts`` combinations of another color AND another
-background (``a green sks on a black background``), ``--images`` seeds each, and the evaluator
-(``assets/evaluator``) reads every image. Per run:
+Concepts the demo model never saw: the shapes ``ring``, ``heart``, ``moon`` and the textures ``dotted``,
+``checkered`` (on a pretraining shape). For each (concept, seed) ONE image is rendered (a seeded color on a
+seeded background) and each variant is trained on it by ``training.train_tlora.train`` with the trainer's
+default recipe for the demo model (pivotal tuning: the placeholder's embedding and the adapter), captioned
 
-- concept fidelity: the evaluator sees the trained shape (the T-LoRA paper's image similarity);
-- prompt alignment: it sees the prompted color and the prompted background (its text similarity);
-- both: one image that does both; copied: the image repeats the training image's color or background
-  (the overfitting the paper's timestep-dependent rank is meant to prevent).
+- *described*: ``a red <sks> on a blue background`` (the image's color and background are named);
+- *bare*: ``a photo of <sks>`` (the paper's setting: nothing but the subject is named, so a model that
+  overfits to the one image repeats its color and background).
 
-``results.json`` also keeps, per image, the prompted color and background and what the evaluator read.
+ONE training run per (variant, regime, concept, seed) is evaluated at every ``--sweep`` step (its checkpoints),
+from under- to over-training. At each, ``--prompts`` combinations of another color AND another background
+(``a green <sks> on a black background``) x ``--images`` seeds are drawn and read by the evaluator:
 
-The ``base`` row is the model without an adapter on the same prompts (``sks`` means nothing to it).
-Rows are means over (concept, seed) runs with their standard deviation; per-run figures go to
-``<out>/results.json``, the table to ``<out>/table.md`` and one sample grid per variant to ``<out>``.
+- fidelity: the evaluator sees the trained shape (texture) (the T-LoRA paper's image similarity);
+- alignment: it sees the prompted color and the prompted background (its text similarity);
+- both: one image that does both; copied: the training image's color or background repeated.
+
+Variants are ``name[:rank]``; every variant gets the same learning rate (``--lr``, default: the trainer's
+demo-model default), the same steps and modules. ``tlora:64`` is the paper's setting (rank 64, r_min 32).
+Means over (concept, seed) runs with 95% confidence intervals (Student t); the paired comparison interpolates,
+for each (concept, seed, regime), LoRA's alignment at each T-LoRA checkpoint's fidelity along LoRA's curve.
+Writes ``results.json`` (per run, per checkpoint, per image), ``table.md``, ``curves.png`` and sample grids.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import argparse
 import concurrent.futures as cf
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import sys
@@ -48,19 +55,28 @@ sys.path.insert(0, str(ROOT))
 from lora_diffusion import world  # noqa: E402
 
 log = logging.getLogger("personalization")
-DEFAULT_VARIANTS = ("tlora", "lora", "dora", "loha", "lokr", "vera")
-TOKEN = "sks"
+DEFAULT_VARIANTS = ("tlora:64", "lora:64")
+DEFAULT_CONCEPTS = (*world.HELDOUT_SHAPES, *world.HELDOUT_TEXTURES)
+REGIMES = ("described", "bare")
+EXTRA_REGIMES = ("mixed",)  # a probe: each step picks the described or the bare caption
+BARE_TEMPLATE = "a photo of {0}"
+TOKEN = "sks"  # what the base model is prompted with (a word it knows; it draws it as a cross)
+METRICS = ("fidelity", "alignment", "both", "copied")
+# Student t 0.975 quantiles for 1..30 degrees of freedom (then ~normal)
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
 @dataclass
 class BenchConfig:
-    variants: tuple[str, ...] = DEFAULT_VARIANTS
-    concepts: tuple[str, ...] = world.HELDOUT_SHAPES
+    variants: tuple[str, ...] = DEFAULT_VARIANTS  # "name[:rank]"
+    concepts: tuple[str, ...] = DEFAULT_CONCEPTS
+    regimes: tuple[str, ...] = REGIMES
     seeds: tuple[int, ...] = (0, 1, 2)
-    steps: int | None = None  # None: each variant's default (T-LoRA 800, the others 500)
-    lr_scale: float = 1.0  # multiplies the trainer's default learning rate of each variant
+    sweep: tuple[int, ...] = (50, 100, 200, 400, 800)  # checkpoints of one run that are evaluated
+    lr: float | None = None  # one learning rate for every variant (None: the trainer's demo default)
     targets: str | None = None  # None: the trainer's default for the model and variant
-    prompts: int = 8  # recontextualizing (color, background) prompts per run
+    prompts: int = 8  # recontextualizing (color, background) prompts per checkpoint
     images: int = 4  # images per prompt
     sample_steps: int = 20
     guidance: float = 4.0
@@ -69,21 +85,35 @@ class BenchConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     jobs: int = 1
     out: Path = field(default_factory=lambda: ROOT / "outputs" / "personalization")
+    prior_images: int = 0  # prior preservation: class images the base model draws (pretraining shapes, varied prompts)
     overrides: tuple[str, ...] = ()  # trainer options "key=value" (training.config names), e.g. train_embedding=false
 
 
 @dataclass(frozen=True)
 class Run:
-    variant: str  # a registered variant, or "base" (no adapter)
+    variant: str  # "name[:rank]", or "base" (no adapter)
     concept: str
     seed: int
+    regime: str = "described"
+
+
+def parse_variant(spec: str) -> tuple[str, int | None]:
+    name, _, rank = spec.partition(":")
+    return name, int(rank) if rank else None
+
+
+def is_texture(concept: str) -> bool:
+    return concept in world.TEXTURES
 
 
 def training_scene(concept: str, seed: int) -> world.Scene:
-    """The one image of ``concept`` for ``seed``: plain, centered, a seeded color and background."""
-    rng = np.random.default_rng([seed, world.SHAPES.index(concept)])
+    """The one image of ``concept`` for ``seed``: centered, a seeded color and background (a texture: on a
+    seeded pretraining shape)."""
+    rng = np.random.default_rng([seed, (world.TEXTURES if is_texture(concept) else world.SHAPES).index(concept)])
     color = str(rng.choice(world.SHAPE_COLORS))
     background = str(rng.choice([b for b in world.BACKGROUNDS if b != color]))
+    if is_texture(concept):
+        return world.Scene(str(rng.choice(["circle", "square"])), color, background, texture=concept, size=0.8)
     return world.Scene(concept, color, background, size=0.7)
 
 
@@ -93,6 +123,18 @@ def recontext_prompts(train: world.Scene, n: int, seed: int) -> list[tuple[str, 
              if c != train.color and b != train.background and c != b]
     rng = np.random.default_rng([seed, 7919])
     return [pairs[i] for i in rng.permutation(len(pairs))[:n]]
+
+
+def class_prompts(n: int, seed: int) -> list[str]:
+    """Prompts of pretraining shapes in varied colors and backgrounds: what the base model can draw."""
+    rng = np.random.default_rng([seed, 104729])
+    out = []
+    while len(out) < n:
+        shape, color, bg = (str(rng.choice(world.PRETRAIN_SHAPES)), str(rng.choice(world.SHAPE_COLORS)),
+                            str(rng.choice(world.BACKGROUNDS)))
+        if color != bg:
+            out.append(world.caption(shape, color, bg))
+    return out
 
 
 def set_options(tc: Any, options: tuple[str, ...]) -> None:
@@ -110,162 +152,312 @@ def set_options(tc: Any, options: tuple[str, ...]) -> None:
         setattr(section, name, _convert(None if value == "None" else value, _hints(type(section))[name], f"--{key}"))
 
 
-def _train(run: Run, cfg: BenchConfig, work: Path) -> tuple[Path, dict[str, Any]]:
-    """Train ``run.variant`` on the run's one image; the canonical adapter file and the settings used."""
+def train_config(run: Run, cfg: BenchConfig, work: Path) -> Any:
+    """The trainer's configuration of ``run`` (the demo defaults, the benchmark's shared settings, ``--set``)."""
     import lora_diffusion as ld
     from training.config import TLoRAConfig, resolve_defaults
-    from training.train_tlora import train
 
     scene = training_scene(run.concept, run.seed)
-    data = work / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    world.render(scene).save(data / f"{run.concept}.png")
+    variant, rank = parse_variant(run.variant)
     tc = TLoRAConfig()
     tc.model.pretrained_model_name_or_path = cfg.model
-    tc.adapter.variant = run.variant
-    tc.data.instance_data_dir = str(data)
-    tc.data.prompt_template = world.caption("{0}", scene.color, scene.background)
-    tc.optim.max_train_steps = cfg.steps
-    tc.adapter.targets = cfg.targets
+    tc.adapter.variant, tc.adapter.lora_rank, tc.adapter.targets = variant, rank, cfg.targets
+    tc.data.instance_data_dir = str(work / "data")
+    described = world.caption("{0}", scene.color, scene.background)
+    tc.data.prompt_template = {"described": described, "bare": BARE_TEMPLATE,
+                               "mixed": f"{described}#{BARE_TEMPLATE}"}[run.regime]
+    tc.optim.max_train_steps, tc.optim.learning_rate = max(cfg.sweep), cfg.lr
+    if cfg.prior_images:
+        tc.data.with_prior_preservation = True
+        tc.data.class_data_dir = str(work / "class")
+        tc.data.num_class_images = cfg.prior_images
+        tc.data.class_prompt = "#".join(class_prompts(cfg.prior_images, run.seed))
     set_options(tc, cfg.overrides)
     resolve_defaults(tc, ld.variant_names())
-    tc.optim.learning_rate *= cfg.lr_scale
+    tc.optim.max_train_steps = max(cfg.sweep)
     tc.checkpoint.output_dir = str(work / "train")
-    tc.checkpoint.checkpointing_steps = 0
-    tc.run.seed = run.seed
-    tc.run.report_to = "none"
-    tc.run.progress = False
-    tc.run.cpu = cfg.device == "cpu"
-    result = train(tc)
-    used = {"rank": tc.adapter.lora_rank, "lr": tc.optim.learning_rate, "steps": tc.optim.max_train_steps,
-            "targets": tc.adapter.targets, "token": tc.data.placeholder_token,
-            "embedding": bool(tc.embedding.train_embedding)}
-    return result.outputs["canonical"], used
+    tc.checkpoint.checkpointing_steps = math.gcd(*cfg.sweep)
+    tc.checkpoint.checkpoints_total_limit = None
+    tc.run.seed, tc.run.report_to, tc.run.progress, tc.run.cpu = run.seed, "none", False, cfg.device == "cpu"
+    return tc
+
+
+def _train(run: Run, cfg: BenchConfig, work: Path) -> tuple[dict[int, Path], dict[str, Any]]:
+    """Train ``run`` on its one image; {sweep step: adapter file} and the settings used."""
+    from training.train_tlora import train
+
+    (work / "data").mkdir(parents=True, exist_ok=True)
+    world.render(training_scene(run.concept, run.seed)).save(work / "data" / f"{run.concept}.png")
+    tc = train_config(run, cfg, work)
+    train(tc)
+    ckpts = work / "train" / "checkpoints"
+    files = {s: ckpts / f"checkpoint-{s}" / "adapter.safetensors" for s in cfg.sweep}
+    used = {"rank": tc.adapter.lora_rank, "lr": tc.optim.learning_rate, "targets": tc.adapter.targets,
+            "token": tc.data.placeholder_token, "embedding": bool(tc.embedding.train_embedding),
+            "caption": tc.data.prompt_template}
+    return files, used
 
 
 @torch.no_grad()
-def _draw(run: Run, cfg: BenchConfig, adapter: Path | None, token: str = TOKEN) -> tuple[np.ndarray, list[dict[str, str]]]:
+def _draw(pipe: Any, run: Run, cfg: BenchConfig, adapter: Path | None,
+          token: str) -> tuple[np.ndarray, list[dict[str, str]]]:
     """Images (N, H, W, 3) uint8 for the run's recontextualizing prompts, and what each prompt asked for."""
-    from lora_diffusion.generate import apply_adapters, load_pipeline
+    import lora_diffusion as ld
+    from lora_diffusion.generate import apply_adapters, remove_timestep_hook
 
-    pipe = load_pipeline(cfg.model).to(cfg.device)
-    pipe.set_progress_bar_config(disable=True)
     if adapter is not None:
-        apply_adapters(pipe, [adapter])  # also installs the hook that gives T-LoRA the timestep of each step
-    pairs = recontext_prompts(training_scene(run.concept, run.seed), cfg.prompts, run.seed)
-    asked = [{"shape": run.concept, "color": c, "background": b} for c, b in pairs for _ in range(cfg.images)]
+        apply_adapters(pipe, [adapter], names=["bench"])  # the tokens too; T-LoRA's timestep hook
+    train = training_scene(run.concept, run.seed)
+    pairs = recontext_prompts(train, cfg.prompts, run.seed)
+    kind = "texture" if is_texture(run.concept) else "shape"
+    asked = [{kind: run.concept, "color": c, "background": b} for c, b in pairs for _ in range(cfg.images)]
     prompts = [world.caption(token, c, b) for c, b in pairs for _ in range(cfg.images)]
     g = torch.Generator().manual_seed(1000 + run.seed)
-    images = [pipe(prompts[i:i + 32], num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance, generator=g,
-                   output_type="np").images for i in range(0, len(prompts), 32)]
+    try:
+        images = [pipe(prompts[i:i + 32], num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance,
+                       generator=g, output_type="np").images for i in range(0, len(prompts), 32)]
+    finally:
+        if adapter is not None:
+            ld.remove_adapters(pipe, ["bench"])
+            remove_timestep_hook(pipe.unet)
     return (np.clip(np.concatenate(images), 0, 1) * 255).round().astype(np.uint8), asked
 
 
 def score(preds: list[dict[str, str]], asked: list[dict[str, str]], train: world.Scene) -> dict[str, float]:
-    """Fractions over the images: fidelity, alignment (color and background), both, copied."""
-    right = {k: np.array([p[k] == a[k] for p, a in zip(preds, asked)]) for k in ("shape", "color", "background")}
+    """Fractions over the images: fidelity (the concept's shape or texture), alignment (color and background),
+    both, copied."""
+    kind = "texture" if "texture" in asked[0] else "shape"
+    right = {k: np.array([p[k] == a[k] for p, a in zip(preds, asked)]) for k in (kind, "color", "background")}
     aligned = right["color"] & right["background"]
     copied = np.array([p["color"] == train.color or p["background"] == train.background for p in preds])
-    return {"fidelity": float(right["shape"].mean()), "alignment": float(aligned.mean()),
+    return {"fidelity": float(right[kind].mean()), "alignment": float(aligned.mean()),
             "color": float(right["color"].mean()), "background": float(right["background"].mean()),
-            "both": float((right["shape"] & aligned).mean()), "copied": float(copied.mean())}
+            "both": float((right[kind] & aligned).mean()), "copied": float(copied.mean())}
 
 
-def run_one(run: Run, cfg: BenchConfig, threads: int | None = None) -> dict[str, Any]:
-    """Train (unless ``base``), draw, score. Returns the run's figures and its images."""
+def run_one(run: Run, cfg: BenchConfig, threads: int | None = None) -> list[dict[str, Any]]:
+    """Train (unless ``base``), then draw and score at every sweep step. One record per step (base: step 0)."""
     from lora_diffusion.evaluator import load_evaluator
+    from lora_diffusion.generate import load_pipeline
 
     if threads:  # a worker process
         torch.set_num_threads(threads)
         _quiet()
     t0 = time.time()
-    with tempfile.TemporaryDirectory(prefix=f"pers-{run.variant}-") as tmp:
-        adapter, used = (None, {}) if run.variant == "base" else _train(run, cfg, Path(tmp))
+    evaluator = load_evaluator(cfg.evaluator)
+    pipe = load_pipeline(cfg.model).to(cfg.device)
+    pipe.set_progress_bar_config(disable=True)
+    train = training_scene(run.concept, run.seed)
+    out = []
+    with tempfile.TemporaryDirectory(prefix="pers-") as tmp:
+        files, used = ({0: None}, {}) if run.variant == "base" else _train(run, cfg, Path(tmp))
         t_train = time.time() - t0
-        images, asked = _draw(run, cfg, adapter, used.get("token", TOKEN))
-    preds = load_evaluator(cfg.evaluator).predict(images)
-    figures = score(preds, asked, training_scene(run.concept, run.seed))
-    per_image = [[a["color"], a["background"], p["shape"], p["color"], p["background"]] for a, p in zip(asked, preds)]
-    return {**asdict(run), **used, **{k: round(v, 4) for k, v in figures.items()}, "train_s": round(t_train, 1),
-            "total_s": round(time.time() - t0, 1), "per_image": per_image, "images": images}
+        for step, adapter in files.items():
+            images, asked = _draw(pipe, run, cfg, adapter, used.get("token", TOKEN))
+            preds = evaluator.predict(images)
+            figures = score(preds, asked, train)
+            per_image = [[a["color"], a["background"], p["shape"], p["texture"], p["color"], p["background"]]
+                         for a, p in zip(asked, preds)]
+            out.append({**asdict(run), **used, "step": step, **{k: round(v, 4) for k, v in figures.items()},
+                        "train_s": round(t_train, 1), "per_image": per_image, "images": images})
+    for r in out:
+        r["total_s"] = round(time.time() - t0, 1)
+    return out
 
 
 def _runs(cfg: BenchConfig) -> list[Run]:
-    return [Run(v, c, s) for s in cfg.seeds for c in cfg.concepts for v in ("base", *cfg.variants)]
+    base = [Run("base", c, s, "any") for s in cfg.seeds for c in cfg.concepts]
+    return base + [Run(v, c, s, g) for s in cfg.seeds for g in cfg.regimes for c in cfg.concepts for v in cfg.variants]
 
 
 def run_all(cfg: BenchConfig) -> list[dict[str, Any]]:
-    """Every run, ``cfg.jobs`` at a time, with a progress bar (runs of one seed first: early rows are complete)."""
+    """Every run, ``cfg.jobs`` at a time, with a progress bar and ETA."""
     from tqdm import tqdm
 
     runs, results = _runs(cfg), []
     bar = tqdm(total=len(runs), desc="personalization runs", dynamic_ncols=True)
     if cfg.jobs <= 1:
         for r in runs:
-            results.append(run_one(r, cfg))
+            results.extend(run_one(r, cfg))
             bar.update()
     else:
         threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
         with cf.ProcessPoolExecutor(cfg.jobs, mp_context=mp.get_context("spawn")) as ex:
             futures = [ex.submit(run_one, r, cfg, threads) for r in runs]
             for f in cf.as_completed(futures):
-                results.append(f.result())
+                results.extend(f.result())
                 bar.update()
     bar.close()
     return results
 
 
-def summarize(results: list[dict[str, Any]], order: tuple[str, ...]) -> list[dict[str, Any]]:
-    """One row per variant: mean and std over its runs of each figure."""
+# --- statistics ---
+def mean_ci(values: list[float] | np.ndarray) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval (Student t; 0 for one value)."""
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) < 2:
+        return float(v.mean()) if len(v) else float("nan"), 0.0
+    t = T975[min(len(v) - 1, len(T975)) - 1] if len(v) - 1 <= len(T975) else 1.96
+    return float(v.mean()), float(t * v.std(ddof=1) / math.sqrt(len(v)))
+
+
+def summarize(results: list[dict[str, Any]], cfg: BenchConfig) -> list[dict[str, Any]]:
+    """One row per (regime, variant, step): means and 95% CIs over the (concept, seed) runs."""
     rows = []
-    for v in ("base", *order):
-        rs = [r for r in results if r["variant"] == v]
-        if not rs:
-            continue
-        row: dict[str, Any] = {"variant": v, "runs": len(rs),
-                               "settings": "" if v == "base" else f"r {rs[0]['rank']}, lr {rs[0]['lr']:g}, "
-                               f"{rs[0]['steps']} steps, {rs[0]['targets']}"}
-        for k in ("fidelity", "alignment", "both", "copied", "train_s"):
-            vals = np.array([r[k] for r in rs], dtype=np.float64)
-            row[k], row[k + "_std"] = float(vals.mean()), float(vals.std())
-        rows.append(row)
+    base = [r for r in results if r["variant"] == "base"]
+    if base:
+        rows.append(_row("any", "base", 0, base))
+    for g in cfg.regimes:
+        for v in cfg.variants:
+            for s in cfg.sweep:
+                rs = [r for r in results if r["variant"] == v and r["regime"] == g and r["step"] == s]
+                if rs:
+                    rows.append(_row(g, v, s, rs))
     return rows
 
 
-def markdown(rows: list[dict[str, Any]], cfg: BenchConfig, n_images: int) -> str:
-    head = ("| variant | concept fidelity | prompt alignment | both | copied train color/bg | train s/run | runs | settings |\n"
+def _row(regime: str, variant: str, step: int, rs: list[dict[str, Any]]) -> dict[str, Any]:
+    row: dict[str, Any] = {"regime": regime, "variant": variant, "step": step, "runs": len(rs)}
+    for k in (*METRICS, "train_s"):
+        row[k], row[k + "_ci"] = mean_ci([r[k] for r in rs])
+    return row
+
+
+def paired(results: list[dict[str, Any]], a: str, b: str, regime: str) -> dict[str, Any] | None:
+    """Variant ``a`` vs ``b`` at matched fidelity: per (concept, seed), b's alignment interpolated along b's
+    fidelity-alignment curve at each of a's checkpoints whose fidelity b's curve spans; the mean difference
+    per pair, then its mean and 95% CI over pairs."""
+    diffs, points = [], 0
+    keys = sorted({(r["concept"], r["seed"]) for r in results if r["regime"] == regime})
+    for c, s in keys:
+        ca = sorted((r["fidelity"], r["alignment"]) for r in results
+                    if (r["variant"], r["regime"], r["concept"], r["seed"]) == (a, regime, c, s))
+        cb = sorted((r["fidelity"], r["alignment"]) for r in results
+                    if (r["variant"], r["regime"], r["concept"], r["seed"]) == (b, regime, c, s))
+        if not ca or not cb:
+            continue
+        fb = np.array([f for f, _ in cb])
+        ab = np.array([al for _, al in cb])
+        uf, idx = np.unique(fb, return_inverse=True)
+        ub = np.array([ab[idx == i].mean() for i in range(len(uf))])  # several checkpoints at one fidelity: mean
+        d = [al - float(np.interp(f, uf, ub)) for f, al in ca if uf[0] <= f <= uf[-1]]
+        if d:
+            diffs.append(float(np.mean(d)))
+            points += len(d)
+    if not diffs:
+        return None
+    m, ci = mean_ci(diffs)
+    return {"a": a, "b": b, "regime": regime, "pairs": len(diffs), "points": points, "diff": m, "ci": ci}
+
+
+def markdown(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]], cfg: BenchConfig) -> str:
+    head = ("| regime | variant | step | fidelity | alignment | both | copied | runs |\n"
             "|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
-        cells = [f"{100 * r[k]:.1f} ± {100 * r[k + '_std']:.1f}%" for k in ("fidelity", "alignment", "both", "copied")]
-        lines.append(f"| {r['variant']} | {' | '.join(cells)} | {r['train_s']:.0f} | {r['runs']} | {r['settings']} |")
-    lines.append(f"\n{len(cfg.concepts)} concepts ({', '.join(cfg.concepts)}) x seeds {list(cfg.seeds)}; "
-                 f"{n_images} images per run ({cfg.prompts} prompts x {cfg.images}), {cfg.sample_steps} steps, "
-                 f"guidance {cfg.guidance}; device {cfg.device}; steps {cfg.steps or 'variant defaults'}; learning rate "
-                 f"{'trainer defaults' if cfg.lr_scale == 1 else f'{cfg.lr_scale}x trainer defaults'}; targets "
-                 f"{cfg.targets or 'trainer defaults'}.")
+        cells = [f"{100 * r[k]:.1f} ± {100 * r[k + '_ci']:.1f}" for k in METRICS]
+        lines.append(f"| {r['regime']} | {r['variant']} | {r['step']} | {' | '.join(cells)} | {r['runs']} |")
+    lines.append("\nPercent, mean ± 95% CI over (concept, seed) runs.")
+    for c in comparisons:
+        lines.append(f"\n**{c['a']} vs {c['b']}, {c['regime']} captions, at matched fidelity**: alignment "
+                     f"{100 * c['diff']:+.1f} ± {100 * c['ci']:.1f} points ({c['pairs']} paired runs, {c['points']} "
+                     f"matched checkpoints).")
+    lines.append(f"\n{len(cfg.concepts)} concepts ({', '.join(cfg.concepts)}) x seeds {list(cfg.seeds)}; sweep "
+                 f"{list(cfg.sweep)} steps (checkpoints of one run); {cfg.prompts * cfg.images} images per checkpoint "
+                 f"({cfg.prompts} prompts x {cfg.images}), {cfg.sample_steps} sampling steps, guidance {cfg.guidance}; "
+                 f"lr {cfg.lr or 'trainer default'}; targets {cfg.targets or 'trainer default'}; prior images "
+                 f"{cfg.prior_images}; trainer options {list(cfg.overrides) or 'defaults'}; device {cfg.device}.")
     return "\n".join(lines) + "\n"
 
 
-def save_grids(results: list[dict[str, Any]], out: Path, per_run: int = 8) -> None:
-    """One PNG per variant: a row per run (concept, seed), its first ``per_run`` images, 2x nearest upscaled."""
+# --- figures ---
+def plot_curves(rows: list[dict[str, Any]], cfg: BenchConfig, path: Path) -> None:
+    """Per regime: alignment vs fidelity along the sweep (top), fidelity and 'both' vs steps (bottom)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(cfg.regimes), figsize=(5.5 * len(cfg.regimes), 9), squeeze=False)
+    base = next((r for r in rows if r["variant"] == "base"), None)
+    for j, g in enumerate(cfg.regimes):
+        top, bottom = axes[0][j], axes[1][j]
+        for v in cfg.variants:
+            rs = [r for r in rows if r["regime"] == g and r["variant"] == v]
+            if not rs:
+                continue
+            f = [100 * r["fidelity"] for r in rs]
+            a = [100 * r["alignment"] for r in rs]
+            line = top.errorbar(f, a, xerr=[100 * r["fidelity_ci"] for r in rs],
+                                yerr=[100 * r["alignment_ci"] for r in rs], marker="o", capsize=3, label=v)
+            for r, x, y in zip(rs, f, a):
+                top.annotate(str(r["step"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            steps = [r["step"] for r in rs]
+            bottom.plot(steps, f, marker="o", color=line[0].get_color(), label=f"{v} fidelity")
+            bottom.plot(steps, [100 * r["both"] for r in rs], marker="s", ls="--", color=line[0].get_color(),
+                        label=f"{v} both")
+        if base:
+            top.scatter([100 * base["fidelity"]], [100 * base["alignment"]], marker="x", color="k", label="base")
+        top.set(title=f"{g} captions", xlabel="concept fidelity (%)", ylabel="prompt alignment (%)",
+                xlim=(-3, 103), ylim=(-3, 103))
+        bottom.set(xlabel="training steps", ylabel="%", xscale="log", ylim=(-3, 103))
+        top.legend(fontsize=8)
+        bottom.legend(fontsize=7)
+        top.grid(alpha=0.3)
+        bottom.grid(alpha=0.3)
+    fig.suptitle("One-image personalization on the demo model (mean ± 95% CI)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_grids(results: list[dict[str, Any]], cfg: BenchConfig, out: Path, per_concept: int = 4) -> list[Path]:
+    """Per (variant, regime): a row per sweep step, ``per_concept`` images (one per prompt) of each concept's first
+    seed; the base model's row alone. 2x nearest upscaled."""
     from PIL import Image
 
-    for v in sorted({r["variant"] for r in results}):
-        rs = sorted((r for r in results if r["variant"] == v), key=lambda r: (r["concept"], r["seed"]))
-        rows = [np.concatenate(list(r["images"][::max(1, len(r["images"]) // per_run)][:per_run]), axis=1) for r in rs]
+    seed = cfg.seeds[0]
+    written = []
+    groups = [("base", "any")] + [(v, g) for v in cfg.variants for g in cfg.regimes]
+    for v, g in groups:
+        steps = [0] if v == "base" else list(cfg.sweep)
+        rows = []
+        for s in steps:
+            cells = []
+            for c in cfg.concepts:
+                r = next((r for r in results if (r["variant"], r["regime"], r["concept"], r["seed"], r["step"])
+                          == (v, g, c, seed, s)), None)
+                if r is not None:
+                    cells.extend(r["images"][::max(1, cfg.images)][:per_concept])
+            if cells:
+                rows.append(np.concatenate(cells, axis=1))
+        if not rows:
+            continue
         grid = np.concatenate(rows, axis=0)
-        Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(out / f"samples-{v}.png")
+        path = out / f"samples-{v.replace(':', '-r')}{'' if v == 'base' else '-' + g}.png"
+        Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
+        written.append(path)
+    return written
+
+
+def comparisons(results: list[dict[str, Any]], cfg: BenchConfig) -> list[dict[str, Any]]:
+    """T-LoRA vs LoRA (the first variant of each) per regime."""
+    t = next((v for v in cfg.variants if parse_variant(v)[0] == "tlora"), None)
+    lo = next((v for v in cfg.variants if parse_variant(v)[0] == "lora"), None)
+    if t is None or lo is None:
+        return []
+    return [c for g in cfg.regimes if (c := paired(results, t, lo, g)) is not None]
 
 
 def main(argv: list[str] | None = None) -> None:
     d = BenchConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", default=",".join(d.variants), help="comma-separated registered variants")
-    p.add_argument("--concepts", default=",".join(d.concepts), help="held-out shapes to personalize")
+    p.add_argument("--variants", default=",".join(d.variants), help="comma-separated name[:rank], e.g. tlora:64,lora:64")
+    p.add_argument("--concepts", default=",".join(d.concepts), help="held-out shapes and textures to personalize")
+    p.add_argument("--regimes", default=",".join(d.regimes), help="caption regimes: described, bare")
     p.add_argument("--seeds", default=",".join(map(str, d.seeds)))
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: each variant's default)")
-    p.add_argument("--lr-scale", type=float, default=d.lr_scale, help="multiplies the trainer's default learning rate")
+    p.add_argument("--sweep", default=",".join(map(str, d.sweep)), help="training steps evaluated (checkpoints of one run)")
+    p.add_argument("--lr", type=float, default=None, help="one learning rate for every variant (default: trainer's)")
     p.add_argument("--targets", default=d.targets, help="target preset or patterns (default: the trainer's)")
     p.add_argument("--prompts", type=int, default=d.prompts)
     p.add_argument("--images", type=int, default=d.images)
@@ -276,29 +468,42 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default=d.device)
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (GPU: 4-8)")
     p.add_argument("--out", type=Path, default=d.out)
+    p.add_argument("--prior", type=int, default=d.prior_images,
+                   help="prior preservation with this many class images the base model draws (0: off)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a trainer option for every run (repeat), e.g. --set train_embedding=false --set embedding_lr=0.01")
+                   help="a trainer option for every run (repeat), e.g. --set train_embedding=false")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     _quiet()
     cfg = BenchConfig(variants=tuple(a.variants.split(",")), concepts=tuple(a.concepts.split(",")),
-                      seeds=tuple(int(s) for s in a.seeds.split(",")), steps=a.steps, lr_scale=a.lr_scale,
-                      targets=a.targets, prompts=a.prompts, images=a.images, sample_steps=a.sample_steps,
-                      guidance=a.guidance, model=a.model, evaluator=a.evaluator, device=a.device, jobs=a.jobs, out=a.out,
-                      overrides=tuple(a.set))
+                      regimes=tuple(a.regimes.split(",")), seeds=tuple(int(s) for s in a.seeds.split(",")),
+                      sweep=tuple(sorted(int(s) for s in a.sweep.split(","))), lr=a.lr, targets=a.targets,
+                      prompts=a.prompts, images=a.images, sample_steps=a.sample_steps, guidance=a.guidance,
+                      model=a.model, evaluator=a.evaluator, device=a.device, jobs=a.jobs, out=a.out,
+                      prior_images=a.prior, overrides=tuple(a.set))
     _check(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     results = run_all(cfg)
-    rows = summarize(results, cfg.variants)
-    table = markdown(rows, cfg, cfg.prompts * cfg.images)
-    save_grids(results, cfg.out)
+    report(results, cfg, time.time() - t0)
+
+
+def report(results: list[dict[str, Any]], cfg: BenchConfig, seconds: float) -> str:
+    """Table, JSON, curves and grids into ``cfg.out``; returns the table."""
+    rows = summarize(results, cfg)
+    comps = comparisons(results, cfg)
+    table = markdown(rows, comps, cfg)
+    save_grids(results, cfg, cfg.out)
+    plot_curves(rows, cfg, cfg.out / "curves.png")
     plain = [{k: v for k, v in r.items() if k != "images"} for r in results]
     (cfg.out / "results.json").write_text(json.dumps({"config": {**asdict(cfg), "out": str(cfg.out)}, "runs": plain,
-                                                      "summary": rows, "seconds": round(time.time() - t0)}, indent=1))
+                                                      "summary": rows, "paired": comps, "seconds": round(seconds)},
+                                                     indent=1))
     (cfg.out / "table.md").write_text(table)
     sys.stdout.write(table)
-    sys.stdout.write(f"{len(results)} runs in {(time.time() - t0) / 60:.1f} min; per-run figures in {cfg.out / 'results.json'}\n")
+    sys.stdout.write(f"{len(results)} evaluated checkpoints in {seconds / 60:.1f} min; per-run figures in "
+                     f"{cfg.out / 'results.json'}\n")
+    return table
 
 
 def _quiet() -> None:
@@ -316,14 +521,16 @@ def _check(cfg: BenchConfig) -> None:
     """Bad flags fail before the first run, naming the flag and the valid choices."""
     import lora_diffusion as ld
 
-    unknown = [v for v in cfg.variants if v not in ld.variant_names()]
+    unknown = [v for v in cfg.variants if parse_variant(v)[0] not in ld.variant_names()]
     if unknown:
-        raise SystemExit(f"--variants: unknown {unknown}; registered: {ld.variant_names()}")
-    bad = [c for c in cfg.concepts if c not in world.SHAPES]
+        raise SystemExit(f"--variants: unknown {unknown}; registered: {ld.variant_names()} (name[:rank])")
+    bad = [c for c in cfg.concepts if c not in world.SHAPES and c not in world.TEXTURES]
     if bad:
-        raise SystemExit(f"--concepts: unknown shapes {bad}; held-out shapes: {list(world.HELDOUT_SHAPES)}")
-    if cfg.prompts < 1 or cfg.images < 1 or cfg.jobs < 1:
-        raise SystemExit("--prompts, --images and --jobs must be >= 1")
+        raise SystemExit(f"--concepts: unknown shapes/textures {bad}; held out: {list(DEFAULT_CONCEPTS)}")
+    if [g for g in cfg.regimes if g not in REGIMES + EXTRA_REGIMES]:
+        raise SystemExit(f"--regimes: expected some of {list(REGIMES + EXTRA_REGIMES)}, found {list(cfg.regimes)}")
+    if cfg.prompts < 1 or cfg.images < 1 or cfg.jobs < 1 or min(cfg.sweep) < 1:
+        raise SystemExit("--prompts, --images, --jobs and every --sweep step must be >= 1")
 
 
 if __name__ == "__main__":

@@ -220,3 +220,36 @@ def test_nan_embedding_and_clashing_tokens(sd_model, trained, tmp_path):  # noqa
     with pytest.raises(E.EmbeddingError, match="token '<sks>' is already loaded \\(by 'first'\\)"):
         ld.load_adapter(pipe, trained["sd_model"]["kohya"], name="second")
     assert ld.list_adapters(pipe) == ["first"]
+
+
+# --- parity with diffusers (the loader people use) ---
+def _image(pipe, prompt: str) -> torch.Tensor:
+    from lora_diffusion.generate import install_timestep_hook
+
+    install_timestep_hook(pipe.unet, pipe.scheduler.config.num_train_timesteps)
+    g = torch.Generator().manual_seed(7)
+    return torch.from_numpy(pipe(prompt, num_inference_steps=3, guidance_scale=3.0, generator=g, height=32, width=32,
+                                 output_type="np").images)
+
+
+def test_kohya_bundle_and_a1111_file_generate_like_diffusers(sd_model, trained):  # noqa: F811
+    """Ours: load_adapter of the kohya file (LoRA + bundle_emb) / of the A1111 file. diffusers: load_lora_weights
+    of the LoRA keys and load_textual_inversion of the vectors (diffusers ignores bundle_emb). Same image."""
+    prompt = "a photo of <sks>"
+    tensors, _ = read_safetensors(trained["sd_model"]["kohya"])
+    lora_only, raw = emb_io.split_bundle(tensors)
+    vectors = raw["<sks>"]["string_to_param.*"]
+    ours = _pipe(sd_model)
+    ld.load_adapter(ours, trained["sd_model"]["kohya"])
+    theirs = _pipe(sd_model)
+    theirs.load_lora_weights(lora_only)
+    theirs.load_textual_inversion(vectors, token="<sks>", tokenizer=theirs.tokenizer, text_encoder=theirs.text_encoder)
+    assert theirs.maybe_convert_prompt(prompt, theirs.tokenizer) == ours.maybe_convert_prompt(prompt, ours.tokenizer)
+    a, b = _image(ours, prompt), _image(theirs, prompt)
+    assert (a - b).abs().max() < 1e-5 and (a - _image(_pipe(sd_model), prompt)).abs().max() > 1e-3
+    # A1111 embedding file: the token is the file's stem ("sks"); diffusers: load_textual_inversion(path, token)
+    ours, theirs = _pipe(sd_model), _pipe(sd_model)
+    a1111 = trained["sd_model"]["a1111"]
+    ld.load_adapter(ours, a1111, token="<emb>")
+    theirs.load_textual_inversion(str(a1111), token="<emb>")
+    assert (_image(ours, "a photo of <emb>") - _image(theirs, "a photo of <emb>")).abs().max() < 1e-6

@@ -26,6 +26,12 @@ def test_training_images_differ_across_seeds() -> None:
     assert len(scenes) > 1
 
 
+@pytest.mark.parametrize("texture", world.HELDOUT_TEXTURES)
+def test_texture_concepts_are_drawn_on_a_pretraining_shape(texture: str) -> None:
+    scene = pb.training_scene(texture, 0)
+    assert scene.texture == texture and scene.shape in world.PRETRAIN_SHAPES
+
+
 def test_score() -> None:
     train = world.Scene("ring", "red", "white")
     asked = [{"shape": "ring", "color": "blue", "background": "black"}] * 4
@@ -37,25 +43,60 @@ def test_score() -> None:
     assert s == {"fidelity": 0.5, "alignment": 0.5, "color": 0.5, "background": 0.75, "both": 0.25, "copied": 0.5}
 
 
+def test_score_of_a_texture_reads_the_texture() -> None:
+    train = world.Scene("circle", "red", "white", texture="dotted")
+    asked = [{"texture": "dotted", "color": "blue", "background": "black"}] * 2
+    preds = [{"shape": "square", "texture": "dotted", "color": "blue", "background": "black"},
+             {"shape": "circle", "texture": "plain", "color": "blue", "background": "black"}]
+    assert pb.score(preds, asked, train)["fidelity"] == 0.5
+
+
+def test_mean_ci() -> None:
+    assert pb.mean_ci([0.5]) == (0.5, 0.0)
+    m, ci = pb.mean_ci([0.0, 1.0])
+    assert m == 0.5 and ci == pytest.approx(12.706 * (2 ** -0.5) / 2 ** 0.5)  # t(1) * sd / sqrt(n)
+
+
+def test_paired_comparison_at_matched_fidelity() -> None:
+    """b's curve: alignment falls 1:1 as fidelity rises; a sits 0.1 above it at the fidelities b spans."""
+    def rec(v, c, f, a):
+        return {"variant": v, "regime": "bare", "concept": c, "seed": 0, "fidelity": f, "alignment": a}
+    results = [rec("b", c, f, 1 - f) for c in ("ring", "moon") for f in (0.2, 0.6, 1.0)]
+    results += [rec("a", c, f, 1.1 - f) for c in ("ring", "moon") for f in (0.4, 0.8)]
+    results += [rec("a", "ring", 0.1, 0.95)]  # outside b's range: not matched
+    out = pb.paired(results, "a", "b", "bare")
+    assert out["pairs"] == 2 and out["points"] == 4
+    assert out["diff"] == pytest.approx(0.1) and out["ci"] == pytest.approx(0.0, abs=1e-9)
+
+
 def test_bad_flags_are_named() -> None:
     with pytest.raises(SystemExit, match="--variants: unknown"):
         pb.main(["--variants", "lora,nope"])
     with pytest.raises(SystemExit, match="--concepts: unknown shapes"):
         pb.main(["--concepts", "hexagon"])
+    with pytest.raises(SystemExit, match="--regimes"):
+        pb.main(["--regimes", "terse"])
 
 
 @pytest.mark.slow
 def test_one_tiny_run_end_to_end(tmp_path) -> None:
-    """One concept, one seed, LoRA for 2 steps: the command writes a table, per-run JSON and sample grids."""
+    """T-LoRA and LoRA, one texture, both regimes, 2 checkpoints of one run each: the command writes
+    the table (with the paired comparison), per-checkpoint JSON, the curves and a sample grid per variant/regime."""
     out = tmp_path / "bench"
-    pb.main(["--variants", "lora", "--concepts", "ring", "--seeds", "0", "--steps", "2", "--prompts", "2",
-             "--images", "2", "--sample-steps", "2", "--device", "cpu", "--out", str(out)])
+    pb.main(["--variants", "tlora:4,lora:4", "--concepts", "dotted", "--seeds", "0", "--sweep", "1,2",
+             "--prompts", "2", "--images", "2", "--sample-steps", "2", "--device", "cpu", "--out", str(out),
+             "--set", "train_embedding=true"])
     data = json.loads((out / "results.json").read_text())
-    assert [r["variant"] for r in data["runs"]] == ["base", "lora"]
-    lora = data["runs"][1]
-    assert lora["steps"] == 2 and lora["targets"] == "unet-full" and lora["lr"] > 0
-    for r in data["runs"]:
+    runs = data["runs"]
+    assert {(r["variant"], r["regime"]) for r in runs} == {("base", "any"), *[(v, g) for v in ("tlora:4", "lora:4")
+                                                                             for g in ("described", "bare")]}
+    lora = [r for r in runs if r["variant"] == "lora:4" and r["regime"] == "bare" and r["concept"] == "dotted"]
+    assert sorted(r["step"] for r in lora) == [1, 2] and lora[0]["rank"] == 4 and lora[0]["caption"] == "a photo of {0}"
+    assert lora[0]["embedding"] and lora[0]["token"] == "<sks>" and len(lora[0]["per_image"]) == 4
+    for r in runs:
         assert all(0.0 <= r[k] <= 1.0 for k in ("fidelity", "alignment", "both", "copied"))
     table = (out / "table.md").read_text()
-    assert "| base |" in table and "| lora |" in table
-    assert (out / "samples-lora.png").is_file() and (out / "samples-base.png").is_file()
+    assert "| bare | tlora:4 | 2 |" in table and "| any | base | 0 |" in table and "at matched fidelity" in table
+    assert (out / "curves.png").stat().st_size > 10_000
+    for name in ("base", "tlora-r4-bare", "lora-r4-described"):
+        assert (out / f"samples-{name}.png").is_file()

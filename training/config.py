@@ -265,10 +265,16 @@ class DataArgs:
     resolution: int | None = opt(None, "training resolution (None: 1024 for SDXL, the model's size otherwise)")
     center_crop: bool = opt(True, "center crop (else random crop: augmentation, disables latent caching)")
     random_flip: bool = opt(False, "random horizontal flip")
+    hue_jitter: float = opt(0.0, "augmentation: rotate the training image's hue by a random angle in [-h, h] degrees "
+                            "each step (for subjects whose color is not what matters, with captions that do not "
+                            "name colors); disables latent caching")
     train_batch_size: int = opt(1, "images per micro-batch per process")
     with_prior_preservation: bool = opt(False, "add class images with the class prompt to the loss")
     class_data_dir: str | None = opt(None, "folder of class (prior-preservation) images")
-    class_prompt: str | None = opt(None, "prompt of the class images (None: 'a photo of <class>')")
+    class_prompt: str | None = opt(None, "prompt of the class images (None: 'a photo of <class>'); with "
+                                   "--num_class_images, '#'-separated prompts are cycled through")
+    num_class_images: int = opt(0, "prior preservation: draw class images with the base model (before training) "
+                                "until --class_data_dir holds this many; each gets its prompt as a .txt caption")
     prior_loss_weight: float = opt(1.0, "weight of the prior-preservation loss")
     cache_latents: bool = opt(True, "encode each image once (per flip) instead of every step")
     cache_text_embeddings: bool = opt(True, "encode each prompt once")

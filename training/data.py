@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,19 @@ class Example:
     flip: bool
     prompt: int
     prior: bool = False
+    hue: float = 0.0  # degrees of hue rotation (augmentation)
+
+
+def rotate_hue(x: torch.Tensor, degrees: float) -> torch.Tensor:
+    """Rotate the hue of a (3, H, W) image in [-1, 1] by ``degrees`` (a rotation of the YIQ chroma plane)."""
+    if not degrees:
+        return x
+    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    rot = torch.tensor([[1, 0, 0], [0, c, -s], [0, s, c]], dtype=torch.float64)
+    m = (torch.linalg.inv(yiq) @ rot @ yiq).to(x.dtype)
+    rgb = (x + 1) / 2
+    return (torch.einsum("ij,jhw->ihw", m, rgb).clamp(0, 1) * 2 - 1).contiguous()
 
 
 class ImageSet:
@@ -135,6 +149,7 @@ class ImageSet:
             raise DataError(f"{len(paths)} images but {len(prompts)} captions")
         self.paths, self.resolution, self.prompts, self.per_image = paths, resolution, prompts, per_image
         self.center_crop, self.random_flip = center_crop, random_flip
+        self.hue_jitter = 0.0  # degrees; set by the trainer (--hue_jitter)
         self.images = [load_image(p, resolution) for p in paths]
 
     def __len__(self) -> int:
@@ -150,14 +165,15 @@ class ImageSet:
             top = int(torch.randint(h - r + 1, (1,), generator=gen))
             left = int(torch.randint(w - r + 1, (1,), generator=gen))
         flip = bool(torch.rand((), generator=gen) < 0.5) if self.random_flip else False
+        hue = float(torch.empty(()).uniform_(-self.hue_jitter, self.hue_jitter, generator=gen)) if self.hue_jitter else 0.0
         p = i if self.per_image else int(torch.randint(len(self.prompts), (1,), generator=gen)) if len(self.prompts) > 1 else 0
-        return Example(i, top, left, flip, p, prior)
+        return Example(i, top, left, flip, p, prior, hue)
 
     def pixels(self, ex: Example) -> torch.Tensor:
         """(3, r, r) view of the example's image."""
         r = self.resolution
         view = self.images[ex.image][:, ex.top:ex.top + r, ex.left:ex.left + r]
-        return view.flip(-1) if ex.flip else view
+        return rotate_hue(view.flip(-1) if ex.flip else view, ex.hue)
 
 
 class ExampleSampler:

@@ -55,8 +55,10 @@ def preflight(cfg: TLoRAConfig) -> list[Path]:
     """Output folder, data folders and optional features; returns the instance image files."""
     check_output_dir(cfg.checkpoint.output_dir)
     images = find_images(cfg.data.instance_data_dir, cfg.data.one_image)
-    if cfg.data.with_prior_preservation:
+    if cfg.data.with_prior_preservation and not cfg.data.num_class_images:
         find_images(cfg.data.class_data_dir, None, "--class_data_dir")
+    if cfg.data.with_prior_preservation and cfg.data.num_class_images and not cfg.data.class_data_dir:
+        raise ConfigError("--num_class_images: name the folder the class images go to (--class_data_dir)")
     if cfg.optim.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
     if cfg.model.attention == "xformers" and importlib.util.find_spec("xformers") is None:
@@ -204,6 +206,36 @@ def make_optimizer(unet: nn.Module, cfg: TLoRAConfig, tokens: TrainableTokens | 
 
 
 # --- data ---
+@torch.no_grad()
+def make_class_images(pipe: Any, cfg: TLoRAConfig, resolution: int, device: torch.device) -> int:
+    """Prior preservation (DreamBooth): the base model draws class images until --class_data_dir holds
+    --num_class_images, cycling through the '#'-separated --class_prompt; each image gets a ``.txt`` caption.
+    Call before any adapter or placeholder is added. Returns how many were drawn."""
+    d, v = cfg.data, cfg.validation
+    if not (d.with_prior_preservation and d.num_class_images):
+        return 0
+    folder = Path(d.class_data_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    have = len([p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")])
+    need = d.num_class_images - have
+    if need <= 0:
+        return 0
+    prompts = [t.strip() for t in (d.class_prompt or f"a photo of {d.class_name}".strip()).split("#") if t.strip()]
+    todo = [prompts[(have + i) % len(prompts)] for i in range(need)]
+    log.info("prior preservation: drawing %d class images with the base model into %s", need, folder)
+    pipe.to(device)
+    for start in range(0, need, 16):
+        batch = todo[start:start + 16]
+        g = torch.Generator().manual_seed(cfg.run.seed * 100003 + have + start)
+        images = pipe(batch, num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale, generator=g,
+                      height=resolution, width=resolution).images
+        for k, (prompt, im) in enumerate(zip(batch, images)):
+            stem = folder / f"class-{have + start + k:05d}"
+            im.save(stem.with_suffix(".png"))
+            stem.with_suffix(".txt").write_text(prompt)
+    return need
+
+
 def build_data(cfg: TLoRAConfig, pipe: Any, images: list[Path], resolution: int, process_index: int,
                device: torch.device) -> tuple[ExampleSampler, Conditioner]:
     d = cfg.data
@@ -214,12 +246,17 @@ def build_data(cfg: TLoRAConfig, pipe: Any, images: list[Path], resolution: int,
     captions = read_captions(images, phrase)  # per-image .txt captions win over the template
     prompts = captions or expand_prompts(d.prompt_template, phrase)
     inst = ImageSet(images, resolution, prompts, d.center_crop, d.random_flip, per_image=captions is not None)
+    inst.hue_jitter = d.hue_jitter
     classes = None
     class_prompt = None
     if d.with_prior_preservation:
         class_prompt = d.class_prompt or f"a photo of {d.class_name}".strip()
-        classes = ImageSet(find_images(d.class_data_dir, None, "--class_data_dir"), resolution, [class_prompt],
-                           d.center_crop, d.random_flip)
+        class_images = find_images(d.class_data_dir, None, "--class_data_dir")
+        class_captions = read_captions(class_images, phrase)  # per-image prompts (e.g. drawn by make_class_images)
+        if class_captions:
+            class_prompt = None
+        classes = ImageSet(class_images, resolution, class_captions or [class_prompt], d.center_crop, d.random_flip,
+                           per_image=class_captions is not None)
     log.info("%d training image(s) at %d px; %s: %s%s", len(inst), resolution,
              "captions (.txt)" if captions else "prompts", prompts[:4], " ..." if len(prompts) > 4 else "")
     cond = Conditioner(pipe, inst, classes, class_prompt, d.cache_latents, d.cache_text_embeddings)

@@ -29,7 +29,7 @@ class Conditioner:
                  cache_latents: bool, cache_text: bool) -> None:
         self.pipe, self.sets = pipe, {False: instances, True: classes}
         self.class_prompt = class_prompt
-        self.cache_latents = cache_latents and instances.center_crop
+        self.cache_latents = cache_latents and instances.center_crop and not instances.hue_jitter
         if cache_latents and not instances.center_crop:
             log.info("random crops: latents are encoded every step (no latent cache)")
         self.cache_text = cache_text
@@ -45,7 +45,7 @@ class Conditioner:
     @torch.no_grad()
     def posterior(self, ex: Example, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) of the VAE latent of the example's view, scaled by the VAE's scaling factor."""
-        key = (ex.prior, ex.image, ex.top, ex.left, ex.flip)
+        key = (ex.prior, ex.image, ex.top, ex.left, ex.flip, ex.hue)
         if key in self._latents:
             return self._latents[key]
         vae = self.pipe.vae

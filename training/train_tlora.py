@@ -56,6 +56,9 @@ def train(cfg: TLoRAConfig) -> TrainResult:
     torch.manual_seed(cfg.run.seed)
     pipe = dif.load_base(cfg)
     res = cfg.data.resolution or dif.default_resolution(pipe)
+    if acc.is_main_process:
+        dif.make_class_images(pipe, cfg, res, acc.device)  # before anything is added to the base model
+    acc.wait_for_everyone()
     tokens = dif.add_placeholder(pipe, cfg)  # pivotal tuning: the new token(s), before the prompts are checked
     text_encoders = dif.add_text_adapter(pipe, cfg)
     unet = dif.add_adapter(pipe, cfg, acc.device)
