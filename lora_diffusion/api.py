@@ -23,7 +23,7 @@ from .core.errors import AdapterError, AdapterFileError
 from .core.registry import variant_names  # noqa: F401  (re-exported)
 from .core.spec import AdapterSpec
 from .inject.walker import adapted_layers, adapter_names, inject, model_state, remove
-from .io import canonical, formats, tlora_official
+from .io import canonical, cloneofsimo, formats, tlora_official
 from .io import embeddings as emb_io
 from .io.bundle import FAMILY_NAMES, Bundle, Part, component_role, model_family, model_view
 from .io.detect import TRANSFORMER_FAMILIES, file_family
@@ -291,6 +291,8 @@ def load_adapter(model_or_pipeline: Any, path: str | os.PathLike, name: str | No
     if emb_io.is_embedding_file(loaded[0]) and not canonical.is_canonical(loaded[1]):
         return load_embeddings(model_or_pipeline, src, name, token, loaded)
     tensors, raw = emb_io.split_bundle(loaded[0])
+    tensors, tokens = cloneofsimo.split_embeds(tensors, loaded[1])  # its pivotal-tuning tokens (<s1>, <s2>, ...)
+    raw |= {t: {"emb_params": v} for t, v in tokens.items()}
     placeholders = []
     if raw and not isinstance(model_or_pipeline, nn.Module):
         placeholders = emb_io.from_bundle(model_or_pipeline, raw, loaded[1], str(src))
@@ -327,7 +329,8 @@ def _load_weights(model_or_pipeline: Any, src: Path, loaded: tuple[dict[str, tor
         _check_family(model_or_pipeline, src, loaded)
     views = {role: model_view(m) for role, m in targets.items()}
     unet_config = getattr(targets.get("unet"), "config", None)
-    bundle = formats.read_bundle(src, views, unet_config, loaded, bare=isinstance(model_or_pipeline, nn.Module))
+    bundle = formats.read_bundle(src, views, unet_config, loaded, bare=isinstance(model_or_pipeline, nn.Module),
+                                 models=targets)
     _apply(bundle, targets, name, scale, trainable, str(src))
     return name
 

@@ -64,7 +64,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, base: str |
             raise AdapterError(f"{src}: a {parts[0].spec.variant} adapter's frozen tensors are regenerated from its seed; "
                                "load it into a model and call save_adapter(..., format=...) instead")
     else:
-        parts = read_bundle(path, views, unet_config, loaded, bare=isinstance(model, nn.Module)).parts
+        parts = read_bundle(path, views, unet_config, loaded, bare=isinstance(model, nn.Module), models=targets).parts
     if to == "canonical":
         raise AdapterError("converting to canonical: load the file with load_adapter and call save_adapter")
     family = model_family(model) or getattr(model, "family", None)

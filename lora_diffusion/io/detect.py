@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from . import canonical, tlora_official
+from . import canonical, cloneofsimo, tlora_official
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")
@@ -14,9 +14,11 @@ OLD_DIFFUSERS = ("_lora.down", "_lora.up", ".lora.down", ".lora.up", "lora_linea
 
 
 def detect_format(keys: Sequence[str], meta: Mapping[str, str]) -> str:
-    """"canonical" | "kohya" | "diffusers" | "peft" | "tlora-official" | "old-diffusers" | "unknown"."""
+    """"canonical" | "kohya" | "diffusers" | "peft" | "tlora-official" | "cloneofsimo" | "old-diffusers" | "unknown"."""
     if canonical.is_canonical(dict(meta)):
         return "canonical"
+    if cloneofsimo.is_cloneofsimo(list(keys), dict(meta)):
+        return "cloneofsimo"
     if keys and all(k.startswith(KOHYA_PREFIXES) for k in keys):
         return "kohya"
     if any(k.startswith(PEFT_PREFIX) for k in keys):

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..core.errors import AdapterFileError
-from . import diffusers_format, kohya, old_diffusers, peft_format, tlora_official
+from . import cloneofsimo, diffusers_format, kohya, old_diffusers, peft_format, tlora_official
 from .bundle import Bundle, ModuleView, Part, spec_from_modules
 from .detect import detect_format
 from .files import read_safetensors, write_safetensors
@@ -57,8 +57,10 @@ def is_peft_folder(p: Path) -> bool:
 
 
 def read_bundle(src: Path, views: dict[str, ModuleView], unet_config: Any = None,
-                loaded: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None, bare: bool = False) -> Bundle:
-    """Any non-canonical adapter file or folder -> Bundle on the modules of ``views``."""
+                loaded: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None, bare: bool = False,
+                models: dict[str, Any] | None = None) -> Bundle:
+    """Any non-canonical adapter file or folder -> Bundle on the modules of ``views`` (``models``: the components
+    themselves, for formats that number layers by a traversal of the model: cloneofsimo/lora)."""
     if is_peft_folder(src):
         return peft_format.read_folder(src, views)
     tensors, meta = loaded or read_safetensors(src)
@@ -72,6 +74,11 @@ def read_bundle(src: Path, views: dict[str, ModuleView], unet_config: Any = None
             Bundle([peft_format.parts_from_state_dict({k.removeprefix(peft_format.PREFIX): v for k, v in tensors.items()},
                                                       None, next(iter(views), ""), next(iter(views.values()), {}),
                                                       str(src), peft_format.PREFIX)], meta, "peft")
+    if fmt == "cloneofsimo":
+        if models is None:
+            raise AdapterFileError(f"{src}: a cloneofsimo lora file numbers layers by a traversal of the model; "
+                                   "expected the model (load_adapter) or a --base family (convert)")
+        return cloneofsimo.read(cloneofsimo.split_embeds(tensors, meta)[0], meta, models, str(src), bare)
     if fmt == "tlora-official":
         return tlora_official.read(tensors, meta, views, src)
     if fmt == "old-diffusers":
