@@ -358,6 +358,14 @@ def _check_family(obj: Any, src: Path, loaded: tuple[dict[str, torch.Tensor], di
 
 
 def _apply(bundle: Bundle, targets: dict[str, nn.Module], name: str, scale: float, trainable: bool, src: str) -> None:
+    with formats.named_format(bundle.format):  # refusals name the format (after the cleanup below)
+        _apply_parts(bundle, targets, name, scale, trainable, src)
+    log.info("loaded %s adapter '%s' from %s: %s", bundle.format, name, src,
+             ", ".join(f"{p.component or 'model'}/{p.spec.variant}: {len(p.modules)} modules" for p in bundle.parts))
+
+
+def _apply_parts(bundle: Bundle, targets: dict[str, nn.Module], name: str, scale: float, trainable: bool,
+                 src: str) -> None:
     added: list[tuple[nn.Module, str]] = []
     try:
         for part in bundle.parts:
@@ -382,8 +390,6 @@ def _apply(bundle: Bundle, targets: dict[str, nn.Module], name: str, scale: floa
             remove(model, [aname])
             model.__dict__.get(GROUPS_ATTR, {}).pop(name, None)
         raise
-    log.info("loaded %s adapter '%s' from %s: %s", bundle.format, name, src,
-             ", ".join(f"{p.component or 'model'}/{p.spec.variant}: {len(p.modules)} modules" for p in bundle.parts))
 
 
 def _vera_store(model: nn.Module, name: str) -> Any:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +64,31 @@ def read_bundle(src: Path, views: dict[str, ModuleView], unet_config: Any = None
     """Any non-canonical adapter file or folder -> Bundle on the modules of ``views`` (``models``: the components
     themselves, for formats that number layers by a traversal of the model: cloneofsimo/lora)."""
     if is_peft_folder(src):
-        return peft_format.read_folder(src, views)
+        with named_format("PEFT folder"):
+            return peft_format.read_folder(src, views)
     tensors, meta = loaded or read_safetensors(src)
     fmt = detect_format(list(tensors), meta)
+    with named_format(FORMAT_NAMES.get(fmt, fmt)):
+        return _read(src, fmt, tensors, meta, views, unet_config, bare, models)
+
+
+FORMAT_NAMES = {"kohya": "kohya/LyCORIS", "diffusers": "diffusers", "peft": "PEFT", "cloneofsimo": cloneofsimo.FORMAT,
+                "tlora-official": "official T-LoRA", "old-diffusers": "old diffusers (< 0.21)"}
+
+
+@contextlib.contextmanager
+def named_format(name: str) -> Iterator[None]:
+    """Every refusal of a reader names the format it recognized (once)."""
+    try:
+        yield
+    except AdapterFileError as e:
+        if "format:" in str(e) or "unknown adapter format" in str(e):
+            raise
+        raise AdapterFileError(f"{e} [format: {name}]") from None
+
+
+def _read(src: Path, fmt: str, tensors: dict[str, torch.Tensor], meta: dict[str, str], views: dict[str, ModuleView],
+          unet_config: Any, bare: bool, models: dict[str, Any] | None) -> Bundle:
     if fmt == "kohya":
         return kohya.read(tensors, meta, views, str(src), unet_config, skip_components=bare)
     if fmt == "diffusers":
