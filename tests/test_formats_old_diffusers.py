@@ -24,6 +24,7 @@ from .test_formats_helpers import (
     max_rel_diff,
     peft_state_dict,
     sd15_pipeline,
+    sd15_unet_config,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one intra-op thread (conftest)
@@ -64,11 +65,24 @@ def era_020_file(tmp_path, pipe, dtype: torch.dtype, seed: int = 0):
     return path, sd, deltas
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
-def test_diffusers_020_file_matches_diffusers_and_rule(tmp_path, dtype):
+def _pipe(family: str):
+    """SD1.x-shaped (conv proj_in), or SD2.x-shaped (Linear proj_in, per-block head dims) at toy width."""
     pipe = sd15_pipeline()
+    if family == "sd2":
+        from diffusers import UNet2DConditionModel
+
+        torch.manual_seed(1)
+        cfg = {**sd15_unet_config(), "use_linear_projection": True, "attention_head_dim": [4, 8]}
+        pipe.register_modules(unet=UNet2DConditionModel(**cfg).eval())
+    return pipe
+
+
+@pytest.mark.parametrize("family,dtype", [("sd1", "fp32"), ("sd1", "fp16"), ("sd1", "bf16"), ("sd2", "fp16")])
+def test_diffusers_020_file_matches_diffusers_and_rule(tmp_path, family, dtype):
+    pipe = _pipe(family)
     path, sd, deltas = era_020_file(tmp_path, pipe, DTYPES[dtype])
     assert any(".conv1.lora.down.weight" in k for k in sd) and any(".to_out.0.lora.up.weight" in k for k in sd)
+    assert any(k.endswith("proj_in.lora.down.weight") and v.dim() == (2 if family == "sd2" else 4) for k, v in sd.items())
     ours, n = _merged_ours(pipe, path)
     assert n == len(sd)  # every key consumed
     want = _rule(pipe, deltas)
