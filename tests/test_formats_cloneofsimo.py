@@ -66,6 +66,10 @@ def test_cloneofsimo_file_loads_in_traversal_order_with_tokens(tmp_path, demo):
     pipe = copy.deepcopy(demo)
     order = _expected_order(pipe)
     path, want, sd = _file(tmp_path, pipe, order, {"unet": UNET_DEFAULT, "text_encoder": ["CLIPAttention"]})
+    from lora_diffusion.io.library import describe
+
+    info = describe(path)
+    assert info["format"] == "cloneofsimo" and info["components"] == {"unet": 36, "text_encoder": 8}
     ld.load_adapter(pipe, path, name="c")
     assert pipe.tokenizer.convert_tokens_to_ids("<s1>") != pipe.tokenizer.unk_token_id
     row = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("<s2>")]

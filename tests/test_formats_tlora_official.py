@@ -80,6 +80,10 @@ def reference_weights(pipe, factors, t, r, r_min, alpha):
 def test_official_checkpoint_loads_with_its_schedule(tmp_path, ortho):
     pipe = sdxl_pipeline()
     path, sd, factors = official_run(tmp_path, pipe, ortho=ortho)
+    from lora_diffusion.io.library import describe
+
+    info = describe(path)
+    assert info["format"] == ("tlora-official" if ortho else "old-diffusers") and info["rank"] == 8
     ours = copy.deepcopy(pipe)
     ld.load_adapter(ours, path, name="t")
     spec = ld.get_spec(ours.unet, "t")

@@ -27,7 +27,8 @@ from .files import read_header
 
 log = logging.getLogger(__name__)
 CACHE = ".lora_library.json"
-RANK_KEYS = ("lora_down.weight", "lora_A.weight", "hada_w1_b", "lokr_w1_b", "lokr_w2_b", "lora_A")
+RANK_KEYS = ("lora_down.weight", "lora_A.weight", "hada_w1_b", "lokr_w1_b", "lokr_w2_b", "lora_A", ".down.weight",
+             "q_layer.weight", ":down")  # old diffusers / official T-LoRA, official ortho T-LoRA, cloneofsimo
 INDEX_VERSION = 2  # entries of an older index are re-read
 #: metadata worth reading as text: kohya/SAI titles, comments, dataset folders; our trainer's trigger and captions
 TEXT_KEYS = ("ss_output_name", "ss_training_comment", "ss_dataset_dirs", "modelspec.title", "modelspec.description",
@@ -42,6 +43,8 @@ def _component(key: str, fmt: str) -> str:
         return key.split(".")[0] if key.split(".")[0] in ("unet", "text_encoder", "text_encoder_2", "transformer") else ""
     if fmt == "canonical":
         return key.split(".")[0]
+    if fmt == "cloneofsimo":
+        return key.split(":")[0]
     return ""
 
 
