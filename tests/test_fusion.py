@@ -15,17 +15,20 @@ from lora_diffusion.fusion import FUSION_METHODS, fuse, unfuse
 from lora_diffusion.fusion.klora import gamma
 
 from .conftest import perturb
-from .test_formats_helpers import close, sd15_pipeline, unet_call
+from .test_formats_helpers import close, sd15_pipeline, sd15_unet_config, unet_call
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _unet_with(n: int, seed: int = 0):
-    pipe = sd15_pipeline()
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**sd15_unet_config()).eval()
     for i in range(n):
-        ld.add_adapter(pipe.unet, ld.AdapterSpec(rank=4, alpha=4, targets="unet-full", seed=i), f"a{i}", trainable=False)
-        perturb(pipe.unet, f"a{i}", std=0.3, seed=seed + i)
-    return pipe.unet
+        ld.add_adapter(unet, ld.AdapterSpec(rank=4, alpha=4, targets="unet-full", seed=i), f"a{i}", trainable=False)
+        perturb(unet, f"a{i}", std=0.3, seed=seed + i)
+    return unet
 
 
 def _set_gate(fusion, b: float, w_out: float = 1.0) -> None:
