@@ -183,3 +183,14 @@ def test_bad_fusion_requests_are_named():
     fuse(unet, ["a0", "a1"], method="klora")
     with pytest.raises(AdapterError, match="needs the timestep"):
         unet_call(unet)
+
+
+@pytest.mark.parametrize("method", ["gated", "klora", "scheduled"])
+def test_half_precision_model_keeps_its_dtype(method):
+    unet = _unet_with(2).to(torch.bfloat16)
+    fuse(unet, ["a0", "a1"], method=method)
+    g = torch.Generator().manual_seed(0)
+    x, enc = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 32, generator=g)
+    with ld.timestep(unet, torch.tensor([700, 700]), 1000), torch.no_grad():
+        out = unet(x.bfloat16(), 700, enc.bfloat16()).sample
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
