@@ -48,10 +48,51 @@ def _merged(pipe) -> dict[str, dict[str, torch.Tensor]]:
     return {c: adaptable_weights(p.components[c]) for c in ("unet", "text_encoder")}
 
 
+def _lora_delta(t: dict[str, torch.Tensor], shape) -> tuple[torch.Tensor, float] | None:
+    down, up = t.get("lora_down.weight", t.get("lora_A.weight")), t.get("lora_up.weight", t.get("lora_B.weight"))
+    if down is None:
+        return None
+    return (up.flatten(1) @ down.flatten(1)).reshape(shape), float(down.shape[0])
+
+
+def _loha_delta(t: dict[str, torch.Tensor], shape) -> tuple[torch.Tensor, float] | None:
+    if "hada_w1_a" not in t:
+        return None
+    if "hada_t1" in t:  # A1111 make_weight_cp: einsum('i j k l, j r, i p -> p r k l', t, w_b, w_a)
+        w1 = torch.einsum("i j k l, j r, i p -> p r k l", t["hada_t1"], t["hada_w1_b"], t["hada_w1_a"])
+        w2 = torch.einsum("i j k l, j r, i p -> p r k l", t["hada_t2"], t["hada_w2_b"], t["hada_w2_a"])
+    else:
+        w1, w2 = t["hada_w1_a"] @ t["hada_w1_b"], t["hada_w2_a"] @ t["hada_w2_b"]
+    return (w1 * w2).reshape(shape), float(t["hada_w1_b"].shape[0])
+
+
+def _lokr_delta(t: dict[str, torch.Tensor], shape) -> tuple[torch.Tensor, float | None] | None:
+    if not any(k.startswith("lokr_") for k in t):
+        return None
+    dim = None
+    w1 = t.get("lokr_w1")
+    if w1 is None:
+        w1, dim = t["lokr_w1_a"] @ t["lokr_w1_b"], float(t["lokr_w1_b"].shape[0])
+    w2 = t.get("lokr_w2")
+    if w2 is None:
+        dim = float(t["lokr_w2_b"].shape[0])
+        if "lokr_t2" in t:
+            w2 = torch.einsum("i j k l, i p, j r -> p r k l", t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
+        else:
+            w2 = t["lokr_w2_a"] @ t["lokr_w2_b"].flatten(1)
+            if len(shape) == 4:
+                w2 = w2.reshape(w2.shape[0], -1, *shape[2:])
+    if w2.dim() == 4:
+        w1 = w1[:, :, None, None]
+    return torch.kron(w1, w2).reshape(shape), dim
+
+
 def comfy_rule(pipe, sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """The ComfyUI / A1111 rule for LoRA keys, written from their documented behaviour: per module
-    W += up·down · (alpha/r if the file has '<module>.alpha' else 1); kohya names (lora_unet_/lora_te_ + path with
-    '_') or diffusers/PEFT names (unet./text_encoder. + path + .lora_A/.lora_B). Every tensor must be used."""
+    """The ComfyUI / A1111 rule, written from their documented behaviour (docs: ../shared/reference formats.md §2-3):
+    LoRA W += up·down · alpha/r (scale 1 without '<module>.alpha'); LoHa (w1a·w1b ⊙ w2a·w2b, or the Tucker rebuild)
+    · alpha/r; LoKr kron(W1, W2).reshape(W.shape) · alpha/dim (1 when both factors are full); dora_scale
+    W' = dora_scale · (W + ΔW)/‖W + ΔW‖ per output row. kohya names (lora_unet_/lora_te_ + path with '_') or diffusers
+    names (unet./text_encoder. + path). Every tensor must be used."""
     out = {c: adaptable_weights(pipe.components[c]) for c in ("unet", "text_encoder")}
     names = {}
     for comp, ws in out.items():
@@ -59,20 +100,20 @@ def comfy_rule(pipe, sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.T
             kpath = path if comp == "unet" else f"text_model.{path}"
             names[f"{'lora_unet' if comp == 'unet' else 'lora_te'}_{kpath.replace('.', '_')}"] = (comp, path)
             names[f"{comp}.{path}"] = (comp, path)
-    used = set()
-    for key in sd:
-        for down_s, up_s in ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight")):
-            if not key.endswith(down_s):
-                continue
-            mod = key[: -len(down_s)]
-            comp, path = names[mod]
-            down, up = sd[key].float(), sd[mod + up_s].float()
-            r = down.shape[0]
-            scale = float(sd[mod + ".alpha"]) / r if mod + ".alpha" in sd else 1.0
-            w = out[comp][path]
-            out[comp][path] = w + scale * (up.flatten(1) @ down.flatten(1)).view_as(w)
-            used |= {key, mod + up_s, mod + ".alpha"}
-    assert used >= set(sd), sorted(set(sd) - used)[:3]
+    by_mod: dict[str, dict[str, torch.Tensor]] = {}
+    for key, v in sd.items():
+        mod = next(m for m in (key.rsplit(".", 2)[0], key.rsplit(".", 1)[0]) if m in names)
+        by_mod.setdefault(mod, {})[key[len(mod) + 1:]] = v.float()
+    for mod, t in by_mod.items():
+        comp, path = names[mod]
+        w = out[comp][path]
+        delta, dim = _lora_delta(t, w.shape) or _loha_delta(t, w.shape) or _lokr_delta(t, w.shape)
+        scale = float(t["alpha"]) / dim if "alpha" in t and dim is not None else 1.0
+        w = w + scale * delta
+        if "dora_scale" in t or "lora_magnitude_vector" in t:
+            m = t.get("dora_scale", t.get("lora_magnitude_vector")).reshape(-1, *([1] * (w.dim() - 1)))
+            w = m * w / w.flatten(1).norm(dim=1).reshape(m.shape)
+        out[comp][path] = w
     return out
 
 
@@ -107,11 +148,11 @@ def test_export_reads_the_same_in_every_loader(tmp_path, variant, fmt):
         assert close(te_call(te), want_t, 1e-4) and close(unet_call(unet), want_u, 1e-4)
         return
     sd, _ = read_safetensors(path)
+    want = _merged(pipe)
+    got = comfy_rule(sd15_pipeline(), sd)  # LoRA, LoHa, LoKr and DoRA keys
+    assert max(max_rel_diff(got[c], want[c]) for c in want) < 1e-4
     plain = not any(k.endswith(("dora_scale", "lora_magnitude_vector")) or ".hada_" in k or ".lokr_" in k for k in sd)
-    if plain:  # the rule and diffusers read LoRA keys (diffusers drops kohya dora_scale, refuses LoHa/LoKr)
-        want = _merged(pipe)
-        got = comfy_rule(sd15_pipeline(), sd)
-        assert max(max_rel_diff(got[c], want[c]) for c in want) < 1e-4
+    if plain:  # diffusers reads LoRA keys (it drops kohya dora_scale and refuses LoHa/LoKr)
         for strip in (False, True) if fmt == "diffusers" else (False,):
             ref = _diffusers_ref(path, strip)
             assert close(unet_call(ref.unet), want_u, 1e-4), strip
