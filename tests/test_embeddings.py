@@ -253,3 +253,46 @@ def test_kohya_bundle_and_a1111_file_generate_like_diffusers(sd_model, trained):
     ld.load_adapter(ours, a1111, token="<emb>")
     theirs.load_textual_inversion(str(a1111), token="<emb>")
     assert (_image(ours, "a photo of <emb>") - _image(theirs, "a photo of <emb>")).abs().max() < 1e-6
+
+
+# --- the recipe's other levers ---
+def test_hue_rotation() -> None:
+    from training.data import rotate_hue
+
+    x = torch.rand(3, 5, 5) * 2 - 1
+    assert torch.allclose(rotate_hue(x, 360.0), x, atol=1e-5) and rotate_hue(x, 0.0) is x
+    gray = torch.full((3, 2, 2), 0.2)
+    assert torch.allclose(rotate_hue(gray, 90.0), gray, atol=1e-5)  # no chroma: unchanged
+    red = torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1)
+    assert rotate_hue(red, 120.0).argmax(0).item() != 0  # red turns toward another primary
+
+
+def test_class_images_drawn_by_the_base_model(sd_model, subject, tmp_path):  # noqa: F811
+    """--num_class_images: the base model draws them (cycling the '#' prompts) with .txt captions, then trains on them."""
+    cls = tmp_path / "class"
+    cfg = tiny_config(sd_model, subject, tmp_path / "out", variant="lora", max_train_steps=2, with_prior_preservation=True,
+                      class_data_dir=str(cls), num_class_images=3, class_prompt="a photo of dog#a photo of cat",
+                      num_inference_steps=2, hue_jitter=30.0)
+    train(cfg)
+    assert sorted(p.name for p in cls.glob("*.png")) == ["class-00000.png", "class-00001.png", "class-00002.png"]
+    assert [(cls / f"class-0000{i}.txt").read_text() for i in range(3)] == ["a photo of dog", "a photo of cat",
+                                                                           "a photo of dog"]
+    train(tiny_config(sd_model, subject, tmp_path / "again", variant="lora", max_train_steps=1,
+                      with_prior_preservation=True, class_data_dir=str(cls), num_class_images=3))
+    assert len(list(cls.glob("*.png"))) == 3  # enough already: none drawn
+
+
+def test_demo_placeholder_rows_are_reserved() -> None:
+    """On the demo model pivotal tuning trains the reserved 'sks' row; elsewhere an existing word is refused."""
+    import lora_diffusion as ld
+    from training.config import TLoRAConfig, resolve_defaults
+
+    cfg = TLoRAConfig()
+    cfg.embedding.train_embedding = True
+    resolve_defaults(cfg, ld.variant_names())
+    assert cfg.data.placeholder_token == "sks" and cfg.embedding.allow_existing_token
+    cfg = TLoRAConfig()
+    cfg.model.pretrained_model_name_or_path = "some/model"
+    cfg.embedding.train_embedding = True
+    resolve_defaults(cfg, ld.variant_names())
+    assert cfg.data.placeholder_token == "<sks>" and not cfg.embedding.allow_existing_token

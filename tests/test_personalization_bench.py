@@ -92,7 +92,7 @@ def test_one_tiny_run_end_to_end(tmp_path) -> None:
                                                                              for g in ("described", "bare")]}
     lora = [r for r in runs if r["variant"] == "lora:4" and r["regime"] == "bare" and r["concept"] == "dotted"]
     assert sorted(r["step"] for r in lora) == [1, 2] and lora[0]["rank"] == 4 and lora[0]["caption"] == "a photo of {0}"
-    assert lora[0]["embedding"] and lora[0]["token"] == "<sks>" and len(lora[0]["per_image"]) == 4
+    assert lora[0]["embedding"] and lora[0]["token"] == "sks" and len(lora[0]["per_image"]) == 4
     for r in runs:
         assert all(0.0 <= r[k] <= 1.0 for k in ("fidelity", "alignment", "both", "copied"))
     table = (out / "table.md").read_text()

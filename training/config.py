@@ -23,6 +23,7 @@ from typing import Any
 
 from lora_diffusion.demo_model import TRAIN_DEFAULTS as DEMO_TRAIN_DEFAULTS
 from lora_diffusion.demo_model import is_demo_model
+from lora_diffusion.world import PLACEHOLDERS as DEMO_PLACEHOLDERS
 
 log = logging.getLogger(__name__)
 
@@ -373,10 +374,12 @@ def _resolve_embedding(cfg: TLoRAConfig, demo: bool) -> None:
     e, d = cfg.embedding, cfg.data
     if e.train_embedding is None:
         e.train_embedding = demo and bool(DEMO_TRAIN_DEFAULTS.get("train_embedding", False))
+    if demo and e.train_embedding and d.placeholder_token in (None, *DEMO_PLACEHOLDERS):
+        e.allow_existing_token = True  # the demo vocabulary reserves rows for placeholders (sks, <v1>..<v4>)
     if cfg.adapter.variant == NO_ADAPTER and not e.train_embedding:
         raise ConfigError("--variant none trains nothing without --train_embedding (textual inversion)")
     if d.placeholder_token is None:
-        d.placeholder_token = "<sks>" if e.train_embedding else "sks"
+        d.placeholder_token = "<sks>" if e.train_embedding and not demo else "sks"
     if e.train_embedding:
         e.embedding_lr = EMBEDDING_LR if e.embedding_lr is None else e.embedding_lr
         if e.num_vectors < 1 or e.embedding_lr <= 0 or (e.embedding_steps is not None and e.embedding_steps < 0):
