@@ -279,6 +279,7 @@ def run_all(cfg: BenchConfig) -> list[dict[str, Any]]:
     if cfg.jobs <= 1:
         for r in runs:
             results.extend(run_one(r, cfg))
+            _save_partial(results, cfg.out)
             bar.update()
     else:
         threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
@@ -286,9 +287,17 @@ def run_all(cfg: BenchConfig) -> list[dict[str, Any]]:
             futures = [ex.submit(run_one, r, cfg, threads) for r in runs]
             for f in cf.as_completed(futures):
                 results.extend(f.result())
+                _save_partial(results, cfg.out)
                 bar.update()
     bar.close()
     return results
+
+
+def _save_partial(results: list[dict[str, Any]], out: Path) -> None:
+    """What is done so far (``--merge`` reads it if the command is stopped before its report)."""
+    np.savez(out / "partial-images.npz", *[r["images"] for r in results])
+    (out / "partial.json").write_text(json.dumps({"runs": [{k: v for k, v in r.items() if k != "images"}
+                                                           for r in results]}))
 
 
 # --- statistics ---
@@ -470,6 +479,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=d.out)
     p.add_argument("--prior", type=int, default=d.prior_images,
                    help="prior preservation with this many class images the base model draws (0: off)")
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="DIR",
+                   help="no runs: merge the results of earlier invocations (e.g. one per regime, in parallel) "
+                        "into --out; give the same flags as those runs, with every regime")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a trainer option for every run (repeat), e.g. --set train_embedding=false")
     a = p.parse_args(argv)
@@ -483,9 +495,30 @@ def main(argv: list[str] | None = None) -> None:
                       prior_images=a.prior, overrides=tuple(a.set))
     _check(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
+    if a.merge:
+        results, seconds = merge(a.merge, cfg)
+        report(results, cfg, seconds)
+        return
     t0 = time.time()
     results = run_all(cfg)
     report(results, cfg, time.time() - t0)
+
+
+def merge(folders: list[Path], cfg: BenchConfig) -> tuple[list[dict[str, Any]], float]:
+    """Runs of several earlier invocations (results.json + images.npz); the base model's duplicates dropped."""
+    results, seen, seconds = [], set(), 0.0
+    for folder in folders:
+        done = (folder / "results.json").is_file()
+        data = json.loads((folder / ("results.json" if done else "partial.json")).read_text())
+        with np.load(folder / ("images.npz" if done else "partial-images.npz")) as z:
+            images = [z[f"arr_{i}"] for i in range(len(z.files))]
+        seconds += data.get("seconds", 0)
+        for r, im in zip(data["runs"], images):
+            key = (r["variant"], r["regime"], r["concept"], r["seed"], r["step"])
+            if key not in seen:
+                seen.add(key)
+                results.append({**r, "images": im})
+    return results, seconds
 
 
 def report(results: list[dict[str, Any]], cfg: BenchConfig, seconds: float) -> str:
@@ -495,6 +528,7 @@ def report(results: list[dict[str, Any]], cfg: BenchConfig, seconds: float) -> s
     table = markdown(rows, comps, cfg)
     save_grids(results, cfg, cfg.out)
     plot_curves(rows, cfg, cfg.out / "curves.png")
+    np.savez_compressed(cfg.out / "images.npz", *[r["images"] for r in results])  # for --merge
     plain = [{k: v for k, v in r.items() if k != "images"} for r in results]
     (cfg.out / "results.json").write_text(json.dumps({"config": {**asdict(cfg), "out": str(cfg.out)}, "runs": plain,
                                                       "summary": rows, "paired": comps, "seconds": round(seconds)},

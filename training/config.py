@@ -266,9 +266,9 @@ class DataArgs:
     resolution: int | None = opt(None, "training resolution (None: 1024 for SDXL, the model's size otherwise)")
     center_crop: bool = opt(True, "center crop (else random crop: augmentation, disables latent caching)")
     random_flip: bool = opt(False, "random horizontal flip")
-    hue_jitter: float = opt(0.0, "augmentation: rotate the training image's hue by a random angle in [-h, h] degrees "
+    hue_jitter: float | None = opt(None, "augmentation: rotate the training image's hue by a random angle in [-h, h] degrees "
                             "each step (for subjects whose color is not what matters, with captions that do not "
-                            "name colors); disables latent caching")
+                            "name colors); disables latent caching. None: 0, on the embedded demo model 180")
     train_batch_size: int = opt(1, "images per micro-batch per process")
     with_prior_preservation: bool = opt(False, "add class images with the class prompt to the loss")
     class_data_dir: str | None = opt(None, "folder of class (prior-preservation) images")
@@ -361,7 +361,11 @@ def resolve_defaults(cfg: TLoRAConfig, variant_names: list[str]) -> TLoRAConfig:
     if a.targets is None:
         a.targets = "" if a.variant == NO_ADAPTER else default_targets(a.variant, demo)
     _resolve_embedding(cfg, demo)
-    o.max_train_steps = d["max_train_steps"] if o.max_train_steps is None else o.max_train_steps
+    if o.max_train_steps is None:
+        o.max_train_steps = DEMO_TRAIN_DEFAULTS.get("max_train_steps", d["max_train_steps"]) if demo else \
+            d["max_train_steps"]
+    if cfg.data.hue_jitter is None:
+        cfg.data.hue_jitter = float(DEMO_TRAIN_DEFAULTS.get("hue_jitter", 0.0)) if demo else 0.0
     if a.variant == "tlora" and a.min_rank is None:
         a.min_rank = max(1, a.lora_rank // 2)
     elif a.variant != "tlora" and a.min_rank is not None:
