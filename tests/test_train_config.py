@@ -89,7 +89,10 @@ def test_print_config_round_trips(tmp_path, capsys) -> None:
     data = yaml.safe_load(text)
     assert data["adapter"]["lora_rank"] == 12
     # no model named: the embedded demo model's defaults are what gets printed (and used)
-    assert data["optim"]["learning_rate"] == pytest.approx(5e-4) and data["adapter"]["targets"] == "unet-full"
+    from lora_diffusion.demo_model import TRAIN_DEFAULTS
+
+    assert data["optim"]["learning_rate"] == pytest.approx(1e-4 * TRAIN_DEFAULTS["lr_scale"])
+    assert data["adapter"]["targets"] == "unet-full" and data["embedding"]["train_embedding"] is True
     f = tmp_path / "printed.yaml"
     f.write_text(text)
     again = resolved(["--config", str(f)])
