@@ -1,0 +1,97 @@
+"""The launched app over HTTP with gradio_client (loopback): train on the demo model, stop, resume, generate with
+the result, blend it with a second adapter from the library."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.app_harness import Served, poll, random_lora, subject_image
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+NO_SLOTS = ["", True, 1.0] * 3
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    s = Served(root)
+    s.services.library.import_file(random_lora(root / "dotted.safetensors"), "dotted.safetensors")
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    from gradio_client import Client
+
+    return Client(served.url, verbose=False)
+
+
+def status(client, job_id: str) -> str:
+    return client.predict(job_id, api_name="/train_status")[0]
+
+
+def test_train_stop_resume_then_generate_and_blend(served, client, tmp_path, monkeypatch) -> None:
+    from gradio_client import handle_file
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    img = subject_image(tmp_path / "ring.png")
+    update, msg = client.predict([handle_file(str(img))], "sks", "", "tlora", "demo", 24, None, None, "", "", 24, 2,
+                                 "0", "ring", 2, api_name="/train_start")
+    job = update["value"]
+    assert "queued" in msg
+    poll(lambda: status(client, job), lambda s: "last checkpoint: step" in s)
+    assert "Stopping ring" in client.predict(job, api_name="/train_stop")
+    stopped = poll(lambda: status(client, job), lambda s: "— stopped" in s)
+    step = int(stopped.split("step ")[1].split("/")[0])
+    assert 2 <= step < 24  # really stopped part-way, with a checkpoint
+    client.predict(job, api_name="/train_resume")
+    done = poll(lambda: status(client, job), lambda s: "— done" in s or "— failed" in s)
+    assert "step 24/24" in done and "Saved to the library as **ring**" in done, done
+    text, loss, samples, files = client.predict(job, api_name="/train_status")
+    assert len(loss["data"]) == 24 and samples and {f.rsplit("/", 1)[1] for f in files} == {
+        "tlora.safetensors", "tlora.kohya.safetensors", "pytorch_lora_weights.safetensors"}
+
+    def gen(*slots):
+        gallery, big, pngs = client.predict("a yellow sks on a black background", "", "0", 4, 4.0, None, 2, "demo", False,
+                                            *slots, *NO_SLOTS[: 12 - len(slots)], api_name="/generate")
+        return [np.asarray(Image.open(p)) for p in pngs], pngs, big
+
+    base, _, _ = gen()
+    alone, pngs, big = gen("ring", True, 1.0)
+    blended, _, _ = gen("ring", True, 1.0, "dotted", True, 0.8)
+    for p in pngs:  # lossless PNG at the model's native size; the enlarged view is separate
+        with Image.open(p) as im:
+            assert im.format == "PNG" and im.size == (32, 32)
+    with Image.open(big) as im:
+        assert im.size == (512, 512)
+    assert np.abs(alone[0].astype(int) - base[0]).max() > 0 and np.abs(blended[0].astype(int) - alone[0]).max() > 10
+    assert served.services.generator.loads == 3  # one pipeline per set of adapters: none, ring, ring + dotted
+    half, _, _ = gen("ring", True, 0.5, "dotted", False, 0.8)
+    assert served.services.generator.loads == 3 and np.abs(half[0].astype(int) - alone[0]).max() > 0  # in place
+
+
+def test_bad_input_over_http_is_named_and_the_app_keeps_serving(client, tmp_path) -> None:
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="/etc/passwd'? is not (one of|in the list of choices)"):  # dropdown + service
+        client.predict("a star", "", "0", 2, 4.0, None, 1, "/etc/passwd", False, *NO_SLOTS, "", True, 1.0,
+                       api_name="/generate")
+    with pytest.raises(AppError, match="weight of dotted: expected a finite number|greater than maximum value 2"):
+        client.predict("a star", "", "0", 2, 4.0, None, 1, "demo", False, "dotted", True, 1e6, *NO_SLOTS,
+                       api_name="/generate")
+    with pytest.raises(AppError, match="seed: empty"):
+        client.predict("a star", "", "", 2, 4.0, None, 1, "demo", False, *NO_SLOTS, "", True, 1.0, api_name="/generate")
+    fake = tmp_path / "photo.png"
+    fake.write_bytes(b"%PDF-1.4 not an image")
+    with pytest.raises(AppError, match="image photo.png: not an image this app can read"):
+        client.predict([handle_file(str(fake))], "sks", "", "tlora", "demo", 2, None, None, "", "", None, None, "0", "",
+                       None, api_name="/train_start")
+    with pytest.raises(AppError, match="placeholder token: expected one word without spaces"):
+        client.predict([handle_file(str(subject_image(tmp_path / "r.png")))], "my dog", "", "tlora", "demo", 2, None,
+                       None, "", "", None, None, "0", "", None, api_name="/train_start")
+    out = client.predict("a star", "", "1", 2, 4.0, None, 1, "demo", False, *NO_SLOTS, "", True, 1.0, api_name="/generate")
+    assert len(out[2]) == 1  # still serving
