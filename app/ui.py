@@ -31,6 +31,12 @@ from .services import (
 )
 from .services.jobs import model_family
 
+
+def fusion_names() -> list[str]:
+    from lora_diffusion.fusion import FUSION_METHODS
+
+    return list(FUSION_METHODS)
+
 log = logging.getLogger("app")
 SLOTS = 4  # adapters blended at once in the Generate & Blend tab
 GPU = "gpu"
@@ -270,6 +276,44 @@ class UI:
         log.info("generated %d image(s) for session %s", len(images), (session(request) or "-")[:8])
         return [(f, f"seed {req.seed + i}") for i, f in enumerate(files)], enlarge(images[0], 512), files
 
+    @handled
+    def blend(self, prompt: str, negative: str, seed: Any, steps: float, guidance: float, size: float, n: float,
+              model: str, insert_triggers: bool, a1: str, on1: bool, w1: float, a2: str, on2: bool, w2: float,
+              a3: str, on3: bool, w3: float, a4: str, on4: bool, w4: float, mode: str, method: str, top_k: float,
+              request: gr.Request = None, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
+        """Generate & Blend: 'manual' with 'static' is the plain weighted sum (``generate``); otherwise the fusion
+        method over the chosen adapters, or in 'automatic' mode over the LoRAs retrieved for the prompt."""
+        import pandas as pd
+
+        slots = (a1, on1, w1, a2, on2, w2, a3, on3, w3, a4, on4, w4)
+        if mode == "manual" and method == "static":
+            gallery, big, files = self.generate(prompt, negative, seed, steps, guidance, size, n, model, insert_triggers,
+                                                *slots, request=request, progress=progress)
+            return gallery, big, files, None, None, "static: the weighted sum of the adapters that are on"
+        uses = []
+        if mode == "manual":
+            for k in range(SLOTS):
+                name, on, weight = slots[3 * k: 3 * k + 3]
+                if name and on:
+                    uses.append(AdapterUse(str(self.s.library.path(name)), _finite(weight, f"weight of {name}"), name))
+        side = _int_or_none(size, "size")
+        req = GenerateRequest(prompt, negative, int(steps), _finite(guidance, "guidance"), parse_seed(seed), int(n), model,
+                              tuple(uses), side, side)
+        folder = self.s.sessions.folder(session(request)) / "images"
+        folder.mkdir(exist_ok=True)
+        k = len(list(folder.iterdir()))
+        r = self.s.generator.blend(req, method, self.s.settings.library, int(top_k), folder / f"gates-{k}.png",
+                                   lambda f, desc: progress(f, desc=desc))
+        files = []
+        for i, im in enumerate(r["images"]):
+            path = folder / f"seed{req.seed + i}-{k}-{i}.png"
+            im.save(path)
+            files.append(str(path))
+        table = pd.DataFrame(r["chosen"], columns=["name", "score", "weight", "role"])
+        notes = f"**{r['method']}**" + "".join(f"\n- {n}" for n in r["notes"])
+        return ([(f, f"seed {req.seed + i}") for i, f in enumerate(files)], enlarge(r["images"][0], 512), files, table,
+                str(r["plot"]) if r["plot"] else None, notes)
+
     def stop_generation(self, request: gr.Request = None) -> None:
         self._stops.setdefault(session(request) or "", threading.Event()).set()
 
@@ -476,6 +520,12 @@ def _generate_tab(ui: UI, models: list[str]) -> list[Any]:
                               gr.Slider(-2, 2, value=1.0, step=0.05, label="weight", scale=3, elem_id=f"slot-w-{k}")]
             triggers = gr.Checkbox(value=False, label="Insert the adapters' trigger words into the prompt")
             with gr.Row():
+                mode = gr.Radio(["manual", "automatic"], value="manual", label="Adapters",
+                                info="automatic: the LoRAs of the library that fit the prompt", elem_id="blend-mode")
+                method = gr.Dropdown(fusion_names(), value="static", label="Fusion", elem_id="blend-method",
+                                     info="static: weighted sum; gated (AutoLoRA), K-LoRA, scheduled: per layer/step")
+                top_k = gr.Slider(1, 4, value=2, step=1, label="LoRAs to retrieve (automatic)")
+            with gr.Row():
                 go = gr.Button("Generate", variant="primary", elem_id="gen-go")
                 stop = gr.Button("Stop", elem_id="gen-stop")
         with gr.Column():
@@ -483,11 +533,17 @@ def _generate_tab(ui: UI, models: list[str]) -> list[Any]:
                                  elem_id="gen-gallery")
             big = gr.Image(label="Enlarged view", format="png", elem_id="gen-big", height=320)
             files = gr.File(label="Download PNGs (lossless, native size)", file_count="multiple", elem_id="gen-files")
+            notes = gr.Markdown(elem_id="blend-notes")
+            chosen = gr.Dataframe(label="LoRAs used (score: retrieval)", interactive=False, elem_id="blend-chosen")
+            gates = gr.Image(label="Gate strength per layer and timestep", format="png", elem_id="blend-gates")
     inputs = [prompt, negative, seed, steps, guidance, size, n, model, triggers, *slots]
-    ev = go.click(ui.generate, inputs, [gallery, big, files], api_name="generate", concurrency_id=GPU,
-                  concurrency_limit=ui.s.settings.max_concurrent_generations)
-    ev2 = prompt.submit(ui.generate, inputs, [gallery, big, files], concurrency_id=GPU)
-    stop.click(ui.stop_generation, None, None, queue=False, cancels=[ev, ev2])
+    ev = go.click(ui.blend, [*inputs, mode, method, top_k], [gallery, big, files, chosen, gates, notes], api_name="blend",
+                  concurrency_id=GPU, concurrency_limit=ui.s.settings.max_concurrent_generations)
+    ev2 = prompt.submit(ui.blend, [*inputs, mode, method, top_k], [gallery, big, files, chosen, gates, notes],
+                        concurrency_id=GPU)
+    ev3 = gr.Button(visible=False).click(ui.generate, inputs, [gallery, big, files], api_name="generate",
+                                         concurrency_id=GPU)
+    stop.click(ui.stop_generation, None, None, queue=False, cancels=[ev, ev2, ev3])
     return [s for i, s in enumerate(slots) if i % 3 == 0]
 
 

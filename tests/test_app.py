@@ -292,3 +292,20 @@ def test_handler_turns_a_mistake_into_one_named_message_and_one_log_line(service
     with pytest.raises(gr.Error, match="weight of nope: expected a finite number|adapter: no adapter named 'nope'"):
         ui.generate(PROMPT, "", "0", 3, 4.0, None, 1, "demo", False, "nope", True, float("nan"), "", True, 1.0,
                     "", True, 1.0, "", True, 1.0, progress=lambda *a, **k: None)
+
+
+def test_blend_fuses_chosen_or_retrieved_loras(services, lora_file, tmp_path) -> None:
+    """Manual K-LoRA over two library adapters; automatic mode retrieves from the library, with a gate plot."""
+    from tests.app_harness import random_lora
+
+    lib = services.library
+    a = lib.import_file(lora_file, "dots.safetensors")
+    b = lib.import_file(random_lora(tmp_path / "stripes.safetensors", seed=3), "stripes.safetensors")
+    uses = (AdapterUse(str(lib.path(a)), 0.8, a), AdapterUse(str(lib.path(b)), 0.5, b))
+    r = services.generator.blend(req(*uses), "klora", plot_to=tmp_path / "k.png")
+    assert [c["name"] for c in r["chosen"]] == [a, b] and [c["weight"] for c in r["chosen"]] == [0.8, 0.5]
+    auto = services.generator.blend(req(), "gated", lib.folder, 2, tmp_path / "g.png")
+    assert len(auto["chosen"]) == 2 and all(c["score"] is not None for c in auto["chosen"])
+    assert auto["plot"] is not None and auto["plot"].is_file() and auto["images"][0].size == (32, 32)
+    with pytest.raises(AppError, match="fusion method: expected one of"):
+        services.generator.blend(req(), "nope", lib.folder)

@@ -71,6 +71,12 @@ def test_train_stop_resume_then_generate_and_blend(served, client, tmp_path, mon
     assert served.services.generator.loads == 3  # one pipeline per set of adapters: none, ring, ring + dotted
     half, _, _ = gen("ring", True, 0.5, "dotted", False, 0.8)
     assert served.services.generator.loads == 3 and np.abs(half[0].astype(int) - alone[0]).max() > 0  # in place
+    # automatic mode: the library's LoRAs retrieved for the prompt, gated fusion, a gate plot
+    gallery, big, pngs, chosen, gates, notes = client.predict(
+        "a yellow sks on a black background", "", "0", 4, 4.0, None, 1, "demo", False, *NO_SLOTS, "", True, 1.0,
+        "automatic", "gated", 2, api_name="/blend")
+    assert {row[0] for row in chosen["data"]} <= {"ring", "dotted"} and len(chosen["data"]) == 2 and gates
+    assert "gated" in notes and len(pngs) == 1
 
 
 def test_bad_input_over_http_is_named_and_the_app_keeps_serving(client, tmp_path) -> None:

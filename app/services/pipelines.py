@@ -192,6 +192,54 @@ class GenerateService:
             return generate(pipe, [req.prompt], req.steps, req.guidance, req.seed, req.num_images, req.height,
                             req.width, negative_prompt=req.negative_prompt or None, progress=progress)
 
+    def blend(self, req: GenerateRequest, method: str, library: Path | None = None, top_k: int = 2,
+              plot_to: Path | None = None, progress: Callable[[float, str], None] | None = None) -> dict[str, Any]:
+        """Fused generation (``lora_diffusion.blend``): ``req.adapters`` at their weights, or with ``library`` and no
+        adapters, the LoRAs retrieved for the prompt. Returns images, what was chosen (scores, weights, roles),
+        notes, and the gate-strength plot (layer x timestep) when ``plot_to`` is given. A pipeline of its own per
+        model, since fusion hooks stay on it."""
+        from lora_diffusion.blend import blend, plot_gate_stats
+        from lora_diffusion.fusion import FUSION_METHODS
+
+        req.check()
+        if method not in FUSION_METHODS:
+            raise AppError(f"fusion method: expected one of {list(FUSION_METHODS)}, got {method!r}")
+        if not 1 <= top_k <= 8:
+            raise AppError(f"number of LoRAs to retrieve: expected 1..8, got {top_k}")
+        source = self.settings.model_source(req.model)
+        on = [a for a in req.adapters if a.enabled]
+        for a in on:
+            check_adapter_file(a.path, a.name)
+        key = ("blend", req.model or "demo")
+        with self._lock:
+            if key not in self._pipes:
+                dtype = torch.float16 if self.device == "cuda" else torch.float32
+                try:
+                    pipe = load_pipeline(source, dtype=dtype).to(self.device)
+                except AdapterError as e:
+                    raise AppError(f"base model {req.model or 'demo'}: {e}") from None
+                pipe.set_progress_bar_config(disable=True)
+                self.loads += 1
+                self._pipes[key] = pipe
+            pipe = self._pipes[key]
+            self._pipes.move_to_end(key)
+            try:
+                r = blend(pipe, req.prompt, [a.path for a in on], None if on else library, method,
+                          [a.scale for a in on] or None, top_k=top_k, steps=req.steps, guidance_scale=req.guidance,
+                          seed=req.seed, num_images=req.num_images, progress=progress)
+            except AdapterError as e:
+                raise AppError(_user_message(str(e), req.adapters) or f"blend: {e}") from None
+            while len(self._pipes) > self.settings.max_pipelines + 1:
+                self._pipes.popitem(last=False)
+        names = {str(Path(a.path).resolve()): a.name for a in on}
+        chosen = [{"name": names.get(str(Path(c.path).resolve()), Path(c.path).stem), "score": c.score,
+                   "weight": c.weight, "role": c.role} for c in r.chosen]
+        plot = None
+        if plot_to is not None and r.gate_stats is not None:
+            plot = plot_gate_stats(r.gate_stats, plot_to, f"{r.method}: {req.prompt[:60]}")
+        notes = [_user_message(n, req.adapters) or n for n in r.notes]
+        return {"images": r.images, "method": r.method, "chosen": chosen, "notes": notes, "plot": plot}
+
     @staticmethod
     def _set_scales(pipe: Any, req: GenerateRequest, digests: list[str]) -> None:
         """In place: the enabled adapters at their weights (the same file twice: weights add), others off."""
