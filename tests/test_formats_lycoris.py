@@ -99,3 +99,49 @@ def test_lycoris_export_roundtrip(tmp_path):
     fresh = sd15_pipeline(0)
     ld.load_adapter(fresh, out)
     assert close(unet_call(fresh.unet), unet_call(ly_unet), 1e-4)
+
+
+def _lycoris_tlora(tmp_path, network_args: str | None):
+    import gc
+    from unittest import mock
+
+    pipe = sd15_pipeline(0)
+    unet, te = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder)
+    preset = tmp_path / "preset.toml"
+    preset.write_text('unet_target_module = ["Attention"]\nunet_target_name = []\n'
+                      'text_encoder_target_module = ["CLIPAttention"]\ntext_encoder_target_name = []\n')
+    with mock.patch.object(gc, "collect", lambda *a: 0):  # LyCORIS runs gc.collect() per module: 0.6 s each here
+        net = kohya.create_network(1.0, 4, 2.0, None, te, unet, preset=str(preset), algo="tlora")
+    net.apply_to(te, unet, apply_text_encoder=True, apply_unet=True)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in net.parameters():  # Q, P, λ; the frozen copies are buffers (LyCORIS: principal SVD of W)
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    path = tmp_path / "lycoris_tlora.safetensors"
+    meta = {"ss_network_module": "lycoris.kohya"} | ({"ss_network_args": network_args} if network_args else {})
+    net.save_weights(str(path), torch.float32, meta)
+    return pipe, unet, te, path
+
+
+def test_lycoris_tlora_file_reproduces_lycoris(tmp_path, caplog):
+    """LyCORIS tlora files store Q, P, λ, alpha; the frozen copies are rebuilt from the base weight's principal SVD as
+    LyCORIS does at load. No schedule stored: full rank (LyCORIS without a mask), with a warning."""
+    pipe, ly_unet, ly_te, path = _lycoris_tlora(tmp_path, None)
+    ld.load_adapter(pipe, path, name="t")
+    assert "without a stored schedule" in caplog.text and ld.get_spec(pipe.unet, "t").variant == "tlora"
+    with ld.timestep(pipe, 900):
+        assert close(unet_call(pipe.unet), unet_call(ly_unet), 1e-4) and close(te_call(pipe.text_encoder), te_call(ly_te), 1e-4)
+
+
+def test_lycoris_tlora_schedule_from_network_args(tmp_path):
+    from lycoris.modules.tlora import clear_timestep_mask, compute_timestep_mask, set_timestep_mask
+
+    pipe, ly_unet, _, path = _lycoris_tlora(tmp_path, '{"algo": "tlora", "min_rank": 2, "alpha_rank_scale": 1.0}')
+    ld.load_adapter(pipe, path, name="t")
+    try:
+        for t in (0, 500, 999):
+            set_timestep_mask(compute_timestep_mask(t, 1000, 4, 2, 1.0))
+            with ld.timestep(pipe.unet, t):
+                assert close(unet_call(pipe.unet), unet_call(ly_unet), 1e-4), t
+    finally:
+        clear_timestep_mask()

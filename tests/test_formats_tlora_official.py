@@ -140,13 +140,14 @@ def test_official_export_refuses_other_targets(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_lycoris_tlora_file_is_named(tmp_path):
+def test_lycoris_tlora_conv_module_is_named(tmp_path):
+    """LyCORIS tlora files load (tests/test_formats_lycoris.py) except on convs, whose LyCORIS form drops the kernel."""
     pipe = sdxl_pipeline()
-    flat = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"  # LyCORIS TLoraModule.custom_state_dict names
-    sd = {f"{flat}.q_layer.weight": torch.zeros(4, 32), f"{flat}.p_layer.weight": torch.zeros(32, 4),
+    flat = "lora_unet_input_blocks_1_0_in_layers_2"  # SGM name of down_blocks.0.resnets.0.conv1 (3x3)
+    sd = {f"{flat}.q_layer.weight": torch.zeros(4, 16, 1, 1), f"{flat}.p_layer.weight": torch.zeros(16, 4, 1, 1),
           f"{flat}.lambda_layer": torch.ones(1, 4), f"{flat}.alpha": torch.tensor(4.0)}
     write_safetensors(tmp_path / "ly_tlora.safetensors", sd, {"ss_network_module": "lycoris.kohya"})
-    with pytest.raises(ld.AdapterFileError, match=rf"ly_tlora.safetensors: key '{flat}\.(q_layer.weight|p_layer.weight|"
-                                                  r"lambda_layer)': LyCORIS T-LoRA \(tlora\) modules are not supported"):
+    with pytest.raises(ld.AdapterFileError, match=rf"ly_tlora.safetensors: key '{flat}.q_layer.weight': a LyCORIS T-LoRA "
+                                                  r"module on a conv2d \(16, 16, 3, 3\); expected a Linear layer"):
         ld.load_adapter(pipe, tmp_path / "ly_tlora.safetensors")
     assert ld.list_adapters(pipe) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -90,7 +91,7 @@ def named_format(name: str) -> Iterator[None]:
 def _read(src: Path, fmt: str, tensors: dict[str, torch.Tensor], meta: dict[str, str], views: dict[str, ModuleView],
           unet_config: Any, bare: bool, models: dict[str, Any] | None) -> Bundle:
     if fmt == "kohya":
-        return kohya.read(tensors, meta, views, str(src), unet_config, skip_components=bare)
+        return _lycoris_tlora(kohya.read(tensors, meta, views, str(src), unet_config, skip_components=bare), models, src)
     if fmt == "diffusers":
         return diffusers_format.read(tensors, meta, views, str(src))
     if fmt == "peft":
@@ -113,6 +114,28 @@ def _read(src: Path, fmt: str, tensors: dict[str, torch.Tensor], meta: dict[str,
     raise AdapterFileError(f"{src}: key '{key}': unknown adapter format (not a lora-diffusion canonical file either: "
                            f"metadata 'format' is {meta.get('format')!r}); expected kohya ('lora_unet_…', 'lora_te…'), "
                            "diffusers ('unet.….lora_A.weight'), PEFT ('base_model.model.…') or lora-diffusion canonical keys")
+
+
+def _lycoris_tlora(bundle: Bundle, models: dict[str, Any] | None, src: Path) -> Bundle:
+    """LyCORIS tlora parts: the schedule (``kohya.tlora_schedule``) and the frozen copies from the base weights."""
+    for part in [p for p in bundle.parts if p.spec.variant == "tlora"]:
+        model = (models or {}).get(part.component)
+        ranks = [part.spec.rank_for(m) for m in part.modules]
+        options = kohya.tlora_schedule(bundle.metadata)
+        stored = "min_rank" in options
+        options.setdefault("min_rank", min(ranks))  # no schedule stored: full rank, as LyCORIS without a mask
+        part.spec = dataclasses.replace(part.spec, options=options)
+        for m in part.modules:
+            w = model.get_submodule(m).weight if model is not None else None
+            if w is None or w.is_meta:
+                raise AdapterFileError(f"{src}: key '{part.origin.get(m + '.lora_A', m)}': a LyCORIS T-LoRA module's "
+                                       "frozen copies are rebuilt from the base weight, which is not loaded here; "
+                                       "expected load_adapter on a model with its weights")
+            part.tensors |= {f"{m}.{k}": v for k, v in kohya.base_from_weight(w, part.spec.rank_for(m)).items()}
+        if not stored:
+            log.warning("%s: LyCORIS T-LoRA without a stored schedule: full rank at every timestep (as LyCORIS without "
+                        "a mask); ss_network_args min_rank / alpha_rank_scale set one", src)
+    return bundle
 
 
 def exact_rank(down: torch.Tensor, up: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor]:

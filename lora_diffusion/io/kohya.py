@@ -37,8 +37,8 @@ LOHA_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "ha
 LOKR_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 EXTRA_NAMES = ("alpha", "dora_scale", "lora_mid.weight")
 UNSUPPORTED = {"diff": "full fine-tune (diff)", "diff_b": "full fine-tune (diff)", "on_input": "IA3", "weight": "IA3",
-               "oft_blocks": "OFT", "oft_diag": "BOFT/OFT", "a1.weight": "GLoRA", "w_norm": "norm", "b_norm": "norm",
-               "q_layer.weight": "T-LoRA (tlora)", "p_layer.weight": "T-LoRA (tlora)", "lambda_layer": "T-LoRA (tlora)"}
+               "oft_blocks": "OFT", "oft_diag": "BOFT/OFT", "a1.weight": "GLoRA", "w_norm": "norm", "b_norm": "norm"}
+TLORA_NAMES = {"q_layer.weight": "lora_A", "p_layer.weight": "lora_B", "lambda_layer": "lora_S"}  # LyCORIS tlora
 
 
 @dataclass
@@ -175,17 +175,53 @@ def _lokr_explicit(src: str, flat: str, ts: dict[str, torch.Tensor], info: Layer
     return "lokr", r, tensors, {n: f"{flat}.{n}" for n in names}, [opts]
 
 
+def _parse_tlora(src: str, flat: str, ts: dict[str, torch.Tensor], info: LayerInfo) -> tuple[str, int, dict, dict, list]:
+    """LyCORIS ``tlora`` (TLoraModule): Q (r, in), P (out, r), λ (1, r); its frozen copies are not in the file (LyCORIS
+    rebuilds them at load from the principal SVD triplets of the base weight: ``base_from_weight`` does the same)."""
+    missing = [n for n in TLORA_NAMES if n not in ts]
+    if missing:
+        raise _err(src, f"{flat}.{missing[0]}", f"missing; a LyCORIS T-LoRA module needs {list(TLORA_NAMES)}")
+    if info.kind != "linear":
+        raise _err(src, f"{flat}.q_layer.weight", f"a LyCORIS T-LoRA module on a {info.kind} {info.weight_shape}; "
+                   "expected a Linear layer (LyCORIS' conv T-LoRA drops the kernel of its frozen copies)")
+    r = ts["q_layer.weight"].shape[0]
+    tensors = {"lora_A": _expect(src, f"{flat}.q_layer.weight", ts["q_layer.weight"], (r, info.in_features)),
+               "lora_B": _expect(src, f"{flat}.p_layer.weight", ts["p_layer.weight"], (info.out_features, r)),
+               "lora_S": _expect(src, f"{flat}.lambda_layer", ts["lambda_layer"], (1, r)).reshape(r)}
+    return "tlora", r, tensors, {k: f"{flat}.{n}" for n, k in TLORA_NAMES.items()}, [{}]
+
+
+def base_from_weight(weight: torch.Tensor, r: int) -> dict[str, torch.Tensor]:
+    """T-LoRA frozen copies as LyCORIS rebuilds them when it loads a file (``use_data_init``, ``sig_type="principal"``):
+    the r largest singular triplets of the base weight, A0 = Vᵀ[:r], B0 = U[:, :r], λ0 = S[:r]."""
+    u, s, vh = torch.linalg.svd(weight.detach().float().flatten(1), full_matrices=False)
+    return {"lora_A0": vh[:r].contiguous(), "lora_B0": u[:, :r].contiguous(), "lora_S0": s[:r].contiguous()}
+
+
+def tlora_schedule(meta: dict[str, str]) -> dict[str, Any]:
+    """LyCORIS sets T-LoRA masks from the training loop and stores no schedule; ``ss_network_args`` may name one
+    (``min_rank``, ``alpha_rank_scale``). Without it: full rank at every step, as LyCORIS runs without a mask."""
+    try:
+        args = json.loads(meta.get("ss_network_args", "{}"))
+    except json.JSONDecodeError:
+        args = {}
+    out: dict[str, Any] = {"ortho": True, "frozen": "stored", "sig_type": "principal", "num_train_timesteps": 1000}
+    if isinstance(args, dict) and "min_rank" in args:
+        out |= {"min_rank": int(args["min_rank"]), "rank_exponent": float(args.get("alpha_rank_scale", 1.0))}
+    return out
+
+
 def _parse_module(src: str, flat: str, ts: dict[str, torch.Tensor], role: str, path: str, info: LayerInfo) -> _Module:
-    known = set(LORA_NAMES) | set(LOHA_NAMES) | set(LOKR_NAMES) | set(EXTRA_NAMES)
+    known = set(LORA_NAMES) | set(LOHA_NAMES) | set(LOKR_NAMES) | set(EXTRA_NAMES) | set(TLORA_NAMES)
     for s in ts:
         if s not in known:
             algo = UNSUPPORTED.get(s)
             what = f"LyCORIS {algo} modules are not supported" if algo else "unknown parameter"
-            if algo == "T-LoRA (tlora)":  # LyCORIS rebuilds the frozen copies from an SVD of the base weight at load
-                what += " (the file has no frozen init copies: LyCORIS rebuilds them from the base weight's SVD)"
-            raise _err(src, f"{flat}.{s}", f"{what}; expected LoRA (lora_down/lora_up), LoHa (hada_*) or LoKr (lokr_*) "
-                       "keys, plus alpha / dora_scale")
-    if any(s.startswith("hada_") for s in ts):
+            raise _err(src, f"{flat}.{s}", f"{what}; expected LoRA (lora_down/lora_up), LoHa (hada_*), LoKr (lokr_*) or "
+                       "T-LoRA (q_layer/p_layer/lambda_layer) keys, plus alpha / dora_scale")
+    if "lambda_layer" in ts or "q_layer.weight" in ts:
+        variant, r, tensors, origin, cands = _parse_tlora(src, flat, ts, info)
+    elif any(s.startswith("hada_") for s in ts):
         variant, r, tensors, origin, cands = _parse_loha(src, flat, ts, info)
     elif any(s.startswith("lokr_") for s in ts):
         variant, r, tensors, origin, cands = _parse_lokr(src, flat, ts, info)
