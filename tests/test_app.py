@@ -160,6 +160,19 @@ def test_library_import_list_rename_export_delete(services, lora_file, tmp_path)
     assert "second" not in [e["name"] for e in lib.entries()]
 
 
+def test_library_marks_other_families_without_hiding_them(services, tmp_path) -> None:
+    from tests.app_harness import random_lora
+
+    xl = random_lora(tmp_path / "xl-style.safetensors", seed=5)
+    tensors, meta = ld.io.files.read_safetensors(xl)
+    ld.io.files.write_safetensors(xl, dict(tensors), {**meta, "ss_base_model_version": "sdxl_base_v1-0"})
+    name = services.library.import_file(xl, "xl-style.safetensors")
+    entries = {e["name"]: e for e in services.library.entries()}
+    assert entries[name]["other_family"] and entries[name]["base"] == "SDXL"
+    assert not any(e["other_family"] for n, e in entries.items() if n != name)
+    services.library.delete(name)
+
+
 @pytest.mark.parametrize("name", ["../x", "/etc/passwd", "..", "a/../../b"])
 def test_library_refuses_names_that_are_paths(services, name) -> None:
     with pytest.raises(AppError, match="adapter: (no adapter named|expected a file name)"):

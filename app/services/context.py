@@ -17,7 +17,10 @@ class AppServices:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
         self.generator = GenerateService(self.settings)
-        self.library = LibraryService(self.settings)
+        from .jobs import model_family
+
+        # files made for another base family than the server's first model are marked in the Library tab
+        self.library = LibraryService(self.settings, model_family(self.settings, next(iter(self.settings.models))))
         self.jobs = JobManager(self.settings, self.library)
         # per-session outputs live in the system temp folder: Gradio copies returned files from there into its own
         # cache and serves only that cache (no app folder is ever served directly)

@@ -39,7 +39,7 @@ class LibraryService:
         self.settings = settings
         self.folder = settings.library
         self.index = LoraLibrary(self.folder)
-        self.family = family  # the served model's family; files of another are marked
+        self.family = family  # the served model's family ('demo', 'sd1', 'sdxl'); files of another are marked
 
     # --- reading ---
     def entries(self) -> list[dict[str, Any]]:
