@@ -26,6 +26,7 @@ from .services import (
     AppServices,
     GenerateRequest,
     JobRequest,
+    LLMJobRequest,
     estimate,
     parse_seed,
 )
@@ -155,8 +156,8 @@ class UI:
         job = self.s.jobs.create(req, owner(request))
         return self.job_choices(request, job.id), f"Job {job.name} queued"
 
-    def job_choices(self, request: gr.Request | None, selected: str | None = None) -> Any:
-        jobs = self.s.jobs.list(owner(request))
+    def job_choices(self, request: gr.Request | None, selected: str | None = None, kind: str = "diffusion") -> Any:
+        jobs = self.s.jobs.list(owner(request), kind)
         choices = [(f"{j.name} · {j.state} · {j.id}", j.id) for j in jobs]
         if selected is None:
             active = [j for j in jobs if j.state in ("queued", "running", "stopping")]
@@ -165,6 +166,35 @@ class UI:
 
     def job_choices_for(self, selected: str | None = None, request: gr.Request = None) -> Any:
         return self.job_choices(request, selected or None)
+
+    def llm_job_choices_for(self, selected: str | None = None, request: gr.Request = None) -> Any:
+        return self.job_choices(request, selected or None, "llm")
+
+    @handled
+    def llm_start(self, file: Any, model: str, variant: str, steps: Any, rank: Any, lr: Any,
+                  request: gr.Request = None) -> tuple[Any, str]:
+        if not file:
+            raise AppError("training file: none; upload a .jsonl file")
+        req = LLMJobRequest(str(file), model, variant, _int_or_none(rank, "rank"), _int_or_none(steps, "total steps") or 100,
+                            float(lr) if lr else None, file_name=Path(str(file)).name)
+        job = self.s.jobs.create_llm(req, owner(request))
+        return self.job_choices(request, job.id, "llm"), f"LLM job {job.name} queued"
+
+    @handled
+    def llm_chat(self, job_id: str, message: str, max_new: float, base_hist: list | None, adapted_hist: list | None,
+                 request: gr.Request = None) -> tuple[list, list, str]:
+        job = self.s.jobs.get(job_id, owner(request))
+        if job.kind != "llm":
+            raise AppError("job: choose an LLM job")
+        adapter = self.s.jobs.current_adapter(job)
+        user = {"role": "user", "content": message}
+        history = [m for m in (adapted_hist or []) if m.get("role") in ("user", "assistant")]
+        base_msgs = [{"role": m["role"], "content": m["content"]} for m in (base_hist or [])]
+        adapted_msgs = [{"role": m["role"], "content": m["content"]} for m in history]
+        base, adapted = self.s.llm.reply_both(job.request["model"], adapter, job.name, [*adapted_msgs, user],
+                                              int(max_new))
+        return ([*base_msgs, user, {"role": "assistant", "content": base}],
+                [*adapted_msgs, user, {"role": "assistant", "content": adapted}], "")
 
     @handled
     def stop(self, job_id: str, request: gr.Request = None) -> str:
@@ -424,6 +454,8 @@ def build_app(services: AppServices | None = None) -> gr.Blocks:
             gen_slots = _generate_tab(ui, models)
         with gr.Tab("Library", id="library"):
             _library_tab(ui, gen_slots, demo)
+        with gr.Tab("LLM", id="llm"):
+            _llm_tab(ui, demo)
         demo.unload(ui.close_session)
     return demo
 
@@ -578,3 +610,48 @@ def _library_tab(ui: UI, gen_slots: list[Any], demo: gr.Blocks) -> None:
     delete.click(ui.library_delete, selected, outs, api_name="library_delete")
     export.click(ui.library_export, [selected, fmt], exported, api_name="library_export")
     demo.load(lambda: ui.library_refresh(), None, outs, queue=False)
+
+
+def _llm_tab(ui: UI, demo: gr.Blocks) -> None:
+    from lora_diffusion.llm import llm_variant_names
+
+    models = list(ui.s.settings.llm_models)
+    with gr.Row():
+        with gr.Column():
+            gr.Markdown("Train an adapter on a JSONL file (one `{\"text\"}`, `{\"messages\"}` or "
+                        "`{\"prompt\", \"response\"}` per line), then ask the base and the adapted model side by side.")
+            data = gr.File(label="Training data (.jsonl)", file_types=[".jsonl"], type="filepath", elem_id="llm-data")
+            with gr.Row():
+                model = gr.Dropdown(models, value=models[0], label="Base LLM", allow_custom_value=True)
+                variant = gr.Dropdown(llm_variant_names(), value="lora", label="Variant")
+            with gr.Row():
+                steps = gr.Number(value=100, precision=0, label="Total steps")
+                rank = gr.Number(value=None, precision=0, label="Rank (empty: 8)")
+                lr = gr.Number(value=None, label="Learning rate (empty: default)")
+            with gr.Row():
+                start = gr.Button("Start", variant="primary", elem_id="llm-start")
+                stop = gr.Button("Stop")
+                resume = gr.Button("Resume")
+            job = gr.Dropdown([], label="LLM job", allow_custom_value=True, elem_id="llm-job")
+            status = gr.Markdown(elem_id="llm-status")
+            loss = gr.LinePlot(x="step", y="loss", title="Loss", height=200)
+            files = gr.File(label="Adapter file", file_count="multiple")
+            msg = gr.Markdown()
+        with gr.Column():
+            with gr.Row():
+                base = gr.Chatbot(label="Base model", height=360, elem_id="llm-base")
+                adapted = gr.Chatbot(label="With the adapter", height=360, elem_id="llm-adapted")
+            text = gr.Textbox(label="Message (Enter sends to both)", elem_id="llm-message")
+            max_new = gr.Slider(8, 256, value=64, step=8, label="Max new tokens")
+    start.click(ui.llm_start, [data, model, variant, steps, rank, lr], [job, msg], api_name="llm_start",
+                concurrency_limit=None)
+    stop.click(ui.stop, job, msg, concurrency_limit=None)
+    resume.click(ui.resume, job, msg, concurrency_limit=None)
+    timer = gr.Timer(1.0)
+    hidden = gr.Gallery(visible=False)
+    timer.tick(ui.status, job, [status, loss, hidden, files], queue=False, show_progress="hidden")
+    job.change(ui.status, job, [status, loss, hidden, files], queue=False, show_progress="hidden",
+               api_name="llm_status")
+    text.submit(ui.llm_chat, [job, text, max_new, base, adapted], [base, adapted, text], concurrency_id=GPU,
+                api_name="llm_chat")
+    demo.load(ui.llm_job_choices_for, None, job, queue=False)

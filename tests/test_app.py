@@ -322,3 +322,34 @@ def test_blend_fuses_chosen_or_retrieved_loras(services, lora_file, tmp_path) ->
     assert auto["plot"] is not None and auto["plot"].is_file() and auto["images"][0].size == (32, 32)
     with pytest.raises(AppError, match="fusion method: expected one of"):
         services.generator.blend(req(), "nope", lib.folder)
+
+
+@pytest.mark.slow
+def test_llm_job_trains_then_both_models_answer(tmp_path, monkeypatch) -> None:
+    """The LLM tab's services: a JSONL job on a tiny Llama folder (stands in for SmolLM2), then base vs adapted."""
+    from app.services import LLMJobRequest
+    from tests.test_llm_train import TRAIN, make_tiny_folder
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    folder = make_tiny_folder(tmp_path / "tiny")
+    services = AppServices(Settings(library=tmp_path / "lib", output=tmp_path / "out", device="cpu",
+                                    llm_models={"tiny": str(folder)}))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"question": "no"}\n')
+    with pytest.raises(AppError, match="training file bad.jsonl, line 2: expected an object with"):
+        services.jobs.create_llm(LLMJobRequest(str(bad), "tiny", file_name="bad.jsonl"))
+    bad.write_text("not json\n")
+    with pytest.raises(AppError, match="training file bad.jsonl: not JSON lines"):
+        services.jobs.create_llm(LLMJobRequest(str(bad), "tiny", file_name="bad.jsonl"))
+    with pytest.raises(AppError, match="variant: 'tlora' is not one of"):
+        services.jobs.create_llm(LLMJobRequest(str(TRAIN), "tiny", variant="tlora"))
+    job = services.jobs.create_llm(LLMJobRequest(str(TRAIN), "tiny", steps=8, learning_rate=1e-2))
+    wait(services.jobs, job, timeout=120)
+    assert job.state == "done", services.jobs.log_tail(job, 30)
+    p = services.jobs.progress(job)
+    assert p["step"] == 8 and len(p["losses"]) == 8
+    base, adapted = services.llm.reply_both("tiny", services.jobs.current_adapter(job), job.name,
+                                            [{"role": "user", "content": "hello"}], 8)
+    assert isinstance(base, str) and isinstance(adapted, str)
+    with pytest.raises(AppError, match="message: empty"):
+        services.llm.reply_both("tiny", services.jobs.current_adapter(job), job.name, [{"role": "user", "content": ""}])

@@ -42,7 +42,7 @@ from .llm_data import (
     pack,
     split_eval,
 )
-from .loop import LoopConfig, fit
+from .loop import JsonlProgress, LoopConfig, fit
 
 log = logging.getLogger("train_llm")
 ADAPTER_FILE = "adapter.safetensors"
@@ -343,10 +343,12 @@ def train(cfg: LLMConfig) -> dict[str, Any]:
         if every and step % every == 0:
             ckpt.save(step, shared, local)
 
+    hooks = [hook] + ([JsonlProgress(cfg.run.progress_file, max_steps)] if cfg.run.progress_file and acc.is_main_process
+                      else [])
     t0 = time.perf_counter()
     result = fit(acc, model, optimizer, sched, source, loss_fn,
                  LoopConfig(max_steps, o.gradient_accumulation_steps, o.max_grad_norm, f"train {spec.variant}",
-                            cfg.run.progress), start, [hook])
+                            cfg.run.progress), start, hooks)
     dt = time.perf_counter() - t0
     metrics.update({"steps": result.last_step, "losses": result.losses, "train_seconds": dt,
                     "tokens_per_s": tokens["n"] / dt if dt > 0 else 0.0})

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .jobs import JobManager
 from .library import LibraryService
+from .llm import LLMChat
 from .pipelines import GenerateService
 from .sessions import Sessions
 from .settings import Settings
@@ -22,6 +23,7 @@ class AppServices:
         # files made for another base family than the server's first model are marked in the Library tab
         self.library = LibraryService(self.settings, model_family(self.settings, next(iter(self.settings.models))))
         self.jobs = JobManager(self.settings, self.library)
+        self.llm = LLMChat(self.settings)
         # per-session outputs live in the system temp folder: Gradio copies returned files from there into its own
         # cache and serves only that cache (no app folder is ever served directly)
         self.sessions = Sessions(Path(tempfile.gettempdir()) / f"lora-diffusion-app-{uuid.uuid4().hex[:8]}",

@@ -85,6 +85,19 @@ class Job:
     error: str = ""
     library_name: str = ""
     runs: int = 0  # starts (1 + resumes)
+    kind: str = "diffusion"  # or "llm" (training.train_llm on a JSONL file)
+
+
+@dataclass
+class LLMJobRequest:
+    train_file: str  # an uploaded JSONL file
+    model: str = "smollm2"  # a name from Settings.llm_models
+    variant: str = "lora"
+    rank: int | None = None
+    steps: int = 100
+    learning_rate: float | None = None
+    name: str = ""
+    file_name: str = ""  # what the user called the file (for messages)
 
 
 def model_family(settings: Settings, model: str) -> str:
@@ -193,6 +206,44 @@ class JobManager:
             self._pump()
         return job
 
+    def create_llm(self, req: LLMJobRequest, owner: str = "local") -> Job:
+        """An LLM adapter job on an uploaded JSONL file (``training.train_llm``); errors name the field."""
+        from lora_diffusion.llm import llm_variant_names
+
+        label = Path(req.file_name or req.train_file).name
+        if req.model not in self.settings.llm_models:
+            raise AppError(f"LLM: '{req.model}' is not one of the models this server offers: {sorted(self.settings.llm_models)}")
+        if req.variant not in llm_variant_names():
+            raise AppError(f"variant: '{req.variant}' is not one of {llm_variant_names()} (LLM variants)")
+        if not (isinstance(req.steps, int) and 1 <= req.steps <= 100_000):
+            raise AppError(f"total steps: expected an integer in 1..100000, got {req.steps}")
+        if req.rank is not None and not 1 <= req.rank <= 1024:
+            raise AppError(f"rank: expected an integer in 1..1024, got {req.rank}")
+        if req.learning_rate is not None and not 0 < req.learning_rate < 1:
+            raise AppError(f"learning rate: expected a number in (0, 1), got {req.learning_rate}")
+        n = check_jsonl(req.train_file, label, self.settings.max_upload_mb)
+        job = Job(uuid.uuid4().hex[:12], safe_name(req.name or f"llm-{req.variant}", "job name"), owner, asdict(req),
+                  "llm", kind="llm")
+        folder = self.dir(job)
+        (folder / "run").mkdir(parents=True)
+        import shutil
+
+        import yaml
+
+        shutil.copyfile(req.train_file, folder / "data.jsonl")
+        cfg = {"model": self.settings.llm_models[req.model], "train_file": str(folder / "data.jsonl"),
+               "variant": req.variant, "rank": req.rank, "lr": req.learning_rate, "max_train_steps": req.steps,
+               "output_dir": str(folder / "run"), "checkpointing_steps": max(1, req.steps // 10),
+               "progress_file": str(folder / "progress.jsonl"), "report_to": "none", "progress": False,
+               "cpu": self.settings.device == "cpu", "eval_fraction": 0.1 if n >= 10 else 0.0}
+        (folder / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in cfg.items() if v is not None}))
+        with self._lock:
+            self.jobs[job.id] = job
+            self._save(job)
+            log.info("job %s (%s): queued, %d record(s), LLM %s", job.id, job.name, n, req.variant)
+            self._pump()
+        return job
+
     def _prepare_images(self, req: JobRequest, folder: Path, resolution: int) -> list[str]:
         from PIL import Image, UnidentifiedImageError
 
@@ -257,7 +308,8 @@ class JobManager:
 
     def _launch(self, job: Job) -> None:
         folder = self.dir(job)
-        args = [sys.executable, "-m", "training.train_tlora", "--config", str(folder / "config.yaml")]
+        trainer = "training.train_llm" if job.kind == "llm" else "training.train_tlora"
+        args = [sys.executable, "-m", trainer, "--config", str(folder / "config.yaml")]
         if job.runs > 0:
             args += ["--resume_from_checkpoint", "latest"]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -289,9 +341,10 @@ class JobManager:
             self._record_speed(job)
             if job.state == "stopping":
                 job.state = "stopped"
-            elif rc == 0 or (rc is None and "canonical" in outputs):
+            elif rc == 0 or (rc is None and ("canonical" in outputs or "adapter" in outputs)):
                 job.state = "done"
-                self._to_library(job, outputs["canonical"])
+                if job.kind == "diffusion":
+                    self._to_library(job, outputs["canonical"])
             else:
                 job.state, job.error = "failed", self._failure(job, rc)
             self._save(job)
@@ -374,8 +427,9 @@ class JobManager:
             self._pump()
         return job
 
-    def list(self, owner: str | None = None) -> list[Job]:
-        return sorted((j for j in self.jobs.values() if owner is None or j.owner == owner), key=lambda j: -j.created)
+    def list(self, owner: str | None = None, kind: str | None = None) -> list[Job]:
+        return sorted((j for j in self.jobs.values() if (owner is None or j.owner == owner) and
+                       (kind is None or j.kind == kind)), key=lambda j: -j.created)
 
     def place(self, job: Job) -> int:
         """0 when running; else 1 + the jobs ahead of it (the running one included)."""
@@ -418,13 +472,16 @@ class JobManager:
 
     def latest_checkpoint(self, job: Job) -> tuple[int, Path] | None:
         found = []
-        for d in (self.dir(job) / "run" / "checkpoints").glob("checkpoint-*"):
-            if d.name.split("-")[1].isdigit() and (d / "adapter.safetensors").is_file() and (d / "checkpoint.json").is_file():
+        root = self.dir(job) / "run" / ("" if job.kind == "llm" else "checkpoints")
+        for d in root.glob("checkpoint-*"):
+            if d.name.split("-")[1].isdigit() and (d / "checkpoint.json").is_file():
                 found.append((int(d.name.split("-")[1]), d / "adapter.safetensors"))
         return max(found) if found else None
 
     def outputs(self, job: Job) -> dict[str, Path]:
         run, variant = self.dir(job) / "run", job.request["variant"]
+        if job.kind == "llm":
+            return {"adapter": run / "adapter.safetensors"} if (run / "adapter.safetensors").is_file() else {}
         files = {"canonical": run / f"{variant}.safetensors", "kohya": run / f"{variant}.kohya.safetensors",
                  "diffusers": run / "pytorch_lora_weights.safetensors"}
         return {k: v for k, v in files.items() if v.is_file()}
@@ -433,17 +490,41 @@ class JobManager:
         """What 'try a prompt' uses: the final adapter when done, else the latest checkpoint's."""
         if job.state in ("running", "stopping", "queued"):
             raise AppError(f"job {job.name}: {job.state}; stop it (or wait for the end) to try prompts with its adapter")
-        out = self.outputs(job).get("canonical")
+        out = self.outputs(job).get("adapter" if job.kind == "llm" else "canonical")
         if job.state == "done" and out:
             return out
         ckpt = self.latest_checkpoint(job)
-        if ckpt is None:
+        if ckpt is None or not ckpt[1].is_file():
             raise AppError(f"job {job.name}: no checkpoint yet (one is written every "
                            f"{job.request.get('checkpoint_every') or 'tenth of the'} steps); resume it for longer")
         return ckpt[1]
 
     def log_tail(self, job: Job, n: int = 12) -> str:
         return "\n".join(_tail(self.dir(job) / "log.txt", n))
+
+
+def check_jsonl(path: str, label: str, max_mb: float) -> int:
+    """Records of a JSONL training file: each line a JSON object with text, messages, or prompt and response."""
+    size = Path(path).stat().st_size
+    if size > max_mb * 2**20:
+        raise AppError(f"training file {label}: {size / 2**20:.0f} MB, more than the {max_mb:g} MB this server accepts")
+    n = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                rec = json.loads(line)
+                if not isinstance(rec, dict) or not ({"text"} <= rec.keys() or {"messages"} <= rec.keys()
+                                                      or {"prompt", "response"} <= rec.keys()):
+                    raise AppError(f"training file {label}, line {i}: expected an object with \"text\", \"messages\" "
+                                   "or \"prompt\" and \"response\"")
+                n += 1
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AppError(f"training file {label}: not JSON lines ({type(e).__name__} near line {n + 1})") from None
+    if n == 0:
+        raise AppError(f"training file {label}: no records")
+    return n
 
 
 def crop_square(im: Any) -> Any:

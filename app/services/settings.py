@@ -17,6 +17,7 @@ class Settings:
     output: Path = Path("outputs/app")  # jobs/, sessions/
     device: str | None = None  # None: cuda when available
     models: dict[str, str | None] = field(default_factory=lambda: {DEMO: None})  # field value -> source (None: demo)
+    llm_models: dict[str, str | None] = field(default_factory=lambda: {"smollm2": None})  # None: SmolLM2-135M GGUF
     allow_server_paths: bool = False  # Library: import a file by its path on the server
     max_upload_mb: float = 512.0  # adapter files; images are limited to max_image_mb
     max_image_mb: float = 20.0
