@@ -146,13 +146,14 @@ class UI:
     @handled
     def start(self, files: list[Any] | None, token: str, class_word: str, variant: str, model: str, steps: Any,
               rank: Any, lr: Any, template: str, sample_prompts: str, sample_every: Any, ckpt_every: Any, seed: Any,
-              name: str, sample_steps: Any = None, request: gr.Request = None) -> tuple[Any, str]:
+              name: str, sample_steps: Any = None, pivotal: bool = True, request: gr.Request = None) -> tuple[Any, str]:
         paths = [str(f) for f in files or []]
         req = JobRequest(paths, token, class_word, variant, model, _int_or_none(steps, "total steps"),
                          _int_or_none(rank, "rank"), float(lr) if lr else None, template.strip() or None,
                          sample_prompts.strip() or None, _int_or_none(sample_every, "sample every"),
                          _int_or_none(ckpt_every, "checkpoint every"), parse_seed(seed), name.strip(),
-                         _int_or_none(sample_steps, "sample denoising steps"), [Path(p).name for p in paths])
+                         _int_or_none(sample_steps, "sample denoising steps"), bool(pivotal),
+                         [Path(p).name for p in paths])
         job = self.s.jobs.create(req, owner(request))
         return self.job_choices(request, job.id), f"Job {job.name} queued"
 
@@ -418,6 +419,7 @@ class UI:
 
     def close_session(self, request: gr.Request) -> None:
         self.s.sessions.close(session(request))
+        self.s.sessions.sweep()
         self._stops.pop(session(request) or "", None)
 
 
@@ -445,7 +447,8 @@ def build_app(services: AppServices | None = None) -> gr.Blocks:
     ui = UI(services)
     st = services.settings
     models = list(st.models)
-    with gr.Blocks(title="lora-diffusion", analytics_enabled=False) as demo:
+    # delete_cache: Gradio's copies of served files older than a day are removed hourly
+    with gr.Blocks(title="lora-diffusion", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown("# lora-diffusion\nTrain an adapter from one photo, keep a library of LoRAs, blend them. "
                     f"Models on this server: {', '.join(models)} (device: {st.device}).")
         with gr.Tab("Personalize", id="personalize"):
@@ -473,6 +476,8 @@ def _personalize_tab(ui: UI, models: list[str]) -> None:
             with gr.Row():
                 variant = gr.Dropdown(variants, value="tlora" if "tlora" in variants else variants[0], label="Variant")
                 model = gr.Dropdown(models, value=models[0], label="Base model")
+            pivotal = gr.Checkbox(value=True, label="Pivotal tuning: also learn the token's embedding (recommended)",
+                                  elem_id="train-pivotal")
             with gr.Accordion("Advanced", open=False):
                 with gr.Row():
                     steps = gr.Number(value=None, precision=0, label="Total steps (empty: the variant's default)",
@@ -512,7 +517,7 @@ def _personalize_tab(ui: UI, models: list[str]) -> None:
         c.change(ui.estimate_text, [model, variant, steps], plan, queue=False, show_progress="hidden")
     images.change(ui.preview, images, preview, queue=False)
     start.click(ui.start, [images, token, class_word, variant, model, steps, rank, lr, template, sample_prompts,
-                           sample_every, ckpt_every, seed, name, sample_steps], [job, msg], api_name="train_start",
+                           sample_every, ckpt_every, seed, name, sample_steps, pivotal], [job, msg], api_name="train_start",
                 concurrency_limit=None)
     stop.click(ui.stop, job, msg, api_name="train_stop", concurrency_limit=None)
     resume.click(ui.resume, job, msg, api_name="train_resume", concurrency_limit=None)

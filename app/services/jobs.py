@@ -67,6 +67,7 @@ class JobRequest:
     seed: int = 0
     name: str = ""
     sample_steps: int | None = None  # denoising steps of samples (None: the preset's)
+    pivotal: bool | None = True  # pivotal tuning: train the placeholder's embedding with the adapter (None: trainer's)
     image_names: list[str] = field(default_factory=list)  # what the user called the images (for messages)
 
 
@@ -293,7 +294,7 @@ class JobManager:
             "mixed_precision": preset.get("mixed_precision", "no") if self.settings.device != "cpu" else "no",
             "gradient_checkpointing": preset.get("gradient_checkpointing", False), "seed": req.seed,
             "cpu": self.settings.device == "cpu", "progress": False, "report_to": "none",
-            "progress_file": str(folder / "progress.jsonl")}
+            "progress_file": str(folder / "progress.jsonl"), "train_embedding": req.pivotal}
         return {k: v for k, v in cfg.items() if v is not None}
 
     # --- running ---
