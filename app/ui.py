@@ -109,6 +109,7 @@ class UI:
     def __init__(self, services: AppServices) -> None:
         self.s = services
         self._stops: dict[str, threading.Event] = {}
+        self._shown: dict[tuple[str, str], tuple[int, str]] = {}  # (session, job) -> (samples, state) last sent
 
     # --- personalize ---
     def preview(self, files: list[Any] | None) -> list[Any]:
@@ -234,8 +235,12 @@ class UI:
         if job.error:
             text += f"\n\n⚠ {job.error}"
         losses = pd.DataFrame(p["losses"], columns=["step", "loss"]) if p["losses"] else empty
-        samples = [(str(f), cap) for f, cap in jm.samples(job)][-12:]
-        samples = [(enlarge(_open(f)), cap) for f, cap in samples]
+        found = jm.samples(job)[-12:]
+        key = (session(request) or "", job.id)
+        if self._shown.get(key) == (len(found), job.state):  # unchanged: the browser keeps what it has
+            return text, losses, gr.skip(), gr.skip()
+        self._shown[key] = (len(found), job.state)
+        samples = [(enlarge(_open(f)), cap) for f, cap in found]
         files = [str(v) for v in jm.outputs(job).values()] if job.state == "done" else None
         return text, losses, samples, self._session_copies(files, request)
 
@@ -421,6 +426,8 @@ class UI:
         self.s.sessions.close(session(request))
         self.s.sessions.sweep()
         self._stops.pop(session(request) or "", None)
+        for key in [k for k in self._shown if k[0] == (session(request) or "")]:
+            self._shown.pop(key, None)
 
 
 def _open(path: str | Path) -> Any:

@@ -265,7 +265,8 @@ def test_job_trains_stops_resumes_and_survives_a_restart(tmp_path, monkeypatch) 
     jm = services.jobs
     job = jm.create(JobRequest([image(tmp_path / "ring.png", (64, 48))], steps=30, checkpoint_every=2,
                                sample_every=30, sample_steps=2, name="ring"))
-    second = jm.create(JobRequest([image(tmp_path / "b.png")], steps=2, sample_steps=2, name="second"))
+    second = jm.create(JobRequest([image(tmp_path / "b.png")], steps=30, checkpoint_every=2, sample_every=30,
+                                  sample_steps=2, name="second"))
     assert job.state == "running" and second.state == "queued" and jm.place(second) == 2  # one job at a time
     wait(jm, job, until=lambda: (jm.latest_checkpoint(job) or (0,))[0] >= 2)
     jm.stop(job.id)
@@ -273,7 +274,12 @@ def test_job_trains_stops_resumes_and_survives_a_restart(tmp_path, monkeypatch) 
     kept = jm.latest_checkpoint(job)
     assert kept is not None and jm.progress(job)["step"] < 30  # really stopped, checkpoint kept
     assert jm.current_adapter(job) == kept[1]  # 'try a prompt' uses it while stopped
-    wait(jm, second, ("done",))  # the queue moved on
+    # the queue moved on; the second trainer crashes (killed): failed, named, its checkpoint kept
+    wait(jm, second, until=lambda: (jm.latest_checkpoint(second) or (0,))[0] >= 2)
+    os.kill(second.pid, 9)
+    wait(jm, second, ("failed",))
+    assert second.error.startswith("the trainer ended unexpectedly (killed by signal 9)")
+    assert "the last checkpoint (step" in second.error and "Resume continues from it" in second.error
     jm.resume(job.id)
     wait(jm, job, ("done",))
     log_text = (jm.dir(job) / "log.txt").read_text()
@@ -284,6 +290,7 @@ def test_job_trains_stops_resumes_and_survives_a_restart(tmp_path, monkeypatch) 
     assert entry["sample"] and entry["training"]["steps"] == 30 and entry["trigger_words"] == ["sks"]
     assert set(jm.outputs(job)) == {"canonical", "kohya", "diffusers"}
     # an app restart: job state comes from disk; a job whose process died with the app is resumable
+    assert jm.latest_checkpoint(second) is not None  # nothing trained was lost
     state = json.loads((jm.dir(second) / "job.json").read_text())
     (jm.dir(second) / "job.json").write_text(json.dumps({**state, "state": "running", "pid": 999999}))
     again = JobManager(settings, services.library)

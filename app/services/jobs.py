@@ -158,7 +158,7 @@ class JobManager:
             if _alive(job.pid, str(self.dir(job))):
                 threading.Thread(target=self._follow, args=(job,), daemon=True).start()
             else:
-                job.state, job.error = "stopped", job.error or "the app stopped while this job ran; Resume continues it"
+                job.state, job.error = "stopped", "the app stopped while this job ran; Resume continues it"
                 self._save(job)
 
     # --- creating ---
@@ -370,7 +370,9 @@ class JobManager:
         lines = _tail(self.dir(job) / "log.txt", 40)
         errs = [ln for ln in lines if ln.startswith("error:") or "Error" in ln.split(":")[0]]
         oom = any("out of memory" in ln.lower() for ln in lines)
-        what = errs[-1] if errs else (lines[-1] if lines else f"exit code {rc}")
+        ended = f"killed by signal {-rc}" if rc is not None and rc < 0 else f"exit code {rc}"
+        what = errs[-1] if errs else f"the trainer ended unexpectedly ({ended})"
+        what = what.replace(str(self.dir(job)) + "/", "")  # no server paths in messages
         ckpt = self.latest_checkpoint(job)
         keep = f"; the last checkpoint (step {ckpt[0]}) is kept: Resume continues from it" if ckpt else ""
         hint = " (out of memory: use a smaller rank, a lower resolution or another device)" if oom else ""
