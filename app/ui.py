@@ -208,8 +208,13 @@ class UI:
         job = self.s.jobs.resume(job_id, owner(request))
         return f"{job.name} queued to resume from its latest checkpoint"
 
-    def status(self, job_id: str | None, request: gr.Request = None) -> tuple[str, Any, list[Any], Any]:
-        """(status text, loss table, samples, downloads) of the selected job; polled every second."""
+    def status_tick(self, job_id: str | None, request: gr.Request = None) -> tuple[str, Any, Any, Any]:
+        """``status`` for the page's one-second poll: samples and downloads only when they changed."""
+        return self.status(job_id, request, only_changes=True)
+
+    def status(self, job_id: str | None, request: gr.Request = None,
+               only_changes: bool = False) -> tuple[str, Any, Any, Any]:
+        """(status text, loss table, samples, downloads) of the selected job."""
         import pandas as pd
 
         empty = pd.DataFrame({"step": [], "loss": []})
@@ -237,7 +242,7 @@ class UI:
         losses = pd.DataFrame(p["losses"], columns=["step", "loss"]) if p["losses"] else empty
         found = jm.samples(job)[-12:]
         key = (session(request) or "", job.id)
-        if self._shown.get(key) == (len(found), job.state):  # unchanged: the browser keeps what it has
+        if only_changes and self._shown.get(key) == (len(found), job.state):  # the browser keeps what it has
             return text, losses, gr.skip(), gr.skip()
         self._shown[key] = (len(found), job.state)
         samples = [(enlarge(_open(f)), cap) for f, cap in found]
@@ -530,7 +535,7 @@ def _personalize_tab(ui: UI, models: list[str]) -> None:
     resume.click(ui.resume, job, msg, api_name="train_resume", concurrency_limit=None)
     timer = gr.Timer(1.0)
     outs = [status, loss, samples, downloads]
-    timer.tick(ui.status, job, outs, queue=False, show_progress="hidden")
+    timer.tick(ui.status_tick, job, outs, queue=False, show_progress="hidden")
     job.change(ui.status, job, outs, queue=False, show_progress="hidden", api_name="train_status")
     job.focus(ui.job_choices_for, job, job, queue=False)
     try_prompt.submit(ui.try_prompt, [job, try_prompt, try_seed], tried, concurrency_id=GPU, api_name="train_try")
@@ -661,7 +666,7 @@ def _llm_tab(ui: UI, demo: gr.Blocks) -> None:
     resume.click(ui.resume, job, msg, concurrency_limit=None)
     timer = gr.Timer(1.0)
     hidden = gr.Gallery(visible=False)
-    timer.tick(ui.status, job, [status, loss, hidden, files], queue=False, show_progress="hidden")
+    timer.tick(ui.status_tick, job, [status, loss, hidden, files], queue=False, show_progress="hidden")
     job.change(ui.status, job, [status, loss, hidden, files], queue=False, show_progress="hidden",
                api_name="llm_status")
     text.submit(ui.llm_chat, [job, text, max_new, base, adapted], [base, adapted, text], concurrency_id=GPU,

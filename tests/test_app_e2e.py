@@ -54,12 +54,22 @@ def test_train_stop_resume_then_generate_and_blend(served, client, tmp_path, mon
     assert len(loss["data"]) == 24 and samples and {f.rsplit("/", 1)[1] for f in files} == {
         "tlora.safetensors", "tlora.kohya.safetensors", "pytorch_lora_weights.safetensors"}
 
+    # the kohya and diffusers downloads load back (imported through the Library tab's upload)
+    kohya = next(f for f in files if f.endswith(".kohya.safetensors"))
+    diffusers = next(f for f in files if f.endswith("pytorch_lora_weights.safetensors"))
+    table, *_ = client.predict([handle_file(kohya), handle_file(diffusers)], api_name="/library_upload")
+    names = {row[0]: row for row in table["data"]}
+    assert {"tlora.kohya", "pytorch_lora_weights"} <= set(names)
+
     def gen(*slots):
         gallery, big, pngs = client.predict("a yellow sks on a black background", "", "0", 4, 4.0, None, 2, "demo", False,
                                             *slots, *NO_SLOTS[: 12 - len(slots)], api_name="/generate")
         return [np.asarray(Image.open(p)) for p in pngs], pngs, big
 
     base, _, _ = gen()
+    as_kohya, _, _ = gen("tlora.kohya", True, 1.0)
+    as_diffusers, _, _ = gen("pytorch_lora_weights", True, 1.0)
+    assert np.abs(as_kohya[0].astype(int) - base[0]).max() > 0 and np.abs(as_diffusers[0].astype(int) - base[0]).max() > 0
     alone, pngs, big = gen("ring", True, 1.0)
     blended, _, _ = gen("ring", True, 1.0, "dotted", True, 0.8)
     for p in pngs:  # lossless PNG at the model's native size; the enlarged view is separate
@@ -68,14 +78,15 @@ def test_train_stop_resume_then_generate_and_blend(served, client, tmp_path, mon
     with Image.open(big) as im:
         assert im.size == (512, 512)
     assert np.abs(alone[0].astype(int) - base[0]).max() > 0 and np.abs(blended[0].astype(int) - alone[0]).max() > 10
-    assert served.services.generator.loads == 3  # one pipeline per set of adapters: none, ring, ring + dotted
+    loads = served.services.generator.loads  # one pipeline per set of adapters
     half, _, _ = gen("ring", True, 0.5, "dotted", False, 0.8)
-    assert served.services.generator.loads == 3 and np.abs(half[0].astype(int) - alone[0]).max() > 0  # in place
+    assert served.services.generator.loads == loads and np.abs(half[0].astype(int) - alone[0]).max() > 0  # in place
     # automatic mode: the library's LoRAs retrieved for the prompt, gated fusion, a gate plot
     gallery, big, pngs, chosen, gates, notes = client.predict(
         "a yellow sks on a black background", "", "0", 4, 4.0, None, 1, "demo", False, *NO_SLOTS, "", True, 1.0,
         "automatic", "gated", 2, api_name="/blend")
-    assert {row[0] for row in chosen["data"]} <= {"ring", "dotted"} and len(chosen["data"]) == 2 and gates
+    library = {"ring", "dotted", "tlora.kohya", "pytorch_lora_weights"}
+    assert {row[0] for row in chosen["data"]} <= library and len(chosen["data"]) == 2 and gates
     assert "gated" in notes and len(pngs) == 1
 
 
