@@ -14,6 +14,7 @@ import torch
 
 import lora_diffusion as ld
 from lora_diffusion.core.registry import variant_names
+from lora_diffusion.io.bundle import model_view
 from lora_diffusion.io.files import read_safetensors, write_safetensors
 
 from .conftest import perturb
@@ -205,3 +206,27 @@ def test_loaded_rank_above_layer_width_is_valid(tmp_path):
     assert torch.allclose(pipe.unet.get_submodule(mod).weight, w + 0.5 * up @ down, atol=1e-6)
     with pytest.raises(ld.TargetError, match=r"rank 48 is larger than the layer allows for a new adapter.*no capacity"):
         ld.add_adapter(sd15_pipeline().unet, ld.AdapterSpec(rank=48, targets=[mod]), "new")
+
+
+def test_demo_model_tlora_rank_64_exports_reload(tmp_path):
+    """The trainer's case: T-LoRA rank 64 on the demo model's 64-wide attention (2r = 128 > 64) exported to kohya and
+    diffusers reloads on the demo model with the same output (was: 'rank 128 is larger than the layer allows')."""
+    from lora_diffusion.demo_model import load_demo_pipeline
+
+    pipe = load_demo_pipeline()
+    ld.add_adapter(pipe.unet, ld.AdapterSpec("tlora", rank=64, targets="unet-attn", seed=1), "t")
+    perturb(pipe.unet, "t", std=0.02)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, pipe.unet.config.in_channels, 8, 8, generator=g)
+    enc = torch.randn(1, 5, pipe.unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        want = pipe.unet(x, 500, enc).sample
+    for fmt in ("kohya", "diffusers"):
+        path = ld.save_adapter(pipe, tmp_path / f"t_{fmt}.safetensors", "t", format=fmt)
+        fresh = load_demo_pipeline()
+        ld.load_adapter(fresh, path, name="t")
+        spec, view = ld.get_spec(fresh.unet, "t"), model_view(fresh.unet)
+        assert {spec.rank_for(m) for m in spec.targets} == {64, 128}  # min(2r, out, in) per layer
+        assert all(spec.rank_for(m) == min(128, view[m].out_features, view[m].fan_in) for m in spec.targets)
+        with torch.no_grad():
+            assert close(fresh.unet(x, 500, enc).sample, want, 1e-4), fmt
