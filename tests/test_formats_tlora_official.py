@@ -117,6 +117,7 @@ def test_our_tlora_official_export_round_trip(tmp_path, ortho):
     assert weights == tmp_path / "run" / "checkpoint-0" / "pytorch_lora_weights.safetensors"
     hp = json.loads((tmp_path / "run" / "logs" / "hparams.yml").read_text())  # JSON is YAML
     assert (hp["lora_rank"], hp["min_rank"], hp["alpha_rank_scale"]) == (6, 2, 0.7)
+    assert hp["output_dir"] == str((tmp_path / "run").resolve()) and hp["trainer_type"] == ("ortho_lora" if ortho else "lora")
     keys = set(read_safetensors(weights)[0])
     assert any(k.endswith("attn2.processor.to_out_lora." + ("base_p.weight" if ortho else "up.weight")) for k in keys)
     again = sdxl_pipeline()

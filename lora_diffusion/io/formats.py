@@ -218,6 +218,6 @@ def write_official(path: Path, parts: list[Part], views: dict[str, ModuleView], 
     hp = path / "logs" / "hparams.yml"
     hp.parent.mkdir(parents=True, exist_ok=True)
     tmp = hp.with_suffix(".tmp")
-    tmp.write_text(tlora_official.hparams(tmeta))
+    tmp.write_text(tlora_official.hparams(meta, path))
     tmp.replace(hp)
     return weights

@@ -159,8 +159,12 @@ def write(parts: list[Part], views: dict[str, ModuleView]) -> tuple[dict[str, to
     return out, meta
 
 
-def hparams(meta: dict[str, str]) -> str:
-    """The logs/hparams.yml the official inference.py reads (the schedule and trainer choice)."""
-    return json.dumps({"trainer_class": "sdxl_tlora", "trainer_type": meta["tlora_trainer_type"],
-                       "lora_rank": int(meta["tlora_rank"]), "min_rank": int(meta["tlora_min_rank"]),
-                       "alpha_rank_scale": float(meta["tlora_alpha_rank_scale"]), "sig_type": "last"}, indent=1) + "\n"
+def hparams(meta: dict[str, str], folder: Path) -> str:
+    """The logs/hparams.yml the official ``inference.py --config_path … --checkpoint_idx 0`` reads: the schedule, the
+    trainer choice, and the keys its inferencer looks up (output_dir, base model, revision, placeholder token)."""
+    return json.dumps({
+        "trainer_class": "sdxl_tlora", "trainer_type": meta["tlora_trainer_type"], "lora_rank": int(meta["tlora_rank"]),
+        "min_rank": int(meta["tlora_min_rank"]), "alpha_rank_scale": float(meta["tlora_alpha_rank_scale"]),
+        "sig_type": "last", "output_dir": str(folder.resolve()), "exp_name": folder.name,
+        "pretrained_model_name_or_path": meta.get("base_model") or "stabilityai/stable-diffusion-xl-base-1.0",
+        "revision": None, "placeholder_token": meta.get("trigger_word") or "sks"}, indent=1) + "\n"
