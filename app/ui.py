@@ -365,7 +365,10 @@ class UI:
         rows = []
         for e in self.s.library.entries():
             t = e.get("training", {})
-            rows.append({"name": e["name"], "format": e.get("format", "?"), "base": e.get("base", "?") +
+            base = e.get("base", "?")
+            if base == "unknown" and e.get("family_hint"):
+                base = f"{e['family_hint']} model"
+            rows.append({"name": e["name"], "format": e.get("format", "?"), "base": base +
                          (" (other family)" if e.get("other_family") else ""), "variant": e.get("variant", "?"),
                          "rank": e.get("rank"), "trigger words": ", ".join(e.get("trigger_words", [])),
                          "trained": f"{t['steps']} steps, {t.get('variant')}" if t.get("steps") else "",
@@ -492,18 +495,19 @@ def _personalize_tab(ui: UI, models: list[str]) -> None:
                                   elem_id="train-pivotal")
             with gr.Accordion("Advanced", open=False):
                 with gr.Row():
-                    steps = gr.Number(value=None, precision=0, label="Total steps (empty: the variant's default)",
+                    steps = gr.Number(value=0, precision=0, label="Total steps (0: the recipe's default)",
                                       elem_id="train-steps")
-                    rank = gr.Number(value=None, precision=0, label="Rank (empty: default)")
-                    lr = gr.Number(value=None, label="Learning rate (empty: default)")
+                    rank = gr.Number(value=0, precision=0, label="Rank (0: default)")
+                    lr = gr.Number(value=0, label="Learning rate (0: default)")
                 template = gr.Textbox(label="Training prompt ('{0}' = token + class; empty: the preset's)", value="")
                 sample_prompts = gr.Textbox(label="Sample prompts, '#'-separated (empty: the preset's)", value="")
                 with gr.Row():
-                    sample_every = gr.Number(value=None, precision=0, label="Sample every N steps", elem_id="sample-every")
-                    ckpt_every = gr.Number(value=None, precision=0, label="Checkpoint every N steps",
+                    sample_every = gr.Number(value=0, precision=0, label="Sample every N steps (0: 4 times)",
+                                             elem_id="sample-every")
+                    ckpt_every = gr.Number(value=0, precision=0, label="Checkpoint every N steps (0: 10 times)",
                                            elem_id="ckpt-every")
                     seed = gr.Textbox(value="0", label="Seed")
-                    sample_steps = gr.Number(value=None, precision=0, label="Sample denoising steps",
+                    sample_steps = gr.Number(value=0, precision=0, label="Sample denoising steps (0: preset)",
                                              elem_id="sample-steps")
                 name = gr.Textbox(label="Job name (empty: token-variant)", value="")
             plan = gr.Markdown(ui.estimate_text(models[0], "tlora", None), elem_id="train-estimate")
@@ -556,7 +560,7 @@ def _generate_tab(ui: UI, models: list[str]) -> list[Any]:
                 guidance = gr.Slider(0, 15, value=4.0, step=0.5, label="Guidance")
             with gr.Row():
                 seed = gr.Textbox(value="0", label="Seed (0..2^64-1)")
-                size = gr.Number(value=None, precision=0, label="Size px (empty: the model's)")
+                size = gr.Number(value=0, precision=0, label="Size px (0: the model's)")
                 n = gr.Slider(1, 16, value=4, step=1, label="Images")
             model = gr.Dropdown(models, value=models[0], label="Base model")
             gr.Markdown("**Adapters from the library** (import files in the Library tab)")
@@ -583,7 +587,8 @@ def _generate_tab(ui: UI, models: list[str]) -> list[Any]:
             big = gr.Image(label="Enlarged view", format="png", elem_id="gen-big", height=320)
             files = gr.File(label="Download PNGs (lossless, native size)", file_count="multiple", elem_id="gen-files")
             notes = gr.Markdown(elem_id="blend-notes")
-            chosen = gr.Dataframe(label="LoRAs used (score: retrieval)", interactive=False, elem_id="blend-chosen")
+            chosen = gr.Dataframe(headers=["name", "score", "weight", "role"], label="LoRAs used (score: retrieval)",
+                                  interactive=False, elem_id="blend-chosen")
             gates = gr.Image(label="Gate strength per layer and timestep", format="png", elem_id="blend-gates")
     inputs = [prompt, negative, seed, steps, guidance, size, n, model, triggers, *slots]
     ev = go.click(ui.blend, [*inputs, mode, method, top_k], [gallery, big, files, chosen, gates, notes], api_name="blend",
@@ -643,8 +648,8 @@ def _llm_tab(ui: UI, demo: gr.Blocks) -> None:
                 variant = gr.Dropdown(llm_variant_names(), value="lora", label="Variant")
             with gr.Row():
                 steps = gr.Number(value=100, precision=0, label="Total steps")
-                rank = gr.Number(value=None, precision=0, label="Rank (empty: 8)")
-                lr = gr.Number(value=None, label="Learning rate (empty: default)")
+                rank = gr.Number(value=0, precision=0, label="Rank (0: 8)")
+                lr = gr.Number(value=0, label="Learning rate (0: default)")
             with gr.Row():
                 start = gr.Button("Start", variant="primary", elem_id="llm-start")
                 stop = gr.Button("Stop")
