@@ -100,3 +100,7 @@ def test_one_tiny_run_end_to_end(tmp_path) -> None:
     assert (out / "curves.png").stat().st_size > 10_000
     for name in ("base", "tlora-r4-bare", "lora-r4-described"):
         assert (out / f"samples-{name}.png").is_file()
+    merged = tmp_path / "merged"  # --merge: the report again from saved runs, no training
+    pb.main(["--variants", "tlora:4,lora:4", "--concepts", "dotted", "--seeds", "0", "--sweep", "1,2",
+             "--prompts", "2", "--images", "2", "--out", str(merged), "--merge", str(out)])
+    assert (merged / "table.md").read_text().split("\n\n1 concepts")[0] == table.split("\n\n1 concepts")[0]
