@@ -156,6 +156,10 @@ class UI:
                          _int_or_none(sample_steps, "sample denoising steps"), bool(pivotal),
                          [Path(p).name for p in paths])
         job = self.s.jobs.create(req, owner(request))
+        plan = self.estimate_text(model, variant, steps)
+        if "run out of memory" in plan:
+            gr.Warning("This job would likely run out of memory on this device (see the estimate); Stop it and lower "
+                       "the rank or the resolution if it fails", duration=None)
         return self.job_choices(request, job.id), f"Job {job.name} queued"
 
     def job_choices(self, request: gr.Request | None, selected: str | None = None, kind: str = "diffusion") -> Any:
@@ -484,7 +488,8 @@ def _personalize_tab(ui: UI, models: list[str]) -> None:
         with gr.Column(scale=1):
             images = gr.File(label="Images of the subject (one is enough)", file_count="multiple", file_types=["image"],
                              type="filepath", elem_id="train-images")
-            preview = gr.Gallery(label="Training crops (center square)", columns=4, height=160, format="png")
+            preview = gr.Gallery(label="Training crops (center square)", columns=6, height=140, format="png",
+                                 object_fit="contain", allow_preview=False)
             with gr.Row():
                 token = gr.Textbox(value="sks", label="Placeholder token", info="one rare word; no spaces")
                 class_word = gr.Textbox(value="", label="Class word", info="e.g. dog; empty for none")
@@ -521,7 +526,7 @@ def _personalize_tab(ui: UI, models: list[str]) -> None:
             loss = gr.LinePlot(x="step", y="loss", title="Loss", height=220, elem_id="loss-plot")
             samples = gr.Gallery(label="Samples", columns=4, height=260, format="png", elem_id="job-samples")
             downloads = gr.File(label="Adapter files (canonical, kohya for A1111/ComfyUI, diffusers)", file_count="multiple",
-                                elem_id="job-downloads")
+                                elem_id="job-downloads", interactive=False)
             with gr.Row():
                 try_prompt = gr.Textbox(label="Try a prompt with this job's adapter (while stopped or when done)",
                                         value="a yellow sks on a black background", scale=3)
@@ -585,7 +590,8 @@ def _generate_tab(ui: UI, models: list[str]) -> list[Any]:
             gallery = gr.Gallery(label="Images (PNG, native size)", columns=4, height="auto", format="png",
                                  elem_id="gen-gallery")
             big = gr.Image(label="Enlarged view", format="png", elem_id="gen-big", height=320)
-            files = gr.File(label="Download PNGs (lossless, native size)", file_count="multiple", elem_id="gen-files")
+            files = gr.File(label="Download PNGs (lossless, native size)", file_count="multiple", elem_id="gen-files",
+                            interactive=False)
             notes = gr.Markdown(elem_id="blend-notes")
             chosen = gr.Dataframe(headers=["name", "score", "weight", "role"], label="LoRAs used (score: retrieval)",
                                   interactive=False, elem_id="blend-chosen")
@@ -622,7 +628,7 @@ def _library_tab(ui: UI, gen_slots: list[Any], demo: gr.Blocks) -> None:
         fmt = gr.Radio(list(EXPORT_FORMATS), value="kohya", label="Export as")
         export = gr.Button("Export")
         delete = gr.Button("Delete", variant="stop")
-    exported = gr.File(label="Exported file", elem_id="lib-exported")
+    exported = gr.File(label="Exported file", elem_id="lib-exported", interactive=False)
     outs = [table, selected, *gen_slots]
     upload.upload(ui.library_upload, upload, outs, api_name="library_upload")
     import_path.click(ui.library_import_path, server_path, outs, api_name="library_import_path")
@@ -657,7 +663,7 @@ def _llm_tab(ui: UI, demo: gr.Blocks) -> None:
             job = gr.Dropdown([], label="LLM job", allow_custom_value=True, elem_id="llm-job")
             status = gr.Markdown(elem_id="llm-status")
             loss = gr.LinePlot(x="step", y="loss", title="Loss", height=200)
-            files = gr.File(label="Adapter file", file_count="multiple")
+            files = gr.File(label="Adapter file", file_count="multiple", interactive=False)
             msg = gr.Markdown()
         with gr.Column():
             with gr.Row():

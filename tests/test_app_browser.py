@@ -1,0 +1,158 @@
+"""A real browser (Debian's headless Chromium through Selenium) drives the launched app: upload a photo, start
+training, watch progress and samples appear, stop, try a prompt with the adapter, resume to the end, find it in the
+library, generate with it. Screenshots go to $LORA_APP_SCREENSHOTS (the README's come from here)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.app_harness import Served, random_lora, subject_image
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and DRIVER):
+        pytest.fail("chromium and chromium-driver are needed: apt-get install -y chromium chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1900",
+              "--disable-gpu"):
+        opts.add_argument(a)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("browser")
+    s = Served(root)
+    s.services.library.import_file(random_lora(root / "dotted.safetensors"), "dotted.safetensors")
+    yield s
+    s.close()
+
+
+def shot(driver, name: str) -> None:
+    """A screenshot of the page from its top (the README shows these)."""
+    driver.execute_script("window.scrollTo(0, 0);")
+    time.sleep(0.5)
+    driver.save_screenshot(str(shots() / name))
+
+
+def shots() -> Path:
+    folder = Path(os.environ.get("LORA_APP_SCREENSHOTS", "/tmp/lora-app-screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def wait_for(driver, fn, timeout=150.0, what=""):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.3).until(lambda d: fn(d), what)
+
+
+def text_of(driver, elem_id: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.ID, elem_id).text
+
+
+def set_number(driver, elem_id: str, value: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    box = driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(value, Keys.TAB)
+
+
+def click(driver, elem_id: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    el = driver.find_element(By.ID, elem_id)
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", el)
+    el.click()
+
+
+def tab(driver, name: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    next(b for b in driver.find_elements(By.CSS_SELECTOR, "button[role=tab]") if name in b.text).click()
+
+
+def images_in(driver, elem_id: str) -> int:
+    from selenium.webdriver.common.by import By
+
+    return len(driver.find_elements(By.CSS_SELECTOR, f"#{elem_id} img"))
+
+
+def test_personalize_in_a_real_browser(browser, served, tmp_path, monkeypatch) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    d = browser
+    d.get(served.url)
+    wait_for(d, lambda d: d.find_elements(By.CSS_SELECTOR, "input[type=file]"), 60, "the page")
+    upload = d.find_elements(By.CSS_SELECTOR, "input[type=file]")[0]  # the only one on the first tab: the images
+    upload.send_keys(str(subject_image(tmp_path / "ring.png")))
+    wait_for(d, lambda d: "ring.png" in d.page_source, 30, "the upload")
+    d.find_element(By.XPATH, "//*[normalize-space(text())='Advanced']").click()  # the accordion
+    for elem, v in (("train-steps", "30"), ("sample-every", "10"), ("ckpt-every", "2"), ("sample-steps", "3")):
+        set_number(d, elem, v)
+    wait_for(d, lambda d: "30 steps" in text_of(d, "train-estimate"), 20, "the estimate")
+    click(d, "train-start")
+    wait_for(d, lambda d: "running" in text_of(d, "job-status") and "it/s" in text_of(d, "job-status"), 90, "progress")
+    wait_for(d, lambda d: images_in(d, "job-samples") > 0, 120, "samples")
+    wait_for(d, lambda d: "last checkpoint" in text_of(d, "job-status"), 60, "a checkpoint")
+    shot(d, "app-personalize-training.png")
+    status = text_of(d, "job-status")
+    assert "step " in status and "/30" in status and "ETA" in status
+    click(d, "train-stop")
+    wait_for(d, lambda d: "stopped" in text_of(d, "job-status"), 60, "stopped")
+    click(d, "try-btn")  # a prompt with the adapter as it is now
+    wait_for(d, lambda d: images_in(d, "tried") >= 2, 90, "tried images")
+    shot(d, "app-personalize-stopped-try.png")
+    click(d, "train-resume")
+    wait_for(d, lambda d: "done" in text_of(d, "job-status"), 150, "done")
+    assert "Saved to the library as" in text_of(d, "job-status")
+    wait_for(d, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#job-downloads a[download]")) == 3, 20, "downloads")
+    assert {a.get_attribute("download") for a in d.find_elements(By.CSS_SELECTOR, "#job-downloads a[download]")} == {
+        "tlora.safetensors", "tlora.kohya.safetensors", "pytorch_lora_weights.safetensors"}
+    shot(d, "app-personalize-done.png")
+    d.refresh()  # a reloaded page finds the job again (its state is on disk)
+    wait_for(d, lambda d: "done" in text_of(d, "job-status") and "step 30/30" in text_of(d, "job-status"), 60, "reload")
+
+    tab(d, "Library")
+    click(d, "lib-refresh")
+    wait_for(d, lambda d: "sks-tlora" in text_of(d, "lib-table") and "dotted" in text_of(d, "lib-table"), 30, "library")
+    table = text_of(d, "lib-table")
+    assert "canonical" in table and "tlora" in table and "30 steps" in table
+    pick = d.find_element(By.CSS_SELECTOR, "#lib-select input")
+    pick.click()
+    pick.send_keys(Keys.CONTROL, "a")
+    pick.send_keys("sks-tlora", Keys.ENTER)
+    wait_for(d, lambda d: images_in(d, "lib-sample") > 0 and "tlora" in text_of(d, "lib-info"), 30, "inspect")
+    shot(d, "app-library.png")
+
+    tab(d, "Generate")
+    box = d.find_element(By.CSS_SELECTOR, "#slot-0 input")
+    box.click()
+    box.send_keys("sks-tlora", Keys.ENTER)
+    prompt = d.find_element(By.CSS_SELECTOR, "#gen-prompt textarea, #gen-prompt input")
+    prompt.send_keys(Keys.CONTROL, "a")
+    prompt.send_keys("a yellow sks on a black background", Keys.ENTER)  # Enter generates
+    wait_for(d, lambda d: images_in(d, "gen-gallery") >= 4, 120, "generated images")
+    shot(d, "app-generate.png")
+    assert "seed0" in text_of(d, "gen-files") or "seed" in d.page_source
