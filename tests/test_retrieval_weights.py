@@ -158,3 +158,21 @@ def test_command_trains_saves_and_reports(tmp_path, minilm, monkeypatch, caplog)
     assert (folder / ".lora_retriever.safetensors").is_file() and "same theme" in caplog.text
     assert not list(folder.glob("*.tmp")) and not list(folder.glob(".*.tmp"))
     assert train_main(["--library", str(tmp_path / "none")]) == 2
+
+
+def test_read_deltas_loha_dense_and_refusals(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    w = {n: torch.randn(*s, generator=g) for n, s in
+         (("w1_a", (6, 2)), ("w1_b", (2, 5)), ("w2_a", (6, 2)), ("w2_b", (2, 5)))}
+    f = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q"
+    write_safetensors(tmp_path / "loha.safetensors", {f"{f}.hada_{n}": t for n, t in w.items()}, {})
+    (dw, none), = read_deltas(tmp_path / "loha.safetensors").values()
+    assert none is None and torch.allclose(dw, (w["w1_a"] @ w["w1_b"]) * (w["w2_a"] @ w["w2_b"]))
+    write_safetensors(tmp_path / "ia3.safetensors", {f"{f}.weight": torch.ones(6)}, {})
+    with pytest.raises(WeightRetrieverError, match="no LoRA/LoCon/LoHa factor pairs"):
+        read_deltas(tmp_path / "ia3.safetensors")
+    write_safetensors(tmp_path / "tlora.safetensors", {"unet.x.lora_A": torch.ones(2, 3), "unet.x.lora_B": torch.ones(3, 2),
+                                                        "unet.x.lora_S": torch.ones(2)},
+                      {"format": "lora-diffusion", "variant": "tlora"})
+    with pytest.raises(WeightRetrieverError, match="export it to kohya"):
+        read_deltas(tmp_path / "tlora.safetensors")
