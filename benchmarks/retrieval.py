@@ -7,6 +7,16 @@ For every concept x style pair of the library and 3 wordings, is each right LoRA
 phrase-level text scores, whole-prompt text scores, and (when ``<library>/.lora_retriever.safetensors`` exists,
 from ``python -m training.train_retriever``) text mixed with weight scores; plus the weight retriever's
 same-kind vs cross-kind cosine.
+
+``--heldout DIR`` (LoRAs of the same names trained from another seed: ``build_demo_library --seed 1 --out DIR``)
+copies the library, adds those LoRAs as metadata-less diffusers files named ``lora_0001`` ..., and reports
+whether each is found in the top 3 by the prompts naming its concept/style (text alone cannot: its description
+is its file name), and the cosine between its weight embedding and the seed-0 LoRA of the same name vs the others.
+
+    python -m training.train_retriever --library outputs/demo_library --family demo
+    python -m training.build_demo_library --out outputs/demo_library_seed1 --seed 1 \
+        --only ring,heart,moon,dotted,checkered,striped
+    python -m benchmarks.retrieval --library outputs/demo_library --heldout outputs/demo_library_seed1
 """
 
 from __future__ import annotations
@@ -14,10 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
+from lora_diffusion.io.files import read_safetensors, write_safetensors
 from lora_diffusion.retrieval import LoraLibrary
 from lora_diffusion.retrieval.weights import theme_cosines
 
@@ -48,10 +61,48 @@ def top3_rate(lib: LoraLibrary, family: str | None, items: list[tuple[str, str, 
     return 1 - len(misses) / len(items), misses
 
 
+def with_heldout(library: Path, heldout: Path, work: Path) -> dict[str, str]:
+    """Copy ``library`` to ``work`` (its trained retriever too) and add the LoRAs of ``heldout`` as metadata-less
+    diffusers files; returns {new file: the name it was trained as}."""
+    shutil.copytree(library, work, ignore=shutil.ignore_patterns(".lora_embeddings", ".lora_library.json", "data"))
+    names = {}
+    for i, f in enumerate(sorted(heldout.glob("*.safetensors")), 1):
+        tensors, _ = read_safetensors(f)
+        anon = {f"unet.{k}.weight": v for k, v in tensors.items() if k.endswith((".lora_A", ".lora_B"))}
+        rel = f"anon/lora_{i:04d}.safetensors"
+        write_safetensors(work / rel, anon, {})
+        names[rel] = f.stem
+    return names
+
+
+def heldout_report(lib: LoraLibrary, names: dict[str, str], kinds: dict[str, str], family: str | None) -> None:
+    r = lib.weight_retriever()
+    emb = r.embeddings(lib, lib.usable(family))
+    same, cross = [], []
+    for rel, name in names.items():
+        for f, v in emb.items():
+            if f in names:
+                continue
+            (same if Path(f).stem == name else cross).append(float(emb[rel] @ v))
+    print(f"held-out (seed 1, no metadata) vs library (seed 0): same name {sum(same) / max(len(same), 1):.3f}, "
+          f"other names {sum(cross) / max(len(cross), 1):.3f} over {len(names)} LoRAs")
+    for name, kw in (("text only", {"weights": None}), ("text + weights (mix 0.5)", {}),
+                     ("weights only (mix 1.0)", {"weight_mix": 1.0})):
+        found = total = 0
+        for prompt, c, s in cases(kinds):
+            got = [m.entry.file for m in lib.retrieve(prompt, k=3, family=family, **kw)]
+            for rel, n in names.items():
+                if n in (c, s):
+                    total += 1
+                    found += rel in got
+        print(f"| held-out LoRA in the top 3 of its prompts, {name} | {found}/{total} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--library", required=True)
     p.add_argument("--family", default="demo")
+    p.add_argument("--heldout", type=Path, default=None, help="LoRAs of the same names from another seed")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
@@ -61,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(lib.entries)} files, {len(lib.usable(a.family))} usable for {a.family}; {len(items)} prompts")
     rows = [("phrase-level text", {"weights": None}), ("whole-prompt text", {"weights": None, "phrase_words": 0})]
     if lib.weight_retriever() is not None:
-        rows.append(("text + weights (mix 0.5)", {}))
+        rows += [("text + weights (mix 0.5)", {}), ("weights only (mix 1.0)", {"weight_mix": 1.0})]
     for name, kw in rows:
         rate, misses = top3_rate(lib, a.family, items, **kw)
         print(f"| {name} | {rate:.3f} ({round(rate * len(items))}/{len(items)}) |")
@@ -73,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         same, cross = theme_cosines(torch.stack([emb[f] for f in files]), [kinds[Path(f).stem] for f in files])
         print(f"weight embeddings of {len(files)} LoRAs: same kind {same:.3f}, cross kind {cross:.3f} "
               f"(trained on {len(r.info.get('trained_on', []))} of them)")
+    if a.heldout is not None and lib.weight_retriever() is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            names = with_heldout(lib.folder, a.heldout, Path(tmp) / "lib")
+            heldout_report(LoraLibrary(Path(tmp) / "lib"), names, kinds, a.family)
     return 0
 
 

@@ -133,6 +133,7 @@ def test_layer_keys_agree_across_formats():
     assert layer_key("lora_te_text_model_encoder_layers_0_self_attn_q_proj") == \
         layer_key("text_encoder.text_model.encoder.layers.0.self_attn.q_proj") == \
         layer_key("text_encoder.encoder.layers.0.self_attn.q_proj")
+    assert layer_key(m) == layer_key("unet." + m)  # a bare UNet's file
 
 
 def test_read_deltas_formats(tmp_path):

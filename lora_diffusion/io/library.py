@@ -29,11 +29,12 @@ log = logging.getLogger(__name__)
 CACHE = ".lora_library.json"
 RANK_KEYS = ("lora_down.weight", "lora_A.weight", "hada_w1_b", "lokr_w1_b", "lokr_w2_b", "lora_A", ".down.weight",
              "q_layer.weight", ":down")  # old diffusers / official T-LoRA, official ortho T-LoRA, cloneofsimo
-INDEX_VERSION = 2  # entries of an older index are re-read
+INDEX_VERSION = 3  # entries of an older index are re-read
 #: metadata worth reading as text: kohya/SAI titles, comments, dataset folders; our trainer's trigger and captions
 TEXT_KEYS = ("ss_output_name", "ss_training_comment", "ss_dataset_dirs", "modelspec.title", "modelspec.description",
              "modelspec.trigger_phrase", "modelspec.tags", "modelspec.architecture", "trigger_word", "placeholder_token",
-             "class_name", "prompt_template", "captions", "description", "name", "base_model", "base_model_family")
+             "class_name", "prompt_template", "captions", "training_captions", "description", "name", "base_model",
+             "base_model_family")
 
 
 def _component(key: str, fmt: str) -> str:

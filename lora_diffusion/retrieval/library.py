@@ -129,7 +129,7 @@ def _sidecar_fields(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _captions(meta: dict[str, str], n: int = 3) -> list[str]:
-    raw = meta.get("captions", "")
+    raw = meta.get("captions") or meta.get("training_captions") or ""
     try:
         caps = json.loads(raw) if raw.startswith("[") else [raw]
     except json.JSONDecodeError:

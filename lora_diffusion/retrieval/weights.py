@@ -48,6 +48,8 @@ Delta = tuple[torch.Tensor, torch.Tensor | None]  # (up (out, r), down (r, in)) 
 _COMPONENTS = (("lora_unet_", "unet"), ("lora_te1_", "te"), ("lora_te2_", "te2"), ("lora_te_", "te"),
                ("unet.", "unet"), ("text_encoder_2.", "te2"), ("text_encoder.", "te"), ("transformer.", "transformer"),
                ("base_model.model.", ""))
+_UNET_ROOTS = ("down_blocks_", "mid_block_", "up_blocks_", "conv_in", "conv_out", "time_embedding_", "input_blocks_",
+               "middle_block_", "output_blocks_", "add_embedding_")
 _PAIRS = ((".lora_up.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_A.weight"), (".lora_B", ".lora_A"),
           (".lora.up.weight", ".lora.down.weight"), ("_lora.up.weight", "_lora.down.weight"))
 
@@ -65,6 +67,8 @@ def layer_key(module: str) -> str:
             comp, module = c, module[len(prefix):]
             break
     flat = module.replace(".", "_").removeprefix("text_model_")
+    if not comp and flat.startswith(_UNET_ROOTS):  # a bare UNet's file (no component prefix)
+        comp = "unet"
     return f"{comp}:{flat}"
 
 
