@@ -10,7 +10,8 @@ same-kind vs cross-kind cosine.
 
 ``--heldout DIR`` (LoRAs of the same names trained from another seed: ``build_demo_library --seed 1 --out DIR``)
 copies the library, adds those LoRAs as metadata-less diffusers files named ``lora_0001`` ..., and reports
-whether each is found in the top 3 by the prompts naming its concept/style (text alone cannot: its description
+whether each is found in the top 4 (2 seeds x concept and style) by the prompts naming its
+concept/style (text alone cannot: its description
 is its file name), and the cosine between its weight embedding and the seed-0 LoRA of the same name vs the others.
 
     python -m training.train_retriever --library outputs/demo_library --family demo
@@ -78,24 +79,28 @@ def with_heldout(library: Path, heldout: Path, work: Path) -> dict[str, str]:
 def heldout_report(lib: LoraLibrary, names: dict[str, str], kinds: dict[str, str], family: str | None) -> None:
     r = lib.weight_retriever()
     emb = r.embeddings(lib, lib.usable(family))
-    same, cross = [], []
+    same, cross, twin = [], [], {}
     for rel, name in names.items():
         for f, v in emb.items():
             if f in names:
                 continue
             (same if Path(f).stem == name else cross).append(float(emb[rel] @ v))
+            if Path(f).stem == name:
+                twin[name] = f"{same[-1]:.2f}"
     print(f"held-out (seed 1, no metadata) vs library (seed 0): same name {sum(same) / max(len(same), 1):.3f}, "
-          f"other names {sum(cross) / max(len(cross), 1):.3f} over {len(names)} LoRAs")
+          f"other names {sum(cross) / max(len(cross), 1):.3f} over {len(names)} LoRAs ({twin})")
     for name, kw in (("text only", {"weights": None}), ("text + weights (mix 0.5)", {}),
                      ("weights only (mix 1.0)", {"weight_mix": 1.0})):
-        found = total = 0
+        per: dict[str, list[int]] = {n: [0, 0] for n in names.values()}
         for prompt, c, s in cases(kinds):
-            got = [m.entry.file for m in lib.retrieve(prompt, k=3, family=family, **kw)]
+            got = [m.entry.file for m in lib.retrieve(prompt, k=4, family=family, **kw)]  # 4 right: 2 per seed
             for rel, n in names.items():
                 if n in (c, s):
-                    total += 1
-                    found += rel in got
-        print(f"| held-out LoRA in the top 3 of its prompts, {name} | {found}/{total} |")
+                    per[n][0] += rel in got
+                    per[n][1] += 1
+        found, total = sum(v[0] for v in per.values()), sum(v[1] for v in per.values())
+        detail = ", ".join(f"{n} {f}/{t}" for n, (f, t) in per.items())
+        print(f"| held-out LoRA in the top 4 of its prompts, {name} | {found}/{total} | {detail} |")
 
 
 def main(argv: list[str] | None = None) -> int:
