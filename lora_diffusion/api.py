@@ -158,9 +158,11 @@ def save_adapter(model_or_pipeline: Any, path: str | os.PathLike, name: str = "d
     """Write adapter ``name`` (of every component that has it) in ``format``.
 
     "canonical" (one safetensors file, every variant, lossless), "kohya" (A1111/ComfyUI/Civitai; LoRA, DoRA,
-    LoHa, LoKr), "diffusers" (``load_lora_weights``; LoRA, DoRA) or "peft" (a folder for ``PeftModel``;
-    LoRA, DoRA, VeRA). A T-LoRA (or, outside PEFT, a VeRA) is written to the external formats as the
-    exactly equal plain LoRA at full rank: those formats have no timestep mask (logged).
+    LoHa, LoKr), "diffusers" (``load_lora_weights``; LoRA, DoRA), "peft" (a folder for ``PeftModel``;
+    LoRA, DoRA, VeRA, LoHa, LoKr) or "tlora-official" (ControlGenAI/T-LoRA's checkpoint layout, schedule kept).
+    A T-LoRA (or, outside PEFT, a VeRA) is written to the other external formats as the exactly equal plain LoRA
+    at full rank min(2r, out, in): those formats have no timestep mask (logged). LoRA scales are folded into the
+    factors where a loader could ignore the file's alpha (docs/formats.md).
     """
     meta = {k: str(v) for k, v in (metadata or {}).items()}
     meta.update({k: v for k, v in (("trigger_word", trigger_word), ("base_model", base_model)) if v})
@@ -271,7 +273,9 @@ def load_adapter(model_or_pipeline: Any, path: str | os.PathLike, name: str | No
                  scale: float = 1.0, trainable: bool = False, token: str | None = None) -> str:
     """Load an adapter file, folder or cached hub repo in any supported format; returns the adapter's name.
 
-    Formats: canonical, kohya/A1111/Civitai (LoRA, LoCon, LyCORIS LoHa/LoKr, dora_scale), diffusers, PEFT folders.
+    Formats: canonical, kohya/A1111/Civitai (LoRA, LoCon, LyCORIS LoHa/LoKr/tlora, dora_scale), diffusers (also
+    0.15-0.20 and <= 0.14 attention-processor files), PEFT folders (LoRA, DoRA, VeRA, LoHa, LoKr), official T-LoRA
+    checkpoints, cloneofsimo/lora files.
     The name defaults to the file's stem; a file mixing variants adds ``<name>_<variant>`` adapters for the
     smaller groups. Nothing is applied unless every component, module and tensor of the file applies.
     Placeholder embeddings travel along (kohya ``bundle_emb.*``, our canonical file) or alone (A1111/ComfyUI and
