@@ -70,3 +70,11 @@ def test_inspect_without_metadata(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "other.safetensors")]) != 0
     assert "unknown adapter format" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path / "sd1.safetensors")]) == 0
+
+
+def test_inspect_and_convert_name_a_flux_file(tmp_path, capsys):
+    write_safetensors(tmp_path / "flux.safetensors", FLUX_KOHYA, {})
+    info = describe(tmp_path / "flux.safetensors")
+    assert info["base_family"] == "flux" and info["base"] == "Flux"
+    assert main([str(tmp_path / "flux.safetensors"), str(tmp_path / "o.safetensors"), "--to", "diffusers"]) == 2
+    assert "this LoRA is for Flux, a transformer model" in capsys.readouterr().err
