@@ -381,7 +381,7 @@ def markdown(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]], cfg:
 
 # --- figures ---
 def plot_curves(rows: list[dict[str, Any]], cfg: BenchConfig, path: Path) -> None:
-    """Per regime: alignment vs fidelity along the sweep (top), fidelity and 'both' vs steps (bottom)."""
+    """Per regime: alignment vs fidelity along the sweep (top), fidelity, alignment and 'both' vs steps (bottom)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -403,6 +403,7 @@ def plot_curves(rows: list[dict[str, Any]], cfg: BenchConfig, path: Path) -> Non
                 top.annotate(str(r["step"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
             steps = [r["step"] for r in rs]
             bottom.plot(steps, f, marker="o", color=line[0].get_color(), label=f"{v} fidelity")
+            bottom.plot(steps, a, marker="^", ls=":", color=line[0].get_color(), label=f"{v} alignment")
             bottom.plot(steps, [100 * r["both"] for r in rs], marker="s", ls="--", color=line[0].get_color(),
                         label=f"{v} both")
         if base:
