@@ -17,6 +17,7 @@ def detect_format(keys: Sequence[str], meta: Mapping[str, str]) -> str:
     """"canonical" | "kohya" | "diffusers" | "peft" | "tlora-official" | "cloneofsimo" | "old-diffusers" | "unknown"."""
     if canonical.is_canonical(dict(meta)):
         return "canonical"
+    keys = [k for k in keys if not k.startswith("bundle_emb.")]  # kohya's bundled embeddings (io/embeddings.py)
     if cloneofsimo.is_cloneofsimo(list(keys), dict(meta)):
         return "cloneofsimo"
     if keys and all(k.startswith(KOHYA_PREFIXES) for k in keys):
