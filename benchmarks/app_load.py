@@ -30,8 +30,17 @@ def _session(url: str, k: int, requests: int, out: dict[int, Any]) -> None:
     from gradio_client import Client
     from PIL import Image
 
-    c = Client(url, verbose=False)
-    rec: dict[str, Any] = {"latency": [], "files": [], "pixels": [], "errors": []}
+    rec: dict[str, Any] = {"latency": [], "files": [], "pixels": [], "errors": [], "connect_retries": 0}
+    out[k] = rec
+    for attempt in range(3):  # connecting (GET config and API info) can time out on a loaded machine: recorded, retried
+        try:
+            c = Client(url, verbose=False)
+            break
+        except Exception as e:  # noqa: BLE001
+            rec["connect_retries"] += 1
+            if attempt == 2:
+                rec["errors"].append(f"connect: {type(e).__name__}: {e}")
+                return
     for r in range(requests):
         seed = 1000 * k + r
         t = time.perf_counter()
@@ -43,7 +52,6 @@ def _session(url: str, k: int, requests: int, out: dict[int, Any]) -> None:
             rec["pixels"].append((seed, np.asarray(Image.open(files[0])).copy()))
         except Exception as e:  # noqa: BLE001 - recorded and reported, the run goes on
             rec["errors"].append(f"{type(e).__name__}: {e}")
-    out[k] = rec
 
 
 def run(sessions: int = 20, requests: int = 2, train_steps: int = 40, max_concurrent: int = 1,
@@ -70,6 +78,9 @@ def run(sessions: int = 20, requests: int = 2, train_steps: int = 40, max_concur
         im = Image.new("RGB", (48, 40), (30, 60, 200))
         ImageDraw.Draw(im).ellipse((10, 6, 38, 34), outline=(220, 30, 30), width=5)
         im.save(root / "ring.png")
+        tw = time.perf_counter()  # warm-up: the base model loads once, before the sessions start (cold start)
+        services.generator.generate(GenerateRequest("a red star on a blue background", steps=4, num_images=1))
+        cold = time.perf_counter() - tw
         t0 = time.perf_counter()
         job = services.jobs.create(JobRequest([str(root / "ring.png")], steps=train_steps, sample_every=train_steps,
                                               sample_steps=4, checkpoint_every=max(1, train_steps // 4), name="load"))
@@ -100,9 +111,12 @@ def run(sessions: int = 20, requests: int = 2, train_steps: int = 40, max_concur
             "served": len(lat), "expected": sessions * requests,
             "errors": [e for rec in results.values() for e in rec["errors"]][:5],
             "unfinished_sessions": sessions - len(results),
-            "distinct_files": len(set(files)) == len(files), "own_images": all(reference.values()) and len(reference) == sessions,
+            "connect_retries": sum(rec["connect_retries"] for rec in results.values()),
+            "distinct_files": len(set(files)) == len(files),
+            "own_images": all(reference.values()) and len(reference) == sessions,
             "latency_s": {"p50": _q(lat, 0.5), "p95": _q(lat, 0.95), "max": lat[-1] if lat else math.nan},
-            "throughput_per_s": len(lat) / gen_wall if gen_wall else math.nan, "generation_wall_s": gen_wall,
+            "cold_start_s": cold, "throughput_per_s": len(lat) / gen_wall if gen_wall else math.nan,
+            "generation_wall_s": gen_wall,
             "training": {"state": job.state, "steps": p["step"], "total": p["total"], "wall_s": train_wall,
                          "finite_losses": all(math.isfinite(v) for _, v in p["losses"])}}
 
@@ -126,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     lat = r["latency_s"]
     print(f"{r['served']}/{r['expected']} requests served from {r['sessions']} sessions (concurrency "
           f"{r['max_concurrent']}); latency p50 {lat['p50']:.2f} s, p95 {lat['p95']:.2f} s, max {lat['max']:.2f} s; "
-          f"{r['throughput_per_s']:.2f} req/s; own images only: {r['own_images']}, distinct files: {r['distinct_files']}; "
+          f"{r['throughput_per_s']:.2f} req/s (cold start {r['cold_start_s']:.1f} s before); own images only: "
+          f"{r['own_images']}, distinct files: {r['distinct_files']}; connection retries: {r['connect_retries']}; "
           f"training {r['training']['state']} {r['training']['steps']}/{r['training']['total']} steps in "
           f"{r['training']['wall_s']:.0f} s, finite losses: {r['training']['finite_losses']}")
     print(json.dumps(r, indent=1, default=str))
