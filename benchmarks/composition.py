@@ -84,9 +84,10 @@ def setup(pipe: Any, method: str, c: str, s: str, args: argparse.Namespace, tune
         fuse(pipe, [c, s], "static", weights=[1.0, 1.0])
     elif method == "static-tuned":
         fuse(pipe, [c, s], "static", weights=list(tuned[(c, s)]))
-    elif method == "gated":
+    elif method.startswith("gated"):
         f = fuse(pipe, [c, s], "gated", roles=roles)
-        load_gates(f, args.gates, {c: sha256(args.files[c]), s: sha256(args.files[s])}, allow_unseen=args.allow_unseen)
+        load_gates(f, args.gate_files[method], {c: sha256(args.files[c]), s: sha256(args.files[s])},
+                   allow_unseen=args.allow_unseen)
     else:
         fuse(pipe, [c, s], method, roles=roles)
 
@@ -188,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--concepts", default="ring,heart,moon")
     p.add_argument("--styles", default="dotted,checkered")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--gates", default="outputs/gates/gates.safetensors")
+    p.add_argument("--gates", default="outputs/gates/gates.safetensors",
+                   help="gates file; more as LABEL=PATH,... add methods gated-LABEL")
     p.add_argument("--allow-unseen", action="store_true", help="apply the gates to LoRAs they were not trained with")
     p.add_argument("--prompts", type=int, default=4, help="prompts (color, background) per pair")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt")
@@ -214,6 +216,11 @@ def main(argv: list[str] | None = None) -> None:
     install_timestep_hook(pipe.unet, pipe.scheduler.config.num_train_timesteps)
     ev = load_evaluator()
     methods = args.methods.split(",")
+    files = [g.partition("=") for g in args.gates.split(",")]
+    args.gate_files = {("gated" if not i else f"gated-{lab if sep else i}"): (path if sep else lab)
+                       for i, (lab, sep, path) in enumerate(files)}
+    if "gated" in methods:
+        methods += [m for m in args.gate_files if m != "gated"]
     tuned = tune_static(pipe, ev, pairs, args) if "static-tuned" in methods else {}
     seeds = list(range(args.seeds))
     results = {}
