@@ -136,6 +136,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=EncoderConfig.width)
     p.add_argument("--depth", type=int, default=EncoderConfig.depth)
     p.add_argument("--probes", type=int, default=EncoderConfig.probes)
+    p.add_argument("--layer-dropout", type=float, default=TrainConfig.layer_dropout,
+                   help="drop each layer's token with this probability in training (robustness to partial LoRAs)")
+    p.add_argument("--target-temperature", type=float, default=TrainConfig.target_temperature,
+                   help="soft InfoNCE targets from description similarity; 0 = one-hot (the paper)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy machine)")
@@ -151,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         lib = LoraLibrary(a.library)
         out = a.out or lib.folder / DEFAULT_NAME
         enc_cfg = EncoderConfig(width=a.width, depth=a.depth, probes=a.probes)
-        cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed)
+        cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, layer_dropout=a.layer_dropout,
+                          target_temperature=a.target_temperature)
         themes = [t.strip() for t in a.themes.split(",") if t.strip()]
         _, report = train_on_library(lib, out, enc_cfg, cfg, a.family, themes, save_every=a.save_every)
     except AdapterError as e:
