@@ -41,8 +41,9 @@ from lora_diffusion.fusion import fuse, load_gates, unfuse  # noqa: E402
 from lora_diffusion.io.library import sha256  # noqa: E402
 
 log = logging.getLogger("composition")
-METHODS = ("base", "concept", "style", "static", "static-tuned", "klora", "scheduled", "gated")
+METHODS = ("base", "concept", "style", "static", "static-tuned", "klora", "scheduled", "scheduled-tuned", "gated")
 GRID = (0.5, 0.75, 1.0, 1.25)
+SWITCHES = (0.5, 0.65, 0.8, 0.9)  # scheduled-tuned: progress at which the style takes over
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -84,6 +85,8 @@ def setup(pipe: Any, method: str, c: str, s: str, args: argparse.Namespace, tune
         fuse(pipe, [c, s], "static", weights=[1.0, 1.0])
     elif method == "static-tuned":
         fuse(pipe, [c, s], "static", weights=list(tuned[(c, s)]))
+    elif method == "scheduled-tuned":
+        fuse(pipe, [c, s], "scheduled", roles=roles, switch=tuned[("scheduled", c, s)], width=0.2)
     elif method.startswith("gated"):
         f = fuse(pipe, [c, s], "gated", roles=roles)
         load_gates(f, args.gate_files[method], {c: sha256(args.files[c]), s: sha256(args.files[s])},
@@ -114,17 +117,20 @@ def run_set(pipe: Any, ev: Any, method: str, pairs: list[tuple[str, str]], n_pro
     return {"per_pair": per_pair, "images": images}
 
 
-def tune_static(pipe: Any, ev: Any, pairs: list[tuple[str, str]], args: argparse.Namespace) -> dict[tuple[str, str], tuple]:
-    """Best (w_c, w_s) per pair on tuning prompts/seeds disjoint from the test set (by 'both', then 'all')."""
-    best: dict[tuple[str, str], tuple] = {}
+def tune(pipe: Any, ev: Any, pairs: list[tuple[str, str]], args: argparse.Namespace, method: str) -> dict[tuple, Any]:
+    """Per pair, the best setting of ``method`` (static-tuned: (w_c, w_s) on a grid; scheduled-tuned: the switch)
+    on tuning prompts and seeds other than the test set's (by 'both', then 'all')."""
+    best: dict[tuple, Any] = {}
+    grid = list(itertools.product(GRID, GRID)) if method == "static-tuned" else list(SWITCHES)
     for c, s in pairs:
+        key = (c, s) if method == "static-tuned" else ("scheduled", c, s)
         scores = {}
-        for w in itertools.product(GRID, GRID):
-            res = run_set(pipe, ev, "static-tuned", [(c, s)], 2, [10_000, 10_001], args, {(c, s): w}, prompt_seed=99)
+        for v in grid:
+            res = run_set(pipe, ev, method, [(c, s)], 2, [10_000, 10_001], args, {key: v}, prompt_seed=99)
             r = res["per_pair"][f"{c}+{s}"]
-            scores[w] = (r["both"].mean(), r["all"].mean())
-        best[(c, s)] = max(scores, key=lambda w: scores[w])
-        log.info("static-tuned %s+%s: weights %s (tuning both %.2f)", c, s, best[(c, s)], scores[best[(c, s)]][0])
+            scores[v] = (r["both"].mean(), r["all"].mean())
+        best[key] = max(scores, key=lambda v: scores[v])
+        log.info("%s %s+%s: %s (tuning both %.2f)", method, c, s, best[key], scores[best[key]][0])
     return best
 
 
@@ -156,7 +162,7 @@ def markdown(rows: list[dict[str, Any]], tuned: dict) -> str:
     for r in rows:
         lines.append(f"| {r['method']} | " + " | ".join(f"{100 * r['per_pair_both'][p]:.0f}%" for p in pairs) + " |")
     if tuned:
-        lines += ["", "static-tuned weights (w_concept, w_style): " + ", ".join(f"{c}+{s} {w}" for (c, s), w in tuned.items())]
+        lines += ["", "tuned settings: " + ", ".join(f"{'+'.join(k)} {v}" for k, v in tuned.items())]
     return "\n".join(lines)
 
 
@@ -221,7 +227,10 @@ def main(argv: list[str] | None = None) -> None:
                        for i, (lab, sep, path) in enumerate(files)}
     if "gated" in methods:
         methods += [m for m in args.gate_files if m != "gated"]
-    tuned = tune_static(pipe, ev, pairs, args) if "static-tuned" in methods else {}
+    tuned = {}
+    for m in ("static-tuned", "scheduled-tuned"):
+        if m in methods:
+            tuned.update(tune(pipe, ev, pairs, args, m))
     seeds = list(range(args.seeds))
     results = {}
     for m in methods:
@@ -234,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, tuned)
     (args.out / "table.md").write_text(table + "\n")
-    (args.out / "results.json").write_text(json.dumps({"rows": rows, "tuned": {f"{c}+{s}": w for (c, s), w in tuned.items()},
+    (args.out / "results.json").write_text(json.dumps({"rows": rows, "tuned": {"+".join(k): v for k, v in tuned.items()},
                                                        "config": {k: str(v) for k, v in vars(args).items()}}, indent=1))
     grid(results, args.out / "grid.png")
     print(table)
