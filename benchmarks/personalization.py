@@ -519,7 +519,20 @@ def merge(folders: list[Path], cfg: BenchConfig) -> tuple[list[dict[str, Any]], 
             if key not in seen:
                 seen.add(key)
                 results.append({**r, "images": im})
-    return results, seconds
+    return complete(results, cfg), seconds
+
+
+def complete(results: list[dict[str, Any]], cfg: BenchConfig) -> list[dict[str, Any]]:
+    """Only (regime, concept, seed) groups that every variant finished, at every sweep step (a stopped command's
+    partial results stay paired); the base model's runs for those (concept, seed)."""
+    want = {(v, s) for v in cfg.variants for s in cfg.sweep}
+    have: dict[tuple, set] = {}
+    for r in results:
+        have.setdefault((r["regime"], r["concept"], r["seed"]), set()).add((r["variant"], r["step"]))
+    done = {k for k, v in have.items() if k[0] != "any" and want <= v}
+    keep = {(c, s) for _, c, s in done}
+    return [r for r in results if (r["regime"], r["concept"], r["seed"]) in done
+            or (r["variant"] == "base" and (r["concept"], r["seed"]) in keep)]
 
 
 def report(results: list[dict[str, Any]], cfg: BenchConfig, seconds: float) -> str:
