@@ -359,7 +359,21 @@ def paired(results: list[dict[str, Any]], a: str, b: str, regime: str) -> dict[s
     return {"a": a, "b": b, "regime": regime, "pairs": len(diffs), "points": points, "diff": m, "ci": ci}
 
 
-def markdown(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]], cfg: BenchConfig) -> str:
+def by_concept(results: list[dict[str, Any]], cfg: BenchConfig, step: int) -> list[dict[str, Any]]:
+    """Per (regime, variant, concept) at ``step``: means over seeds."""
+    out = []
+    for g in cfg.regimes:
+        for v in cfg.variants:
+            for c in cfg.concepts:
+                rs = [r for r in results if (r["regime"], r["variant"], r["concept"], r["step"]) == (g, v, c, step)]
+                if rs:
+                    out.append({"regime": g, "variant": v, "concept": c, "step": step,
+                                **{k: float(np.mean([r[k] for r in rs])) for k in METRICS}})
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]], cfg: BenchConfig,
+             per_concept: list[dict[str, Any]] = ()) -> str:
     head = ("| regime | variant | step | fidelity | alignment | both | copied | runs |\n"
             "|---|---|---|---|---|---|---|---|")
     lines = [head]
@@ -367,6 +381,19 @@ def markdown(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]], cfg:
         cells = [f"{100 * r[k]:.1f} ± {100 * r[k + '_ci']:.1f}" for k in METRICS]
         lines.append(f"| {r['regime']} | {r['variant']} | {r['step']} | {' | '.join(cells)} | {r['runs']} |")
     lines.append("\nPercent, mean ± 95% CI over (concept, seed) runs.")
+    if per_concept:
+        lines.append(f"\nPer concept at {per_concept[0]['step']} steps (mean over seeds; fidelity / alignment / "
+                     "both):\n")
+        concepts = list(dict.fromkeys(r["concept"] for r in per_concept))
+        lines.append("| regime | variant | " + " | ".join(concepts) + " |")
+        lines.append("|---|---|" + "---|" * len(concepts))
+        for g, v in dict.fromkeys((r["regime"], r["variant"]) for r in per_concept):
+            cells = []
+            for c in concepts:
+                r = next((r for r in per_concept if (r["regime"], r["variant"], r["concept"]) == (g, v, c)), None)
+                cells.append("" if r is None else f"{100 * r['fidelity']:.0f} / {100 * r['alignment']:.0f} / "
+                             f"{100 * r['both']:.0f}")
+            lines.append(f"| {g} | {v} | " + " | ".join(cells) + " |")
     for c in comparisons:
         lines.append(f"\n**{c['a']} vs {c['b']}, {c['regime']} captions, at matched fidelity**: alignment "
                      f"{100 * c['diff']:+.1f} ± {100 * c['ci']:.1f} points ({c['pairs']} paired runs, {c['points']} "
@@ -539,7 +566,9 @@ def report(results: list[dict[str, Any]], cfg: BenchConfig, seconds: float) -> s
     """Table, JSON, curves and grids into ``cfg.out``; returns the table."""
     rows = summarize(results, cfg)
     comps = comparisons(results, cfg)
-    table = markdown(rows, comps, cfg)
+    default_steps = _default_steps()
+    step = min(cfg.sweep, key=lambda s: abs(s - default_steps))  # the sweep point nearest the trainer's default
+    table = markdown(rows, comps, cfg, by_concept(results, cfg, step))
     save_grids(results, cfg, cfg.out)
     plot_curves(rows, cfg, cfg.out / "curves.png")
     np.savez_compressed(cfg.out / "images.npz", *[r["images"] for r in results])  # for --merge
@@ -552,6 +581,12 @@ def report(results: list[dict[str, Any]], cfg: BenchConfig, seconds: float) -> s
     sys.stdout.write(f"{len(results)} evaluated checkpoints in {seconds / 60:.1f} min; per-run figures in "
                      f"{cfg.out / 'results.json'}\n")
     return table
+
+
+def _default_steps() -> int:
+    from lora_diffusion.demo_model import TRAIN_DEFAULTS
+
+    return int(TRAIN_DEFAULTS.get("max_train_steps", 500))
 
 
 def _quiet() -> None:
