@@ -360,3 +360,23 @@ def test_llm_job_trains_then_both_models_answer(tmp_path, monkeypatch) -> None:
     assert isinstance(base, str) and isinstance(adapted, str)
     with pytest.raises(AppError, match="message: empty"):
         services.llm.reply_both("tiny", services.jobs.current_adapter(job), job.name, [{"role": "user", "content": ""}])
+
+
+def test_stop_ends_a_generation_and_the_next_one_runs(services) -> None:
+    import gradio as gr
+
+    from app.ui import UI
+
+    ui = UI(services)
+    calls: list[float] = []
+
+    def press_stop(f, desc=None):  # the user presses Stop during the first denoising step
+        calls.append(f)
+        ui.stop_generation()
+
+    with pytest.raises(gr.Error, match="stopped"):
+        ui.generate(PROMPT, "", "0", 50, 4.0, None, 4, "demo", False, *["", True, 1.0] * 4, progress=press_stop)
+    assert len(calls) == 1  # stopped at the next step, not after 200
+    gallery, big, files = ui.generate(PROMPT, "", "0", 2, 4.0, None, 1, "demo", False, *["", True, 1.0] * 4,
+                                      progress=lambda *a, **k: None)
+    assert len(files) == 1
