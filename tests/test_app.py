@@ -380,3 +380,30 @@ def test_stop_ends_a_generation_and_the_next_one_runs(services) -> None:
     gallery, big, files = ui.generate(PROMPT, "", "0", 2, 4.0, None, 1, "demo", False, *["", True, 1.0] * 4,
                                       progress=lambda *a, **k: None)
     assert len(files) == 1
+
+
+def test_cli_flags_become_settings(tmp_path) -> None:
+    from app.__main__ import parse, settings_from
+
+    a = parse(["--port", "7999", "--auth", "alice:pw", "--model", "demo", "--model", "sd15=/m/sd15", "--library",
+               str(tmp_path / "lib"), "--output", str(tmp_path / "out"), "--device", "cpu", "--max-concurrent", "2"])
+    s = settings_from(a)
+    assert a.port == 7999 and a.auth == ["alice:pw"] and s.models == {"demo": None, "sd15": "/m/sd15"}
+    assert s.library == (tmp_path / "lib").resolve() and s.device == "cpu" and s.max_concurrent_generations == 2
+    assert not s.allow_server_paths  # importing by server path is off unless the operator turns it on
+
+
+def test_session_folders_are_apart_and_cleaned(tmp_path) -> None:
+    from app.services import Sessions
+
+    sessions = Sessions(tmp_path / "s", ttl_s=0)
+    a, b = sessions.folder("abc123"), sessions.folder("xyz789")
+    (a / "x.png").write_bytes(b"1")
+    assert a != b and not (b / "x.png").exists()
+    for bad in ("../etc", "a/b", ".."):
+        with pytest.raises(AppError, match="session"):
+            sessions.folder(bad)
+    sessions.close("abc123")
+    assert not a.exists() and b.exists()
+    time.sleep(0.01)
+    assert sessions.sweep() == 1 and not b.exists()
