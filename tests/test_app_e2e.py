@@ -81,6 +81,12 @@ def test_train_stop_resume_then_generate_and_blend(served, client, tmp_path, mon
     loads = served.services.generator.loads  # one pipeline per set of adapters
     half, _, _ = gen("ring", True, 0.5, "dotted", False, 0.8)
     assert served.services.generator.loads == loads and np.abs(half[0].astype(int) - alone[0]).max() > 0  # in place
+    # the Library tab exports the trained T-LoRA as kohya (through the base model: its frozen tensors are regenerated)
+    exported = client.predict("ring", "kohya", api_name="/library_export")
+    assert exported.endswith("ring.kohya.safetensors")
+    from lora_diffusion.io.files import read_header
+
+    assert any(k.startswith("lora_unet_") for k in read_header(exported)[0])
     # automatic mode: the library's LoRAs retrieved for the prompt, gated fusion, a gate plot
     gallery, big, pngs, chosen, gates, notes = client.predict(
         "a yellow sks on a black background", "", "0", 4, 4.0, None, 1, "demo", False, *NO_SLOTS, "", True, 1.0,
