@@ -127,10 +127,10 @@ class UI:
         return out
 
     def estimate_text(self, model: str, variant: str, steps: Any) -> str:
-        from training.config import VARIANT_DEFAULTS
+        from .services.jobs import default_steps
 
         try:
-            n = _int_or_none(steps, "total steps") or VARIANT_DEFAULTS.get(variant, {}).get("max_train_steps", 500)
+            n = _int_or_none(steps, "total steps") or default_steps(self.s.settings, model, variant)
             e = estimate(self.s.settings, model, variant, n, self.s.jobs.speed_history())
         except AppError as err:
             return f"⚠ {err}"

@@ -114,6 +114,19 @@ def model_family(settings: Settings, model: str) -> str:
     return "sdxl" if "XL" in name else "sd1"
 
 
+def default_steps(settings: Settings, model: str, variant: str) -> int:
+    """The trainer's own default number of steps for this model and variant (its recipe decides)."""
+    from training.config import TLoRAConfig, resolve_defaults
+
+    cfg = TLoRAConfig()
+    cfg.model.pretrained_model_name_or_path = settings.model_source(model)
+    cfg.adapter.variant = variant
+    try:
+        return int(resolve_defaults(cfg, ld.variant_names()).optim.max_train_steps)
+    except Exception:  # an unknown variant is reported by create(); here only the estimate is at stake
+        return 500
+
+
 def _alive(pid: int | None, marker: str) -> bool:
     if not pid:
         return False
@@ -277,9 +290,7 @@ class JobManager:
         return names
 
     def _config(self, req: JobRequest, job: Job, preset: dict[str, Any]) -> dict[str, Any]:
-        from training.config import VARIANT_DEFAULTS
-
-        steps = req.steps or VARIANT_DEFAULTS.get(req.variant, {}).get("max_train_steps", 500)
+        steps = req.steps or default_steps(self.settings, req.model, req.variant)
         folder = self.dir(job)
         cfg: dict[str, Any] = {
             "pretrained_model_name_or_path": self.settings.model_source(req.model), "variant": req.variant,
