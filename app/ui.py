@@ -121,7 +121,7 @@ class UI:
         for f in files or []:
             try:
                 with Image.open(f) as im:
-                    out.append((crop_square(im.convert("RGB")), Path(f).name))
+                    out.append((enlarge(crop_square(im.convert("RGB")), 128), Path(f).name))
             except Exception:
                 gr.Warning(f"images: {Path(f).name} is not an image this app can read")
         return out
@@ -495,8 +495,8 @@ def _personalize_tab(ui: UI, models: list[str]) -> None:
         with gr.Column(scale=1):
             images = gr.File(label="Images of the subject (one is enough)", file_count="multiple", file_types=["image"],
                              type="filepath", elem_id="train-images")
-            preview = gr.Gallery(label="Training crops (center square)", columns=6, height=140, format="png",
-                                 object_fit="contain", allow_preview=False)
+            preview = gr.Gallery(label="Training crops (center square)", columns=6, height=150, format="png",
+                                 object_fit="contain", allow_preview=False, fit_columns=False)
             with gr.Row():
                 token = gr.Textbox(value="sks", label="Placeholder token", info="one rare word; no spaces")
                 class_word = gr.Textbox(value="", label="Class word", info="e.g. dog; empty for none")
