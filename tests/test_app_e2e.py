@@ -59,7 +59,7 @@ def test_train_stop_resume_then_generate_and_blend(served, client, tmp_path, mon
     diffusers = next(f for f in files if f.endswith("pytorch_lora_weights.safetensors"))
     table, *_ = client.predict([handle_file(kohya), handle_file(diffusers)], api_name="/library_upload")
     names = {row[0]: row for row in table["data"]}
-    assert {"tlora.kohya", "pytorch_lora_weights"} <= set(names)
+    assert names["tlora.kohya"][1] == "kohya" and names["pytorch_lora_weights"][1] == "diffusers"
 
     def gen(*slots):
         gallery, big, pngs = client.predict("a yellow sks on a black background", "", "0", 4, 4.0, None, 2, "demo", False,
