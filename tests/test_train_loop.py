@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 from torch import nn
 
 from training.checkpoint import CheckpointError, CheckpointManager, GlobalRNG, TrainableParams
-from training.loop import LoopConfig, NonFiniteLossError, fit
+from training.loop import LoopConfig, NonFiniteLossError, StopSignals, TrainingStopped, fit
 
 
 class Stream:
@@ -52,7 +54,7 @@ def loss_fn(model: nn.Module):
 
 
 def run(tmp: Path, steps: int, every: int = 0, start: int = 0, resume: bool = False, keep: int | None = None,
-        crash_at: int | None = None, nan_at: int | None = None):
+        crash_at: int | None = None, nan_at: int | None = None, signal_at: dict[int, list[int]] | None = None):
     acc, model, opt, sched, stream, mgr, shared, local = setup(tmp, keep)
     if resume:
         start = mgr.load(mgr.find("latest"), shared, local)
@@ -62,6 +64,9 @@ def run(tmp: Path, steps: int, every: int = 0, start: int = 0, resume: bool = Fa
             mgr.save(step, shared, local)
         if step == crash_at:
             raise KeyboardInterrupt  # a kill after this step's checkpoint
+        if signal_at and step in signal_at:
+            for sig in signal_at[step]:  # Stop in the app / Ctrl-C, delivered during this step
+                os.kill(os.getpid(), sig)
 
     base = loss_fn(model)
 
@@ -71,7 +76,8 @@ def run(tmp: Path, steps: int, every: int = 0, start: int = 0, resume: bool = Fa
 
     seen: list[int] = []
     hooks = [hook, lambda s, logs: seen.append(s)]
-    res = fit(acc, model, opt, sched, stream, lf, LoopConfig(steps, progress=False), start, hooks)
+    on_stop = (lambda step: mgr.save_once(step, shared, local)) if signal_at is not None else None
+    res = fit(acc, model, opt, sched, stream, lf, LoopConfig(steps, progress=False), start, hooks, on_stop)
     return res, mgr
 
 
@@ -110,3 +116,39 @@ def test_checkpoint_of_another_run_is_refused(tmp_path: Path) -> None:
         mgr.find(str(tmp_path))
     meta = json.loads((mgr.root / "checkpoint-2" / "checkpoint.json").read_text())
     assert meta["step"] == 2 and meta["identity"] == {"variant": "x"}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_saves_the_current_step_and_resume_retraces(tmp_path: Path, sig: int) -> None:
+    """The first SIGTERM/SIGINT: the step under way finishes, checkpoint-<that step> is written (not the last periodic
+    one), TrainingStopped; the handlers in place before are back; resuming from it retraces the uninterrupted run."""
+    before = {s: signal.getsignal(s) for s in StopSignals.SIGNALS}
+    full, _ = run(tmp_path / "a", 8)
+    with pytest.raises(TrainingStopped, match=r"stopped at step 5/8; checkpoint saved to .*checkpoint-5; resume with "
+                                              r"--resume_from_checkpoint latest") as stop:
+        run(tmp_path / "b", 8, every=3, signal_at={5: [sig]})
+    assert {s: signal.getsignal(s) for s in StopSignals.SIGNALS} == before
+    assert stop.value.step == 5 and stop.value.checkpoint.name == "checkpoint-5"
+    resumed, mgr = run(tmp_path / "b", 8, every=3, resume=True)
+    assert resumed.first_step == 6 and resumed.losses == full.losses[5:]  # nothing lost, exactly
+
+
+def test_stop_at_a_periodic_checkpoint_is_not_written_twice(tmp_path: Path, caplog) -> None:
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="training.checkpoint"), pytest.raises(TrainingStopped) as stop:
+        run(tmp_path, 8, every=3, signal_at={3: [signal.SIGTERM]})
+    assert stop.value.checkpoint.name == "checkpoint-3"
+    assert sum("saved checkpoint" in r.message for r in caplog.records) == 1
+
+
+def test_a_second_signal_aborts_at_once(tmp_path: Path) -> None:
+    with pytest.raises(KeyboardInterrupt):  # SIGINT's previous handler: Python's KeyboardInterrupt
+        run(tmp_path, 8, every=0, signal_at={2: [signal.SIGINT, signal.SIGINT]})
+    assert not (tmp_path / "ckpt").exists()  # aborted: nothing saved
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_stop_during_the_last_step_finishes_normally(tmp_path: Path) -> None:
+    res, mgr = run(tmp_path, 4, signal_at={4: [signal.SIGTERM]})
+    assert res.last_step == 4 and not mgr.checkpoints()  # complete: the trainer writes its final outputs

@@ -111,6 +111,7 @@ class CheckpointManager:
         self.identity = json.loads(json.dumps(identity, default=str))  # what JSON gives back on load
         self.keep_last = keep_last
         self.rank, self.world, self.barrier = process_index, num_processes, barrier
+        self.last_saved: tuple[int, Path] | None = None  # (step, folder) of this run's latest save
 
     # --- listing ---
     def checkpoints(self) -> list[Path]:
@@ -177,7 +178,15 @@ class CheckpointManager:
             self._rotate()
             log.info("saved checkpoint %s", final)
         self.barrier()
+        self.last_saved = (step, final)
         return final
+
+    def save_once(self, step: int, shared: dict[str, Stateful], local: dict[str, Stateful],
+                  extra: Callable[[Path], None] | None = None) -> Path:
+        """``save``, unless this run has just written ``checkpoint-<step>`` (a periodic one at the stop step)."""
+        if self.last_saved is not None and self.last_saved[0] == step:  # the same answer on every rank
+            return self.last_saved[1]
+        return self.save(step, shared, local, extra)
 
     def _rotate(self) -> None:
         found = self.checkpoints()

@@ -4,6 +4,12 @@
 ``accelerate.Accelerator`` (mixed precision, data parallel), with a progress bar (loss, it/s, ETA),
 per-step hooks (logging, validation, checkpoints) and a stop on a non-finite loss: the failing step
 is not applied, so the parameters and the last checkpoint stay good.
+
+Graceful stop: given ``on_stop`` (a function writing a checkpoint at a step), ``fit`` catches the first SIGTERM or
+SIGINT (the app's Stop, Ctrl-C), finishes the optimizer step under way, writes that checkpoint and raises
+``TrainingStopped``; trainers turn it into exit code ``EXIT_STOPPED``. A second signal aborts at once (the
+handlers in place before ``fit`` take it back). Under several processes the flag is all-reduced after every step,
+so every rank stops at the same step and writes its part of the same checkpoint.
 """
 
 from __future__ import annotations
@@ -11,8 +17,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import signal
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -21,8 +31,65 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 
+#: exit code of a trainer stopped by SIGTERM/SIGINT after saving a checkpoint (sysexits' EX_TEMPFAIL: "try again
+#: later", i.e. resume); distinct from 0 (finished), 1 (error) and death by a signal (-15/-9, or 130 in a shell)
+EXIT_STOPPED = 75
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or Inf; the step was not applied."""
+
+
+class TrainingStopped(Exception):
+    """A stop signal ended the run after ``step`` of ``max_steps``; ``checkpoint`` holds that step."""
+
+    def __init__(self, step: int, max_steps: int, checkpoint: Path | None) -> None:
+        self.step, self.max_steps, self.checkpoint = step, max_steps, checkpoint
+        super().__init__(f"stopped at step {step}/{max_steps}; checkpoint saved to {checkpoint}; "
+                         "resume with --resume_from_checkpoint latest")
+
+
+class StopSignals:
+    """While entered (main thread only): the first SIGTERM/SIGINT sets ``requested``; a second one restores the
+    previous handlers and hands them the signal (SIGINT: KeyboardInterrupt; SIGTERM by default: the process dies).
+    The previous handlers are restored on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        else:
+            log.debug("not the main thread: no stop-signal handlers (SIGTERM/SIGINT keep their effect)")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if not self.requested:
+            self.requested = True
+            log.warning("%s: finishing this step, then saving a checkpoint (send it again to abort without saving)",
+                        name)
+            return
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        self._restore()
+        log.warning("%s again: aborting without saving", name)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            os.kill(os.getpid(), signum)  # the default action: die by that signal
 
 
 class BatchSource(Protocol):
@@ -69,6 +136,13 @@ def _all_finite(accelerator: Any, loss: torch.Tensor) -> bool:
     return not bool(bad.sum() > 0)
 
 
+def _any_across(accelerator: Any, flag: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
 def _mean_across(accelerator: Any, value: float, device: torch.device) -> float:
     if accelerator.num_processes == 1:
         return value
@@ -99,28 +173,46 @@ def train_step(accelerator: Any, model: torch.nn.Module, optimizer: Any, batches
 
 def fit(accelerator: Any, model: torch.nn.Module, optimizer: Any, lr_scheduler: Any, batches: BatchSource,
         loss_fn: Callable[[Any], torch.Tensor], cfg: LoopConfig, start_step: int = 0,
-        hooks: Sequence[StepHook] = ()) -> LoopResult:
-    """Run steps ``start_step + 1 .. cfg.max_steps``; ``hooks(step, logs)`` run after each step."""
+        hooks: Sequence[StepHook] = (), on_stop: Callable[[int], Path | None] | None = None) -> LoopResult:
+    """Run steps ``start_step + 1 .. cfg.max_steps``; ``hooks(step, logs)`` run after each step. With ``on_stop``
+    (step -> the checkpoint it wrote), SIGTERM/SIGINT stop the run after the current step: ``on_stop(step)``, then
+    ``TrainingStopped``."""
     result = LoopResult(first_step=start_step + 1, last_step=start_step)
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc=cfg.desc, unit="step", dynamic_ncols=True,
                disable=not (cfg.progress and accelerator.is_main_process))
+    stop = StopSignals() if on_stop is not None else contextlib.nullcontext()
     model.train()
     try:
-        for step in range(start_step + 1, cfg.max_steps + 1):
-            loss = train_step(accelerator, model, optimizer, batches, loss_fn, cfg, step)
-            lr_scheduler.step()
-            loss = _mean_across(accelerator, loss, accelerator.device)
-            result.losses.append(loss)
-            result.last_step = step
-            lr = optimizer.param_groups[0]["lr"]
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            logs = {"loss": loss, "lr": lr, "it_per_s": _rate(bar)}
-            for hook in hooks:
-                hook(step, logs)
+        with stop:
+            for step in range(start_step + 1, cfg.max_steps + 1):
+                _run_step(accelerator, model, optimizer, lr_scheduler, batches, loss_fn, cfg, step, bar, hooks, result)
+                if on_stop is not None and step < cfg.max_steps and _any_across(accelerator, stop.requested):
+                    bar.close()
+                    stopped = TrainingStopped(step, cfg.max_steps, on_stop(step))
+                    if accelerator.is_main_process:
+                        log.info("%s", stopped)
+                    raise stopped
+            if getattr(stop, "requested", False):
+                log.info("stop requested during the last step: training is complete, writing the final outputs")
     finally:
         bar.close()
     return result
+
+
+def _run_step(accelerator: Any, model: torch.nn.Module, optimizer: Any, lr_scheduler: Any, batches: BatchSource,
+              loss_fn: Callable[[Any], torch.Tensor], cfg: LoopConfig, step: int, bar: Any,
+              hooks: Sequence[StepHook], result: LoopResult) -> None:
+    loss = train_step(accelerator, model, optimizer, batches, loss_fn, cfg, step)
+    lr_scheduler.step()
+    loss = _mean_across(accelerator, loss, accelerator.device)
+    result.losses.append(loss)
+    result.last_step = step
+    lr = optimizer.param_groups[0]["lr"]
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+    logs = {"loss": loss, "lr": lr, "it_per_s": _rate(bar)}
+    for hook in hooks:
+        hook(step, logs)
 
 
 def _rate(bar: Any) -> float:

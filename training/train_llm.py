@@ -42,7 +42,7 @@ from .llm_data import (
     pack,
     split_eval,
 )
-from .loop import JsonlProgress, LoopConfig, fit
+from .loop import EXIT_STOPPED, JsonlProgress, LoopConfig, TrainingStopped, fit
 
 log = logging.getLogger("train_llm")
 ADAPTER_FILE = "adapter.safetensors"
@@ -346,9 +346,13 @@ def train(cfg: LLMConfig) -> dict[str, Any]:
     hooks = [hook] + ([JsonlProgress(cfg.run.progress_file, max_steps)] if cfg.run.progress_file and acc.is_main_process
                       else [])
     t0 = time.perf_counter()
-    result = fit(acc, model, optimizer, sched, source, loss_fn,
-                 LoopConfig(max_steps, o.gradient_accumulation_steps, o.max_grad_norm, f"train {spec.variant}",
-                            cfg.run.progress), start, hooks)
+    try:
+        result = fit(acc, model, optimizer, sched, source, loss_fn,
+                     LoopConfig(max_steps, o.gradient_accumulation_steps, o.max_grad_norm, f"train {spec.variant}",
+                                cfg.run.progress), start, hooks, on_stop=lambda step: ckpt.save_once(step, shared, local))
+    except TrainingStopped:  # the stop step's checkpoint is written; no final adapter (training did not finish)
+        acc.end_training()
+        raise
     dt = time.perf_counter() - t0
     metrics.update({"steps": result.last_step, "losses": result.losses, "train_seconds": dt,
                     "tokens_per_s": tokens["n"] / dt if dt > 0 else 0.0})
@@ -391,7 +395,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         return None
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     log.debug("config: %s", to_dict(cfg))
-    return train(cfg)
+    try:
+        return train(cfg)
+    except TrainingStopped:  # SIGTERM/SIGINT: the checkpoint is saved and the line logged by fit
+        raise SystemExit(EXIT_STOPPED) from None
 
 
 if __name__ == "__main__":

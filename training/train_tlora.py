@@ -26,7 +26,16 @@ from . import diffusion as dif
 from .checkpoint import CheckpointError, CheckpointManager, GlobalRNG, TrainableParams
 from .config import ConfigError, TLoRAConfig, parse_args, resolve_defaults, to_yaml
 from .data import DataError, files_digest
-from .loop import JsonlProgress, LoopConfig, NonFiniteLossError, Reporter, fit, make_accelerator
+from .loop import (
+    EXIT_STOPPED,
+    JsonlProgress,
+    LoopConfig,
+    NonFiniteLossError,
+    Reporter,
+    TrainingStopped,
+    fit,
+    make_accelerator,
+)
 from .objectives import DiffusionObjective
 
 log = logging.getLogger("train_tlora")
@@ -99,6 +108,11 @@ def train(cfg: TLoRAConfig) -> TrainResult:
 
     sampled: set[int] = set()
 
+    def save_checkpoint(step: int, once: bool = False) -> Path:
+        meta = dif.adapter_metadata(cfg, step, res)
+        save = ckpt.save_once if once else ckpt.save
+        return save(step, shared, local, lambda d: ld.save_adapter(target, d / "adapter.safetensors", metadata=meta))
+
     def on_step(step: int, logs: dict[str, float]) -> None:
         reporter.scalars(step, logs)
         freeze_embedding(step)
@@ -106,8 +120,7 @@ def train(cfg: TLoRAConfig) -> TrainResult:
             tokens.commit()  # the embedding rows hold the trained vectors (saving and sampling read them)
         every, val_every = cfg.checkpoint.checkpointing_steps, cfg.validation.validation_steps
         if every and step % every == 0:
-            meta = dif.adapter_metadata(cfg, step, res)
-            ckpt.save(step, shared, local, lambda d: ld.save_adapter(target, d / "adapter.safetensors", metadata=meta))
+            save_checkpoint(step)
         if acc.is_main_process and (step % val_every == 0 if val_every else bool(every) and step % every == 0):
             reporter.images(step, dif.sample(pipe, cfg, step, res))
             sampled.add(step)
@@ -117,7 +130,12 @@ def train(cfg: TLoRAConfig) -> TrainResult:
     try:
         hooks = [on_step] + ([JsonlProgress(cfg.run.progress_file, loop.max_steps)]
                              if cfg.run.progress_file and acc.is_main_process else [])
-        result = fit(acc, model, opt, sched, sampler, objective, loop, start, hooks)
+        result = fit(acc, model, opt, sched, sampler, objective, loop, start, hooks,
+                     on_stop=lambda step: save_checkpoint(step, once=True))
+    except TrainingStopped:  # a checkpoint of the stop step is written; no final outputs (training did not finish)
+        reporter.close()
+        acc.end_training()
+        raise
     except NonFiniteLossError as e:
         last = ckpt.checkpoints()
         raise TrainingError(f"{e}: training stopped, nothing of this step was applied; last good checkpoint: "
@@ -147,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
         result = train(cfg)
     except (ConfigError, DataError, CheckpointError, ld.AdapterError, TrainingError) as e:
         raise SystemExit(f"error: {e}") from None
+    except TrainingStopped:  # SIGTERM/SIGINT: the checkpoint is saved and the line logged by fit
+        raise SystemExit(EXIT_STOPPED) from None
     if result.outputs:
         log.info("done: steps %d-%d; wrote %s", result.first_step, result.last_step,
                  ", ".join(str(p) for p in result.outputs.values()))
