@@ -30,6 +30,7 @@ from .core.layer import AdaptedLayer
 from .core.registry import get_variant, register_variant, variant_names
 from .core.spec import AdapterSpec
 from .inject.presets import PRESETS, preset_names
+from .inject.steps import TrainingHooks, variant_optimizer
 from .inject.targets import find_targets
 
 __all__ = [
@@ -39,5 +40,5 @@ __all__ = [
     "list_adapters", "load_adapter",
     "load_adapter_state_dict", "mark_trainable", "merge_adapters", "param_groups", "preset_names",
     "register_variant", "remove_adapters", "save_adapter", "set_adapters", "set_context", "set_timestep", "shared_tensors",
-    "timestep", "unmerge_adapters", "variant_names",
+    "timestep", "unmerge_adapters", "variant_names", "TrainingHooks", "variant_optimizer",
 ]

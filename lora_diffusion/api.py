@@ -20,7 +20,7 @@ from torch import nn
 from . import embeddings as emb
 from .core.context import CallContext
 from .core.errors import AdapterError, AdapterFileError
-from .core.registry import variant_names  # noqa: F401  (re-exported)
+from .core.registry import get_variant, variant_names  # noqa: F401  (re-exported)
 from .core.spec import AdapterSpec
 from .inject.walker import adapted_layers, adapter_names, inject, model_state, remove
 from .io import canonical, cloneofsimo, formats, tlora_official
@@ -228,7 +228,7 @@ def _export_part(model: nn.Module, role: str, aname: str, name: str, fmt: str,
     if fmt == formats.TLORA_OFFICIAL and spec.variant == "tlora":  # the official layout keeps the schedule
         ads = {m: layer.adapters[aname] for m, layer in adapted_layers(model) if aname in layer.adapters}
         return tlora_official.with_frozen(part, ads)
-    if spec.variant == "tlora" or (spec.variant == "vera" and fmt != "peft"):
+    if spec.variant == "tlora" or (spec.variant == "vera" and fmt != "peft") or get_variant(spec.variant).export_as_lora:
         if spec.variant == "tlora":
             log.warning("T-LoRA '%s' written to %s at full rank (rank min(2r, out, in), exact without a timestep); the "
                         "%s format has no timestep mask, the canonical file keeps the schedule", aname, fmt, fmt)

@@ -330,11 +330,23 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
     "loha": {"lora_rank": 8, "learning_rate": 2e-4, "max_train_steps": 500},
     "lokr": {"lora_rank": 8, "learning_rate": 2e-4, "max_train_steps": 500},
     "vera": {"lora_rank": 256, "learning_rate": 1e-3, "max_train_steps": 500},
+    "singlora": {"lora_rank": 16, "learning_rate": 1e-4, "max_train_steps": 500},
+    "lorafa": {"lora_rank": 16, "learning_rate": 1e-4, "max_train_steps": 500},
     "none": {"lora_rank": 1, "learning_rate": 5e-3, "max_train_steps": 500},  # textual inversion alone
 }
 NO_ADAPTER = "none"
 EMBEDDING_LR = 5e-3
 FALLBACK_DEFAULTS: dict[str, Any] = {"lora_rank": 16, "learning_rate": 1e-4, "max_train_steps": 500}
+
+
+def step_option_defaults(variant: str, options: dict[str, Any], max_steps: int) -> dict[str, Any]:
+    """Variant options that depend on the run's length, filled where the user left them: SingLoRA's ramp
+    (``ramp_steps``) reaches u = 1 after 10% of the steps, so most of training and all of inference run at
+    the full update (the library's own default, 1000 steps, would never finish a 500-step run)."""
+    out = dict(options)
+    if variant == "singlora" and "ramp_steps" not in out:
+        out["ramp_steps"] = max(1, max_steps // 10)
+    return out
 
 
 def default_targets(variant: str, demo: bool) -> str:
@@ -364,6 +376,7 @@ def resolve_defaults(cfg: TLoRAConfig, variant_names: list[str]) -> TLoRAConfig:
     if o.max_train_steps is None:
         o.max_train_steps = DEMO_TRAIN_DEFAULTS.get("max_train_steps", d["max_train_steps"]) if demo else \
             d["max_train_steps"]
+    a.adapter_options = step_option_defaults(a.variant, a.adapter_options, o.max_train_steps)
     if cfg.data.hue_jitter is None:
         cfg.data.hue_jitter = float(DEMO_TRAIN_DEFAULTS.get("hue_jitter", 0.0)) if demo else 0.0
     if a.variant == "tlora" and a.min_rank is None:

@@ -195,10 +195,14 @@ def make_optimizer(unet: nn.Module, cfg: TLoRAConfig, tokens: TrainableTokens | 
         groups.append({"params": list(tokens.parameters()), "lr": cfg.embedding.embedding_lr, "weight_decay": 0.0,
                        "role": "embedding"})
     kw = {"betas": (o.adam_beta1, o.adam_beta2), "eps": o.adam_epsilon}
-    if o.use_8bit_adam:
+    own = ld.variant_optimizer([unet, *text_encoders], groups, lr=o.learning_rate, weight_decay=o.adam_weight_decay,
+                               **kw)
+    if own is not None:  # a variant's own optimizer (LoRA-FA's projected gradient)
+        opt: torch.optim.Optimizer = own
+    elif o.use_8bit_adam:
         import bitsandbytes as bnb
 
-        opt: torch.optim.Optimizer = bnb.optim.AdamW8bit(groups, **kw)
+        opt = bnb.optim.AdamW8bit(groups, **kw)
     else:
         opt = torch.optim.AdamW(groups, **kw)
     sched = get_scheduler(o.lr_scheduler, opt, num_warmup_steps=o.lr_warmup_steps, num_training_steps=o.max_train_steps)

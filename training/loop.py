@@ -10,6 +10,9 @@ SIGINT (the app's Stop, Ctrl-C), finishes the optimizer step under way, writes t
 ``TrainingStopped``; trainers turn it into exit code ``EXIT_STOPPED``. A second signal aborts at once (the
 handlers in place before ``fit`` take it back). Under several processes the flag is all-reduced after every step,
 so every rank stops at the same step and writes its part of the same checkpoint.
+
+The adapters' own training hooks (``lora_diffusion.TrainingHooks``: the optimizer-step counter in the per-call
+context, regularization losses, post-step updates) run here, so no trainer or user code calls them.
 """
 
 from __future__ import annotations
@@ -150,14 +153,23 @@ def _mean_across(accelerator: Any, value: float, device: torch.device) -> float:
 
 
 def train_step(accelerator: Any, model: torch.nn.Module, optimizer: Any, batches: BatchSource,
-               loss_fn: Callable[[Any], torch.Tensor], cfg: LoopConfig, step: int) -> float:
-    """Accumulate ``grad_accum`` micro-batches, then one optimizer step; returns the mean loss."""
+               loss_fn: Callable[[Any], torch.Tensor], cfg: LoopConfig, step: int,
+               adapters: Any = None) -> float:
+    """Accumulate ``grad_accum`` micro-batches, then one optimizer step; returns the mean loss (with any
+    adapter regularization). ``adapters``: a ``lora_diffusion.TrainingHooks`` (None: built from ``model``)."""
+    import lora_diffusion as ld
+
+    adapters = ld.TrainingHooks(model) if adapters is None else adapters
+    adapters.begin_step(step)
     total = 0.0
     for micro in range(cfg.grad_accum):
         last = micro == cfg.grad_accum - 1
         sync = contextlib.nullcontext() if last or accelerator.num_processes == 1 else accelerator.no_sync(model)
         with sync:
             loss = loss_fn(batches.next_batch())
+            reg = adapters.regularization()
+            if reg is not None:
+                loss = loss + reg.to(loss.dtype)
             if not _all_finite(accelerator, loss):
                 optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteLossError(f"step {step}: the loss is {loss.item()}")
@@ -167,16 +179,22 @@ def train_step(accelerator: Any, model: torch.nn.Module, optimizer: Any, batches
         params = [p for g in optimizer.param_groups for p in g["params"]]
         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
     optimizer.step()
+    adapters.after_step(step)  # after the step, before zero_grad (AdaLoRA's importance reads the gradients)
     optimizer.zero_grad(set_to_none=True)
     return total / cfg.grad_accum
 
 
 def fit(accelerator: Any, model: torch.nn.Module, optimizer: Any, lr_scheduler: Any, batches: BatchSource,
         loss_fn: Callable[[Any], torch.Tensor], cfg: LoopConfig, start_step: int = 0,
-        hooks: Sequence[StepHook] = (), on_stop: Callable[[int], Path | None] | None = None) -> LoopResult:
+        hooks: Sequence[StepHook] = (), on_stop: Callable[[int], Path | None] | None = None,
+        adapters: Any = None) -> LoopResult:
     """Run steps ``start_step + 1 .. cfg.max_steps``; ``hooks(step, logs)`` run after each step. With ``on_stop``
     (step -> the checkpoint it wrote), SIGTERM/SIGINT stop the run after the current step: ``on_stop(step)``, then
-    ``TrainingStopped``."""
+    ``TrainingStopped``. ``adapters``: the ``lora_diffusion.TrainingHooks`` of every adapted model trained here
+    (None: ``model``'s)."""
+    import lora_diffusion as ld
+
+    adapters = ld.TrainingHooks(model) if adapters is None else adapters
     result = LoopResult(first_step=start_step + 1, last_step=start_step)
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc=cfg.desc, unit="step", dynamic_ncols=True,
                disable=not (cfg.progress and accelerator.is_main_process))
@@ -185,7 +203,8 @@ def fit(accelerator: Any, model: torch.nn.Module, optimizer: Any, lr_scheduler: 
     try:
         with stop:
             for step in range(start_step + 1, cfg.max_steps + 1):
-                _run_step(accelerator, model, optimizer, lr_scheduler, batches, loss_fn, cfg, step, bar, hooks, result)
+                _run_step(accelerator, model, optimizer, lr_scheduler, batches, loss_fn, cfg, step, bar, hooks, result,
+                          adapters)
                 if on_stop is not None and step < cfg.max_steps and _any_across(accelerator, stop.requested):
                     bar.close()
                     stopped = TrainingStopped(step, cfg.max_steps, on_stop(step))
@@ -201,8 +220,8 @@ def fit(accelerator: Any, model: torch.nn.Module, optimizer: Any, lr_scheduler: 
 
 def _run_step(accelerator: Any, model: torch.nn.Module, optimizer: Any, lr_scheduler: Any, batches: BatchSource,
               loss_fn: Callable[[Any], torch.Tensor], cfg: LoopConfig, step: int, bar: Any,
-              hooks: Sequence[StepHook], result: LoopResult) -> None:
-    loss = train_step(accelerator, model, optimizer, batches, loss_fn, cfg, step)
+              hooks: Sequence[StepHook], result: LoopResult, adapters: Any = None) -> None:
+    loss = train_step(accelerator, model, optimizer, batches, loss_fn, cfg, step, adapters)
     lr_scheduler.step()
     loss = _mean_across(accelerator, loss, accelerator.device)
     result.losses.append(loss)

@@ -31,7 +31,17 @@ import lora_diffusion as ld
 from lora_diffusion import llm
 
 from .checkpoint import CheckpointManager, GlobalRNG, TrainableParams
-from .config import CheckpointArgs, ConfigError, OptimArgs, RunArgs, opt, parse_args, to_dict, to_yaml
+from .config import (
+    CheckpointArgs,
+    ConfigError,
+    OptimArgs,
+    RunArgs,
+    opt,
+    parse_args,
+    step_option_defaults,
+    to_dict,
+    to_yaml,
+)
 from .llm_data import (
     Example,
     batches,
@@ -67,7 +77,8 @@ class LLMModelArgs:
 
 @dataclass
 class LLMAdapterArgs:
-    variant: str = opt("lora", "adapter variant: lora, rslora, dora, vera, loha, lokr (not timestep variants)")
+    variant: str = opt("lora", "adapter variant: lora, rslora, dora, vera, loha, lokr, singlora, lorafa (not timestep "
+                               "variants; lora_diffusion.llm.llm_variant_names())")
     rank: int = opt(8, "rank r (VeRA: the shared projections' rank)", "--lora_rank")
     alpha: float | None = opt(None, "alpha (None: alpha = rank, scale 1)", "--lora_alpha")
     dropout: float = opt(0.0, "dropout on the adapter input", "--lora_dropout")
@@ -245,6 +256,10 @@ def build_optimizer(cfg: LLMConfig, model: torch.nn.Module, device: torch.device
     if ratios:
         log.info("LoRA+: B tensors at lr %.2e (ratio %g)", o.learning_rate * o.loraplus_lr_ratio, o.loraplus_lr_ratio)
     kind = "adamw8bit" if o.use_8bit_adam and o.optimizer == "adamw" else o.optimizer
+    own = ld.variant_optimizer([model], groups, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2),
+                               eps=o.adam_epsilon, weight_decay=o.adam_weight_decay) if kind == "adamw" else None
+    if own is not None:  # a variant's own optimizer (LoRA-FA's projected gradient)
+        return own
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=o.learning_rate)
     if kind in ("adamw8bit", "paged_adamw8bit"):
@@ -288,6 +303,10 @@ def train(cfg: LLMConfig) -> dict[str, Any]:
     model, tok = llm.load_causal_lm(cfg.model.model, load_in_4bit=cfg.model.load_in_4bit, dtype=dtype,
                                     device=acc.device, trust_remote_code=cfg.model.trust_remote_code)
     train_ex, eval_ex = prepare_data(cfg, tok, model)
+    source = LLMBatches(train_ex, cfg.data.train_batch_size, tok.pad_token_id, cfg.run.seed, cfg.data.bucket,
+                        acc.process_index, acc.num_processes)
+    max_steps = o.max_train_steps or max(1, math.ceil(len(source) / o.gradient_accumulation_steps))
+    cfg.adapter.adapter_options = step_option_defaults(cfg.adapter.variant, cfg.adapter.adapter_options, max_steps)
     spec = build_spec(cfg)
     modules = ld.add_adapter(model, spec)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -298,9 +317,6 @@ def train(cfg: LLMConfig) -> dict[str, Any]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     optimizer = build_optimizer(cfg, model, acc.device)
-    source = LLMBatches(train_ex, cfg.data.train_batch_size, tok.pad_token_id, cfg.run.seed, cfg.data.bucket,
-                        acc.process_index, acc.num_processes)
-    max_steps = o.max_train_steps or max(1, math.ceil(len(source) / o.gradient_accumulation_steps))
     sched = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps, num_training_steps=max_steps)
     model, optimizer, sched = acc.prepare(model, optimizer, sched)
 

@@ -131,7 +131,8 @@ def train(cfg: TLoRAConfig) -> TrainResult:
         hooks = [on_step] + ([JsonlProgress(cfg.run.progress_file, loop.max_steps)]
                              if cfg.run.progress_file and acc.is_main_process else [])
         result = fit(acc, model, opt, sched, sampler, objective, loop, start, hooks,
-                     on_stop=lambda step: save_checkpoint(step, once=True))
+                     on_stop=lambda step: save_checkpoint(step, once=True),
+                     adapters=ld.TrainingHooks(model, *text_encoders))
     except TrainingStopped:  # a checkpoint of the stop step is written; no final outputs (training did not finish)
         reporter.close()
         acc.end_training()

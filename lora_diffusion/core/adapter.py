@@ -40,8 +40,12 @@ class Adapter(nn.Module):
     kinds: ClassVar[frozenset[str]] = frozenset({"linear", "conv2d"})
     identity_init: ClassVar[bool] = True  # output equals the base output at init
     uses_alpha: ClassVar[bool] = True
-    uses_context: ClassVar[bool] = False  # reads timestep/step from the context
+    uses_context: ClassVar[bool] = False  # reads the diffusion timestep from the context (not for text LLMs)
+    uses_step: ClassVar[bool] = False  # reads the optimizer-step counter (ctx.step) from the context
     rank_limited: ClassVar[bool] = True  # rank <= min(out, in) of the layer
+    # External formats (kohya, diffusers, PEFT) get this adapter as an exactly equal plain LoRA (io.formats.plain_lora:
+    # ``lowrank_factors()`` if defined, else lora_A/lora_B/scaling); the canonical file keeps the variant.
+    export_as_lora: ClassVar[bool] = False
     # Role of each trainable tensor, for optimizer parameter groups (LoRA+: "B" gets a higher lr).
     param_roles: ClassVar[dict[str, str]] = {}
 
@@ -103,6 +107,23 @@ class Adapter(nn.Module):
     def merged_weight(self, weight: torch.Tensor, ctx: CallContext | None, scale: float) -> torch.Tensor:
         """The base weight with this adapter folded in."""
         return weight + (self.delta_weight(ctx) * scale).to(weight.dtype)
+
+    # --- training hooks: training loops call these through ``lora_diffusion.inject.steps.TrainingHooks``
+    # (no user code); they also advance ``ctx.step``, the number of optimizer steps done ---
+    def after_step(self, step: int) -> None:
+        """Called after optimizer step ``step`` (1-based) has been applied, on every process, before the next
+        forward: Delta-LoRA's base-weight update, AdaLoRA's rank allocation, DyLoRA's next truncation."""
+
+    def regularization(self) -> torch.Tensor | None:
+        """A loss term the loop adds to the task loss (AdaLoRA's orthogonality penalty); None: nothing."""
+        return None
+
+    @classmethod
+    def make_optimizer(cls, adapters: list[Adapter], groups: list[dict[str, Any]], *, lr: float,
+                       betas: tuple[float, float], eps: float, weight_decay: float) -> torch.optim.Optimizer | None:
+        """An optimizer this variant needs instead of AdamW (LoRA-FA's projected gradient), over ``groups``
+        (``lora_diffusion.param_groups``) of ``adapters`` (this variant's, model-wide); None: the trainer's own."""
+        return None
 
     # --- helpers ---
     @property

@@ -165,7 +165,9 @@ def plain_lora(part: Part, adapters: dict[str, Any]) -> Part:
     for m in part.modules:
         ad = adapters[m]
         with torch.no_grad():
-            if part.spec.variant == "vera":
+            if hasattr(ad, "lowrank_factors"):  # variants with their own low-rank form (SingLoRA)
+                down, up, s = ad.lowrank_factors()
+            elif part.spec.variant == "vera":
                 a, b = ad._projections(ad.dtype)
                 down, up, s = ad.vera_lambda_d[:, None] * a, ad.vera_lambda_b[:, None] * b, 1.0
             elif hasattr(ad, "lora_S"):

@@ -1,0 +1,84 @@
+"""What a training loop does for adapters, with no user code: the step counter, post-step hooks,
+regularization losses and variant optimizers.
+
+    hooks = TrainingHooks(unet, *text_encoders)     # once, after the adapters are added
+    for step in 1..N:
+        hooks.begin_step(step)                      # ctx.step = step - 1 (optimizer steps done)
+        loss = task_loss + hooks.regularization()   # Σ adapter.regularization() (AdaLoRA's orth penalty)
+        loss.backward(); optimizer.step()
+        hooks.after_step(step)                      # ctx.step = step; adapter.after_step(step) (Delta-LoRA, AdaLoRA)
+
+``training.loop.fit`` does exactly this, so both trainers (diffusion, LLM) drive every variant the same way.
+The hooks run on every process with identical inputs (the step number and the synchronised parameters), so
+under data parallelism every rank applies the identical update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.adapter import Adapter
+from ..core.context import ContextHolder
+from .walker import adapted_layers
+
+
+def _overrides(ad: Adapter, method: str) -> bool:
+    return getattr(type(ad), method) is not getattr(Adapter, method)
+
+
+class TrainingHooks:
+    """The adapters of ``models`` (wrapped models such as DDP are fine) and the per-model context holders."""
+
+    def __init__(self, *models: nn.Module) -> None:
+        self.adapters: list[Adapter] = []
+        holders: dict[int, ContextHolder] = {}
+        for m in models:
+            for _, layer in adapted_layers(m):
+                holders[id(layer._holder)] = layer._holder
+                self.adapters.extend(layer.adapters.values())
+        self.holders = list(holders.values())
+        self._post = [a for a in self.adapters if _overrides(a, "after_step")]
+        self._reg = [a for a in self.adapters if _overrides(a, "regularization")]
+
+    def set_step(self, done: int) -> None:
+        """``ctx.step`` = ``done`` optimizer steps completed (what SingLoRA's ramp and schedules read)."""
+        for h in self.holders:
+            if h.state.step != done:
+                h.update(step=done)
+
+    def begin_step(self, step: int) -> None:
+        self.set_step(step - 1)
+
+    def regularization(self) -> torch.Tensor | None:
+        terms = [t for t in (a.regularization() for a in self._reg) if t is not None]
+        return torch.stack([t.float() for t in terms]).sum() if terms else None
+
+    def after_step(self, step: int) -> None:
+        self.set_step(step)
+        with torch.no_grad():
+            for a in self._post:
+                a.after_step(step)
+
+
+def variant_optimizer(models: Sequence[nn.Module], groups: list[dict[str, Any]], *, lr: float,
+                      betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                      weight_decay: float = 0.0) -> torch.optim.Optimizer | None:
+    """The optimizer a variant asks for (``Adapter.make_optimizer``) over ``groups``, or None (use the
+    trainer's own). Several adapters asking for different optimizers in one model are refused."""
+    hooks = TrainingHooks(*models)
+    by_cls: dict[type[Adapter], list[Adapter]] = {}
+    for a in hooks.adapters:
+        if any(p.requires_grad for p in a.parameters()):
+            by_cls.setdefault(type(a), []).append(a)
+    made = [(cls, opt) for cls, ads in by_cls.items()
+            if (opt := cls.make_optimizer(ads, groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))]
+    if len(made) > 1 or (made and len(by_cls) > 1):
+        from ..core.errors import AdapterError
+
+        raise AdapterError(f"variants {sorted(c.variant for c in by_cls)} are trained together but "
+                           f"'{made[0][0].variant}' needs its own optimizer; train one of them at a time")
+    return made[0][1] if made else None

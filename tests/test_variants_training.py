@@ -1,0 +1,231 @@
+"""Variants that change how training works (issue 14; variants.md §9-11, 13, 15) and the core mechanisms they use:
+the optimizer-step counter in the per-call context, post-step hooks, regularization losses and variant optimizers,
+all driven by ``training.loop.fit`` with no user code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lora_diffusion as ld
+from lora_diffusion.variants.lora import LoRA
+from training.loop import LoopConfig, fit, make_accelerator
+
+from .conftest import layer_and_input, perturb
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def one_layer(variant: str, kind: str = "linear", **spec_kw):
+    net, target, x = layer_and_input(kind)
+    ld.add_adapter(net, ld.AdapterSpec(variant=variant, targets=[target], **spec_kw))
+    return net, net.get_submodule(target), x
+
+
+class Regression:
+    """Batches for ``net.lin``: x (4, 16) -> a fixed random target (4, 24)."""
+
+    def __init__(self) -> None:
+        self.gen = torch.Generator().manual_seed(0)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(4, 16, generator=self.gen, dtype=torch.float64)
+        return x, torch.randn(4, 24, generator=self.gen, dtype=torch.float64)
+
+
+def fit_lin(net: nn.Module, steps: int, opt: torch.optim.Optimizer | None = None, on_step=None):
+    opt = opt or torch.optim.AdamW(ld.param_groups(net, 1e-2), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    hooks = [on_step] if on_step else []
+    return fit(make_accelerator(cpu=True), net, opt, sched, Regression(),
+               lambda b: nn.functional.mse_loss(net.lin(b[0]), b[1]), LoopConfig(steps, progress=False), 0, hooks)
+
+
+# --- the core mechanisms ---
+def test_loop_advances_step_counter_and_calls_post_step_and_regularization(monkeypatch):
+    seen: list[tuple[str, int | None]] = []
+    orig_forward = LoRA.delta_forward
+
+    def delta_forward(self, x, ctx=None):
+        seen.append(("forward", ctx.step))
+        return orig_forward(self, x, ctx)
+
+    def after_step(self, step):
+        assert not torch.is_grad_enabled()
+        seen.append(("after", step))
+
+    monkeypatch.setattr(LoRA, "delta_forward", delta_forward)
+    monkeypatch.setattr(LoRA, "after_step", after_step)
+    monkeypatch.setattr(LoRA, "regularization", lambda self: 100.0 * self.lora_B.pow(2).sum())
+    net, layer, _ = one_layer("lora", rank=2, dropout=0.1)  # dropout: the generic (non-addmm) path
+    result = fit_lin(net, 3)
+    assert seen == [("forward", 0), ("after", 1), ("forward", 1), ("after", 2), ("forward", 2), ("after", 3)]
+    assert layer._holder.state.step == 3  # saving or sampling after training sees the final count
+    # the regularization term is in the optimized (and reported) loss: B is pulled to 0 much harder than without it
+    net2, layer2, _ = one_layer("lora", rank=2, dropout=0.1)
+    monkeypatch.setattr(LoRA, "regularization", LoRA.__mro__[1].regularization)
+    result2 = fit_lin(net2, 3)
+    assert result.losses[0] == pytest.approx(result2.losses[0])  # B = 0 at step 1: no penalty yet
+    assert layer.adapters["default"].lora_B.norm() < layer2.adapters["default"].lora_B.norm()
+
+
+def test_variant_optimizer_is_none_for_plain_variants():
+    net, _, _ = one_layer("lora", rank=2)
+    assert ld.variant_optimizer([net], ld.param_groups(net, 1e-3), lr=1e-3) is None
+
+
+# --- SingLoRA (§9) ---
+def test_singlora_square_delta_is_symmetric_psd_and_count():
+    lin = nn.Linear(12, 12).double()
+    net = nn.Sequential(lin)
+    ld.add_adapter(net, ld.AdapterSpec("singlora", rank=3, alpha=6, targets=["0"]))
+    ad = net[0].adapters["default"]
+    dw = ad.delta_weight()
+    assert torch.equal(dw, dw.T) and torch.linalg.eigvalsh(dw).min() >= -1e-12
+    assert torch.linalg.matrix_rank(dw) == 3
+    assert sum(p.numel() for p in ad.parameters()) == 12 * 3  # d·r, half of LoRA's 2·d·r
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_singlora_nonsquare_is_top_left_block_of_aat(kind):
+    net, layer, _ = one_layer("singlora", kind, rank=2, alpha=4)
+    ad = layer.adapters["default"]
+    a = ad.lora_A  # (d_max, r)
+    out, fan_in = layer.info.out_features, layer.info.fan_in
+    assert a.shape == (max(out, fan_in), 2)
+    full = (a @ a.T) * 2.0  # alpha / r = 2
+    dw = ad.delta_weight().reshape(out, fan_in)
+    assert torch.allclose(dw, full[:out, :fan_in], atol=1e-12)
+    d = min(out, fan_in)
+    assert torch.allclose(dw[:d, :d], dw[:d, :d].T, atol=1e-12)
+
+
+def test_singlora_ramp_follows_step_and_is_identity_at_step_0():
+    net, layer, x = one_layer("singlora", rank=2, options={"ramp_steps": 4})
+    ad = layer.adapters["default"]
+    base = layer.base_layer(x)
+    full = None
+    ld.set_context(net, step=None)
+    full = layer(x) - base
+    for t, u in [(0, 0.0), (1, 0.25), (2, 0.5), (4, 1.0), (9, 1.0)]:
+        ld.set_context(net, step=t)
+        assert ad.ramp(layer._holder.current()) == u
+        y = layer(x)
+        if t == 0:
+            assert torch.equal(y, base)
+        assert torch.allclose(y - base, u * full, atol=1e-12)
+    ld.set_context(net, step=7)  # after the ramp: merged == unmerged
+    y = layer(x)
+    ld.merge_adapters(net)
+    assert torch.allclose(layer(x), y, atol=1e-12)
+
+
+def test_singlora_trains_through_the_loop_with_no_user_code():
+    net, layer, _ = one_layer("singlora", rank=2, options={"ramp_steps": 2})
+    a0 = layer.adapters["default"].lora_A.detach().clone()
+    fit_lin(net, 1)
+    assert torch.equal(layer.adapters["default"].lora_A, a0)  # step 1 runs at u(0) = 0: no gradient, no move
+    net, layer, _ = one_layer("singlora", rank=2, options={"ramp_steps": 2})
+    fit_lin(net, 3)
+    assert not torch.equal(layer.adapters["default"].lora_A, a0)
+    assert layer._holder.state.step == 3
+
+
+def test_singlora_bad_options_refused_before_anything_is_built():
+    net, target, _ = layer_and_input("linear")
+    with pytest.raises(ld.AdapterError, match="ramp_steps"):
+        ld.add_adapter(net, ld.AdapterSpec("singlora", rank=2, targets=[target], options={"ramp_steps": 0}))
+    assert not isinstance(net.get_submodule(target), ld.AdaptedLayer)
+
+
+def test_singlora_save_load_keeps_a_and_runs_at_full_ramp(tmp_path):
+    net, layer, x = one_layer("singlora", rank=2)
+    perturb(net)
+    path = ld.save_adapter(net, tmp_path / "s.safetensors")
+    fresh, target, _ = layer_and_input("linear")
+    ld.load_adapter(fresh, path)
+    ld.set_context(net, step=None)
+    assert torch.equal(fresh.lin(x), layer(x))
+
+
+# --- LoRA-FA (§10) ---
+def test_lorafa_a_is_bitwise_frozen_and_only_b_trains():
+    net, layer, _ = one_layer("lorafa", rank=2, alpha=4)
+    ad = layer.adapters["default"]
+    a0 = ad.lora_A.clone()
+    assert [n for n, _ in ad.named_parameters()] == ["lora_B"] and "lora_A" in ad.state_dict()
+    opt = ld.variant_optimizer([net], ld.param_groups(net, 1e-2), lr=1e-2)
+    assert type(opt).__name__ == "LoraFAOptimizer"
+    fit_lin(net, 3, opt)
+    assert torch.equal(ad.lora_A, a0) and ad.lora_A.grad is None
+    assert ad.lora_B.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_lorafa_projection_is_least_squares_fit_of_the_full_gradient(kind):
+    from lora_diffusion.variants.lorafa import project_grad
+
+    net, layer, x = one_layer("lorafa", kind, rank=2, alpha=6)
+    perturb(net)
+    ad = layer.adapters["default"]
+    layer.base_layer.weight.requires_grad_(True)
+    layer(x).pow(2).sum().backward()
+    g_full = layer.base_layer.weight.grad.reshape(layer.info.out_features, -1)  # ∂L/∂W (out, fan_in)
+    a = ad.lora_A.reshape(2, -1)
+    g = project_grad(ad.lora_B.grad, ad.lora_A, ad.scaling).reshape(-1, 2)
+    # s·g̃·A is ∂L/∂W projected onto A's row space
+    assert torch.allclose(ad.scaling * g @ a, g_full @ torch.linalg.pinv(a) @ a, atol=1e-8)
+    q = torch.linalg.qr(torch.randn(a.shape[1], 2, dtype=a.dtype)).Q.T  # orthonormal rows, s = 1: identity
+    gb = torch.randn(5, 2, dtype=a.dtype)
+    assert torch.allclose(project_grad(gb, q, 1.0), gb, atol=1e-7)
+
+
+def test_lorafa_backward_keeps_the_rank_r_activation_not_the_input():
+    sizes = {}
+    for variant in ("lora", "lorafa"):
+        net, layer, _ = one_layer(variant, rank=2)
+        x = torch.randn(64, 16, dtype=torch.float64)
+        saved: list[int] = []
+
+        def pack(t, saved=saved):
+            saved.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x)
+        sizes[variant] = saved
+    assert x.numel() in sizes["lora"] and x.numel() not in sizes["lorafa"]
+    assert sum(sizes["lorafa"]) < sum(sizes["lora"]) / 2
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_lorafa_parity_with_peft_create_lorafa_optimizer(weight_decay):
+    """Same A, B, data in fp64: PEFT's LoraFAOptimizer and ours give the same B and outputs step by step."""
+    peft = pytest.importorskip("peft")
+    from peft.optimizers import create_lorafa_optimizer
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 24)).double()
+    import copy
+
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=6, target_modules=["0"]))
+    ours = copy.deepcopy(base)
+    ld.add_adapter(ours, ld.AdapterSpec("lorafa", rank=4, alpha=6, targets=["0"]))
+    ad = ours[0].adapters["default"]
+    with torch.no_grad():
+        ad.lora_A.copy_(pm.base_model.model[0].lora_A["default"].weight)
+    popt = create_lorafa_optimizer(pm, r=4, lora_alpha=6, lr=1e-2, weight_decay=weight_decay)
+    oopt = ld.variant_optimizer([ours], ld.param_groups(ours, 1e-2, weight_decay=weight_decay), lr=1e-2,
+                                betas=(0.9, 0.999), eps=1e-6, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x, y = torch.randn(8, 16, generator=gen, dtype=torch.float64), torch.randn(8, 24, generator=gen, dtype=torch.float64)
+        for model, opt in ((pm, popt), (ours, oopt)):
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        pb = pm.base_model.model[0].lora_B["default"].weight
+        assert torch.allclose(ad.lora_B, pb, rtol=1e-9, atol=1e-12)
+        assert torch.allclose(ours(x), pm(x), rtol=1e-9, atol=1e-12)
+    assert pb.abs().sum() > 0
