@@ -131,6 +131,7 @@ def train_one(r: Recipe, out: Path, args: argparse.Namespace) -> Path:
     tc.data.instance_data_dir, tc.data.placeholder_token = str(data), r.trigger.split()[0]
     tc.data.train_batch_size = args.batch_size
     tc.optim.max_train_steps = args.steps
+    tc.embedding.train_embedding = False  # plain UNet LoRAs (the captions use real words): no pivotal-tuning vectors
     resolve_defaults(tc, ld.variant_names())
     work = out / "work" / r.name
     tc.checkpoint.output_dir, tc.checkpoint.checkpointing_steps = str(work), 0
