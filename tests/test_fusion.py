@@ -194,3 +194,18 @@ def test_half_precision_model_keeps_its_dtype(method):
     with ld.timestep(unet, torch.tensor([700, 700]), 1000), torch.no_grad():
         out = unet(x.bfloat16(), 700, enc.bfloat16()).sample
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_timestep_methods_leave_text_encoders_to_the_plain_sum(tmp_path):
+    from .test_formats_helpers import te_call
+
+    pipe = sd15_pipeline()
+    for i in range(2):
+        ld.add_adapter(pipe.text_encoder, ld.AdapterSpec(rank=2, targets="clip-text", seed=i), f"a{i}", trainable=False)
+        ld.add_adapter(pipe.unet, ld.AdapterSpec(rank=2, targets="unet-attn", seed=i), f"a{i}", trainable=False)
+        perturb(pipe.text_encoder, f"a{i}", std=0.2, seed=i)
+    ld.set_adapters(pipe, ["a0", "a1"])
+    plain = te_call(pipe.text_encoder)
+    f = fuse(pipe, ["a0", "a1"], method="klora")
+    assert f.combiners and not any(k.startswith("text_encoder") for k in f.combiners)
+    assert torch.equal(te_call(pipe.text_encoder), plain)  # no timestep needed there

@@ -152,6 +152,8 @@ class FusionMethod:
     paper: ClassVar[str] = ""
     trainable: ClassVar[bool] = False  # has parameters to train (gates)
     needs_roles: ClassVar[bool] = False  # uses subject/style roles
+    # reads the denoising timestep: text encoders (which never see one) keep the plain sum
+    needs_timestep: ClassVar[bool] = False
 
     @dataclass
     class Options:
@@ -174,6 +176,8 @@ class FusionMethod:
         fusion = Fusion(self, names, roles)
         self.prepare(layers, names, roles)
         for key, layer in layers.items():
+            if self.needs_timestep and key.startswith("text_encoder"):
+                continue
             comb = self.make_combiner(key, layer, names, roles)
             if comb is not None:
                 ref = next((p for p in layer.base_layer.parameters()), None)

@@ -10,7 +10,8 @@ arXiv 2502.18461. Reimplemented from the paper's formula (its code is CC BY-NC; 
 
 ΔW is each adapter's applied weight delta (its α/r scaling included). Early steps (small s) favour the subject,
 late steps the style. The choice is a tensor comparison on the device (no host sync); both y_c and y_s are
-computed. Layers that only one of the two LoRAs adapts use that LoRA alone.
+computed. Layers that only one of the two LoRAs adapts use that LoRA alone; text-encoder layers (no timestep) keep
+the plain sum.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class KLoRAFusion(FusionMethod):
     formula = "y = y0 + (y_c if S_c/gamma > S_s*s(t) else y_s); S = sum of top-(r_c*r_s) |dW|; s(t) = alpha*(1-t/T) + beta"
     paper = "https://arxiv.org/abs/2502.18461"
     needs_roles = True
+    needs_timestep = True
 
     @dataclass
     class Options:
@@ -89,7 +91,7 @@ class KLoRAFusion(FusionMethod):
         self._deltas: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         with torch.no_grad():
             for key, layer in layers.items():
-                if self.subject in layer.adapters and self.style in layer.adapters:
+                if self.subject in layer.adapters and self.style in layer.adapters and not key.startswith("text_encoder"):
                     self._deltas[key] = (layer.adapters[self.subject].delta_weight(None) * layer.scales[self.subject],
                                          layer.adapters[self.style].delta_weight(None) * layer.scales[self.style])
         self.gamma = gamma(list(self._deltas.values())) if self._deltas else 1.0

@@ -46,6 +46,7 @@ class ScheduledFusion(FusionMethod):
     name = "scheduled"
     formula = "y = y0 + sum_subject (1-(1-floor)r(p)) y_i + sum_style (floor+(1-floor)r(p)) y_j; r = ramp(1-t/T)"
     needs_roles = True
+    needs_timestep = True
 
     @dataclass
     class Options:
