@@ -229,3 +229,100 @@ def test_lorafa_parity_with_peft_create_lorafa_optimizer(weight_decay):
         assert torch.allclose(ad.lora_B, pb, rtol=1e-9, atol=1e-12)
         assert torch.allclose(ours(x), pm(x), rtol=1e-9, atol=1e-12)
     assert pb.abs().sum() > 0
+
+
+# --- DyLoRA (§13) ---
+def _dylora(kind: str = "linear", rank: int = 8, alpha: float = 4.0, **options):
+    net, layer, x = one_layer("dylora", kind, rank=rank, alpha=alpha, options=options)
+    perturb(net)
+    return net, layer, layer.adapters["default"], x
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_dylora_truncation_and_scale(kind):
+    net, layer, ad, x = _dylora(kind, rank=6)
+    for b in (1, 3, 6):
+        ad.set_inference_rank(b)
+        a, up = ad.lora_A.flatten(1)[:b], ad.lora_B.flatten(1)[:, :b]
+        expected = (4.0 / b) * (up @ a)  # scale α/b
+        assert torch.allclose(ad.delta_weight().flatten(1), expected, atol=1e-12)
+        y = layer(x)
+        saved = ad.lora_A.detach().clone(), ad.lora_B.detach().clone()
+        with torch.no_grad():  # rows/columns above b change nothing
+            ad.lora_A[b:] += 1.0
+            ad.lora_B[:, b:] += 1.0
+        assert torch.equal(layer(x), y)
+        with torch.no_grad():
+            ad.lora_A.copy_(saved[0])
+            ad.lora_B.copy_(saved[1])
+
+
+@pytest.mark.parametrize("mode", ["frozen", "all"])
+def test_dylora_training_gradients_reach_only_the_sampled_block(mode):
+    from lora_diffusion.variants.dylora import sampled_rank
+
+    net, layer, ad, x = _dylora(rank=8, block_size=2, mode=mode)
+    step = next(s for s in range(100) if sampled_rank(0, s, 8, 2) == 6)
+    ld.set_context(net, step=step)
+    assert ad.rank_for(layer._holder.current()) == 6
+    layer(x).pow(2).sum().backward()
+    ga = ad.lora_A.grad.abs().sum(dim=1)  # per row
+    assert torch.all(ga[6:] == 0) and torch.all(ga[4:6] > 0)
+    assert torch.all(ga[:4] == 0) if mode == "frozen" else torch.all(ga[:4] > 0)
+    gb = ad.lora_B.grad.abs().sum(dim=0)
+    assert torch.all(gb[6:] == 0) and (torch.all(gb[:4] == 0) if mode == "frozen" else torch.all(gb[:4] > 0))
+
+
+def test_dylora_sampled_ranks_are_uniform_and_shared_by_all_layers():
+    from lora_diffusion.variants.dylora import sampled_rank
+
+    counts = torch.bincount(torch.tensor([sampled_rank(3, s, 8, 2) for s in range(4000)]), minlength=9)
+    assert counts[[1, 3, 5, 7]].sum() == 0 and counts[[2, 4, 6, 8]].min() > 900  # 1000 each expected
+
+
+def test_dylora_export_at_rank_b_is_a_plain_lora_with_the_truncated_output(tmp_path):
+    net, layer, ad, x = _dylora(rank=8, alpha=4.0, inference_rank=3)
+    y = layer(x)
+    path = ld.save_adapter(net, tmp_path / "k", format="peft")  # external formats get a plain LoRA of rank b
+    fresh, _, _ = layer_and_input("linear")
+    ld.load_adapter(fresh, path)
+    assert ld.get_spec(fresh, "k").variant == "lora" and ld.get_spec(fresh, "k").rank == 3
+    assert torch.allclose(fresh.lin(x), y, atol=1e-12)
+
+
+def test_dylora_rank_not_multiple_of_block_is_refused_before_anything_is_built():
+    net, target, _ = layer_and_input("linear")
+    with pytest.raises(ld.AdapterError, match="module 'lin'.*rank.*6.*block_size=4"):
+        ld.add_adapter(net, ld.AdapterSpec("dylora", rank=6, targets=[target], options={"block_size": 4}))
+    assert not isinstance(net.get_submodule(target), ld.AdaptedLayer)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_dylora_parity_with_lycoris_at_several_ranks(kind):
+    """LyCORIS' DyLoraModule with alpha a at k blocks (get_weight(rank=(k-1)·block)) equals ours with α = a·block
+    at b = k·block (its scale is alpha / blocks): ΔW, and the gradients of the one trainable block."""
+    from lycoris.modules.dylora import DyLoraModule
+
+    from lora_diffusion.variants.dylora import sampled_rank
+
+    bs, r, a_l = 2, 6, 3.0
+    net, layer, ad, x = _dylora(kind, rank=r, alpha=a_l * bs, block_size=bs)
+    ly = DyLoraModule("m", layer.base_layer, lora_dim=r, alpha=a_l, block_size=bs).double()
+    with torch.no_grad():
+        for i in range(r // bs):
+            ly.down_list[i].copy_(ad.lora_A[i * bs:(i + 1) * bs].reshape(bs, -1))
+            ly.up_list[i].copy_(ad.lora_B[:, i * bs:(i + 1) * bs].reshape(-1, bs))
+    for k in range(1, r // bs + 1):
+        theirs, _ = ly.get_diff_weight(rank=(k - 1) * bs)
+        step = next(s for s in range(200) if sampled_rank(0, s, r, bs) == k * bs)
+        ld.set_context(net, step=step)
+        ours = ad.delta_weight(layer._holder.current())
+        assert torch.allclose(ours, theirs, rtol=1e-12, atol=1e-14)
+        g = torch.randn(ours.shape, dtype=ours.dtype, generator=torch.Generator().manual_seed(k))
+        ad.zero_grad()
+        ly.zero_grad()
+        (ours * g).sum().backward()
+        (theirs * g).sum().backward()
+        sl = slice((k - 1) * bs, k * bs)
+        assert torch.allclose(ad.lora_A.grad[sl].reshape(bs, -1), ly.down_list[k - 1].grad, rtol=1e-12, atol=1e-14)
+        assert torch.allclose(ad.lora_B.grad[:, sl].reshape(-1, bs), ly.up_list[k - 1].grad, rtol=1e-12, atol=1e-14)

@@ -332,6 +332,7 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
     "vera": {"lora_rank": 256, "learning_rate": 1e-3, "max_train_steps": 500},
     "singlora": {"lora_rank": 16, "learning_rate": 1e-4, "max_train_steps": 500},
     "lorafa": {"lora_rank": 16, "learning_rate": 1e-4, "max_train_steps": 500},
+    "dylora": {"lora_rank": 16, "learning_rate": 1e-4, "max_train_steps": 500},
     "none": {"lora_rank": 1, "learning_rate": 5e-3, "max_train_steps": 500},  # textual inversion alone
 }
 NO_ADAPTER = "none"
