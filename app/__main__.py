@@ -32,13 +32,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allow-server-paths", action="store_true", help="let users import adapters by a server path")
     p.add_argument("--max-concurrent", type=int, default=1, help="generations at once (default 1: one GPU job)")
     p.add_argument("--max-upload-mb", type=float, default=512.0)
+    p.add_argument("--stop-grace", type=float, default=60.0, metavar="SECONDS",
+                   help="Stop: how long a trainer may take to finish its step and save a checkpoint before it is killed")
     return p.parse_args(argv)
 
 
 def settings_from(a: argparse.Namespace) -> Settings:
     return Settings(library=a.library, output=a.output, device=a.device, models=parse_models(a.model),
                     allow_server_paths=a.allow_server_paths, max_concurrent_generations=a.max_concurrent,
-                    max_upload_mb=a.max_upload_mb)
+                    max_upload_mb=a.max_upload_mb, stop_grace_s=a.stop_grace)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -205,7 +205,7 @@ class UI:
     @handled
     def stop(self, job_id: str, request: gr.Request = None) -> str:
         job = self.s.jobs.stop(job_id, owner(request))
-        return f"Stopping {job.name}: the last checkpoint is kept; Resume continues from it"
+        return f"Stopping {job.name}: it finishes the current step and saves a checkpoint; Resume continues from it"
 
     @handled
     def resume(self, job_id: str, request: gr.Request = None) -> str:
@@ -235,7 +235,7 @@ class UI:
             return "No job yet: drop images and press Start.", empty, [], None
         jm = self.s.jobs
         p = jm.progress(job)
-        parts = [f"**{job.name}** — {job.state}", f"step {p['step']}/{p['total']}"]
+        parts = [f"**{job.name}** — {job.detail or job.state}", f"step {p['step']}/{p['total']}"]
         if p["it_per_s"]:
             parts.append(f"{p['it_per_s']:.2f} it/s")
         if p["eta_s"] is not None:

@@ -28,6 +28,7 @@ from app.services import (
     safe_name,
 )
 from lora_diffusion.generate import load_pipeline
+from training.loop import EXIT_STOPPED
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "a red star on a blue background"
@@ -227,6 +228,35 @@ def wait(jobs: JobManager, job, states=("done", "failed", "stopped"), timeout=15
     raise AssertionError(f"job {job.id}: still {job.state} after {timeout}s; log:\n{jobs.log_tail(job, 30)}")
 
 
+def test_stop_kills_a_trainer_that_does_not_save_within_the_grace(tmp_path) -> None:
+    """SIGKILL only as a last resort: a process that ignores SIGTERM is killed after Settings.stop_grace_s, and the
+    job says so (no false "checkpoint saved")."""
+    import subprocess
+    import sys
+
+    from app.services.jobs import Job
+
+    settings = Settings(library=tmp_path / "lib", output=tmp_path / "out", device="cpu", stop_grace_s=1.0)
+    jm = AppServices(settings).jobs
+    job = Job("stubborn0001", "stubborn", "local", {"variant": "tlora", "model": "demo", "steps": 10}, "demo")
+    jm.dir(job).mkdir(parents=True)
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); " \
+               f"time.sleep(60)  # {jm.dir(job)}"
+    proc = subprocess.Popen([sys.executable, "-c", stubborn], stdout=subprocess.PIPE, start_new_session=True)
+    assert proc.stdout.readline() == b"ready\n"  # its SIGTERM handler is in place
+    jm._procs[job.id], jm.jobs[job.id], job.state, job.pid = proc, job, "running", proc.pid
+    import threading
+
+    threading.Thread(target=jm._follow, args=(job,), daemon=True).start()
+    t0 = time.time()
+    jm.stop(job.id)
+    wait(jm, job, ("stopped",), timeout=30)
+    assert 1.0 <= time.time() - t0 < 20 and job.returncode == -9
+    assert job.detail == "stopped at step 0 (killed)"
+    assert job.error == "the trainer did not save within 1 s of Stop and was killed before its first checkpoint; " \
+                        "Resume starts it again"
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(token="my dog"), "placeholder token: expected one word without spaces"),
     (dict(token=""), "placeholder token"),
@@ -257,22 +287,25 @@ def test_job_refuses_non_images_small_and_oversized(services, tmp_path) -> None:
 
 @pytest.mark.slow
 def test_job_trains_stops_resumes_and_survives_a_restart(tmp_path, monkeypatch) -> None:
-    """A real trainer subprocess: stop keeps the checkpoint, resume continues from it, the finished adapter reaches
-    the library with a sample, and a new JobManager (an app restart) finds everything."""
+    """A real trainer subprocess: Stop saves a checkpoint at the step it stopped at (not the last periodic one),
+    resume continues from it, the finished adapter reaches the library with a sample, and a new JobManager (an app
+    restart) finds everything."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     settings = Settings(library=tmp_path / "lib", output=tmp_path / "out", device="cpu")
     services = AppServices(settings)
     jm = services.jobs
-    job = jm.create(JobRequest([image(tmp_path / "ring.png", (64, 48))], steps=30, checkpoint_every=2,
-                               sample_every=30, sample_steps=2, name="ring"))
+    job = jm.create(JobRequest([image(tmp_path / "ring.png", (64, 48))], steps=60, checkpoint_every=50,
+                               sample_every=60, sample_steps=2, name="ring"))
     second = jm.create(JobRequest([image(tmp_path / "b.png")], steps=30, checkpoint_every=2, sample_every=30,
                                   sample_steps=2, name="second"))
     assert job.state == "running" and second.state == "queued" and jm.place(second) == 2  # one job at a time
-    wait(jm, job, until=lambda: (jm.latest_checkpoint(job) or (0,))[0] >= 2)
+    wait(jm, job, until=lambda: jm.progress(job)["step"] >= 3)
     jm.stop(job.id)
     wait(jm, job, ("stopped",))
-    kept = jm.latest_checkpoint(job)
-    assert kept is not None and jm.progress(job)["step"] < 30  # really stopped, checkpoint kept
+    kept, step = jm.latest_checkpoint(job), jm.progress(job)["step"]
+    assert kept is not None and kept[0] == step and 3 <= step < 50  # saved at the stop step; no periodic one before
+    assert job.returncode == EXIT_STOPPED and job.detail == f"stopped at step {step} (checkpoint saved)" and not job.error
+    assert f"stopped at step {step}/60; checkpoint saved to" in jm.log_tail(job, 5)
     assert jm.current_adapter(job) == kept[1]  # 'try a prompt' uses it while stopped
     # the queue moved on; the second trainer crashes (killed): failed, named, its checkpoint kept
     wait(jm, second, until=lambda: (jm.latest_checkpoint(second) or (0,))[0] >= 2)
@@ -285,9 +318,10 @@ def test_job_trains_stops_resumes_and_survives_a_restart(tmp_path, monkeypatch) 
     log_text = (jm.dir(job) / "log.txt").read_text()
     assert f"resumed from {kept[1].parent}" in log_text
     p = jm.progress(job)
-    assert p["step"] == 30 and len(p["losses"]) == 30 and all(np.isfinite([v for _, v in p["losses"]]))
+    assert p["step"] == 60 and len(p["losses"]) == 60 and all(np.isfinite([v for _, v in p["losses"]]))
+    assert job.detail == ""  # the resumed job says "done", not its old stop
     entry = next(e for e in services.library.entries() if e["name"] == "ring")
-    assert entry["sample"] and entry["training"]["steps"] == 30 and entry["trigger_words"] == ["sks"]
+    assert entry["sample"] and entry["training"]["steps"] == 60 and entry["trigger_words"] == ["sks"]
     assert set(jm.outputs(job)) == {"canonical", "kohya", "diffusers"}
     # an app restart: job state comes from disk; a job whose process died with the app is resumable
     assert jm.latest_checkpoint(second) is not None  # nothing trained was lost

@@ -38,20 +38,21 @@ def test_train_stop_resume_then_generate_and_blend(served, client, tmp_path, mon
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     img = subject_image(tmp_path / "ring.png")
-    update, msg = client.predict([handle_file(str(img))], "sks", "", "tlora", "demo", 24, None, None, "", "", 24, 2,
+    update, msg = client.predict([handle_file(str(img))], "sks", "", "tlora", "demo", 40, None, None, "", "", 40, 30,
                                  "0", "ring", 2, api_name="/train_start")
     job = update["value"]
     assert "queued" in msg
-    poll(lambda: status(client, job), lambda s: "last checkpoint: step" in s)
+    poll(lambda: status(client, job), lambda s: "step " in s and int(s.split("step ")[1].split("/")[0]) >= 2)
     assert "Stopping ring" in client.predict(job, api_name="/train_stop")
     stopped = poll(lambda: status(client, job), lambda s: "— stopped" in s)
-    step = int(stopped.split("step ")[1].split("/")[0])
-    assert 2 <= step < 24  # really stopped part-way, with a checkpoint
+    step = int(stopped.split("· step ")[1].split("/")[0])
+    assert 2 <= step < 30, stopped  # stopped part-way, before the first periodic checkpoint (every 30)
+    assert f"— stopped at step {step} (checkpoint saved)" in stopped and f"last checkpoint: step {step}" in stopped
     client.predict(job, api_name="/train_resume")
     done = poll(lambda: status(client, job), lambda s: "— done" in s or "— failed" in s)
-    assert "step 24/24" in done and "Saved to the library as **ring**" in done, done
+    assert "step 40/40" in done and "Saved to the library as **ring**" in done, done
     text, loss, samples, files = client.predict(job, api_name="/train_status")
-    assert len(loss["data"]) == 24 and samples and {f.rsplit("/", 1)[1] for f in files} == {
+    assert len(loss["data"]) == 40 and samples and {f.rsplit("/", 1)[1] for f in files} == {
         "tlora.safetensors", "tlora.kohya.safetensors", "pytorch_lora_weights.safetensors"}
 
     # the kohya and diffusers downloads load back (imported through the Library tab's upload)

@@ -59,8 +59,8 @@ class StopSignals:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self) -> None:
-        self.requested = False
+    def __init__(self, then: str = "finishing this step, then saving a checkpoint") -> None:
+        self.requested, self.then = False, then
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
@@ -83,8 +83,7 @@ class StopSignals:
         name = signal.Signals(signum).name
         if not self.requested:
             self.requested = True
-            log.warning("%s: finishing this step, then saving a checkpoint (send it again to abort without saving)",
-                        name)
+            log.warning("%s: %s (send it again to abort without saving)", name, self.then)
             return
         previous = self._previous.get(signum, signal.SIG_DFL)
         self._restore()

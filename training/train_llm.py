@@ -52,7 +52,7 @@ from .llm_data import (
     pack,
     split_eval,
 )
-from .loop import EXIT_STOPPED, JsonlProgress, LoopConfig, TrainingStopped, fit
+from .loop import EXIT_STOPPED, JsonlProgress, LoopConfig, StopSignals, TrainingStopped, fit
 
 log = logging.getLogger("train_llm")
 ADAPTER_FILE = "adapter.safetensors"
@@ -372,14 +372,15 @@ def train(cfg: LLMConfig) -> dict[str, Any]:
     dt = time.perf_counter() - t0
     metrics.update({"steps": result.last_step, "losses": result.losses, "train_seconds": dt,
                     "tokens_per_s": tokens["n"] / dt if dt > 0 else 0.0})
-    if eval_ex:
-        metrics["after"] = evaluate(model, eval_ex, cfg.data.eval_batch_size, tok.pad_token_id, acc.device)
-        log.info("held-out loss after training: %.4f (perplexity %.2f)", metrics["after"]["eval_loss"],
-                 metrics["after"]["eval_ppl"])
-        acc.log(metrics["after"], step=result.last_step)
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        save_outputs(cfg, acc.unwrap_model(model), tok, out, metrics)
+    with StopSignals("training is complete: writing the final outputs first"):  # a Stop now loses nothing either
+        if eval_ex:
+            metrics["after"] = evaluate(model, eval_ex, cfg.data.eval_batch_size, tok.pad_token_id, acc.device)
+            log.info("held-out loss after training: %.4f (perplexity %.2f)", metrics["after"]["eval_loss"],
+                     metrics["after"]["eval_ppl"])
+            acc.log(metrics["after"], step=result.last_step)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            save_outputs(cfg, acc.unwrap_model(model), tok, out, metrics)
     acc.end_training()
     return metrics
 

@@ -32,6 +32,7 @@ from .loop import (
     LoopConfig,
     NonFiniteLossError,
     Reporter,
+    StopSignals,
     TrainingStopped,
     fit,
     make_accelerator,
@@ -142,14 +143,15 @@ def train(cfg: TLoRAConfig) -> TrainResult:
         raise TrainingError(f"{e}: training stopped, nothing of this step was applied; last good checkpoint: "
                             f"{last[-1] if last else 'none'} (try a lower --learning_rate, bf16 instead of fp16, "
                             f"or the fp16-fix VAE)") from None
-    acc.wait_for_everyone()
     outputs = {}
-    if acc.is_main_process:
-        if tokens is not None:
-            tokens.commit()
-        outputs = dif.save_outputs(pipe, cfg, out, result.last_step, res)
-        if result.last_step > start and result.last_step not in sampled:
-            reporter.images(result.last_step, dif.sample(pipe, cfg, result.last_step, res))
+    with StopSignals("training is complete: writing the final outputs first"):  # a Stop now loses nothing either
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if tokens is not None:
+                tokens.commit()
+            outputs = dif.save_outputs(pipe, cfg, out, result.last_step, res)
+            if result.last_step > start and result.last_step not in sampled:
+                reporter.images(result.last_step, dif.sample(pipe, cfg, result.last_step, res))
     reporter.close()
     acc.wait_for_everyone()
     acc.end_training()

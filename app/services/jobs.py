@@ -7,10 +7,11 @@
     jobs/<id>/run/            the trainer's output_dir: adapter files, checkpoints/, samples/
     jobs/<id>/log.txt         the trainer's output
 
-One job trains at a time (the GPU); later ones wait in a queue and know their place. Stop ends the process (its
-checkpoints stay); Resume continues from the latest checkpoint. A finished adapter goes to the library. The state
-is on disk, so a reloaded page or a restarted app finds every job: a process that outlived the app is followed
-again, one that died with it is shown stopped and can be resumed.
+One job trains at a time (the GPU); later ones wait in a queue and know their place. Stop sends SIGTERM: the trainer
+finishes its step, saves a checkpoint of it and exits with ``EXIT_STOPPED`` (the job: "stopped at step N (checkpoint
+saved)"); only if it has not within ``Settings.stop_grace_s`` is it killed. Resume continues from the latest
+checkpoint. A finished adapter goes to the library. The state is on disk, so a reloaded page or a restarted app finds
+every job: a process that outlived the app is followed again, one that died with it is shown stopped and can be resumed.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import lora_diffusion as ld
+from training.loop import EXIT_STOPPED
 
 from .errors import AppError
 from .library import LibraryService, safe_name
@@ -87,6 +89,7 @@ class Job:
     library_name: str = ""
     runs: int = 0  # starts (1 + resumes)
     kind: str = "diffusion"  # or "llm" (training.train_llm on a JSONL file)
+    detail: str = ""  # what the state means, e.g. "stopped at step 12 (checkpoint saved)"
 
 
 @dataclass
@@ -331,6 +334,7 @@ class JobManager:
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         self._procs[job.id] = proc
         job.state, job.pid, job.returncode, job.error, job.runs = "running", proc.pid, None, "", job.runs + 1
+        job.detail = ""
         self._save(job)
         log.info("job %s (%s): started, pid %d%s", job.id, job.name, proc.pid, " (resumed)" if job.runs > 1 else "")
         threading.Thread(target=self._follow, args=(job,), daemon=True).start()
@@ -351,17 +355,34 @@ class JobManager:
             job.returncode = rc
             outputs = self.outputs(job)
             self._record_speed(job)
-            if job.state == "stopping":
-                job.state = "stopped"
-            elif rc == 0 or (rc is None and ("canonical" in outputs or "adapter" in outputs)):
-                job.state = "done"
+            if rc == 0 or (rc is None and ("canonical" in outputs or "adapter" in outputs)):
+                job.state, job.detail = "done", ""  # finished (a Stop during the last step lets it finish)
                 if job.kind == "diffusion":
                     self._to_library(job, outputs["canonical"])
+            elif rc == EXIT_STOPPED or job.state == "stopping":
+                self._stopped(job, rc)
             else:
                 job.state, job.error = "failed", self._failure(job, rc)
             self._save(job)
             log.info("job %s (%s): %s%s", job.id, job.name, job.state, f" ({job.error})" if job.error else "")
         self._pump()
+
+    def _stopped(self, job: Job, rc: int | None) -> None:
+        """The trainer ended after a Stop (or any SIGTERM): saved at its last step, or killed before it could."""
+        job.state = "stopped"
+        ckpt = self.latest_checkpoint(job)
+        step = self.progress(job)["step"]
+        if ckpt and ckpt[0] == step and rc in (EXIT_STOPPED, None, -signal.SIGTERM):
+            job.detail = f"stopped at step {step} (checkpoint saved)"
+        elif step == 0 and rc in (None, -signal.SIGTERM):  # still loading: nothing was trained
+            job.detail = "stopped before the first step"
+        elif rc == -signal.SIGKILL:
+            kept = (f": the steps after its last checkpoint (step {ckpt[0]}) are lost; Resume continues from that one"
+                    if ckpt else " before its first checkpoint; Resume starts it again")
+            job.detail = f"stopped at step {step} (killed)"
+            job.error = f"the trainer did not save within {self.settings.stop_grace_s:g} s of Stop and was killed{kept}"
+        else:
+            job.detail, job.error = f"stopped at step {step}", self._failure(job, rc)
 
     def _record_speed(self, job: Job) -> None:
         rate = self.progress(job)["it_per_s"]
@@ -415,18 +436,20 @@ class JobManager:
             elif job.state == "running":
                 job.state = "stopping"
                 _signal(job.pid, signal.SIGTERM)
-                threading.Thread(target=self._kill_later, args=(job,), daemon=True).start()
+                threading.Thread(target=self._kill_later, args=(job, self.settings.stop_grace_s), daemon=True).start()
             else:
                 raise AppError(f"job {job.name}: {job.state}, nothing to stop")
             self._save(job)
             log.info("job %s (%s): stop requested", job.id, job.name)
         return job
 
-    def _kill_later(self, job: Job, grace: float = 15.0) -> None:
+    def _kill_later(self, job: Job, grace: float) -> None:
+        """SIGKILL as a last resort: the trainer got SIGTERM and has not saved and exited within ``grace`` s."""
         end = time.time() + grace
         while time.time() < end and job.state == "stopping":
             time.sleep(0.2)
         if job.state == "stopping":
+            log.warning("job %s (%s): no exit %g s after SIGTERM; killing it", job.id, job.name, grace)
             _signal(job.pid, signal.SIGKILL)
 
     def resume(self, job_id: str, owner: str | None = None) -> Job:
@@ -436,7 +459,7 @@ class JobManager:
                 raise AppError(f"job {job.name}: {job.state}; only a stopped or failed job can be resumed")
             if job.state == "done" and self.progress(job)["step"] >= self.progress(job)["total"]:
                 raise AppError(f"job {job.name}: finished all its steps; start a new job to train more")
-            job.state, job.queued_at, job.error = "queued", time.time(), ""
+            job.state, job.queued_at, job.error, job.detail = "queued", time.time(), "", ""
             self._save(job)
             self._pump()
         return job
