@@ -70,3 +70,23 @@ def test_gate_training_needs_two_loras_with_captioned_images(loras, tmp_path):
     with pytest.raises(Exception, match=r"needs each image's caption"):
         train(parse_args(GateConfig, ["--loras", f"{tmp_path / 'x.safetensors'},{loras / 'ring.safetensors'}",
                                       "--output_dir", str(tmp_path / "o")])[0])
+
+
+def test_sigterm_saves_a_checkpoint_of_the_step_and_no_final_gates(loras, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import training.train_gates as tg
+    from training.loop import TrainingStopped
+
+    real = tg.fit
+
+    def fit(*a, **kw):  # train() calls fit(acc, model, opt, sched, data, objective, loop, start, hooks, on_stop=...)
+        return real(*a[:8], [*a[8], lambda s, logs: s == 2 and os.kill(os.getpid(), signal.SIGTERM)], **kw)
+
+    monkeypatch.setattr(tg, "fit", fit)
+    with pytest.raises(TrainingStopped, match="stopped at step 2/6"):
+        train(_cfg(loras, tmp_path, 6, "--checkpointing_steps", "0"))
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-2"]
+    assert (tmp_path / "checkpoints" / "checkpoint-2" / "gates.safetensors").is_file()
+    assert not (tmp_path / "gates.safetensors").exists()

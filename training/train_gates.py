@@ -33,7 +33,7 @@ from . import diffusion as dif
 from .checkpoint import CheckpointError, CheckpointManager, GlobalRNG, TrainableParams
 from .config import CheckpointArgs, ConfigError, RunArgs, opt, parse_args, to_yaml
 from .data import DataError, ImageSet, files_digest, find_images, read_captions
-from .loop import LoopConfig, NonFiniteLossError, Reporter, fit, make_accelerator
+from .loop import EXIT_STOPPED, LoopConfig, NonFiniteLossError, Reporter, TrainingStopped, fit, make_accelerator
 from .objectives import Conditioner
 
 log = logging.getLogger("train_gates")
@@ -289,7 +289,12 @@ def train(cfg: GateConfig) -> GateResult:
     loop = LoopConfig(o.max_train_steps, 1, o.max_grad_norm, "train gates", cfg.run.progress)
     before = validation_loss(objective, sampler)
     try:
-        result = fit(acc, model, opt_, sched, sampler, objective, loop, start, [on_step])
+        result = fit(acc, model, opt_, sched, sampler, objective, loop, start, [on_step],
+                     on_stop=lambda step: ckpt.save_once(step, shared, local,
+                                                         lambda d: save_gates(fusion, d / "gates.safetensors", hashes)))
+    except TrainingStopped:  # SIGTERM/SIGINT: a checkpoint of the stop step is written, no final gates
+        reporter.close()
+        raise
     except NonFiniteLossError as e:
         last = ckpt.checkpoints()
         raise ConfigError(f"{e}: stopped; last good checkpoint: {last[-1] if last else 'none'}") from None
@@ -313,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
         train(cfg)
     except (ConfigError, DataError, CheckpointError, ld.AdapterError) as e:
         raise SystemExit(f"error: {e}") from None
+    except TrainingStopped:  # the checkpoint is saved and the line logged by fit
+        raise SystemExit(EXIT_STOPPED) from None
 
 
 if __name__ == "__main__":
