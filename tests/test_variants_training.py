@@ -326,3 +326,57 @@ def test_dylora_parity_with_lycoris_at_several_ranks(kind):
         sl = slice((k - 1) * bs, k * bs)
         assert torch.allclose(ad.lora_A.grad[sl].reshape(bs, -1), ly.down_list[k - 1].grad, rtol=1e-12, atol=1e-14)
         assert torch.allclose(ad.lora_B.grad[:, sl].reshape(-1, bs), ly.up_list[k - 1].grad, rtol=1e-12, atol=1e-14)
+
+
+# --- Delta-LoRA (§11) ---
+def test_deltalora_matches_the_in_place_rule_step_by_step_fp64():
+    """Reference: the paper's algorithm written out (W a tensor updated in place after each step t > K)."""
+    lam, K, steps = 0.7, 2, 5
+    net, layer, _ = one_layer("deltalora", rank=2, alpha=3, options={"update_ratio": lam, "start_step": K})
+    ad = layer.adapters["default"]
+    s = ad.scaling
+    w = layer.base_layer.weight.detach().clone()
+    bias = layer.base_layer.bias.detach()
+    a, b = ad.lora_A.detach().clone().requires_grad_(), ad.lora_B.detach().clone().requires_grad_()
+    ref_opt = torch.optim.AdamW([a, b], lr=1e-2, weight_decay=0.0)  # as ld.param_groups
+    data = Regression()
+    seen = []
+    fit_lin(net, steps, on_step=lambda st, logs: seen.append((st, ad.base_update().clone(), ad.lora_A.detach().clone())))
+    for t in range(1, steps + 1):
+        x, y = data.next_batch()
+        out = nn.functional.linear(x, w, bias) + s * (x @ a.T @ b.T)
+        nn.functional.mse_loss(out, y).backward()
+        before = (b @ a).detach()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        if t > K:
+            w += lam * s * ((b @ a).detach() - before)
+        st, moved, a_ours = seen[t - 1]
+        assert st == t and torch.allclose(a_ours, a, atol=1e-12)
+        w_ours = layer.base_layer.weight + moved
+        assert torch.allclose(w_ours, w, atol=1e-12)
+        if t <= K:
+            assert torch.equal(moved, torch.zeros_like(moved))  # W untouched while t <= K
+    assert (w - layer.base_layer.weight).abs().max() > 1e-4  # W did move after K
+    assert layer.base_layer.weight.grad is None and not layer.base_layer.weight.requires_grad
+
+
+def test_deltalora_dropout_is_refused_before_anything_is_built():
+    net, target, _ = layer_and_input("linear")
+    with pytest.raises(ld.AdapterError, match="module 'lin': variant 'deltalora' needs dropout = 0"):
+        ld.add_adapter(net, ld.AdapterSpec("deltalora", rank=2, dropout=0.1, targets=[target]))
+    assert not isinstance(net.get_submodule(target), ld.AdaptedLayer)
+
+
+def test_deltalora_checkpoint_carries_the_snapshot_and_export_is_exact(tmp_path):
+    from training.checkpoint import TrainableParams
+
+    net, layer, x = one_layer("deltalora", rank=2, options={"update_ratio": 0.5, "start_step": 1})
+    fit_lin(net, 3)
+    keys = set(TrainableParams(net).state_dict())
+    assert keys == {f"lin.adapters.default.{k}" for k in ("lora_A", "lora_B", "lora_A_K", "lora_B_K")}
+    y = layer(x)
+    path = ld.save_adapter(net, tmp_path / "p", format="peft")  # external formats: a plain LoRA of rank 2r
+    fresh, _, _ = layer_and_input("linear")
+    ld.load_adapter(fresh, path)
+    assert ld.get_spec(fresh, "p").rank == 4 and torch.allclose(fresh.lin(x), y, atol=1e-12)

@@ -47,13 +47,21 @@ class Stateful(Protocol):
 
 
 class TrainableParams:
-    """The trainable (``requires_grad``) parameters of a model, as a stateful object."""
+    """The trainable (``requires_grad``) parameters of a model and its adapters' training-state buffers, as a
+    stateful object."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
-    def _params(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+    def _params(self) -> dict[str, torch.Tensor]:
+        """Trainable parameters and the adapters' training-state buffers (``Adapter.state_buffers``)."""
+        from lora_diffusion.core.adapter import Adapter
+
+        out: dict[str, torch.Tensor] = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        for mname, m in self.model.named_modules():
+            if isinstance(m, Adapter):
+                out.update({f"{mname}.{b}": getattr(m, b) for b in m.state_buffers})
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {n: p.detach().to("cpu", copy=True) for n, p in self._params().items()}

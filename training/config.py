@@ -333,6 +333,7 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
     "singlora": {"lora_rank": 16, "learning_rate": 1e-4, "max_train_steps": 500},
     "lorafa": {"lora_rank": 16, "learning_rate": 1e-4, "max_train_steps": 500},
     "dylora": {"lora_rank": 16, "learning_rate": 1e-4, "max_train_steps": 500},
+    "deltalora": {"lora_rank": 16, "learning_rate": 1e-4, "max_train_steps": 500},
     "none": {"lora_rank": 1, "learning_rate": 5e-3, "max_train_steps": 500},  # textual inversion alone
 }
 NO_ADAPTER = "none"
@@ -343,10 +344,13 @@ FALLBACK_DEFAULTS: dict[str, Any] = {"lora_rank": 16, "learning_rate": 1e-4, "ma
 def step_option_defaults(variant: str, options: dict[str, Any], max_steps: int) -> dict[str, Any]:
     """Variant options that depend on the run's length, filled where the user left them: SingLoRA's ramp
     (``ramp_steps``) reaches u = 1 after 10% of the steps, so most of training and all of inference run at
-    the full update (the library's own default, 1000 steps, would never finish a 500-step run)."""
+    the full update (the library's own default, 1000 steps, would never finish a 500-step run); Delta-LoRA's base
+    weight starts moving (``start_step`` K) after the same 10% warm-up of A and B."""
     out = dict(options)
     if variant == "singlora" and "ramp_steps" not in out:
         out["ramp_steps"] = max(1, max_steps // 10)
+    if variant == "deltalora" and "start_step" not in out:
+        out["start_step"] = max_steps // 10
     return out
 
 

@@ -42,10 +42,13 @@ class Adapter(nn.Module):
     uses_alpha: ClassVar[bool] = True
     uses_context: ClassVar[bool] = False  # reads the diffusion timestep from the context (not for text LLMs)
     uses_step: ClassVar[bool] = False  # reads the optimizer-step counter (ctx.step) from the context
+    supports_dropout: ClassVar[bool] = True  # False: dropout > 0 is refused by ``check`` (Delta-LoRA)
     rank_limited: ClassVar[bool] = True  # rank <= min(out, in) of the layer
     # External formats (kohya, diffusers, PEFT) get this adapter as an exactly equal plain LoRA (io.formats.plain_lora:
     # ``lowrank_factors()`` if defined, else lora_A/lora_B/scaling); the canonical file keeps the variant.
     export_as_lora: ClassVar[bool] = False
+    # Persistent buffers that training changes (Delta-LoRA's snapshot at step K): checkpoints carry them like parameters.
+    state_buffers: ClassVar[tuple[str, ...]] = ()
     # Role of each trainable tensor, for optimizer parameter groups (LoRA+: "B" gets a higher lr).
     param_roles: ClassVar[dict[str, str]] = {}
 
@@ -70,6 +73,9 @@ class Adapter(nn.Module):
             raise TargetError(
                 f"module '{cfg.module_name}': variant '{cls.variant}' does not support {info.kind} layers "
                 f"(supported: {sorted(cls.kinds)})")
+        if cfg.dropout > 0 and not cls.supports_dropout:
+            raise TargetError(f"module '{cfg.module_name}': variant '{cls.variant}' needs dropout = 0; found "
+                              f"dropout={cfg.dropout}")
         limit = min(info.out_features, info.fan_in)
         if cls.rank_limited and cfg.rank > limit and not loading:
             raise TargetError(
