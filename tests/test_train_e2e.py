@@ -78,8 +78,8 @@ def test_resume_after_kill_reproduces_losses(sd_model, subject, tmp_path):  # no
 
     real_fit = tt.fit
 
-    def killed_fit(*a):  # train() calls fit(acc, model, opt, sched, data, objective, loop, start, hooks)
-        return real_fit(*a[:8], [*a[8], _kill_after(5)])
+    def killed_fit(*a, **kw):  # train() calls fit(acc, model, opt, sched, data, objective, loop, start, hooks, ...)
+        return real_fit(*a[:8], [*a[8], _kill_after(5)], **kw)
 
     tt.fit = killed_fit
     try:
