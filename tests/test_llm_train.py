@@ -20,7 +20,7 @@ from .conftest import FIXTURES, train_losses
 TRAIN = FIXTURES / "llm_shout_train.jsonl"
 EVAL = FIXTURES / "llm_shout_eval.jsonl"
 RANKS = {"vera": 16}
-LRS = {"vera": 5e-2}
+LRS = {"vera": 5e-2, "adalora": 5e-2}  # AdaLoRA: λ = 0 and P, Q ~ N(0, 0.02²) at init: slow start
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one intra-op thread (conftest)

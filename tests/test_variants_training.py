@@ -380,3 +380,95 @@ def test_deltalora_checkpoint_carries_the_snapshot_and_export_is_exact(tmp_path)
     fresh, _, _ = layer_and_input("linear")
     ld.load_adapter(fresh, path)
     assert ld.get_spec(fresh, "p").rank == 4 and torch.allclose(fresh.lin(x), y, atol=1e-12)
+
+
+# --- AdaLoRA (§15) ---
+class _Out:
+    def __init__(self, loss: torch.Tensor) -> None:
+        self.loss = loss
+
+
+class _TwoLinears(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 12), nn.Linear(12, 8)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> _Out:
+        return _Out(nn.functional.mse_loss(self.b(torch.tanh(self.a(x))), y))
+
+
+def test_adalora_budget_schedule():
+    from lora_diffusion.variants.adalora import budget_schedule
+
+    kw = dict(init_budget=24, target_budget=8, total_step=20, tinit=2, tfinal=4, delta_t=1)
+    assert budget_schedule(2, **kw) == (24, False)
+    assert budget_schedule(9, **kw)[0] == int(8 + 16 / 8)  # midpoint: b_T + (b_init − b_T)/8
+    assert budget_schedule(16, **kw)[0] == 8 and budget_schedule(17, **kw) == (8, True)
+
+
+def test_adalora_parity_with_peft_over_a_short_run():
+    """PEFT's AdaLoraModel and ours from the same weights and data in fp64: losses (with the orthogonality penalty),
+    λ masks (counts equal the budget) and all tensors, step by step through the warm-up, budget and final phases."""
+    peft = pytest.importorskip("peft")
+    import copy
+
+    torch.manual_seed(0)
+    base = _TwoLinears().double()
+    opts = dict(total_step=8, target_rank=2, tinit=1, tfinal=3, delta_t=1, orth_reg_weight=0.5)
+    cfg = peft.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, total_step=8, tinit=1, tfinal=3, deltaT=1,
+                             orth_reg_weight=0.5, target_modules=["a", "b"])
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg).double()
+    ours = copy.deepcopy(base)
+    ld.add_adapter(ours, ld.AdapterSpec("adalora", rank=4, alpha=8, targets=["a", "b"], options=opts))
+    theirs = {m: getattr(pm.base_model.model, m) for m in ("a", "b")}
+    for layer in theirs.values():
+        layer.ranknum["default"].requires_grad_(False)  # .double() left PEFT's frozen ranknum trainable
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m, layer in theirs.items():
+            ad = getattr(ours, m).adapters["default"]
+            layer.lora_E["default"].copy_(torch.randn(4, 1, generator=gen, dtype=torch.float64))
+            for n in ("lora_A", "lora_E", "lora_B"):
+                getattr(ad, n).copy_(getattr(layer, n)["default"])
+    popt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    oopt = torch.optim.AdamW(ld.param_groups(ours, 1e-2), lr=1e-2)
+    hooks = ld.TrainingHooks(ours)
+    for t in range(1, 11):
+        x, y = torch.randn(6, 16, generator=gen, dtype=torch.float64), torch.randn(6, 8, generator=gen, dtype=torch.float64)
+        ploss = pm.base_model(x, y).loss  # AdaLoraModel.forward adds the penalty (PeftModel's skips it here)
+        ploss.backward()
+        popt.step()
+        pm.base_model.update_and_allocate(t)
+        popt.zero_grad()
+        hooks.begin_step(t)
+        oloss = ours(x, y).loss + hooks.regularization()
+        oloss.backward()
+        oopt.step()
+        hooks.after_step(t)
+        oopt.zero_grad()
+        assert oloss.item() == pytest.approx(ploss.item(), rel=1e-10)
+        for m, layer in theirs.items():
+            ad = getattr(ours, m).adapters["default"]
+            for n in ("lora_A", "lora_E", "lora_B"):
+                assert torch.allclose(getattr(ad, n), getattr(layer, n)["default"], rtol=1e-8, atol=1e-10), (t, m, n)
+            assert torch.equal(ad.lora_E == 0, layer.lora_E["default"] == 0), (t, m)
+        if t >= 5:  # from the final phase on: the target budget, 2 per module on average
+            assert sum(getattr(ours, m).adapters["default"].allocated_rank() for m in "ab") == 4
+
+
+def test_adalora_without_total_step_is_refused_when_training_starts():
+    net, layer, _ = one_layer("adalora", rank=4)  # fine for inference and loading
+    with pytest.raises(ld.AdapterError, match="module 'lin': AdaLoRA option total_step is not set"):
+        fit_lin(net, 1)
+    assert layer._holder.state.step is None  # nothing ran
+
+
+def test_adalora_orth_penalty_zero_for_orthonormal_factors():
+    net, layer, _ = one_layer("adalora", rank=4, options={"total_step": 10})
+    ad = layer.adapters["default"]
+    hooks = ld.TrainingHooks(net)
+    assert hooks.regularization() > 0
+    with torch.no_grad():
+        ad.lora_A.copy_(torch.linalg.qr(torch.randn(16, 4, dtype=torch.float64)).Q.T)
+        ad.lora_B.copy_(torch.linalg.qr(torch.randn(24, 4, dtype=torch.float64)).Q)
+    assert hooks.regularization() < 1e-12

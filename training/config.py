@@ -334,6 +334,7 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
     "lorafa": {"lora_rank": 16, "learning_rate": 1e-4, "max_train_steps": 500},
     "dylora": {"lora_rank": 16, "learning_rate": 1e-4, "max_train_steps": 500},
     "deltalora": {"lora_rank": 16, "learning_rate": 1e-4, "max_train_steps": 500},
+    "adalora": {"lora_rank": 12, "learning_rate": 1e-3, "max_train_steps": 500},  # PEFT: init_r 12, target_r 8
     "none": {"lora_rank": 1, "learning_rate": 5e-3, "max_train_steps": 500},  # textual inversion alone
 }
 NO_ADAPTER = "none"
@@ -351,6 +352,8 @@ def step_option_defaults(variant: str, options: dict[str, Any], max_steps: int) 
         out["ramp_steps"] = max(1, max_steps // 10)
     if variant == "deltalora" and "start_step" not in out:
         out["start_step"] = max_steps // 10
+    if variant == "adalora" and "total_step" not in out:  # its budget schedule ends with the run
+        out["total_step"] = max_steps
     return out
 
 

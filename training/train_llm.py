@@ -59,7 +59,7 @@ ADAPTER_FILE = "adapter.safetensors"
 PEFT_DIR = "peft"
 MERGED_DIR = "merged"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-LR_DEFAULTS = {"vera": 1e-3, "loha": 4e-4, "lokr": 4e-4}
+LR_DEFAULTS = {"vera": 1e-3, "loha": 4e-4, "lokr": 4e-4, "adalora": 1e-3}  # AdaLoRA: λ starts at 0
 
 
 # --- configuration ---
@@ -78,7 +78,7 @@ class LLMModelArgs:
 @dataclass
 class LLMAdapterArgs:
     variant: str = opt("lora", "adapter variant: lora, rslora, dora, vera, loha, lokr, singlora, lorafa, dylora, "
-                               "deltalora (not "
+                               "deltalora, adalora (not "
                                "timestep variants; lora_diffusion.llm.llm_variant_names())")
     rank: int = opt(8, "rank r (VeRA: the shared projections' rank)", "--lora_rank")
     alpha: float | None = opt(None, "alpha (None: alpha = rank, scale 1)", "--lora_alpha")

@@ -125,6 +125,25 @@ class Adapter(nn.Module):
         return None
 
     @classmethod
+    def check_training(cls, adapters: list[Adapter]) -> None:
+        """Raise a clear error if these adapters cannot be trained as configured (AdaLoRA without total_step);
+        called when a training loop builds its ``TrainingHooks``, before the first step."""
+
+    @classmethod
+    def group_after_step(cls, adapters: list[Adapter], step: int) -> None:
+        """The post-step hook over every adapter of this variant in the trained models (model-wide decisions:
+        AdaLoRA's budget); default: each adapter's ``after_step``."""
+        for a in adapters:
+            a.after_step(step)
+
+    @classmethod
+    def group_regularization(cls, adapters: list[Adapter]) -> torch.Tensor | None:
+        """The loss term of every adapter of this variant (a model-wide mean: AdaLoRA); default: the sum of each
+        adapter's ``regularization``."""
+        terms = [t for t in (a.regularization() for a in adapters) if t is not None]
+        return sum(terms[1:], terms[0]) if terms else None  # type promotion, no cast (fp64 stays fp64)
+
+    @classmethod
     def make_optimizer(cls, adapters: list[Adapter], groups: list[dict[str, Any]], *, lr: float,
                        betas: tuple[float, float], eps: float, weight_decay: float) -> torch.optim.Optimizer | None:
         """An optimizer this variant needs instead of AdamW (LoRA-FA's projected gradient), over ``groups``

@@ -27,7 +27,11 @@ from .walker import adapted_layers
 
 
 def _overrides(ad: Adapter, method: str) -> bool:
-    return getattr(type(ad), method) is not getattr(Adapter, method)
+    def func(owner: type) -> object:
+        f = getattr(owner, method)
+        return getattr(f, "__func__", f)  # classmethods: the function, not a fresh bound method
+
+    return func(type(ad)) is not func(Adapter)
 
 
 class TrainingHooks:
@@ -41,8 +45,15 @@ class TrainingHooks:
                 holders[id(layer._holder)] = layer._holder
                 self.adapters.extend(layer.adapters.values())
         self.holders = list(holders.values())
-        self._post = [a for a in self.adapters if _overrides(a, "after_step")]
-        self._reg = [a for a in self.adapters if _overrides(a, "regularization")]
+        groups: dict[type[Adapter], list[Adapter]] = {}
+        for a in self.adapters:
+            groups.setdefault(type(a), []).append(a)
+        for c, ads in groups.items():
+            c.check_training(ads)
+        self._post = {c: ads for c, ads in groups.items()
+                      if _overrides(ads[0], "after_step") or _overrides(ads[0], "group_after_step")}
+        self._reg = {c: ads for c, ads in groups.items()
+                     if _overrides(ads[0], "regularization") or _overrides(ads[0], "group_regularization")}
 
     def set_step(self, done: int) -> None:
         """``ctx.step`` = ``done`` optimizer steps completed (what SingLoRA's ramp and schedules read)."""
@@ -54,14 +65,14 @@ class TrainingHooks:
         self.set_step(step - 1)
 
     def regularization(self) -> torch.Tensor | None:
-        terms = [t for t in (a.regularization() for a in self._reg) if t is not None]
-        return torch.stack([t.float() for t in terms]).sum() if terms else None
+        terms = [t for t in (c.group_regularization(ads) for c, ads in self._reg.items()) if t is not None]
+        return sum(terms[1:], terms[0]) if terms else None  # type promotion, no cast (fp64 stays fp64)
 
     def after_step(self, step: int) -> None:
         self.set_step(step)
         with torch.no_grad():
-            for a in self._post:
-                a.after_step(step)
+            for c, ads in self._post.items():
+                c.group_after_step(ads, step)
 
 
 def variant_optimizer(models: Sequence[nn.Module], groups: list[dict[str, Any]], *, lr: float,
