@@ -472,3 +472,13 @@ def test_adalora_orth_penalty_zero_for_orthonormal_factors():
         ad.lora_A.copy_(torch.linalg.qr(torch.randn(16, 4, dtype=torch.float64)).Q.T)
         ad.lora_B.copy_(torch.linalg.qr(torch.randn(24, 4, dtype=torch.float64)).Q)
     assert hooks.regularization() < 1e-12
+
+
+def test_adalora_allocated_ranks_shown_by_convert_inspect(tmp_path):
+    from lora_diffusion.io.library import describe
+
+    net, layer, _ = one_layer("adalora", rank=4, options={"total_step": 10})
+    with torch.no_grad():
+        layer.adapters["default"].lora_E.copy_(torch.tensor([[1.0], [0.0], [2.0], [0.0]]))
+    info = describe(ld.save_adapter(net, tmp_path / "a.safetensors"))
+    assert info["allocated_ranks"] == {"total": 2, "per_module": {"lin": 2}}

@@ -133,10 +133,13 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         if any(param.endswith(r) for r in RANK_KEYS) or (fmt != "kohya" and k.endswith(RANK_KEYS)):
             modules[_component(k, fmt) or "model"] += 1
             ranks[int(shapes[k][0])] += 1
+    allocated = None
     if fmt == "canonical":
         entries = canonical.decode_metadata(meta, str(path))
         modules = Counter({c or "model": len(e.modules) for c, e in entries.items()})
         ranks = Counter({e.spec.rank: 1 for e in entries.values()})
+        if any(e.spec.variant == "adalora" for e in entries.values()):
+            allocated = _allocated_ranks(path, [k for k in keys if k.endswith(".lora_E")])
     family = file_family(shapes, meta)
     tag_list = tags(meta)
     alpha = meta.get("ss_network_alpha") or meta.get("alpha") or config.get("lora_alpha") or _alpha_tensors(path, keys)
@@ -145,9 +148,21 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             "components": dict(modules), "modules": sum(modules.values()),
             "rank": ranks.most_common(1)[0][0] if ranks else None, "ranks": sorted(ranks),
             "alpha": alpha, "size": path.stat().st_size, "trigger_words": trigger_words(meta, tag_list), "tags": tag_list,
-            "family_hint": family_hint(shapes, meta), "index_version": INDEX_VERSION,
+            "family_hint": family_hint(shapes, meta),
+            **({"allocated_ranks": allocated} if allocated is not None else {}), "index_version": INDEX_VERSION,
             "text_metadata": {k: meta[k][:2000] for k in TEXT_KEYS if meta.get(k)},
             "metadata": {k: (v if len(v) < 200 else v[:200] + "...") for k, v in meta.items()}}
+
+
+def _allocated_ranks(path: Path, e_keys: list[str]) -> dict[str, Any]:
+    """AdaLoRA: the rank each module kept (non-zero λ), read from the r-float ``lora_E`` tensors only."""
+    from safetensors import safe_open
+
+    per = {}
+    with safe_open(str(path), framework="pt") as f:
+        for k in e_keys:
+            per[k[: -len(".lora_E")]] = int((f.get_tensor(k) != 0).sum())
+    return {"total": sum(per.values()), "per_module": per}
 
 
 def sha256(path: Path, chunk: int = 1 << 20) -> str:
