@@ -51,6 +51,7 @@ class AdaLoRA(Adapter):
     identity_init = True
     export_as_lora = True  # at the allocated ranks (masked triplets dropped)
     param_roles = {"lora_A": "A", "lora_B": "B", "lora_E": "E"}
+    state_buffers = tuple(f"lora_{n}_ipt_{k}" for n in "AEB" for k in ("avg", "unc")) + ("rank_mask",)
 
     @dataclass
     class Options:
@@ -84,8 +85,10 @@ class AdaLoRA(Adapter):
         self.lora_A = normal_(new_param(r, info.fan_in), gen, 0.02)  # Q (r, in·k)
         self.lora_E = nn.Parameter(torch.zeros(r, 1))  # λ
         self.lora_B = normal_(new_param(info.out_features, r), gen, 0.02)  # P (out, r)
-        self._ema: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # importance EMAs (Ī, Ū) per tensor
-        self.rank_mask: torch.Tensor | None = None  # fixed after the final phase (True: kept)
+        for n in ("lora_A", "lora_E", "lora_B"):  # importance EMAs Ī, Ū: training state, checkpointed, not in files
+            self.register_buffer(f"{n}_ipt_avg", torch.zeros_like(getattr(self, n)), persistent=False)
+            self.register_buffer(f"{n}_ipt_unc", torch.zeros_like(getattr(self, n)), persistent=False)
+        self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool), persistent=False)  # fixed at T − t_final
 
     @classmethod
     def num_params(cls, info: LayerInfo, cfg: ModuleConfig) -> int:
@@ -110,14 +113,13 @@ class AdaLoRA(Adapter):
             if p.grad is None:
                 continue
             ipt = (p * p.grad).abs()
-            avg, unc = self._ema.get(n, (torch.zeros_like(p), torch.zeros_like(p)))
-            avg = o.beta1 * avg + (1 - o.beta1) * ipt
-            unc = o.beta2 * unc + (1 - o.beta2) * (ipt - avg).abs()
-            self._ema[n] = (avg, unc)
+            avg, unc = getattr(self, f"{n}_ipt_avg"), getattr(self, f"{n}_ipt_unc")
+            avg.mul_(o.beta1).add_(ipt, alpha=1 - o.beta1)
+            unc.mul_(o.beta2).add_((ipt - avg).abs(), alpha=1 - o.beta2)
 
     def triplet_scores(self) -> torch.Tensor:
         """(r,) score(λ_i) + mean_j score(Q_ij) + mean_j score(P_ji)."""
-        s = {n: a * u for n, (a, u) in self._ema.items()}
+        s = {n: getattr(self, f"{n}_ipt_avg") * getattr(self, f"{n}_ipt_unc") for n in ("lora_A", "lora_E", "lora_B")}
         return s["lora_E"].view(-1) + s["lora_A"].mean(dim=1) + s["lora_B"].mean(dim=0)
 
     @classmethod
@@ -133,8 +135,7 @@ class AdaLoRA(Adapter):
         end = o.total_step - o.tfinal
         if step > end:  # final phase: the fixed mask, re-applied
             for a in adapters:
-                if a.rank_mask is not None:
-                    a.lora_E.masked_fill_(~a.rank_mask.view(-1, 1), 0.0)
+                a.lora_E.masked_fill_(~a.rank_mask.view(-1, 1), 0.0)
             return
         if step < end:
             for a in adapters:
@@ -150,8 +151,9 @@ class AdaLoRA(Adapter):
             keep = sc > threshold
             a.lora_E.masked_fill_(~keep.view(-1, 1), 0.0)
             if step == end:
-                a.rank_mask = keep
-                a._ema.clear()
+                a.rank_mask.copy_(keep)
+                for b in cls.state_buffers[:-1]:  # PEFT resets the EMAs here
+                    getattr(a, b).zero_()
 
     @classmethod
     def group_regularization(cls, adapters: list[Adapter]) -> torch.Tensor | None:
