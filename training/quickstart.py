@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 
 import lora_diffusion as ld
 
+from .config import step_option_defaults
+
 log = logging.getLogger("quickstart")
 
 
@@ -49,27 +51,36 @@ def train(cfg: QuickstartConfig) -> dict[str, float]:
 
     torch.manual_seed(cfg.seed)
     unet, sched = tiny_unet(), DDPMScheduler(num_train_timesteps=1000)
-    spec = ld.AdapterSpec(variant=cfg.variant, rank=cfg.rank, targets="unet-attn", seed=cfg.seed)
+    options = step_option_defaults(cfg.variant, {}, cfg.steps)  # SingLoRA's ramp, AdaLoRA's total_step, ...
+    spec = ld.AdapterSpec(variant=cfg.variant, rank=cfg.rank, targets="unet-attn", seed=cfg.seed, options=options)
     modules = ld.add_adapter(unet, spec)
     n_train = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     log.info("%s rank %d on %d attention linears: %d trainable parameters", cfg.variant, cfg.rank, len(modules), n_train)
-    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=cfg.lr)
+    hooks = ld.TrainingHooks(unet)  # the step counter, post-step updates and regularization some variants need
+    hooks.set_step(0)  # "before" is measured at step 0 (SingLoRA's ramp at 0: the base model)
+    groups = ld.param_groups(unet, cfg.lr)
+    opt = ld.variant_optimizer([unet], groups, lr=cfg.lr) or torch.optim.AdamW(groups, lr=cfg.lr)
     latent, text = torch.randn(1, 4, 16, 16), torch.randn(1, 5, 32)  # the "subject" and its prompt
     probe = fixed_probe(cfg.seed)
     before = eval_loss(unet, sched, latent, text, probe)
     losses = []
-    bar = tqdm(range(cfg.steps), desc=f"train {cfg.variant}", unit="step")
-    for _ in bar:
+    bar = tqdm(total=cfg.steps, desc=f"train {cfg.variant}", unit="step")
+    for step in range(1, cfg.steps + 1):
+        hooks.begin_step(step)
         t = torch.randint(0, 1000, (1,))
         noise = torch.randn_like(latent)
         ld.set_timestep(unet, t)  # T-LoRA's rank mask follows the timestep
         pred = unet(sched.add_noise(latent, noise, t), t, text).sample
         loss = F.mse_loss(pred, noise)
+        reg = hooks.regularization()
         opt.zero_grad()
-        loss.backward()
+        (loss if reg is None else loss + reg).backward()
         opt.step()
+        hooks.after_step(step)
+        bar.update(1)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
+    bar.close()
     after = eval_loss(unet, sched, latent, text, probe)
     log.info("denoising loss on 16 fixed (timestep, noise) pairs: %.4f before, %.4f after training", before, after)
     return save_and_check(unet, cfg, losses) | {"eval_before": before, "eval_after": after}

@@ -6,7 +6,8 @@ Each optimizer step draws b uniformly from {block, 2·block, ..., r_max} (one b 
 (seed, ctx.step): every data-parallel rank and a resumed run draw the same b, no RNG state to save).
 Mode "frozen" (the paper's): only the last block (rows b-block..b of A, columns of B) gets gradients, the
 earlier ones are used detached; mode "all": every row <= b trains (nested-dropout style). Outside training
-(eval mode, or no step in the context) the adapter runs at ``inference_rank`` (None: r_max), any b <= r_max.
+(eval mode, no step in the context, or under ``no_grad``: validation samples) the adapter runs at
+``inference_rank`` (None: r_max), any b <= r_max.
 Init as LoRA (A Kaiming-uniform, B = 0). Conv2d: the LoCon form with truncated channels.
 
 LyCORIS' ``DyLoraModule`` (``algo=dylora``): same tensors (its ``lora_down``/``lora_up`` are A and B, in blocks of
@@ -74,12 +75,17 @@ class DyLoRA(LoRA):
 
     def rank_for(self, ctx: CallContext | None) -> int:
         """The truncation b of this call: sampled per optimizer step in training, ``inference_rank`` otherwise."""
-        if not self.training or ctx is None or ctx.step is None:
+        if not self._sampling(ctx):
             return self.inference_rank
         key = ("dylora_b", self.cfg.seed, ctx.step, self.cfg.rank, self.cfg.options.block_size)
         if key not in ctx.cache:
             ctx.cache[key] = sampled_rank(self.cfg.seed, ctx.step, self.cfg.rank, self.cfg.options.block_size)
         return ctx.cache[key]
+
+    def _sampling(self, ctx: CallContext | None) -> bool:
+        """Training forward: train mode, a step in the context and autograd on (sampling images or evaluating under
+        ``no_grad`` in the middle of a run uses ``inference_rank``)."""
+        return self.training and ctx is not None and ctx.step is not None and torch.is_grad_enabled()
 
     def set_inference_rank(self, b: int) -> None:
         if not 1 <= b <= self.cfg.rank:
@@ -91,7 +97,7 @@ class DyLoRA(LoRA):
         b = self.rank_for(ctx)
         a, up = self.lora_A[:b], self.lora_B[:, :b]
         lo = b - self.cfg.options.block_size
-        if self.training and ctx is not None and ctx.step is not None and self.cfg.options.mode == "frozen" and lo > 0:
+        if self.cfg.options.mode == "frozen" and lo > 0 and self._sampling(ctx):
             a = torch.cat([a[:lo].detach(), a[lo:]])
             up = torch.cat([up[:, :lo].detach(), up[:, lo:]], dim=1)
         return a, up, self.cfg.alpha / b
