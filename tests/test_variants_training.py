@@ -397,6 +397,15 @@ class _TwoLinears(nn.Module):
         return _Out(nn.functional.mse_loss(self.b(torch.tanh(self.a(x))), y))
 
 
+class _ConvLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 6, 3, padding=1), nn.Linear(6 * 16, 8)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> _Out:
+        return _Out(nn.functional.mse_loss(self.b(torch.tanh(self.a(x)).flatten(1)), y))
+
+
 def test_adalora_budget_schedule():
     from lora_diffusion.variants.adalora import budget_schedule
 
@@ -406,14 +415,16 @@ def test_adalora_budget_schedule():
     assert budget_schedule(16, **kw)[0] == 8 and budget_schedule(17, **kw) == (8, True)
 
 
-def test_adalora_parity_with_peft_over_a_short_run():
+@pytest.mark.parametrize("net_cls,x_shape", [(_TwoLinears, (6, 16)), (_ConvLinear, (6, 4, 4, 4))],
+                         ids=["linear", "conv2d"])
+def test_adalora_parity_with_peft_over_a_short_run(net_cls, x_shape):
     """PEFT's AdaLoraModel and ours from the same weights and data in fp64: losses (with the orthogonality penalty),
     λ masks (counts equal the budget) and all tensors, step by step through the warm-up, budget and final phases."""
     peft = pytest.importorskip("peft")
     import copy
 
     torch.manual_seed(0)
-    base = _TwoLinears().double()
+    base = net_cls().double()
     opts = dict(total_step=8, target_rank=2, tinit=1, tfinal=3, delta_t=1, orth_reg_weight=0.5)
     cfg = peft.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, total_step=8, tinit=1, tfinal=3, deltaT=1,
                              orth_reg_weight=0.5, target_modules=["a", "b"])
@@ -434,7 +445,7 @@ def test_adalora_parity_with_peft_over_a_short_run():
     oopt = torch.optim.AdamW(ld.param_groups(ours, 1e-2), lr=1e-2)
     hooks = ld.TrainingHooks(ours)
     for t in range(1, 11):
-        x, y = torch.randn(6, 16, generator=gen, dtype=torch.float64), torch.randn(6, 8, generator=gen, dtype=torch.float64)
+        x, y = torch.randn(x_shape, generator=gen, dtype=torch.float64), torch.randn(6, 8, generator=gen, dtype=torch.float64)
         ploss = pm.base_model(x, y).loss  # AdaLoraModel.forward adds the penalty (PeftModel's skips it here)
         ploss.backward()
         popt.step()
