@@ -7,6 +7,9 @@
 Flags follow the official T-LoRA ``train.py`` (``--lora_rank 64 --min_rank 32 --alpha_rank_scale``,
 ``--validation_prompts "a {0} swimming#..."``); ``--variant lora|dora|loha|lokr|vera|...`` trains
 another adapter with its own defaults; ``--config`` reads YAML/TOML; ``--print-config`` shows the result.
+``--train_embedding`` (pivotal tuning; ``--variant none``: textual inversion alone) also trains the placeholder's
+embedding (``--num_vectors``, ``--initializer_token``, ``--embedding_lr``, ``--embedding_steps``); the vectors are
+saved in the adapter files and as A1111 / diffusers embedding files (docs/train_tlora.md).
 Writes ``<variant>.safetensors`` (canonical, keeps the T-LoRA schedule), kohya/diffusers copies when the
 library has those writers, ``checkpoints/checkpoint-<step>/``, ``samples/`` and TensorBoard ``logs/``.
 """
