@@ -569,6 +569,9 @@ def report(results: list[dict[str, Any]], cfg: BenchConfig, seconds: float) -> s
     default_steps = _default_steps()
     step = min(cfg.sweep, key=lambda s: abs(s - default_steps))  # the sweep point nearest the trainer's default
     table = markdown(rows, comps, cfg, by_concept(results, cfg, step))
+    done = {g: sorted({(r["concept"], r["seed"]) for r in results if r["regime"] == g}) for g in cfg.regimes}
+    table += "".join(f"\n{g}: {len(v)} of {len(cfg.concepts) * len(cfg.seeds)} (concept, seed) runs per variant "
+                     f"completed: {', '.join(f'{c}/{s}' for c, s in v)}.\n" for g, v in done.items())
     save_grids(results, cfg, cfg.out)
     plot_curves(rows, cfg, cfg.out / "curves.png")
     np.savez_compressed(cfg.out / "images.npz", *[r["images"] for r in results])  # for --merge
