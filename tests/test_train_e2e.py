@@ -167,21 +167,23 @@ def test_cli_and_formats_load_in_diffusers(sd_model, subject, tmp_path):  # noqa
 
 
 @pytest.mark.slow
-def test_accelerate_launch_two_cpu_processes(sd_model, subject, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("variant", ["tlora", "adalora"])  # AdaLoRA: a post-step hook reading all-reduced gradients
+def test_accelerate_launch_two_cpu_processes(sd_model, subject, tmp_path, variant):  # noqa: F811
     """Data parallel on CPU (gloo). accelerate 1.15's launcher runs a single process for ``--cpu --num_processes 2``
     (multi-CPU needs mpirun), so two processes are started with its torchrun launcher and the trainer's --cpu."""
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training.train_tlora",
            "--model", str(sd_model), "--instance_data_dir", str(subject), "--class_name", "dog", "--lora_rank", "4",
-           "--min_rank", "2", "--resolution", "32", "--max_train_steps", "3", "--checkpointing_steps", "3",
-           "--output_dir", str(out), "--cpu", "--report_to", "none"]
+           "--resolution", "32", "--max_train_steps", "3", "--checkpointing_steps", "3",
+           "--output_dir", str(out), "--cpu", "--report_to", "none", "--variant", variant]
+    cmd += ["--min_rank", "2"] if variant == "tlora" else []
     p = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=400)
     assert p.returncode == 0, p.stderr[-3000:]
     ck = out / "checkpoints" / "checkpoint-3"
     assert json.loads((ck / "checkpoint.json").read_text())["num_processes"] == 2
     assert (ck / "local-0.pt").is_file() and (ck / "local-1.pt").is_file()
-    assert (out / "tlora.safetensors").is_file()
+    assert (out / f"{variant}.safetensors").is_file()
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(sd_model, subject, tmp_path, monkeypatch):  # noqa: F811
