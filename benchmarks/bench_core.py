@@ -58,6 +58,14 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 SD15_CONFIG = ROOT / "tests" / "fixtures" / "sd15-unet.json"
 CASES = ("ours-lora", "peft-lora", "ours-tlora")
+
+
+def all_cases() -> list[str]:
+    """The default cases plus ``ours-<variant>`` for every registered variant that adapts Linear layers."""
+    import lora_diffusion as ld
+
+    return list(CASES) + [f"ours-{v}" for v in ld.variant_names()
+                          if f"ours-{v}" not in CASES and "linear" in ld.get_variant(v).kinds]
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 RESULT_TAG = "BENCH_RESULT "
 MiB = 2**20
@@ -118,8 +126,14 @@ def add_case_adapter(unet, case: str, args: argparse.Namespace) -> None:
     elif case == "ours-tlora":
         spec = ld.AdapterSpec(variant="tlora", rank=args.rank, targets="unet-attn",
                               options={"min_rank": args.min_rank or args.rank // 2})
+    elif case.startswith("ours-") and case[5:] in ld.variant_names():
+        from training.config import step_option_defaults
+
+        total = args.warmup + args.steps + 1000  # SingLoRA's ramp, AdaLoRA's schedule: sized to a long run
+        spec = ld.AdapterSpec(variant=case[5:], rank=args.rank, targets="unet-attn",
+                              options=step_option_defaults(case[5:], {}, total))
     else:
-        raise SystemExit(f"unknown case {case!r}; expected one of {CASES}")
+        raise SystemExit(f"unknown case {case!r}; expected one of {all_cases()}")
     ld.add_adapter(unet, spec)
 
 
@@ -147,7 +161,15 @@ class Runner:
         add_case_adapter(self.unet, case, args)
         self.unet.train()
         self.params = [p for p in self.unet.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=1e-4)
+        self.hooks = None
+        if case.startswith("ours-"):  # what training.loop.fit does: step counter, post-step hook, regularization
+            import lora_diffusion as ld
+
+            self.hooks = ld.TrainingHooks(self.unet)
+            self.opt = ld.variant_optimizer([self.unet], ld.param_groups(self.unet, 1e-4), lr=1e-4) or \
+                torch.optim.AdamW(self.params, lr=1e-4)
+        else:
+            self.opt = torch.optim.AdamW(self.params, lr=1e-4)
         self.n_modules = adapted_module_count(self.unet, case)
         self.n_trainable = sum(p.numel() for p in self.params)
         if case == "ours-tlora":
@@ -162,10 +184,15 @@ class Runner:
         if self._set_t is not None:
             self._set_t(t)
         ts = torch.full((self.args.batch,), t, device=self.args.device, dtype=torch.long)
+        if self.hooks is not None:
+            self.hooks.begin_step(i + 1)
         out = self.unet(inputs["sample"], ts, inputs["encoder_hidden_states"]).sample
         loss = F.mse_loss(out.float(), inputs["target"].float())
-        loss.backward()
+        reg = self.hooks.regularization() if self.hooks is not None else None
+        (loss if reg is None else loss + reg).backward()
         self.opt.step()
+        if self.hooks is not None:
+            self.hooks.after_step(i + 1)
         self.opt.zero_grad(set_to_none=True)
 
 
@@ -424,7 +451,9 @@ def report(args: argparse.Namespace, timing: dict[str, Any], mems: dict[str, lis
         return statistics.median(times[a][i] / times[b][i] for i in quiet)
 
     ratios: dict[str, dict[str, float]] = {}
-    for a, b, tgt in (("ours-lora", "peft-lora", 1.0), ("ours-tlora", "ours-lora", 1.05)):
+    pairs = [("ours-lora", "peft-lora", 1.0), ("ours-tlora", "ours-lora", 1.05)]
+    pairs += [(c, "ours-lora", 1.0) for c in cases if c.startswith("ours-") and c not in ("ours-lora", "ours-tlora")]
+    for a, b, tgt in pairs:
         if a not in cases or b not in cases:
             continue
         r = {"time_quiet_median": med[a] / med[b], "time_paired_quiet": paired(a, b), "time_min": mn[a] / mn[b],
@@ -473,7 +502,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-quiet", type=int, default=8,
                    help="after --steps rounds, add rounds until this many are quiet or --max-seconds have passed")
     p.add_argument("--max-seconds", type=float, default=600, help="time budget of the timing worker for extra rounds")
-    p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=all_cases(),
+                   help="default: ours-lora peft-lora ours-tlora; any ours-<variant> (vs ours-lora)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--profile", action="store_true", help="also run torch.profiler per case and print top ops")
