@@ -37,9 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import datetime
-import gc
 import json
 import os
 import platform
@@ -56,6 +54,10 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from benchmarks.procmem import reset_hwm, rss_kib, trim  # noqa: E402
+
 SD15_CONFIG = ROOT / "tests" / "fixtures" / "sd15-unet.json"
 CASES = ("ours-lora", "peft-lora", "ours-tlora")
 
@@ -232,28 +234,6 @@ def worker_time(args: argparse.Namespace) -> dict[str, Any]:
     return {"times": times, "cpu_times": cpu, "meta": meta}
 
 
-def _rss_kib(field: str) -> int | None:
-    try:
-        m = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
-    except OSError:
-        return None
-    return int(m.group(1)) if m else None
-
-
-def _reset_hwm() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) on Linux >= 4.0
-    except OSError:
-        return False
-    return _rss_kib("VmHWM") is not None
-
-
-def _trim() -> None:
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def _tensor_bytes(unet) -> int:
     seen, total = set(), 0
     for t in list(unet.parameters()) + list(unet.buffers()):
@@ -286,10 +266,10 @@ def worker_mem(args: argparse.Namespace) -> dict[str, Any]:
     unet = build_unet(args)
     inputs = make_inputs(args, unet.config.cross_attention_dim, args.mem_steps + 1)
     model_bytes = _tensor_bytes(unet)
-    _trim()
+    trim()
     sync(args.device)
-    rss0 = _rss_kib("VmRSS")
-    hwm_ok = _reset_hwm()
+    rss0 = rss_kib("VmRSS")
+    hwm_ok = reset_hwm()
     maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if cuda:
         alloc0 = torch.cuda.memory_allocated()
@@ -302,7 +282,7 @@ def worker_mem(args: argparse.Namespace) -> dict[str, Any]:
 
     out: dict[str, Any] = {"case": case, "modules": runner.n_modules, "trainable": runner.n_trainable}
     if hwm_ok and rss0 is not None:
-        out["rss_peak_mib"] = (_rss_kib("VmHWM") - rss0) / 1024
+        out["rss_peak_mib"] = (rss_kib("VmHWM") - rss0) / 1024
         out["rss_method"] = "VmHWM - VmRSS(baseline)"
     else:  # ru_maxrss only grows: right only if the run's peak exceeds the build's
         out["rss_peak_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss0) / 1024

@@ -48,6 +48,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from benchmarks.procmem import reset_hwm, rss_kib, trim  # noqa: E402
+
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CASES = ("ours-lora", "peft-lora")
 
@@ -74,27 +76,9 @@ def _kv_heads(heads: int) -> int:
     return heads // 3 if heads % 3 == 0 else heads // 2 if heads % 2 == 0 else heads
 
 
-def _rss_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return _rss_kib("VmHWM") is not None
-
-
 def _peak_mb(rss0_kib: int, maxrss0_kib: int, hwm_ok: bool) -> tuple[float, str]:
     if hwm_ok:
-        return (_rss_kib("VmHWM") - rss0_kib) / 1024, "VmHWM - VmRSS(baseline)"
+        return (rss_kib("VmHWM") - rss0_kib) / 1024, "VmHWM - VmRSS(baseline)"
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss0_kib) / 1024, "ru_maxrss increase"
 
 
@@ -175,8 +159,8 @@ def worker_mem(a: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    rss0, maxrss0 = _rss_kib("VmRSS") or 0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    hwm_ok = _reset_hwm()
+    rss0, maxrss0 = rss_kib("VmRSS") or 0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    hwm_ok = reset_hwm()
     r = Runner(add_case(model, a.case, a.rank))
     for b in data:
         r.step(b)
@@ -195,17 +179,6 @@ def measure_memory(folder: Path, load_in_4bit: bool, seq: int = 64, batch: int =
     return _run(cmd)
 
 
-def _trim() -> None:
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so RSS shows what is live
-    except (OSError, AttributeError):
-        pass
-
-
 def worker_qlora(a: argparse.Namespace) -> dict[str, Any]:
     import transformers  # noqa: F401
 
@@ -214,16 +187,16 @@ def worker_qlora(a: argparse.Namespace) -> dict[str, Any]:
 
     if a.load_in_4bit:
         import bitsandbytes  # noqa: F401
-    _trim()
-    rss0 = _rss_kib("VmRSS") or 0
+    trim()
+    rss0 = rss_kib("VmRSS") or 0
     model = _load(a.model, a.device, load_in_4bit=a.load_in_4bit, dtype=torch.bfloat16)
     with torch.no_grad():  # own every tensor (no pages of the memory-mapped checkpoint left in RSS)
         for t in [*model.parameters(), *model.buffers()]:
             t.data = t.data.clone()
-    _trim()
-    rss1 = _rss_kib("VmRSS") or 0
+    trim()
+    rss1 = rss_kib("VmRSS") or 0
     maxrss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    hwm_ok = _reset_hwm()
+    hwm_ok = reset_hwm()
     ld.add_adapter(model, ld.AdapterSpec("lora", rank=a.rank, targets="llm"))
     r = Runner(model)
     for b in batches(model.config.vocab_size, a.batch, a.seq, 1, a.device):

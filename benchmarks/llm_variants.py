@@ -28,15 +28,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import datetime
-import gc
 import json
 import logging
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -48,31 +44,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from benchmarks.procmem import reset_hwm, rss_kib, trim  # noqa: E402
+
 FIXTURES = ROOT / "tests" / "fixtures"
 log = logging.getLogger("llm_variants")
 
 
 # --- worker: one variant, one fresh process ---
-def _rss_kib(field: str) -> int | None:
-    try:
-        m = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
-    except OSError:
-        return None
-    return int(m.group(1)) if m else None
-
-
-def _reset_hwm() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) on Linux >= 4.0
-    except OSError:
-        return False
-    return _rss_kib("VmHWM") is not None
-
-
-def _trim() -> None:
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def train_argv(args: argparse.Namespace, variant: str, out_dir: Path) -> list[str]:
@@ -108,15 +86,15 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
                 torch.cuda.synchronize()
             probe["times"].append(time.perf_counter())
 
-        _trim()
-        probe["rss0"], probe["hwm_reset"] = _rss_kib("VmRSS"), _reset_hwm()
+        trim()
+        probe["rss0"], probe["hwm_reset"] = rss_kib("VmRSS"), reset_hwm()
         if cuda:
             torch.cuda.synchronize()
             probe["alloc0"] = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         probe["times"].append(time.perf_counter())
         result = real_fit(acc, model, optimizer, sched, source, loss_fn, cfg, start, [tick, *hooks], **kw)
-        probe["hwm"] = _rss_kib("VmHWM")
+        probe["hwm"] = rss_kib("VmHWM")
         if cuda:
             probe["alloc_peak"] = torch.cuda.max_memory_allocated() - probe["alloc0"]
         return result
