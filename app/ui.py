@@ -96,6 +96,12 @@ def _int_or_none(v: Any, field: str) -> int | None:
     return int(f)
 
 
+def _base_label(entry: dict[str, Any]) -> str:
+    """The base family as the Library tab shows it: the detected family, else the file's own hint ("demo model")."""
+    base = entry.get("base", "?")
+    return f"{entry['family_hint']} model" if base == "unknown" and entry.get("family_hint") else base
+
+
 def _fmt_seconds(s: float | None) -> str:
     if s is None:
         return "unknown"
@@ -376,9 +382,7 @@ class UI:
         rows = []
         for e in self.s.library.entries():
             t = e.get("training", {})
-            base = e.get("base", "?")
-            if base == "unknown" and e.get("family_hint"):
-                base = f"{e['family_hint']} model"
+            base = _base_label(e)
             rows.append({"name": e["name"], "format": e.get("format", "?"), "base": base +
                          (" (other family)" if e.get("other_family") else ""), "variant": e.get("variant", "?"),
                          "rank": e.get("rank"), "trigger words": ", ".join(e.get("trigger_words", [])),
@@ -413,7 +417,8 @@ class UI:
             return None, None
         e = self.s.library.entry(name)
         sample = enlarge(_open(e["sample"]), 256) if e.get("sample") else None
-        return {k: v for k, v in e.items() if k not in ("sha256", "stamp")}, sample
+        shown = {k: v for k, v in e.items() if k not in ("sha256", "stamp")}
+        return {**shown, "base": _base_label(e)} if "base" in e else shown, sample
 
     @handled
     def library_rename(self, name: str, new: str) -> tuple[Any, ...]:
@@ -579,10 +584,13 @@ def _generate_tab(ui: UI, models: list[str]) -> list[Any]:
             slots: list[Any] = []
             for k in range(SLOTS):
                 with gr.Row():
-                    slots += [gr.Dropdown(names, value="", label=f"Adapter {k + 1}", scale=3, elem_id=f"slot-{k}",
-                                          allow_custom_value=True),
-                              gr.Checkbox(value=True, label="on", scale=1, elem_id=f"slot-on-{k}"),
-                              gr.Slider(-2, 2, value=1.0, step=0.05, label="weight", scale=3, elem_id=f"slot-w-{k}")]
+                    pick = gr.Dropdown(names, value="", label=f"Adapter {k + 1}", scale=3, elem_id=f"slot-{k}",
+                                       allow_custom_value=True)
+                    on = gr.Checkbox(value=False, label="on", scale=1, elem_id=f"slot-on-{k}")
+                    slots += [pick, on, gr.Slider(-2, 2, value=1.0, step=0.05, label="weight", scale=3,
+                                                  elem_id=f"slot-w-{k}")]
+                # an empty slot reads "off"; choosing an adapter turns its slot on, clearing it turns it off
+                pick.input(bool, pick, on, queue=False, api_visibility="private")
             triggers = gr.Checkbox(value=False, label="Insert the adapters' trigger words into the prompt")
             with gr.Row():
                 mode = gr.Radio(["manual", "automatic"], value="manual", label="Adapters",

@@ -441,3 +441,16 @@ def test_session_folders_are_apart_and_cleaned(tmp_path) -> None:
     assert not a.exists() and b.exists()
     time.sleep(0.01)
     assert sessions.sweep() == 1 and not b.exists()
+
+
+def test_library_table_and_inspector_name_the_same_base(services, lora_file) -> None:
+    from app.ui import UI
+
+    ui = UI(services)
+    name = services.library.import_file(lora_file, "demo-style.safetensors")
+    try:
+        shown, _ = ui.library_inspect(name)
+        row = ui.library_table().set_index("name").loc[name]
+        assert shown["base"] == row["base"] and shown["base"] != "unknown"
+    finally:
+        services.library.delete(name)

@@ -150,6 +150,9 @@ def test_personalize_in_a_real_browser(browser, served, tmp_path, monkeypatch) -
     box = d.find_element(By.CSS_SELECTOR, "#slot-0 input")
     box.click()
     box.send_keys("sks-tlora", Keys.ENTER)
+    on = d.find_element(By.CSS_SELECTOR, "#slot-on-0 input")
+    wait_for(d, lambda d: on.is_selected(), 10, "choosing an adapter turns its slot on")
+    assert not d.find_element(By.CSS_SELECTOR, "#slot-on-1 input").is_selected()  # empty slots read "off"
     prompt = d.find_element(By.CSS_SELECTOR, "#gen-prompt textarea, #gen-prompt input")
     prompt.send_keys(Keys.CONTROL, "a")
     prompt.send_keys("a yellow sks on a black background", Keys.ENTER)  # Enter generates
