@@ -220,14 +220,16 @@ class UI:
 
     def status_tick(self, job_id: str | None, request: gr.Request = None) -> tuple[Any, ...]:
         """``status`` for the page's one-second poll: samples, downloads and the job list (whose labels show the
-        states) only when something changed."""
+        states) only when something changed; the last action's message ("queued", "stopping") is cleared once the
+        job's state moves on, so it never contradicts the status line."""
         key = (session(request) or "", str(job_id))
         before = self._shown.get(key)
         out = self.status(job_id, request, only_changes=True)
         after = self._shown.get(key)
         kind = self.s.jobs.jobs[job_id].kind if job_id in self.s.jobs.jobs else "diffusion"
         jobs = self.job_choices(request, job_id, kind) if after is not None and before != after else gr.skip()
-        return (*out, jobs)
+        moved = before is not None and after is not None and before[1] != after[1]
+        return (*out, jobs, "" if moved else gr.skip())
 
     def status(self, job_id: str | None, request: gr.Request = None,
                only_changes: bool = False) -> tuple[str, Any, Any, Any]:
@@ -556,7 +558,7 @@ def _personalize_tab(ui: UI, models: list[str]) -> None:
     resume.click(ui.resume, job, msg, api_name="train_resume", concurrency_limit=None)
     timer = gr.Timer(1.0)
     outs = [status, loss, samples, downloads]
-    timer.tick(ui.status_tick, job, [*outs, job], queue=False, show_progress="hidden")
+    timer.tick(ui.status_tick, job, [*outs, job, msg], queue=False, show_progress="hidden")
     job.change(ui.status, job, outs, queue=False, show_progress="hidden", api_name="train_status")
     job.focus(ui.job_choices_for, job, job, queue=False)
     try_prompt.submit(ui.try_prompt, [job, try_prompt, try_seed], tried, concurrency_id=GPU, api_name="train_try")
@@ -692,7 +694,7 @@ def _llm_tab(ui: UI, demo: gr.Blocks) -> None:
     resume.click(ui.resume, job, msg, concurrency_limit=None)
     timer = gr.Timer(1.0)
     hidden = gr.Gallery(visible=False)
-    timer.tick(ui.status_tick, job, [status, loss, hidden, files, job], queue=False, show_progress="hidden")
+    timer.tick(ui.status_tick, job, [status, loss, hidden, files, job, msg], queue=False, show_progress="hidden")
     job.change(ui.status, job, [status, loss, hidden, files], queue=False, show_progress="hidden",
                api_name="llm_status")
     text.submit(ui.llm_chat, [job, text, max_new, base, adapted], [base, adapted, text], concurrency_id=GPU,

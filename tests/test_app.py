@@ -300,8 +300,14 @@ def test_job_trains_stops_resumes_and_survives_a_restart(tmp_path, monkeypatch) 
                                   sample_steps=2, name="second"))
     assert job.state == "running" and second.state == "queued" and jm.place(second) == 2  # one job at a time
     wait(jm, job, until=lambda: jm.progress(job)["step"] >= 3)
+    from app.ui import UI
+
+    ui = UI(services)
+    ui.status_tick(job.id)  # the page's poll sees "running"
+    assert ui.status_tick(job.id)[-1] != ""  # nothing moved: the last action's message stays
     jm.stop(job.id)
     wait(jm, job, ("stopped",))
+    assert ui.status_tick(job.id)[-1] == ""  # the state moved on: a stale "queued"/"stopping" message is cleared
     kept, step = jm.latest_checkpoint(job), jm.progress(job)["step"]
     assert kept is not None and kept[0] == step and 3 <= step < 50  # saved at the stop step; no periodic one before
     assert job.returncode == EXIT_STOPPED and job.detail == f"stopped at step {step} (checkpoint saved)" and not job.error
