@@ -234,12 +234,13 @@ def load_llm_adapter(model: nn.Module, path: str | os.PathLike, name: str | None
 def save_peft_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "default",
                       overwrite: bool = False) -> Path:
     """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) that
-    ``peft.PeftModel.from_pretrained(base, folder)`` loads; for the variants PEFT has (``PEFT_VARIANTS``)."""
+    ``peft.PeftModel.from_pretrained(base, folder)`` loads; for the variants PEFT has (``PEFT_VARIANTS``) and those
+    written as their exactly equal plain LoRA (``Adapter.export_as_lora``: LoRA-drop, SingLoRA, ...)."""
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         raise FileExistsError(f"{folder} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     variant = get_spec(model, name).variant
-    if variant not in PEFT_VARIANTS:
+    if variant not in PEFT_VARIANTS and not get_variant(variant).export_as_lora:
         raise NotImplementedError(f"variant '{variant}' has no PEFT adapter-folder export (PEFT folders are written for "
                                   f"{list(PEFT_VARIANTS)}); the canonical .safetensors file holds it")
     meta = {META_BASE_MODEL: base_name(model)}

@@ -5,9 +5,14 @@ instance (not of the model root: ``nn.Sequential`` and friends iterate their chi
 ``model.to(device)`` moves each tensor once and removing the adapter removes the store. The other
 layers keep a plain (unregistered) reference and look tensors up by key. Buffers are
 non-persistent: they are regenerated from a seed, never saved.
+
+``links`` holds build-time links between the layers of one adapter (LoRA-drop: which layer's adapter owns the
+tensors a group of layers shares); it is read while the adapters are constructed and never saved.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,6 +22,7 @@ class SharedStore(nn.Module):
     def __init__(self, device: torch.device | str = "cpu") -> None:
         super().__init__()
         self._device = torch.device(device)
+        self.links: dict[str, Any] = {}
 
     @property
     def device(self) -> torch.device:

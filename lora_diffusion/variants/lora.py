@@ -55,21 +55,25 @@ class LoRA(Adapter):
     def num_params(cls, info: LayerInfo, cfg: ModuleConfig) -> int:
         return cfg.rank * (info.fan_in + info.out_features)
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B): this layer's own tensors (LoRA-drop: a shared adapter's)."""
+        return self.lora_A, self.lora_B
+
     def delta_weight(self, ctx: CallContext | None = None) -> torch.Tensor:
-        return lowrank_weight(self.lora_A, self.lora_B, self.info.weight_shape) * self.scaling
+        return lowrank_weight(*self.factors(), self.info.weight_shape) * self.scaling
 
     def delta_forward(self, x: torch.Tensor, ctx: CallContext | None = None) -> torch.Tensor:
-        return lowrank_forward(x, self.info, self.lora_A, self.lora_B) * self.scaling
+        return lowrank_forward(x, self.info, *self.factors()) * self.scaling
 
     def adapted_output(self, x: torch.Tensor, base_out: torch.Tensor, layer: nn.Module,
                        ctx: CallContext | None, scale: float | torch.Tensor) -> torch.Tensor:
         """Linear fast path: base + (s·scale)·(x Aᵀ) Bᵀ in one addmm (no output-sized multiply or add)."""
-        a = self.lora_A
+        a, b = self.factors()
         if (self.info.kind != "linear" or isinstance(scale, torch.Tensor) or not isinstance(self.dropout, nn.Identity)
                 or not (x.dtype == a.dtype == base_out.dtype)):
             return super().adapted_output(x, base_out, layer, ctx, scale)
         h = F.linear(x, a)  # (..., r)
-        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t(),
+        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(),
                           alpha=self.scaling * scale)
         return out.view(base_out.shape)
 
