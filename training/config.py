@@ -223,6 +223,22 @@ class RunArgs:
     progress_file: str | None = opt(None, "append one JSON line per step (step, total, loss, lr, it/s, time) for apps")
 
 
+@dataclass
+class LoRADropArgs:
+    """LoRA-drop's importance stage (training/lora_drop.py); used with --variant loradrop only."""
+
+    lora_drop_threshold: float = opt(0.9, "--variant loradrop: keep per-layer LoRAs on the fewest layers whose "
+                                          "importance sums to this fraction, in (0, 1]; the others share one")
+    lora_drop_steps: int | None = opt(None, "--variant loradrop: steps of the first-stage LoRA on the sample (None: "
+                                            "10%% of the run's steps, at least 1)")
+    lora_drop_samples: int = opt(16, "--variant loradrop: size of the stratified sample (LLM: records by length "
+                                     "quartile; diffusion: micro-batches, one timestep stratum each)")
+    lora_drop_strict: bool = opt(False, "--variant loradrop: one shared adapter for all dropped layers, as the paper "
+                                        "(refused when their shapes differ); default: one per shape")
+    lora_drop_plan: str | None = opt(None, "--variant loradrop: the lora_drop.json of an earlier run: its layers, "
+                                           "no importance stage")
+
+
 # --- T-LoRA / diffusion sections ---
 @dataclass
 class ModelArgs:
@@ -318,6 +334,7 @@ class TLoRAConfig:
     checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
     validation: ValidationArgs = field(default_factory=ValidationArgs)
     run: RunArgs = field(default_factory=RunArgs)
+    lora_drop: LoRADropArgs = field(default_factory=LoRADropArgs)
 
 
 # Per-variant defaults (rank, learning rate, steps): T-LoRA follows the paper (r 64, r_min 32, lr 1e-4,
@@ -335,6 +352,7 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
     "dylora": {"lora_rank": 16, "learning_rate": 1e-4, "max_train_steps": 500},
     "deltalora": {"lora_rank": 16, "learning_rate": 1e-4, "max_train_steps": 500},
     "adalora": {"lora_rank": 12, "learning_rate": 1e-3, "max_train_steps": 500},  # PEFT: init_r 12, target_r 8
+    "loradrop": {"lora_rank": 16, "learning_rate": 1e-4, "max_train_steps": 500},
     "none": {"lora_rank": 1, "learning_rate": 5e-3, "max_train_steps": 500},  # textual inversion alone
 }
 NO_ADAPTER = "none"
@@ -392,7 +410,28 @@ def resolve_defaults(cfg: TLoRAConfig, variant_names: list[str]) -> TLoRAConfig:
     elif a.variant != "tlora" and a.min_rank is not None:
         log.warning("--min_rank applies to T-LoRA only; ignored for variant '%s'", a.variant)
     _check_ranges(cfg)
+    check_lora_drop(cfg.lora_drop, a.variant, o.max_train_steps)
     return cfg
+
+
+def check_lora_drop(args: LoRADropArgs, variant: str, max_steps: int | None) -> None:
+    """--lora_drop_* errors before anything is loaded; ``lora_drop_steps`` filled (10% of ``max_steps``) when known."""
+    if variant != "loradrop":
+        return
+    from lora_diffusion.variants.loradrop import check_threshold
+
+    try:
+        check_threshold(args.lora_drop_threshold, "--lora_drop_threshold")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if args.lora_drop_steps is None and max_steps:
+        args.lora_drop_steps = max(1, max_steps // 10)
+    for name, v in (("lora_drop_samples", args.lora_drop_samples), ("lora_drop_steps", args.lora_drop_steps)):
+        if v is not None and v < 1:
+            raise ConfigError(f"--{name}: expected an integer >= 1 (the first-stage LoRA must train on a sample to "
+                              f"give an importance), found {v}")
+    if args.lora_drop_plan and not Path(args.lora_drop_plan).is_file():
+        raise ConfigError(f"--lora_drop_plan: no such file: {args.lora_drop_plan}")
 
 
 def _resolve_embedding(cfg: TLoRAConfig, demo: bool) -> None:

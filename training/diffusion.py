@@ -19,6 +19,7 @@ from lora_diffusion.embeddings import TrainableTokens
 from lora_diffusion.generate import _slug, generate, install_timestep_hook, load_pipeline, remove_timestep_hook
 from lora_diffusion.io import embeddings as emb_io
 
+from . import lora_drop
 from .config import NO_ADAPTER, ConfigError, TLoRAConfig
 from .data import (
     DataError,
@@ -149,8 +150,9 @@ def add_text_adapter(pipe: Any, cfg: TLoRAConfig) -> list[nn.Module]:
 
 
 def add_adapter(pipe: Any, cfg: TLoRAConfig, device: torch.device) -> nn.Module:
+    """The UNet's adapter, dtype, device and attention (LoRA-drop's adapter comes later: ``add_loradrop``)."""
     unet = pipe.unet
-    if cfg.adapter.variant != NO_ADAPTER:
+    if cfg.adapter.variant not in (NO_ADAPTER, lora_drop.VARIANT):
         names = ld.add_adapter(unet, adapter_spec(cfg))  # raises before touching the model on a bad rank/target
         n = sum(p.numel() for p in unet.parameters() if p.requires_grad)
         log.info("%s rank %d on %d modules: %.2fM trainable parameters", cfg.adapter.variant, cfg.adapter.lora_rank,
@@ -163,9 +165,38 @@ def add_adapter(pipe: Any, cfg: TLoRAConfig, device: torch.device) -> nn.Module:
     pipe.vae.to(device, torch.float32)  # fp32 VAE: no fp16 NaNs (sd-scripts --no_half_vae)
     unet.to(device)
     set_attention(unet, cfg.model.attention, device)
-    if cfg.model.gradient_checkpointing:  # recomputation sees the timestep its forward saw
-        ld.enable_gradient_checkpointing(unet)
+    if cfg.model.gradient_checkpointing and cfg.adapter.variant != lora_drop.VARIANT:  # recomputation sees the
+        ld.enable_gradient_checkpointing(unet)  # timestep its forward saw
     return unet
+
+
+def add_loradrop(pipe: Any, cfg: TLoRAConfig, cond: Conditioner, resolution: int, accelerator: Any,
+                 resume: bool) -> list[str]:
+    """--variant loradrop: the importance stage with this trainer's denoising loss on a stratified sample
+    (``--lora_drop_samples`` micro-batches from the training images, micro-batch k at a timestep drawn in the k-th
+    of as many equal strata of [0, T)), then the LoRA-drop adapter (training/lora_drop.py)."""
+    from diffusers import DDPMScheduler
+
+    from .objectives import FixedTimestepObjective
+
+    unet, args, spec = pipe.unet, cfg.lora_drop, adapter_spec(cfg)
+
+    def make() -> lora_drop.DropPlan:
+        k, big_t = args.lora_drop_samples, int(pipe.scheduler.config.num_train_timesteps)
+        draw = ExampleSampler(cond.sets[False], cfg.data.train_batch_size, cfg.run.seed * 1000 + 997, cond.sets[True])
+        g = torch.Generator().manual_seed(cfg.run.seed)
+        items = [(draw.next_batch(), min(big_t - 1, int((i + float(torch.rand((), generator=g))) * big_t / k)))
+                 for i in range(k)]
+        objective = FixedTimestepObjective(unet, unet, DDPMScheduler.from_config(pipe.scheduler.config), cond,
+                                           cfg.run.seed * 1000 + 998, cfg.data.prior_loss_weight, resolution)
+        return lora_drop.importance_stage(accelerator, unet, spec, items, objective, args, cfg.optim.learning_rate,
+                                          cfg.run.progress)
+
+    plan = lora_drop.resolve_plan(Path(cfg.checkpoint.output_dir), args, resume, make, accelerator)
+    names = lora_drop.apply_plan(unet, spec, plan)
+    if cfg.model.gradient_checkpointing:
+        ld.enable_gradient_checkpointing(unet)
+    return names
 
 
 def set_attention(unet: nn.Module, mode: str, device: torch.device) -> None:

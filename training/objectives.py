@@ -157,3 +157,15 @@ class DiffusionObjective:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.gen.set_state(state["gen"])
+
+
+class FixedTimestepObjective(DiffusionObjective):
+    """The same loss on items ``(examples, t)``: every example of the micro-batch at timestep ``t`` (LoRA-drop's
+    stratified sample: one timestep per stratum of [0, T), the same ones at every pass)."""
+
+    def __call__(self, item: tuple[list[Example], int]) -> torch.Tensor:
+        batch, self._t = item
+        return super().__call__(batch)
+
+    def timesteps(self, n: int) -> torch.Tensor:
+        return torch.full((n,), int(self._t), dtype=torch.long)

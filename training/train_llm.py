@@ -30,12 +30,15 @@ import torch
 import lora_diffusion as ld
 from lora_diffusion import llm
 
+from . import lora_drop
 from .checkpoint import CheckpointManager, GlobalRNG, TrainableParams
 from .config import (
     CheckpointArgs,
     ConfigError,
+    LoRADropArgs,
     OptimArgs,
     RunArgs,
+    check_lora_drop,
     opt,
     parse_args,
     step_option_defaults,
@@ -78,7 +81,7 @@ class LLMModelArgs:
 @dataclass
 class LLMAdapterArgs:
     variant: str = opt("lora", "adapter variant: lora, rslora, dora, vera, loha, lokr, singlora, lorafa, dylora, "
-                               "deltalora, adalora (not "
+                               "deltalora, adalora, loradrop (--lora_drop_*) (not "
                                "timestep variants; lora_diffusion.llm.llm_variant_names())")
     rank: int = opt(8, "rank r (VeRA: the shared projections' rank)", "--lora_rank")
     alpha: float | None = opt(None, "alpha (None: alpha = rank, scale 1)", "--lora_alpha")
@@ -131,6 +134,7 @@ class LLMConfig:
     checkpoint: LLMCheckpointArgs = field(default_factory=LLMCheckpointArgs)
     output: LLMOutputArgs = field(default_factory=LLMOutputArgs)
     run: RunArgs = field(default_factory=RunArgs)
+    lora_drop: LoRADropArgs = field(default_factory=LoRADropArgs)
 
 
 def check_config(cfg: LLMConfig) -> None:
@@ -146,6 +150,7 @@ def check_config(cfg: LLMConfig) -> None:
         raise ConfigError(f"--learning_rate: expected > 0, found {o.learning_rate}")
     if not 0 <= d.eval_fraction < 1:
         raise ConfigError(f"--eval_fraction: expected 0 <= f < 1, found {d.eval_fraction}")
+    check_lora_drop(cfg.lora_drop, a.variant, o.max_train_steps)
     if cfg.output.merge and cfg.model.load_in_4bit:
         raise ConfigError("--merge with --load_in_4bit would merge into re-quantized weights; merge later on a "
                           "16/32-bit base (python -m lora_diffusion.chat --merge_to DIR)")
@@ -273,6 +278,26 @@ def build_optimizer(cfg: LLMConfig, model: torch.nn.Module, device: torch.device
     return torch.optim.AdamW(groups, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon)
 
 
+def add_loradrop(cfg: LLMConfig, model: torch.nn.Module, spec: ld.AdapterSpec, train_ex: list[Example], pad_id: int,
+                 acc: Any, out: Path) -> list[str]:
+    """--variant loradrop: the importance stage on ``--lora_drop_samples`` training records stratified by length
+    quartile (batches of --train_batch_size, this trainer's loss), then the LoRA-drop adapter (training/lora_drop.py)."""
+    args, bs = cfg.lora_drop, cfg.data.train_batch_size
+
+    def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**{k: v.to(acc.device) for k, v in batch.items()}).loss
+
+    def make() -> lora_drop.DropPlan:
+        idx = lora_drop.stratified(lora_drop.length_strata([len(e) for e in train_ex]), args.lora_drop_samples,
+                                   cfg.run.seed)
+        sample = [collate([train_ex[i] for i in idx[k:k + bs]], pad_id) for k in range(0, len(idx), bs)]
+        return lora_drop.importance_stage(acc, model, spec, sample, loss_fn, args, cfg.optim.learning_rate,
+                                          cfg.run.progress)
+
+    plan = lora_drop.resolve_plan(out, args, bool(cfg.checkpoint.resume_from_checkpoint), make, acc)
+    return lora_drop.apply_plan(model, spec, plan)
+
+
 def check_output(cfg: LLMConfig) -> Path:
     out = Path(cfg.checkpoint.output_dir)
     if cfg.output.overwrite or cfg.checkpoint.resume_from_checkpoint:
@@ -309,7 +334,11 @@ def train(cfg: LLMConfig) -> dict[str, Any]:
     max_steps = o.max_train_steps or max(1, math.ceil(len(source) / o.gradient_accumulation_steps))
     cfg.adapter.adapter_options = step_option_defaults(cfg.adapter.variant, cfg.adapter.adapter_options, max_steps)
     spec = build_spec(cfg)
-    modules = ld.add_adapter(model, spec)
+    if spec.variant == lora_drop.VARIANT:  # its importance stage trains a first LoRA on a sample of the data
+        check_lora_drop(cfg.lora_drop, spec.variant, max_steps)
+        modules = add_loradrop(cfg, model, spec, train_ex, tok.pad_token_id, acc, out)
+    else:
+        modules = ld.add_adapter(model, spec)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     log.info("%s rank %d on %d modules: %d trainable parameters (%.3f%% of %d)", spec.variant, spec.rank, len(modules),
