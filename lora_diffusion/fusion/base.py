@@ -154,6 +154,7 @@ class FusionMethod:
     needs_roles: ClassVar[bool] = False  # uses subject/style roles
     # reads the denoising timestep: text encoders (which never see one) keep the plain sum
     needs_timestep: ClassVar[bool] = False
+    linear_only: ClassVar[bool] = False  # combines per token of linear layers only (LAG); conv adapters are refused
 
     @dataclass
     class Options:
@@ -165,6 +166,10 @@ class FusionMethod:
         if unknown:
             raise AdapterError(f"fusion '{self.name}': unknown option(s) {unknown}; valid: {sorted(valid)}")
         self.options = self.Options(**options)
+
+    def check(self, layers: dict[str, AdaptedLayer], names: list[str]) -> None:
+        """Raise a clear error if this method cannot combine ``names`` on these layers; called by ``fuse`` before
+        anything changes (nothing half-applied). Default: nothing to check."""
 
     def prepare(self, layers: dict[str, AdaptedLayer], names: list[str], roles: dict[str, str]) -> None:
         """Model-level precomputation before the combiners are built (K-LoRA's normalisation)."""
