@@ -32,6 +32,7 @@ from .core.spec import AdapterSpec
 from .inject.presets import PRESETS, preset_names
 from .inject.steps import TrainingHooks, variant_optimizer
 from .inject.targets import find_targets
+from .squeeze import squeeze_file  # noqa: F401  (LoRA-Squeeze)
 
 __all__ = [
     "PRESETS", "AdaptedLayer", "Adapter", "AdapterError", "AdapterFileError", "AdapterSpec", "TargetError",

@@ -592,3 +592,6 @@ def timestep(model_or_pipeline: Any, t: float | int | torch.Tensor | None,
     finally:
         for h, s in zip(holders, saved):
             h.restore(s)
+
+
+from .squeeze import squeeze_file  # noqa: E402,F401  (LoRA-Squeeze: lora_diffusion/squeeze.py)

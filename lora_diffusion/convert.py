@@ -2,6 +2,7 @@
 
     python -m lora_diffusion.convert IN OUT --to kohya|diffusers|peft|canonical [--base sd1|sd2|sdxl]
     python -m lora_diffusion.convert inspect FILE [--json]
+    python -m lora_diffusion.convert squeeze IN OUT --rank K | --energy 0.9 [--to FORMAT] [--model SRC] [--overwrite]
 
 Conversion maps module names through an empty (meta-device) pipeline of the file's base family (from its
 keys/metadata, or ``--base``), so no model is downloaded or loaded.
@@ -91,6 +92,41 @@ def _inspect(path: str, as_json: bool) -> int:
     return status
 
 
+def _squeeze_cli(argv: list[str]) -> Any:
+    """``squeeze``: any additive adapter as a plain LoRA of rank K (or of the global energy fraction), by SVD."""
+    from .squeeze import METHODS, SQUEEZE_FORMATS, squeeze_file
+
+    p = argparse.ArgumentParser(prog="python -m lora_diffusion.convert squeeze", description=_squeeze_cli.__doc__)
+    p.add_argument("src")
+    p.add_argument("dst")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--rank", type=int, help="rank of every module (at most; never above what ΔW has), >= 1")
+    g.add_argument("--energy", type=float, help="keep this fraction in (0, 1] of the singular-value energy, ranks "
+                   "allocated globally across modules")
+    p.add_argument("--to", choices=SQUEEZE_FORMATS, help="output format (default: the input's own; kohya for kohya)")
+    p.add_argument("--base", choices=["sd1", "sd2", "sdxl"], help="base family when the file does not tell")
+    p.add_argument("--model", help="base model (hub id, folder, .safetensors, 'demo'): module shapes of non-SD models "
+                   "and the base weights DoRA needs")
+    p.add_argument("--method", choices=METHODS, default="auto")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--table", action="store_true", help="print the per-module ranks and errors")
+    a = p.parse_args(argv)
+
+    def run() -> int:
+        model = None
+        if a.model:
+            from .generate import load_pipeline
+
+            model = load_pipeline(None if a.model == "demo" else a.model)
+        rep = squeeze_file(a.src, a.dst, rank=a.rank, energy=a.energy, to=a.to, base=a.base, model=model,
+                           overwrite=a.overwrite, method=a.method)
+        if a.table:
+            sys.stdout.write(rep.table() + "\n")
+        sys.stdout.write(rep.summary() + "\n")
+        return 0
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -100,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--json", action="store_true")
         a = p.parse_args(argv[1:])
         runner = lambda: _inspect(a.file, a.json)  # noqa: E731
+    elif argv[:1] == ["squeeze"]:
+        runner = _squeeze_cli(argv[1:])
     else:
         p = argparse.ArgumentParser(prog="python -m lora_diffusion.convert", description=__doc__,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)

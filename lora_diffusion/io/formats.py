@@ -154,6 +154,25 @@ def exact_rank(down: torch.Tensor, up: torch.Tensor, limit: int) -> tuple[torch.
     return d.contiguous(), p.contiguous()
 
 
+def lowrank_form(ad: Any) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """(down (r, in, *k), up (out, r, *1), s) with ΔW = s·up·down (full rank, no timestep mask) for variants that
+    are low-rank products: their own ``lowrank_factors()``, VeRA, T-LoRA, plain LoRA; None for the others."""
+    from ..variants.lora import LoRA
+
+    if hasattr(ad, "lowrank_factors"):  # variants with their own low-rank form (SingLoRA, DyLoRA, AdaLoRA, ...)
+        return ad.lowrank_factors()
+    if ad.variant == "vera":
+        a, b = ad._projections(ad.dtype)
+        return ad.vera_lambda_d[:, None] * a, ad.vera_lambda_b[:, None] * b, 1.0
+    if ad.variant == "tlora" and hasattr(ad, "lora_S"):  # full T-LoRA: [B·S, −B0·S0] [A; A0]
+        sv = ad.lora_S.view(1, -1, *([1] * (ad.lora_B.dim() - 2)))
+        s0 = ad.lora_S0.view_as(sv)
+        return torch.cat([ad.lora_A, ad.lora_A0]), torch.cat([ad.lora_B * sv, -ad.lora_B0 * s0], dim=1), ad.scaling
+    if ad.variant == "tlora" or (isinstance(ad, LoRA) and type(ad).delta_weight is LoRA.delta_weight):
+        return ad.lora_A, ad.lora_B, ad.scaling  # vanilla T-LoRA (full mask), LoRA, rsLoRA, LoRA-FA
+    return None
+
+
 def plain_lora(part: Part, adapters: dict[str, Any]) -> Part:
     """T-LoRA (full rank, no timestep mask) or VeRA as an exactly equal plain LoRA, for formats without them.
 
@@ -165,18 +184,8 @@ def plain_lora(part: Part, adapters: dict[str, Any]) -> Part:
     for m in part.modules:
         ad = adapters[m]
         with torch.no_grad():
-            if hasattr(ad, "lowrank_factors"):  # variants with their own low-rank form (SingLoRA)
-                down, up, s = ad.lowrank_factors()
-            elif part.spec.variant == "vera":
-                a, b = ad._projections(ad.dtype)
-                down, up, s = ad.vera_lambda_d[:, None] * a, ad.vera_lambda_b[:, None] * b, 1.0
-            elif hasattr(ad, "lora_S"):
-                sv = ad.lora_S.view(1, -1, *([1] * (ad.lora_B.dim() - 2)))
-                s0 = ad.lora_S0.view_as(sv)
-                down = torch.cat([ad.lora_A, ad.lora_A0])
-                up, s = torch.cat([ad.lora_B * sv, -ad.lora_B0 * s0], dim=1), ad.scaling
-            else:
-                down, up, s = ad.lora_A, ad.lora_B, ad.scaling
+            form = lowrank_form(ad)
+            down, up, s = form if form is not None else (ad.lora_A, ad.lora_B, ad.scaling)
             down, up = exact_rank(down, up, min(ad.info.out_features, ad.info.fan_in))
         r = down.shape[0]
         ranks[m], alphas[m] = r, s * r
