@@ -11,6 +11,8 @@
 | ``klora`` | K-LoRA: per layer and step y_c or y_s by top-k \\|ΔW\\| sums and s(t) | no |
 | ``scheduled`` | subject weight falls and style weight rises with sampling progress | no |
 | ``lag`` | LAG: per token and layer, Arrow top-k then SpectR picks ONE adapter (routed before computing) | no |
+| ``xlora`` | X-LoRA: classifier on the base pass's hidden states, λ per token and layer (LLMs) | classifier |
+| ``mole`` | MoLE: softmax gate per block over the normalised expert outputs, balancing loss, masking | gates only |
 
 A method is a :class:`FusionMethod` registered in ``FUSION_METHODS`` (``register_fusion``); it installs a
 :class:`Combiner` per adapted layer through ``AdaptedLayer.set_combiner``, so MoLE/X-LoRA-style mixtures can
@@ -31,8 +33,11 @@ from .base import ROLES, Combiner, Fusion, FusionMethod, GateStats
 from .gated import GatedFusion, load_gates, save_gates
 from .klora import KLoRAFusion
 from .lag import LAGFusion
+from .mixture import load_mixture_weights, save_mixture
+from .mole import MoleFusion
 from .scheduled import ScheduledFusion
 from .static import StaticFusion
+from .xlora import XLoraFusion
 
 log = logging.getLogger(__name__)
 FUSION_ATTR = "_lora_fusion"
@@ -44,7 +49,7 @@ def register_fusion(cls: type[FusionMethod]) -> type[FusionMethod]:
     return cls
 
 
-for _cls in (StaticFusion, GatedFusion, KLoRAFusion, ScheduledFusion, LAGFusion):
+for _cls in (StaticFusion, GatedFusion, KLoRAFusion, ScheduledFusion, LAGFusion, XLoraFusion, MoleFusion):
     register_fusion(_cls)
 
 
@@ -95,6 +100,11 @@ def fuse(model_or_pipeline: Any, names: Sequence[str], method: str = "static",
     unfuse(model_or_pipeline)
     set_adapters(model_or_pipeline, names, weights if weights is not None else [1.0] * len(names))
     fusion = fm.install(layer_map(model_or_pipeline), names, default_roles(names, roles))
+    try:
+        fm.attach(fusion, components(model_or_pipeline))
+    except BaseException:
+        fusion.remove()
+        raise
     for model in components(model_or_pipeline).values():
         model.__dict__[FUSION_ATTR] = fusion
     log.info("fusion '%s' of %s on %d layers", method, names, len(fusion.layers))
@@ -102,4 +112,5 @@ def fuse(model_or_pipeline: Any, names: Sequence[str], method: str = "static",
 
 
 __all__ = ["FUSION_METHODS", "ROLES", "Combiner", "Fusion", "FusionMethod", "GateStats", "default_roles", "fuse",
-           "fusion_names", "layer_map", "load_gates", "register_fusion", "save_gates", "unfuse"]
+           "fusion_names", "layer_map", "load_gates", "load_mixture_weights", "register_fusion", "save_gates",
+           "save_mixture", "unfuse"]

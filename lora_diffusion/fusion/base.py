@@ -107,6 +107,9 @@ class Fusion:
     combiners: dict[str, Combiner] = field(default_factory=dict)  # "<component>/<layer path>" -> combiner
     layers: dict[str, AdaptedLayer] = field(default_factory=dict)
     merged: bool = False  # static fusion folded into the base weights
+    # model-level modules of the method (X-LoRA's classifier), trained and saved with the combiners
+    modules: nn.ModuleDict = field(default_factory=nn.ModuleDict)
+    handles: list[Any] = field(default_factory=list)  # hooks the method registered (removed by ``remove``)
 
     def record(self, on: bool = True) -> None:
         """Start (clearing earlier records) or stop recording gate strengths."""
@@ -132,10 +135,13 @@ class Fusion:
         return GateStats(list(self.names), layers, steps, out)
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for c in self.combiners.values() for p in c.parameters()]
+        return [p for c in self.combiners.values() for p in c.parameters()] + list(self.modules.parameters())
 
     def remove(self) -> None:
         """Uninstall every combiner (the layers sum their adapters again); unfuse fused weights exactly."""
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
         for layer in self.layers.values():
             layer.set_combiner(None)
             if self.merged:
@@ -155,6 +161,7 @@ class FusionMethod:
     # reads the denoising timestep: text encoders (which never see one) keep the plain sum
     needs_timestep: ClassVar[bool] = False
     linear_only: ClassVar[bool] = False  # combines per token of linear layers only (LAG); conv adapters are refused
+    models: ClassVar[tuple[str, ...]] = ("diffusion", "llm")  # what it applies to (X-LoRA: LLMs only)
 
     @dataclass
     class Options:
@@ -176,6 +183,10 @@ class FusionMethod:
 
     def make_combiner(self, key: str, layer: AdaptedLayer, names: list[str], roles: dict[str, str]) -> Combiner | None:
         raise NotImplementedError
+
+    def attach(self, fusion: Fusion, models: dict[str, nn.Module]) -> None:
+        """After the combiners are in place: model-level hooks ({component: model}; X-LoRA's scaling pass,
+        MoLE's per-forward block state); register their handles in ``fusion.handles``."""
 
     def install(self, layers: dict[str, AdaptedLayer], names: list[str], roles: dict[str, str]) -> Fusion:
         fusion = Fusion(self, names, roles)

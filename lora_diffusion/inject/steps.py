@@ -54,6 +54,13 @@ class TrainingHooks:
                       if _overrides(ads[0], "after_step") or _overrides(ads[0], "group_after_step")}
         self._reg = {c: ads for c, ads in groups.items()
                      if _overrides(ads[0], "regularization") or _overrides(ads[0], "group_regularization")}
+        # fusion combiners with a model-wide loss term (MoLE's balancing loss), grouped by class
+        self._comb: dict[type, list[nn.Module]] = {}
+        for m in models:
+            for _, layer in adapted_layers(m):
+                c = layer.combiner
+                if c is not None and callable(getattr(type(c), "group_regularization", None)):
+                    self._comb.setdefault(type(c), []).append(c)
 
     def set_step(self, done: int) -> None:
         """``ctx.step`` = ``done`` optimizer steps completed (what SingLoRA's ramp and schedules read)."""
@@ -66,6 +73,7 @@ class TrainingHooks:
 
     def regularization(self) -> torch.Tensor | None:
         terms = [t for t in (c.group_regularization(ads) for c, ads in self._reg.items()) if t is not None]
+        terms += [t for t in (c.group_regularization(cs) for c, cs in self._comb.items()) if t is not None]
         return sum(terms[1:], terms[0]) if terms else None  # type promotion, no cast (fp64 stays fp64)
 
     def after_step(self, step: int) -> None:
