@@ -1,0 +1,237 @@
+"""X-LoRA: a classifier on the base model's hidden states weighs frozen LoRAs per token and layer.
+
+Buehler & Buehler, "X-LoRA: Mixture of Low-Rank Adapter Experts", arXiv 2402.07148 (https://arxiv.org/abs/2402.07148);
+reference implementation PEFT ``XLoraModel`` (``tuners/xlora``), whose ``XLoraConfig`` field names the options keep.
+
+    1. scaling pass (no grad): every λ = scaling_pass_value (None: 1/N; 0: the base model), hidden h = H_last (B, T, H)
+    2. λ = softmax(MLP(h) / temperature)  ->  (B, T, L, N)   (layerwise_scalings: one logit per layer; else shared)
+       top_k_lora keeps the k largest per token (enable_softmax_topk: softmax over the kept ones)
+    3. real pass, at adapted layer ℓ:   y = y0 + g · Σ_i λ_{ℓ,i}(token) · y_i,   g = global_scaling_weight
+
+y_i = s_i B_i A_i x is adapter i's own output; PEFT scales the *input* (B_i A_i (λ x)), which is the same for the
+additive adapters X-LoRA accepts (the output is linear in x). L = the number of adapted layers holding any of
+the adapters, in module order. Only the classifier trains (``use_trainable_adapters`` unfreezes the LoRAs).
+
+LLMs only: the classifier reads per-token final hidden states aligned with the tokens every adapted layer sees.
+A diffusion UNet has neither (its layers work on feature maps at several resolutions, and its output is noise,
+not hidden states), and PEFT has no UNet integration either: use ``mole`` there. Generation runs without a KV
+cache (as PEFT forces ``use_cache=False``): every step re-runs both passes over the whole sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.context import CallContext
+from ..core.errors import AdapterError
+from ..core.layer import AdaptedLayer
+from .base import Combiner, Fusion, FusionMethod
+from .mixture import check_mixable
+
+log = logging.getLogger(__name__)
+
+
+class XLoraClassifier(nn.Module):
+    """MLP hidden -> logits: depth 1 is one Linear; deeper: (Linear, ReLU, Dropout) x (depth-1) then Linear."""
+
+    def __init__(self, hidden: int, n_layers: int, n_adapters: int, opts: Any) -> None:
+        super().__init__()
+        self.n_layers, self.n_adapters, self.opts = n_layers, n_adapters, opts
+        out = n_adapters * (n_layers if opts.layerwise_scalings else 1)
+        mods: list[nn.Module] = []
+        width = hidden
+        for _ in range(opts.xlora_depth - 1):
+            mods += [nn.Linear(width, opts.xlora_size), nn.ReLU()]
+            if opts.xlora_dropout_p > 0:
+                mods.append(nn.Dropout(opts.xlora_dropout_p))
+            width = opts.xlora_size
+        self.layers = nn.Sequential(*mods, nn.Linear(width, out))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) -> scalings (B, T, L, N)."""
+        dtype = self.layers[-1].weight.dtype
+        logits = self.layers(hidden.to(dtype))  # (B, T, N) or (B, T, L*N)
+        b, t = logits.shape[:2]
+        if self.opts.layerwise_scalings:
+            logits = logits.reshape(b, t, self.n_layers, self.n_adapters)
+        else:
+            logits = logits.unsqueeze(2).expand(b, t, self.n_layers, self.n_adapters)
+        if self.opts.enable_softmax:
+            return torch.softmax(logits / self.opts.softmax_temperature, dim=-1)
+        return logits
+
+
+def topk_scalings(s: torch.Tensor, k: int | None, softmax_topk: bool) -> torch.Tensor:
+    """Keep the ``k`` largest per token (the rest 0); ``softmax_topk``: softmax over the kept nonzero ones."""
+    if k is not None:
+        idx = torch.topk(s, k=k, dim=-1).indices
+        s = s * torch.zeros_like(s, dtype=torch.bool).scatter(-1, idx, True).to(s.dtype)
+    if softmax_topk:
+        keep = s != 0
+        s = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1).masked_fill(~keep, 0.0)
+    return s
+
+
+class XLoraState:
+    """Shared by the classifier hook and every combiner of one fusion: the scalings of the current pass."""
+
+    def __init__(self) -> None:
+        self.scalings: torch.Tensor | None = None  # (B, T, L, N)
+        self.latest: torch.Tensor | None = None  # the classifier's last output (PEFT get_latest_scalings)
+        self.busy = False  # inside the scaling pass
+
+
+class XLoraCombiner(Combiner):
+    def __init__(self, names: list[str], index: int, state: XLoraState, opts: Any) -> None:
+        super().__init__(names)
+        self.index, self.state, self.opts = index, state, opts
+
+    def combine(self, layer: AdaptedLayer, y0: torch.Tensor, ys: dict[str, torch.Tensor],
+                ctx: CallContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        s = self.state.scalings
+        if s is None:
+            raise AdapterError("X-LoRA: an adapted layer ran outside a forward of the model the fusion is attached "
+                               "to (no scalings); call the model itself")
+        if y0.dim() != 3 or tuple(y0.shape[:2]) != tuple(s.shape[:2]):
+            raise AdapterError(f"X-LoRA: layer output {tuple(y0.shape)} is not (batch, tokens, features) of the "
+                               f"model input {tuple(s.shape[:2])}; X-LoRA applies to token models (LLMs)")
+        lam = topk_scalings(s[:, :, self.index, :], self.opts.top_k_lora, self.opts.enable_softmax_topk)  # (B, T, N)
+        lam = lam * self.opts.global_scaling_weight
+        out, weights = y0, {}
+        for n, y in ys.items():
+            w = lam[..., self.names.index(n), None].to(y.dtype)  # (B, T, 1)
+            out = out + y * w
+            weights[n] = w
+        return out, weights
+
+
+class XLoraFusion(FusionMethod):
+    name = "xlora"
+    formula = "y = y0 + g * sum_i lambda_{l,i}(token) * y_i, lambda = softmax(MLP(h_base)/T) from a scaling pass"
+    paper = "https://arxiv.org/abs/2402.07148"
+    trainable = True
+    models = ("llm",)
+
+    @dataclass
+    class Options:  # PEFT XLoraConfig names and defaults (``adapters`` is the list of names given to ``fuse``)
+        hidden_size: int | None = None  # None: the model's config.hidden_size
+        enable_softmax: bool = True
+        enable_softmax_topk: bool = False
+        layerwise_scalings: bool = False
+        xlora_depth: int = 1
+        xlora_size: int = 2048
+        xlora_dropout_p: float = 0.2
+        use_trainable_adapters: bool = False
+        softmax_temperature: float = 1.0
+        top_k_lora: int | None = None
+        scaling_pass_value: float | None = 0.0
+        global_scaling_weight: float = 1.0
+
+    def validate(self, layers: dict[str, AdaptedLayer], names: list[str]) -> None:
+        o = self.options
+        check_mixable(layers, names, "xlora", min_adapters=1)
+        unet = sorted({k.split(".")[0] for k in layers if k.startswith(("unet", "text_encoder"))})
+        if unet:
+            raise AdapterError(f"xlora: applies to LLMs (per-token hidden states); this model has {unet} components "
+                               "— use method='mole' for diffusion models")
+        if o.top_k_lora is not None and not 1 <= o.top_k_lora <= len(names):
+            raise AdapterError(f"xlora: top_k_lora={o.top_k_lora} must be between 1 and the number of adapters "
+                               f"({len(names)}: {names})")
+        if o.xlora_depth < 1:
+            raise AdapterError(f"xlora: xlora_depth={o.xlora_depth} must be at least 1")
+        if o.softmax_temperature <= 0:
+            raise AdapterError(f"xlora: softmax_temperature={o.softmax_temperature} must be positive")
+
+    def prepare(self, layers: dict[str, AdaptedLayer], names: list[str], roles: dict[str, str]) -> None:
+        self.state = XLoraState()
+        held = [k for k, layer in layers.items() if any(n in layer.adapters for n in names)]
+        self.index = {k: i for i, k in enumerate(held)}
+
+    def make_combiner(self, key: str, layer: AdaptedLayer, names: list[str], roles: dict[str, str]) -> Combiner | None:
+        if key not in self.index:
+            return None
+        return XLoraCombiner(names, self.index[key], self.state, self.options)
+
+    def attach(self, fusion: Fusion, models: dict[str, nn.Module]) -> None:
+        model = next((m for m in models.values() if _has_layers(m, fusion)), None)
+        if model is None or len(models) != 1:
+            raise AdapterError("xlora: attaches to one language model (a transformers causal LM)")
+        hidden = self.options.hidden_size or getattr(getattr(model, "config", None), "hidden_size", None)
+        if hidden is None:
+            raise AdapterError("xlora: the model has no config.hidden_size; give hidden_size=")
+        ref = next(model.parameters())
+        dtype = torch.float32 if ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype
+        clf = XLoraClassifier(int(hidden), len(self.index), len(fusion.names), self.options).to(ref.device, dtype)
+        fusion.modules["classifier"] = clf
+        fusion.handles.append(model.register_forward_pre_hook(self._pre_forward(model, clf), with_kwargs=True))
+        fusion.handles.append(_NoCache(model))
+        for layer in fusion.layers.values():
+            for n in fusion.names:
+                if n in layer.adapters:
+                    layer.adapters[n].requires_grad_(self.options.use_trainable_adapters)
+
+    def _pre_forward(self, model: nn.Module, clf: XLoraClassifier):
+        state, o, n = self.state, self.options, len(self.index)
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if state.busy:  # the scaling pass itself
+                return None
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            emb = kwargs.get("inputs_embeds")
+            ref = ids if ids is not None else emb
+            if ref is None:
+                raise AdapterError("xlora: the model was called without input_ids or inputs_embeds")
+            past = kwargs.get("past_key_values")
+            if past is not None and getattr(past, "get_seq_length", lambda: 0)() > 0:
+                raise AdapterError("xlora: generation with a KV cache is not supported (the scaling pass needs the "
+                                   "whole sequence); pass use_cache=False")
+            fill = 1.0 / clf.n_adapters if o.scaling_pass_value is None else o.scaling_pass_value
+            state.scalings = torch.full((ref.shape[0], ref.shape[1], n, clf.n_adapters), fill,
+                                        device=ref.device, dtype=clf.layers[-1].weight.dtype)
+            pass_kwargs = {**kwargs, "output_hidden_states": True, "return_dict": True, "use_cache": False,
+                           "past_key_values": None}
+            pass_kwargs.pop("labels", None)
+            state.busy = True
+            try:
+                with torch.no_grad():
+                    out = module(*args, **pass_kwargs)
+            finally:
+                state.busy = False
+            hidden = getattr(out, "hidden_states", None)
+            if not hidden:
+                raise AdapterError(f"xlora: {type(module).__name__} returned no hidden_states; X-LoRA needs a "
+                                   "transformers model (output_hidden_states=True)")
+            clf.train(module.training)  # the classifier is not a submodule: follow the model's train/eval mode
+            state.scalings = state.latest = clf(hidden[-1])
+            return None
+
+        return hook
+
+    @staticmethod
+    def latest_scalings(fusion: Fusion) -> torch.Tensor | None:
+        """The classifier's last scalings (B, T, L, N) (PEFT ``get_latest_scalings``)."""
+        return fusion.method.state.latest
+
+
+def _has_layers(model: nn.Module, fusion: Fusion) -> bool:
+    ids = {id(m) for m in model.modules()}
+    return any(id(layer) in ids for layer in fusion.layers.values())
+
+
+class _NoCache:
+    """Turns the KV cache off in ``generate`` while the fusion is installed (``remove`` restores it)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.cfgs = [c for c in (getattr(model, "generation_config", None), getattr(model, "config", None)) if c is not None]
+        self.saved = [getattr(c, "use_cache", None) for c in self.cfgs]
+        for c in self.cfgs:
+            c.use_cache = False
+
+    def remove(self) -> None:
+        for c, v in zip(self.cfgs, self.saved):
+            c.use_cache = v
