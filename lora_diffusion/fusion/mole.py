@@ -144,7 +144,7 @@ class MoleFusion(FusionMethod):
         balance_weight: float = 0.5  # alpha of L_balance (0: off)
         mask: list[str] = field(default_factory=list)  # adapters dropped at inference, the rest renormalised
 
-    def validate(self, layers: dict[str, AdaptedLayer], names: list[str]) -> None:
+    def check(self, layers: dict[str, AdaptedLayer], names: list[str]) -> None:
         o = self.options
         check_mixable(layers, names, "mole", min_adapters=2)
         if o.granularity not in ("block", "layer"):

@@ -132,7 +132,7 @@ class XLoraFusion(FusionMethod):
         scaling_pass_value: float | None = 0.0
         global_scaling_weight: float = 1.0
 
-    def validate(self, layers: dict[str, AdaptedLayer], names: list[str]) -> None:
+    def check(self, layers: dict[str, AdaptedLayer], names: list[str]) -> None:
         o = self.options
         check_mixable(layers, names, "xlora", min_adapters=1)
         unet = sorted({k.split(".")[0] for k in layers if k.startswith(("unet", "text_encoder"))})
