@@ -269,6 +269,8 @@ class AdapterArgs:
                               "embedded demo model unet-full, or unet-attn for linear-only variants such as VeRA)")
     lora_dropout: float = opt(0.0, "dropout on the adapter input")
     adapter_options: dict = opt({}, "extra variant options as JSON, e.g. '{\"decompose_factor\": 4}'")
+    rank_spec: str | None = opt(None, "per-module ranks from a rank-spec JSON file (python -m training.rank_sensitivity: "
+                                "Sensitivity-LoRA); sets the targets, ranks and alphas (--targets, --lora_rank unused)")
 
 
 @dataclass
@@ -375,6 +377,19 @@ def step_option_defaults(variant: str, options: dict[str, Any], max_steps: int) 
     return out
 
 
+def with_rank_spec(spec: Any, path: str | None) -> Any:
+    """--rank_spec: the file's targets, per-module ranks and alphas replace the AdapterSpec's (bad file: ConfigError)."""
+    if not path:
+        return spec
+    import lora_diffusion as ld
+    from lora_diffusion.ranks import apply_rank_spec, load_rank_spec
+
+    try:
+        return apply_rank_spec(spec, load_rank_spec(path))
+    except ld.AdapterError as e:
+        raise ConfigError(f"--rank_spec: {e}") from None
+
+
 def default_targets(variant: str, demo: bool) -> str:
     """``unet-attn``; on the demo model (which draws shapes with convolutions) ``unet-full`` where the variant
     adapts Conv2d layers."""
@@ -405,7 +420,7 @@ def resolve_defaults(cfg: TLoRAConfig, variant_names: list[str]) -> TLoRAConfig:
     a.adapter_options = step_option_defaults(a.variant, a.adapter_options, o.max_train_steps)
     if cfg.data.hue_jitter is None:
         cfg.data.hue_jitter = float(DEMO_TRAIN_DEFAULTS.get("hue_jitter", 0.0)) if demo else 0.0
-    if a.variant == "tlora" and a.min_rank is None:
+    if a.variant == "tlora" and a.min_rank is None and not a.rank_spec:  # with --rank_spec: rank // 2 per module
         a.min_rank = max(1, a.lora_rank // 2)
     elif a.variant != "tlora" and a.min_rank is not None:
         log.warning("--min_rank applies to T-LoRA only; ignored for variant '%s'", a.variant)
@@ -459,7 +474,8 @@ def _check_ranges(cfg: TLoRAConfig) -> None:
     for name, v, lo in checks:
         if v is None or v < lo:
             raise ConfigError(f"--{name}: expected an integer >= {lo}, found {v!r}")
-    if cfg.adapter.variant == "tlora" and not 1 <= (cfg.adapter.min_rank or 0) <= cfg.adapter.lora_rank:
+    if cfg.adapter.variant == "tlora" and not 1 <= (cfg.adapter.min_rank or 0) <= cfg.adapter.lora_rank and not (
+            cfg.adapter.rank_spec and cfg.adapter.min_rank is None):
         raise ConfigError(f"--min_rank: expected 1 <= min_rank <= lora_rank={cfg.adapter.lora_rank}, "
                           f"found {cfg.adapter.min_rank}")
     if not (cfg.optim.learning_rate or 0) > 0:

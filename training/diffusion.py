@@ -20,7 +20,7 @@ from lora_diffusion.generate import _slug, generate, install_timestep_hook, load
 from lora_diffusion.io import embeddings as emb_io
 
 from . import lora_drop
-from .config import NO_ADAPTER, ConfigError, TLoRAConfig
+from .config import NO_ADAPTER, ConfigError, TLoRAConfig, with_rank_spec
 from .data import (
     DataError,
     ExampleSampler,
@@ -77,8 +77,9 @@ def adapter_spec(cfg: TLoRAConfig) -> ld.AdapterSpec:
         options.update(min_rank=a.min_rank, rank_exponent=a.alpha_rank_scale, sig_type=a.sig_type,
                        ortho=a.trainer_type == "ortho_lora")
     targets: str | list[str] = a.targets if a.targets in ld.PRESETS else [t.strip() for t in a.targets.split(",")]
-    return ld.AdapterSpec(variant=a.variant, rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout,
+    spec = ld.AdapterSpec(variant=a.variant, rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout,
                           targets=targets, seed=cfg.run.seed, options=options)
+    return with_rank_spec(spec, a.rank_spec)
 
 
 def load_base(cfg: TLoRAConfig) -> Any:
@@ -311,7 +312,8 @@ def identity(cfg: TLoRAConfig, digest: str, resolution: int) -> dict[str, Any]:
             "images": digest, "resolution": resolution, "train_batch_size": d.train_batch_size,
             "with_prior_preservation": d.with_prior_preservation, "seed": cfg.run.seed,
             "gradient_accumulation_steps": o.gradient_accumulation_steps,
-            "embedding": {k: v for k, v in vars(cfg.embedding).items() if k != "embedding_steps"}}
+            "embedding": {k: v for k, v in vars(cfg.embedding).items() if k != "embedding_steps"},
+            **({"rank_pattern": with_rank_spec(adapter_spec(cfg), a.rank_spec).rank_pattern} if a.rank_spec else {})}
 
 
 # --- validation and outputs ---

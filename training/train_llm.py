@@ -44,6 +44,7 @@ from .config import (
     step_option_defaults,
     to_dict,
     to_yaml,
+    with_rank_spec,
 )
 from .llm_data import (
     Example,
@@ -88,6 +89,8 @@ class LLMAdapterArgs:
     dropout: float = opt(0.0, "dropout on the adapter input", "--lora_dropout")
     targets: str = opt("llm", "preset (llm, llm-attn) or comma-separated module-name patterns")
     adapter_options: dict = opt({}, "extra variant options as JSON, e.g. '{\"decompose_both\": true}'")
+    rank_spec: str | None = opt(None, "per-module ranks from a rank-spec JSON file (python -m training.rank_sensitivity: "
+                                "Sensitivity-LoRA); sets the targets, ranks and alphas (--targets, --rank unused)")
 
 
 @dataclass
@@ -163,7 +166,8 @@ def identity(cfg: LLMConfig) -> dict[str, Any]:
             "variant": a.variant, "rank": a.rank, "alpha": a.alpha, "targets": a.targets, "options": a.adapter_options,
             "train_file": d.train_file, "max_length": d.max_length, "packing": d.packing,
             "batch": d.train_batch_size, "accum": cfg.optim.gradient_accumulation_steps, "seed": cfg.run.seed,
-            "lr": cfg.optim.learning_rate, "loraplus": cfg.optim.loraplus_lr_ratio, "optimizer": cfg.optim.optimizer}
+            "lr": cfg.optim.learning_rate, "loraplus": cfg.optim.loraplus_lr_ratio, "optimizer": cfg.optim.optimizer,
+            **({"rank_pattern": build_spec(cfg).rank_pattern} if a.rank_spec else {})}
 
 
 # --- data ---
@@ -251,8 +255,9 @@ def evaluate(model: torch.nn.Module, examples: list[Example], batch_size: int, p
 def build_spec(cfg: LLMConfig) -> ld.AdapterSpec:
     a = cfg.adapter
     targets: str | list[str] = a.targets if a.targets in ld.PRESETS else [t.strip() for t in a.targets.split(",") if t.strip()]
-    return ld.AdapterSpec(variant=a.variant, rank=a.rank, alpha=a.alpha, dropout=a.dropout, targets=targets,
+    spec = ld.AdapterSpec(variant=a.variant, rank=a.rank, alpha=a.alpha, dropout=a.dropout, targets=targets,
                           seed=cfg.run.seed, options=dict(a.adapter_options))
+    return with_rank_spec(spec, a.rank_spec)
 
 
 def build_optimizer(cfg: LLMConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
