@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from . import api, llm
+from .fusion.mixture import is_mixture
+from .io.files import read_header
 
 log = logging.getLogger("lora_diffusion.chat")
 
@@ -40,11 +42,22 @@ def parse_adapter(arg: str) -> tuple[Path, float]:
 def load_adapters(model: nn.Module, adapters: Sequence[tuple[Path, float]]) -> list[str]:
     """Load each adapter file (checked against the base model) and activate all of them with their scales."""
     names: list[str] = []
-    for path, _ in adapters:
-        names.append(llm.load_llm_adapter(model, path, name=_unique(path.stem, names)))
+    scales: list[float] = []
+    mixed: list[str] = []  # the adapters of a mixture file (X-LoRA, MoLE): weighted by the mixture, not a scale
+    for path, scale in adapters:
+        mixture = path.is_file() and is_mixture(read_header(path)[1])
+        name = llm.load_llm_adapter(model, path, name=_unique(path.stem, names))
+        if not mixture:
+            names.append(name)
+            scales.append(scale)
+            continue
+        fusion = model.__dict__.get("_lora_fusion")  # a mixture file installs its fusion (fusion.FUSION_ATTR)
+        mixed = list(fusion.names) if fusion is not None else []
+        log.info("%s: %s mixture of %s%s", path, fusion.method.name if fusion else "?", mixed,
+                 f" (its scale {scale:g} is ignored)" if scale != 1.0 else "")
     if names:
-        api.set_adapters(model, names, [s for _, s in adapters])
-        log.info("active adapters: %s", ", ".join(f"{n} x{s:g}" for n, (_, s) in zip(names, adapters)))
+        api.set_adapters(model, names + mixed, scales + [1.0] * len(mixed))
+        log.info("active adapters: %s", ", ".join(f"{n} x{s:g}" for n, s in zip(names, scales)))
     return names
 
 

@@ -30,7 +30,7 @@ import torch
 import lora_diffusion as ld
 from lora_diffusion import llm
 
-from . import lora_drop
+from . import llm_mixture, lora_drop
 from .checkpoint import CheckpointManager, GlobalRNG, TrainableParams
 from .config import (
     CheckpointArgs,
@@ -138,6 +138,7 @@ class LLMConfig:
     output: LLMOutputArgs = field(default_factory=LLMOutputArgs)
     run: RunArgs = field(default_factory=RunArgs)
     lora_drop: LoRADropArgs = field(default_factory=LoRADropArgs)
+    mixture: llm_mixture.LLMMixtureArgs = field(default_factory=llm_mixture.LLMMixtureArgs)
 
 
 def check_config(cfg: LLMConfig) -> None:
@@ -154,6 +155,9 @@ def check_config(cfg: LLMConfig) -> None:
     if not 0 <= d.eval_fraction < 1:
         raise ConfigError(f"--eval_fraction: expected 0 <= f < 1, found {d.eval_fraction}")
     check_lora_drop(cfg.lora_drop, a.variant, o.max_train_steps)
+    if cfg.mixture.mixture and cfg.output.merge:
+        raise ConfigError(f"--merge with --mixture {cfg.mixture.mixture}: the mixture's weights depend on the input, "
+                          "so it has no merged model")
     if cfg.output.merge and cfg.model.load_in_4bit:
         raise ConfigError("--merge with --load_in_4bit would merge into re-quantized weights; merge later on a "
                           "16/32-bit base (python -m lora_diffusion.chat --merge_to DIR)")
@@ -167,7 +171,8 @@ def identity(cfg: LLMConfig) -> dict[str, Any]:
             "train_file": d.train_file, "max_length": d.max_length, "packing": d.packing,
             "batch": d.train_batch_size, "accum": cfg.optim.gradient_accumulation_steps, "seed": cfg.run.seed,
             "lr": cfg.optim.learning_rate, "loraplus": cfg.optim.loraplus_lr_ratio, "optimizer": cfg.optim.optimizer,
-            **({"rank_pattern": build_spec(cfg).rank_pattern} if a.rank_spec else {})}
+            **({"rank_pattern": build_spec(cfg).rank_pattern} if a.rank_spec else {}),
+            **({"mixture": vars(cfg.mixture)} if cfg.mixture.mixture else {})}
 
 
 # --- data ---
@@ -339,25 +344,30 @@ def train(cfg: LLMConfig) -> dict[str, Any]:
     max_steps = o.max_train_steps or max(1, math.ceil(len(source) / o.gradient_accumulation_steps))
     cfg.adapter.adapter_options = step_option_defaults(cfg.adapter.variant, cfg.adapter.adapter_options, max_steps)
     spec = build_spec(cfg)
-    if spec.variant == lora_drop.VARIANT:  # its importance stage trains a first LoRA on a sample of the data
+    fusion = llm_mixture.add_mixture(cfg.mixture, model) if cfg.mixture.mixture else None
+    if fusion is not None:  # a mixture of frozen adapters: only its classifier/gates train
+        modules = list(fusion.layers)
+    elif spec.variant == lora_drop.VARIANT:  # its importance stage trains a first LoRA on a sample of the data
         check_lora_drop(cfg.lora_drop, spec.variant, max_steps)
         modules = add_loradrop(cfg, model, spec, train_ex, tok.pad_token_id, acc, out)
     else:
         modules = ld.add_adapter(model, spec)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad) + sum(
+        p.numel() for p in (fusion.modules.parameters() if fusion is not None else ()))
     n_total = sum(p.numel() for p in model.parameters())
     log.info("%s rank %d on %d modules: %d trainable parameters (%.3f%% of %d)", spec.variant, spec.rank, len(modules),
              n_train, 100 * n_train / max(n_total, 1), n_total)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    optimizer = build_optimizer(cfg, model, acc.device)
+    optimizer = llm_mixture.optimizer(fusion, o.learning_rate, o) if fusion else build_optimizer(cfg, model, acc.device)
     sched = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps, num_training_steps=max_steps)
     model, optimizer, sched = acc.prepare(model, optimizer, sched)
 
     ckpt = CheckpointManager(out, identity(cfg), cfg.checkpoint.checkpoints_total_limit, acc.process_index,
                              acc.num_processes, acc.wait_for_everyone)
-    shared = {"params": TrainableParams(model), "optimizer": optimizer, "scheduler": sched}
+    shared = {"params": TrainableParams(model), "optimizer": optimizer, "scheduler": sched,
+              **(llm_mixture.checkpoint_state(fusion) if fusion else {})}
     local = {"rng": GlobalRNG(), "data": source}
     start = 0
     if cfg.checkpoint.resume_from_checkpoint:
@@ -415,14 +425,22 @@ def train(cfg: LLMConfig) -> dict[str, Any]:
             acc.log(metrics["after"], step=result.last_step)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            save_outputs(cfg, acc.unwrap_model(model), tok, out, metrics)
+            save_outputs(cfg, acc.unwrap_model(model), tok, out, metrics, fusion)
     acc.end_training()
     return metrics
 
 
-def save_outputs(cfg: LLMConfig, model: torch.nn.Module, tok: Any, out: Path, metrics: dict[str, Any]) -> None:
+def save_outputs(cfg: LLMConfig, model: torch.nn.Module, tok: Any, out: Path, metrics: dict[str, Any],
+                 fusion: Any = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     overwrite = cfg.output.overwrite or bool(cfg.checkpoint.resume_from_checkpoint)
+    if fusion is not None:  # the adapters + the learned mixture in one canonical file; no PEFT export or merge
+        metrics["adapter"] = str(llm_mixture.save(model, fusion, out / ADAPTER_FILE, {"trainer": "train_llm",
+                                 "steps": str(metrics.get("steps"))}, overwrite))
+        log.info("%s mixture written to %s", cfg.mixture.mixture, metrics["adapter"])
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        (out / "config.yaml").write_text(to_yaml(cfg))
+        return
     path = llm.save_llm_adapter(model, out / ADAPTER_FILE, overwrite=overwrite,
                                 metadata={"trainer": "train_llm", "steps": str(metrics.get("steps"))})
     metrics["adapter"] = str(path)
