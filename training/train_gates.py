@@ -10,6 +10,8 @@ and the AutoLoRA losses (arXiv 2508.02107, as in its training script):
 
 (the denoising loss on LoRA i's image with its caption, captions dropped to "" with p = 0.3, plus a hinge that
 keeps the loss under the OTHER LoRA's caption from falling below m), and the same with i and j swapped.
+``--method mole`` trains MoLE gates instead (lora_diffusion/fusion/mole.py; the same objective plus α·L_balance,
+added by the loop through ``TrainingHooks``) and writes ``mole.safetensors``.
 Writes ``gates.safetensors`` (the gates and the sha256 of every LoRA; ``blend --gates`` refuses other LoRAs),
 ``checkpoints/checkpoint-<step>/`` (resume with ``--resume_from_checkpoint latest``), progress with ETA.
 """
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import lora_diffusion as ld
-from lora_diffusion.fusion import fuse, save_gates
+from lora_diffusion.fusion import fuse, save_gates, save_mixture
 from lora_diffusion.io.library import sha256
 
 from . import diffusion as dif
@@ -56,6 +58,10 @@ class GateDataArgs:
 
 @dataclass
 class GateArgs:
+    method: str = opt("gated", "gated (AutoLoRA gates per layer, channel and step) | mole (MoLE: softmax gate per "
+                               "block, balancing loss; writes mole.safetensors, loadable with ld.load_adapter)",
+                      choices=["gated", "mole"])
+    balance_weight: float = opt(0.5, "mole: alpha of the balancing loss -sum_i log q_i")
     time_features: int = opt(3, "Fourier features of the timestep in the gate")
     margin: float = opt(0.3, "hinge margin m on the loss under the other LoRA's caption")
     hinge_weight: float = opt(1.0, "lambda")
@@ -219,7 +225,9 @@ def _build(cfg: GateConfig, data: list[LoraData], acc: Any) -> tuple[Any, Any, l
     unet = pipe.unet
     for d in data:
         ld.load_adapter(unet, d.path, name=d.name)
-    fusion = fuse(unet, [d.name for d in data], method="gated", time_features=cfg.gates.time_features)
+    opts = ({"time_features": cfg.gates.time_features} if cfg.gates.method == "gated"
+            else {"balance_weight": cfg.gates.balance_weight})
+    fusion = fuse(unet, [d.name for d in data], method=cfg.gates.method, **opts)
     for p in fusion.parameters():
         p.requires_grad_(True)
     dtype = dif.DTYPES[cfg.model.mixed_precision]
@@ -247,7 +255,16 @@ def identity(cfg: GateConfig, data: list[LoraData]) -> dict[str, Any]:
     return {"loras": {d.name: d.sha256 for d in data}, "data": files_digest([p for d in data for p in d.images]),
             "base_model": cfg.model.pretrained_model_name_or_path, "time_features": cfg.gates.time_features,
             "margin": cfg.gates.margin, "hinge_weight": cfg.gates.hinge_weight, "batch": cfg.data.train_batch_size,
-            "caption_dropout": cfg.data.caption_dropout, "seed": cfg.run.seed}
+            "caption_dropout": cfg.data.caption_dropout, "seed": cfg.run.seed,
+            **({"method": "mole", "balance_weight": cfg.gates.balance_weight} if cfg.gates.method == "mole" else {})}
+
+
+def save_learned(fusion: Any, unet: Any, folder: Path, hashes: dict[str, str], meta: dict[str, str] | None = None) -> Path:
+    """gated: ``gates.safetensors`` (the gates + LoRA hashes); mole: ``mole.safetensors`` (a mixture file: the
+    LoRAs and their gates, ``ld.load_adapter(pipe, path)`` restores both)."""
+    if fusion.method.name == "mole":
+        return save_mixture(unet, fusion, folder / "mole.safetensors", metadata={**(meta or {}), "loras": str(hashes)})
+    return save_gates(fusion, folder / "gates.safetensors", hashes, meta)
 
 
 def train(cfg: GateConfig) -> GateResult:
@@ -284,14 +301,14 @@ def train(cfg: GateConfig) -> GateResult:
             log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in objective.last.items()))
         every = cfg.checkpoint.checkpointing_steps
         if every and step % every == 0:
-            ckpt.save(step, shared, local, lambda d: save_gates(fusion, d / "gates.safetensors", hashes))
+            ckpt.save(step, shared, local, lambda d: save_learned(fusion, pipe.unet, d, hashes))
 
     loop = LoopConfig(o.max_train_steps, 1, o.max_grad_norm, "train gates", cfg.run.progress)
     before = validation_loss(objective, sampler)
     try:
         result = fit(acc, model, opt_, sched, sampler, objective, loop, start, [on_step],
                      on_stop=lambda step: ckpt.save_once(step, shared, local,
-                                                         lambda d: save_gates(fusion, d / "gates.safetensors", hashes)))
+                                                         lambda d: save_learned(fusion, pipe.unet, d, hashes)))
     except TrainingStopped:  # SIGTERM/SIGINT: a checkpoint of the stop step is written, no final gates
         reporter.close()
         raise
@@ -303,7 +320,7 @@ def train(cfg: GateConfig) -> GateResult:
     log.info("validation loss (fixed batches): %.4f before this run, %.4f after", before, after)
     meta = {"base_model": str(cfg.model.pretrained_model_name_or_path or "demo-sd"), "steps": str(result.last_step),
             "trainer": "training.train_gates"}
-    gates = save_gates(fusion, out / "gates.safetensors", hashes, meta)
+    gates = save_learned(fusion, pipe.unet, out, hashes, meta)
     log.info("gates of %d layers for %s -> %s", len(fusion.combiners), names, gates)
     return GateResult(result.losses, result.first_step, result.last_step, gates, ckpt.checkpoints(), (before, after))
 

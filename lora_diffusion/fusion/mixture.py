@@ -31,6 +31,7 @@ from ..core.errors import AdapterError, AdapterFileError
 from ..core.layer import AdaptedLayer
 from ..inject.walker import adapted_layers, inject, model_state
 from ..io import canonical
+from ..io.bundle import component_role
 from ..io.files import read_safetensors, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,8 @@ def check_same_base(files: dict[str, Path], model: nn.Module | None = None) -> N
 def adapter_digest(model_or_pipeline: Any, name: str) -> str:
     """sha256 over adapter ``name``'s tensors in every component (sorted keys, dtype, shape, bytes)."""
     h = hashlib.sha256()
-    for comp, model in sorted(components(model_or_pipeline).items()):
+    parts = {comp or component_role(model): model for comp, model in components(model_or_pipeline).items()}
+    for comp, model in sorted(parts.items()):  # named by role: a bare UNet and a pipeline's unet agree
         st = model_state(model)
         if st is None or name not in st.specs:
             continue
