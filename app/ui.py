@@ -442,6 +442,19 @@ class UI:
         folder = self.s.sessions.folder(session(request)) / "exports"
         return str(self.s.library.export(name, fmt, folder, self._fresh_pipe))
 
+    @handled
+    def library_squeeze(self, name: str, rank: Any, energy: Any) -> tuple[Any, ...]:
+        """LoRA-Squeeze the selected adapter to a plain LoRA of ``rank`` (or of the ``energy`` fraction, if given)."""
+        if not name:
+            raise AppError("adapter: none selected")
+        e = None if energy in (None, "") else _finite(energy, "squeeze energy")
+        r = None if e is not None else _int_or_none(rank, "squeeze rank")
+        if e is None and r is None:
+            raise AppError("squeeze: expected a rank >= 1, or an energy fraction in (0, 1]")
+        new, summary = self.s.library.squeeze(name, rank=r, energy=e, pipe_factory=self._fresh_pipe)
+        gr.Info(f"{new}: {summary}")
+        return self.library_refresh(new)
+
     def _fresh_pipe(self) -> Any:
         from lora_diffusion.generate import load_pipeline
 
@@ -645,6 +658,11 @@ def _library_tab(ui: UI, gen_slots: list[Any], demo: gr.Blocks) -> None:
         fmt = gr.Radio(list(EXPORT_FORMATS), value="kohya", label="Export as")
         export = gr.Button("Export")
         delete = gr.Button("Delete", variant="stop")
+    with gr.Row():
+        sq_rank = gr.Number(16, label="Squeeze to rank", precision=0, minimum=1, elem_id="lib-squeeze-rank")
+        sq_energy = gr.Number(None, label="…or keep this energy fraction (0-1], ranks chosen per layer",
+                              elem_id="lib-squeeze-energy")
+        squeeze = gr.Button("Squeeze (LoRA-Squeeze: SVD to a smaller plain LoRA)", elem_id="lib-squeeze")
     exported = gr.File(label="Exported file", elem_id="lib-exported", interactive=False)
     outs = [table, selected, *gen_slots]
     upload.upload(ui.library_upload, upload, outs, api_name="library_upload")
@@ -654,6 +672,7 @@ def _library_tab(ui: UI, gen_slots: list[Any], demo: gr.Blocks) -> None:
     rename.click(ui.library_rename, [selected, new_name], outs, api_name="library_rename")
     delete.click(ui.library_delete, selected, outs, api_name="library_delete")
     export.click(ui.library_export, [selected, fmt], exported, api_name="library_export")
+    squeeze.click(ui.library_squeeze, [selected, sq_rank, sq_energy], outs, api_name="library_squeeze")
     demo.load(lambda: ui.library_refresh(), None, outs, queue=False)
 
 

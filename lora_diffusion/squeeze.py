@@ -326,11 +326,13 @@ def squeeze_file(src: str | os.PathLike, dst: str | os.PathLike, rank: int | Non
     views = {role: model_view(m) for role, m in targets.items()}
     loaded = read_safetensors(path) if path.is_file() else None
     extra, meta_in = {}, loaded[1] if loaded else {}
+    keys = {role: "" if isinstance(model, nn.Module) else role for role in targets}  # component keys of a canonical file
     if loaded is not None and canonical.is_canonical(loaded[1]):
         tensors, bundled = emb_io.split_bundle(loaded[0])
         entries = canonical.decode_metadata(loaded[1], str(path))
-        role = component_role(next(iter(targets.values())))
-        parts = [Part(c or role, e.spec, e.modules, canonical.split_component(tensors, c) if c or len(entries) > 1
+        roles = {c: c or _role_of(e.model_class, targets) for c, e in entries.items()}
+        keys = {roles[c]: c for c in entries}
+        parts = [Part(roles[c], e.spec, e.modules, canonical.split_component(tensors, c) if c or len(entries) > 1
                       else tensors) for c, e in entries.items()]
         extra = {k: v for k, v in loaded[0].items() if k.startswith(emb_io.BUNDLE)}
     else:
@@ -343,7 +345,7 @@ def squeeze_file(src: str | os.PathLike, dst: str | os.PathLike, rank: int | Non
         raise AdapterError(f"{src}: component(s) {missing} are not in the model given; expected {sorted(views)}")
     new_parts, report = squeeze_parts(parts, views, {r: targets[r] for r in views}, rank, energy, method, seed, str(src))
     meta = _out_metadata(meta_in, parts, report)
-    _write(out, new_parts, fmt, views, meta, model, targets, extra)
+    _write(out, new_parts, fmt, views, meta, model, targets, extra, keys)
     report.path = str(out)
     report.bytes_before, report.bytes_after = _size(path), _size(out)
     log.info("%s -> %s: %s", src, out, report.summary())
@@ -368,18 +370,23 @@ def _out_metadata(meta_in: dict[str, str], parts: list[Part], report: SqueezeRep
                    "squeeze_error": f"{report.total_error:.6g}"}
 
 
+def _role_of(model_class: str, targets: dict[str, nn.Module]) -> str:
+    """The component a bare model's canonical entry belongs to, by its model class."""
+    same = [r for r, m in targets.items() if type(m).__name__ == model_class]
+    return same[0] if len(same) == 1 else component_role(next(iter(targets.values())))
+
+
 def _write(out: Path, parts: list[Part], fmt: str, views: dict, meta: dict[str, str], model: Any,
-           targets: dict[str, nn.Module], extra: dict[str, torch.Tensor]) -> None:
+           targets: dict[str, nn.Module], extra: dict[str, torch.Tensor], keys: dict[str, str]) -> None:
     family = model_family(model) or getattr(model, "family", None)
     if fmt != "canonical":
         write_parts(out, parts, fmt, views, meta, family, getattr(targets.get("unet"), "config", None),
                     extra_tensors=extra if fmt == "kohya" else None)
         return
-    bare = isinstance(model, nn.Module)
     tensors = dict(extra)
     entries = {}
     for p in parts:
-        comp = "" if bare else p.component
+        comp = keys.get(p.component, p.component)
         tensors.update({(f"{comp}." if comp else "") + k: v for k, v in p.tensors.items()})
         entries[comp] = canonical.ComponentEntry(p.spec, p.modules, type(targets[p.component]).__name__, "default")
     main = parts[0].spec

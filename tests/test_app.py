@@ -460,3 +460,21 @@ def test_library_table_and_inspector_name_the_same_base(services, lora_file) -> 
         assert shown["base"] == row["base"] and shown["base"] != "unknown"
     finally:
         services.library.delete(name)
+
+
+def test_library_squeeze_makes_a_smaller_plain_lora_entry(services, lora_file) -> None:
+    """The Library tab's Squeeze button (ui.library_squeeze -> LibraryService.squeeze): a demo-model file, read through
+    the served model, becomes a new plain-LoRA entry of the asked rank; bad targets are one clear error."""
+    lib = services.library
+    name = lib.import_file(lora_file, "to-squeeze.safetensors")
+    new, summary = lib.squeeze(name, rank=2, pipe_factory=lambda: load_pipeline(None))
+    entry = next(e for e in lib.entries() if e["name"] == new)
+    assert new == "to-squeeze-r2" and entry["variant"] == "lora" and entry["rank"] == 2
+    assert entry["training"]["squeezed_from"] == name and "total relative error" in summary
+    assert entry["size"] < next(e for e in lib.entries() if e["name"] == name)["size"]
+    e_new, _ = lib.squeeze(name, energy=1.0, pipe_factory=lambda: load_pipeline(None))
+    assert next(e for e in lib.entries() if e["name"] == e_new)["training"]["total_error"] < 1e-5  # all energy: exact
+    with pytest.raises(AppError, match=r"squeeze to-squeeze: squeeze --energy: expected a fraction in \(0, 1\]"):
+        lib.squeeze(name, energy=1.5, pipe_factory=lambda: load_pipeline(None))
+    for n in (name, new, e_new):
+        lib.delete(n)

@@ -158,3 +158,29 @@ class LibraryService:
                 return Path(ld.save_adapter(pipe, dst, name="export", format=fmt))
         except AdapterError as e:
             raise AppError(f"export {src.stem} as {fmt}: {str(e).replace(str(src), src.name)}") from None
+
+    def squeeze(self, name: str, rank: int | None = None, energy: float | None = None,
+                pipe_factory: Any = None) -> tuple[str, str]:
+        """LoRA-Squeeze an entry into a new plain-LoRA entry ``<name>-r<k>`` / ``<name>-e<percent>`` beside it (sample
+        image kept, a sidecar naming the source); returns (new entry name, one-line report). Files of the demo model
+        or another non-SD base (and DoRA, which needs base weights) are read through the served model."""
+        from lora_diffusion.io.library import describe
+        from lora_diffusion.squeeze import check_target, squeeze_file
+
+        src = self.path(name)
+        try:
+            check_target(rank, energy)
+            info = describe(src)
+            needs_model = info.get("base_family") not in ("sd1", "sd2", "sdxl") or "dora" in str(info.get("variant"))
+            model = pipe_factory() if needs_model and pipe_factory is not None else None
+            dst = self._free(f"{src.stem}-" + (f"r{rank}" if rank is not None else f"e{round(100 * energy)}"))
+            rep = squeeze_file(src, dst, rank=rank, energy=energy, model=model)
+        except AdapterError as e:
+            raise AppError(f"squeeze {src.stem}: {str(e).replace(str(src), src.name)}") from None
+        if src.with_suffix(".png").is_file():
+            shutil.copyfile(src.with_suffix(".png"), dst.with_suffix(".png"))
+        side = {"squeezed_from": src.stem, "target": rep.target, "total_error": rep.total_error,
+                "params": [rep.params_before, rep.params_after]}
+        dst.with_suffix(".json").write_text(json.dumps(side, indent=1))
+        log.info("library: squeezed %s into %s (%s)", src.stem, dst.stem, rep.summary())
+        return dst.stem, rep.summary()
