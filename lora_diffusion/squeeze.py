@@ -192,7 +192,7 @@ def allocate(spectra: dict[Any, torch.Tensor], energy: float, min_rank: int = 1)
     order = torch.argsort(sq, descending=True, stable=True)
     cum = torch.cumsum(sq[order], 0)
     total = float(cum[-1]) if cum.numel() else 0.0
-    n = int(torch.searchsorted(cum, torch.tensor(energy * total * (1 - 1e-12), dtype=cum.dtype)).item()) + 1
+    n = int(torch.searchsorted(cum, torch.tensor(energy * total * (1 - 1e-14), dtype=cum.dtype)).item()) + 1
     counts = torch.bincount(owner[order[:min(n, order.numel())]], minlength=len(keys))
     return {k: max(int(counts[i]), min(min_rank, spectra[k].numel())) for i, k in enumerate(keys)}
 

@@ -271,6 +271,9 @@ class AdapterArgs:
     adapter_options: dict = opt({}, "extra variant options as JSON, e.g. '{\"decompose_factor\": 4}'")
     rank_spec: str | None = opt(None, "per-module ranks from a rank-spec JSON file (python -m training.rank_sensitivity: "
                                 "Sensitivity-LoRA); sets the targets, ranks and alphas (--targets, --lora_rank unused)")
+    init_adapter: str | None = opt(None, "start from this adapter file instead of a fresh init (e.g. one made by "
+                                   "'python -m lora_diffusion.convert squeeze'): its variant, ranks and weights are "
+                                   "used (--variant/--rank are taken from the file); UNet modules only")
 
 
 @dataclass
@@ -403,6 +406,8 @@ def default_targets(variant: str, demo: bool) -> str:
 def resolve_defaults(cfg: TLoRAConfig, variant_names: list[str]) -> TLoRAConfig:
     """Check the variant and fill the fields left to the variant's defaults (in place)."""
     a, o = cfg.adapter, cfg.optim
+    if a.init_adapter:
+        _resolve_init_adapter(a)
     if a.variant not in variant_names and a.variant != NO_ADAPTER:
         raise ConfigError(f"--variant: unknown variant '{a.variant}'; registered variants: {variant_names} (or "
                           f"'{NO_ADAPTER}' with --train_embedding: textual inversion alone)")
@@ -427,6 +432,28 @@ def resolve_defaults(cfg: TLoRAConfig, variant_names: list[str]) -> TLoRAConfig:
     _check_ranges(cfg)
     check_lora_drop(cfg.lora_drop, a.variant, o.max_train_steps)
     return cfg
+
+
+def _resolve_init_adapter(a: AdapterArgs) -> None:
+    """--init_adapter: the file's variant and rank replace --variant/--rank (checked readable before any model loads)."""
+    from lora_diffusion.core.errors import AdapterError
+    from lora_diffusion.io.library import describe
+
+    if a.rank_spec:
+        raise ConfigError("--init_adapter and --rank_spec: the adapter file fixes the targets and ranks; expected one "
+                          "of them")
+    try:
+        info = describe(a.init_adapter)
+    except (AdapterError, OSError) as e:
+        raise ConfigError(f"--init_adapter: {e}") from None
+    variant, rank = info.get("variant"), info.get("rank")
+    if info.get("format") == "unknown" or not variant:
+        raise ConfigError(f"--init_adapter {a.init_adapter}: not an adapter file this library reads (format "
+                          f"{info.get('format')!r}); expected a lora-diffusion, kohya, diffusers or PEFT adapter")
+    if variant != a.variant or (a.lora_rank is not None and rank not in (None, a.lora_rank)):
+        log.info("--init_adapter %s: variant %s, rank %s (from the file)", a.init_adapter, variant, rank)
+    a.variant = str(variant)
+    a.lora_rank = int(rank) if isinstance(rank, int) else a.lora_rank
 
 
 def check_lora_drop(args: LoRADropArgs, variant: str, max_steps: int | None) -> None:

@@ -153,8 +153,12 @@ def add_text_adapter(pipe: Any, cfg: TLoRAConfig) -> list[nn.Module]:
 def add_adapter(pipe: Any, cfg: TLoRAConfig, device: torch.device) -> nn.Module:
     """The UNet's adapter, dtype, device and attention (LoRA-drop's adapter comes later: ``add_loradrop``)."""
     unet = pipe.unet
-    if cfg.adapter.variant not in (NO_ADAPTER, lora_drop.VARIANT):
-        names = ld.add_adapter(unet, adapter_spec(cfg))  # raises before touching the model on a bad rank/target
+    if cfg.adapter.init_adapter or cfg.adapter.variant not in (NO_ADAPTER, lora_drop.VARIANT):
+        if cfg.adapter.init_adapter:  # continue from a file (e.g. a squeezed LoRA): its spec and weights, trainable
+            ld.load_adapter(unet, cfg.adapter.init_adapter, name="default", trainable=True)
+            names = ld.api.model_state(unet).modules["default"]
+        else:
+            names = ld.add_adapter(unet, adapter_spec(cfg))  # raises before touching the model on a bad rank/target
         n = sum(p.numel() for p in unet.parameters() if p.requires_grad)
         log.info("%s rank %d on %d modules: %.2fM trainable parameters", cfg.adapter.variant, cfg.adapter.lora_rank,
                  len(names), n / 1e6)
