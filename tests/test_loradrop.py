@@ -305,3 +305,12 @@ def test_diffusion_trainer_importance_stage_uses_its_denoising_loss(tmp_path, mo
     name = ld.load_adapter(pipe, res.outputs["canonical"])
     assert ld.get_spec(pipe.unet, name).options["shared"] == p.shared
     assert "loradrop_stage1" not in ld.list_adapters(pipe)
+    # --init_adapter continues that LoRA-drop adapter (its groups from the file, no second importance stage)
+    seen.clear()
+    more = tiny_config(model, subject, tmp_path / "more", variant="lora", max_train_steps=1)
+    more.adapter.init_adapter = str(res.outputs["canonical"])
+    res2 = train(more)
+    assert not seen and more.adapter.variant == "loradrop"
+    again = StableDiffusionPipeline.from_pretrained(model)
+    name = ld.load_adapter(again, res2.outputs["canonical"])
+    assert ld.get_spec(again.unet, name).options["shared"] == p.shared

@@ -76,7 +76,7 @@ def train(cfg: TLoRAConfig) -> TrainResult:
     text_encoders = dif.add_text_adapter(pipe, cfg)
     unet = dif.add_adapter(pipe, cfg, acc.device)
     sampler, cond = dif.build_data(cfg, pipe, images, res, acc.process_index, acc.device)
-    if cfg.adapter.variant == "loradrop":  # its importance stage trains on this data first
+    if cfg.adapter.variant == "loradrop" and not cfg.adapter.init_adapter:  # importance stage on this data first
         dif.add_loradrop(pipe, cfg, cond, res, acc, bool(cfg.checkpoint.resume_from_checkpoint))
     opt, sched = dif.make_optimizer(unet, cfg, tokens, text_encoders)
     model, opt = acc.prepare(unet, opt)
