@@ -10,7 +10,8 @@ background (``a red dotted ring on a blue background``), ``--seeds`` images each
 - base / concept only / style only: references;
 - static: the sum at weight 1 (diffusers ``set_adapters([c, s], [1, 1])``);
 - static-tuned: the best (w_c, w_s) of a grid, picked on separate tuning prompts and seeds;
-- klora (K-LoRA), scheduled (subject early, style late), gated (AutoLoRA gates from ``train_gates``).
+- klora (K-LoRA), scheduled (subject early, style late), gated (AutoLoRA gates from ``train_gates``),
+  mole (MoLE gates from ``train_gates --method mole``, trained over a set of LoRAs; the pair active, the rest off).
 
 The evaluator reads shape, texture, color and background of every image. ``both`` = the concept's shape AND
 the style's texture; ``all`` = both and the prompted color and background. 95% Wilson intervals over images.
@@ -37,11 +38,11 @@ sys.path.insert(0, str(ROOT))
 
 import lora_diffusion as ld  # noqa: E402
 from lora_diffusion import world  # noqa: E402
-from lora_diffusion.fusion import fuse, load_gates, unfuse  # noqa: E402
+from lora_diffusion.fusion import fuse, load_gates, load_mixture_weights, unfuse  # noqa: E402
 from lora_diffusion.io.library import sha256  # noqa: E402
 
 log = logging.getLogger("composition")
-METHODS = ("base", "concept", "style", "static", "static-tuned", "klora", "scheduled", "scheduled-tuned", "gated")
+METHODS = ("base", "concept", "style", "static", "static-tuned", "klora", "scheduled", "scheduled-tuned", "gated", "mole")
 GRID = (0.5, 0.75, 1.0, 1.25)
 SWITCHES = (0.5, 0.65, 0.8, 0.9)  # scheduled-tuned: progress at which the style takes over
 
@@ -91,6 +92,10 @@ def setup(pipe: Any, method: str, c: str, s: str, args: argparse.Namespace, tune
         f = fuse(pipe, [c, s], "gated", roles=roles)
         load_gates(f, args.gate_files[method], {c: sha256(args.files[c]), s: sha256(args.files[s])},
                    allow_unseen=args.allow_unseen)
+    elif method == "mole":  # gates trained over the whole set; the pair is active, the others off (as in training)
+        f = fuse(pipe, args.mole_names, "mole")
+        load_mixture_weights(f, pipe, args.mole)
+        ld.set_adapters(pipe, [c, s])
     else:
         fuse(pipe, [c, s], method, roles=roles)
 
@@ -197,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--gates", default="outputs/gates/gates.safetensors",
                    help="gates file; more as LABEL=PATH,... add methods gated-LABEL")
+    p.add_argument("--mole", default="outputs/mole/mole.safetensors",
+                   help="MoLE gates from train_gates --method mole (method 'mole')")
     p.add_argument("--allow-unseen", action="store_true", help="apply the gates to LoRAs they were not trained with")
     p.add_argument("--prompts", type=int, default=4, help="prompts (color, background) per pair")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt")
@@ -220,6 +227,15 @@ def main(argv: list[str] | None = None) -> None:
     for n, f in args.files.items():
         ld.load_adapter(pipe, f, name=n)
     install_timestep_hook(pipe.unet, pipe.scheduler.config.num_train_timesteps)
+    if "mole" in args.methods.split(","):
+        from lora_diffusion.fusion.mixture import read_info
+        from lora_diffusion.io.files import read_header
+
+        args.mole_names = read_info(read_header(args.mole)[1], args.mole)["names"]
+        for n in args.mole_names:
+            if n not in args.files:
+                args.files[n] = Path(args.library) / f"{n}.safetensors"
+                ld.load_adapter(pipe, args.files[n], name=n)
     ev = load_evaluator()
     methods = args.methods.split(",")
     files = [g.partition("=") for g in args.gates.split(",")]

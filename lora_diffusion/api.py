@@ -275,7 +275,8 @@ def load_adapter(model_or_pipeline: Any, path: str | os.PathLike, name: str | No
 
     Formats: canonical, kohya/A1111/Civitai (LoRA, LoCon, LyCORIS LoHa/LoKr/tlora, dora_scale), diffusers (also
     0.15-0.20 and <= 0.14 attention-processor files), PEFT folders (LoRA, DoRA, VeRA, LoHa, LoKr), official T-LoRA
-    checkpoints, cloneofsimo/lora files.
+    checkpoints, cloneofsimo/lora files; mixture files (X-LoRA, MoLE: every LoRA plus the learned mixture, installed
+    as a fusion; returns the mixture's name, docs/mixtures.md).
     The name defaults to the file's stem; a file mixing variants adds ``<name>_<variant>`` adapters for the
     smaller groups. Nothing is applied unless every component, module and tensor of the file applies.
     Placeholder embeddings travel along (kohya ``bundle_emb.*``, our canonical file) or alone (A1111/ComfyUI and
