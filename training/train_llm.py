@@ -381,6 +381,7 @@ def train(cfg: LLMConfig) -> dict[str, Any]:
 
     metrics: dict[str, Any] = {"trainable_params": n_train, "modules": len(modules)}
     if eval_ex and start == 0:
+        ld.set_context(model, step=0)  # "before" = the model at step 0: SingLoRA's ramp u(0) = 0 is the base model
         metrics["before"] = evaluate(model, eval_ex, cfg.data.eval_batch_size, tok.pad_token_id, acc.device)
         log.info("held-out loss before training: %.4f (perplexity %.2f)", metrics["before"]["eval_loss"],
                  metrics["before"]["eval_ppl"])
