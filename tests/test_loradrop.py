@@ -196,6 +196,11 @@ def test_canonical_file_stores_the_shared_adapter_once_and_reloads(tmp_path):
     assert torch.equal(fresh(x, img), want)
     b = fresh.get_submodule("b").adapters["x"]
     assert b.factors()[0] is fresh.get_submodule("a").adapters["x"].lora_A
+    from lora_diffusion.io.library import describe
+
+    info = describe(path)["lora_drop"]  # what `python -m lora_diffusion.convert inspect` prints
+    assert info["own_adapter"] == 2 and info["shared"] == ["3 modules share one adapter (c, ...)",
+                                                           "2 modules share one adapter (conv2, ...)"]
 
 
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers", "peft"])

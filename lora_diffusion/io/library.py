@@ -133,13 +133,19 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         if any(param.endswith(r) for r in RANK_KEYS) or (fmt != "kohya" and k.endswith(RANK_KEYS)):
             modules[_component(k, fmt) or "model"] += 1
             ranks[int(shapes[k][0])] += 1
-    allocated = None
+    allocated, extra = None, {}
     if fmt == "canonical":
         entries = canonical.decode_metadata(meta, str(path))
         modules = Counter({c or "model": len(e.modules) for c, e in entries.items()})
         ranks = Counter({e.spec.rank: 1 for e in entries.values()})
         if any(e.spec.variant == "adalora" for e in entries.values()):
             allocated = _allocated_ranks(path, [k for k in keys if k.endswith(".lora_E")])
+        drop = next((e for e in entries.values() if e.spec.variant == "loradrop"), None)
+        if drop is not None:  # LoRA-drop: layers with their own adapter, and the shared groups' sizes
+            groups = drop.spec.options.get("shared", [])
+            extra["lora_drop"] = {"own_adapter": len(drop.modules) - sum(map(len, groups)),
+                                  "shared": [f"{len(g)} modules share one adapter ({g[0]}, ...)" for g in groups],
+                                  "threshold": drop.spec.options.get("threshold")}
     family = file_family(shapes, meta)
     tag_list = tags(meta)
     alpha = meta.get("ss_network_alpha") or meta.get("alpha") or config.get("lora_alpha") or _alpha_tensors(path, keys)
@@ -149,7 +155,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             "rank": ranks.most_common(1)[0][0] if ranks else None, "ranks": sorted(ranks),
             "alpha": alpha, "size": path.stat().st_size, "trigger_words": trigger_words(meta, tag_list), "tags": tag_list,
             "family_hint": family_hint(shapes, meta),
-            **({"allocated_ranks": allocated} if allocated is not None else {}), "index_version": INDEX_VERSION,
+            **({"allocated_ranks": allocated} if allocated is not None else {}), **extra, "index_version": INDEX_VERSION,
             "text_metadata": {k: meta[k][:2000] for k in TEXT_KEYS if meta.get(k)},
             "metadata": {k: (v if len(v) < 200 else v[:200] + "...") for k, v in meta.items()}}
 
