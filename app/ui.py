@@ -36,7 +36,7 @@ from .services.jobs import model_family
 def fusion_names() -> list[str]:
     from lora_diffusion.fusion import FUSION_METHODS
 
-    return list(FUSION_METHODS)
+    return [n for n, c in FUSION_METHODS.items() if "diffusion" in c.models]  # X-LoRA is for LLMs
 
 log = logging.getLogger("app")
 SLOTS = 4  # adapters blended at once in the Generate & Blend tab

@@ -189,6 +189,10 @@ def _fuse(pipe: Any, chosen: list[Chosen], method: str, roles: dict[str, str] | 
                          "(train gates with python -m training.train_gates)")
         else:
             load_gates(fusion, gates, {c.name: c.sha256 for c in chosen}, allow_unseen)
+    elif method == "mole":
+        notes.append("mole with untrained gates: the uniform mean of the LoRAs; MoLE gates trained by "
+                     "train_gates --method mole load with their LoRAs: ld.load_adapter(pipe, 'mole.safetensors')"
+                     + (" (--gates ignored)" if gates is not None else ""))
     elif gates is not None:
         notes.append(f"--gates ignored: method '{method}' has no gates")
     return fusion
