@@ -270,6 +270,15 @@ def test_llm_trainer_runs_the_importance_stage_then_trains_the_plan(llm_folder, 
     assert again.keys() == sd.keys()
 
 
+def test_llm_trainer_strict_sharing_across_shapes_stops_with_the_modules_named(llm_folder, tmp_path):
+    out = tmp_path / "strict"
+    with pytest.raises(ld.AdapterError, match=r"one shared adapter needs layers of one shape; the layers to share "
+                                              r"have [2-4] shapes \(linear \d+x\d+ rank 8: \['model\.layers\.\d\."):
+        llm_cli(llm_folder, out, "--max_train_steps", "4", "--lora_drop_steps", "1", "--lora_drop_strict",
+                "--lora_drop_threshold", "0.3")
+    assert not (out / "lora_drop.json").exists() and not (out / "adapter.safetensors").exists()
+
+
 @pytest.mark.parametrize("flags, match", [
     (["--lora_drop_threshold", "1.5"], r"--lora_drop_threshold: .*must be in \(0, 1\] .*; found 1.5"),
     (["--lora_drop_threshold", "0"], r"--lora_drop_threshold: .*must be in \(0, 1\] .*; found 0.0"),

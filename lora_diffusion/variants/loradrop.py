@@ -153,7 +153,7 @@ def check_same_shape(modules: list[str], keys: dict[str, tuple]) -> None:
         listing = "; ".join(f"{_shape_words(k)}: {ms[:4]}{' ...' if len(ms) > 4 else ''}" for k, ms in by_shape.items())
         raise AdapterError(f"LoRA-drop: one shared adapter needs layers of one shape; the layers to share have "
                            f"{len(by_shape)} shapes ({listing}); expected equal shapes, or one shared adapter per "
-                           "shape (strict sharing off)")
+                           "shape (strict=False: the trainers without --lora_drop_strict)")
 
 
 def share_groups(dropped: Iterable[str], keys: dict[str, tuple], strict: bool = False) -> list[list[str]]:
