@@ -7,8 +7,10 @@ Cases, on one loaded model with N random rank-r LoRAs (``--adapters``) on the 7 
 
 * ``lora``        one LoRA active, ``generate`` with its KV cache (what a user runs today)
 * ``lora-nocache`` one LoRA, ``use_cache=False`` (the same no-cache generation X-LoRA does)
-* ``xlora``       X-LoRA over the N LoRAs (PEFT defaults: classifier depth 1; scaling pass + real pass per step,
-                  no KV cache, as PEFT's ``XLoraModel.generate`` forces ``use_cache=False``)
+* ``xlora``       X-LoRA over the N LoRAs (PEFT defaults: classifier depth 1): scaling pass + real pass per step,
+                  each with its own KV cache
+* ``xlora-nocache`` the same without a KV cache: both passes over the whole sequence every step, which is what
+                  PEFT's ``XLoraModel.generate`` does (it forces ``use_cache=False``)
 * ``mole``        MoLE over the N LoRAs (one pass per step, with the KV cache)
 
 Greedy decoding of ``--new-tokens`` tokens after a ``--prompt-tokens`` prompt; the cases run round-robin
@@ -35,7 +37,7 @@ import lora_diffusion as ld  # noqa: E402
 from lora_diffusion import llm  # noqa: E402
 from lora_diffusion.fusion import fuse, unfuse  # noqa: E402
 
-CASES = ("lora", "lora-nocache", "xlora", "mole")
+CASES = ("lora", "lora-nocache", "xlora", "xlora-nocache", "mole")
 
 
 def setup(model: torch.nn.Module, case: str, names: list[str]) -> dict:
@@ -43,8 +45,8 @@ def setup(model: torch.nn.Module, case: str, names: list[str]) -> dict:
     if case.startswith("lora"):
         ld.set_adapters(model, names[:1])
         return {"use_cache": case == "lora"}
-    fuse(model, names, method=case)
-    return {"use_cache": case == "mole"}
+    fuse(model, names, method=case.removesuffix("-nocache"))
+    return {"use_cache": not case.endswith("-nocache")}
 
 
 @torch.no_grad()

@@ -199,8 +199,30 @@ def test_mixture_file_round_trip_and_generate(tmp_path):
         torch.testing.assert_close(fresh(input_ids=IDS).logits, want, rtol=0, atol=0)
         out = fresh.generate(input_ids=IDS[:1, :3], max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 7)
-    unfuse(fresh)
-    assert fresh.generation_config.use_cache is not False  # the cache is back after the fusion is removed
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_generation_with_kv_cache_equals_without(tmp_path, beams):
+    """Both passes keep a KV cache (the scaling pass its own, reordered with the beams): the same tokens and
+    scores as re-running both passes over the whole sequence each step (PEFT's use_cache=False)."""
+    _, model, names = loaded(tmp_path)
+    f = fuse(model, names, method="xlora", layerwise_scalings=True)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in f.parameters():
+            p.normal_()
+    kw = dict(input_ids=IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+              num_beams=beams, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        cached = model.generate(use_cache=True, **kw)
+        plain = model.generate(use_cache=False, **kw)
+    assert torch.equal(cached.sequences, plain.sequences)
+    # generate hands out fp32 scores
+    torch.testing.assert_close(torch.stack(cached.scores), torch.stack(plain.scores), rtol=1e-6, atol=1e-6)
+    with torch.no_grad(), pytest.raises(ld.AdapterError, match="a KV cache of 4 tokens that this X-LoRA generation"):
+        old = model(input_ids=IDS[:, :4], use_cache=True)  # a cache from another sequence ...
+        model(input_ids=IDS, use_cache=True)  # ... then a new prompt: the old cache no longer matches
+        model(input_ids=IDS[:, :1], cache=old["cache"] if "cache" in old else old["past_key_values"])
 
 
 def test_classifier_for_other_adapters_is_refused(tmp_path):

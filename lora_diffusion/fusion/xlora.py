@@ -14,12 +14,15 @@ the adapters, in module order. Only the classifier trains (``use_trainable_adapt
 
 LLMs only: the classifier reads per-token final hidden states aligned with the tokens every adapted layer sees.
 A diffusion UNet has neither (its layers work on feature maps at several resolutions, and its output is noise,
-not hidden states), and PEFT has no UNet integration either: use ``mole`` there. Generation runs without a KV
-cache (as PEFT forces ``use_cache=False``): every step re-runs both passes over the whole sequence.
+not hidden states), and PEFT has no UNet integration either: use ``mole`` there. Generation keeps a KV cache for
+each pass (PEFT forces ``use_cache=False`` and re-runs both passes over the whole sequence every step): the scaling
+pass gets its own cache of base-model keys/values, kept in step with the caller's.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -84,6 +87,64 @@ class XLoraState:
         self.scalings: torch.Tensor | None = None  # (B, T, L, N)
         self.latest: torch.Tensor | None = None  # the classifier's last output (PEFT get_latest_scalings)
         self.busy = False  # inside the scaling pass
+        self.cache: Any = None  # the scaling pass's KV cache (base-model keys/values), in step with the real one
+        self.real: Any = None  # the real pass's cache it mirrors
+
+    def cache_kwargs(self, module: nn.Module, kwargs: dict) -> dict[str, Any]:
+        """use_cache / past_key_values for the scaling pass. A prompt (empty or no cache) starts a fresh scaling
+        cache when the real pass caches; later steps must bring the real cache this generation started with, and
+        whatever ``generate`` does to it (beam reordering, cropping) is done to the scaling cache too."""
+        key = cache_key(module, kwargs)
+        past = kwargs.get(key)
+        if past is not None and not hasattr(past, "get_seq_length"):
+            raise AdapterError("xlora: legacy tuple KV caches are not supported; pass a transformers Cache or none")
+        n_past = past.get_seq_length() if past is not None else 0
+        if n_past == 0:
+            wants = kwargs.get("use_cache")
+            wants = bool(getattr(getattr(module, "config", None), "use_cache", False) if wants is None else wants)
+            self.cache, self.real = None, None
+            if wants and past is not None:
+                self._mirror(past)
+            return {"use_cache": wants and not module.training, key: None}
+        if self.cache is None or self.cache.get_seq_length() != n_past or (
+                self.real is not None and self.real is not past):
+            raise AdapterError(f"xlora: a KV cache of {n_past} tokens that this X-LoRA generation did not start; "
+                               "start from the prompt (no cache) or pass use_cache=False")
+        if self.real is None:
+            self._mirror(past)
+        return {"use_cache": True, key: self.cache}
+
+    def _mirror(self, past: Any) -> None:
+        self.real = past
+        if getattr(past, "_xlora_mirrored", None) is self:
+            return
+        for op in CACHE_OPS:
+            if hasattr(past, op):
+                setattr(past, op, _mirrored(getattr(past, op), self, op))
+        past._xlora_mirrored = self
+
+
+def cache_key(module: nn.Module, kwargs: dict) -> str:
+    """The KV-cache argument's name: ``cache`` in transformers >= 5, ``past_key_values`` before."""
+    for k in ("cache", "past_key_values"):
+        if k in kwargs:
+            return k
+    return "cache" if "cache" in _forward_params(type(module)) else "past_key_values"
+
+
+@functools.cache
+def _forward_params(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def _mirrored(fn: Any, state: XLoraState, op: str) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        out = fn(*args, **kwargs)
+        if state.cache is not None and state.real is not None:
+            getattr(state.cache, op)(*args, **kwargs)
+        return out
+
+    return call
 
 
 class XLoraCombiner(Combiner):
@@ -169,7 +230,6 @@ class XLoraFusion(FusionMethod):
         clf = XLoraClassifier(int(hidden), len(self.index), len(fusion.names), self.options).to(ref.device, dtype)
         fusion.modules["classifier"] = clf
         fusion.handles.append(model.register_forward_pre_hook(self._pre_forward(model, clf), with_kwargs=True))
-        fusion.handles.append(_NoCache(model))
         for layer in fusion.layers.values():
             for n in fusion.names:
                 if n in layer.adapters:
@@ -186,15 +246,11 @@ class XLoraFusion(FusionMethod):
             ref = ids if ids is not None else emb
             if ref is None:
                 raise AdapterError("xlora: the model was called without input_ids or inputs_embeds")
-            past = kwargs.get("past_key_values")
-            if past is not None and getattr(past, "get_seq_length", lambda: 0)() > 0:
-                raise AdapterError("xlora: generation with a KV cache is not supported (the scaling pass needs the "
-                                   "whole sequence); pass use_cache=False")
+            cache_kwargs = state.cache_kwargs(module, kwargs)
             fill = 1.0 / clf.n_adapters if o.scaling_pass_value is None else o.scaling_pass_value
             state.scalings = torch.full((ref.shape[0], ref.shape[1], n, clf.n_adapters), fill,
                                         device=ref.device, dtype=clf.layers[-1].weight.dtype)
-            pass_kwargs = {**kwargs, "output_hidden_states": True, "return_dict": True, "use_cache": False,
-                           "past_key_values": None}
+            pass_kwargs = {**kwargs, "output_hidden_states": True, "return_dict": True, **cache_kwargs}
             pass_kwargs.pop("labels", None)
             state.busy = True
             try:
@@ -202,6 +258,8 @@ class XLoraFusion(FusionMethod):
                     out = module(*args, **pass_kwargs)
             finally:
                 state.busy = False
+            if cache_kwargs["use_cache"] and cache_kwargs[cache_key(module, kwargs)] is None:  # its own new cache
+                state.cache = out["cache"] if "cache" in out else out.get("past_key_values")
             hidden = getattr(out, "hidden_states", None)
             if not hidden:
                 raise AdapterError(f"xlora: {type(module).__name__} returned no hidden_states; X-LoRA needs a "
@@ -223,15 +281,4 @@ def _has_layers(model: nn.Module, fusion: Fusion) -> bool:
     return any(id(layer) in ids for layer in fusion.layers.values())
 
 
-class _NoCache:
-    """Turns the KV cache off in ``generate`` while the fusion is installed (``remove`` restores it)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.cfgs = [c for c in (getattr(model, "generation_config", None), getattr(model, "config", None)) if c is not None]
-        self.saved = [getattr(c, "use_cache", None) for c in self.cfgs]
-        for c in self.cfgs:
-            c.use_cache = False
-
-    def remove(self) -> None:
-        for c, v in zip(self.cfgs, self.saved):
-            c.use_cache = v
+CACHE_OPS = ("reorder_cache", "crop", "batch_repeat_interleave", "batch_select_indices")  # what generate does to a cache
