@@ -272,3 +272,19 @@ def test_a_unet_is_refused_with_the_reason(tiny_unet):
     with pytest.raises(ld.AdapterError, match=r"xlora: applies to LLMs .* use method='mole' for diffusion models"):
         fuse(tiny_unet, ["u0", "u1"], method="xlora")
     assert all(layer.combiner is None for _, layer in ld.inject.walker.adapted_layers(tiny_unet))
+
+
+def test_options_are_peft_xlora_config_fields_and_convert(tmp_path):
+    import dataclasses
+
+    from lora_diffusion.fusion.xlora import options_from_peft
+
+    ours = {f.name for f in dataclasses.fields(XLoraFusion.Options)}
+    assert ours <= {f.name for f in dataclasses.fields(peft.XLoraConfig)}
+    cfg = peft.XLoraConfig(task_type="CAUSAL_LM", hidden_size=32, adapters={"0": "x", "1": "y"}, top_k_lora=1,
+                           layerwise_scalings=True, softmax_temperature=0.5)
+    cfg.save_pretrained(tmp_path)  # adapter_config.json, as PEFT writes it
+    for src in (cfg, tmp_path / "adapter_config.json"):
+        opts, adapters = options_from_peft(src)
+        assert adapters == {"0": "x", "1": "y"} and set(opts) == ours
+        assert (opts["top_k_lora"], opts["layerwise_scalings"], opts["softmax_temperature"]) == (1, True, 0.5)

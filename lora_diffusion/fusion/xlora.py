@@ -21,10 +21,14 @@ pass gets its own cache of base-model keys/values, kept in step with the caller'
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
+import json
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -282,3 +286,13 @@ def _has_layers(model: nn.Module, fusion: Fusion) -> bool:
 
 
 CACHE_OPS = ("reorder_cache", "crop", "batch_repeat_interleave", "batch_select_indices")  # what generate does to a cache
+
+
+def options_from_peft(config: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    """(our options, PEFT's ``adapters`` {name: path}) from a PEFT ``XLoraConfig``, its dict or the path of its
+    ``adapter_config.json``: the fields keep PEFT's names, PEFT-only fields (task type, ...) are dropped."""
+    if isinstance(config, (str, os.PathLike)):
+        config = json.loads(Path(config).read_text())
+    raw = config if isinstance(config, dict) else vars(config)
+    ours = {f.name for f in dataclasses.fields(XLoraFusion.Options)}
+    return {k: v for k, v in raw.items() if k in ours}, dict(raw.get("adapters") or {})
