@@ -7,6 +7,11 @@ Compares, on the same UNet weights and the same inputs:
   target_modules=["to_q", "to_k", "to_v", "to_out.0"]))``
 * ``ours-tlora`` -- ``AdapterSpec("tlora", rank=r, options={"min_rank": r // 2})``, timestep set every
   step with ``ld.set_timestep(unet, t)``
+* ``peft-lorafa`` -- ``peft-lora`` (default init) trained by ``peft.optimizers.create_lorafa_optimizer`` (A frozen,
+  B's gradient projected); compared with ``ours-lorafa`` (``variant_optimizer``: the same projection)
+* ``peft-adalora`` -- ``peft.AdaLoraModel(unet, AdaLoraConfig(init_r=r, target_r=8, total_step=...))``, the step
+  adding PEFT's orthogonality penalty (its ``forward`` only adds it to a ``.loss`` output, which a UNet has not)
+  and calling ``update_and_allocate`` after ``AdamW.step``; compared with ``ours-adalora``
 
 A training step is forward + MSE loss + backward + ``AdamW.step`` + ``zero_grad(set_to_none=True)``
 over the adapter parameters only (everything else frozen).
@@ -67,7 +72,10 @@ def all_cases() -> list[str]:
     import lora_diffusion as ld
 
     return list(CASES) + [f"ours-{v}" for v in ld.variant_names()
-                          if f"ours-{v}" not in CASES and "linear" in ld.get_variant(v).kinds]
+                          if f"ours-{v}" not in CASES and "linear" in ld.get_variant(v).kinds] + list(PEFT_PEERS)
+
+
+PEFT_PEERS = {"peft-lorafa": "ours-lorafa", "peft-adalora": "ours-adalora"}  # PEFT case -> our case it is compared to
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 RESULT_TAG = "BENCH_RESULT "
 MiB = 2**20
@@ -112,7 +120,19 @@ def make_inputs(args: argparse.Namespace, cross_dim: int, n_steps: int) -> dict[
     }
 
 
-def add_case_adapter(unet, case: str, args: argparse.Namespace) -> None:
+def add_case_adapter(unet, case: str, args: argparse.Namespace) -> Any:
+    """Add the case's adapter; returns the PEFT tuner for ``peft-lorafa``/``peft-adalora``, else None."""
+    if case == "peft-lorafa":  # a PEFT tuner (create_lorafa_optimizer reads its active_adapters/peft_config)
+        from peft import LoraConfig, LoraModel
+
+        cfg = LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=TARGETS, lora_dropout=0.0)
+        return LoraModel(unet, cfg, "default")  # injects LoRA layers into unet in place
+    if case == "peft-adalora":
+        from peft import AdaLoraConfig, AdaLoraModel
+
+        cfg = AdaLoraConfig(init_r=args.rank, target_r=8, lora_alpha=args.rank, target_modules=TARGETS,
+                            total_step=args.warmup + args.steps + 1000, lora_dropout=0.0)
+        return AdaLoraModel(unet, cfg, "default")  # injects SVDLinear layers into unet in place
     if case == "peft-lora":
         from peft import LoraConfig
 
@@ -120,7 +140,7 @@ def add_case_adapter(unet, case: str, args: argparse.Namespace) -> None:
                                     init_lora_weights="gaussian", lora_dropout=0.0))
         for n, p in unet.named_parameters():  # PEFT already does this; make it explicit
             p.requires_grad_("lora_" in n)
-        return
+        return None
     import lora_diffusion as ld
 
     if case == "ours-lora":
@@ -137,10 +157,22 @@ def add_case_adapter(unet, case: str, args: argparse.Namespace) -> None:
     else:
         raise SystemExit(f"unknown case {case!r}; expected one of {all_cases()}")
     ld.add_adapter(unet, spec)
+    return None
+
+
+def peft_orth_reg(model: Any, weight: float) -> torch.Tensor:
+    """PEFT AdaLoraModel.forward's orthogonality penalty (PEFT 0.21), for a model whose output has no ``.loss``."""
+    reg, n = 0.0, 0
+    for name, p in model.named_parameters():
+        if ("lora_A" in name or "lora_B" in name) and "default" in name:
+            cov = p @ p.T if "lora_A" in name else p.T @ p
+            reg = reg + torch.norm(cov - torch.eye(*cov.size(), out=torch.empty_like(cov)), p="fro")
+            n += 1
+    return weight * reg / max(n, 1)
 
 
 def adapted_module_count(unet, case: str) -> int:
-    if case == "peft-lora":
+    if case.startswith("peft-"):
         return sum(1 for _, m in unet.named_modules() if hasattr(m, "lora_A") and len(getattr(m, "lora_A", {})) > 0)
     import lora_diffusion as ld
 
@@ -160,11 +192,17 @@ class Runner:
     def __init__(self, case: str, args: argparse.Namespace, unet=None) -> None:
         self.case, self.args = case, args
         self.unet = unet if unet is not None else build_unet(args)
-        add_case_adapter(self.unet, case, args)
+        self.tuner = add_case_adapter(self.unet, case, args)
+        self.adalora = self.tuner if case == "peft-adalora" else None
         self.unet.train()
         self.params = [p for p in self.unet.parameters() if p.requires_grad]
         self.hooks = None
-        if case.startswith("ours-"):  # what training.loop.fit does: step counter, post-step hook, regularization
+        if case == "peft-lorafa":
+            from peft.optimizers import create_lorafa_optimizer
+
+            self.opt = create_lorafa_optimizer(self.tuner, r=args.rank, lora_alpha=args.rank, lr=1e-4)
+            self.params = [p for p in self.unet.parameters() if p.requires_grad]  # A is frozen now
+        elif case.startswith("ours-"):  # what training.loop.fit does: step counter, post-step hook, regularization
             import lora_diffusion as ld
 
             self.hooks = ld.TrainingHooks(self.unet)
@@ -191,10 +229,14 @@ class Runner:
         out = self.unet(inputs["sample"], ts, inputs["encoder_hidden_states"]).sample
         loss = F.mse_loss(out.float(), inputs["target"].float())
         reg = self.hooks.regularization() if self.hooks is not None else None
+        if self.adalora is not None:
+            reg = peft_orth_reg(self.unet, self.adalora.peft_config["default"].orth_reg_weight)
         (loss if reg is None else loss + reg).backward()
         self.opt.step()
         if self.hooks is not None:
             self.hooks.after_step(i + 1)
+        if self.adalora is not None:  # after the optimizer step, before zero_grad (it reads the gradients)
+            self.adalora.update_and_allocate(i + 1)
         self.opt.zero_grad(set_to_none=True)
 
 
@@ -433,6 +475,7 @@ def report(args: argparse.Namespace, timing: dict[str, Any], mems: dict[str, lis
     ratios: dict[str, dict[str, float]] = {}
     pairs = [("ours-lora", "peft-lora", 1.0), ("ours-tlora", "ours-lora", 1.05)]
     pairs += [(c, "ours-lora", 1.0) for c in cases if c.startswith("ours-") and c not in ("ours-lora", "ours-tlora")]
+    pairs += [(ours, peft, 1.0) for peft, ours in PEFT_PEERS.items()]
     for a, b, tgt in pairs:
         if a not in cases or b not in cases:
             continue
