@@ -332,7 +332,11 @@ def worker_mem(args: argparse.Namespace) -> dict[str, Any]:
     adapter_bytes = _tensor_bytes(unet) - model_bytes
     opt_bytes = sum(t.numel() * t.element_size() for st in runner.opt.state.values()
                     for t in st.values() if isinstance(t, torch.Tensor))
-    out["persistent_mib"] = (adapter_bytes + opt_bytes) / MiB
+    # PEFT AdaLoRA keeps its importance scores in plain dicts (RankAllocator), ours in buffers: count both
+    alloc = getattr(runner.adalora, "rankallocator", None)
+    alloc_bytes = sum(t.numel() * t.element_size() for d in (alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc)
+                      for t in d.values()) if alloc is not None else 0
+    out["persistent_mib"] = (adapter_bytes + opt_bytes + alloc_bytes) / MiB
     if cuda:
         out["alloc_peak_mib"] = (torch.cuda.max_memory_allocated() - alloc0) / MiB
         out["alloc_method"] = "cuda max_memory_allocated - baseline"
