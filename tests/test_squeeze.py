@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -214,3 +215,41 @@ def test_cli(base64, tmp_path, capsys, monkeypatch):
     assert float((alpha * approx - dw).norm() / dw.norm()) == pytest.approx(float(s[3:].norm() / s.norm()), rel=1e-4)
     assert convert_main(["squeeze", str(src), str(out), "--rank", "3", "--base", "sd1"]) == 2  # exists
     assert "--overwrite" in capsys.readouterr().err
+
+
+# --- the peer: PEFT's convert_to_lora (exact SVD of the dense ΔW, float32) on identical weights ---
+PEER_CASES = {
+    "lora": lambda peft: (peft.LoraConfig(r=4, lora_alpha=6, target_modules=["lin", "lin2"]),
+                          ld.AdapterSpec("lora", rank=4, alpha=6, targets=["lin", "lin2"])),
+    "loha": lambda peft: (peft.LoHaConfig(r=4, alpha=6, target_modules=["lin", "lin2"]),
+                          ld.AdapterSpec("loha", rank=4, alpha=6, targets=["lin", "lin2"])),
+    "lokr": lambda peft: (peft.LoKrConfig(r=2, alpha=3, target_modules=["lin"]),
+                          ld.AdapterSpec("lokr", rank=2, alpha=3, targets=["lin"])),
+    "vera": lambda peft: (peft.VeraConfig(r=4, target_modules=["lin", "lin2"], projection_prng_key=7),
+                          ld.AdapterSpec("vera", rank=4, seed=7, targets=["lin", "lin2"])),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(PEER_CASES))
+def test_squeeze_equals_peft_convert_to_lora(variant, tmp_path):
+    peft = pytest.importorskip("peft")
+    from peft.tuners.lora.conversion import convert_to_lora
+
+    from .test_parity_peft import ParityNet, transfer
+
+    torch.manual_seed(0)
+    base = ParityNet().double()
+    pcfg, spec = PEER_CASES[variant](peft)
+    pm = peft.get_peft_model(copy.deepcopy(base), pcfg)
+    ours = copy.deepcopy(base)
+    ld.add_adapter(ours, spec)
+    transfer(ours, pm.base_model.model, "ours_to_peft")
+    ld.save_adapter(ours, tmp_path / "in.safetensors")
+    squeeze_file(tmp_path / "in.safetensors", tmp_path / "out.safetensors", rank=2, model=ours, method="exact")
+    mine = deltas(reload(base, tmp_path / "out.safetensors"))
+    with pytest.warns(UserWarning) if variant == "lora" else contextlib.nullcontext():  # "already a LoRA adapter"
+        _, sd = convert_to_lora(pm, 2)
+    for m, dw in mine.items():
+        a = next(v for k, v in sd.items() if f".{m}.lora_A" in k).double()
+        b = next(v for k, v in sd.items() if f".{m}.lora_B" in k).double()
+        torch.testing.assert_close(dw, b @ a, rtol=0, atol=1e-5 * float(dw.abs().max()))  # PEFT: float32 SVD
