@@ -177,6 +177,7 @@ def test_one_hot_classifier_reproduces_that_lora(tmp_path, i):
         last.bias[i] = 1.0
         got = model(input_ids=IDS).logits
         unfuse(model)
+        assert not model._forward_pre_hooks  # the scaling-pass hook is gone with the fusion
         ld.set_adapters(model, [names[i]])
         want = model(input_ids=IDS).logits
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
