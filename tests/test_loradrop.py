@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -224,6 +225,20 @@ def test_exports_write_the_shared_adapter_per_module_and_reload_identically(tmp_
         a = [again.unet.get_submodule(m).adapters["y"].lora_A for m in group]
         assert all(torch.equal(a[0], t) and t.data_ptr() != a[0].data_ptr() for t in a[1:])
     assert close(unet_call(again.unet), want, 1e-6)
+
+
+def test_stratified_sample_is_proportional_deterministic_and_without_repeats():
+    from training.lora_drop import length_strata, stratified
+
+    lengths = [5] * 40 + [50] * 40 + [20] * 20  # quartile strata of 100 records
+    strata = length_strata(lengths)
+    assert sorted(set(strata)) == [0, 1, 2, 3] and all(strata.count(q) == 25 for q in range(4))
+    idx = stratified(strata, 16, seed=3)
+    assert len(idx) == len(set(idx)) == 16 and idx == stratified(strata, 16, seed=3) != stratified(strata, 16, seed=4)
+    assert [sum(strata[i] == q for i in idx) for q in range(4)] == [4, 4, 4, 4]
+    uneven = [0] * 70 + [1] * 20 + [2] * 10
+    assert sorted(Counter(uneven[i] for i in stratified(uneven, 10, 0)).values()) == [1, 2, 7]
+    assert stratified(strata, 500, 0) == list(range(100))
 
 
 # --- the trainers ---
