@@ -22,7 +22,6 @@ module that uses them (``export_as_lora``), which reloads to identical outputs.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -38,7 +37,6 @@ from ..core.registry import parse_options, register_variant
 from ..core.spec import AdapterSpec, ModuleConfig
 from .lora import LoRA
 
-log = logging.getLogger(__name__)
 DEFAULT_THRESHOLD = 0.9  # the paper's T
 
 
@@ -254,7 +252,7 @@ class DropPlan:
         n = len(self.importance)
         return (f"LoRA-drop: {len(self.kept)} of {n} layers keep their own LoRA (cumulative importance "
                 f"{sum(self.importance[m] for m in self.kept):.3f} >= {self.threshold:g}); {n - len(self.kept)} share "
-                f"{len(self.shared)} adapter(s) (one per shape)")
+                f"{len(self.shared)} adapter(s)")
 
 
 def plan(model: nn.Module, name: str, scores: dict[str, float], threshold: float = DEFAULT_THRESHOLD,
