@@ -1,20 +1,25 @@
-"""Gate training on the demo model: the objective falls, a resumed run retraces the uninterrupted one exactly,
-and the gates refuse LoRA files that changed since (naming them)."""
+"""Gate training on the demo model: the objective falls (paper and composition objectives), a resumed run retraces
+the uninterrupted one exactly, the gates refuse LoRA files that changed since (naming them), and a LoRA's
+pivotal-tuning token loads with it."""
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
+import torch
 
 import lora_diffusion as ld
 from lora_diffusion import world
 from lora_diffusion.core.errors import AdapterFileError
 from lora_diffusion.demo_model import load_demo_pipeline
+from lora_diffusion.embeddings import TokenEmbeddings, apply_embeddings, init_vectors, loaded_embeddings
 from lora_diffusion.fusion import fuse, load_gates
 from lora_diffusion.io.library import sha256
 from training.config import ConfigError, parse_args
-from training.train_gates import GateConfig, train
+from training.loop import make_accelerator
+from training.train_gates import GateConfig, _build, find_data, find_pairs, train
 
 from .conftest import perturb
 
@@ -29,11 +34,19 @@ def loras(tmp_path_factory):
                                         ("dotted", [world.Scene("star", "blue", "yellow", "dotted")]))):
         ld.add_adapter(pipe.unet, ld.AdapterSpec(rank=2, targets="unet-attn", seed=i), name)
         perturb(pipe.unet, name, std=0.3, seed=i)
-        ld.save_adapter(pipe.unet, d / f"{name}.safetensors", name)
+        if name == "ring":  # pivotal tuning: the trigger word's own row travels in the file
+            vec = init_vectors(pipe, "ring", 1)
+            apply_embeddings(pipe, name, [TokenEmbeddings("ring", {r: v + 0.5 for r, v in vec.items()})])
+        ld.save_adapter(pipe, d / f"{name}.safetensors", name)
         (d / "data" / name).mkdir(parents=True)
         for k, s in enumerate(scenes):
             world.render(s).save(d / "data" / name / f"{k}.png")
             (d / "data" / name / f"{k}.txt").write_text(s.caption())
+    (d / "data" / "pairs" / "ring+dotted").mkdir(parents=True)
+    for k, s in enumerate([world.Scene("ring", "red", "blue", "dotted"), world.Scene("ring", "green", "white", "dotted")]):
+        world.render(s).save(d / "data" / "pairs" / "ring+dotted" / f"{k}.png")
+        (d / "data" / "pairs" / "ring+dotted" / f"{k}.txt").write_text(s.caption())
+    (d / "data" / "pairs" / "ring+square").mkdir()  # names a LoRA not given: ignored
     return d
 
 
@@ -90,3 +103,29 @@ def test_sigterm_saves_a_checkpoint_of_the_step_and_no_final_gates(loras, tmp_pa
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-2"]
     assert (tmp_path / "checkpoints" / "checkpoint-2" / "gates.safetensors").is_file()
     assert not (tmp_path / "gates.safetensors").exists()
+
+
+def test_composition_objective_learns_from_pairs_and_loads_pivotal_tokens(loras, tmp_path):
+    res = train(_cfg(loras, tmp_path / "c", 6, "--objective", "composition", "--lr", "0.05", "--checkpointing_steps", "0"))
+    before, after = res.validation
+    assert after < before, res.validation
+    _, meta = ld.io.files.read_safetensors(res.gates)
+    assert meta["objective"] == "composition" and meta["pairs"] == "ring+dotted"
+    cfg = _cfg(loras, tmp_path / "d", 1, "--objective", "composition", "--paper_weight", "0.5")
+    data = find_data(cfg)
+    pipe, _, _, pair_conds = _build(cfg, data, find_pairs(cfg, data), make_accelerator("no", True))
+    assert list(loaded_embeddings(pipe)) == ["ring"]  # the LoRA's token came with it
+    row = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("ring")]
+    assert torch.allclose(row, init_vectors(load_demo_pipeline(), "ring", 1)["text_encoder"][0] + 0.5)
+    assert [c.sets[False].prompts for c in pair_conds] == [["a red dotted ring on a blue background",
+                                                            "a green dotted ring on a white background"]]
+    res = train(_cfg(loras, tmp_path / "e", 2, "--objective", "composition", "--paper_weight", "0.5"))
+    assert len(res.losses) == 2 and all(math.isfinite(v) for v in res.losses)
+
+
+def test_composition_objective_needs_pair_folders_naming_two_loras(loras, tmp_path):
+    with pytest.raises(ConfigError, match=r"--pair_data: no folder .*<lora a>\+<lora b>"):
+        train(_cfg(loras, tmp_path / "a", 2, "--objective", "composition", "--pair_data", str(tmp_path / "none")))
+    (tmp_path / "pairs" / "star+dotted").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"no <a>\+<b>/ folder names two of the LoRAs \['dotted', 'ring'\]"):
+        train(_cfg(loras, tmp_path / "b", 2, "--objective", "composition", "--pair_data", str(tmp_path / "pairs")))

@@ -3,11 +3,17 @@
     python -m training.build_demo_library --out outputs/demo_library            # 12 LoRAs, ~1 min each on one CPU thread
     python -m training.build_demo_library --out outputs/demo_library --only ring,dotted --steps 100   # a quick look
 
-Every LoRA is trained by ``training.train_tlora.train`` (variant ``lora``, the trainer's demo-model defaults:
-ResNet convolutions and attention) on ``--images`` renders of the shapes world, each with its own caption
-(``<image>.txt`` sidecars), and written to ``<out>/<name>.safetensors`` with descriptive metadata (title,
-description, trigger word, tags, kind). The renders and captions stay in ``<out>/data/<name>/`` (gate training
-reads them). A LoRA already in ``<out>`` is kept, so a stopped build continues where it stopped.
+Every LoRA is trained by ``training.train_tlora.train`` (variant ``lora``, the trainer's demo-model recipe:
+ResNet convolutions and attention, pivotal tuning, hue jitter 180, lr 2e-3, 400 steps; docs/demo_model.md) on
+``--images`` renders of the shapes world, each with its own caption (``<image>.txt`` sidecars), and written
+to ``<out>/<name>.safetensors`` with descriptive metadata (title, description, trigger word, tags, kind). The
+renders and captions stay in ``<out>/data/<name>/`` (gate training reads them), and ``<out>/data/pairs/<shape>+
+<texture>/`` holds renders of every shape LoRA's shape with every texture LoRA's texture, captioned with both
+(``a red dotted ring on a blue background``: what ``train_gates --objective composition`` learns from).
+Pivotal tuning trains the trigger word's own embedding row (``ring``, ``dotted``), saved in the LoRA file and
+loaded with it, so prompts keep naming the plain word; the LoRAs whose trigger is a color or a
+background word (night, purple) train no embedding (that row is in every prompt), and purple no hue jitter.
+A LoRA already in ``<out>`` is kept, so a stopped build continues where it stopped.
 
 | kind | LoRAs | what the images show (caption words) |
 |---|---|---|
@@ -50,6 +56,10 @@ class Recipe:
     tags: tuple[str, ...]
     scene: Callable[[np.random.Generator], world.Scene]
     caption: Callable[[world.Scene], str] = world.Scene.caption
+    # the trainer's demo recipe (pivotal tuning of the trigger word + hue jitter); off where the trigger is a word of
+    # every caption (a color, a background: its trained row would change every prompt) or color IS the LoRA (purple)
+    pivotal: bool = True
+    hue_jitter: float | None = None  # None: the trainer's demo default (180)
 
 
 def _colors(rng: np.random.Generator, color: str | None = None, background: str | None = None) -> tuple[str, str]:
@@ -91,9 +101,10 @@ def recipes() -> list[Recipe]:
             for s in ("star", "cross", "square")]
     out.append(Recipe("night", "distractor", "black background", "Night backgrounds", "Scene LoRA: every shape on a "
                       "black background, a night look.", ("background", "night", "dark", "black"),
-                      lambda g: _scene(_any_shape(g), g, background="black")))
+                      lambda g: _scene(_any_shape(g), g, background="black"), pivotal=False))
     out.append(Recipe("purple", "distractor", "purple", "Purple shapes", "Color LoRA: shapes painted purple.",
-                      ("color", "purple", "violet"), lambda g: _scene(_any_shape(g), g, color="purple")))
+                      ("color", "purple", "violet"), lambda g: _scene(_any_shape(g), g, color="purple"),
+                      pivotal=False, hue_jitter=0.0))
     return out
 
 
@@ -108,6 +119,24 @@ def write_data(r: Recipe, folder: Path, n: int, seed: int) -> list[str]:
         caps.append(r.caption(scene))
         (folder / f"{i:03d}.txt").write_text(caps[-1] + "\n")
     return caps
+
+
+def write_pair_data(out: Path, n: int, seed: int) -> list[Path]:
+    """``n`` captioned renders per (shape LoRA, texture LoRA): the shape filled with the texture."""
+    shapes = [r for r in recipes() if r.name in world.SHAPES and r.kind in ("concept", "distractor")]
+    textures = [r for r in recipes() if r.name in world.TEXTURES and r.kind == "style"]
+    folders = []
+    for c in shapes:
+        for t in textures:
+            folder = out / "data" / "pairs" / f"{c.name}+{t.name}"
+            folder.mkdir(parents=True, exist_ok=True)
+            rng = np.random.default_rng([seed, sum(map(ord, folder.name))])
+            for i in range(n):
+                scene = _scene(c.name, rng, texture=t.name)
+                world.render(scene).save(folder / f"{i:03d}.png")
+                (folder / f"{i:03d}.txt").write_text(scene.caption() + "\n")
+            folders.append(folder)
+    return folders
 
 
 def metadata(r: Recipe, captions: list[str], steps: int) -> dict[str, str]:
@@ -129,16 +158,19 @@ def train_one(r: Recipe, out: Path, args: argparse.Namespace) -> Path:
     tc = TLoRAConfig()
     tc.adapter.variant, tc.adapter.lora_rank = "lora", args.rank
     tc.data.instance_data_dir, tc.data.placeholder_token = str(data), r.trigger.split()[0]
-    tc.data.train_batch_size = args.batch_size
+    tc.data.train_batch_size, tc.data.hue_jitter = args.batch_size, r.hue_jitter
     tc.optim.max_train_steps = args.steps
-    tc.embedding.train_embedding = False  # plain UNet LoRAs (the captions use real words): no pivotal-tuning vectors
+    # pivotal tuning: the trigger word's own row trains with the LoRA and travels in its file (loads with it)
+    tc.embedding.train_embedding = r.pivotal and not args.no_pivotal
+    tc.embedding.allow_existing_token = True
     resolve_defaults(tc, ld.variant_names())
     work = out / "work" / r.name
     tc.checkpoint.output_dir, tc.checkpoint.checkpointing_steps = str(work), 0
     tc.run.seed, tc.run.report_to, tc.run.progress, tc.run.cpu = args.seed, "none", False, args.device == "cpu"
     result = train(tc)
     tensors, meta = read_safetensors(result.outputs["canonical"])
-    meta.update(metadata(r, captions, args.steps))
+    meta.update(metadata(r, captions, tc.optim.max_train_steps))
+    meta["pivotal_tuning"] = str(tc.embedding.train_embedding).lower()
     dest = out / f"{r.name}.safetensors"
     write_safetensors(dest, tensors, meta)
     shutil.rmtree(work, ignore_errors=True)
@@ -185,6 +217,8 @@ def build(args: argparse.Namespace) -> list[Path]:
         log.info("[%d/%d] %s (%s) in %.0f s -> %s; ETA %.1f min", k + 1, len(todo), r.name, r.kind, time.time() - t1,
                  done[-1], per * (len(todo) - k - 1) / 60)
     shutil.rmtree(out / "work", ignore_errors=True)
+    pairs = write_pair_data(out, args.images, args.seed)
+    log.info("composition data: %d pairs x %d renders in %s", len(pairs), args.images, out / "data" / "pairs")
     (out / "library.json").write_text(json.dumps(
         {r.name: {"kind": r.kind, "trigger": r.trigger, "data": f"data/{r.name}"} for r in recipes()}, indent=1))
     return done
@@ -195,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="outputs/demo_library")
     p.add_argument("--only", default="", help="comma-separated LoRA names (default: all)")
     p.add_argument("--images", type=int, default=12, help="training renders per LoRA")
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=None, help="None: the trainer's demo default (400)")
+    p.add_argument("--no-pivotal", action="store_true", help="plain UNet LoRAs (the library before 2026-11-29)")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)

@@ -12,6 +12,18 @@ and the AutoLoRA losses (arXiv 2508.02107, as in its training script):
 keeps the loss under the OTHER LoRA's caption from falling below m), and the same with i and j swapped.
 ``--method mole`` trains MoLE gates instead (lora_diffusion/fusion/mole.py; the same objective plus α·L_balance,
 added by the loop through ``TrainingHooks``) and writes ``mole.safetensors``.
+
+``--objective composition`` trains on what a blend is for: images that show two LoRAs' content together, with
+captions naming both (``<pair_data>/<lora a>+<lora b>/`` images + ``.txt``, e.g. ``a red dotted ring on a blue
+background``). Each step draws one such pair, applies both LoRAs through the gate, and takes the denoising loss
+
+    L = MSE(v̂(x_t; caption_ab), target)  (+ --paper_weight · the paper's losses on the same two LoRAs)
+
+The paper's losses only ever show a LoRA its own images, where the other LoRA can only interfere, so damping both
+is their cheapest answer and nothing rewards keeping both (docs/autolora.md); this one does. The pairs need not be
+the pairs the gates will blend: the gate's parameters are shared by all LoRAs, so gates trained on some pairs are
+applied to others with ``--allow-unseen-loras``.
+
 Writes ``gates.safetensors`` (the gates and the sha256 of every LoRA; ``blend --gates`` refuses other LoRAs),
 ``checkpoints/checkpoint-<step>/`` (resume with ``--resume_from_checkpoint latest``), progress with ETA.
 """
@@ -52,8 +64,13 @@ class GateDataArgs:
     loras: str | None = opt(None, "comma-separated LoRA files (at least 2)")
     data_root: str | None = opt(None, "folder holding <lora name>/ with its images and .txt captions "
                                 "(None: <folder of each LoRA>/data)")
+    pair_data: str | None = opt(None, "composition: folder holding <lora a>+<lora b>/ with images showing both and "
+                                "their .txt captions (None: <folder of the first LoRA>/data/pairs)")
     caption_dropout: float = opt(0.3, "probability of an empty caption for the denoising loss (CFG)")
     train_batch_size: int = opt(8, "images per step (half from each of the two LoRAs)")
+
+
+OBJECTIVES = ("paper", "composition")
 
 
 @dataclass
@@ -62,6 +79,9 @@ class GateArgs:
                                "block, balancing loss; writes mole.safetensors, loadable with ld.load_adapter)",
                       choices=["gated", "mole"])
     balance_weight: float = opt(0.5, "mole: alpha of the balancing loss -sum_i log q_i")
+    objective: str = opt("paper", "paper: each LoRA's own images (AutoLoRA's losses); composition: images of two "
+                         "LoRAs' content together with combined captions", choices=list(OBJECTIVES))
+    paper_weight: float = opt(0.0, "composition: weight of the paper's losses added on the same two LoRAs")
     time_features: int = opt(3, "Fourier features of the timestep in the gate")
     margin: float = opt(0.3, "hinge margin m on the loss under the other LoRA's caption")
     hinge_weight: float = opt(1.0, "lambda")
@@ -121,22 +141,70 @@ def find_data(cfg: GateConfig) -> list[LoraData]:
     return out
 
 
-class PairSampler:
-    """Draws (i, j, examples of i, examples of j, caption indices of the other LoRA, dropout flags)."""
+@dataclass
+class PairData:
+    a: int  # indices into the LoRA list
+    b: int
+    folder: Path
+    images: list[Path]
+    captions: list[str]
 
-    def __init__(self, sets: list[ImageSet], batch_size: int, caption_dropout: float, seed: int) -> None:
+
+def find_pairs(cfg: GateConfig, data: list[LoraData]) -> list[PairData]:
+    """``--objective composition``: every ``<a>+<b>/`` folder of the pair data whose two names are given LoRAs."""
+    root = Path(cfg.data.pair_data or data[0].path.parent / "data" / "pairs")
+    if not root.is_dir():
+        raise ConfigError(f"--pair_data: no folder {root}; --objective composition needs <lora a>+<lora b>/ folders "
+                          f"of images showing both LoRAs' content with .txt captions (training.build_demo_library "
+                          f"writes them for the demo library)")
+    index = {d.name: k for k, d in enumerate(data)}
+    out, ignored = [], []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        a, sep, b = folder.name.partition("+")
+        if not sep or a not in index or b not in index or a == b:
+            ignored.append(folder.name)
+            continue
+        images = find_images(folder, what=f"images of the pair '{folder.name}'")
+        caps = read_captions(images, folder.name)
+        if caps is None:
+            raise DataError(f"{folder}: composition training needs each image's caption (<image>.txt); none found")
+        out.append(PairData(index[a], index[b], folder, images, caps))
+    if not out:
+        raise ConfigError(f"--pair_data {root}: no <a>+<b>/ folder names two of the LoRAs {sorted(index)} "
+                          f"(found {ignored[:8]})")
+    if ignored:
+        log.info("pair folders not used (not two of the given LoRAs): %s", ignored)
+    return out
+
+
+class PairSampler:
+    """Draws a batch: paper objective: (i, j, examples of i, examples of j, caption indices of the other LoRA,
+    dropout flags); composition: a pair folder, its examples and dropout flags (and the paper's part if used)."""
+
+    def __init__(self, sets: list[ImageSet], batch_size: int, caption_dropout: float, seed: int,
+                 pairs: list[tuple[int, int, ImageSet]] | None = None, paper: bool = True) -> None:
         self.sets, self.half, self.p_drop = sets, max(1, batch_size // 2), caption_dropout
+        self.batch, self.pairs, self.paper = batch_size, pairs or [], paper
         self.gen = torch.Generator().manual_seed(seed)
 
-    def next_batch(self) -> dict[str, Any]:
-        i, j = torch.randperm(len(self.sets), generator=self.gen)[:2].tolist()
+    def _paper(self, i: int, j: int) -> dict[int, Any]:
         side = {}
         for a, b in ((i, j), (j, i)):
             exs = [self.sets[a].draw(self.gen) for _ in range(self.half)]
             other = torch.randint(len(self.sets[b].prompts), (self.half,), generator=self.gen).tolist()
             drop = (torch.rand(self.half, generator=self.gen) < self.p_drop).tolist()
             side[a] = (exs, other, drop)
-        return {"pair": (i, j), "side": side}
+        return side
+
+    def next_batch(self) -> dict[str, Any]:
+        if not self.pairs:
+            i, j = torch.randperm(len(self.sets), generator=self.gen)[:2].tolist()
+            return {"pair": (i, j), "side": self._paper(i, j)}
+        k = int(torch.randint(len(self.pairs), (1,), generator=self.gen))
+        i, j, s = self.pairs[k]
+        exs = [s.draw(self.gen) for _ in range(self.batch)]
+        drop = (torch.rand(self.batch, generator=self.gen) < self.p_drop).tolist()
+        return {"pair": (i, j), "both": (k, exs, drop), "side": self._paper(i, j) if self.paper else {}}
 
     def state_dict(self) -> dict[str, Any]:
         return {"gen": self.gen.get_state()}
@@ -146,42 +214,67 @@ class PairSampler:
 
 
 class GateObjective:
-    """Denoising loss with each image's caption + hinge on the loss under the other LoRA's caption."""
+    """paper: denoising loss with each image's caption + hinge on the loss under the other LoRA's caption;
+    composition: denoising loss on images of both LoRAs' content with their combined caption (+ the paper's)."""
 
     def __init__(self, model: Any, unet: Any, scheduler: Any, conds: list[Conditioner], names: list[str],
-                 cfg: GateArgs, seed: int) -> None:
+                 cfg: GateArgs, seed: int, pair_conds: list[Conditioner] | None = None) -> None:
         self.model, self.unet, self.sched, self.conds, self.names, self.cfg = model, unet, scheduler, conds, names, cfg
+        self.pair_conds = pair_conds or []
         self.gen = torch.Generator().manual_seed(seed)
         self.T = int(scheduler.config.num_train_timesteps)
         self.last: dict[str, float] = {}
 
-    def _text(self, a: int, prompts: list[str], device: torch.device) -> torch.Tensor:
-        return torch.cat([self.conds[a].text(p, device)[0] for p in prompts])
+    def _noisy(self, cond: Conditioner, exs: list[Any], device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(x_t, t, target) of the examples' latents with fresh noise and uniform timesteps."""
+        stats = [cond.posterior(ex, device) for ex in exs]
+        mean, std = torch.cat([m for m, _ in stats]), torch.cat([s for _, s in stats])
+        x0 = mean + std * torch.randn(mean.shape, generator=self.gen).to(device)
+        noise = torch.randn(mean.shape, generator=self.gen).to(device)
+        t = torch.randint(0, self.T, (len(exs),), generator=self.gen).to(device)
+        target = self.sched.get_velocity(x0, noise, t) if self.sched.config.prediction_type == "v_prediction" else noise
+        return self.sched.add_noise(x0, noise, t), t, target
+
+    def _mse(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        dtype = next(p for p in self.unet.parameters() if not p.requires_grad).dtype
+        return F.mse_loss(self.model(noisy.to(dtype), t, text.to(dtype)).sample.float(), target)
+
+    def _text(self, cond: Conditioner, prompts: list[str], device: torch.device) -> torch.Tensor:
+        return torch.cat([cond.text(p, device)[0] for p in prompts])
+
+    def _paper(self, i: int, j: int, side: dict[int, Any], device: torch.device, parts: dict[str, float]) -> Any:
+        total = 0.0
+        for a, (exs, other, drop) in side.items():
+            b = j if a == i else i
+            noisy, t, target = self._noisy(self.conds[a], exs, device)
+            own = ["" if d else self.conds[a].sets[False].prompts[ex.prompt] for ex, d in zip(exs, drop)]
+            wrong = [self.conds[b].sets[False].prompts[k] for k in other]
+            ld.set_timestep(self.unet, t, self.T)
+            l_own = self._mse(noisy, t, self._text(self.conds[a], own, device), target)
+            l_wrong = self._mse(noisy, t, self._text(self.conds[b], wrong, device), target)
+            hinge = F.relu(self.cfg.margin - l_wrong)
+            total = total + (l_own + self.cfg.hinge_weight * hinge) / 2
+            for k, v in (("denoise", l_own), ("hinge", hinge), ("other_caption", l_wrong)):
+                parts[k] = parts.get(k, 0.0) + float(v.detach()) / 2
+        return total
+
+    def _both(self, k: int, exs: list[Any], drop: list[bool], device: torch.device) -> torch.Tensor:
+        cond = self.pair_conds[k]
+        noisy, t, target = self._noisy(cond, exs, device)
+        prompts = ["" if d else cond.sets[False].prompts[ex.prompt] for ex, d in zip(exs, drop)]
+        ld.set_timestep(self.unet, t, self.T)
+        return self._mse(noisy, t, self._text(cond, prompts, device), target)
 
     def __call__(self, batch: dict[str, Any]) -> torch.Tensor:
         device = next(self.unet.parameters()).device
         i, j = batch["pair"]
         ld.set_adapters(self.unet, [self.names[i], self.names[j]])
-        dtype = next(p for p in self.unet.parameters() if not p.requires_grad).dtype
-        total, parts = 0.0, {"denoise": 0.0, "hinge": 0.0, "other_caption": 0.0}
-        for a, (exs, other, drop) in batch["side"].items():
-            b = j if a == i else i
-            stats = [self.conds[a].posterior(ex, device) for ex in exs]
-            mean, std = torch.cat([m for m, _ in stats]), torch.cat([s for _, s in stats])
-            x0 = mean + std * torch.randn(mean.shape, generator=self.gen).to(device)
-            noise = torch.randn(mean.shape, generator=self.gen).to(device)
-            t = torch.randint(0, self.T, (len(exs),), generator=self.gen).to(device)
-            noisy = self.sched.add_noise(x0, noise, t)
-            target = self.sched.get_velocity(x0, noise, t) if self.sched.config.prediction_type == "v_prediction" else noise
-            own = ["" if d else self.conds[a].sets[False].prompts[ex.prompt] for ex, d in zip(exs, drop)]
-            wrong = [self.conds[b].sets[False].prompts[k] for k in other]
-            ld.set_timestep(self.unet, t, self.T)
-            l_own = F.mse_loss(self.model(noisy.to(dtype), t, self._text(a, own, device).to(dtype)).sample.float(), target)
-            l_wrong = F.mse_loss(self.model(noisy.to(dtype), t, self._text(b, wrong, device).to(dtype)).sample.float(), target)
-            hinge = F.relu(self.cfg.margin - l_wrong)
-            total = total + (l_own + self.cfg.hinge_weight * hinge) / 2
-            for k, v in (("denoise", l_own), ("hinge", hinge), ("other_caption", l_wrong)):
-                parts[k] += float(v.detach()) / 2
+        parts: dict[str, float] = {}
+        total = self._paper(i, j, batch["side"], device, parts) if batch["side"] else 0.0
+        if "both" in batch:
+            l_both = self._both(*batch["both"], device)
+            parts["composition"] = float(l_both.detach())
+            total = l_both + (self.cfg.paper_weight * total if batch["side"] else 0.0)
         self.last = parts
         return total
 
@@ -215,7 +308,14 @@ def validation_loss(objective: GateObjective, sampler: PairSampler, batches: int
     return total
 
 
-def _build(cfg: GateConfig, data: list[LoraData], acc: Any) -> tuple[Any, Any, list[Conditioner]]:
+def _conditioner(pipe: Any, images: list[Path], captions: list[str], res: int, device: Any) -> Conditioner:
+    c = Conditioner(pipe, ImageSet(images, res, captions, per_image=True), None, None, True, True)
+    c.warm(device)
+    return c
+
+
+def _build(cfg: GateConfig, data: list[LoraData], pairs: list[PairData],
+           acc: Any) -> tuple[Any, Any, list[Conditioner], list[Conditioner]]:
     from lora_diffusion.generate import load_pipeline
 
     pipe = load_pipeline(cfg.model.pretrained_model_name_or_path, torch.float32)
@@ -223,8 +323,8 @@ def _build(cfg: GateConfig, data: list[LoraData], acc: Any) -> tuple[Any, Any, l
     for comp in ld.components(pipe).values():
         comp.requires_grad_(False)
     unet = pipe.unet
-    for d in data:
-        ld.load_adapter(unet, d.path, name=d.name)
+    for d in data:  # onto the pipeline: a LoRA's pivotal-tuning tokens load with it (its captions name them)
+        ld.load_adapter(pipe, d.path, name=d.name)
     opts = ({"time_features": cfg.gates.time_features} if cfg.gates.method == "gated"
             else {"balance_weight": cfg.gates.balance_weight})
     fusion = fuse(unet, [d.name for d in data], method=cfg.gates.method, **opts)
@@ -238,24 +338,22 @@ def _build(cfg: GateConfig, data: list[LoraData], acc: Any) -> tuple[Any, Any, l
     pipe.vae.to(acc.device, torch.float32)
     unet.to(acc.device)
     res = int(unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
-    conds = []
-    for d in data:
-        s = ImageSet(d.images, res, d.captions, per_image=True)
-        c = Conditioner(pipe, s, None, None, True, True)
-        c.warm(acc.device)
-        conds.append(c)
+    conds = [_conditioner(pipe, d.images, d.captions, res, acc.device) for d in data]
+    pair_conds = [_conditioner(pipe, p.images, p.captions, res, acc.device) for p in pairs]
     c0 = conds[0]
     c0.text("", acc.device)
-    for c in conds[1:]:  # share the empty caption's encoding
+    for c in conds[1:] + pair_conds:  # share the empty caption's encoding
         c._text[""] = c0._text[""]
-    return pipe, fusion, conds
+    return pipe, fusion, conds, pair_conds
 
 
-def identity(cfg: GateConfig, data: list[LoraData]) -> dict[str, Any]:
+def identity(cfg: GateConfig, data: list[LoraData], pairs: list[PairData]) -> dict[str, Any]:
     return {"loras": {d.name: d.sha256 for d in data}, "data": files_digest([p for d in data for p in d.images]),
             "base_model": cfg.model.pretrained_model_name_or_path, "time_features": cfg.gates.time_features,
             "margin": cfg.gates.margin, "hinge_weight": cfg.gates.hinge_weight, "batch": cfg.data.train_batch_size,
-            "caption_dropout": cfg.data.caption_dropout, "seed": cfg.run.seed,
+            "caption_dropout": cfg.data.caption_dropout, "seed": cfg.run.seed, "objective": cfg.gates.objective,
+            **({"paper_weight": cfg.gates.paper_weight, "pairs": files_digest([p for q in pairs for p in q.images])}
+               if pairs else {}),
             **({"method": "mole", "balance_weight": cfg.gates.balance_weight} if cfg.gates.method == "mole" else {})}
 
 
@@ -274,18 +372,20 @@ def train(cfg: GateConfig) -> GateResult:
 
     out = dif.check_output_dir(cfg.checkpoint.output_dir)
     data = find_data(cfg)
+    pairs = find_pairs(cfg, data) if cfg.gates.objective == "composition" else []
     acc = make_accelerator(cfg.model.mixed_precision, cfg.run.cpu)
     torch.manual_seed(cfg.run.seed)
-    pipe, fusion, conds = _build(cfg, data, acc)
+    pipe, fusion, conds, pair_conds = _build(cfg, data, pairs, acc)
     o = cfg.optim
     opt_ = torch.optim.AdamW(fusion.parameters(), lr=o.learning_rate, weight_decay=o.adam_weight_decay)
     sched = get_scheduler("cosine", opt_, num_warmup_steps=min(20, o.max_train_steps // 10), num_training_steps=o.max_train_steps)
     model, opt_ = acc.prepare(pipe.unet, opt_)
     names = [d.name for d in data]
     objective = GateObjective(model, pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), conds, names, cfg.gates,
-                              cfg.run.seed * 1000 + 1)
-    sampler = PairSampler([c.sets[False] for c in conds], cfg.data.train_batch_size, cfg.data.caption_dropout, cfg.run.seed)
-    ckpt = CheckpointManager(out / "checkpoints", identity(cfg, data), cfg.checkpoint.checkpoints_total_limit)
+                              cfg.run.seed * 1000 + 1, pair_conds)
+    sampler = PairSampler([c.sets[False] for c in conds], cfg.data.train_batch_size, cfg.data.caption_dropout, cfg.run.seed,
+                          [(p.a, p.b, c.sets[False]) for p, c in zip(pairs, pair_conds)], cfg.gates.paper_weight > 0)
+    ckpt = CheckpointManager(out / "checkpoints", identity(cfg, data, pairs), cfg.checkpoint.checkpoints_total_limit)
     shared = {"params": TrainableParams(pipe.unet), "optimizer": opt_, "lr_scheduler": sched}
     local = {"rng": GlobalRNG(), "data": sampler, "objective": objective}
     start = 0
@@ -319,7 +419,8 @@ def train(cfg: GateConfig) -> GateResult:
     after = validation_loss(objective, sampler)
     log.info("validation loss (fixed batches): %.4f before this run, %.4f after", before, after)
     meta = {"base_model": str(cfg.model.pretrained_model_name_or_path or "demo-sd"), "steps": str(result.last_step),
-            "trainer": "training.train_gates"}
+            "trainer": "training.train_gates", "objective": cfg.gates.objective,
+            "pairs": ",".join(p.folder.name for p in pairs)}
     gates = save_learned(fusion, pipe.unet, out, hashes, meta)
     log.info("gates of %d layers for %s -> %s", len(fusion.combiners), names, gates)
     return GateResult(result.losses, result.first_step, result.last_step, gates, ckpt.checkpoints(), (before, after))
