@@ -209,3 +209,53 @@ def test_timestep_methods_leave_text_encoders_to_the_plain_sum(tmp_path):
     f = fuse(pipe, ["a0", "a1"], method="klora")
     assert f.combiners and not any(k.startswith("text_encoder") for k in f.combiners)
     assert torch.equal(te_call(pipe.text_encoder), plain)  # no timestep needed there
+
+
+def _reference_gate(c, y0, ys, t, T=1000):
+    """The gated formula written out term by term, one LoRA at a time (what the stacked combiner must equal)."""
+    from lora_diffusion.fusion.base import fourier
+
+    def ln(y):
+        return torch.nn.functional.layer_norm(y.movedim(1, -1), y.shape[1:2]).movedim(-1, 1) if y.dim() == 4 else \
+            torch.nn.functional.layer_norm(y, y.shape[-1:])
+
+    def vec(p):
+        return p.view(-1, 1, 1) if y0.dim() == 4 else p
+
+    s = fourier(1 - t.float() / T, c.time_features) @ c.u
+    s = s.view(-1, *([1] * (y0.dim() - 1))) if s.dim() else s
+    out = y0
+    for y in ys:
+        g = torch.sigmoid(vec(c.w_base) * ln(y0) + vec(c.w_lora) * ln(y) + vec(c.w_cross) * ln(y0) * ln(y) + vec(c.b) + s)
+        out = out + vec(c.w_out) * g * y
+    return out
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 6), (2, 6, 3, 3)], ids=["linear", "conv"])
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("per_sample_t", [False, True])
+def test_stacked_gate_combiner_equals_the_formula(shape, k, per_sample_t):
+    from lora_diffusion.core.context import CallContext
+    from lora_diffusion.fusion.gated import GateCombiner
+
+    g = torch.Generator().manual_seed(k)
+    dim = 1 if len(shape) == 4 else -1
+    c = GateCombiner([f"a{i}" for i in range(k)], 6, dim, 3, 2.0)
+    with torch.no_grad():
+        for p in c.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    y0 = torch.randn(shape, generator=g)
+    ys = {f"a{i}": torch.randn(shape, generator=g) * (i + 1) for i in range(k)}
+    t = torch.tensor([900.0, 100.0]) if per_sample_t else torch.tensor(500.0)
+    want = _reference_gate(c, y0, list(ys.values()), t)
+    with torch.no_grad():  # the in-place path
+        got, _ = c.combine(None, y0, ys, CallContext(timestep=t))
+    assert close(got, want, 1e-5)
+    c.record = True  # recording keeps g intact
+    with torch.no_grad():
+        got, strengths = c.combine(None, y0, ys, CallContext(timestep=t))
+    assert close(got, want, 1e-5) and set(strengths) == set(ys)
+    c.record = False
+    got, _ = c.combine(None, y0, ys, CallContext(timestep=t))  # with autograd: no in-place ops
+    got.sum().backward()
+    assert close(got.detach(), want, 1e-5) and all(p.grad is not None for p in c.parameters())

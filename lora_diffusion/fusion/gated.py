@@ -36,13 +36,17 @@ GATES_FORMAT = "lora-diffusion-gates"
 
 
 def _ln(y: torch.Tensor, channel_dim: int, eps: float = 1e-5) -> torch.Tensor:
-    """LayerNorm over the channel dimension (last for linear layers, 1 for convolutions), no affine."""
+    """LayerNorm over the channel dimension (-1, or 1 for convolutions; 2 for stacked conv outputs), no affine."""
     if channel_dim == -1:
         return F.layer_norm(y, y.shape[-1:], eps=eps)
-    return F.layer_norm(y.movedim(1, -1), y.shape[1:2], eps=eps).movedim(-1, 1)
+    return F.layer_norm(y.movedim(channel_dim, -1), y.shape[channel_dim:channel_dim + 1], eps=eps).movedim(-1, channel_dim)
 
 
 class GateCombiner(Combiner):
+    """One layer's gate. All LoRAs go through it together: their outputs are stacked (k, B, ...) so one LayerNorm,
+    one sigmoid and one weighted sum serve any k; the timestep term u·φ(t) is computed once per call and folded
+    into the bias; without autograd the temporaries are reused in place (no host synchronisation anywhere)."""
+
     def __init__(self, names: list[str], channels: int, channel_dim: int, time_features: int, init_out: float) -> None:
         super().__init__(names)
         self.channel_dim, self.time_features = channel_dim, time_features
@@ -54,34 +58,41 @@ class GateCombiner(Combiner):
         self.u = nn.Parameter(torch.zeros(2 * time_features))
 
     def _vec(self, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """A per-channel vector shaped to broadcast over y (channels last, or (C, 1, 1) for convolutions)."""
         p = p.to(y.dtype)
         return p.view(-1, *([1] * (y.dim() - 2))) if self.channel_dim == 1 else p
 
     def _shared(self, y0: torch.Tensor, ctx: CallContext) -> tuple[torch.Tensor, torch.Tensor]:
         """The LoRA-independent parts: A = w_base LN(y0) + b + u.phi(t) and C = w_lora + w_cross LN(y0)."""
         n0 = _ln(y0, self.channel_dim)
-        a = torch.addcmul(self._vec(self.b, y0), self._vec(self.w_base, y0), n0)
+        bias = self._vec(self.b, y0)
         phi = time_features(ctx, self.time_features)
-        if phi is not None:
-            a = a + per_sample(phi.to(self.u.device) @ self.u, y0)
+        if phi is not None:  # () -> (C,) bias, (B,) -> (B, 1.., C) or (B, C, 1, 1)
+            bias = bias + per_sample(phi.to(self.u.device) @ self.u, y0)
+        a = torch.addcmul(bias, self._vec(self.w_base, y0), n0)
         return a, torch.addcmul(self._vec(self.w_lora, y0), self._vec(self.w_cross, y0), n0)
+
+    def _gates(self, y0: torch.Tensor, ys: torch.Tensor, ctx: CallContext, inplace: bool) -> torch.Tensor:
+        """g (k, B, ...) for the stacked outputs ys (k, B, ...)."""
+        a, c = self._shared(y0, ctx)
+        dim = self.channel_dim if self.channel_dim == -1 else 2
+        pre = torch.addcmul(a, _ln(ys, dim), c)  # A + LN(y_i) * C
+        return pre.sigmoid_() if inplace else pre.sigmoid()
 
     def gates(self, y0: torch.Tensor, ys: dict[str, torch.Tensor], ctx: CallContext) -> dict[str, torch.Tensor]:
         """{name: g_i} (broadcastable to y_i)."""
-        a, c = self._shared(y0, ctx)
-        return {n: torch.sigmoid(torch.addcmul(a, _ln(y, self.channel_dim), c)) for n, y in ys.items()}
+        g = self._gates(y0, torch.stack(list(ys.values())), ctx, inplace=False)
+        return dict(zip(ys, g.unbind(0)))
 
     def combine(self, layer: AdaptedLayer, y0: torch.Tensor, ys: dict[str, torch.Tensor],
                 ctx: CallContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        a, c = self._shared(y0, ctx)
+        inplace = not torch.is_grad_enabled()
+        stacked = torch.stack(list(ys.values()))  # (k, B, ...)
+        g = self._gates(y0, stacked, ctx, inplace)
         w_out = self._vec(self.w_out, y0)
-        out, weights = y0, {}
-        for n, y in ys.items():
-            g = torch.sigmoid(torch.addcmul(a, _ln(y, self.channel_dim), c))  # pre = A + LN(y_i) * C
-            out = torch.addcmul(out, g * y, w_out)
-            if self.record:
-                weights[n] = w_out * g
-        return out, weights
+        weights = {n: w_out * g[i] for i, n in enumerate(ys)} if self.record else {}
+        gy = g.mul_(stacked) if inplace and not self.record else g * stacked
+        return torch.addcmul(y0, gy[0] if len(ys) == 1 else gy.sum(0), w_out), weights
 
 
 def time_features(ctx: CallContext, n: int) -> torch.Tensor | None:
