@@ -27,7 +27,7 @@ from . import api
 from .core.errors import AdapterError
 from .fusion import FUSION_METHODS, fuse, unfuse
 from .fusion.base import GateStats
-from .fusion.gated import load_gates
+from .fusion.gated import find_gates, load_gates
 from .io.bundle import FAMILY_NAMES, model_family
 from .io.library import describe, sha256
 
@@ -167,6 +167,8 @@ def blend(pipe: Any, prompt: str, loras: Sequence[str | os.PathLike] = (), libra
                      + ": generated with the base model")
         api.disable_adapters(pipe)
     else:
+        if method == "gated" and gates is None and library is not None:
+            gates = _library_gates(library, chosen, notes)
         fusion = _fuse(pipe, chosen, method, roles, gates, allow_unseen, options or {}, notes)
         fusion.record()
     for n in notes:
@@ -177,6 +179,15 @@ def blend(pipe: Any, prompt: str, loras: Sequence[str | os.PathLike] = (), libra
     if fusion is not None:
         fusion.record(False)
     return BlendResult(images, prompt, method if chosen else "base", chosen, notes, stats)
+
+
+def _library_gates(library: str | os.PathLike, chosen: list[Chosen], notes: list[str]) -> Path | None:
+    """The library's gates file trained with the chosen LoRAs (``find_gates``), noted either way."""
+    path, why = find_gates(library, {c.name: c.sha256 for c in chosen})
+    notes.extend(why)
+    notes.append(f"gates from the library: {path}" if path else
+                 f"no gates file in {library} was trained with {[c.name for c in chosen]}")
+    return path
 
 
 def _fuse(pipe: Any, chosen: list[Chosen], method: str, roles: dict[str, str] | None, gates: Any, allow_unseen: bool,
@@ -264,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--weight", action="append", type=float, default=None, help="weight per LoRA (repeat)")
     p.add_argument("--role", action="append", default=[], help="NAME=subject|style|other (repeat)")
     p.add_argument("--option", action="append", default=[], help="fusion option NAME=VALUE, e.g. width=0.2")
-    p.add_argument("--gates", default=None, help="gates file from training.train_gates (gated)")
+    p.add_argument("--gates", default=None, help="gates file from training.train_gates (gated; with --library and no "
+                   "--gates: a gates file in the library trained with the chosen LoRAs, if any)")
     p.add_argument("--allow-unseen-loras", action="store_true", help="apply gates to LoRAs they were not trained with")
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--threshold", type=float, default=None)

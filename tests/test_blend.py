@@ -71,3 +71,36 @@ def test_gates_for_other_loras_are_refused_naming_them(files, tmp_path):
     assert res.gate_stats.strength.shape[2] == 2
     out = plot_gate_stats(res.gate_stats, tmp_path / "g.png", "t")
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_library_blend_finds_the_gates_trained_with_the_chosen_loras(files, tmp_path):
+    import shutil
+
+    import torch
+
+    from lora_diffusion.retrieval import LoraLibrary
+
+    lib = tmp_path / "lib"
+    (lib / "gates").mkdir(parents=True)
+    for n in ("ring", "dotted", "other"):
+        shutil.copy(files[n], lib / f"{n}.safetensors")
+    pipe = load_demo_pipeline()
+    for n in ("ring", "dotted"):
+        ld.load_adapter(pipe, files[n], name=n)
+    f = fuse(pipe, ["ring", "dotted"], method="gated")
+    with torch.no_grad():
+        for c in f.combiners.values():
+            c.b.fill_(-1e4)  # gates closed: strength 0, where an untrained gate gives 1
+    hashes = {n: sha256(files[n]) for n in ("ring", "dotted")}
+    save_gates(f, lib / "gates" / "trained.safetensors", hashes)
+    save_gates(f, lib / "gates" / "stale.safetensors", {**hashes, "ring": "0" * 64})
+    _, res = _run(files, [], library=lib, method="gated", top_k=2)
+    assert sorted(c.name for c in res.chosen) == ["dotted", "ring"]
+    assert any(n == f"gates from the library: {lib / 'gates' / 'trained.safetensors'}" for n in res.notes), res.notes
+    assert any("stale.safetensors not used: trained with a different file for ['ring']" in n for n in res.notes)
+    assert max(res.gate_stats.summary()["mean"].values()) == 0.0
+    assert [e.file for e in LoraLibrary(lib).entries if "gates" in e.file] == []  # gates files are not LoRAs
+    (lib / "gates" / "trained.safetensors").unlink()
+    _, res = _run(files, [], library=lib, method="gated", top_k=2)
+    assert any(n.startswith("no gates file in") for n in res.notes), res.notes
+    assert res.gate_stats.summary()["mean"]["ring"] == 1.0  # the untrained gate: the static sum

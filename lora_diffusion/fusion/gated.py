@@ -28,11 +28,11 @@ from torch import nn
 from ..core.context import CallContext
 from ..core.errors import AdapterError, AdapterFileError
 from ..core.layer import AdaptedLayer
-from ..io.files import read_safetensors, write_safetensors
+from ..io.files import read_header, read_safetensors, write_safetensors
+from ..io.library import GATES_FORMAT
 from .base import Combiner, Fusion, FusionMethod, fourier, per_sample, progress
 
 log = logging.getLogger(__name__)
-GATES_FORMAT = "lora-diffusion-gates"
 
 
 def _ln(y: torch.Tensor, channel_dim: int, eps: float = 1e-5) -> torch.Tensor:
@@ -156,6 +156,30 @@ def check_gate_hashes(path: str | os.PathLike, meta: dict[str, str], lora_hashes
                                + " (retrain with python -m training.train_gates, or allow unseen LoRAs explicitly)")
     if unseen:
         log.warning("%s: gates applied to LoRAs they were not trained with: %s", path, unseen)
+
+
+def find_gates(folder: str | os.PathLike, lora_hashes: dict[str, str]) -> tuple[Path | None, list[str]]:
+    """A gates file under ``folder`` (any depth, hidden folders too; headers only) trained with every one of these
+    LoRAs (by sha256): the one trained with the fewest other LoRAs, then the newest. Returns (file or None, notes):
+    the notes name the gates files left out because they were trained with a different file under a chosen name."""
+    want = set(lora_hashes.values())
+    found, notes = [], []
+    for f in sorted(Path(folder).rglob("*.safetensors")):
+        try:
+            _, meta = read_header(f)
+        except (AdapterFileError, OSError, ValueError):
+            continue
+        if meta.get("format") != GATES_FORMAT:
+            continue
+        trained = json.loads(meta.get("loras", "{}"))
+        if want <= set(trained.values()):
+            found.append((len(trained), -f.stat().st_mtime_ns, f))
+            continue
+        changed = sorted(n for n, h in lora_hashes.items() if n in trained and trained[n] != h)
+        if changed:
+            notes.append(f"gates {f} not used: trained with a different file for {changed} (retrain with "
+                         f"python -m training.train_gates)")
+    return (min(found)[2] if found else None), notes
 
 
 def load_gates(fusion: Fusion, path: str | os.PathLike, lora_hashes: dict[str, str] | None = None,

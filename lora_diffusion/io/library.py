@@ -30,6 +30,9 @@ CACHE = ".lora_library.json"
 RANK_KEYS = ("lora_down.weight", "lora_A.weight", "hada_w1_b", "lokr_w1_b", "lokr_w2_b", "lora_A", ".down.weight",
              "q_layer.weight", ":down")  # old diffusers / official T-LoRA, official ortho T-LoRA, cloneofsimo
 INDEX_VERSION = 3  # entries of an older index are re-read
+# files that live beside LoRAs but are not adapters (metadata ``format``): kept out of the index
+GATES_FORMAT = "lora-diffusion-gates"
+NOT_ADAPTERS = (GATES_FORMAT,)
 #: metadata worth reading as text: kohya/SAI titles, comments, dataset folders; our trainer's trigger and captions
 TEXT_KEYS = ("ss_output_name", "ss_training_comment", "ss_dataset_dirs", "modelspec.title", "modelspec.description",
              "modelspec.trigger_phrase", "modelspec.tags", "modelspec.architecture", "trigger_word", "placeholder_token",
@@ -214,6 +217,9 @@ class LoraLibrary:
                 new[rel] = old[rel]
                 continue
             try:
+                if p.is_file() and read_header(p)[1].get("format") in NOT_ADAPTERS:
+                    new[rel] = {"file": rel, "stamp": stamp, "not_adapter": True, "index_version": INDEX_VERSION}
+                    continue
                 entry = describe(p)
             except AdapterError as e:
                 entry = {"path": str(f), "error": str(e)}
@@ -231,7 +237,7 @@ class LoraLibrary:
                 tmp.replace(self.cache_path)
             except OSError as e:  # a read-only library still works, only uncached
                 log.warning("%s: cannot write the index cache (%s); the library is re-read next time", self.cache_path, e)
-        return list(new.values())
+        return [e for e in new.values() if not e.get("not_adapter")]
 
     def find(self, text: str) -> list[dict[str, Any]]:
         """Entries whose file name, trigger words or tags contain ``text`` (case-insensitive)."""
