@@ -30,16 +30,9 @@ from ..core.errors import AdapterError, AdapterFileError
 from ..core.layer import AdaptedLayer
 from ..io.files import read_header, read_safetensors, write_safetensors
 from ..io.library import GATES_FORMAT
-from .base import Combiner, Fusion, FusionMethod, fourier, per_sample, progress
+from .base import Combiner, Fusion, FusionMethod, fourier, progress
 
 log = logging.getLogger(__name__)
-
-
-def _ln(y: torch.Tensor, channel_dim: int, eps: float = 1e-5) -> torch.Tensor:
-    """LayerNorm over the channel dimension (-1, or 1 for convolutions; 2 for stacked conv outputs), no affine."""
-    if channel_dim == -1:
-        return F.layer_norm(y, y.shape[-1:], eps=eps)
-    return F.layer_norm(y.movedim(channel_dim, -1), y.shape[channel_dim:channel_dim + 1], eps=eps).movedim(-1, channel_dim)
 
 
 class GateCombiner(Combiner):
@@ -57,42 +50,50 @@ class GateCombiner(Combiner):
         self.w_out = nn.Parameter(torch.full((channels,), float(init_out)))
         self.u = nn.Parameter(torch.zeros(2 * time_features))
 
-    def _vec(self, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """A per-channel vector shaped to broadcast over y (channels last, or (C, 1, 1) for convolutions)."""
-        p = p.to(y.dtype)
-        return p.view(-1, *([1] * (y.dim() - 2))) if self.channel_dim == 1 else p
+    def _cast(self, p: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return p if p.dtype == like.dtype else p.to(like.dtype)
 
-    def _shared(self, y0: torch.Tensor, ctx: CallContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """The LoRA-independent parts: A = w_base LN(y0) + b + u.phi(t) and C = w_lora + w_cross LN(y0)."""
-        n0 = _ln(y0, self.channel_dim)
-        bias = self._vec(self.b, y0)
+    def _bias(self, ctx: CallContext, y0l: torch.Tensor) -> torch.Tensor:
+        """b + u·φ(t) over channels-last y0: (C,) for one timestep, (B, 1.., C) for one per sample."""
+        b = self._cast(self.b, y0l)
         phi = time_features(ctx, self.time_features)
-        if phi is not None:  # () -> (C,) bias, (B,) -> (B, 1.., C) or (B, C, 1, 1)
-            bias = bias + per_sample(phi.to(self.u.device) @ self.u, y0)
-        a = torch.addcmul(bias, self._vec(self.w_base, y0), n0)
-        return a, torch.addcmul(self._vec(self.w_lora, y0), self._vec(self.w_cross, y0), n0)
+        if phi is None:
+            return b
+        s = (phi if phi.device == self.u.device else phi.to(self.u.device)) @ self.u  # () or (B,)
+        return b + self._cast(s.view(-1, *([1] * (y0l.dim() - 1))) if s.dim() else s, y0l)
 
-    def _gates(self, y0: torch.Tensor, ys: torch.Tensor, ctx: CallContext, inplace: bool) -> torch.Tensor:
-        """g (k, B, ...) for the stacked outputs ys (k, B, ...)."""
-        a, c = self._shared(y0, ctx)
-        dim = self.channel_dim if self.channel_dim == -1 else 2
-        pre = torch.addcmul(a, _ln(ys, dim), c)  # A + LN(y_i) * C
+    def _gates(self, y0l: torch.Tensor, ysl: torch.Tensor, ctx: CallContext, inplace: bool) -> torch.Tensor:
+        """g (k, B, ..., C) from channels-last y0 (B, ..., C) and stacked outputs (k, B, ..., C)."""
+        c_ = y0l.shape[-1:]
+        n0 = F.layer_norm(y0l, c_)
+        a = torch.addcmul(self._bias(ctx, y0l), self._cast(self.w_base, y0l), n0)  # w_base LN(y0) + b + u·φ(t)
+        c = torch.addcmul(self._cast(self.w_lora, y0l), self._cast(self.w_cross, y0l), n0)  # w_lora + w_cross LN(y0)
+        pre = torch.addcmul(a, F.layer_norm(ysl, c_), c)  # A + LN(y_i) * C
         return pre.sigmoid_() if inplace else pre.sigmoid()
 
+    def _last(self, y0: torch.Tensor, ys: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Channels-last views of y0 (B, ..., C) and of the stacked outputs (k, B, ..., C)."""
+        stacked = ys[0].unsqueeze(0) if len(ys) == 1 else torch.stack(ys)
+        if self.channel_dim == -1:
+            return y0, stacked
+        return y0.movedim(1, -1), stacked.movedim(2, -1)
+
     def gates(self, y0: torch.Tensor, ys: dict[str, torch.Tensor], ctx: CallContext) -> dict[str, torch.Tensor]:
-        """{name: g_i} (broadcastable to y_i)."""
-        g = self._gates(y0, torch.stack(list(ys.values())), ctx, inplace=False)
-        return dict(zip(ys, g.unbind(0)))
+        """{name: g_i} (the shape of y_i)."""
+        y0l, sl = self._last(y0, list(ys.values()))
+        g = self._gates(y0l, sl, ctx, inplace=False)
+        return {n: gi if self.channel_dim == -1 else gi.movedim(-1, 1) for n, gi in zip(ys, g.unbind(0))}
 
     def combine(self, layer: AdaptedLayer, y0: torch.Tensor, ys: dict[str, torch.Tensor],
                 ctx: CallContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inplace = not torch.is_grad_enabled()
-        stacked = torch.stack(list(ys.values()))  # (k, B, ...)
-        g = self._gates(y0, stacked, ctx, inplace)
-        w_out = self._vec(self.w_out, y0)
-        weights = {n: w_out * g[i] for i, n in enumerate(ys)} if self.record else {}
-        gy = g.mul_(stacked) if inplace and not self.record else g * stacked
-        return torch.addcmul(y0, gy[0] if len(ys) == 1 else gy.sum(0), w_out), weights
+        y0l, sl = self._last(y0, list(ys.values()))
+        g = self._gates(y0l, sl, ctx, inplace)  # (k, B, ..., C)
+        w_out = self._cast(self.w_out, y0l)
+        weights = {n: w_out * g[i] for i, n in enumerate(ys)} if self.record else {}  # only their means are kept
+        gy = g.mul_(sl) if inplace and not self.record else g * sl
+        out = torch.addcmul(y0l, gy[0] if len(ys) == 1 else gy.sum(0), w_out)  # y0 + Σ w_out g_i y_i
+        return (out if self.channel_dim == -1 else out.movedim(-1, 1)), weights
 
 
 def time_features(ctx: CallContext, n: int) -> torch.Tensor | None:
