@@ -169,6 +169,10 @@ def save_adapter(model_or_pipeline: Any, path: str | os.PathLike, name: str = "d
     if format not in formats.FORMATS:
         raise AdapterError(f"save_adapter: format {format!r}; expected one of {list(formats.FORMATS)}")
     if format != "canonical":
+        for m in components(model_or_pipeline).values():
+            if name in m.__dict__.get("_lora_moa", {}):
+                raise AdapterError(f"adapter '{name}' is a mixture (MoA): only the canonical file holds its router and "
+                                   f"extra experts; format {format!r} would keep the LoRA experts alone")
         return _save_external(model_or_pipeline, Path(path), name, meta, format)
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, canonical.ComponentEntry] = {}
@@ -189,6 +193,11 @@ def save_adapter(model_or_pipeline: Any, path: str | os.PathLike, name: str = "d
     family = model_family(model_or_pipeline)
     if family:
         meta.setdefault("base_model_family", family)
+    for comp, model in components(model_or_pipeline).items():  # a mixture's router and extra experts (MoA)
+        mix = model.__dict__.get("_lora_moa", {}).get(name)
+        if mix is not None:
+            tensors.update({f"{comp + '.' if comp else ''}moa.{k}": v for k, v in mix.state().items()})
+            meta.update(mix.metadata())
     if entries:
         main = next(iter(entries.values())).spec
         alpha = main.alpha if main.alpha is not None else main.rank
@@ -436,13 +445,25 @@ def _load_canonical(model_or_pipeline: Any, path: Path, loaded: tuple[dict[str, 
             inject(model, entry.spec, name, scale, module_names=entry.modules)
             done.append(model)
             sd = canonical.split_component(tensors, comp) if len(entries) > 1 or comp else tensors
+            moa = {k[len("moa."):]: sd.pop(k) for k in [k for k in sd if k.startswith("moa.")]} if "moa" in meta else {}
             load_adapter_state_dict(model, name, sd, str(path), assign=True)
             _set_trainable(model, name, trainable)
+            if "moa" in meta:  # MoA's routers and extra experts, rebuilt on its loaded LoRA experts
+                from .fusion.moa import load_moa_state  # above api in the layering: imported when a file needs it
+
+                load_moa_state(model, name, moa, meta, str(path), trainable)
     except BaseException:
         for model in done:
             remove(model, [name])
         raise
     return name
+
+
+def _refuse_mixture_merge(model: nn.Module, names: Sequence[str]) -> None:
+    mixed = [n for n in names if n in model.__dict__.get("_lora_moa", {})]
+    if mixed:
+        raise AdapterError(f"adapter(s) {mixed} are token-routed mixtures (MoA): their experts are weighted per token, "
+                           "so they cannot be merged into the base weights")
 
 
 # --- switching, merging, removing ---
@@ -493,6 +514,8 @@ def merge_adapters(model_or_pipeline: Any, names: Sequence[str] | None = None) -
     if names is not None:
         _require(model_or_pipeline, *names)
     for m in components(model_or_pipeline).values():
+        _refuse_mixture_merge(m, list_adapters(m) if names is None else names)
+    for m in components(model_or_pipeline).values():
         for _, layer in adapted_layers(m):
             layer.merge(None if names is None else [n for n in names if n in layer.adapters])
 
@@ -510,6 +533,12 @@ def remove_adapters(model_or_pipeline: Any, names: Sequence[str] | None = None, 
     for m in components(model_or_pipeline).values():
         present = adapter_names(m)
         here = present if names is None else [n for n in names if n in present]
+        if merge:
+            _refuse_mixture_merge(m, here)
+        for n in here:  # a mixture's router and hooks go with its experts
+            mix = m.__dict__.get("_lora_moa", {}).get(n)
+            if mix is not None:
+                mix.remove()
         if here:
             remove(m, here, merge=merge)
     if not isinstance(model_or_pipeline, nn.Module):  # placeholder tokens: tokenizer and embeddings restored

@@ -33,8 +33,9 @@ METHODS = ("xlora", "mole")
 
 @dataclass
 class LLMMixtureArgs:
-    mixture: str | None = opt(None, "train a mixture of the frozen --adapters instead of a new adapter: xlora | mole",
-                              choices=[None, *METHODS])
+    mixture: str | None = opt(None, "train a mixture of the frozen --adapters instead of a new adapter: xlora | mole; "
+                                    "or moa: new heterogeneous experts and routers (training/llm_moa.py)",
+                              choices=[None, *METHODS, "moa"])
     adapters: str | None = opt(None, "comma-separated adapter files or PEFT folders the mixture combines")
     mixture_options: dict = opt({}, "mixture options as JSON; X-LoRA takes PEFT's XLoraConfig names, e.g. "
                                     "'{\"top_k_lora\": 2, \"layerwise_scalings\": true}'")

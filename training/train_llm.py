@@ -30,7 +30,7 @@ import torch
 import lora_diffusion as ld
 from lora_diffusion import llm
 
-from . import llm_mixture, lora_drop
+from . import llm_mixture, llm_moa, lora_drop
 from .checkpoint import CheckpointManager, GlobalRNG, TrainableParams
 from .config import (
     CheckpointArgs,
@@ -155,6 +155,8 @@ def check_config(cfg: LLMConfig) -> None:
     if not 0 <= d.eval_fraction < 1:
         raise ConfigError(f"--eval_fraction: expected 0 <= f < 1, found {d.eval_fraction}")
     check_lora_drop(cfg.lora_drop, a.variant, o.max_train_steps)
+    if cfg.mixture.mixture == llm_moa.NAME:
+        llm_moa.check(cfg.adapter, cfg.mixture)
     if cfg.mixture.mixture and cfg.output.merge:
         raise ConfigError(f"--merge with --mixture {cfg.mixture.mixture}: the mixture's weights depend on the input, "
                           "so it has no merged model")
@@ -269,6 +271,7 @@ def build_optimizer(cfg: LLMConfig, model: torch.nn.Module, device: torch.device
     o = cfg.optim
     ratios = {"B": o.loraplus_lr_ratio} if o.loraplus_lr_ratio else None
     groups = ld.param_groups(model, o.learning_rate, lr_ratios=ratios, weight_decay=o.adam_weight_decay)
+    groups += llm_moa.param_groups(model, o.learning_rate, o.adam_weight_decay)  # MoA routers, prompt, adapter
     if ratios:
         log.info("LoRA+: B tensors at lr %.2e (ratio %g)", o.learning_rate * o.loraplus_lr_ratio, o.loraplus_lr_ratio)
     kind = "adamw8bit" if o.use_8bit_adam and o.optimizer == "adamw" else o.optimizer
@@ -344,8 +347,11 @@ def train(cfg: LLMConfig) -> dict[str, Any]:
     max_steps = o.max_train_steps or max(1, math.ceil(len(source) / o.gradient_accumulation_steps))
     cfg.adapter.adapter_options = step_option_defaults(cfg.adapter.variant, cfg.adapter.adapter_options, max_steps)
     spec = build_spec(cfg)
-    fusion = llm_mixture.add_mixture(cfg.mixture, model) if cfg.mixture.mixture else None
-    if fusion is not None:  # a mixture of frozen adapters: only its classifier/gates train
+    moa = cfg.mixture.mixture == llm_moa.NAME  # MoA trains new experts and routers (no --adapters)
+    fusion = llm_mixture.add_mixture(cfg.mixture, model) if cfg.mixture.mixture and not moa else None
+    if moa:
+        modules = llm_moa.add(cfg.adapter, cfg.mixture, model, cfg.run.seed)
+    elif fusion is not None:  # a mixture of frozen adapters: only its classifier/gates train
         modules = list(fusion.layers)
     elif spec.variant == lora_drop.VARIANT:  # its importance stage trains a first LoRA on a sample of the data
         check_lora_drop(cfg.lora_drop, spec.variant, max_steps)

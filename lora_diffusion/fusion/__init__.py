@@ -107,7 +107,8 @@ def fuse(model_or_pipeline: Any, names: Sequence[str], method: str = "static",
         raise
     for model in components(model_or_pipeline).values():
         model.__dict__[FUSION_ATTR] = fusion
-    log.info("fusion '%s' of %s on %d layers", method, names, len(fusion.layers))
+    shown = names if len(names) <= 8 else [*names[:8], f"... ({len(names)} in all)"]
+    log.info("fusion '%s' of %s on %d layers", method, shown, len(fusion.layers))
     return fusion
 
 
