@@ -150,6 +150,6 @@ def test_train_llm_mixture_moa_trains_saves_and_chats(tmp_path, capsys):
     chat.main(["--model", str(folder), "--adapter", str(out / "adapter.safetensors"), "--prompt", "Shout: cat",
                "--max_new_tokens", "4"])
     assert capsys.readouterr().out.endswith("\n")
-    with pytest.raises(Exception, match="--mixture moa cannot be merged"):
+    with pytest.raises(Exception, match="--merge with --mixture moa"):
         train_llm.main(["--model", str(folder), "--train_file", str(TRAIN), "--output_dir", str(tmp_path / "x"),
                         "--mixture", "moa", "--merge"])
