@@ -117,7 +117,8 @@ def apply_route(stack_B: torch.Tensor, scale: torch.Tensor, route: Route, T: int
 class RoutedCombiner(Combiner):
     """A combiner that routes first: ``route(x2d, ctx)`` -> :class:`Route`; only routed adapters are computed.
 
-    Holds the layer's stacked factors as non-persistent buffers (``A``, ``B``, ``s``). Adapters active on the layer
+    Holds the layer's stacked factors as non-persistent buffers (``A``, ``B``, ``s``). The user's per-adapter weights
+    (``fuse(..., weights=)``) are read once at the first call: to change them, fuse again. Adapters active on the layer
     but outside the routed set are added as a plain sum. With ``record`` on, the strength of adapter i is the
     fraction of tokens routed to it times its weight, and ``last_index`` keeps the last call's routes.
     """
@@ -128,6 +129,7 @@ class RoutedCombiner(Combiner):
         self.register_buffer("B", stack.B, persistent=False)
         self.register_buffer("s", stack.s, persistent=False)
         self.ranks = stack.ranks
+        self.scale: torch.Tensor | None = None  # (n,) s_i x the weight given to ``fuse`` (read at the first call)
         self.last_index: torch.Tensor | None = None
 
     def route(self, x2: torch.Tensor, ctx: CallContext) -> Route:
@@ -138,8 +140,10 @@ class RoutedCombiner(Combiner):
         route = self.route(x2, ctx)
         if route.z is None:
             route.z = gather_project(self.A, x2, route.index)
-        scale = self.s * torch.tensor([layer.scales[n] for n in self.names], dtype=self.s.dtype, device=self.s.device)
-        delta = apply_route(self.B, scale, route, x2.shape[0])  # (T, out)
+        if self.scale is None:  # the adapters' own scalings times the user's weights, once (fuse sets the weights)
+            user = torch.tensor([layer.scales[n] for n in self.names], dtype=self.s.dtype, device=self.s.device)
+            self.scale = self.s * user
+        delta = apply_route(self.B, self.scale, route, x2.shape[0])  # (T, out)
         out = y0 + delta.view(*y0.shape[:-1], -1).to(y0.dtype)
         for n in layer._run:  # adapters active on the layer but not routed here: plain sum
             if n not in self.names:
