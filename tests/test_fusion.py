@@ -20,13 +20,13 @@ from .test_formats_helpers import close, sd15_pipeline, sd15_unet_config, unet_c
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _unet_with(n: int, seed: int = 0, targets: str = "unet-full"):
+def _unet_with(n: int, seed: int = 0):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**sd15_unet_config()).eval()
     for i in range(n):
-        ld.add_adapter(unet, ld.AdapterSpec(rank=4, alpha=4, targets=targets, seed=i), f"a{i}", trainable=False)
+        ld.add_adapter(unet, ld.AdapterSpec(rank=4, alpha=4, targets="unet-full", seed=i), f"a{i}", trainable=False)
         perturb(unet, f"a{i}", std=0.3, seed=seed + i)
     return unet
 
@@ -154,7 +154,7 @@ def test_scheduled_subject_early_style_late():
 
 @pytest.mark.parametrize("method", [m for m, c in FUSION_METHODS.items() if "diffusion" in c.models])
 def test_every_method_runs_records_and_removes(method):
-    unet = _unet_with(2, targets="unet-attn" if FUSION_METHODS[method].linear_only else "unet-full")
+    unet = _unet_with(2)
     ld.set_adapters(unet, ["a0", "a1"])
     plain = unet_call(unet)
     f = fuse(unet, ["a0", "a1"], method=method)

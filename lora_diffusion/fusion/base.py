@@ -160,7 +160,6 @@ class FusionMethod:
     needs_roles: ClassVar[bool] = False  # uses subject/style roles
     # reads the denoising timestep: text encoders (which never see one) keep the plain sum
     needs_timestep: ClassVar[bool] = False
-    linear_only: ClassVar[bool] = False  # combines per token of linear layers only (LAG); conv adapters are refused
     models: ClassVar[tuple[str, ...]] = ("diffusion", "llm")  # what it applies to (X-LoRA: LLMs only)
 
     @dataclass

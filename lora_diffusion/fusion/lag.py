@@ -86,7 +86,7 @@ class LAGFusion(FusionMethod):
     formula = ("top-k by |a*_i1 . x| (Arrow), then argmax ||A*_i x|| (SpectR): y = y0 + s B*_i A*_i x, one adapter "
                "per token and layer; mode 'arrow': softmax over the top k (PEFT Arrow)")
     paper = "https://arxiv.org/abs/2507.05346"
-    linear_only = True  # routes tokens: conv layers are refused
+    models = ("llm",)  # routes tokens of linear layers (conv adapters are refused); not offered for diffusion blends
 
     @dataclass
     class Options:
