@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -201,7 +200,7 @@ def set_mask(fusion: Fusion, mask: list[str]) -> None:
     fusion.method.options.mask = list(mask)
 
 
-def gate_weights(fusion: Fusion, *models: Any) -> dict[str, Any]:
-    """The current forward's weights per block: {block: (B, N)} (for plots and tests)."""
+def gate_weights(fusion: Fusion) -> dict[str, torch.Tensor]:
+    """The last forward's weights per block: {block: (B, N)} (for plots and tests)."""
     st = fusion.method.state
     return {b: w for b, (call, w) in st.gates.items() if call == st.call}
