@@ -310,3 +310,23 @@ def test_library_loads_routes_and_refuses_other_bases_whole(tmp_path, monkeypatc
     chat.main(["--model", str(base_dir), "--library", str(lib), "--lag_top_k", "2", "--prompt", "hi",
                "--max_new_tokens", "4"])
     assert capsys.readouterr().out.endswith("\n")  # the streamed answer (possibly empty for a random model) ended
+
+
+def test_routing_happens_before_any_adapter_output_is_computed(monkeypatch):
+    """The library is never run adapter by adapter: no adapter_output / delta_forward call during a LAG forward."""
+    model = _library(4)
+    fuse(model, [f"k{i}" for i in range(4)], method="lag", top_k=2)
+
+    def boom(*_a, **_k):
+        raise AssertionError("an adapter output was computed")
+
+    monkeypatch.setattr(type(model.proj), "adapter_output", boom)
+    for i in range(4):
+        for method in ("delta_forward", "adapted_output"):
+            monkeypatch.setattr(model.proj.adapters[f"k{i}"], method, boom)
+    x = torch.randn(5, IN, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
+        unfuse(model)  # the plain sum does run every adapter: the patch is live
+        with pytest.raises(AssertionError, match="an adapter output was computed"):
+            model(x)
