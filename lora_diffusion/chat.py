@@ -4,6 +4,7 @@
     python -m lora_diffusion.chat --model FOLDER|HUB_ID|FILE.gguf --adapter a.safetensors:0.8 --adapter b.safetensors:0.5
     python -m lora_diffusion.chat --adapter a.safetensors --merge_to merged/   # write the merged full model
     python -m lora_diffusion.chat --library loras/ --lag_top_k 20   # LAG: one LoRA per token and layer, from a folder
+    python -m lora_diffusion.chat --library loras/ --save_library lib.safetensors   # ... bundled: later --adapter lib
 
 Without ``--prompt`` it reads one user message per line from stdin (an empty line or EOF ends) and
 keeps the conversation. Generated tokens go to stdout as they come; everything else is logged.
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lag_top_k", type=int, default=None, help="LAG: Arrow candidates per token (default min(20, n))")
     p.add_argument("--lag_mode", default="lag", choices=["lag", "arrow"],
                    help="lag: SpectR picks one adapter; arrow: softmax mixture of the top k (PEFT Arrow)")
+    p.add_argument("--save_library", type=Path, default=None, metavar="FILE",
+                   help="LAG: also write the routed library as one file (later: --adapter FILE)")
     p.add_argument("--prompt", default=None, help="one user message (default: read messages from stdin)")
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--max_new_tokens", type=int, default=128)
@@ -151,6 +154,10 @@ def main(argv: list[str] | None = None) -> None:
         from .fusion.lag import load_library
 
         fusion = load_library(model, a.library, top_k=a.lag_top_k, mode=a.lag_mode)
+        if a.save_library is not None:
+            from .fusion.lag import save_library
+
+            log.info("LAG library written to %s", save_library(model, fusion, a.save_library))
         if plain:  # the --adapter ones stay on, added to the routed library output
             api.set_adapters(model, plain + fusion.names, [sc for _, sc in adapters] + [1.0] * len(fusion.names))
     if a.merge_to is not None:

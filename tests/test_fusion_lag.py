@@ -308,8 +308,12 @@ def test_library_loads_routes_and_refuses_other_bases_whole(tmp_path, monkeypatc
         load_library(fresh, [paths[0], dora])
     assert ld.list_adapters(fresh) == []
     chat.main(["--model", str(base_dir), "--library", str(lib), "--lag_top_k", "2", "--prompt", "hi",
+               "--max_new_tokens", "4", "--save_library", str(tmp_path / "lib.safetensors")])
+    first = capsys.readouterr().out
+    assert first.endswith("\n")  # the streamed answer (possibly empty for a random model) ended
+    chat.main(["--model", str(base_dir), "--adapter", str(tmp_path / "lib.safetensors"), "--prompt", "hi",
                "--max_new_tokens", "4"])
-    assert capsys.readouterr().out.endswith("\n")  # the streamed answer (possibly empty for a random model) ended
+    assert capsys.readouterr().out == first  # the bundled library answers the same (greedy)
 
 
 def test_routing_happens_before_any_adapter_output_is_computed(monkeypatch):
@@ -330,3 +334,23 @@ def test_routing_happens_before_any_adapter_output_is_computed(monkeypatch):
         unfuse(model)  # the plain sum does run every adapter: the patch is live
         with pytest.raises(AssertionError, match="an adapter output was computed"):
             model(x)
+
+
+def test_library_file_round_trip_through_load_adapter(tmp_path, tiny_llama):
+    from lora_diffusion.fusion.lag import save_library
+
+    model = tiny_llama.double()
+    names = [f"t{i}" for i in range(4)]
+    for i, n in enumerate(names):
+        ld.add_adapter(model, ld.AdapterSpec(rank=4, targets="llm", seed=i), n, trainable=False)
+        perturb(model, n, std=0.3, seed=30 + i)
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    f = fuse(model, names, method="lag", top_k=2, score="delta", inplace=True)
+    want = model(input_ids=ids).logits.detach()
+    path = save_library(model, f, tmp_path / "lib.safetensors")
+    fresh = copy.deepcopy(tiny_llama)
+    ld.remove_adapters(fresh)
+    ld.load_adapter(fresh, path)
+    g = fresh.__dict__["_lora_fusion"]
+    assert g.method.name == "lag" and g.names == names and g.method.options.score == "delta"
+    assert torch.allclose(fresh(input_ids=ids).logits, want, atol=1e-10, rtol=0)

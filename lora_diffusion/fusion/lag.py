@@ -19,6 +19,7 @@ anything else is refused before any adapter is changed.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -188,3 +189,16 @@ def load_library(model: nn.Module, sources: Sequence[str | os.PathLike], **optio
         raise
     log.info("LAG library: %d adapters, %s", len(names), vars(fusion.method.options))
     return fusion
+
+
+def save_library(model: nn.Module, fusion: Any, path: str | os.PathLike) -> Path:
+    """One canonical file with every routed adapter (as aligned), LAG's options and the base model's fingerprint;
+    ``load_adapter`` (and ``python -m lora_diffusion.chat --adapter FILE``) restores the routed library."""
+    from .. import llm
+    from .mixture import save_mixture
+
+    if fusion.method.name != LAGFusion.name:
+        raise AdapterError(f"save_library: the fusion is '{fusion.method.name}', not LAG")
+    meta = {llm.META_BASE_MODEL: llm.base_name(model),
+            llm.META_BASE_CONFIG: json.dumps(llm.base_fingerprint(model), sort_keys=True)}
+    return save_mixture(model, fusion, path, metadata=meta)
