@@ -62,6 +62,25 @@ def load_adapters(model: nn.Module, adapters: Sequence[tuple[Path, float]]) -> l
     return names
 
 
+def _xlora_logging(model: nn.Module) -> Any:
+    fusion = model.__dict__.get("_lora_fusion")
+    if fusion is None or fusion.method.name != "xlora":
+        log.warning("--plot_scalings: no X-LoRA mixture loaded (an --adapter file written by train_llm --mixture xlora)")
+        return None
+    fusion.method.log_scalings(fusion)
+    return fusion
+
+
+def _plot(fusion: Any, tok: Any, path: Path) -> None:
+    from .fusion.xlora import XLoraFusion, plot_scalings
+
+    s = XLoraFusion.scalings_log(fusion)
+    ids = [i for step in fusion.method.state.log_ids for i in step]
+    tokens = [tok.decode([i]) for i in ids] if len(ids) == s.shape[1] else [str(i) for i in range(s.shape[1])]
+    log.info("X-LoRA scalings of %d tokens -> %s", s.shape[1], plot_scalings(s, tokens, fusion.names, path))
+    fusion.method.log_scalings(fusion, on=False)
+
+
 def _unique(stem: str, taken: list[str]) -> str:
     base = "".join(c if c.isalnum() or c in "_-" else "_" for c in stem) or "adapter"
     name, k = base, 1
@@ -132,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="lag: SpectR picks one adapter; arrow: softmax mixture of the top k (PEFT Arrow)")
     p.add_argument("--save_library", type=Path, default=None, metavar="FILE",
                    help="LAG: also write the routed library as one file (later: --adapter FILE)")
+    p.add_argument("--plot_scalings", type=Path, default=None, metavar="PNG",
+                   help="X-LoRA mixture: write each adapter's weight per token of the last exchange to this PNG")
     p.add_argument("--prompt", default=None, help="one user message (default: read messages from stdin)")
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--max_new_tokens", type=int, default=128)
@@ -176,8 +197,11 @@ def main(argv: list[str] | None = None) -> None:
                 break
             text = line.rstrip("\n")
         history.append({"role": "user", "content": text})
+        xlora = _xlora_logging(model) if a.plot_scalings else None
         answer = reply(model, tok, history, a.max_new_tokens, a.temperature, a.top_p)
         history.append({"role": "assistant", "content": answer})
+        if xlora is not None:
+            _plot(xlora, tok, a.plot_scalings)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,10 @@ def test_mixture_trains_only_its_weights_and_the_file_loads(setup, tmp_path, met
     out = io.StringIO()
     answer = chat.reply(model.eval(), tok, [{"role": "user", "content": "Shout: cat"}], max_new_tokens=6, out=out)
     assert out.getvalue() == answer + "\n"
+    if method == "xlora":  # the CLI with a per-token scalings plot
+        chat.main(["--model", str(folder), "--adapter", str(path), "--prompt", "Shout: dog", "--max_new_tokens", "5",
+                   "--plot_scalings", str(tmp_path / "scalings.png")])
+        assert (tmp_path / "scalings.png").stat().st_size > 1000
 
 
 def test_resume_retraces_the_straight_run(setup, tmp_path):

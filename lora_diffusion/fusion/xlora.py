@@ -90,6 +90,8 @@ class XLoraState:
     def __init__(self) -> None:
         self.scalings: torch.Tensor | None = None  # (B, T, L, N)
         self.latest: torch.Tensor | None = None  # the classifier's last output (PEFT get_latest_scalings)
+        self.log: list[torch.Tensor] | None = None  # every output while logging (PEFT enable_scalings_logging)
+        self.log_ids: list[list[int]] = []  # the token ids of sample 0 for each logged output (plot labels)
         self.busy = False  # inside the scaling pass
         self.cache: Any = None  # the scaling pass's KV cache (base-model keys/values), in step with the real one
         self.real: Any = None  # the real pass's cache it mirrors
@@ -270,9 +272,25 @@ class XLoraFusion(FusionMethod):
                                    "transformers model (output_hidden_states=True)")
             clf.train(module.training)  # the classifier is not a submodule: follow the model's train/eval mode
             state.scalings = state.latest = clf(hidden[-1])
+            if state.log is not None:
+                state.log.append(state.latest.detach())
+                state.log_ids.append(ids[0].tolist() if ids is not None else [])
             return None
 
         return hook
+
+    @staticmethod
+    def log_scalings(fusion: Fusion, on: bool = True) -> None:
+        """Start (clearing) or stop keeping every scaling-pass output (PEFT ``enable_scalings_logging``)."""
+        fusion.method.state.log = [] if on else None
+        fusion.method.state.log_ids = []
+
+    @staticmethod
+    def scalings_log(fusion: Fusion) -> torch.Tensor | None:
+        """The logged scalings joined along the tokens, (B, T, L, N): a prompt then one token per step under a KV
+        cache (the cache keeps earlier tokens' scalings fixed, so this is each token's weights as it was used)."""
+        log_ = fusion.method.state.log
+        return torch.cat(log_, 1) if log_ else None
 
     @staticmethod
     def latest_scalings(fusion: Fusion) -> torch.Tensor | None:
@@ -296,3 +314,24 @@ def options_from_peft(config: Any) -> tuple[dict[str, Any], dict[str, str]]:
     raw = config if isinstance(config, dict) else vars(config)
     ours = {f.name for f in dataclasses.fields(XLoraFusion.Options)}
     return {k: v for k, v in raw.items() if k in ours}, dict(raw.get("adapters") or {})
+
+
+def plot_scalings(scalings: torch.Tensor, tokens: list[str], names: list[str], path: str | os.PathLike,
+                  title: str = "") -> Path:
+    """PNG: each adapter's weight per token (mean over layers; sample 0): which LoRA the classifier picked where."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w = scalings[0].float().mean(1).T.cpu().numpy()  # (N, T)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * w.shape[1] + 2), 1.0 + 0.45 * len(names)))
+    im = ax.imshow(w, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(1e-6, float(w.max())), interpolation="nearest")
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xticks(range(len(tokens)), [t.replace("\n", "⏎") for t in tokens], rotation=90, fontsize=7)
+    ax.set_title(title or "X-LoRA scalings per token (mean over layers)", fontsize=9)
+    fig.colorbar(im, ax=ax, label="weight")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
