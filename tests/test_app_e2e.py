@@ -95,6 +95,10 @@ def test_train_stop_resume_then_generate_and_blend(served, client, tmp_path, mon
     library = {"ring", "dotted", "tlora.kohya", "pytorch_lora_weights"}
     assert {row[0] for row in chosen["data"]} <= library and len(chosen["data"]) == 2 and gates
     assert "gated" in notes and len(pngs) == 1
+    # the Library tab's Squeeze button: the trained T-LoRA becomes a new rank-4 plain-LoRA entry
+    table, *_ = client.predict("ring", 4, None, api_name="/library_squeeze")
+    row = next(r for r in table["data"] if r[0] == "ring-r4")
+    assert row[3] == "lora" and row[4] == 4
 
 
 def test_bad_input_over_http_is_named_and_the_app_keeps_serving(client, tmp_path) -> None:

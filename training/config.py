@@ -365,23 +365,16 @@ EMBEDDING_LR = 5e-3
 FALLBACK_DEFAULTS: dict[str, Any] = {"lora_rank": 16, "learning_rate": 1e-4, "max_train_steps": 500}
 
 
-SINGLORA_MIN_RAMP = 50  # steps: the floor of SingLoRA's default ramp (the paper leaves T open)
-
-
-def singlora_ramp(max_steps: int) -> int:
-    """SingLoRA's default ramp length: 10% of the run, at least SINGLORA_MIN_RAMP steps, at most half the run."""
-    return max(1, max(max_steps // 10, min(SINGLORA_MIN_RAMP, max_steps // 2)))
-
-
 def step_option_defaults(variant: str, options: dict[str, Any], max_steps: int) -> dict[str, Any]:
     """Variant options that depend on the run's length, filled where the user left them: SingLoRA's ramp
-    (``ramp_steps``) spans 10% of the steps but at least ``SINGLORA_MIN_RAMP`` (50) steps, and at most half the run,
-    so A gets some steps to adapt while its random A·Aᵀ is still damped, and the second half of training runs at
-    u = 1, as inference does (the library's own default, 1000 steps, would never finish a 500-step run; 10% alone
-    is 1-2 steps in a 15-step run); Delta-LoRA's base weight starts moving (``start_step`` K) after a 10% warm-up."""
+    (``ramp_steps``) reaches u = 1 after 10% of the steps, so most of training and all of inference run at
+    the full update (the library's own default, 1000 steps, would never finish a 500-step run). A longer ramp does
+    not help short runs: training must end at u = 1, what inference uses, and the fewer steps A gets at full
+    strength, the worse (15-step LLM run: ramp 2 / 7 / 15 steps -> held-out loss 6.72 / 7.58 / 13.88, docs/
+    benchmarks.md); Delta-LoRA's base weight starts moving (``start_step`` K) after the same 10% warm-up of A and B."""
     out = dict(options)
     if variant == "singlora" and "ramp_steps" not in out:
-        out["ramp_steps"] = singlora_ramp(max_steps)
+        out["ramp_steps"] = max(1, max_steps // 10)
     if variant == "deltalora" and "start_step" not in out:
         out["start_step"] = max_steps // 10
     if variant == "adalora" and "total_step" not in out:  # its budget schedule ends with the run
