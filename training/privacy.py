@@ -15,8 +15,10 @@ converted to (ε, δ). ``noise_for_target`` asks Opacus for the σ reaching a ta
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -74,23 +76,41 @@ def check_sample_rate(q: float, option: str = "--client_rate") -> None:
 
 # --- accounting (Opacus' RDP accountant) ---
 def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-    """ε at ``delta`` after ``steps`` sampled Gaussian mechanisms (σ, q); inf for σ = 0 and steps > 0."""
+    """ε at ``delta`` after ``steps`` sampled Gaussian mechanisms (σ, q); inf for σ = 0 and steps > 0.
+
+    What ``RDPAccountant`` with history [(σ, q, steps)] answers, with the one-step RDP curve cached: the RDP of T
+    identical steps is T times that of one, so per-round reports cost one conversion each."""
     if steps <= 0:
         return 0.0
     if noise_multiplier <= 0:
         return math.inf
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    eps, _ = get_privacy_spent(orders=_ORDERS(), rdp=_one_step_rdp(float(noise_multiplier), float(sample_rate)) * steps,
+                               delta=delta)
+    return float(eps)
+
+
+def _ORDERS() -> list[float]:  # noqa: N802 (a constant, read lazily)
     from opacus.accountants import RDPAccountant
 
-    acc = RDPAccountant()
-    acc.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
-    return float(acc.get_epsilon(delta=delta))
+    return RDPAccountant.DEFAULT_ALPHAS
+
+
+@functools.lru_cache(maxsize=64)
+def _one_step_rdp(sigma: float, q: float) -> Any:
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    return compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=_ORDERS())
 
 
 def smallest_epsilon(sample_rate: float, steps: int, delta: float) -> float:
     """The smallest ε the accountant certifies here, at the largest σ Opacus searches (its MAX_SIGMA)."""
     from opacus.accountants.utils import MAX_SIGMA
 
-    return epsilon(MAX_SIGMA, sample_rate, steps, delta)
+    with warnings.catch_warnings():  # at MAX_SIGMA the best RDP order is the largest one: that is the point
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return epsilon(MAX_SIGMA, sample_rate, steps, delta)
 
 
 def noise_for_target(target_epsilon: float, sample_rate: float, steps: int, delta: float,
@@ -99,14 +119,13 @@ def noise_for_target(target_epsilon: float, sample_rate: float, steps: int, delt
     no σ reaches it."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    try:
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                          steps=steps, accountant="rdp", epsilon_tolerance=0.005 * target_epsilon))
-    except ValueError:
-        floor = smallest_epsilon(sample_rate, steps, delta)
+    floor = smallest_epsilon(sample_rate, steps, delta)
+    if target_epsilon <= floor:  # checked first: Opacus would search up to its MAX_SIGMA before giving up
         raise ConfigError(f"--target_epsilon {target_epsilon:g}: unreachable in {steps} {what} at sampling rate "
                           f"q={sample_rate:g} and δ={delta:g}; expected --target_epsilon > {floor:.3g} (the smallest "
-                          f"ε the RDP accountant certifies there), or fewer {what}") from None
+                          f"ε the RDP accountant certifies there)")
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                      steps=steps, accountant="rdp", epsilon_tolerance=0.005 * target_epsilon))
 
 
 def resolve_noise(dp: DPArgs, sample_rate: float, steps: int, what: str = "steps") -> float:
@@ -171,13 +190,24 @@ def per_example_grads(model: torch.nn.Module, params: dict[str, torch.Tensor], b
 
     Sequences are right-padded, so a causal model reads the same tokens without the attention mask; the mask is
     left out because the models' mask construction branches on data (which vmap cannot trace)."""
-    from torch.func import functional_call, grad_and_value, vmap
+    from torch.func import functional_call
 
     def one(p: dict[str, torch.Tensor], ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = functional_call(model, p, (), {"input_ids": ids[None]}).logits[0]  # (L, V)
         return example_loss(logits, labels)
 
     detached = {k: v.detach() for k, v in params.items()}
+    with warnings.catch_warnings():  # SDPA has no batching rule: vmap loops over it (slower, same numbers)
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        return _vmapped(model, detached, batch, one)
+
+
+def _vmapped(model: torch.nn.Module, detached: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+             one: Callable[..., torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    from torch.func import functional_call, grad_and_value, vmap
+
+    with torch.enable_grad():  # fills per-step context caches (DyLoRA's b) outside vmap, which cannot trace their draws
+        functional_call(model, detached, (), {"input_ids": batch["input_ids"][:1, :1]})
     grads, losses = vmap(grad_and_value(one), in_dims=(None, 0, 0), randomness="different")(
         detached, batch["input_ids"], batch["labels"])
     return grads, losses
@@ -197,8 +227,8 @@ def privatize(grads: dict[str, torch.Tensor], max_norm: float, sigma: float, den
 
 @dataclass
 class DPSGD:
-    """The record-level mechanism of one trainer: Poisson batches of rate q from ``examples``, per-example
-    gradients, clipping to C, noise σ·C, division by the expected batch size q·N."""
+    """The record-level mechanism of one trainer: per-example gradients of the trainable parameters of ``model``,
+    clipping to C, noise σ·C, division by the expected batch size q·N (the batches are Poisson samples of rate q)."""
 
     model: torch.nn.Module
     sigma: float
@@ -206,12 +236,12 @@ class DPSGD:
     sample_rate: float
     n_examples: int
     seed: int
-    collate: Callable[[list[Any]], dict[str, torch.Tensor]]
 
-    def loss(self, params: dict[str, torch.nn.Parameter], batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+    def loss(self, draw: int, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """A scalar whose value is the batch's mean loss and whose gradient is the privatized gradient: backward
-        writes the DP gradient into ``.grad`` with no second pass through the model."""
-        gen = seeded(self.seed, 7, step)
+        writes the DP gradient into ``.grad`` with no second pass through the model. ``draw`` keys the noise."""
+        params = {k: p for k, p in self.model.named_parameters() if p.requires_grad}
+        gen = seeded(self.seed, 7, draw)
         denom = self.sample_rate * self.n_examples
         if batch["input_ids"].shape[0] == 0:  # an empty Poisson sample: the update is the noise alone
             zero = {k: p.detach().unsqueeze(0) * 0 for k, p in params.items()}

@@ -57,6 +57,7 @@ from .llm_data import (
     split_eval,
 )
 from .loop import EXIT_STOPPED, JsonlProgress, LoopConfig, StopSignals, TrainingStopped, fit
+from .privacy import DPSGD, DPArgs, PoissonBatches, check_dp, dp_enabled, epsilon, resolve_noise
 
 log = logging.getLogger("train_llm")
 ADAPTER_FILE = "adapter.safetensors"
@@ -139,6 +140,7 @@ class LLMConfig:
     run: RunArgs = field(default_factory=RunArgs)
     lora_drop: LoRADropArgs = field(default_factory=LoRADropArgs)
     mixture: llm_mixture.LLMMixtureArgs = field(default_factory=llm_mixture.LLMMixtureArgs)
+    dp: DPArgs = field(default_factory=DPArgs)  # record-level DP-SGD (training.privacy) when σ or a target ε is given
 
 
 def check_config(cfg: LLMConfig) -> None:
@@ -163,6 +165,15 @@ def check_config(cfg: LLMConfig) -> None:
     if cfg.output.merge and cfg.model.load_in_4bit:
         raise ConfigError("--merge with --load_in_4bit would merge into re-quantized weights; merge later on a "
                           "16/32-bit base (python -m lora_diffusion.chat --merge_to DIR)")
+    if dp_enabled(cfg.dp):
+        check_dp(cfg.dp)
+        if o.gradient_accumulation_steps != 1 or d.packing:
+            raise ConfigError("DP-SGD (--dp_noise_multiplier/--target_epsilon): one record is one privacy unit and one "
+                              "Poisson batch is one step; expected --gradient_accumulation_steps 1 (raise "
+                              "--train_batch_size instead) and no --packing")
+        if cfg.mixture.mixture or a.variant == lora_drop.VARIANT:
+            raise ConfigError("DP-SGD: not with --mixture (its gates train outside the adapters DP-SGD privatizes) nor "
+                              "--variant loradrop (its importance stage trains on the data without noise)")
 
 
 def identity(cfg: LLMConfig) -> dict[str, Any]:
@@ -174,7 +185,8 @@ def identity(cfg: LLMConfig) -> dict[str, Any]:
             "batch": d.train_batch_size, "accum": cfg.optim.gradient_accumulation_steps, "seed": cfg.run.seed,
             "lr": cfg.optim.learning_rate, "loraplus": cfg.optim.loraplus_lr_ratio, "optimizer": cfg.optim.optimizer,
             **({"rank_pattern": build_spec(cfg).rank_pattern} if a.rank_spec else {}),
-            **({"mixture": vars(cfg.mixture)} if cfg.mixture.mixture else {})}
+            **({"mixture": vars(cfg.mixture)} if cfg.mixture.mixture else {}),
+            **({"dp": to_dict(cfg)["dp"]} if dp_enabled(cfg.dp) else {})}
 
 
 # --- data ---
@@ -342,8 +354,13 @@ def train(cfg: LLMConfig) -> dict[str, Any]:
     model, tok = llm.load_causal_lm(cfg.model.model, load_in_4bit=cfg.model.load_in_4bit, dtype=dtype,
                                     device=acc.device, trust_remote_code=cfg.model.trust_remote_code)
     train_ex, eval_ex = prepare_data(cfg, tok, model)
-    source = LLMBatches(train_ex, cfg.data.train_batch_size, tok.pad_token_id, cfg.run.seed, cfg.data.bucket,
-                        acc.process_index, acc.num_processes)
+    dp = dp_enabled(cfg.dp)
+    if dp and acc.num_processes > 1:
+        raise ConfigError("DP-SGD runs in one process (the noise is drawn once per step); launch without accelerate")
+    q = min(1.0, cfg.data.train_batch_size / max(len(train_ex), 1))  # DP-SGD: Poisson rate of the expected batch
+    source = (PoissonBatches(train_ex, q, tok.pad_token_id, cfg.run.seed, collate) if dp else
+              LLMBatches(train_ex, cfg.data.train_batch_size, tok.pad_token_id, cfg.run.seed, cfg.data.bucket,
+                         acc.process_index, acc.num_processes))
     max_steps = o.max_train_steps or max(1, math.ceil(len(source) / o.gradient_accumulation_steps))
     cfg.adapter.adapter_options = step_option_defaults(cfg.adapter.variant, cfg.adapter.adapter_options, max_steps)
     spec = build_spec(cfg)
@@ -394,13 +411,18 @@ def train(cfg: LLMConfig) -> dict[str, Any]:
         acc.log(metrics["before"], step=0)
 
     tokens = {"n": 0}
+    dpsgd = dp_mechanism(cfg, acc.unwrap_model(model), q, len(train_ex), max_steps, metrics) if dp else None
 
     def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = {k: v.to(acc.device) for k, v in batch.items()}
         tokens["n"] += int(batch["attention_mask"].sum())
+        if dpsgd is not None:  # value: the mean loss; gradient: the clipped, noised one (one Poisson batch, one draw)
+            return dpsgd.loss(source.draws, batch)
         return model(**batch).loss
 
     def hook(step: int, logs: dict[str, float]) -> None:
+        if dpsgd is not None:
+            logs = {**logs, "epsilon": epsilon(dpsgd.sigma, q, step, cfg.dp.dp_delta)}
         acc.log(logs, step=step)
         ev = cfg.output.eval_steps
         if eval_ex and ev and step % ev == 0 and step != max_steps:
@@ -424,6 +446,10 @@ def train(cfg: LLMConfig) -> dict[str, Any]:
     dt = time.perf_counter() - t0
     metrics.update({"steps": result.last_step, "losses": result.losses, "train_seconds": dt,
                     "tokens_per_s": tokens["n"] / dt if dt > 0 else 0.0})
+    if dpsgd is not None:
+        metrics["dp"]["epsilon"] = epsilon(dpsgd.sigma, q, result.last_step, cfg.dp.dp_delta)
+        log.info("DP-SGD: ε=%.4g at δ=%g after %d steps (σ=%.4g, C=%g, q=%.4g)", metrics["dp"]["epsilon"],
+                 cfg.dp.dp_delta, result.last_step, dpsgd.sigma, cfg.dp.dp_max_grad_norm, q)
     with StopSignals("training is complete: writing the final outputs first"):  # a Stop now loses nothing either
         if eval_ex:
             metrics["after"] = evaluate(model, eval_ex, cfg.data.eval_batch_size, tok.pad_token_id, acc.device)
@@ -435,6 +461,18 @@ def train(cfg: LLMConfig) -> dict[str, Any]:
             save_outputs(cfg, acc.unwrap_model(model), tok, out, metrics, fusion)
     acc.end_training()
     return metrics
+
+
+def dp_mechanism(cfg: LLMConfig, model: torch.nn.Module, q: float, n: int, max_steps: int,
+                 metrics: dict[str, Any]) -> DPSGD:
+    """The DP-SGD mechanism of this run (σ from --dp_noise_multiplier or --target_epsilon over max_steps)."""
+    sigma = resolve_noise(cfg.dp, q, max_steps, "steps")
+    metrics["dp"] = {"noise_multiplier": sigma, "max_grad_norm": cfg.dp.dp_max_grad_norm, "delta": cfg.dp.dp_delta,
+                     "sample_rate": q, "records": n}
+    log.info("DP-SGD: Poisson batches (q=%.4g, expected %.1f records), per-example clipping C=%g, noise σ=%.4g; "
+             "ε at δ=%g reaches %.4g after %d steps", q, q * n, cfg.dp.dp_max_grad_norm, sigma, cfg.dp.dp_delta,
+             epsilon(sigma, q, max_steps, cfg.dp.dp_delta), max_steps)
+    return DPSGD(model, sigma, cfg.dp.dp_max_grad_norm, q, n, cfg.run.seed)
 
 
 def save_outputs(cfg: LLMConfig, model: torch.nn.Module, tok: Any, out: Path, metrics: dict[str, Any],
