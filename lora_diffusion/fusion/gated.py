@@ -62,36 +62,35 @@ class GateCombiner(Combiner):
         s = (phi if phi.device == self.u.device else phi.to(self.u.device)) @ self.u  # () or (B,)
         return b + self._cast(s.view(-1, *([1] * (y0l.dim() - 1))) if s.dim() else s, y0l)
 
-    def _gates(self, y0l: torch.Tensor, ysl: torch.Tensor, ctx: CallContext, inplace: bool) -> torch.Tensor:
-        """g (k, B, ..., C) from channels-last y0 (B, ..., C) and stacked outputs (k, B, ..., C)."""
-        c_ = y0l.shape[-1:]
-        n0 = F.layer_norm(y0l, c_)
+    def _gates(self, normed: torch.Tensor, y0l: torch.Tensor, ctx: CallContext, inplace: bool) -> torch.Tensor:
+        """g (k, B, ..., C) from LN of [y0, y_1..y_k] stacked channels-last (k+1, B, ..., C)."""
+        n0, ny = normed[0], normed[1:]
         a = torch.addcmul(self._bias(ctx, y0l), self._cast(self.w_base, y0l), n0)  # w_base LN(y0) + b + u·φ(t)
         c = torch.addcmul(self._cast(self.w_lora, y0l), self._cast(self.w_cross, y0l), n0)  # w_lora + w_cross LN(y0)
-        pre = torch.addcmul(a, F.layer_norm(ysl, c_), c)  # A + LN(y_i) * C
+        pre = torch.addcmul(a, ny, c)  # A + LN(y_i) * C
         return pre.sigmoid_() if inplace else pre.sigmoid()
 
-    def _last(self, y0: torch.Tensor, ys: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Channels-last views of y0 (B, ..., C) and of the stacked outputs (k, B, ..., C)."""
-        stacked = ys[0].unsqueeze(0) if len(ys) == 1 else torch.stack(ys)
-        if self.channel_dim == -1:
-            return y0, stacked
-        return y0.movedim(1, -1), stacked.movedim(2, -1)
+    def _stack(self, y0: torch.Tensor, ys: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(channels-last view of y0, [y0, y_1..y_k] stacked channels-last (k+1, B, ..., C) — one copy, which
+        also does the transpose of convolution outputs —, and its LayerNorm over the channels)."""
+        last = (lambda y: y) if self.channel_dim == -1 else (lambda y: y.movedim(1, -1))
+        stacked = torch.stack([last(y0), *map(last, ys)])
+        return last(y0), stacked, F.layer_norm(stacked, stacked.shape[-1:])
 
     def gates(self, y0: torch.Tensor, ys: dict[str, torch.Tensor], ctx: CallContext) -> dict[str, torch.Tensor]:
         """{name: g_i} (the shape of y_i)."""
-        y0l, sl = self._last(y0, list(ys.values()))
-        g = self._gates(y0l, sl, ctx, inplace=False)
+        y0l, _, normed = self._stack(y0, list(ys.values()))
+        g = self._gates(normed, y0l, ctx, inplace=False)
         return {n: gi if self.channel_dim == -1 else gi.movedim(-1, 1) for n, gi in zip(ys, g.unbind(0))}
 
     def combine(self, layer: AdaptedLayer, y0: torch.Tensor, ys: dict[str, torch.Tensor],
                 ctx: CallContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inplace = not torch.is_grad_enabled()
-        y0l, sl = self._last(y0, list(ys.values()))
-        g = self._gates(y0l, sl, ctx, inplace)  # (k, B, ..., C)
+        y0l, stacked, normed = self._stack(y0, list(ys.values()))
+        g = self._gates(normed, y0l, ctx, inplace)  # (k, B, ..., C)
         w_out = self._cast(self.w_out, y0l)
         weights = {n: w_out * g[i] for i, n in enumerate(ys)} if self.record else {}  # only their means are kept
-        gy = g.mul_(sl) if inplace and not self.record else g * sl
+        gy = g.mul_(stacked[1:]) if inplace and not self.record else g * stacked[1:]
         out = torch.addcmul(y0l, gy[0] if len(ys) == 1 else gy.sum(0), w_out)  # y0 + Σ w_out g_i y_i
         return (out if self.channel_dim == -1 else out.movedim(-1, 1)), weights
 
