@@ -153,6 +153,9 @@ class Adapter(nn.Module):
     # --- helpers ---
     @property
     def dtype(self) -> torch.dtype:
+        for p in self._parameters.values():  # own parameters come first in parameters(); no generator per call
+            if p is not None:
+                return p.dtype
         p = next(self.parameters(), None)
         return p.dtype if p is not None else torch.float32
 

@@ -108,8 +108,8 @@ class AdaptedLayer(nn.Module):
         if not self._run:
             return result
         ctx = self._holder.current()
-        if self.combiner is not None:
-            return self.combiner(self, x, result, ctx)
+        if self.combiner is not None:  # .forward: a combiner runs per layer and call, without module-hook dispatch
+            return self.combiner.forward(self, x, result, ctx)
         for name in self._run:
             scale = self._scale(name, ctx, result)
             result = self.adapters[name].adapted_output(x, result, self, ctx, scale)
@@ -121,10 +121,11 @@ class AdaptedLayer(nn.Module):
         scale = self._scale(name, ctx, y0)
         if not ad.additive:
             return ad.adapted_output(x, y0, self, ctx, scale) - y0
-        delta = ad.delta_forward(ad.dropout(x.to(ad.dtype)), ctx)
-        if not isinstance(scale, torch.Tensor) and scale == 1.0:
-            return delta.to(y0.dtype)
-        return (delta * scale).to(y0.dtype)
+        x = x if x.dtype == ad.dtype else x.to(ad.dtype)
+        delta = ad.delta_forward(x if isinstance(ad.dropout, nn.Identity) else ad.dropout(x), ctx)
+        if isinstance(scale, torch.Tensor) or scale != 1.0:
+            delta = delta * scale
+        return delta if delta.dtype == y0.dtype else delta.to(y0.dtype)
 
     def _scale(self, name: str, ctx: CallContext, result: torch.Tensor) -> float | torch.Tensor:
         gate = ctx.gates.get(name) if ctx.gates else None

@@ -63,7 +63,8 @@ class LoRA(Adapter):
         return lowrank_weight(*self.factors(), self.info.weight_shape) * self.scaling
 
     def delta_forward(self, x: torch.Tensor, ctx: CallContext | None = None) -> torch.Tensor:
-        return lowrank_forward(x, self.info, *self.factors()) * self.scaling
+        out = lowrank_forward(x, self.info, *self.factors())
+        return out if self.scaling == 1.0 else out * self.scaling  # alpha = r: no output-sized multiply
 
     def adapted_output(self, x: torch.Tensor, base_out: torch.Tensor, layer: nn.Module,
                        ctx: CallContext | None, scale: float | torch.Tensor) -> torch.Tensor:
