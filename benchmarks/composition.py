@@ -15,7 +15,8 @@ background (``a red dotted ring on a blue background``), ``--seeds`` images each
 
 The evaluator reads shape, texture, color and background of every image. ``both`` = the concept's shape AND
 the style's texture; ``all`` = both and the prompted color and background. 95% Wilson intervals over images.
-Writes ``results.json``, ``table.md`` and ``grid.png`` (one row per method) to ``--out``.
+Writes ``results.json``, ``table.md`` and ``grid.png`` (one row per method) to ``--out``; ``--merge DIR[:LABEL] ...``
+joins the results of several runs (e.g. gates trained later) into one table and grid.
 """
 
 from __future__ import annotations
@@ -194,6 +195,36 @@ def grid(results: dict[str, dict], path: Path, per_pair: int = 2, scale: int = 3
     img.save(path)
 
 
+def merge(parts: list[str], out: Path) -> str:
+    """One table and grid from several runs' ``--out`` folders (same pairs, prompts and seeds); ``DIR:LABEL``
+    renames that run's gated methods ``gated-LABEL``. Writes ``table.md`` and ``grid.png`` to ``out``."""
+    from PIL import Image
+
+    rows, tuned, grids = [], {}, []
+    for part in parts:
+        folder, _, label = part.partition(":")
+        res = json.loads((Path(folder) / "results.json").read_text())
+        for r in res["rows"]:
+            if label and r["method"].startswith("gated"):
+                r["method"] = r["method"].replace("gated", f"gated-{label}", 1)
+            rows.append(r)
+        tuned.update({tuple(k.split("+")): v for k, v in res["tuned"].items()})
+        grids.append(Image.open(Path(folder) / "grid.png"))
+    out.mkdir(parents=True, exist_ok=True)
+    head = 16  # every grid after the first loses its header row (the pair names)
+    canvas = Image.new("RGB", (max(g.width for g in grids), sum(g.height for g in grids) - head * (len(grids) - 1)),
+                       "white")
+    y = 0
+    for i, g in enumerate(grids):
+        crop = g if i == 0 else g.crop((0, head, g.width, g.height))
+        canvas.paste(crop, (0, y))
+        y += crop.height
+    canvas.save(out / "grid.png")
+    table = markdown(rows, tuned)
+    (out / "table.md").write_text(table + "\n")
+    return table
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--library", default="outputs/demo_library")
@@ -212,8 +243,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "composition")
+    p.add_argument("--merge", nargs="+", default=None, metavar="DIR[:LABEL]",
+                   help="only merge earlier runs' results into one table and grid in --out (no sampling)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.merge:
+        print(merge(args.merge, args.out))
+        return
     logging.getLogger("lora_diffusion").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     from lora_diffusion.evaluator import load_evaluator
