@@ -13,6 +13,7 @@ import torch
 import lora_diffusion as ld
 from lora_diffusion import llm
 from training import train_llm
+from training.config import ConfigError
 from training.llm_data import char_tokenizer, collate, load_examples
 
 from .conftest import FIXTURES, train_losses
@@ -222,3 +223,18 @@ def test_singlora_before_is_the_base_model(folder, tmp_path):
     base = cli(folder, tmp_path / "lora", "--max_train_steps", "1", "--report_to", "none")["before"]["eval_loss"]
     sing = cli(folder, tmp_path / "sing", "--max_train_steps", "1", "--report_to", "none", "--variant", "singlora")
     assert sing["before"]["eval_loss"] == pytest.approx(base, rel=1e-6)
+
+
+def test_squeeze_then_continue_training_from_the_file(folder, tmp_path):
+    """LoRA-Squeeze, then train_llm --init_adapter: the run starts from the squeezed rank-2 LoRA (its "before" is that
+    adapter's loss, not the base model's) and saves a rank-2 LoRA."""
+    from transformers import AutoModelForCausalLM
+
+    first = cli(folder, tmp_path / "a", "--max_train_steps", "6", "--report_to", "none")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    sq = tmp_path / "sq.safetensors"
+    ld.squeeze_file(tmp_path / "a" / "adapter.safetensors", sq, energy=1.0, model=model)  # exact: all energy
+    m = cli(folder, tmp_path / "b", "--max_train_steps", "2", "--report_to", "none", "--init_adapter", str(sq))
+    assert m["before"]["eval_loss"] == pytest.approx(first["after"]["eval_loss"], rel=1e-4)
+    with pytest.raises(ConfigError, match="--init_adapter: .*no such file"):
+        cli(folder, tmp_path / "c", "--init_adapter", str(tmp_path / "missing.safetensors"))

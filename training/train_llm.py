@@ -90,6 +90,8 @@ class LLMAdapterArgs:
     dropout: float = opt(0.0, "dropout on the adapter input", "--lora_dropout")
     targets: str = opt("llm", "preset (llm, llm-attn) or comma-separated module-name patterns")
     adapter_options: dict = opt({}, "extra variant options as JSON, e.g. '{\"decompose_both\": true}'")
+    init_adapter: str | None = opt(None, "start from this adapter file instead of a fresh init (e.g. one made by "
+                                   "'python -m lora_diffusion.convert squeeze'): its variant, ranks and weights")
     rank_spec: str | None = opt(None, "per-module ranks from a rank-spec JSON file (python -m training.rank_sensitivity: "
                                 "Sensitivity-LoRA); sets the targets, ranks and alphas (--targets, --rank unused)")
 
@@ -147,6 +149,13 @@ def check_config(cfg: LLMConfig) -> None:
     d, a, o = cfg.data, cfg.adapter, cfg.optim
     if not d.train_file:
         raise ConfigError("--train_file: required (a JSONL file)")
+    if a.init_adapter:  # the file decides the variant (and its learning-rate default)
+        from lora_diffusion.io.library import describe
+
+        try:
+            a.variant = str(describe(a.init_adapter).get("variant") or a.variant)
+        except (ld.AdapterError, OSError) as e:
+            raise ConfigError(f"--init_adapter: {e}") from None
     llm.check_llm_variant(a.variant)
     for name, v in [("rank", a.rank), ("max_length", d.max_length), ("train_batch_size", d.train_batch_size),
                     ("eval_batch_size", d.eval_batch_size), ("gradient_accumulation_steps", o.gradient_accumulation_steps)]:
@@ -373,6 +382,9 @@ def train(cfg: LLMConfig) -> dict[str, Any]:
     elif spec.variant == lora_drop.VARIANT:  # its importance stage trains a first LoRA on a sample of the data
         check_lora_drop(cfg.lora_drop, spec.variant, max_steps)
         modules = add_loradrop(cfg, model, spec, train_ex, tok.pad_token_id, acc, out)
+    elif cfg.adapter.init_adapter:  # continue from a file (a squeezed LoRA, ...): its spec and weights, trainable
+        ld.load_adapter(model, cfg.adapter.init_adapter, name="default", trainable=True)
+        modules, spec = ld.api.model_state(model).modules["default"], ld.get_spec(model)
     else:
         modules = ld.add_adapter(model, spec)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad) + sum(
