@@ -308,6 +308,18 @@ def test_trainer_flags_are_checked_before_anything_loads(tmp_path, flags, match)
     assert not (tmp_path / "o").exists()
 
 
+def test_print_config_shows_the_lora_drop_section(capsys):
+    import yaml
+
+    from training import train_llm, train_tlora
+
+    train_llm.main(["--train_file", "x.jsonl", "--variant", "loradrop", "--lora_drop_threshold", "0.8", "--print-config"])
+    assert yaml.safe_load(capsys.readouterr().out)["lora_drop"]["lora_drop_threshold"] == 0.8
+    train_tlora.main(["--variant", "loradrop", "--max_train_steps", "300", "--print-config"])
+    section = yaml.safe_load(capsys.readouterr().out)["lora_drop"]
+    assert section["lora_drop_threshold"] == 0.9 and section["lora_drop_steps"] == 30  # resolved: 10% of the run
+
+
 def test_diffusion_trainer_importance_stage_uses_its_denoising_loss(tmp_path, monkeypatch, sd_model, subject):  # noqa: F811
     from training import lora_drop
     from training.train_tlora import train
