@@ -357,6 +357,7 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
     "dylora": {"lora_rank": 16, "learning_rate": 1e-4, "max_train_steps": 500},
     "deltalora": {"lora_rank": 16, "learning_rate": 1e-4, "max_train_steps": 500},
     "adalora": {"lora_rank": 12, "learning_rate": 1e-3, "max_train_steps": 500},  # PEFT: init_r 12, target_r 8
+    "ardlora": {"lora_rank": 16, "learning_rate": 1e-4, "max_train_steps": 500},  # r₀; ranks shrink from there
     "loradrop": {"lora_rank": 16, "learning_rate": 1e-4, "max_train_steps": 500},
     "none": {"lora_rank": 1, "learning_rate": 5e-3, "max_train_steps": 500},  # textual inversion alone
 }

@@ -83,7 +83,7 @@ class LLMModelArgs:
 @dataclass
 class LLMAdapterArgs:
     variant: str = opt("lora", "adapter variant: lora, rslora, dora, vera, loha, lokr, singlora, lorafa, dylora, "
-                               "deltalora, adalora, loradrop (--lora_drop_*) (not "
+                               "deltalora, adalora, ardlora, loradrop (--lora_drop_*) (not "
                                "timestep variants; lora_diffusion.llm.llm_variant_names())")
     rank: int = opt(8, "rank r (VeRA: the shared projections' rank)", "--lora_rank")
     alpha: float | None = opt(None, "alpha (None: alpha = rank, scale 1)", "--lora_alpha")

@@ -89,6 +89,13 @@ class Adapter(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def resolve_spec(cls, model: nn.Module, spec: AdapterSpec, targets: dict[str, nn.Module]) -> AdapterSpec:
+        """The spec completed from the model before anything is built (ARD-LoRA: the head size of each attention
+        projection into its options); stored with the adapter, so files reload without the model's help. Default:
+        ``spec`` unchanged."""
+        return spec
+
+    @classmethod
     def prepare_shared(cls, store: SharedStore, adapter_name: str, infos: dict[str, LayerInfo],
                        spec: AdapterSpec) -> None:
         """Create model-level frozen tensors (VeRA); default: none."""

@@ -1,3 +1,3 @@
 """Every registered variant, one import line each (importing registers it)."""
 
-from . import adalora, deltalora, dora, dylora, loha, lokr, lora, loradrop, lorafa, singlora, tlora, vera  # noqa: F401
+from . import adalora, ardlora, deltalora, dora, dylora, loha, lokr, lora, loradrop, lorafa, singlora, tlora, vera  # noqa: F401
