@@ -80,7 +80,10 @@ def _blocks(**options):
 def test_heads_are_found_and_stored_in_the_spec():
     net = _blocks(l1=0.1, tv=0.5)
     spec = ld.get_spec(net)
-    assert spec.options["head_dims"] == {"layers.0.q_proj": 4, "layers.1.q_proj": 4}  # o_proj: rows not per head
+    assert "head_dims" not in spec.options  # the user's spec is stored; loading resolves it again
+    targets = {n: net.get_submodule(n) for n in ("layers.0.q_proj", "layers.0.o_proj", "layers.1.q_proj")}
+    resolved = ARDLoRA.resolve_spec(net, spec, targets)
+    assert resolved.options["head_dims"] == {"layers.0.q_proj": 4, "layers.1.q_proj": 4}  # o_proj: rows not per head
     q = net.layers[0].q_proj.adapters["default"]
     assert q.heads == 2 and q.lora_A.shape == (6, 6) and q.lora_B.shape == (8, 3)
     assert net.layers[0].o_proj.adapters["default"].heads == 1
@@ -99,7 +102,8 @@ def test_diffusers_attention_heads_are_found():
 
     m = M()
     ld.add_adapter(m, ld.AdapterSpec("ardlora", rank=2, targets=["to_q", "to_k", "to_v", "to_out.0"]))
-    assert ld.get_spec(m).options["head_dims"] == {"attn.to_q": 8, "attn.to_k": 8, "attn.to_v": 8}
+    heads = {n: a.heads for n, a in zip(["to_q", "to_k", "to_v", "to_out.0"], ld.TrainingHooks(m).adapters)}
+    assert heads == {"to_q": 2, "to_k": 2, "to_v": 2, "to_out.0": 1}
 
 
 def test_l1_and_tv_match_hand_computation():

@@ -91,8 +91,8 @@ class Adapter(nn.Module):
     @classmethod
     def resolve_spec(cls, model: nn.Module, spec: AdapterSpec, targets: dict[str, nn.Module]) -> AdapterSpec:
         """The spec completed from the model before anything is built (ARD-LoRA: the head size of each attention
-        projection into its options); stored with the adapter, so files reload without the model's help. Default:
-        ``spec`` unchanged."""
+        projection into its options). The adapter keeps and files store the user's spec; loading a file resolves it
+        again on the model it is loaded into. Default: ``spec`` unchanged."""
         return spec
 
     @classmethod

@@ -130,8 +130,8 @@ def inject(model: nn.Module, spec: AdapterSpec, name: str = "default", scale: fl
             raise AdapterError(f"module(s) {missing[:5]} not found in {type(model).__name__} "
                                f"(expected all {len(module_names)} modules of the adapter)")
         targets = {n: mods[n] for n in module_names}
-    spec = get_variant(spec.variant).resolve_spec(model, spec, targets)
-    built = build_adapters(model, spec, name, targets, init, follow_base_dtype)
+    resolved = get_variant(spec.variant).resolve_spec(model, spec, targets)  # the user's spec is what is stored
+    built = build_adapters(model, resolved, name, targets, init, follow_base_dtype)
     state = model_state(model, create=True)
     for n, ad in built.items():
         _wrap(model, n, targets[n], state.holder).add(name, ad, scale)

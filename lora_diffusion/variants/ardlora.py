@@ -20,9 +20,10 @@ identical outputs.
 Heads: ``heads="auto"`` (default) looks at each target's parent module when the adapter is added
 (``resolve_spec``): a Linear named q_proj/k_proj/v_proj (transformers), to_q/to_k/to_v (diffusers) or
 query/key/value, whose parent has ``head_dim`` (Llama, Mistral, Qwen, CLIP, ...) or ``heads`` and ``inner_dim``
-(diffusers ``Attention``: head size inner_dim/heads), gets one group per head_dim output rows. The result is written
-into the spec (``head_dims``: module -> head size), so files reload with the same groups without the model's help.
-Output projections (o_proj, to_out) and MLPs, whose output rows are not per head, and Conv2d get H = 1.
+(diffusers ``Attention``: head size inner_dim/heads), gets one group per head_dim output rows. This runs whenever the
+adapter is added or a file is loaded (the spec stored and saved is the user's, so a file reloads with the same
+groups on the same architecture; a mismatch is a clear shape error); ``head_dims`` given in the options win over
+detection. Output projections (o_proj, to_out) and MLPs, whose output rows are not per head, and Conv2d get H = 1.
 
 Unverified in the reference (variants.md §18 [U]) and chosen here: the relaxation (the paper's is unknown; ours is
 the linear soft-rounding mask above, a hard clamp rather than a sigmoid so α = 1 is exactly LoRA and truncation is
@@ -81,7 +82,7 @@ class ARDLoRA(Adapter):
     @dataclass
     class Options:
         heads: str = "auto"  # "auto": per-head scales on attention q/k/v projections; "none": one scale per module
-        head_dims: dict[str, int] = field(default_factory=dict)  # module -> head size (filled by "auto")
+        head_dims: dict[str, int] = field(default_factory=dict)  # module -> head size (win over "auto" detection)
         l1: float = 1e-3  # λ
         tv: float = 0.1  # β
         min_rank: int = 1
