@@ -87,6 +87,9 @@ class BenchConfig:
     out: Path = field(default_factory=lambda: ROOT / "outputs" / "personalization")
     prior_images: int = 0  # prior preservation: class images the base model draws (pretraining shapes, varied prompts)
     overrides: tuple[str, ...] = ()  # trainer options "key=value" (training.config names), e.g. train_embedding=false
+    jitter_drops_color: bool = False  # described captions: hue-jittered views without the (wrong) color word
+    texture_as: str = "object"  # a texture concept: "object" (`a red sks`: the textured shape is the subject, as a
+    # shape concept) or "word" (`a red sks circle`: the token is a texture word; prompts ask for it on other shapes)
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,18 @@ def recontext_prompts(train: world.Scene, n: int, seed: int) -> list[tuple[str, 
              if c != train.color and b != train.background and c != b]
     rng = np.random.default_rng([seed, 7919])
     return [pairs[i] for i in rng.permutation(len(pairs))[:n]]
+
+
+def recontext_shapes(train: world.Scene, n: int) -> list[str]:
+    """A texture used as a word: the shapes of the ``n`` prompts, the pretraining shapes in turn, the training
+    image's last (so most prompts ask for the texture on another shape)."""
+    order = [s for s in world.PRETRAIN_SHAPES if s != train.shape] + [train.shape]
+    return [order[i % len(order)] for i in range(n)]
+
+
+def as_word(run: Run, cfg: BenchConfig) -> bool:
+    """The run's token is a texture word (`a red sks circle`), not an object (`a red sks`)."""
+    return is_texture(run.concept) and cfg.texture_as == "word"
 
 
 def class_prompts(n: int, seed: int) -> list[str]:
@@ -163,9 +178,13 @@ def train_config(run: Run, cfg: BenchConfig, work: Path) -> Any:
     tc.model.pretrained_model_name_or_path = cfg.model
     tc.adapter.variant, tc.adapter.lora_rank, tc.adapter.targets = variant, rank, cfg.targets
     tc.data.instance_data_dir = str(work / "data")
+    if as_word(run, cfg):  # `sks circle`, the token's vectors start from the texture word the model knows
+        tc.data.class_name, tc.embedding.initializer_token = scene.shape, "striped"
     described = world.caption("{0}", scene.color, scene.background)
     tc.data.prompt_template = {"described": described, "bare": BARE_TEMPLATE,
                                "mixed": f"{described}#{BARE_TEMPLATE}"}[run.regime]
+    if cfg.jitter_drops_color and run.regime == "described":  # `a sks on a white background`
+        tc.data.jitter_prompt_template = f"a {{0}} on a {scene.background} background"
     tc.optim.max_train_steps, tc.optim.learning_rate = max(cfg.sweep), cfg.lr
     if cfg.prior_images:
         tc.data.with_prior_preservation = True
@@ -194,7 +213,8 @@ def _train(run: Run, cfg: BenchConfig, work: Path) -> tuple[dict[int, Path], dic
     files = {s: ckpts / f"checkpoint-{s}" / "adapter.safetensors" for s in cfg.sweep}
     used = {"rank": tc.adapter.lora_rank, "lr": tc.optim.learning_rate, "targets": tc.adapter.targets,
             "token": tc.data.placeholder_token, "embedding": bool(tc.embedding.train_embedding),
-            "caption": tc.data.prompt_template}
+            "caption": tc.data.prompt_template, "class_name": tc.data.class_name,
+            "jitter_caption": tc.data.jitter_prompt_template}
     return files, used
 
 
@@ -212,6 +232,11 @@ def _draw(pipe: Any, run: Run, cfg: BenchConfig, adapter: Path | None,
     kind = "texture" if is_texture(run.concept) else "shape"
     asked = [{kind: run.concept, "color": c, "background": b} for c, b in pairs for _ in range(cfg.images)]
     prompts = [world.caption(token, c, b) for c, b in pairs for _ in range(cfg.images)]
+    if as_word(run, cfg):  # `a green sks star on a black background`: the shape is asked for too
+        shapes = recontext_shapes(train, len(pairs))
+        asked = [{**a, "shape": shapes[i // cfg.images]} for i, a in enumerate(asked)]
+        prompts = [world.caption(f"{token} {shapes[i // cfg.images]}", a["color"], a["background"])
+                   for i, a in enumerate(asked)]
     g = torch.Generator().manual_seed(1000 + run.seed)
     try:
         images = [pipe(prompts[i:i + 32], num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance,
@@ -224,11 +249,12 @@ def _draw(pipe: Any, run: Run, cfg: BenchConfig, adapter: Path | None,
 
 
 def score(preds: list[dict[str, str]], asked: list[dict[str, str]], train: world.Scene) -> dict[str, float]:
-    """Fractions over the images: fidelity (the concept's shape or texture), alignment (color and background),
-    both, copied."""
+    """Fractions over the images: fidelity (the concept's shape or texture), alignment (color and background; a
+    texture asked on a named shape: that shape too), both, copied."""
     kind = "texture" if "texture" in asked[0] else "shape"
-    right = {k: np.array([p[k] == a[k] for p, a in zip(preds, asked)]) for k in (kind, "color", "background")}
-    aligned = right["color"] & right["background"]
+    prompted = ("color", "background") + (("shape",) if kind == "texture" and "shape" in asked[0] else ())
+    right = {k: np.array([p[k] == a[k] for p, a in zip(preds, asked)]) for k in (kind, *prompted)}
+    aligned = np.logical_and.reduce([right[k] for k in prompted])
     copied = np.array([p["color"] == train.color or p["background"] == train.background for p in preds])
     return {"fidelity": float(right[kind].mean()), "alignment": float(aligned.mean()),
             "color": float(right["color"].mean()), "background": float(right["background"].mean()),
@@ -402,7 +428,9 @@ def markdown(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]], cfg:
                  f"{list(cfg.sweep)} steps (checkpoints of one run); {cfg.prompts * cfg.images} images per checkpoint "
                  f"({cfg.prompts} prompts x {cfg.images}), {cfg.sample_steps} sampling steps, guidance {cfg.guidance}; "
                  f"lr {cfg.lr or 'trainer default'}; targets {cfg.targets or 'trainer default'}; prior images "
-                 f"{cfg.prior_images}; trainer options {list(cfg.overrides) or 'defaults'}; device {cfg.device}.")
+                 f"{cfg.prior_images}; trainer options {list(cfg.overrides) or 'defaults'}; textures as {cfg.texture_as}s; "
+                 f"{'hue-jittered views captioned without the color; ' if cfg.jitter_drops_color else ''}"
+                 f"device {cfg.device}.")
     return "\n".join(lines) + "\n"
 
 
@@ -510,6 +538,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="DIR",
                    help="no runs: merge the results of earlier invocations (e.g. one per regime, in parallel) "
                         "into --out; give the same flags as those runs, with every regime")
+    p.add_argument("--jitter-drops-color", action="store_true",
+                   help="described captions: hue-jittered views are captioned without the color word "
+                        "(`a sks on a white background`; the trainer's --jitter_prompt_template)")
+    p.add_argument("--texture-as", choices=("object", "word"), default=d.texture_as,
+                   help="a texture concept: 'object' (`a red sks`: the textured shape is the subject, as a shape "
+                        "concept) or 'word' (`a red sks circle`, vectors from `striped`; prompts ask for it on the "
+                        "other shapes and alignment counts the shape)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a trainer option for every run (repeat), e.g. --set train_embedding=false")
     a = p.parse_args(argv)
@@ -520,7 +555,8 @@ def main(argv: list[str] | None = None) -> None:
                       sweep=tuple(sorted(int(s) for s in a.sweep.split(","))), lr=a.lr, targets=a.targets,
                       prompts=a.prompts, images=a.images, sample_steps=a.sample_steps, guidance=a.guidance,
                       model=a.model, evaluator=a.evaluator, device=a.device, jobs=a.jobs, out=a.out,
-                      prior_images=a.prior, overrides=tuple(a.set))
+                      prior_images=a.prior, overrides=tuple(a.set), texture_as=a.texture_as,
+                      jitter_drops_color=a.jitter_drops_color)
     _check(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
     if a.merge:

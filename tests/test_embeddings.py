@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -267,13 +268,57 @@ def test_hue_rotation() -> None:
     assert rotate_hue(red, 120.0).argmax(0).item() != 0  # red turns toward another primary
 
 
+def test_color_inversion_maps_the_worlds_texture_shades_onto_each_other(tmp_path) -> None:
+    """--invert_p: an inverted view is 255 - x; a dark fill's lighter pattern becomes a light fill's darker one,
+    exactly the demo world's rule (so a texture seen on one fill is seen with the other polarity too)."""
+    from lora_diffusion import world
+    from training.config import TLoRAConfig, resolve_defaults
+    from training.data import ImageSet
+
+    scene = world.Scene("circle", "purple", "white", texture="dotted")
+    world.render(scene, supersample=1).save(tmp_path / "x.png")
+    images = ImageSet([tmp_path / "x.png"], 32, ["p"])
+    images.invert_p = 0.5
+    gen = torch.Generator().manual_seed(0)
+    views = [images.draw(gen) for _ in range(64)]
+    assert 16 < sum(v.invert for v in views) < 48
+    inv = next(v for v in views if v.invert)
+    assert torch.allclose(images.pixels(inv), -images.pixels(next(v for v in views if not v.invert)))
+    fill = np.array(world.COLORS["purple"], dtype=np.float32)
+    assert np.allclose(255 - world._shade(fill), world._shade(255 - fill), atol=1e-3)  # dark -> light fill
+    cfg = TLoRAConfig()
+    cfg.data.invert_p = 1.5
+    with pytest.raises(ConfigError, match="--invert_p"):
+        resolve_defaults(cfg, ld.variant_names())
+
+
+def test_hue_jittered_views_take_their_own_captions(tmp_path) -> None:
+    """--jitter_prompt_template: a jittered view is captioned from it (the color word the jitter made wrong is
+    gone); without jitter, or without the option, the captions are the usual ones."""
+    from lora_diffusion import world
+    from training.data import ImageSet
+    from training.objectives import Conditioner
+
+    world.render(world.Scene("ring", "red", "white"), supersample=1).save(tmp_path / "x.png")
+    images = ImageSet([tmp_path / "x.png"], 32, ["a red sks on a white background"])
+    images.jitter_prompts = ["a sks on a white background"]
+    cond = Conditioner.__new__(Conditioner)  # prompt() reads only the sets and the class prompt
+    cond.sets, cond.class_prompt = {False: images, True: None}, None
+    gen = torch.Generator().manual_seed(0)
+    assert {cond.prompt(images.draw(gen)) for _ in range(8)} == {"a red sks on a white background"}  # no jitter
+    images.hue_jitter = 180.0
+    views = [images.draw(gen) for _ in range(8)]
+    assert all(v.jitter_prompt and v.hue for v in views)
+    assert {cond.prompt(v) for v in views} == {"a sks on a white background"}
+
+
 def test_class_images_drawn_by_the_base_model(sd_model, subject, tmp_path):  # noqa: F811
     """--num_class_images: the base model draws them (cycling the '#' prompts) with .txt captions, then trains on them."""
     cls = tmp_path / "class"
     cfg = tiny_config(sd_model, subject, tmp_path / "out", variant="lora", max_train_steps=2, with_prior_preservation=True,
                       class_data_dir=str(cls), num_class_images=3, class_prompt="a photo of dog#a photo of cat",
-                      num_inference_steps=2, hue_jitter=30.0)
-    train(cfg)
+                      num_inference_steps=2, hue_jitter=30.0, invert_p=0.5, jitter_prompt_template="a {0}#{0}")
+    train(cfg)  # with the augmentations (inversion, captions of jittered views) too
     assert sorted(p.name for p in cls.glob("*.png")) == ["class-00000.png", "class-00001.png", "class-00002.png"]
     assert [(cls / f"class-0000{i}.txt").read_text() for i in range(3)] == ["a photo of dog", "a photo of cat",
                                                                            "a photo of dog"]

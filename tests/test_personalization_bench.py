@@ -51,6 +51,30 @@ def test_score_of_a_texture_reads_the_texture() -> None:
     assert pb.score(preds, asked, train)["fidelity"] == 0.5
 
 
+def test_a_texture_word_is_asked_on_other_shapes_and_scored_on_them() -> None:
+    train = pb.training_scene("dotted", 0)
+    shapes = pb.recontext_shapes(train, 8)
+    assert set(shapes) == set(world.PRETRAIN_SHAPES) and shapes[0] != train.shape  # every shape, another first
+    asked = [{"texture": "dotted", "color": "blue", "background": "black", "shape": "star"}] * 2
+    preds = [{"shape": "star", "texture": "dotted", "color": "blue", "background": "black"},
+             {"shape": train.shape, "texture": "dotted", "color": "blue", "background": "black"}]  # not the star
+    s = pb.score(preds, asked, train)
+    assert s["fidelity"] == 1.0 and s["alignment"] == 0.5 and s["both"] == 0.5
+
+
+@pytest.mark.parametrize("texture_as", ["word", "object"])
+def test_texture_caption_modes(tmp_path, texture_as: str) -> None:
+    """word: `a <color> sks circle ...`, vectors from `striped`; object: `a <color> sks ...` as a shape concept."""
+    cfg = pb.BenchConfig(texture_as=texture_as, sweep=(2,))
+    run = pb.Run("tlora:4", "dotted", 0, "described")
+    tc = pb.train_config(run, cfg, tmp_path)
+    scene = pb.training_scene("dotted", 0)
+    word = texture_as == "word"
+    assert tc.data.class_name == (scene.shape if word else "")
+    assert tc.embedding.initializer_token == ("striped" if word else None)
+    assert pb.as_word(run, cfg) == word and not pb.as_word(pb.Run("tlora:4", "ring", 0), cfg)
+
+
 def test_mean_ci() -> None:
     assert pb.mean_ci([0.5]) == (0.5, 0.0)
     m, ci = pb.mean_ci([0.0, 1.0])

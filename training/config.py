@@ -290,6 +290,13 @@ class DataArgs:
     hue_jitter: float | None = opt(None, "augmentation: rotate the training image's hue by a random angle in [-h, h] degrees "
                             "each step (for subjects whose color is not what matters, with captions that do not "
                             "name colors); disables latent caching. None: 0, on the embedded demo model 180")
+    jitter_prompt_template: str | None = opt(None, "'#'-separated templates for hue-jittered views, e.g. the caption "
+                                             "without its color word (which the jitter makes wrong); None: "
+                                             "--prompt_template")
+    invert_p: float = opt(0.0, "augmentation: invert the training image's colors (x -> 255 - x) with this probability "
+                          "each step, so a texture's pattern is seen both darker and lighter than its fill (for a "
+                          "texture concept in the demo world: a pattern is lighter on dark fills, darker on light "
+                          "ones, and inversion maps one to the other); disables latent caching")
     train_batch_size: int = opt(1, "images per micro-batch per process")
     with_prior_preservation: bool = opt(False, "add class images with the class prompt to the loss")
     class_data_dir: str | None = opt(None, "folder of class (prior-preservation) images")
@@ -512,3 +519,5 @@ def _check_ranges(cfg: TLoRAConfig) -> None:
         raise ConfigError(f"--learning_rate: expected > 0, found {cfg.optim.learning_rate}")
     if cfg.data.resolution is not None and (cfg.data.resolution < 8 or cfg.data.resolution % 8):
         raise ConfigError(f"--resolution: expected a multiple of 8, found {cfg.data.resolution}")
+    if not 0.0 <= cfg.data.invert_p <= 1.0:
+        raise ConfigError(f"--invert_p: expected a probability in [0, 1], found {cfg.data.invert_p}")

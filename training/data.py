@@ -125,6 +125,8 @@ class Example:
     prompt: int
     prior: bool = False
     hue: float = 0.0  # degrees of hue rotation (augmentation)
+    invert: bool = False  # colors inverted, x -> 255 - x (augmentation)
+    jitter_prompt: bool = False  # ``prompt`` indexes the prompts of hue-jittered views
 
 
 def rotate_hue(x: torch.Tensor, degrees: float) -> torch.Tensor:
@@ -150,6 +152,8 @@ class ImageSet:
         self.paths, self.resolution, self.prompts, self.per_image = paths, resolution, prompts, per_image
         self.center_crop, self.random_flip = center_crop, random_flip
         self.hue_jitter = 0.0  # degrees; set by the trainer (--hue_jitter)
+        self.invert_p = 0.0  # probability; set by the trainer (--invert_p)
+        self.jitter_prompts: list[str] = []  # prompts of hue-jittered views (--jitter_prompt_template)
         self.images = [load_image(p, resolution) for p in paths]
 
     def __len__(self) -> int:
@@ -166,14 +170,19 @@ class ImageSet:
             left = int(torch.randint(w - r + 1, (1,), generator=gen))
         flip = bool(torch.rand((), generator=gen) < 0.5) if self.random_flip else False
         hue = float(torch.empty(()).uniform_(-self.hue_jitter, self.hue_jitter, generator=gen)) if self.hue_jitter else 0.0
-        p = i if self.per_image else int(torch.randint(len(self.prompts), (1,), generator=gen)) if len(self.prompts) > 1 else 0
-        return Example(i, top, left, flip, p, prior, hue)
+        jittered = bool(hue) and bool(self.jitter_prompts)
+        prompts = self.jitter_prompts if jittered else self.prompts
+        p = i if self.per_image and not jittered else \
+            int(torch.randint(len(prompts), (1,), generator=gen)) if len(prompts) > 1 else 0
+        invert = bool(torch.rand((), generator=gen) < self.invert_p) if self.invert_p else False
+        return Example(i, top, left, flip, p, prior, hue, invert, jittered)
 
     def pixels(self, ex: Example) -> torch.Tensor:
         """(3, r, r) view of the example's image."""
         r = self.resolution
         view = self.images[ex.image][:, ex.top:ex.top + r, ex.left:ex.left + r]
-        return rotate_hue(view.flip(-1) if ex.flip else view, ex.hue)
+        view = rotate_hue(view.flip(-1) if ex.flip else view, ex.hue)
+        return -view if ex.invert else view  # [-1, 1]: -x is 255 - x
 
 
 class ExampleSampler:

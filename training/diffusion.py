@@ -286,7 +286,9 @@ def build_data(cfg: TLoRAConfig, pipe: Any, images: list[Path], resolution: int,
     captions = read_captions(images, phrase)  # per-image .txt captions win over the template
     prompts = captions or expand_prompts(d.prompt_template, phrase)
     inst = ImageSet(images, resolution, prompts, d.center_crop, d.random_flip, per_image=captions is not None)
-    inst.hue_jitter = d.hue_jitter
+    inst.hue_jitter, inst.invert_p = d.hue_jitter, d.invert_p
+    if d.jitter_prompt_template:
+        inst.jitter_prompts = expand_prompts(d.jitter_prompt_template, phrase)
     classes = None
     class_prompt = None
     if d.with_prior_preservation:

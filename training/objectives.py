@@ -29,7 +29,8 @@ class Conditioner:
                  cache_latents: bool, cache_text: bool) -> None:
         self.pipe, self.sets = pipe, {False: instances, True: classes}
         self.class_prompt = class_prompt
-        self.cache_latents = cache_latents and instances.center_crop and not instances.hue_jitter
+        self.cache_latents = (cache_latents and instances.center_crop and not instances.hue_jitter
+                              and not instances.invert_p)
         if cache_latents and not instances.center_crop:
             log.info("random crops: latents are encoded every step (no latent cache)")
         self.cache_text = cache_text
@@ -40,12 +41,14 @@ class Conditioner:
 
     def prompt(self, ex: Example) -> str:
         s = self.sets[ex.prior]
-        return self.class_prompt if ex.prior and self.class_prompt else s.prompts[ex.prompt]
+        if ex.prior and self.class_prompt:
+            return self.class_prompt
+        return s.jitter_prompts[ex.prompt] if ex.jitter_prompt else s.prompts[ex.prompt]
 
     @torch.no_grad()
     def posterior(self, ex: Example, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) of the VAE latent of the example's view, scaled by the VAE's scaling factor."""
-        key = (ex.prior, ex.image, ex.top, ex.left, ex.flip, ex.hue)
+        key = (ex.prior, ex.image, ex.top, ex.left, ex.flip, ex.hue, ex.invert)
         if key in self._latents:
             return self._latents[key]
         vae = self.pipe.vae
@@ -85,7 +88,7 @@ class Conditioner:
             if s is None:
                 continue
             if self.cache_text and not self.live_text:
-                for p in ([self.class_prompt] if prior and self.class_prompt else s.prompts):
+                for p in ([self.class_prompt] if prior and self.class_prompt else s.prompts + s.jitter_prompts):
                     self.text(p, device)
             if self.cache_latents:
                 for i, img in enumerate(s.images):
