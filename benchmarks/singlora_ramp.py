@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-DEFAULT_CASES = "ramp_steps=2;ramp_steps=7;ramp_steps=15;ramp_steps=2,init=gaussian;ramp_steps=7,init=gaussian"
+DEFAULT_CASES = "ramp_steps=1;ramp_steps=7;ramp_steps=15;ramp_steps=1,init=gaussian;ramp_steps=7,init=gaussian"
 
 
 def parse_case(case: str) -> dict:

@@ -378,8 +378,8 @@ def step_option_defaults(variant: str, options: dict[str, Any], max_steps: int) 
     (``ramp_steps``) reaches u = 1 after 10% of the steps, so most of training and all of inference run at
     the full update (the library's own default, 1000 steps, would never finish a 500-step run). A longer ramp does
     not help short runs: training must end at u = 1, what inference uses, and the fewer steps A gets at full
-    strength, the worse (15-step LLM run: ramp 2 / 7 / 15 steps -> held-out loss 6.72 / 7.58 / 13.88, docs/
-    benchmarks.md); Delta-LoRA's base weight starts moving (``start_step`` K) after the same 10% warm-up of A and B."""
+    strength, the worse (measured on a 15-step LLM run: docs/benchmarks.md, benchmarks/singlora_ramp.py);
+    Delta-LoRA's base weight starts moving (``start_step`` K) after the same 10% warm-up of A and B."""
     out = dict(options)
     if variant == "singlora" and "ramp_steps" not in out:
         out["ramp_steps"] = max(1, max_steps // 10)
