@@ -436,40 +436,48 @@ def markdown(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]], cfg:
 
 # --- figures ---
 def plot_curves(rows: list[dict[str, Any]], cfg: BenchConfig, path: Path) -> None:
-    """Per regime: alignment vs fidelity along the sweep (top), fidelity, alignment and 'both' vs steps (bottom)."""
+    """Per regime: alignment vs fidelity along the sweep (top), fidelity, alignment and 'both' vs steps (bottom;
+    with more than 3 variants only 'both', so the lines stay readable). Legends outside the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(cfg.regimes), figsize=(5.5 * len(cfg.regimes), 9), squeeze=False)
+    many = len(cfg.variants) > 3
+    fig, axes = plt.subplots(2, len(cfg.regimes), figsize=(5.5 * len(cfg.regimes) + (2.5 if many else 0), 9),
+                             squeeze=False)
+    colors = plt.get_cmap("tab20" if len(cfg.variants) > 10 else "tab10").colors
     base = next((r for r in rows if r["variant"] == "base"), None)
     for j, g in enumerate(cfg.regimes):
         top, bottom = axes[0][j], axes[1][j]
-        for v in cfg.variants:
+        for k, v in enumerate(cfg.variants):
             rs = [r for r in rows if r["regime"] == g and r["variant"] == v]
             if not rs:
                 continue
+            color = colors[(2 * k) % 20 + (2 * k) // 20] if len(colors) == 20 else colors[k % len(colors)]  # dark first
             f = [100 * r["fidelity"] for r in rs]
             a = [100 * r["alignment"] for r in rs]
-            line = top.errorbar(f, a, xerr=[100 * r["fidelity_ci"] for r in rs],
-                                yerr=[100 * r["alignment_ci"] for r in rs], marker="o", capsize=3, label=v)
+            top.errorbar(f, a, xerr=[100 * r["fidelity_ci"] for r in rs], yerr=[100 * r["alignment_ci"] for r in rs],
+                         marker="o", capsize=3, label=v, color=color, alpha=0.5 if many else 1.0)
             for r, x, y in zip(rs, f, a):
-                top.annotate(str(r["step"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+                top.annotate(str(r["step"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
             steps = [r["step"] for r in rs]
-            bottom.plot(steps, f, marker="o", color=line[0].get_color(), label=f"{v} fidelity")
-            bottom.plot(steps, a, marker="^", ls=":", color=line[0].get_color(), label=f"{v} alignment")
-            bottom.plot(steps, [100 * r["both"] for r in rs], marker="s", ls="--", color=line[0].get_color(),
-                        label=f"{v} both")
+            if not many:
+                bottom.plot(steps, f, marker="o", color=color, label=f"{v} fidelity")
+                bottom.plot(steps, a, marker="^", ls=":", color=color, label=f"{v} alignment")
+            bottom.plot(steps, [100 * r["both"] for r in rs], marker="s", ls="--" if not many else "-", color=color,
+                        label=v if many else f"{v} both")
         if base:
             top.scatter([100 * base["fidelity"]], [100 * base["alignment"]], marker="x", color="k", label="base")
         top.set(title=f"{g} captions", xlabel="concept fidelity (%)", ylabel="prompt alignment (%)",
                 xlim=(-3, 103), ylim=(-3, 103))
-        bottom.set(xlabel="training steps", ylabel="%", xscale="log", ylim=(-3, 103))
-        top.legend(fontsize=8)
-        bottom.legend(fontsize=7)
-        top.grid(alpha=0.3)
-        bottom.grid(alpha=0.3)
+        bottom.set(xlabel="training steps", ylabel="both (%)" if many else "%", xscale="log", ylim=(-3, 103))
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+            if many:
+                ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+            else:
+                ax.legend(fontsize=8 if ax is top else 7)
     fig.suptitle("One-image personalization on the demo model (mean ± 95% CI)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
