@@ -4,7 +4,8 @@
     python -m training.build_demo_library --out outputs/demo_library --only ring,dotted --steps 100   # a quick look
 
 Every LoRA is trained by ``training.train_tlora.train`` (variant ``lora``, the trainer's demo-model recipe:
-ResNet convolutions and attention, pivotal tuning, hue jitter 180, lr 2e-3, 400 steps; docs/demo_model.md) on
+ResNet convolutions and attention, pivotal tuning, lr 2e-3, 400 steps; docs/demo_model.md; its hue jitter
+is off: these captions name each render's color and the renders cover every color) on
 ``--images`` renders of the shapes world, each with its own caption (``<image>.txt`` sidecars), and written
 to ``<out>/<name>.safetensors`` with descriptive metadata (title, description, trigger word, tags, kind). The
 renders and captions stay in ``<out>/data/<name>/`` (gate training reads them), and ``<out>/data/pairs/<shape>+
@@ -12,7 +13,7 @@ renders and captions stay in ``<out>/data/<name>/`` (gate training reads them), 
 (``a red dotted ring on a blue background``: what ``train_gates --objective composition`` learns from).
 Pivotal tuning trains the trigger word's own embedding row (``ring``, ``dotted``), saved in the LoRA file and
 loaded with it, so prompts keep naming the plain word; the LoRAs whose trigger is a color or a
-background word (night, purple) train no embedding (that row is in every prompt), and purple no hue jitter.
+background word (night, purple) train no embedding (that row is in every prompt).
 A LoRA already in ``<out>`` is kept, so a stopped build continues where it stopped.
 
 | kind | LoRAs | what the images show (caption words) |
@@ -56,10 +57,9 @@ class Recipe:
     tags: tuple[str, ...]
     scene: Callable[[np.random.Generator], world.Scene]
     caption: Callable[[world.Scene], str] = world.Scene.caption
-    # the trainer's demo recipe (pivotal tuning of the trigger word + hue jitter); off where the trigger is a word of
-    # every caption (a color, a background: its trained row would change every prompt) or color IS the LoRA (purple)
+    # pivotal tuning of the trigger word (the trainer's demo recipe); off where the trigger is a word of every
+    # caption (a color, a background: its trained row would change every prompt)
     pivotal: bool = True
-    hue_jitter: float | None = None  # None: the trainer's demo default (180)
 
 
 def _colors(rng: np.random.Generator, color: str | None = None, background: str | None = None) -> tuple[str, str]:
@@ -104,7 +104,7 @@ def recipes() -> list[Recipe]:
                       lambda g: _scene(_any_shape(g), g, background="black"), pivotal=False))
     out.append(Recipe("purple", "distractor", "purple", "Purple shapes", "Color LoRA: shapes painted purple.",
                       ("color", "purple", "violet"), lambda g: _scene(_any_shape(g), g, color="purple"),
-                      pivotal=False, hue_jitter=0.0))
+                      pivotal=False))
     return out
 
 
@@ -158,7 +158,9 @@ def train_one(r: Recipe, out: Path, args: argparse.Namespace) -> Path:
     tc = TLoRAConfig()
     tc.adapter.variant, tc.adapter.lora_rank = "lora", args.rank
     tc.data.instance_data_dir, tc.data.placeholder_token = str(data), r.trigger.split()[0]
-    tc.data.train_batch_size, tc.data.hue_jitter = args.batch_size, r.hue_jitter
+    # no hue jitter by default: the captions name each render's color and the renders cover every color, so a
+    # rotated hue only teaches the LoRA that color words lie (ring alone: prompted color 2/6 with 180 deg, 6/6 without)
+    tc.data.train_batch_size, tc.data.hue_jitter = args.batch_size, args.hue_jitter
     tc.optim.max_train_steps = args.steps
     # pivotal tuning: the trigger word's own row trains with the LoRA and travels in its file (loads with it)
     tc.embedding.train_embedding = r.pivotal and not args.no_pivotal
@@ -231,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=int, default=12, help="training renders per LoRA")
     p.add_argument("--steps", type=int, default=None, help="None: the trainer's demo default (400)")
     p.add_argument("--no-pivotal", action="store_true", help="plain UNet LoRAs (the library before 2026-11-29)")
+    p.add_argument("--hue_jitter", type=float, default=0.0, help="degrees of random hue rotation (the trainer's "
+                   "single-image demo default is 180; off here, the captions name the colors)")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
