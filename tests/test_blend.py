@@ -104,3 +104,25 @@ def test_library_blend_finds_the_gates_trained_with_the_chosen_loras(files, tmp_
     _, res = _run(files, [], library=lib, method="gated", top_k=2)
     assert any(n.startswith("no gates file in") for n in res.notes), res.notes
     assert res.gate_stats.summary()["mean"]["ring"] == 1.0  # the untrained gate: the static sum
+
+
+def test_blending_several_pivotal_loras_loads_each_ones_token(tmp_path):
+    """Each LoRA's trained word row (pivotal tuning) comes with it when several are blended, and stays its own."""
+    import torch
+
+    from lora_diffusion.embeddings import TokenEmbeddings, apply_embeddings, init_vectors, loaded_embeddings
+
+    src = load_demo_pipeline()
+    rows = {}
+    for i, word in enumerate(("ring", "dotted")):
+        ld.add_adapter(src.unet, ld.AdapterSpec(rank=2, targets="unet-attn", seed=i), word)
+        perturb(src.unet, word, std=0.2, seed=i)
+        rows[word] = init_vectors(src, word, 1)["text_encoder"] + (i + 1)
+        apply_embeddings(src, word, [TokenEmbeddings(word, {"text_encoder": rows[word]})])
+        ld.save_adapter(src, tmp_path / f"{word}.safetensors", word)
+    pipe = load_demo_pipeline()
+    res = blend(pipe, PROMPT, [tmp_path / "ring.safetensors", tmp_path / "dotted.safetensors"], method="static", steps=2)
+    assert [c.name for c in res.chosen] == ["ring", "dotted"] and sorted(loaded_embeddings(pipe)) == ["dotted", "ring"]
+    table = pipe.text_encoder.get_input_embeddings().weight
+    for word, row in rows.items():
+        assert torch.equal(table[pipe.tokenizer.convert_tokens_to_ids(word)], row[0])
