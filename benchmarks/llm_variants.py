@@ -70,7 +70,8 @@ log = logging.getLogger("llm_variants")
 
 def train_argv(args: argparse.Namespace, variant: str, out_dir: Path) -> list[str]:
     argv = ["--train_file", str(FIXTURES / "llm_shout_train.jsonl"), "--eval_file", str(FIXTURES / "llm_shout_eval.jsonl"),
-            "--variant", variant, "--rank", str(args.rank), "--targets", args.targets,
+            "--variant", variant, "--rank", str(dict(v.split("=", 1) for v in args.variant_rank).get(variant, args.rank)),
+            "--targets", args.targets,
             "--max_train_steps", str(args.steps), "--train_batch_size", str(args.batch),
             "--max_length", str(args.max_length), "--seed", str(args.seed), "--output_dir", str(out_dir),
             "--report_to", "none", "--checkpointing_steps", "0", "--no-progress", "--no-export_peft"]
@@ -186,6 +187,7 @@ def spawn(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd += ["--lora-drop-threshold", str(args.lora_drop_threshold), "--lora-drop-samples", str(args.lora_drop_samples)]
     cmd += ["--lora-drop-steps", str(args.lora_drop_steps)] if args.lora_drop_steps else []
     cmd += [x for o in args.options for x in ("--options", o)]
+    cmd += [x for o in args.variant_rank for x in ("--variant-rank", o)]
     if args.sensitivity:
         cmd += ["--sensitivity", str(args.sensitivity), "--sensitivity-method", args.sensitivity_method,
                 "--sensitivity-batches", str(args.sensitivity_batches)]
@@ -289,6 +291,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-drop-samples", type=int, default=16, help="loradrop: records in the stratified sample")
     p.add_argument("--options", action="append", default=[], metavar="VARIANT=JSON",
                    help="train_llm --adapter_options for one variant, e.g. 'ardlora={\"l1\": 1e-3}' (repeatable)")
+    p.add_argument("--variant-rank", action="append", default=[], metavar="VARIANT=R",
+                   help="another --rank for one variant, e.g. adalora=12 (its initial rank; repeatable)")
     p.add_argument("--sensitivity", type=int, default=None, metavar="R",
                    help="add a Sensitivity-LoRA row: a LoRA with per-module ranks summing to R")
     p.add_argument("--sensitivity-method", choices=["fisher", "hutchinson"], default="fisher")

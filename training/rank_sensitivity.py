@@ -35,8 +35,8 @@ log = logging.getLogger("rank_sensitivity")
 
 
 def own_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], usage="%(prog)s {tlora,llm} --rank_budget N "
-                                "--output FILE [options] [trainer flags]")
+    usage = "%(prog)s {tlora,llm} --rank_budget N --output FILE [options] [trainer flags]"
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False, usage=usage)
     p.add_argument("trainer", choices=["tlora", "llm"], help="whose model, data, targets and loss to use")
     p.add_argument("--rank_budget", type=int, required=True, help="Σ of the per-module ranks (exactly)")
     p.add_argument("--output", "--rank_spec_out", dest="output", type=Path, required=True, help="rank-spec JSON file")
