@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +68,25 @@ def test_trainers_refuse_a_bad_rank_spec_before_loading(tmp_path):
                            ld.variant_names())
     with pytest.raises(Exception, match="--rank_spec: rank spec"):
         adapter_spec(cfg)
+
+
+@pytest.mark.parametrize("method", ["fisher", "hutchinson"])
+def test_command_on_the_demo_unet_and_train_tlora_builds_the_spec(tmp_path, method):
+    """The trainer's denoising loss on the shipped example image; Hutchinson runs double backward through the UNet."""
+    from training.config import TLoRAConfig, parse_args, resolve_defaults
+    from training.diffusion import adapter_spec, load_base
+
+    ring = Path(__file__).resolve().parents[1] / "assets" / "examples" / "ring"
+    flags = ["--instance_data_dir", str(ring), "--class_name", "ring", "--output_dir", str(tmp_path / "o"), "--cpu"]
+    spec_path = tmp_path / "unet.json"
+    out = rank_sensitivity.run(["tlora", "--rank_budget", "150", "--output", str(spec_path), "--method", method,
+                                "--batches", "1", "--probes", "1", "--no-plot", *flags])
+    ranks = out["ranks"]
+    assert sum(ranks.values()) == 150 and len(ranks) > 50 and min(ranks.values()) >= 1
+    cfg = resolve_defaults(parse_args(TLoRAConfig, [*flags, "--rank_spec", str(spec_path)])[0], ld.variant_names())
+    assert cfg.adapter.min_rank is None  # T-LoRA: r // 2 per module
+    unet = load_base(cfg).unet
+    ld.add_adapter(unet, adapter_spec(cfg))
+    got = {n: a.cfg.rank for n, a in ((n, m.adapters["default"]) for n, m in unet.named_modules()
+                                      if isinstance(m, ld.AdaptedLayer))}
+    assert got == ranks
