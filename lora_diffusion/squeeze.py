@@ -225,7 +225,10 @@ def part_sources(part: Part, view: dict[str, LayerInfo], model: nn.Module | None
     """Build each module's adapter on its own (CPU, no base model), fill it with the file's tensors, one at a time."""
     cls = get_variant(part.spec.variant)
     infos = {m: view[m] for m in part.modules}
-    cfgs = module_configs(part.spec, cls, list(part.modules), "default")
+    mods = dict(model.named_modules()) if model is not None else {}
+    spec = part.spec if model is None else \
+        cls.resolve_spec(model, part.spec, {m: mods[m] for m in part.modules if m in mods})  # as the loader does
+    cfgs = module_configs(spec, cls, list(part.modules), "default")
     needs_base = not cls.additive
     if needs_base and (model is None or any(p.is_meta for p in model.parameters())):
         raise AdapterError(
@@ -234,13 +237,12 @@ def part_sources(part: Part, view: dict[str, LayerInfo], model: nn.Module | None
             "weights (squeeze_file(..., model=pipe), or --model on the command line); the result is exact only at full "
             "rank min(out, in)")
     store = SharedStore("cpu")
-    cls.prepare_shared(store, "default", infos, part.spec)  # as the loader: VeRA's projections at the default dtype
+    cls.prepare_shared(store, "default", infos, spec)  # as the loader: VeRA's projections at the default dtype
     by_module: dict[str, dict[str, torch.Tensor]] = {m: {} for m in part.modules}
     for key, t in part.tensors.items():
         mod = next((key[:i] for i in _dots(key) if key[:i] in by_module), None)
         if mod is not None:
             by_module[mod][key[len(mod) + 1:]] = t
-    mods = dict(model.named_modules()) if model is not None else {}
     for m in part.modules:
         w = get_base_weight(mods[m], infos[m]).detach() if m in mods else None
         # the init dtype of the loader (fp64 on an fp64 base, else fp32): T-LoRA's frozen copies regenerate equal
