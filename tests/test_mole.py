@@ -234,6 +234,12 @@ def test_train_gates_mole_learns_resumes_exactly_and_the_file_loads(loras, tmp_p
     pipe = load_demo_pipeline()
     ld.load_adapter(pipe, full.gates)
     assert sorted(ld.list_adapters(pipe.unet)) == ["dotted", "ring"]
+    from lora_diffusion.embeddings import current_vectors
+
+    ref = load_demo_pipeline()
+    ld.load_adapter(ref, loras / "ring.safetensors", name="ring")  # the pivotal-tuned 'ring' row travels along
+    (got,), (want,) = current_vectors(pipe, "ring"), current_vectors(ref, "ring")
+    assert got.token == want.token and all(torch.equal(got.vectors[r], want.vectors[r]) for r in want.vectors)
     f = pipe.unet.__dict__["_lora_fusion"]
     assert f.method.name == "mole" and any(float(p.abs().sum()) > 0 for p in f.parameters())  # trained, not zero
     with pytest.raises(ld.AdapterError, match="already loaded"):

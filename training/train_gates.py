@@ -357,11 +357,11 @@ def identity(cfg: GateConfig, data: list[LoraData], pairs: list[PairData]) -> di
             **({"method": "mole", "balance_weight": cfg.gates.balance_weight} if cfg.gates.method == "mole" else {})}
 
 
-def save_learned(fusion: Any, unet: Any, folder: Path, hashes: dict[str, str], meta: dict[str, str] | None = None) -> Path:
+def save_learned(fusion: Any, pipe: Any, folder: Path, hashes: dict[str, str], meta: dict[str, str] | None = None) -> Path:
     """gated: ``gates.safetensors`` (the gates + LoRA hashes); mole: ``mole.safetensors`` (a mixture file: the
-    LoRAs and their gates, ``ld.load_adapter(pipe, path)`` restores both)."""
+    LoRAs with their trigger-word embeddings and the gates, ``ld.load_adapter(pipe, path)`` restores all)."""
     if fusion.method.name == "mole":
-        return save_mixture(unet, fusion, folder / "mole.safetensors", metadata={**(meta or {}), "loras": str(hashes)})
+        return save_mixture(pipe, fusion, folder / "mole.safetensors", metadata={**(meta or {}), "loras": str(hashes)})
     return save_gates(fusion, folder / "gates.safetensors", hashes, meta)
 
 
@@ -401,14 +401,14 @@ def train(cfg: GateConfig) -> GateResult:
             log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in objective.last.items()))
         every = cfg.checkpoint.checkpointing_steps
         if every and step % every == 0:
-            ckpt.save(step, shared, local, lambda d: save_learned(fusion, pipe.unet, d, hashes))
+            ckpt.save(step, shared, local, lambda d: save_learned(fusion, pipe, d, hashes))
 
     loop = LoopConfig(o.max_train_steps, 1, o.max_grad_norm, "train gates", cfg.run.progress)
     before = validation_loss(objective, sampler)
     try:
         result = fit(acc, model, opt_, sched, sampler, objective, loop, start, [on_step],
                      on_stop=lambda step: ckpt.save_once(step, shared, local,
-                                                         lambda d: save_learned(fusion, pipe.unet, d, hashes)))
+                                                         lambda d: save_learned(fusion, pipe, d, hashes)))
     except TrainingStopped:  # SIGTERM/SIGINT: a checkpoint of the stop step is written, no final gates
         reporter.close()
         raise
@@ -421,7 +421,7 @@ def train(cfg: GateConfig) -> GateResult:
     meta = {"base_model": str(cfg.model.pretrained_model_name_or_path or "demo-sd"), "steps": str(result.last_step),
             "trainer": "training.train_gates", "objective": cfg.gates.objective,
             "pairs": ",".join(p.folder.name for p in pairs)}
-    gates = save_learned(fusion, pipe.unet, out, hashes, meta)
+    gates = save_learned(fusion, pipe, out, hashes, meta)
     log.info("gates of %d layers for %s -> %s", len(fusion.combiners), names, gates)
     return GateResult(result.losses, result.first_step, result.last_step, gates, ckpt.checkpoints(), (before, after))
 

@@ -155,14 +155,30 @@ def save_mixture(model_or_pipeline: Any, fusion: Any, path: str | os.PathLike, i
                 prefix = f"adapter/{n}/{comp + '.' if comp else ''}"
                 tensors.update({prefix + k: v for k, v in adapter_state_dict(model, n).items()})
         adapters[n] = entries
+    embeddings = _bundle_embeddings(model_or_pipeline, fusion.names, tensors) if include_adapters else {}
     info = {"method": fusion.method.name, "options": _jsonable(vars(fusion.method.options)), "names": fusion.names,
             "digests": {n: adapter_digest(model_or_pipeline, n) for n in fusion.names},
-            "adapters": adapters if include_adapters else {}}
+            "adapters": adapters if include_adapters else {}, "embeddings": embeddings}
     meta = {**(metadata or {}), "format": canonical.FORMAT, "format_version": canonical.FORMAT_VERSION,
             "library_version": canonical.library_version(), META_KEY: json.dumps(info)}
     write_safetensors(Path(path), tensors, meta)
     log.info("saved %s mixture of %s to %s", fusion.method.name, fusion.names, path)
     return Path(path)
+
+
+def _bundle_embeddings(obj: Any, names: list[str], tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Each adapter's placeholder tokens (pivotal tuning) as ``adapter/<name>/bundle_emb.*``; {name: token names}."""
+    from ..api import _placeholders
+    from ..io import embeddings as emb_io
+
+    out = {}
+    for n in names:
+        ph = _placeholders(obj, n)
+        if ph:
+            t, m = emb_io.bundle_tensors(obj, ph)
+            tensors.update({f"adapter/{n}/{k}": v for k, v in t.items()})
+            out[n] = m[emb_io.META_TOKENS]
+    return out
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
@@ -212,6 +228,7 @@ def load_mixture(model_or_pipeline: Any, path: Path, loaded: tuple[dict[str, tor
         for n in info["names"]:
             _inject_adapter(model_or_pipeline, n, info["adapters"][n], tensors, str(path))
             done.append(n)
+            _apply_embeddings(model_or_pipeline, n, info.get("embeddings", {}).get(n), tensors, str(path))
         check_digests(str(path), info["digests"], {n: adapter_digest(model_or_pipeline, n) for n in done})
         fusion = fuse(model_or_pipeline, done, method=info["method"], **info["options"])
         load_mixture_state_dict(fusion, {k[len("mixture/"):]: v for k, v in tensors.items()
@@ -225,6 +242,21 @@ def load_mixture(model_or_pipeline: Any, path: Path, loaded: tuple[dict[str, tor
     return name or info["method"]
 
 
+def _apply_embeddings(obj: Any, n: str, tokens: str | None, tensors: dict[str, torch.Tensor], src: str) -> None:
+    """Adapter ``n``'s placeholder tokens onto a pipeline (a bare model has no tokenizer: skipped, logged)."""
+    if not tokens:
+        return
+    from .. import embeddings as emb
+    from ..io import embeddings as emb_io
+
+    prefix = f"adapter/{n}/"
+    _, raw = emb_io.split_bundle({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix + emb_io.BUNDLE)})
+    if isinstance(obj, nn.Module):
+        log.warning("%s: adapter '%s' carries token embeddings %s; load onto the pipeline to get them", src, n, sorted(raw))
+        return
+    emb.apply_embeddings(obj, n, emb_io.from_bundle(obj, raw, {emb_io.META_TOKENS: tokens}, src), src)
+
+
 def _inject_adapter(obj: Any, n: str, entries: dict[str, Any], tensors: dict[str, torch.Tensor], src: str) -> None:
     from ..api import _target, load_adapter_state_dict
     from ..core.spec import AdapterSpec
@@ -235,7 +267,7 @@ def _inject_adapter(obj: Any, n: str, entries: dict[str, Any], tensors: dict[str
             raise AdapterError(f"{src}: an adapter named '{n}' is already loaded; remove it first")
         inject(model, AdapterSpec.from_dict(e["spec"]), n, 1.0, module_names=e["modules"])
         prefix = f"adapter/{n}/{comp + '.' if comp else ''}"
-        sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "bundle_emb." not in k}
         load_adapter_state_dict(model, n, sd, src, assign=True)
         for _, layer in adapted_layers(model):
             if n in layer.adapters:
