@@ -3,7 +3,8 @@
 The task, all offline and CPU-sized (SmolLM2-135M would take hours for hundreds of simulated clients on CPU):
 
 * base: a tiny Llama (2 layers, hidden 64, the character tokenizer of ``training.llm_data``) built from a config and
-  fully pre-trained here for ``--pretrain_steps`` on an *echo* task ("Echo: ribbon" -> "ribbon"), so it can copy;
+  fully pre-trained here for ``--pretrain_steps`` on an *echo* task ("Echo: ribbon" -> "ribbon", half of the words
+  in capitals), so it can copy and knows both cases;
 * adapter task: *shout* ("Shout: ribbon" -> "RIBBON!"), learned by a DyLoRA adapter (r_max 8, every linear) through
   ``training.federated_dylora`` over ``--num_clients`` clients (random lowercase words, ``--per_client`` records
   each, iid shards); held-out words never occur in training;
@@ -15,7 +16,7 @@ a curve, the non-private final loss as a line) and prints a Markdown table.
 
 Usage::
 
-    python benchmarks/dp_dylora.py                       # 1000 clients, q 0.05, 100 rounds, σ 0.5/1/2, 1 thread
+    python benchmarks/dp_dylora.py                       # 1000 clients, q 0.05, 120 rounds, σ 0.5/1/2, C 1, 1 thread
     python benchmarks/dp_dylora.py --num_clients 200 --rounds 30 --sigmas 1   # a quick look
 """
 
@@ -60,7 +61,7 @@ def write_jsonl(path: Path, records: list[dict[str, str]]) -> Path:
 
 def make_data(folder: Path, n_train: int, n_eval: int, seed: int) -> tuple[Path, Path, Path]:
     """(echo pre-training file, shout training file, shout held-out file)."""
-    echo = words(4000, seed + 100)
+    echo = [w.upper() if i % 2 else w for i, w in enumerate(words(4000, seed + 100))]  # the base knows both cases
     train = words(n_train, seed)
     held = words(n_eval, seed + 1, exclude=set(train))
     return (write_jsonl(folder / "echo.jsonl", [{"prompt": f"Echo: {w}", "response": w} for w in echo]),
@@ -132,17 +133,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
         bx.plot(rounds, loss, marker="o", ms=3, label=name)
         if name != "non-private":
             ax.plot(eps, loss, marker="o", ms=3, label=name)
-    ax.axhline(base["eval_loss"], color="k", ls="--", lw=1, label="non-private, final")
-    ax.axhline(base["eval_loss_before"], color="grey", ls=":", lw=1, label="before training")
-    bx.axhline(base["eval_loss_before"], color="grey", ls=":", lw=1)
-    ax.set_xscale("log")
-    ax.set_xlabel("ε at δ = 1e-5 (Opacus RDP), growing with rounds")
+    ax.axhline(base["eval_loss"], color="k", ls="--", lw=1, label=f"non-private, final ({base['eval_loss']:.3f})")
+    ax.set_xlabel("ε at δ = 1e-5 (Opacus RDP), growing with the rounds")
     ax.set_ylabel("held-out loss (shout task)")
     ax.set_title(f"DP-DyLoRA: utility vs privacy ({results['args']['num_clients']} clients, "
                  f"q={results['args']['client_rate']}, C={results['args']['clip']})", fontsize=10)
     bx.set_xlabel("round")
     bx.set_ylabel("held-out loss")
-    bx.set_title("held-out loss by round", fontsize=10)
+    bx.set_title(f"held-out loss by round (before training: {base['eval_loss_before']:.2f})", fontsize=10)
     for a in (ax, bx):
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
@@ -173,12 +171,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--num_clients", type=int, default=1000)
     p.add_argument("--per_client", type=int, default=4, help="training records per client")
     p.add_argument("--client_rate", type=float, default=0.05)
-    p.add_argument("--rounds", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=120)
     p.add_argument("--local_steps", type=int, default=2)
     p.add_argument("--local_batch", type=int, default=4)
-    p.add_argument("--client_lr", type=float, default=0.5)
+    p.add_argument("--client_lr", type=float, default=2.0)
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--clip", type=float, default=0.5, help="clipping bound C of the private runs")
+    p.add_argument("--clip", type=float, default=1.0, help="clipping bound C of the private runs")
     p.add_argument("--sigmas", default="0.5,1,2", help="noise multipliers of the private runs")
     p.add_argument("--eval_rounds", type=int, default=10)
     p.add_argument("--pretrain_steps", type=int, default=1500)

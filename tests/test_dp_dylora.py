@@ -169,6 +169,21 @@ def test_noisy_round_touches_only_the_sent_rank_slices(folder, tmp_path, mode):
                                before[k].index_select(ax, torch.tensor(inside)))
 
 
+def test_the_adapters_train_at_the_servers_rank_of_the_round(folder, tmp_path):
+    from lora_diffusion.core.layer import AdaptedLayer
+
+    fed, _ = fd.build(fed_config(folder, tmp_path, rank=4))
+    fed.model.train()
+    layers = [m for m in fed.model.modules() if isinstance(m, AdaptedLayer)]
+    seen = set()
+    for t in range(1, 30):
+        fed.hooks.set_step(t)
+        b = fd.round_rank(0, t, 4, 1)
+        seen.add(b)
+        assert {m.adapters["default"].rank_for(m._holder.current()) for m in layers} == {b}
+    assert seen == {1, 2, 3, 4}
+
+
 def test_every_client_update_of_a_round_is_clipped_to_C(folder, tmp_path, monkeypatch):
     seen = []
     real = fd.aggregate
@@ -314,6 +329,7 @@ def test_train_llm_dp_sgd_reports_epsilon_and_resumes_exactly(folder, tmp_path):
     (["--target_epsilon", "-1"], r"--target_epsilon: expected a finite ε > 0"),
     (["--dp_noise_multiplier", "1", "--gradient_accumulation_steps", "2"], r"--gradient_accumulation_steps 1"),
     (["--dp_noise_multiplier", "1", "--target_epsilon", "3"], r"give one of them"),
+    (["--dp_noise_multiplier", "1", "--variant", "loradrop"], r"--variant loradrop \(its importance stage"),
 ])
 def test_train_llm_dp_bad_input_is_one_clear_error(folder, tmp_path, args, match):
     with pytest.raises(ConfigError, match=match):
