@@ -8,8 +8,9 @@ The task, all offline and CPU-sized (SmolLM2-135M would take hours for hundreds 
 * adapter task: *shout* ("Shout: ribbon" -> "RIBBON!"), learned by a DyLoRA adapter (r_max 8, every linear) through
   ``training.federated_dylora`` over ``--num_clients`` clients (random lowercase words, ``--per_client`` records
   each, iid shards); held-out words never occur in training;
-* runs: non-private (σ = 0, C = inf: plain FedAvg) and DP-FedAvg at each σ of ``--sigmas`` with clipping bound C,
-  client rate q, the same seed, rounds and local training. ε at δ = 1e-5 from Opacus' RDP accountant.
+* runs: non-private (σ = 0, C = inf: plain FedAvg), clipped without noise (σ = 0, clipping bound C: what clipping
+  alone does) and DP-FedAvg at each σ of ``--sigmas`` with clipping bound C, all with the same client rate q, seed,
+  rounds and local training. ε at δ = 1e-5 from Opacus' RDP accountant.
 
 Writes ``<out>/results.json``, the plot ``docs/img/dp-dylora-utility.png`` (held-out loss vs ε per round, each run
 a curve, the non-private final loss as a line) and prints a Markdown table.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import random
 import string
 import sys
@@ -102,7 +104,7 @@ def pretrain_base(folder: Path, echo_file: Path, steps: int, seed: int) -> Path:
 
 def run(base: Path, train_file: Path, eval_file: Path, out: Path, args: argparse.Namespace, sigma: float | None
         ) -> dict[str, Any]:
-    """One federated run; sigma None: non-private (σ = 0, C = inf)."""
+    """One federated run; sigma None: non-private (σ = 0, C = inf); sigma 0: clipping to C without noise."""
     from training import federated_dylora as fd
 
     argv = ["--model", str(base), "--train_file", str(train_file), "--eval_file", str(eval_file), "--output_dir",
@@ -131,9 +133,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
         pts = [(h["round"], h["epsilon"], h["eval_loss"]) for h in m["history"] if "eval_loss" in h]
         rounds, eps, loss = zip(*pts)
         bx.plot(rounds, loss, marker="o", ms=3, label=name)
-        if name != "non-private":
+        if math.isfinite(eps[-1]):
             ax.plot(eps, loss, marker="o", ms=3, label=name)
     ax.axhline(base["eval_loss"], color="k", ls="--", lw=1, label=f"non-private, final ({base['eval_loss']:.3f})")
+    if "clipped, σ=0" in results["runs"]:
+        c = results["runs"]["clipped, σ=0"]["eval_loss"]
+        ax.axhline(c, color="grey", ls="-.", lw=1, label=f"clipped, σ=0, final ({c:.3f})")
     ax.set_xlabel("ε at δ = 1e-5 (Opacus RDP), growing with the rounds")
     ax.set_ylabel("held-out loss (shout task)")
     ax.set_title(f"DP-DyLoRA: utility vs privacy ({results['args']['num_clients']} clients, "
@@ -194,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                                "runs": {}}
     results["runs"]["non-private"] = run(base, train_file, eval_file, args.out / "nonprivate", args, None)
+    results["runs"]["clipped, σ=0"] = run(base, train_file, eval_file, args.out / "clipped", args, 0.0)
     for s in [float(x) for x in args.sigmas.split(",")]:
         results["runs"][f"σ={s:g}"] = run(base, train_file, eval_file, args.out / f"sigma{s:g}", args, s)
     (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))

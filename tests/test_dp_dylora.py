@@ -231,6 +231,28 @@ def test_federated_cli_reports_epsilon_per_round_resumes_exactly_and_never_overw
     assert (tmp_path / "straight" / "adapter.safetensors").read_bytes() == before
 
 
+def test_a_stop_signal_saves_the_round_and_the_resumed_run_is_the_uninterrupted_one(folder, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from training.loop import EXIT_STOPPED, StopSignals
+
+    class StopAfterFirstRound(StopSignals):
+        requested = property(lambda self: True, lambda self, v: None)  # as if SIGTERM arrived during round 1
+
+    common = ["--rounds", "3", "--dp_noise_multiplier", "0.8", "--checkpoint_rounds", "0", "--eval_rounds", "3"]
+    cli(folder, tmp_path / "straight", *common)
+    with monkeypatch.context() as mp:
+        mp.setattr(fd, "StopSignals", StopAfterFirstRound)
+        with pytest.raises(SystemExit) as stopped:
+            cli(folder, tmp_path / "cut", *common)
+    assert stopped.value.code == EXIT_STOPPED and sorted(p.name for p in (tmp_path / "cut").glob("checkpoint-*")) == [
+        "checkpoint-1"]
+    assert not (tmp_path / "cut" / "adapter.safetensors").exists()  # no final outputs from an unfinished run
+    cli(folder, tmp_path / "cut", *common, "--resume_from_checkpoint", "latest")
+    a, b = load_file(tmp_path / "straight" / "adapter.safetensors"), load_file(tmp_path / "cut" / "adapter.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_federated_target_epsilon_is_met(folder, tmp_path):
     m = cli(folder, tmp_path / "t", "--rounds", "3", "--target_epsilon", "5", "--eval_rounds", "3",
             "--checkpoint_rounds", "0")
