@@ -8,9 +8,9 @@ The task, all offline and CPU-sized (SmolLM2-135M would take hours for hundreds 
 * adapter task: *shout* ("Shout: ribbon" -> "RIBBON!"), learned by a DyLoRA adapter (r_max 8, every linear) through
   ``training.federated_dylora`` over ``--num_clients`` clients (random lowercase words, ``--per_client`` records
   each, iid shards); held-out words never occur in training;
-* runs: non-private (σ = 0, C = inf: plain FedAvg), clipped without noise (σ = 0, clipping bound C: what clipping
-  alone does) and DP-FedAvg at each σ of ``--sigmas`` with clipping bound C, all with the same client rate q, seed,
-  rounds and local training. ε at δ = 1e-5 from Opacus' RDP accountant.
+* runs: non-private (σ = 0, C = inf: plain FedAvg), with ``--clip_baseline`` clipped without noise (σ = 0,
+  clipping bound C: what clipping alone does), and DP-FedAvg at each σ of ``--sigmas`` with clipping bound C, all
+  with the same client rate q, seed, rounds and local training. ε at δ = 1e-5 from Opacus' RDP accountant.
 
 Writes ``<out>/results.json``, the plot ``docs/img/dp-dylora-utility.png`` (held-out loss vs ε per round, each run
 a curve, the non-private final loss as a line) and prints a Markdown table.
@@ -19,6 +19,8 @@ Usage::
 
     python benchmarks/dp_dylora.py                       # 1000 clients, q 0.05, 120 rounds, σ 0.5/1/2, C 1, 1 thread
     python benchmarks/dp_dylora.py --num_clients 200 --rounds 30 --sigmas 1   # a quick look
+    python benchmarks/dp_dylora.py --clip_baseline --sigmas "" --out outputs/bench_dp_dylora_clip \
+        --plot outputs/bench_dp_dylora_clip/plot.png            # non-private vs clipping alone
 """
 
 from __future__ import annotations
@@ -129,12 +131,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
     base = results["runs"]["non-private"]
-    for name, m in results["runs"].items():
+    for i, (name, m) in enumerate(results["runs"].items()):
         pts = [(h["round"], h["epsilon"], h["eval_loss"]) for h in m["history"] if "eval_loss" in h]
         rounds, eps, loss = zip(*pts)
-        bx.plot(rounds, loss, marker="o", ms=3, label=name)
-        if math.isfinite(eps[-1]):
-            ax.plot(eps, loss, marker="o", ms=3, label=name)
+        color = f"C{i}"  # one colour per run in both panels
+        bx.plot(rounds, loss, marker="o", ms=3, label=name, color=color)
+        if eps[-1] is not None and math.isfinite(eps[-1]):
+            ax.plot(eps, loss, marker="o", ms=3, label=name, color=color)
     ax.axhline(base["eval_loss"], color="k", ls="--", lw=1, label=f"non-private, final ({base['eval_loss']:.3f})")
     if "clipped, σ=0" in results["runs"]:
         c = results["runs"]["clipped, σ=0"]["eval_loss"]
@@ -182,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--client_lr", type=float, default=2.0)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--clip", type=float, default=1.0, help="clipping bound C of the private runs")
-    p.add_argument("--sigmas", default="0.5,1,2", help="noise multipliers of the private runs")
+    p.add_argument("--sigmas", default="0.5,1,2", help="noise multipliers of the private runs ('' for none)")
+    p.add_argument("--clip_baseline", action="store_true", help="also run σ = 0 with clipping bound C (no noise)")
     p.add_argument("--eval_rounds", type=int, default=10)
     p.add_argument("--pretrain_steps", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
@@ -190,8 +194,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_dp_dylora")
     p.add_argument("--plot", type=Path, default=PLOT)
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--replot", action="store_true", help="redraw the plot and table from <out>/results.json, no training")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.replot:
+        results = json.loads((args.out / "results.json").read_text())
+        plot(results, args.plot)
+        print(table(results))  # noqa: T201 (the report)
+        return results
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     echo, train_file, eval_file = make_data(args.out, args.num_clients * args.per_client, 200, args.seed)
@@ -199,8 +209,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                                "runs": {}}
     results["runs"]["non-private"] = run(base, train_file, eval_file, args.out / "nonprivate", args, None)
-    results["runs"]["clipped, σ=0"] = run(base, train_file, eval_file, args.out / "clipped", args, 0.0)
-    for s in [float(x) for x in args.sigmas.split(",")]:
+    if args.clip_baseline:
+        results["runs"]["clipped, σ=0"] = run(base, train_file, eval_file, args.out / "clipped", args, 0.0)
+    for s in [float(x) for x in args.sigmas.split(",") if x.strip()]:
         results["runs"][f"σ={s:g}"] = run(base, train_file, eval_file, args.out / f"sigma{s:g}", args, s)
     (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     plot(results, args.plot)
