@@ -130,7 +130,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
-    base = results["runs"]["non-private"]
+    base = results["runs"].get("non-private")
+    before = next(iter(results["runs"].values()))["eval_loss_before"]
     for i, (name, m) in enumerate(results["runs"].items()):
         pts = [(h["round"], h["epsilon"], h["eval_loss"]) for h in m["history"] if "eval_loss" in h]
         rounds, eps, loss = zip(*pts)
@@ -138,7 +139,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         bx.plot(rounds, loss, marker="o", ms=3, label=name, color=color)
         if eps[-1] is not None and math.isfinite(eps[-1]):
             ax.plot(eps, loss, marker="o", ms=3, label=name, color=color)
-    ax.axhline(base["eval_loss"], color="k", ls="--", lw=1, label=f"non-private, final ({base['eval_loss']:.3f})")
+    if base is not None:
+        ax.axhline(base["eval_loss"], color="k", ls="--", lw=1, label=f"non-private, final ({base['eval_loss']:.3f})")
     if "clipped, σ=0" in results["runs"]:
         c = results["runs"]["clipped, σ=0"]["eval_loss"]
         ax.axhline(c, color="grey", ls="-.", lw=1, label=f"clipped, σ=0, final ({c:.3f})")
@@ -148,7 +150,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
                  f"q={results['args']['client_rate']}, C={results['args']['clip']})", fontsize=10)
     bx.set_xlabel("round")
     bx.set_ylabel("held-out loss")
-    bx.set_title(f"held-out loss by round (before training: {base['eval_loss_before']:.2f})", fontsize=10)
+    bx.set_title(f"held-out loss by round (before training: {before:.2f})", fontsize=10)
     for a in (ax, bx):
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
@@ -169,7 +171,7 @@ def table(results: dict[str, Any]) -> str:
         eps = "∞ (no DP)" if m["epsilon"] is None or m["epsilon"] == float("inf") else f"{m['epsilon']:.2f}"
         rows.append(f"| {name} | {m['noise_multiplier']:g} | {m['clip_norm']:g} | {eps} | {m['eval_loss']:.4f} | "
                     f"{by[ks[0]]:.4f}, {by[ks[1]]:.4f} | {cohort:.1f} | {clipped:.0%} | {m['wall_s']:.0f} s |")
-    b = results["runs"]["non-private"]
+    b = next(iter(results["runs"].values()))
     rows.append(f"\nBefore training (base model, B = 0): held-out loss {b['eval_loss_before']:.4f}.")
     return "\n".join(rows)
 
@@ -187,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--clip", type=float, default=1.0, help="clipping bound C of the private runs")
     p.add_argument("--sigmas", default="0.5,1,2", help="noise multipliers of the private runs ('' for none)")
     p.add_argument("--clip_baseline", action="store_true", help="also run σ = 0 with clipping bound C (no noise)")
+    p.add_argument("--skip_nonprivate", action="store_true", help="leave out the non-private run")
     p.add_argument("--eval_rounds", type=int, default=10)
     p.add_argument("--pretrain_steps", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
@@ -208,7 +211,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = pretrain_base(args.out / "echo-llama", echo, args.pretrain_steps, args.seed)
     results: dict[str, Any] = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                                "runs": {}}
-    results["runs"]["non-private"] = run(base, train_file, eval_file, args.out / "nonprivate", args, None)
+    if not args.skip_nonprivate:
+        results["runs"]["non-private"] = run(base, train_file, eval_file, args.out / "nonprivate", args, None)
     if args.clip_baseline:
         results["runs"]["clipped, σ=0"] = run(base, train_file, eval_file, args.out / "clipped", args, 0.0)
     for s in [float(x) for x in args.sigmas.split(",") if x.strip()]:
