@@ -212,22 +212,29 @@ class T2L(nn.Module):
             a, b = rows[:, :, 0, :, :n_in], rows[:, :, 1, :, :n_out].transpose(-1, -2)
         return a + self.init_A[k], b + self.init_B[k]
 
-    def forward(self, task_embedding: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """(N, emb_dim) or (emb_dim,) -> {module: (A (N, r, in), B (N, out, r))} (leading N dropped for 1-d input)."""
-        e = task_embedding
+    def _check_embedding(self, e: torch.Tensor) -> torch.Tensor:
         if e.dim() not in (1, 2) or e.shape[-1] != self.config.emb_dim:
             raise AdapterError(f"T2L: task embedding of shape {tuple(e.shape)}; expected (N, {self.config.emb_dim}) "
                                f"(the embedder '{self.config.embedder}' width)")
-        single = e.dim() == 1
-        z = self.task_enc(e.reshape(-1, e.shape[-1]).to(self.task_enc.weight))
+        return self.task_enc(e.reshape(-1, e.shape[-1]).to(self.task_enc.weight))
+
+    def raw(self, task_embedding: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(N, emb_dim) -> {type: (A (N, S, r, in), B (N, S, out, r))} in z-score space, the type's slots in order."""
+        z = self._check_embedding(task_embedding)
+        return {t: self._type_raw(z, t, [s for s in self.slots if s.type == t]) for t in self.types}
+
+    def stats(self, t: str, ab: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of type ``t``'s factor ``ab`` ("A"/"B"): generated = raw · std + mean."""
+        return getattr(self, f"mean_{ab}_{_key(t)}"), getattr(self, f"std_{ab}_{_key(t)}")
+
+    def forward(self, task_embedding: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(N, emb_dim) or (emb_dim,) -> {module: (A (N, r, in), B (N, out, r))} (leading N dropped for 1-d input)."""
+        single = task_embedding.dim() == 1
         out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for t in self.types:
-            slots = [s for s in self.slots if s.type == t]
-            a, b = self._type_raw(z, t, slots)
-            k = _key(t)
-            a = a * getattr(self, f"std_A_{k}") + getattr(self, f"mean_A_{k}")
-            b = b * getattr(self, f"std_B_{k}") + getattr(self, f"mean_B_{k}")
-            for i, s in enumerate(slots):
+        for t, (a, b) in self.raw(task_embedding).items():
+            (ma, sa), (mb, sb) = self.stats(t, "A"), self.stats(t, "B")
+            a, b = a * sa + ma, b * sb + mb
+            for i, s in enumerate([s for s in self.slots if s.type == t]):
                 out[s.name] = (a[0, i], b[0, i]) if single else (a[:, i], b[:, i])
         return {s.name: out[s.name] for s in self.slots}
 
