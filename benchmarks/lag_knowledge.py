@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {m} | {r['train']:.3f} | {r['held-out']:.3f} | {'' if f is None else f'{f:.2f}'} |")
     print("\n".join(lines))  # noqa: T201 (the report)
     if a.json:
-        a.json.write_text(json.dumps(out, indent=1))
+        a.json.write_text(json.dumps(out, indent=1, default=str))
 
 
 if __name__ == "__main__":
