@@ -178,6 +178,15 @@ def test_checkpoint_for_another_base_is_refused(tmp_path, other, words):
     assert ld.list_adapters(model) == []  # nothing applied
 
 
+def test_other_embedder_is_refused():
+    model = make_llama()
+    hyper = tiny_hyper(model)
+    hyper.config.embedder = "all-MiniLM-L6-v2"
+    with pytest.raises(AdapterError, match="embedder 'hash': this hypernetwork reads embeddings of 'all-MiniLM-L6-v2'"):
+        text_to_lora(model, hyper, "any task", HashEmbedder())
+    assert ld.list_adapters(model) == []
+
+
 @pytest.mark.parametrize("desc", ["", "   ", None])
 def test_empty_description_is_refused(desc):
     model = make_llama()

@@ -24,7 +24,7 @@ import torch
 from ..core.errors import AdapterError, AdapterFileError
 from ..io import canonical
 from ..io.files import read_safetensors
-from .t2l import T2L, _key, embed_description
+from .t2l import T2L, _key, check_embedder, embed_description
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ def train_reconstruction(hyper: T2L, library: Sequence[tuple[str, str | os.PathL
     cfg = config or ReconConfig()
     if not library:
         raise AdapterError("train_reconstruction: the library is empty; expected (description, LoRA file) pairs")
+    check_embedder(hyper, embedder)
     files = {str(p): read_lora_factors(p, hyper) for p in dict.fromkeys(str(p) for _, p in library)}
     emb = torch.stack([embed_description(embedder, d) for d, _ in library]).float()  # (T, emb_dim), frozen
     targets = _stack_targets(hyper, [files[str(p)] for _, p in library])

@@ -305,6 +305,14 @@ def make_embedder(name: str | os.PathLike | None = None, device: str = "cpu") ->
     return MiniLMEmbedder(name, device=device)
 
 
+def check_embedder(hyper: T2L, embedder: Any) -> None:
+    """Refuse an embedder other than the one the hypernetwork was built for (``T2LConfig.embedder``)."""
+    eid = getattr(embedder, "id", None)
+    if eid is not None and eid != hyper.config.embedder:
+        raise AdapterError(f"embedder '{eid}': this hypernetwork reads embeddings of '{hyper.config.embedder}' "
+                           f"(T2LConfig.embedder); another model's embeddings would give a meaningless LoRA")
+
+
 def embed_description(embedder: Any, description: str) -> torch.Tensor:
     if not isinstance(description, str) or not description.strip():
         raise AdapterError(f"task description {description!r}: expected a non-empty text describing the task")
@@ -337,4 +345,5 @@ def apply_generated(model: nn.Module, hyper: T2L, lora: dict[str, tuple[torch.Te
 def text_to_lora(model: nn.Module, hyper: T2L, description: str, embedder: Any, name: str = "t2l",
                  scale: float = 1.0) -> list[str]:
     """Describe a task in words, get a LoRA on ``model`` as adapter ``name``."""
+    check_embedder(hyper, embedder)
     return apply_generated(model, hyper, hyper.generate(embed_description(embedder, description)), name, scale)
