@@ -39,6 +39,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    import llm_variants
     from llm_variants import train_argv
 
     from training import train_llm
@@ -47,8 +48,7 @@ def main() -> None:
     for case in a.cases.split(";"):
         opts = parse_case(case)
         with tempfile.TemporaryDirectory() as tmp:
-            ns = argparse.Namespace(rank=8, targets="llm", steps=a.steps, batch=4, max_length=64, seed=0, lr=None,
-                                    device="cpu", model=None)
+            ns = llm_variants.parse_args(["--steps", str(a.steps)])  # its defaults: rank 8, llm, batch 4, seed 0
             m = train_llm.main([*train_argv(ns, "singlora", Path(tmp) / "o"), "--adapter_options", json.dumps(opts)])
         print(f"| {json.dumps(opts)} | {m['before']['eval_loss']:.4f} | {m['after']['eval_loss']:.4f} |", flush=True)
 
