@@ -205,6 +205,17 @@ class CheckpointManager:
             log.info("removed old checkpoint %s (keeping the last %d)", p, self.keep_last)
 
     # --- loading ---
+    def resume(self, spec: str | None, shared: dict[str, Stateful], local: dict[str, Stateful]) -> int:
+        """The step a run starts from: 0 without ``spec`` (--resume_from_checkpoint) or when 'latest' finds nothing
+        yet; else that checkpoint's step, with every state restored."""
+        if not spec:
+            return 0
+        path = self.find(spec)
+        if path is None:
+            log.info("no checkpoint in %s yet: starting from step 0", self.root)
+            return 0
+        return self.load(path, shared, local)
+
     def load(self, path: Path, shared: dict[str, Stateful], local: dict[str, Stateful]) -> int:
         """Restore every state from ``path``; returns the step it was written at."""
         meta = self.validate(path)

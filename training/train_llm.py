@@ -345,34 +345,10 @@ def check_output(cfg: LLMConfig) -> Path:
 
 
 # --- the run ---
-def train(cfg: LLMConfig) -> dict[str, Any]:
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-    from transformers import get_scheduler
-
-    check_config(cfg)
-    out = check_output(cfg)
-    o = cfg.optim
-    o.learning_rate = o.learning_rate or LR_DEFAULTS.get(cfg.adapter.variant, 2e-4)
-    log_with = None if cfg.run.report_to == "none" else cfg.run.report_to
-    acc = Accelerator(mixed_precision=cfg.model.mixed_precision, cpu=cfg.run.cpu, log_with=log_with,
-                      project_config=ProjectConfiguration(str(out), str(out / cfg.run.logging_dir)),
-                      step_scheduler_with_optimizer=False)
-    torch.manual_seed(cfg.run.seed)
-    dtype = DTYPES[cfg.model.dtype]
-    model, tok = llm.load_causal_lm(cfg.model.model, load_in_4bit=cfg.model.load_in_4bit, dtype=dtype,
-                                    device=acc.device, trust_remote_code=cfg.model.trust_remote_code)
-    train_ex, eval_ex = prepare_data(cfg, tok, model)
-    dp = dp_enabled(cfg.dp)
-    if dp and acc.num_processes > 1:
-        raise ConfigError("DP-SGD runs in one process (the noise is drawn once per step); launch without accelerate")
-    q = min(1.0, cfg.data.train_batch_size / max(len(train_ex), 1))  # DP-SGD: Poisson rate of the expected batch
-    source = (PoissonBatches(train_ex, q, tok.pad_token_id, cfg.run.seed, collate) if dp else
-              LLMBatches(train_ex, cfg.data.train_batch_size, tok.pad_token_id, cfg.run.seed, cfg.data.bucket,
-                         acc.process_index, acc.num_processes))
-    max_steps = o.max_train_steps or max(1, math.ceil(len(source) / o.gradient_accumulation_steps))
-    cfg.adapter.adapter_options = step_option_defaults(cfg.adapter.variant, cfg.adapter.adapter_options, max_steps)
-    spec = build_spec(cfg)
+def attach_adapters(cfg: LLMConfig, model: torch.nn.Module, spec: ld.AdapterSpec, train_ex: list[Example],
+                    pad_id: int, acc: Any, out: Path, max_steps: int) -> tuple[list[Any], ld.AdapterSpec, Any]:
+    """What trains: a new adapter, a LoRA-drop plan, a file to continue, MoA experts, or a mixture's classifier/gates
+    over frozen adapters. Returns (adapted modules, the spec in effect, the mixture's fusion or None)."""
     moa = cfg.mixture.mixture == llm_moa.NAME  # MoA trains new experts and routers (no --adapters)
     fusion = llm_mixture.add_mixture(cfg.mixture, model) if cfg.mixture.mixture and not moa else None
     if moa:
@@ -381,49 +357,101 @@ def train(cfg: LLMConfig) -> dict[str, Any]:
         modules = list(fusion.layers)
     elif spec.variant == lora_drop.VARIANT:  # its importance stage trains a first LoRA on a sample of the data
         check_lora_drop(cfg.lora_drop, spec.variant, max_steps)
-        modules = add_loradrop(cfg, model, spec, train_ex, tok.pad_token_id, acc, out)
+        modules = add_loradrop(cfg, model, spec, train_ex, pad_id, acc, out)
     elif cfg.adapter.init_adapter:  # continue from a file (a squeezed LoRA, ...): its spec and weights, trainable
         ld.load_adapter(model, cfg.adapter.init_adapter, name="default", trainable=True)
         modules, spec = ld.api.model_state(model).modules["default"], ld.get_spec(model)
     else:
         modules = ld.add_adapter(model, spec)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad) + sum(
-        p.numel() for p in (fusion.modules.parameters() if fusion is not None else ()))
-    n_total = sum(p.numel() for p in model.parameters())
+    n_train, n_total = trainable_count(model, fusion), sum(p.numel() for p in model.parameters())
     log.info("%s rank %d on %d modules: %d trainable parameters (%.3f%% of %d)", spec.variant, spec.rank, len(modules),
              n_train, 100 * n_train / max(n_total, 1), n_total)
+    return modules, spec, fusion
+
+
+def trainable_count(model: torch.nn.Module, fusion: Any) -> int:
+    extra = fusion.modules.parameters() if fusion is not None else ()
+    return sum(p.numel() for p in model.parameters() if p.requires_grad) + sum(p.numel() for p in extra)
+
+
+def eval_logged(model: torch.nn.Module, eval_ex: list[Example], cfg: LLMConfig, pad_id: int, acc: Any, when: str,
+                step: int) -> dict[str, float]:
+    """Held-out loss and perplexity, logged as '<when>' and to the trackers at ``step``."""
+    m = evaluate(model, eval_ex, cfg.data.eval_batch_size, pad_id, acc.device)
+    log.info("held-out loss %s: %.4f (perplexity %.2f)", when, m["eval_loss"], m["eval_ppl"])
+    acc.log(m, step=step)
+    return m
+
+
+def setup(cfg: LLMConfig) -> tuple[Any, Path, Any, Any]:
+    """Checks, the output folder, the Accelerator and the (quantized) model: (acc, out, model, tokenizer)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    check_config(cfg)
+    out = check_output(cfg)
+    cfg.optim.learning_rate = cfg.optim.learning_rate or LR_DEFAULTS.get(cfg.adapter.variant, 2e-4)
+    log_with = None if cfg.run.report_to == "none" else cfg.run.report_to
+    acc = Accelerator(mixed_precision=cfg.model.mixed_precision, cpu=cfg.run.cpu, log_with=log_with,
+                      project_config=ProjectConfiguration(str(out), str(out / cfg.run.logging_dir)),
+                      step_scheduler_with_optimizer=False)
+    torch.manual_seed(cfg.run.seed)
+    model, tok = llm.load_causal_lm(cfg.model.model, load_in_4bit=cfg.model.load_in_4bit,
+                                    dtype=DTYPES[cfg.model.dtype], device=acc.device,
+                                    trust_remote_code=cfg.model.trust_remote_code)
+    return acc, out, model, tok
+
+
+def batch_source(cfg: LLMConfig, train_ex: list[Example], pad_id: int, acc: Any) -> tuple[Any, float]:
+    """The batch source (Poisson batches under DP-SGD) and the Poisson rate q of the expected batch."""
+    dp = dp_enabled(cfg.dp)
+    if dp and acc.num_processes > 1:
+        raise ConfigError("DP-SGD runs in one process (the noise is drawn once per step); launch without accelerate")
+    q = min(1.0, cfg.data.train_batch_size / max(len(train_ex), 1))
+    source = (PoissonBatches(train_ex, q, pad_id, cfg.run.seed, collate) if dp else
+              LLMBatches(train_ex, cfg.data.train_batch_size, pad_id, cfg.run.seed, cfg.data.bucket,
+                         acc.process_index, acc.num_processes))
+    return source, q
+
+
+def optimization(cfg: LLMConfig, model: torch.nn.Module, fusion: Any, acc: Any, max_steps: int) -> tuple[Any, ...]:
+    """Gradient checkpointing, the optimizer (the mixture's, or the variant's) and the schedule, prepared:
+    (model, optimizer, scheduler)."""
+    from transformers import get_scheduler
+
+    o = cfg.optim
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     optimizer = llm_mixture.optimizer(fusion, o.learning_rate, o) if fusion else build_optimizer(cfg, model, acc.device)
     sched = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps, num_training_steps=max_steps)
-    model, optimizer, sched = acc.prepare(model, optimizer, sched)
+    return acc.prepare(model, optimizer, sched)
 
+
+def train(cfg: LLMConfig) -> dict[str, Any]:
+    acc, out, model, tok = setup(cfg)
+    o, pad_id = cfg.optim, tok.pad_token_id
+    train_ex, eval_ex = prepare_data(cfg, tok, model)
+    source, q = batch_source(cfg, train_ex, pad_id, acc)
+    max_steps = o.max_train_steps or max(1, math.ceil(len(source) / o.gradient_accumulation_steps))
+    cfg.adapter.adapter_options = step_option_defaults(cfg.adapter.variant, cfg.adapter.adapter_options, max_steps)
+    modules, spec, fusion = attach_adapters(cfg, model, build_spec(cfg), train_ex, pad_id, acc, out, max_steps)
+    model, optimizer, sched = optimization(cfg, model, fusion, acc, max_steps)
     ckpt = CheckpointManager(out, identity(cfg), cfg.checkpoint.checkpoints_total_limit, acc.process_index,
                              acc.num_processes, acc.wait_for_everyone)
     shared = {"params": TrainableParams(model), "optimizer": optimizer, "scheduler": sched,
               **(llm_mixture.checkpoint_state(fusion) if fusion else {})}
     local = {"rng": GlobalRNG(), "data": source}
-    start = 0
-    if cfg.checkpoint.resume_from_checkpoint:
-        path = ckpt.find(cfg.checkpoint.resume_from_checkpoint)
-        if path is None:
-            log.info("no checkpoint in %s yet: starting from step 0", out)
-        else:
-            start = ckpt.load(path, shared, local)
-    if acc.is_main_process and log_with:
+    start = ckpt.resume(cfg.checkpoint.resume_from_checkpoint, shared, local)
+    if acc.is_main_process and cfg.run.report_to != "none":
         acc.init_trackers("train_llm", config={k: str(v) for k, v in identity(cfg).items()})
-
-    metrics: dict[str, Any] = {"trainable_params": n_train, "modules": len(modules)}
+    metrics: dict[str, Any] = {"trainable_params": trainable_count(model, fusion), "modules": len(modules)}
     if eval_ex and start == 0:
         ld.set_context(model, step=0)  # "before" = the model at step 0: SingLoRA's ramp u(0) = 0 is the base model
-        metrics["before"] = evaluate(model, eval_ex, cfg.data.eval_batch_size, tok.pad_token_id, acc.device)
-        log.info("held-out loss before training: %.4f (perplexity %.2f)", metrics["before"]["eval_loss"],
-                 metrics["before"]["eval_ppl"])
-        acc.log(metrics["before"], step=0)
-
-    tokens = {"n": 0}
+        metrics["before"] = eval_logged(model, eval_ex, cfg, pad_id, acc, "before training", 0)
+    dp = dp_enabled(cfg.dp)
     dpsgd = dp_mechanism(cfg, acc.unwrap_model(model), q, len(train_ex), max_steps, metrics) if dp else None
+    tokens = {"n": 0}
 
     def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = {k: v.to(acc.device) for k, v in batch.items()}
@@ -438,9 +466,7 @@ def train(cfg: LLMConfig) -> dict[str, Any]:
         acc.log(logs, step=step)
         ev = cfg.output.eval_steps
         if eval_ex and ev and step % ev == 0 and step != max_steps:
-            m = evaluate(model, eval_ex, cfg.data.eval_batch_size, tok.pad_token_id, acc.device)
-            log.info("step %d: held-out loss %.4f (perplexity %.2f)", step, m["eval_loss"], m["eval_ppl"])
-            acc.log(m, step=step)
+            eval_logged(model, eval_ex, cfg, pad_id, acc, f"at step {step}", step)
         every = cfg.checkpoint.checkpointing_steps
         if every and step % every == 0:
             ckpt.save(step, shared, local)
@@ -458,21 +484,25 @@ def train(cfg: LLMConfig) -> dict[str, Any]:
     dt = time.perf_counter() - t0
     metrics.update({"steps": result.last_step, "losses": result.losses, "train_seconds": dt,
                     "tokens_per_s": tokens["n"] / dt if dt > 0 else 0.0})
+    finish(cfg, acc, model, tok, out, metrics, fusion, eval_ex, dpsgd, q)
+    return metrics
+
+
+def finish(cfg: LLMConfig, acc: Any, model: torch.nn.Module, tok: Any, out: Path, metrics: dict[str, Any],
+           fusion: Any, eval_ex: list[Example], dpsgd: DPSGD | None, q: float) -> None:
+    """After the last step: the final ε, the held-out loss after training, and the outputs (Stop-safe)."""
+    last = metrics["steps"]
     if dpsgd is not None:
-        metrics["dp"]["epsilon"] = epsilon(dpsgd.sigma, q, result.last_step, cfg.dp.dp_delta)
+        metrics["dp"]["epsilon"] = epsilon(dpsgd.sigma, q, last, cfg.dp.dp_delta)
         log.info("DP-SGD: ε=%.4g at δ=%g after %d steps (σ=%.4g, C=%g, q=%.4g)", metrics["dp"]["epsilon"],
-                 cfg.dp.dp_delta, result.last_step, dpsgd.sigma, cfg.dp.dp_max_grad_norm, q)
+                 cfg.dp.dp_delta, last, dpsgd.sigma, cfg.dp.dp_max_grad_norm, q)
     with StopSignals("training is complete: writing the final outputs first"):  # a Stop now loses nothing either
         if eval_ex:
-            metrics["after"] = evaluate(model, eval_ex, cfg.data.eval_batch_size, tok.pad_token_id, acc.device)
-            log.info("held-out loss after training: %.4f (perplexity %.2f)", metrics["after"]["eval_loss"],
-                     metrics["after"]["eval_ppl"])
-            acc.log(metrics["after"], step=result.last_step)
+            metrics["after"] = eval_logged(model, eval_ex, cfg, tok.pad_token_id, acc, "after training", last)
         acc.wait_for_everyone()
         if acc.is_main_process:
             save_outputs(cfg, acc.unwrap_model(model), tok, out, metrics, fusion)
     acc.end_training()
-    return metrics
 
 
 def dp_mechanism(cfg: LLMConfig, model: torch.nn.Module, q: float, n: int, max_steps: int,

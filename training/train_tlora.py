@@ -20,6 +20,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -58,13 +59,35 @@ class TrainResult:
     checkpoints: list[Path] = field(default_factory=list)
 
 
-def train(cfg: TLoRAConfig) -> TrainResult:
-    """Check everything, build, (resume,) train, save. Errors on bad input come before the first step."""
+@dataclass
+class Run:
+    """What one training run holds between its build and its end."""
+    cfg: TLoRAConfig
+    acc: Any
+    out: Path
+    pipe: Any
+    res: int
+    tokens: Any  # the placeholder embeddings under pivotal tuning, or None
+    text_encoders: list[Any]
+    unet: Any
+    model: Any  # the prepared UNet
+    sampler: Any
+    cond: Any
+    opt: Any
+    sched: Any
+    objective: DiffusionObjective
+    ckpt: CheckpointManager
+    shared: dict[str, Any]
+    local: dict[str, Any]
+
+
+def build(cfg: TLoRAConfig) -> Run:
+    """Check everything and build the run: base model, placeholder tokens, adapters, data, optimizer, checkpoints.
+    Errors on bad input come from here, before the first step."""
     from diffusers import DDPMScheduler
 
     resolve_defaults(cfg, ld.variant_names())
     images = dif.preflight(cfg)
-    out = Path(cfg.checkpoint.output_dir)
     acc = make_accelerator(cfg.model.mixed_precision, cfg.run.cpu)
     torch.manual_seed(cfg.run.seed)
     pipe = dif.load_base(cfg)
@@ -80,44 +103,44 @@ def train(cfg: TLoRAConfig) -> TrainResult:
         dif.add_loradrop(pipe, cfg, cond, res, acc, bool(cfg.checkpoint.resume_from_checkpoint))
     opt, sched = dif.make_optimizer(unet, cfg, tokens, text_encoders)
     model, opt = acc.prepare(unet, opt)
-    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    objective = DiffusionObjective(model, unet, noise_sched, cond, cfg.run.seed * 1000 + acc.process_index + 1,
-                                   cfg.data.prior_loss_weight, res, cfg.optim.timestep_bias)
+    objective = DiffusionObjective(model, unet, DDPMScheduler.from_config(pipe.scheduler.config), cond,
+                                   cfg.run.seed * 1000 + acc.process_index + 1, cfg.data.prior_loss_weight, res,
+                                   cfg.optim.timestep_bias)
+    out = Path(cfg.checkpoint.output_dir)
     ckpt = CheckpointManager(out / "checkpoints", dif.identity(cfg, files_digest(images), res),
                              cfg.checkpoint.checkpoints_total_limit, acc.process_index, acc.num_processes,
                              acc.wait_for_everyone)
-    shared = {"params": TrainableParams(unet), "optimizer": opt, "lr_scheduler": sched}
-    if tokens is not None:
-        shared["embeddings"] = tokens
-    for i, te in enumerate(text_encoders):
-        shared[f"text_params_{i}"] = TrainableParams(te)
-    if acc.scaler is not None:
-        shared["grad_scaler"] = acc.scaler
+    shared = {"params": TrainableParams(unet), "optimizer": opt, "lr_scheduler": sched,
+              **({"embeddings": tokens} if tokens is not None else {}),
+              **{f"text_params_{i}": TrainableParams(te) for i, te in enumerate(text_encoders)},
+              **({"grad_scaler": acc.scaler} if acc.scaler is not None else {})}
     local = {"rng": GlobalRNG(), "data": sampler, "objective": objective}
-    start = 0
-    if cfg.checkpoint.resume_from_checkpoint:
-        path = ckpt.find(cfg.checkpoint.resume_from_checkpoint)
-        start = ckpt.load(path, shared, local) if path else 0
-        if path is None:
-            log.info("no checkpoint in %s yet: starting from step 0", ckpt.root)
+    return Run(cfg, acc, out, pipe, res, tokens, text_encoders, unet, model, sampler, cond, opt, sched, objective,
+               ckpt, shared, local)
+
+
+def train(cfg: TLoRAConfig) -> TrainResult:
+    """Check everything, build, (resume,) train, save. Errors on bad input come before the first step."""
+    r = build(cfg)
+    acc, tokens = r.acc, r.tokens
+    start = r.ckpt.resume(cfg.checkpoint.resume_from_checkpoint, r.shared, r.local)
     stop_embedding = cfg.embedding.embedding_steps
 
     def freeze_embedding(step: int) -> None:
         if tokens is not None and stop_embedding is not None and step >= stop_embedding and tokens.trainable:
             tokens.set_trainable(False)
-            cond.live_text = bool(text_encoders)
+            r.cond.live_text = bool(r.text_encoders)
             log.info("step %d: placeholder vectors frozen (--embedding_steps %d)", step, stop_embedding)
 
     freeze_embedding(start)
-    target = dif.save_target(pipe, cfg)
-    reporter = Reporter(out / cfg.run.logging_dir, cfg.run.report_to == "tensorboard" and acc.is_main_process)
-
+    target = dif.save_target(r.pipe, cfg)
+    reporter = Reporter(r.out / cfg.run.logging_dir, cfg.run.report_to == "tensorboard" and acc.is_main_process)
     sampled: set[int] = set()
 
     def save_checkpoint(step: int, once: bool = False) -> Path:
-        meta = dif.adapter_metadata(cfg, step, res)
-        save = ckpt.save_once if once else ckpt.save
-        return save(step, shared, local, lambda d: ld.save_adapter(target, d / "adapter.safetensors", metadata=meta))
+        meta = dif.adapter_metadata(cfg, step, r.res)
+        save = r.ckpt.save_once if once else r.ckpt.save
+        return save(step, r.shared, r.local, lambda d: ld.save_adapter(target, d / "adapter.safetensors", metadata=meta))
 
     def on_step(step: int, logs: dict[str, float]) -> None:
         reporter.scalars(step, logs)
@@ -128,39 +151,52 @@ def train(cfg: TLoRAConfig) -> TrainResult:
         if every and step % every == 0:
             save_checkpoint(step)
         if acc.is_main_process and (step % val_every == 0 if val_every else bool(every) and step % every == 0):
-            reporter.images(step, dif.sample(pipe, cfg, step, res))
+            reporter.images(step, dif.sample(r.pipe, cfg, step, r.res))
             sampled.add(step)
 
-    loop = LoopConfig(cfg.optim.max_train_steps, cfg.optim.gradient_accumulation_steps, cfg.optim.max_grad_norm,
-                      f"train {cfg.adapter.variant}", cfg.run.progress)
     try:
-        hooks = [on_step] + ([JsonlProgress(cfg.run.progress_file, loop.max_steps)]
-                             if cfg.run.progress_file and acc.is_main_process else [])
-        result = fit(acc, model, opt, sched, sampler, objective, loop, start, hooks,
-                     on_stop=lambda step: save_checkpoint(step, once=True),
-                     adapters=ld.TrainingHooks(model, *text_encoders))
+        result = run_loop(r, start, on_step, save_checkpoint)
     except TrainingStopped:  # a checkpoint of the stop step is written; no final outputs (training did not finish)
         reporter.close()
         acc.end_training()
         raise
+    outputs = finish(r, result.last_step, start, reporter, sampled)
+    return TrainResult(result.losses, result.first_step, result.last_step, outputs, r.ckpt.checkpoints())
+
+
+def run_loop(r: Run, start: int, on_step: Any, save_checkpoint: Any) -> Any:
+    """The shared training loop over this run (progress file, stop handling, the variants' step hooks)."""
+    cfg = r.cfg
+    loop = LoopConfig(cfg.optim.max_train_steps, cfg.optim.gradient_accumulation_steps, cfg.optim.max_grad_norm,
+                      f"train {cfg.adapter.variant}", cfg.run.progress)
+    hooks = [on_step] + ([JsonlProgress(cfg.run.progress_file, loop.max_steps)]
+                         if cfg.run.progress_file and r.acc.is_main_process else [])
+    try:
+        return fit(r.acc, r.model, r.opt, r.sched, r.sampler, r.objective, loop, start, hooks,
+                   on_stop=lambda step: save_checkpoint(step, once=True),
+                   adapters=ld.TrainingHooks(r.model, *r.text_encoders))
     except NonFiniteLossError as e:
-        last = ckpt.checkpoints()
+        last = r.ckpt.checkpoints()
         raise TrainingError(f"{e}: training stopped, nothing of this step was applied; last good checkpoint: "
                             f"{last[-1] if last else 'none'} (try a lower --learning_rate, bf16 instead of fp16, "
                             f"or the fp16-fix VAE)") from None
-    outputs = {}
+
+
+def finish(r: Run, last_step: int, start: int, reporter: Reporter, sampled: set[int]) -> dict[str, Path]:
+    """The final outputs (Stop-safe) and a last sample grid when the last step has none yet."""
+    outputs: dict[str, Path] = {}
     with StopSignals("training is complete: writing the final outputs first"):  # a Stop now loses nothing either
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            if tokens is not None:
-                tokens.commit()
-            outputs = dif.save_outputs(pipe, cfg, out, result.last_step, res)
-            if result.last_step > start and result.last_step not in sampled:
-                reporter.images(result.last_step, dif.sample(pipe, cfg, result.last_step, res))
+        r.acc.wait_for_everyone()
+        if r.acc.is_main_process:
+            if r.tokens is not None:
+                r.tokens.commit()
+            outputs = dif.save_outputs(r.pipe, r.cfg, r.out, last_step, r.res)
+            if last_step > start and last_step not in sampled:
+                reporter.images(last_step, dif.sample(r.pipe, r.cfg, last_step, r.res))
     reporter.close()
-    acc.wait_for_everyone()
-    acc.end_training()
-    return TrainResult(result.losses, result.first_step, result.last_step, outputs, ckpt.checkpoints())
+    r.acc.wait_for_everyone()
+    r.acc.end_training()
+    return outputs
 
 
 def main(argv: list[str] | None = None) -> None:
