@@ -167,7 +167,8 @@ def test_cli_and_formats_load_in_diffusers(sd_model, subject, tmp_path):  # noqa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["tlora", "adalora"])  # AdaLoRA: a post-step hook reading all-reduced gradients
+# AdaLoRA: a post-step hook reading all-reduced gradients; Delta-LoRA: a snapshot of the synchronised factors at K
+@pytest.mark.parametrize("variant", ["tlora", "adalora", "deltalora"])
 def test_accelerate_launch_two_cpu_processes(sd_model, subject, tmp_path, variant):  # noqa: F811
     """Data parallel on CPU (gloo). accelerate 1.15's launcher runs a single process for ``--cpu --num_processes 2``
     (multi-CPU needs mpirun), so two processes are started with its torchrun launcher and the trainer's --cpu."""
@@ -178,12 +179,19 @@ def test_accelerate_launch_two_cpu_processes(sd_model, subject, tmp_path, varian
            "--resolution", "32", "--max_train_steps", "3", "--checkpointing_steps", "3",
            "--output_dir", str(out), "--cpu", "--report_to", "none", "--variant", variant]
     cmd += ["--min_rank", "2"] if variant == "tlora" else []
+    cmd += ["--adapter_options", '{"start_step": 1}'] if variant == "deltalora" else []  # W moves at steps 2 and 3
     p = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=400)
     assert p.returncode == 0, p.stderr[-3000:]
     ck = out / "checkpoints" / "checkpoint-3"
     assert json.loads((ck / "checkpoint.json").read_text())["num_processes"] == 2
     assert (ck / "local-0.pt").is_file() and (ck / "local-1.pt").is_file()
     assert (out / f"{variant}.safetensors").is_file()
+    if variant == "deltalora":  # the snapshot (A_K, B_K) of step 1 is saved and W moved after it (A != A_K)
+        from safetensors.torch import load_file
+
+        sd = load_file(out / "deltalora.safetensors")
+        snap = {k: v for k, v in sd.items() if k.endswith("lora_A_K")}
+        assert snap and any(not torch.equal(v, sd[k[:-2]]) for k, v in snap.items())
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(sd_model, subject, tmp_path, monkeypatch):  # noqa: F811
