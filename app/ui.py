@@ -166,7 +166,13 @@ class UI:
         if "run out of memory" in plan:
             gr.Warning("This job would likely run out of memory on this device (see the estimate); Stop it and lower "
                        "the rank or the resolution if it fails", duration=None)
-        return self.job_choices(request, job.id), f"Job {job.name} queued"
+        return self.job_choices(request, job.id), self._started(job, "Job")
+
+    def _started(self, job: Any, what: str) -> str:
+        """What Start did: the job runs now, or waits for the running one (one training at a time)."""
+        if job.state == "queued":
+            return f"{what} {job.name} queued: place {self.s.jobs.place(job)} in the training queue"
+        return f"{what} {job.name} started"
 
     def job_choices(self, request: gr.Request | None, selected: str | None = None, kind: str = "diffusion") -> Any:
         jobs = self.s.jobs.list(owner(request), kind)
@@ -190,7 +196,7 @@ class UI:
         req = LLMJobRequest(str(file), model, variant, _int_or_none(rank, "rank"), _int_or_none(steps, "total steps") or 100,
                             float(lr) if lr else None, file_name=Path(str(file)).name)
         job = self.s.jobs.create_llm(req, owner(request))
-        return self.job_choices(request, job.id, "llm"), f"LLM job {job.name} queued"
+        return self.job_choices(request, job.id, "llm"), self._started(job, "LLM job")
 
     @handled
     def llm_chat(self, job_id: str, message: str, max_new: float, base_hist: list | None, adapted_hist: list | None,

@@ -299,10 +299,12 @@ def test_job_trains_stops_resumes_and_survives_a_restart(tmp_path, monkeypatch) 
     second = jm.create(JobRequest([image(tmp_path / "b.png")], steps=30, checkpoint_every=2, sample_every=30,
                                   sample_steps=2, name="second"))
     assert job.state == "running" and second.state == "queued" and jm.place(second) == 2  # one job at a time
-    wait(jm, job, until=lambda: jm.progress(job)["step"] >= 3)
     from app.ui import UI
 
     ui = UI(services)
+    assert (ui._started(job, "Job"), ui._started(second, "Job")) == (
+        "Job ring started", "Job second queued: place 2 in the training queue")
+    wait(jm, job, until=lambda: jm.progress(job)["step"] >= 3)
     ui.status_tick(job.id)  # the page's poll sees "running"
     assert ui.status_tick(job.id)[-1] != ""  # nothing moved: the last action's message stays
     jm.stop(job.id)

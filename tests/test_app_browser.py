@@ -72,7 +72,8 @@ def set_number(driver, elem_id: str, value: str) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    box = driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input")
+    # the field may not be drawn yet (an accordion just opened): wait for it rather than racing the page
+    box = wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, f"#{elem_id} input"), 10, elem_id)[0]
     box.send_keys(Keys.CONTROL, "a")
     box.send_keys(value, Keys.TAB)
 
@@ -109,16 +110,18 @@ def test_personalize_in_a_real_browser(browser, served, tmp_path, monkeypatch) -
     upload.send_keys(str(subject_image(tmp_path / "ring.png")))
     wait_for(d, lambda d: "ring.png" in d.page_source, 30, "the upload")
     d.find_element(By.XPATH, "//*[normalize-space(text())='Advanced']").click()  # the accordion
-    for elem, v in (("train-steps", "30"), ("sample-every", "10"), ("ckpt-every", "2"), ("sample-steps", "3")):
+    # 60 steps: Stop (clicked once the first samples show, at step >= 10) must land before the run ends on its own;
+    # with 30 steps a quiet machine (10 it/s) sometimes finished first and the job read "done", never "stopped"
+    for elem, v in (("train-steps", "60"), ("sample-every", "10"), ("ckpt-every", "2"), ("sample-steps", "3")):
         set_number(d, elem, v)
-    wait_for(d, lambda d: "30 steps" in text_of(d, "train-estimate"), 20, "the estimate")
+    wait_for(d, lambda d: "60 steps" in text_of(d, "train-estimate"), 20, "the estimate")
     click(d, "train-start")
     wait_for(d, lambda d: "running" in text_of(d, "job-status") and "it/s" in text_of(d, "job-status"), 90, "progress")
     wait_for(d, lambda d: images_in(d, "job-samples") > 0, 120, "samples")
     wait_for(d, lambda d: "last checkpoint" in text_of(d, "job-status"), 60, "a checkpoint")
     shot(d, "app-personalize-training.png")
     status = text_of(d, "job-status")
-    assert "step " in status and "/30" in status and "ETA" in status
+    assert "step " in status and "/60" in status and "ETA" in status
     click(d, "train-stop")
     wait_for(d, lambda d: "stopped" in text_of(d, "job-status"), 60, "stopped")
     click(d, "try-btn")  # a prompt with the adapter as it is now
@@ -132,13 +135,13 @@ def test_personalize_in_a_real_browser(browser, served, tmp_path, monkeypatch) -
         "tlora.safetensors", "tlora.kohya.safetensors", "pytorch_lora_weights.safetensors"}
     shot(d, "app-personalize-done.png")
     d.refresh()  # a reloaded page finds the job again (its state is on disk)
-    wait_for(d, lambda d: "done" in text_of(d, "job-status") and "step 30/30" in text_of(d, "job-status"), 60, "reload")
+    wait_for(d, lambda d: "done" in text_of(d, "job-status") and "step 60/60" in text_of(d, "job-status"), 60, "reload")
 
     tab(d, "Library")
     click(d, "lib-refresh")
     wait_for(d, lambda d: "sks-tlora" in text_of(d, "lib-table") and "dotted" in text_of(d, "lib-table"), 30, "library")
     table = text_of(d, "lib-table")
-    assert "canonical" in table and "tlora" in table and "30 steps" in table
+    assert "canonical" in table and "tlora" in table and "60 steps" in table
     pick = d.find_element(By.CSS_SELECTOR, "#lib-select input")
     pick.click()
     pick.send_keys(Keys.CONTROL, "a")
