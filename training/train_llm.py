@@ -443,7 +443,7 @@ def train(cfg: LLMConfig) -> dict[str, Any]:
               **(llm_mixture.checkpoint_state(fusion) if fusion else {})}
     local = {"rng": GlobalRNG(), "data": source}
     start = ckpt.resume(cfg.checkpoint.resume_from_checkpoint, shared, local)
-    if acc.is_main_process and cfg.run.report_to != "none":
+    if acc.is_main_process and cfg.run.report_to not in ("none", ""):  # as setup() chose log_with
         acc.init_trackers("train_llm", config={k: str(v) for k, v in identity(cfg).items()})
     metrics: dict[str, Any] = {"trainable_params": trainable_count(model, fusion), "modules": len(modules)}
     if eval_ex and start == 0:
