@@ -170,7 +170,7 @@ def save_adapter(model_or_pipeline: Any, path: str | os.PathLike, name: str = "d
         raise AdapterError(f"save_adapter: format {format!r}; expected one of {list(formats.FORMATS)}")
     if format != "canonical":
         for m in components(model_or_pipeline).values():
-            if name in m.__dict__.get("_lora_moa", {}):
+            if name in moa_mixtures(m):
                 raise AdapterError(f"adapter '{name}' is a mixture (MoA): only the canonical file holds its router and "
                                    f"extra experts; format {format!r} would keep the LoRA experts alone")
         return _save_external(model_or_pipeline, Path(path), name, meta, format)
@@ -194,7 +194,7 @@ def save_adapter(model_or_pipeline: Any, path: str | os.PathLike, name: str = "d
     if family:
         meta.setdefault("base_model_family", family)
     for comp, model in components(model_or_pipeline).items():  # a mixture's router and extra experts (MoA)
-        mix = model.__dict__.get("_lora_moa", {}).get(name)
+        mix = moa_mixtures(model).get(name)
         if mix is not None:
             tensors.update({f"{comp + '.' if comp else ''}moa.{k}": v for k, v in mix.state().items()})
             meta.update(mix.metadata())
@@ -459,8 +459,16 @@ def _load_canonical(model_or_pipeline: Any, path: Path, loaded: tuple[dict[str, 
     return name
 
 
+MOA_ATTR = "_lora_moa"  # model.__dict__[MOA_ATTR]: {adapter name: MoA} (set by fusion/moa.py, above this layer)
+
+
+def moa_mixtures(model: nn.Module) -> dict[str, Any]:
+    """The MoA mixtures installed on ``model`` by adapter name (their routers and extra experts)."""
+    return model.__dict__.get(MOA_ATTR, {})
+
+
 def _refuse_mixture_merge(model: nn.Module, names: Sequence[str]) -> None:
-    mixed = [n for n in names if n in model.__dict__.get("_lora_moa", {})]
+    mixed = [n for n in names if n in moa_mixtures(model)]
     if mixed:
         raise AdapterError(f"adapter(s) {mixed} are token-routed mixtures (MoA): their experts are weighted per token, "
                            "so they cannot be merged into the base weights")
@@ -536,7 +544,7 @@ def remove_adapters(model_or_pipeline: Any, names: Sequence[str] | None = None, 
         if merge:
             _refuse_mixture_merge(m, here)
         for n in here:  # a mixture's router and hooks go with its experts
-            mix = m.__dict__.get("_lora_moa", {}).get(n)
+            mix = moa_mixtures(m).get(n)
             if mix is not None:
                 mix.remove()
         if here:

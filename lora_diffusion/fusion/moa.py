@@ -36,13 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..api import MOA_ATTR as MIXTURE_ATTR  # model.__dict__[MIXTURE_ATTR]: {adapter name: MoA}
+from ..api import moa_mixtures
 from ..core.context import CallContext
 from ..core.errors import AdapterError, AdapterFileError
 from ..core.layer import AdaptedLayer
 from .base import Combiner
 
 PAPER = "https://arxiv.org/abs/2506.05928"
-MIXTURE_ATTR = "_lora_moa"  # model.__dict__[MIXTURE_ATTR]: {adapter name: MoA}
 META_KEY = "moa"  # canonical-file metadata: the MoAConfig as JSON (X-LoRA/MoLE mixture files use "mixture")
 BLOCK_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
@@ -210,7 +211,7 @@ class MoA:
             parent = self.model.get_submodule(bn)
             if hasattr(parent, f"moa_{self.name}"):
                 delattr(parent, f"moa_{self.name}")
-        self.model.__dict__.get(MIXTURE_ATTR, {}).pop(self.name, None)
+        moa_mixtures(self.model).pop(self.name, None)
         self.handles, self.layers, self.blocks = [], [], {}
 
 
@@ -288,7 +289,7 @@ def add_moa(model: nn.Module, cfg: MoAConfig | None = None, name: str = "default
 
 
 def get_moa(model: nn.Module, name: str = "default") -> MoA | None:
-    return model.__dict__.get(MIXTURE_ATTR, {}).get(name)
+    return moa_mixtures(model).get(name)
 
 
 def load_moa_state(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, str],
