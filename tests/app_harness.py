@@ -38,6 +38,13 @@ class Served:
                 self.services.jobs.stop(job.id)
 
 
+def served_with_library(root: Path) -> Served:
+    """A launched app whose library already holds one LoRA ("dotted"), as the e2e and browser tests start."""
+    s = Served(root)
+    s.services.library.import_file(random_lora(root / "dotted.safetensors"), "dotted.safetensors")
+    return s
+
+
 def random_lora(path: Path, seed: int = 0, rank: int = 4) -> Path:
     """A LoRA on the demo model's UNet with random weights (strong enough to change images)."""
     from lora_diffusion.generate import load_pipeline

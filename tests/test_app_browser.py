@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.app_harness import Served, random_lora, subject_image
+from tests.app_harness import served_with_library, subject_image
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -36,9 +36,7 @@ def browser():
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("browser")
-    s = Served(root)
-    s.services.library.import_file(random_lora(root / "dotted.safetensors"), "dotted.safetensors")
+    s = served_with_library(tmp_path_factory.mktemp("browser"))
     yield s
     s.close()
 

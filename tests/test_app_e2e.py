@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.app_harness import Served, poll, random_lora, subject_image
+from tests.app_harness import poll, served_with_library, subject_image
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 NO_SLOTS = ["", True, 1.0] * 3
@@ -15,9 +15,7 @@ NO_SLOTS = ["", True, 1.0] * 3
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    s = Served(root)
-    s.services.library.import_file(random_lora(root / "dotted.safetensors"), "dotted.safetensors")
+    s = served_with_library(tmp_path_factory.mktemp("e2e"))
     yield s
     s.close()
 
