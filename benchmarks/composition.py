@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import lora_diffusion as ld  # noqa: E402
-from lora_diffusion import world  # noqa: E402
+from lora_diffusion.demo import world  # noqa: E402
 from lora_diffusion.fusion import fuse, load_gates, load_mixture_weights, unfuse  # noqa: E402
 from lora_diffusion.io.library import sha256  # noqa: E402
 
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     logging.getLogger("lora_diffusion").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
-    from lora_diffusion.evaluator import load_evaluator
+    from lora_diffusion.demo.evaluator import load_evaluator
     from lora_diffusion.generate import install_timestep_hook, load_pipeline
 
     concepts, styles = args.concepts.split(","), args.styles.split(",")

@@ -52,7 +52,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lora_diffusion import world  # noqa: E402
+from lora_diffusion.demo import world  # noqa: E402
 
 log = logging.getLogger("personalization")
 DEFAULT_VARIANTS = ("tlora:64", "lora:64")
@@ -263,7 +263,7 @@ def score(preds: list[dict[str, str]], asked: list[dict[str, str]], train: world
 
 def run_one(run: Run, cfg: BenchConfig, threads: int | None = None) -> list[dict[str, Any]]:
     """Train (unless ``base``), then draw and score at every sweep step. One record per step (base: step 0)."""
-    from lora_diffusion.evaluator import load_evaluator
+    from lora_diffusion.demo.evaluator import load_evaluator
     from lora_diffusion.generate import load_pipeline
 
     if threads:  # a worker process
@@ -631,7 +631,7 @@ def report(results: list[dict[str, Any]], cfg: BenchConfig, seconds: float) -> s
 
 
 def _default_steps() -> int:
-    from lora_diffusion.demo_model import TRAIN_DEFAULTS
+    from lora_diffusion.demo.model import TRAIN_DEFAULTS
 
     return int(TRAIN_DEFAULTS.get("max_train_steps", 500))
 

@@ -45,7 +45,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     pz._quiet()
     from lora_diffusion import squeeze_file
-    from lora_diffusion.evaluator import load_evaluator
+    from lora_diffusion.demo.evaluator import load_evaluator
     from lora_diffusion.generate import load_pipeline
 
     cfg = pz.BenchConfig(variants=("tlora",), concepts=(a.concept,), seeds=(a.seed,), regimes=("described",),

@@ -79,10 +79,10 @@ def _first_line(e: BaseException) -> str:
 
 
 def resolve_source(source: str | os.PathLike | None) -> str:
-    """The base model to load: ``source``, else the embedded demo model (``lora_diffusion.demo_model``)."""
+    """The base model to load: ``source``, else the embedded demo model (``lora_diffusion.demo.model``)."""
     if source is not None:
         return str(source)
-    from .demo_model import DemoModelError, default_model_path
+    from .demo.model import DemoModelError, default_model_path
 
     try:
         return str(default_model_path())

@@ -10,7 +10,7 @@ import pytest
 import lora_diffusion as ld
 from lora_diffusion.blend import blend, plot_gate_stats
 from lora_diffusion.core.errors import AdapterFileError
-from lora_diffusion.demo_model import load_demo_pipeline
+from lora_diffusion.demo.model import load_demo_pipeline
 from lora_diffusion.fusion import fuse, save_gates
 from lora_diffusion.io.library import sha256
 from training.build_demo_library import write_other_family

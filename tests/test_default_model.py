@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 import lora_diffusion as ld
-from lora_diffusion import world
-from lora_diffusion.demo_model import DemoModelError, default_model_path
+from lora_diffusion.demo import world
+from lora_diffusion.demo.model import DemoModelError, default_model_path
 
 from .tiny_sd import tiny_config
 
@@ -53,7 +53,7 @@ def test_demo_model_loads_with_diffusers_defaults():
     import torch
     from diffusers import DiffusionPipeline
 
-    from lora_diffusion.demo_model import load_demo_pipeline
+    from lora_diffusion.demo.model import load_demo_pipeline
 
     assert DEMO is not None, WHY
     theirs = DiffusionPipeline.from_pretrained(str(DEMO))

@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from lora_diffusion import demo_model as dm
-from lora_diffusion import world
+from lora_diffusion.demo import model as dm
+from lora_diffusion.demo import world
 from training import pretrain_demo as pd
 
 TINY = pd.Arch(resolution=16, vae_channels=(8, 16), unet_channels=(16, 32), text_hidden=16, max_length=16)
@@ -81,7 +81,7 @@ def test_missing_and_damaged_models_say_how_to_rebuild(tmp_path, tiny_folder, mo
 
 @pytest.mark.slow  # a fresh interpreter imports torch (seconds; tens of seconds on a busy machine)
 def test_library_does_not_import_training():
-    code = ("import sys, lora_diffusion.demo_model, lora_diffusion.evaluator, lora_diffusion.world; "
+    code = ("import sys, lora_diffusion.demo.model, lora_diffusion.demo.evaluator, lora_diffusion.demo.world; "
             "bad = [m for m in sys.modules if m == 'training' or m.startswith('training.')]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -271,7 +271,7 @@ def test_hue_rotation() -> None:
 def test_color_inversion_maps_the_worlds_texture_shades_onto_each_other(tmp_path) -> None:
     """--invert_p: an inverted view is 255 - x; a dark fill's lighter pattern becomes a light fill's darker one,
     exactly the demo world's rule (so a texture seen on one fill is seen with the other polarity too)."""
-    from lora_diffusion import world
+    from lora_diffusion.demo import world
     from training.config import TLoRAConfig, resolve_defaults
     from training.data import ImageSet
 
@@ -295,7 +295,7 @@ def test_color_inversion_maps_the_worlds_texture_shades_onto_each_other(tmp_path
 def test_hue_jittered_views_take_their_own_captions(tmp_path) -> None:
     """--jitter_prompt_template: a jittered view is captioned from it (the color word the jitter made wrong is
     gone); without jitter, or without the option, the captions are the usual ones."""
-    from lora_diffusion import world
+    from lora_diffusion.demo import world
     from training.data import ImageSet
     from training.objectives import Conditioner
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lora_diffusion import evaluator as E
-from lora_diffusion import world
+from lora_diffusion.demo import evaluator as E
+from lora_diffusion.demo import world
 
 
 def test_predict_returns_names_for_every_head():

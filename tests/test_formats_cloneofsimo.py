@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lora_diffusion as ld
-from lora_diffusion.demo_model import load_demo_pipeline
+from lora_diffusion.demo.model import load_demo_pipeline
 from lora_diffusion.io.files import write_safetensors
 
 from .test_formats_helpers import adaptable_weights, max_rel_diff

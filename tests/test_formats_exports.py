@@ -211,7 +211,7 @@ def test_loaded_rank_above_layer_width_is_valid(tmp_path):
 def test_demo_model_tlora_rank_64_exports_reload(tmp_path):
     """The trainer's case: T-LoRA rank 64 on the demo model's 64-wide attention (2r = 128 > 64) exported to kohya and
     diffusers reloads on the demo model with the same output (was: 'rank 128 is larger than the layer allows')."""
-    from lora_diffusion.demo_model import load_demo_pipeline
+    from lora_diffusion.demo.model import load_demo_pipeline
 
     pipe = load_demo_pipeline()
     ld.add_adapter(pipe.unet, ld.AdapterSpec("tlora", rank=64, targets="unet-attn", seed=1), "t")

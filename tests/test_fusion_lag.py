@@ -274,8 +274,9 @@ def _save_loras(folder, model_dir, n: int, hidden: int = 32, variant: str = "lor
 
 
 def test_library_loads_routes_and_refuses_other_bases_whole(tmp_path, monkeypatch, capsys):
-    from lora_diffusion import chat, llm
+    from lora_diffusion import llm
     from lora_diffusion.fusion.lag import load_library
+    from lora_diffusion.llm import chat
 
     from .test_llm_train import make_tiny_folder
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import lora_diffusion as ld
-from lora_diffusion import chat, llm
+from lora_diffusion import llm
+from lora_diffusion.llm import chat
 
 from .test_llm_train import make_tiny_folder
 

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 import lora_diffusion as ld
-from lora_diffusion import chat, llm
+from lora_diffusion import llm
+from lora_diffusion.llm import chat
 from training import train_llm
 
 from .test_llm_train import EVAL, TRAIN, make_tiny_folder

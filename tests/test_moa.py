@@ -132,7 +132,7 @@ def test_non_llama_models_are_refused_and_nothing_is_added(tiny_gpt2):
 
 
 def test_train_llm_mixture_moa_trains_saves_and_chats(tmp_path, capsys):
-    from lora_diffusion import chat
+    from lora_diffusion.llm import chat
     from training import train_llm
 
     folder = make_tiny_folder(tmp_path / "m")

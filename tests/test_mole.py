@@ -219,7 +219,7 @@ from .test_train_gates import _cfg, loras  # noqa: E402,F401  (the demo-world Lo
 def test_train_gates_mole_learns_resumes_exactly_and_the_file_loads(loras, tmp_path):  # noqa: F811
     import shutil
 
-    from lora_diffusion.demo_model import load_demo_pipeline
+    from lora_diffusion.demo.model import load_demo_pipeline
     from training.train_gates import train
 
     args = ("--method", "mole", "--checkpointing_steps", "3", "--lr", "0.05")

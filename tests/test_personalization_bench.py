@@ -7,7 +7,7 @@ import json
 import pytest
 
 from benchmarks import personalization as pb
-from lora_diffusion import world
+from lora_diffusion.demo import world
 
 
 @pytest.mark.parametrize("concept", world.HELDOUT_SHAPES)

@@ -159,7 +159,7 @@ def test_corrupted_files_reported_and_others_still_read(tmp_path, minilm, caplog
 def test_clip_text_embedder_of_the_demo_pipeline(library):
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from lora_diffusion.demo_model import default_model_path
+    from lora_diffusion.demo.model import default_model_path
 
     lib, files = library
     tok = CLIPTokenizer.from_pretrained(default_model_path(), subfolder="tokenizer")
@@ -173,7 +173,7 @@ def test_clip_text_embedder_of_the_demo_pipeline(library):
 def test_pipeline_family_of_the_demo_unet():
     from diffusers import UNet2DConditionModel
 
-    from lora_diffusion.demo_model import default_model_path
+    from lora_diffusion.demo.model import default_model_path
 
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(default_model_path(), subfolder="unet"))
     assert pipeline_family(unet) == "demo"

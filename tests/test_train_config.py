@@ -37,7 +37,7 @@ def test_tlora_defaults_follow_the_paper() -> None:
 def test_demo_model_defaults(variant: str, tmp_path) -> None:
     """On the embedded demo model (the default, or any folder pretrain_demo made) adapters go on the convolutions
     too, at TRAIN_DEFAULTS' learning-rate scale; linear-only variants keep the attention preset."""
-    from lora_diffusion.demo_model import DEMO_FORMAT, TRAIN_DEFAULTS
+    from lora_diffusion.demo.model import DEMO_FORMAT, TRAIN_DEFAULTS
     from training.config import VARIANT_DEFAULTS
 
     copy = tmp_path / "my-demo"
@@ -89,7 +89,7 @@ def test_print_config_round_trips(tmp_path, capsys) -> None:
     data = yaml.safe_load(text)
     assert data["adapter"]["lora_rank"] == 12
     # no model named: the embedded demo model's defaults are what gets printed (and used)
-    from lora_diffusion.demo_model import TRAIN_DEFAULTS
+    from lora_diffusion.demo.model import TRAIN_DEFAULTS
 
     assert data["optim"]["learning_rate"] == pytest.approx(1e-4 * TRAIN_DEFAULTS["lr_scale"])
     assert data["adapter"]["targets"] == "unet-full" and data["embedding"]["train_embedding"] is True

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import lora_diffusion as ld
-from lora_diffusion import world
 from lora_diffusion.core.errors import AdapterFileError
-from lora_diffusion.demo_model import load_demo_pipeline
+from lora_diffusion.demo import world
+from lora_diffusion.demo.model import load_demo_pipeline
 from lora_diffusion.embeddings import TokenEmbeddings, apply_embeddings, init_vectors, loaded_embeddings
 from lora_diffusion.fusion import fuse, load_gates
 from lora_diffusion.io.library import sha256

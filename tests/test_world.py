@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lora_diffusion import world as w
+from lora_diffusion.demo import world as w
 
 
 def test_same_seed_same_images_and_captions():

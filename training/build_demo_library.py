@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lora_diffusion import world
+from lora_diffusion.demo import world
 from lora_diffusion.io.files import read_safetensors, write_safetensors
 
 log = logging.getLogger("build_demo_library")

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_diffusion.demo_model import TRAIN_DEFAULTS as DEMO_TRAIN_DEFAULTS
-from lora_diffusion.demo_model import is_demo_model
-from lora_diffusion.world import PLACEHOLDERS as DEMO_PLACEHOLDERS
+from lora_diffusion.demo.model import TRAIN_DEFAULTS as DEMO_TRAIN_DEFAULTS
+from lora_diffusion.demo.model import is_demo_model
+from lora_diffusion.demo.world import PLACEHOLDERS as DEMO_PLACEHOLDERS
 
 log = logging.getLogger(__name__)
 

@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lora_diffusion import world
-from lora_diffusion.demo_model import DEMO_MODEL_DIRNAME, assets_dir
+from lora_diffusion.demo import world
+from lora_diffusion.demo.model import DEMO_MODEL_DIRNAME, assets_dir
 
 log = logging.getLogger("pretrain_demo")
 BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<|unk|>"
@@ -378,7 +378,7 @@ class Pretrainer:
 
     @torch.no_grad()
     def measure_vae(self, n: int = 512) -> None:
-        from lora_diffusion.evaluator import sample_training_scenes
+        from lora_diffusion.demo.evaluator import sample_training_scenes
 
         vae = self.models["vae"].eval()
         scenes = sample_training_scenes(n, 777)
@@ -396,7 +396,7 @@ class Pretrainer:
         log.info("VAE: %s", json.dumps(m))
 
     def _evaluator(self) -> Any:
-        from lora_diffusion.evaluator import EvaluatorError, load_evaluator
+        from lora_diffusion.demo.evaluator import EvaluatorError, load_evaluator
 
         try:
             return load_evaluator(self.evaluator_path)
@@ -507,8 +507,8 @@ def measure_generation(folder: Path, evaluator: Path | None = None, n: int = 64,
                        seed: int = 4242, grid_dir: Path | None = None, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Generate ``n`` images for seen and for held-out (shape, color, background) combinations with the canonical
     caption; the evaluator's accuracy on each attribute the prompt names. Sample grids go to ``grid_dir``."""
-    from lora_diffusion.demo_model import load_demo_pipeline
-    from lora_diffusion.evaluator import EvaluatorError, load_evaluator
+    from lora_diffusion.demo.evaluator import EvaluatorError, load_evaluator
+    from lora_diffusion.demo.model import load_demo_pipeline
 
     try:
         ev = load_evaluator(evaluator)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from lora_diffusion import world
-from lora_diffusion.evaluator import (
+from lora_diffusion.demo import world
+from lora_diffusion.demo.evaluator import (
     default_evaluator_path,
     images_to_tensor,
     sample_training_scenes,

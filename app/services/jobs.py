@@ -610,7 +610,7 @@ def estimate(settings: Settings, model: str, variant: str, steps: int, history: 
     rough memory estimate (frozen weights + activations) against what the device has."""
     family = model_family(settings, model)
     source = settings.model_source(model)
-    from lora_diffusion.demo_model import default_model_path
+    from lora_diffusion.demo.model import default_model_path
 
     folder = Path(source) if source else Path(default_model_path())
     params = _count_params(folder) if folder.is_dir() else 0

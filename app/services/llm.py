@@ -1,4 +1,4 @@
-"""Chat with a base LLM and the same model with a trained adapter, side by side (``lora_diffusion.chat.reply``).
+"""Chat with a base LLM and the same model with a trained adapter, side by side (``lora_diffusion.llm.chat.reply``).
 
 One model per base is kept; the adapter is loaded once per file content and switched off for the base answer, so
 both answers come from the same weights."""
@@ -45,7 +45,7 @@ class LLMChat:
         """(base answer, adapted answer) to the conversation ``history`` (greedy, so comparable)."""
         import lora_diffusion as ld
         from lora_diffusion import llm
-        from lora_diffusion.chat import reply
+        from lora_diffusion.llm.chat import reply
 
         if not history or not history[-1].get("content", "").strip():
             raise AppError("message: empty; type something to ask both models")

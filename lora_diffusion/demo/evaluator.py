@@ -184,7 +184,7 @@ def train_evaluator(steps: int = 2000, batch_size: int = 64, lr: float = 3e-3, n
 
 # ---------------------------------------------------------------------------------------------------- files
 def default_evaluator_path() -> Path:
-    from .demo_model import assets_dir
+    from .model import assets_dir
 
     return assets_dir() / "evaluator"
 

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .api import get_spec, load_adapter, remove_adapters, save_adapter
-from .core.errors import AdapterError, AdapterFileError
-from .core.registry import get_variant, variant_names
-from .io.files import read_header
+from ..api import get_spec, load_adapter, remove_adapters, save_adapter
+from ..core.errors import AdapterError, AdapterFileError
+from ..core.registry import get_variant, variant_names
+from ..io.files import read_header
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ class DemoModelError(FileNotFoundError):
 def assets_dir() -> Path:
     """``$LORA_DIFFUSION_ASSETS`` or the repository's ``assets/`` folder."""
     env = os.environ.get(ENV_ASSETS)
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "assets"
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "assets"
 
 
 def check_model_folder(path: str | Path) -> list[str]:
