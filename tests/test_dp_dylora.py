@@ -357,3 +357,15 @@ def test_train_llm_dp_bad_input_is_one_clear_error(folder, tmp_path, args, match
     with pytest.raises(ConfigError, match=match):
         llm_cli(folder, tmp_path / "bad", "--max_train_steps", "5", *args)
     assert not (tmp_path / "bad" / "adapter.safetensors").exists()
+
+
+def test_metrics_of_a_non_private_run_are_strict_json(folder, tmp_path):
+    """ε = inf without noise: metrics.json says null (Infinity is not JSON: browsers and jq refuse the file)."""
+    m = cli(folder, tmp_path / "plain", "--rounds", "1", "--dp_noise_multiplier", "0", "--dp_max_grad_norm", "inf")
+    assert m["epsilon"] == math.inf
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{name} in metrics.json")
+
+    saved = json.loads((tmp_path / "plain" / "metrics.json").read_text(), parse_constant=refuse)
+    assert saved["epsilon"] is None and all(h["epsilon"] is None for h in saved["history"])

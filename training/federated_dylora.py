@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 
 import lora_diffusion as ld
 from lora_diffusion import llm
+from lora_diffusion.io.files import write_json, write_text
 from lora_diffusion.variants.dylora import DyLoRA, sampled_rank
 
 from .checkpoint import CheckpointManager, TrainableParams
@@ -441,20 +441,11 @@ def save_outputs(cfg: FedConfig, fed: Federation, out: Path, metrics: dict[str, 
     meta = {"trainer": "federated_dylora", "rounds": str(metrics["rounds"]), "epsilon": f"{metrics['epsilon']:.6g}",
             "delta": str(cfg.dp.dp_delta), "noise_multiplier": f"{fed.sigma:.6g}"}
     metrics["adapter"] = str(llm.save_llm_adapter(fed.model, out / ADAPTER_FILE, overwrite=overwrite, metadata=meta))
-    _atomic_write(out / "metrics.json", json.dumps(metrics, indent=1, default=_json_default))
-    _atomic_write(out / "config.yaml", to_yaml(cfg))
+    write_json(out / "metrics.json", metrics)
+    write_text(out / "config.yaml", to_yaml(cfg))
     log.info("adapter written to %s (ε=%.3g at δ=%g after %d rounds)", metrics["adapter"], metrics["epsilon"],
              cfg.dp.dp_delta, metrics["rounds"])
 
-
-def _json_default(x: Any) -> Any:
-    return None if isinstance(x, float) and not math.isfinite(x) else str(x)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:

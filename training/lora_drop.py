@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 import lora_diffusion as ld
+from lora_diffusion.io.files import write_json
 from lora_diffusion.variants.loradrop import DropPlan, measure_importance, plan
 
 from .config import ConfigError, LoRADropArgs
@@ -123,10 +123,7 @@ def read_plan(path: Path) -> DropPlan:
 
 
 def write_plan(path: Path, p: DropPlan) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(p.to_dict(), indent=1))
-    os.replace(tmp, path)
+    write_json(path, p.to_dict())
 
 
 def apply_plan(model: nn.Module, spec: ld.AdapterSpec, p: DropPlan) -> list[str]:

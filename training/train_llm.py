@@ -16,7 +16,6 @@ without ``--overwrite`` (a resumed run may replace its own final files).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -29,6 +28,7 @@ import torch
 
 import lora_diffusion as ld
 from lora_diffusion import llm
+from lora_diffusion.io.files import write_json, write_text
 
 from . import llm_mixture, llm_moa, lora_drop
 from .checkpoint import CheckpointManager, GlobalRNG, TrainableParams
@@ -525,8 +525,8 @@ def save_outputs(cfg: LLMConfig, model: torch.nn.Module, tok: Any, out: Path, me
         metrics["adapter"] = str(llm_mixture.save(model, fusion, out / ADAPTER_FILE, {"trainer": "train_llm",
                                  "steps": str(metrics.get("steps"))}, overwrite))
         log.info("%s mixture written to %s", cfg.mixture.mixture, metrics["adapter"])
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        (out / "config.yaml").write_text(to_yaml(cfg))
+        write_json(out / "metrics.json", metrics)
+        write_text(out / "config.yaml", to_yaml(cfg))
         return
     path = llm.save_llm_adapter(model, out / ADAPTER_FILE, overwrite=overwrite,
                                 metadata={"trainer": "train_llm", "steps": str(metrics.get("steps"))})
@@ -538,10 +538,10 @@ def save_outputs(cfg: LLMConfig, model: torch.nn.Module, tok: Any, out: Path, me
             log.info("PEFT adapter folder written to %s", metrics["peft"])
         except (ld.AdapterError, NotImplementedError) as e:
             log.warning("no PEFT export: %s", e)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    (out / "config.yaml").write_text(to_yaml(cfg))
     if cfg.output.merge:
         metrics["merged"] = str(llm.merge_and_save(model, tok, out / MERGED_DIR, overwrite=overwrite))
+    write_json(out / "metrics.json", metrics)
+    write_text(out / "config.yaml", to_yaml(cfg))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -108,14 +109,15 @@ def _new_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    path = Path(path)
+@contextlib.contextmanager
+def _atomic(path: Path) -> Iterator[str]:
+    """Yield a temporary name in ``path``'s folder; on success fsync it and move it over ``path`` in one step,
+    on any error remove it (``path`` is never left half written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
+        yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, _new_file_mode())  # mkstemp makes it owner-only; a plain open() would give 0o666 & ~umask
@@ -124,3 +126,31 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with _atomic(Path(path)) as tmp:
+        save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically."""
+    with _atomic(Path(path)) as tmp:
+        Path(tmp).write_text(text)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:
+    """Write strict JSON atomically: a non-finite float (an ε of a run without privacy, a diverged loss) becomes
+    ``null``, because ``Infinity``/``NaN`` are not JSON and break other readers (browsers, jq)."""
+    write_text(path, json.dumps(_finite(obj), indent=indent, allow_nan=False, default=str))
