@@ -1,0 +1,271 @@
+"""Diffusion-transformer (Flux.1, SD3/SD3.5) LoRA layouts <-> diffusers module names.
+
+kohya (sd-scripts), ComfyUI and XLabs name the original (BFL / Stability) modules, where one Linear can stand for
+several diffusers Linears: Flux's ``img_attn.qkv`` is ``attn.to_q/to_k/to_v``, its single blocks' ``linear1`` is
+``attn.to_q/to_k/to_v`` + ``proj_mlp``. A LoRA on a fused module (down A, up B) is split exactly: every part keeps A
+and takes its rows of B (and of a DoRA magnitude, which is per output row). Written back, the parts are fused
+exactly: A = [s1·A1; s2·A2; ...], B = blockdiag(B1, B2, ...), alpha = rank (scale 1). The final-layer modulation
+stores (shift, scale) where diffusers' ``norm_out.linear`` has (scale, shift): the two halves of B are swapped.
+
+The maps are built from the model's own config and module names, so a reduced test model maps like the real one;
+the intermediate form is OneTrainer's kohya layout ``lora_transformer_<diffusers path with _>``, which
+``kohya.read`` / ``kohya.write`` handle like any kohya file.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from ..core.errors import AdapterFileError
+from .bundle import ModuleView
+
+TRANSFORMER = "transformer"
+OT_PREFIX = "lora_transformer"  # OneTrainer's kohya prefix for the diffusers transformer
+LORA_PARAMS = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
+FAMILY_OF_CLASS = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
+# kohya text-encoder prefixes per family and pipeline component (sd-scripts lora_flux.py / lora_sd3.py)
+TE_PREFIX = {"flux": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te3"},
+             "sd3": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2", "text_encoder_3": "lora_te3"}}
+TE_ALIASES = {"flux": {"lora_te2": "text_encoder_2"}}  # sd-scripts' first Flux release wrote T5 as lora_te2
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    return cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
+
+
+def flux_map(cfg: Any) -> tuple[dict[str, list[str]], set[str]]:
+    """BFL module name -> the diffusers Linears it stands for (rows in order); the names whose halves swap."""
+    m: dict[str, list[str]] = {
+        "img_in": ["x_embedder"], "txt_in": ["context_embedder"],
+        "time_in.in_layer": ["time_text_embed.timestep_embedder.linear_1"],
+        "time_in.out_layer": ["time_text_embed.timestep_embedder.linear_2"],
+        "vector_in.in_layer": ["time_text_embed.text_embedder.linear_1"],
+        "vector_in.out_layer": ["time_text_embed.text_embedder.linear_2"],
+        "guidance_in.in_layer": ["time_text_embed.guidance_embedder.linear_1"],
+        "guidance_in.out_layer": ["time_text_embed.guidance_embedder.linear_2"],
+        "final_layer.linear": ["proj_out"], "final_layer.adaLN_modulation.1": ["norm_out.linear"],
+    }
+    for i in range(_get(cfg, "num_layers", 19)):
+        d, t = f"double_blocks.{i}", f"transformer_blocks.{i}"
+        for side, attn, ff, norm in (("img", ("to_q", "to_k", "to_v"), "ff", "norm1"),
+                                     ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"), "ff_context", "norm1_context")):
+            m[f"{d}.{side}_attn.qkv"] = [f"{t}.attn.{p}" for p in attn]
+            m[f"{d}.{side}_attn.proj"] = [f"{t}.attn.{'to_out.0' if side == 'img' else 'to_add_out'}"]
+            m[f"{d}.{side}_mlp.0"] = [f"{t}.{ff}.net.0.proj"]
+            m[f"{d}.{side}_mlp.2"] = [f"{t}.{ff}.net.2"]
+            m[f"{d}.{side}_mod.lin"] = [f"{t}.{norm}.linear"]
+    for i in range(_get(cfg, "num_single_layers", 38)):
+        s, t = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+        m[f"{s}.linear1"] = [f"{t}.attn.to_q", f"{t}.attn.to_k", f"{t}.attn.to_v", f"{t}.proj_mlp"]
+        m[f"{s}.linear2"] = [f"{t}.proj_out"]
+        m[f"{s}.modulation.lin"] = [f"{t}.norm.linear"]
+    return m, {"final_layer.adaLN_modulation.1"}
+
+
+def sd3_map(cfg: Any) -> tuple[dict[str, list[str]], set[str]]:
+    """SD3 MMDiT (sd-scripts / ComfyUI) module name -> diffusers Linears; the names whose halves swap."""
+    m: dict[str, list[str]] = {
+        "x_embedder.proj": ["pos_embed.proj"], "context_embedder": ["context_embedder"],
+        "t_embedder.mlp.0": ["time_text_embed.timestep_embedder.linear_1"],
+        "t_embedder.mlp.2": ["time_text_embed.timestep_embedder.linear_2"],
+        "y_embedder.mlp.0": ["time_text_embed.text_embedder.linear_1"],
+        "y_embedder.mlp.2": ["time_text_embed.text_embedder.linear_2"],
+        "final_layer.linear": ["proj_out"], "final_layer.adaLN_modulation.1": ["norm_out.linear"],
+    }
+    swapped = {"final_layer.adaLN_modulation.1"}
+    n = _get(cfg, "num_layers", 24)
+    for i in range(n):
+        j, t = f"joint_blocks.{i}", f"transformer_blocks.{i}"
+        for side, attn, out, ff, norm in (("x_block", ("to_q", "to_k", "to_v"), "to_out.0", "ff", "norm1"),
+                                          ("context_block", ("add_q_proj", "add_k_proj", "add_v_proj"), "to_add_out",
+                                           "ff_context", "norm1_context")):
+            m[f"{j}.{side}.attn.qkv"] = [f"{t}.attn.{p}" for p in attn]
+            m[f"{j}.{side}.attn.proj"] = [f"{t}.attn.{out}"]
+            m[f"{j}.{side}.mlp.fc1"] = [f"{t}.{ff}.net.0.proj"]
+            m[f"{j}.{side}.mlp.fc2"] = [f"{t}.{ff}.net.2"]
+            m[f"{j}.{side}.adaLN_modulation.1"] = [f"{t}.{norm}.linear"]
+        m[f"{j}.x_block.attn2.qkv"] = [f"{t}.attn2.{p}" for p in ("to_q", "to_k", "to_v")]
+        m[f"{j}.x_block.attn2.proj"] = [f"{t}.attn2.to_out.0"]
+    swapped.add(f"joint_blocks.{n - 1}.context_block.adaLN_modulation.1")  # AdaLayerNormContinuous: (scale, shift)
+    return m, swapped
+
+
+def xlabs_map(cfg: Any) -> dict[str, list[str]]:
+    """XLabs' Flux LoRA (``double_blocks.N.processor.qkv_lora1.down.weight``): its attention processors' LoRAs."""
+    m: dict[str, list[str]] = {}
+    for i in range(_get(cfg, "num_layers", 19)):
+        d, t = f"double_blocks.{i}.processor", f"transformer_blocks.{i}.attn"
+        m[f"{d}.qkv_lora1"] = [f"{t}.to_q", f"{t}.to_k", f"{t}.to_v"]
+        m[f"{d}.qkv_lora2"] = [f"{t}.add_q_proj", f"{t}.add_k_proj", f"{t}.add_v_proj"]
+        m[f"{d}.proj_lora1"] = [f"{t}.to_out.0"]
+        m[f"{d}.proj_lora2"] = [f"{t}.to_add_out"]
+    for i in range(_get(cfg, "num_single_layers", 38)):
+        s, t = f"single_blocks.{i}.processor", f"single_transformer_blocks.{i}"
+        m[f"{s}.qkv_lora"] = [f"{t}.attn.to_q", f"{t}.attn.to_k", f"{t}.attn.to_v"]
+        m[f"{s}.proj_lora"] = [f"{t}.proj_out"]
+    return m
+
+
+def family_map(family: str, cfg: Any) -> tuple[dict[str, list[str]], set[str]]:
+    return flux_map(cfg) if family == "flux" else sd3_map(cfg)
+
+
+def flat(prefix: str, dotted: str) -> str:
+    return f"{prefix}_{dotted.replace('.', '_')}"
+
+
+def block_counts(family: str, cfg: Any) -> str:
+    if family == "flux":
+        return (f"{_get(cfg, 'num_layers', 19)} double-stream and {_get(cfg, 'num_single_layers', 38)} "
+                "single-stream blocks")
+    return f"{_get(cfg, 'num_layers', 24)} joint blocks"
+
+
+def _missing_block(name: str, family: str, cfg: Any, src: str, key: str) -> AdapterFileError | None:
+    m = re.search(r"(double_blocks|single_blocks|joint_blocks)[._](\d+)", name)
+    if not m:
+        return None
+    fam = {"double_blocks": "Flux", "single_blocks": "Flux", "joint_blocks": "SD3"}[m.group(1)]
+    return AdapterFileError(
+        f"{src}: key '{key}': this LoRA is for {fam} and adapts {m.group(1)}.{m.group(2)}; the model is "
+        f"{'Flux' if family == 'flux' else 'SD3'} with {block_counts(family, cfg)}, which has no such block; expected "
+        "a LoRA made for this model (or its full-size original)")
+
+
+def split_module(src: str, key: str, params: dict[str, torch.Tensor], targets: list[str], swap: bool,
+                 views: ModuleView) -> dict[str, dict[str, torch.Tensor]]:
+    """One fused module's tensors -> per target path (rows of up / dora_scale; down and alpha shared)."""
+    if len(targets) == 1 and not swap:
+        return {targets[0]: params}
+    extra = sorted(set(params) - set(LORA_PARAMS))
+    if extra:
+        raise AdapterFileError(f"{src}: key '{key}.{extra[0]}': this module stands for {len(targets)} diffusers "
+                               f"modules {targets}{' with swapped halves' if swap else ''}; only LoRA (lora_down/"
+                               "lora_up, alpha, dora_scale) splits exactly; expected a LoRA, or a file in the diffusers "
+                               "layout")
+    if "lora_up.weight" not in params or "lora_down.weight" not in params:
+        part = "lora_up.weight" if "lora_up.weight" not in params else "lora_down.weight"
+        raise AdapterFileError(f"{src}: key '{key}.{part}': missing; a LoRA module needs lora_down and lora_up")
+    dims = [views[t].out_features for t in targets]
+    up = params["lora_up.weight"]
+    if up.shape[0] != sum(dims):
+        raise AdapterFileError(f"{src}: key '{key}.lora_up.weight': shape {tuple(up.shape)} has {up.shape[0]} rows; "
+                               f"expected {sum(dims)} = {' + '.join(map(str, dims))} for {targets} of the model")
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    rows = 0
+    for t, d in zip(targets, dims):
+        own = {k: v for k, v in params.items() if k in ("lora_down.weight", "alpha")}
+        for k in ("lora_up.weight", "dora_scale"):
+            if k in params:
+                v = params[k][rows:rows + d]
+                own[k] = torch.cat([v[d // 2:], v[:d // 2]]) if swap else v.contiguous()
+        out[t] = own
+        rows += d
+    return out
+
+
+def to_onetrainer(tensors: dict[str, torch.Tensor], mapping: dict[str, str], targets: dict[str, list[str]],
+                  swapped: set[str], views: ModuleView, src: str, family: str, cfg: Any) -> dict[str, torch.Tensor]:
+    """Tensors keyed ``<source flat name>.<param>`` -> ``lora_transformer_<path>.<param>`` (OneTrainer's layout).
+
+    ``mapping``: source flat name -> original dotted name (a key of ``targets``)."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        name, _, param = key.partition(".")
+        grouped.setdefault(name, {})[param] = t
+    out: dict[str, torch.Tensor] = {}
+    for name, params in grouped.items():
+        dotted = mapping.get(name)
+        if dotted is None:
+            err = _missing_block(name, family, cfg, src, f"{name}.{next(iter(params))}")
+            raise err or AdapterFileError(f"{src}: key '{name}.{next(iter(params))}': module '{name}' is not a module "
+                                          f"of the {'Flux' if family == 'flux' else 'SD3'} transformer; expected "
+                                          "one of its Linear layers")
+        paths = [p for p in targets[dotted] if p in views]
+        if not paths:
+            raise AdapterFileError(f"{src}: key '{name}.{next(iter(params))}': '{dotted}' stands for {targets[dotted]}, "
+                                   f"which this model does not have ({block_counts(family, cfg)}); expected a LoRA "
+                                   "made for this model")
+        if paths != targets[dotted]:
+            raise AdapterFileError(f"{src}: key '{name}.{next(iter(params))}': '{dotted}' stands for "
+                                   f"{targets[dotted]}; the model has only {paths}")
+        for path, own in split_module(src, name, params, paths, dotted in swapped, views).items():
+            out |= {f"{flat(OT_PREFIX, path)}.{k}": v for k, v in own.items()}
+    return out
+
+
+def source_names(targets: dict[str, list[str]], prefix: str) -> dict[str, str]:
+    return {flat(prefix, d): d for d in targets}
+
+
+def fuse_module(dotted: str, members: list[str], params: dict[str, dict[str, torch.Tensor]], swap: bool,
+                views: ModuleView) -> dict[str, torch.Tensor]:
+    """Per-path kohya tensors of the parts of one original module -> that module's tensors (exact)."""
+    present = [p for p in members if p in params]
+    if len(members) == 1 and not swap:
+        return params[members[0]]
+    odd = [(p, k) for p in present for k in params[p] if k not in LORA_PARAMS]
+    if odd:
+        raise AdapterFileError(f"module '{odd[0][0]}': its {odd[0][1]} cannot be written as part of the fused module "
+                               f"'{dotted}' ({members}); only LoRA and DoRA fuse exactly; expected format='diffusers' "
+                               "or 'peft' for this variant")
+    dora = [p for p in present if "dora_scale" in params[p]]
+    if dora and len(dora) != len(members):
+        raise AdapterFileError(f"module '{dora[0]}': a DoRA on part of the fused module '{dotted}' ({members}) has "
+                               "no exact kohya form (the other parts' magnitudes come from the base weight); expected "
+                               "DoRA on all of them, or format='diffusers'/'peft'")
+    downs, ups = [], []
+    for p in members:
+        out_f = views[p].out_features
+        if p not in params:
+            ups.append((torch.zeros(out_f, 0), 0))
+            continue
+        ps = params[p]
+        down, up = ps["lora_down.weight"], ps["lora_up.weight"]
+        r = down.shape[0]
+        alpha = float(ps["alpha"]) if "alpha" in ps else float(r)
+        downs.append(down * (alpha / r))
+        ups.append((up, r))
+    down = torch.cat(downs)
+    rank = down.shape[0]
+    up = torch.zeros(sum(u.shape[0] for u, _ in ups), rank, dtype=down.dtype)
+    row = col = 0
+    for u, r in ups:
+        up[row:row + u.shape[0], col:col + r] = u
+        row, col = row + u.shape[0], col + r
+    out = {"lora_down.weight": down.contiguous(), "lora_up.weight": up, "alpha": torch.tensor(float(rank))}
+    if dora:
+        out["dora_scale"] = torch.cat([params[p]["dora_scale"] for p in members])
+    if swap:
+        h = up.shape[0] // 2
+        out = {k: torch.cat([v[h:], v[:h]]) if k in ("lora_up.weight", "dora_scale") else v for k, v in out.items()}
+    return out
+
+
+def from_onetrainer(tensors: dict[str, torch.Tensor], targets: dict[str, list[str]], swapped: set[str],
+                    views: ModuleView, prefix: str = "lora_unet") -> dict[str, torch.Tensor]:
+    """``lora_transformer_<path>.<param>`` tensors -> the original layout ``<prefix>_<original name>.<param>``."""
+    by_path: dict[str, dict[str, torch.Tensor]] = {}
+    flat_to_path = {flat(OT_PREFIX, p): p for p in views}
+    for key, t in tensors.items():
+        name, _, param = key.partition(".")
+        by_path.setdefault(flat_to_path[name], {})[param] = t
+    owner = {p: d for d, ps in targets.items() for p in ps}
+    left = sorted(set(by_path) - set(owner))
+    if left:
+        raise AdapterFileError(f"module '{left[0]}': the original (kohya/ComfyUI) layout has no name for it; expected "
+                               "format='diffusers' or 'peft' for adapters on it")
+    out: dict[str, torch.Tensor] = {}
+    for dotted in dict.fromkeys(owner[p] for p in by_path):
+        members = [p for p in targets[dotted] if p in views]
+        for k, v in fuse_module(dotted, members, by_path, dotted in swapped, views).items():
+            out[f"{flat(prefix, dotted)}.{k}"] = v
+    return out
+
+
+def t5_like(paths: Iterable[str]) -> bool:
+    return any(".SelfAttention." in p or p.startswith("encoder.block.") for p in paths)
