@@ -59,6 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from benchmarks.procmem import reset_hwm, rss_kib, trim  # noqa: E402
+from benchmarks.stats import fmt_ci  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 SENSITIVITY = "sensitivity"  # the row of a LoRA with Sensitivity-LoRA ranks (not a registered variant)
@@ -84,6 +85,7 @@ def train_argv(args: argparse.Namespace, variant: str, out_dir: Path) -> list[st
         argv += ["--lora_drop_threshold", str(args.lora_drop_threshold), "--lora_drop_samples",
                  str(args.lora_drop_samples)]
         argv += ["--lora_drop_steps", str(args.lora_drop_steps)] if args.lora_drop_steps else []
+        argv += ["--lora_drop_match_params"] if args.lora_drop_match else []
     if args.device == "cpu":
         argv += ["--cpu"]
     if args.model:
@@ -143,6 +145,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
            "export_params": probe["export"][1]}
     if drop_plan is not None:  # LoRA-drop: what the importance stage decided
         res["lora_drop"] = {"threshold": drop_plan["threshold"], "kept": len(drop_plan["kept"]),
+                            "rank": drop_plan.get("rank", cfg.adapter.rank), "matched": "rank" in drop_plan,
                             "layers": len(drop_plan["importance"]), "shared_groups": len(drop_plan["shared"]),
                             "stage_steps": cfg.lora_drop.lora_drop_steps, "samples": cfg.lora_drop.lora_drop_samples,
                             "kept_layers": drop_plan["kept"],
@@ -186,6 +189,7 @@ def spawn(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd += ["--model", args.model] if args.model else []
     cmd += ["--lora-drop-threshold", str(args.lora_drop_threshold), "--lora-drop-samples", str(args.lora_drop_samples)]
     cmd += ["--lora-drop-steps", str(args.lora_drop_steps)] if args.lora_drop_steps else []
+    cmd += ["--lora-drop-match"] if args.lora_drop_match else []
     cmd += [x for o in args.options for x in ("--options", o)]
     cmd += [x for o in args.variant_rank for x in ("--variant-rank", o)]
     if args.sensitivity:
@@ -244,34 +248,39 @@ def table(rows: list[dict[str, Any]], base_loss: float | None) -> str:
     return "\n".join(lines)
 
 
-def _mean_sd(xs: list[float], fmt: str) -> str:
-    if len(xs) < 2:
-        return format(xs[0], fmt) if xs else "n/a"
-    return f"{format(statistics.mean(xs), fmt)} ± {format(statistics.stdev(xs), fmt)}"
-
-
 def seed_table(rows: list[dict[str, Any]]) -> str:
-    """Per variant over seeds: held-out loss mean ± sd, its ratio to LoRA's mean, trainable parameters (and for
-    LoRA-drop the layers kept), step time."""
+    """Per variant over seeds: held-out loss mean ± 95% t-interval, its difference to LoRA paired by seed (mean ± 95%
+    t-interval of the per-seed differences), trainable parameters, for LoRA-drop the layers kept and its rank, the
+    exported size and the step time."""
     ok = [r for r in rows if "error" not in r]
     by: dict[str, list[dict[str, Any]]] = {}
     for r in ok:
-        by.setdefault(r["variant"], []).append(r)
-    ref = statistics.mean(r["loss_after"] for r in by["lora"]) if "lora" in by else None
+        by.setdefault(label(r), []).append(r)
+    ref = {r["seed"]: r["loss_after"] for r in by.get("lora", [])}
     ref_p = statistics.mean(r["trainable_params"] for r in by["lora"]) if "lora" in by else None
-    lines = ["| variant | seeds | held-out loss after | vs LoRA | trainable params | vs LoRA | layers with own adapter "
-             "| exported Σ rank | exported params | step ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | seeds | held-out loss after (mean ± 95% CI) | minus LoRA, paired by seed | trainable params "
+             "| vs LoRA | layers with own adapter (rank) | exported Σ rank | exported params | step ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for v, rs in by.items():
         loss = [r["loss_after"] for r in rs]
-        params = [float(r["trainable_params"]) for r in rs]
-        kept = [f"{r['lora_drop']['kept']}/{r['lora_drop']['layers']}" for r in rs if "lora_drop" in r]
-        lines.append(f"| {v} | {','.join(str(r['seed']) for r in rs)} | {_mean_sd(loss, '.4f')} "
-                     f"| {ratio(statistics.mean(loss), ref)} | {_mean_sd(params, ',.0f')} "
-                     f"| {ratio(statistics.mean(params), ref_p)} | {', '.join(kept) or 'all'} "
-                     f"| {_mean_sd([float(r.get('export_rank', 'nan')) for r in rs], '.0f')} "
-                     f"| {_mean_sd([float(r.get('export_params', 'nan')) for r in rs], ',.0f')} "
+        diff = [r["loss_after"] - ref[r["seed"]] for r in rs if r["seed"] in ref]
+        params = sorted({r["trainable_params"] for r in rs})
+        kept = [f"{r['lora_drop']['kept']}/{r['lora_drop']['layers']} (r {r['lora_drop'].get('rank', '?')})"
+                for r in rs if "lora_drop" in r]
+        lines.append(f"| {v} | {','.join(str(r['seed']) for r in rs)} | {fmt_ci(loss)} "
+                     f"| {fmt_ci(diff, '+.4f') if diff and v != 'lora' else '-'} "
+                     f"| {', '.join(f'{p:,}' for p in params)} | {ratio(statistics.mean(params), ref_p)} "
+                     f"| {', '.join(kept) or 'all'} "
+                     f"| {', '.join(str(x) for x in sorted({r.get('export_rank') for r in rs}, key=str))} "
+                     f"| {', '.join(f'{x:,}' for x in sorted({r.get('export_params', 0) for r in rs}))} "
                      f"| {1000 * statistics.median(r['step_s'] for r in rs):.0f} |")
     return "\n".join(lines)
+
+
+def label(r: dict[str, Any]) -> str:
+    """The row's name: the variant, with the LoRA-drop threshold when the plan was not resized."""
+    d = r.get("lora_drop")
+    return r["variant"] if d is None or d.get("matched") else f"{r['variant']} T={d['threshold']:g}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -289,6 +298,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-drop-steps", type=int, default=None, help="loradrop: first-stage steps (default: "
                    "train_llm's, 10%% of --steps)")
     p.add_argument("--lora-drop-samples", type=int, default=16, help="loradrop: records in the stratified sample")
+    p.add_argument("--lora-drop-match", action="store_true", help="loradrop: train_llm --lora_drop_match_params (more "
+                   "layers and a higher rank, so its trainable count equals a uniform LoRA at --rank)")
     p.add_argument("--options", action="append", default=[], metavar="VARIANT=JSON",
                    help="train_llm --adapter_options for one variant, e.g. 'ardlora={\"l1\": 1e-3}' (repeatable)")
     p.add_argument("--variant-rank", action="append", default=[], metavar="VARIANT=R",
@@ -303,6 +314,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-reference", action="store_true", help="with --variants: do not add the LoRA row (ratios "
                    "then read n/a; for merging with another run's rows)")
     p.add_argument("--json", default=None, help="also write all figures to this JSON file")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="run nothing: print the tables of the rows in these --json files (e.g. one per seed)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -314,6 +327,10 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(worker(args)))  # noqa: T201 (the worker's answer to its parent)
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.merge:
+        rows = [r for f in args.merge for r in json.loads(Path(f).read_text())["rows"]]
+        report(rows, {})
+        return
     run, skipped = plan(args.variants.split(",") if args.variants else None, not args.no_reference)
     if args.sensitivity:
         run.append(SENSITIVITY)
@@ -331,6 +348,10 @@ def main(argv: list[str] | None = None) -> None:
         log.info("[%d/%d] %s seed %d: %s (%.0fs elapsed, ETA %.0fs)", i + 1, len(jobs), v, seed, status[0], done,
                  done / (i + 1) * (len(jobs) - i - 1))
         write_json(args, rows, skipped)  # after every row: an interrupted run keeps what it measured
+    report(rows, skipped)
+
+
+def report(rows: list[dict[str, Any]], skipped: dict[str, str]) -> None:
     for seed in sorted({r.get("seed", 0) for r in rows}):
         per_seed = [r for r in rows if r.get("seed", 0) == seed]
         ref = next((r for r in per_seed if r["variant"] == "lora" and "error" not in r), None)

@@ -355,3 +355,61 @@ def test_diffusion_trainer_importance_stage_uses_its_denoising_loss(tmp_path, mo
     again = StableDiffusionPipeline.from_pretrained(model)
     name = ld.load_adapter(again, res2.outputs["canonical"])
     assert ld.get_spec(again.unet, name).options["shared"] == p.shared
+
+
+# --- --lora_drop_match_params: LoRA-drop at a uniform LoRA's size (issue 15's equal-parameter comparison) ---
+def _infos(shapes: dict[str, tuple[int, int]]):
+    from lora_diffusion.core.layerinfo import LayerInfo
+
+    return {m: LayerInfo("linear", o, i) for m, (o, i) in shapes.items()}
+
+
+def test_match_uniform_is_exact_on_layers_of_one_shape():
+    from lora_diffusion.variants.loradrop import match_uniform
+
+    infos = _infos({f"l{i}": (16, 16) for i in range(12)})
+    importance = normalize({f"l{i}": 2.0 ** -i for i in range(12)})
+    p = plan_of(importance, 0.9, infos)  # the cut keeps 4: 4 own + 1 shared = 5 adapters, 12·8 = 96 not divisible
+    q = match_uniform(p, infos, 8)
+    assert len(q.kept) >= len(p.kept) and q.kept == sorted(importance, key=lambda m: -importance[m])[:len(q.kept)]
+    assert q.rank * q.trainable_per_rank({m: 32 for m in infos}) == 8 * 12 * 32  # exactly the uniform count
+    assert (len(q.kept) + len(q.shared)) == 96 // q.rank and len(q.kept) == 5  # 6 adapters at rank 16
+    assert cut(q.importance, q.threshold) == q.kept  # the recorded threshold reproduces the layers
+    assert DropPlan.from_dict(json.loads(json.dumps(q.to_dict()))) == q  # the rank travels with the plan file
+    s = q.spec(ld.AdapterSpec("lora", rank=8, alpha=4.0, targets=list(infos)))
+    assert s.rank == q.rank and s.alpha == 4.0 * q.rank / 8  # α/r kept
+
+
+def test_match_uniform_on_mixed_shapes_is_the_closest_count():
+    from lora_diffusion.variants.loradrop import match_uniform
+
+    infos = _infos({"a": (8, 8), "b": (8, 8), "c": (8, 8), "down": (6, 8), "up": (8, 6)})
+    sizes = {m: i.fan_in + i.out_features for m, i in infos.items()}
+    importance = normalize({"a": 5.0, "b": 1.0, "c": 1.0, "down": 2.0, "up": 1.0})
+    p = plan_of(importance, 0.5, infos)
+    q = match_uniform(p, infos, 4)
+    target = 4 * sum(sizes.values())
+    err = abs(q.rank * q.trainable_per_rank(sizes) - target)
+    ranked = sorted(importance, key=lambda m: -importance[m])
+    for k in range(len(p.kept), 6):  # no other number of kept layers (at its best rank) gets closer
+        kept = ranked[:k]
+        groups = share_groups([m for m in importance if m not in kept], {m: (i.weight_shape,) for m, i in infos.items()})
+        per = sum(sizes[m] for m in kept) + sum(sizes[g[0]] for g in groups)
+        assert err <= abs(max(1, round(target / per)) * per - target)
+
+
+def plan_of(importance, threshold, infos):
+    kept = cut(importance, threshold)
+    keys = {m: (i.weight_shape,) for m, i in infos.items()}
+    return DropPlan(threshold, importance, kept, share_groups([m for m in importance if m not in kept], keys))
+
+
+def test_llm_trainer_match_params_trains_a_uniform_loras_count(llm_folder, tmp_path):
+    out = tmp_path / "match"
+    base = ["--max_train_steps", "2", "--lora_drop_steps", "1", "--lora_drop_samples", "4", "--targets",
+            "q_proj,o_proj", "--rank", "4", "--lora_drop_threshold", "0.5"]
+    m = llm_cli(llm_folder, out, *base, "--lora_drop_match_params")
+    p = DropPlan.from_dict(json.loads((out / "lora_drop.json").read_text()))
+    ref = llm_cli(llm_folder, tmp_path / "lora", *base[:-2], "--variant", "lora")  # the last --variant wins
+    assert p.rank is not None and p.rank >= 4 and cut(p.importance, p.threshold) == p.kept
+    assert m["trainable_params"] == ref["trainable_params"]  # q_proj and o_proj of the tiny model: one shape

@@ -237,6 +237,9 @@ class LoRADropArgs:
                                         "(refused when their shapes differ); default: one per shape")
     lora_drop_plan: str | None = opt(None, "--variant loradrop: the lora_drop.json of an earlier run: its layers, "
                                            "no importance stage")
+    lora_drop_match_params: bool = opt(False, "--variant loradrop: keep more layers than the cut and raise the rank so "
+                                              "the trainable count is closest to a uniform LoRA at --rank on every "
+                                              "target (for comparisons at equal size)")
 
 
 # --- T-LoRA / diffusion sections ---

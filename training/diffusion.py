@@ -197,7 +197,8 @@ def add_loradrop(pipe: Any, cfg: TLoRAConfig, cond: Conditioner, resolution: int
         return lora_drop.importance_stage(accelerator, unet, spec, items, objective, args, cfg.optim.learning_rate,
                                           cfg.run.progress)
 
-    plan = lora_drop.resolve_plan(Path(cfg.checkpoint.output_dir), args, resume, make, accelerator)
+    plan = lora_drop.resolve_plan(Path(cfg.checkpoint.output_dir), args, resume, make, accelerator,
+                                  lora_drop.matcher(unet, spec, args))
     names = lora_drop.apply_plan(unet, spec, plan)
     if cfg.model.gradient_checkpointing:
         ld.enable_gradient_checkpointing(unet)

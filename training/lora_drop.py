@@ -1,7 +1,7 @@
 """LoRA-drop in the trainers: the importance stage before training (method: lora_diffusion/variants/loradrop.py).
 
     --variant loradrop [--lora_drop_threshold 0.9] [--lora_drop_steps N] [--lora_drop_samples K]
-                       [--lora_drop_strict] [--lora_drop_plan lora_drop.json]
+                       [--lora_drop_strict] [--lora_drop_plan lora_drop.json] [--lora_drop_match_params]
 
 1. a stratified sample D_s of the training data (LLM: records by length quartile; diffusion: (image, timestep)
    examples with one timestep per stratum of [0, T)), fixed for the stage;
@@ -29,7 +29,7 @@ from torch import nn
 
 import lora_diffusion as ld
 from lora_diffusion.io.files import write_json
-from lora_diffusion.variants.loradrop import DropPlan, measure_importance, plan
+from lora_diffusion.variants.loradrop import DropPlan, match_uniform, measure_importance, plan
 
 from .config import ConfigError, LoRADropArgs
 
@@ -97,21 +97,43 @@ def importance_stage(accelerator: Any, model: nn.Module, spec: ld.AdapterSpec, s
 
 
 def resolve_plan(out: Path, args: LoRADropArgs, resume: bool, make: Callable[[], DropPlan],
-                 accelerator: Any = None) -> DropPlan:
+                 accelerator: Any = None, match: Callable[[DropPlan], DropPlan] | None = None) -> DropPlan:
     """The plan of this run: ``--lora_drop_plan``, the one a resumed run wrote, or ``make()`` (then written to
-    ``out/lora_drop.json`` atomically). Under several processes the main process's plan is used by every rank."""
+    ``out/lora_drop.json`` atomically). Under several processes the main process's plan is used by every rank.
+    ``match`` (--lora_drop_match_params) resizes a plan that has no rank yet; the resized plan is the one written."""
     source = Path(args.lora_drop_plan) if args.lora_drop_plan else (out / PLAN_FILE if resume else None)
-    if source is not None and source.is_file():
+    fresh = not (source is not None and source.is_file())
+    if not fresh:
         log.info("LoRA-drop: layers from %s (no importance stage)", source)
-        return read_plan(source)
-    result = make()
-    if accelerator is not None and accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
+        result = read_plan(source)
+    else:
+        result = make()
+        if accelerator is not None and accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
 
-        result = broadcast_object_list([result])[0]
-    if accelerator is None or accelerator.is_main_process:
+            result = broadcast_object_list([result])[0]
+    if match is not None and result.rank is None:
+        result, fresh = match(result), True
+    if fresh and (accelerator is None or accelerator.is_main_process):
         write_plan(out / PLAN_FILE, result)
     return result
+
+
+def matcher(model: nn.Module, spec: ld.AdapterSpec, args: LoRADropArgs) -> Callable[[DropPlan], DropPlan] | None:
+    """--lora_drop_match_params: the plan resized to a uniform LoRA's trainable count (``match_uniform``)."""
+    if not args.lora_drop_match_params:
+        return None
+    from lora_diffusion.core.layerinfo import layer_info
+    from lora_diffusion.inject.targets import find_targets
+
+    def match(p: DropPlan) -> DropPlan:
+        infos = {n: layer_info(m, n) for n, m in find_targets(model, spec).items()}
+        q = match_uniform(p, infos, spec.rank, args.lora_drop_strict)
+        log.info("LoRA-drop at a uniform rank-%d LoRA's size: %d layers keep their own adapter (the cut kept %d), "
+                 "rank %d", spec.rank, len(q.kept), len(p.kept), q.rank)
+        return q
+
+    return match
 
 
 def read_plan(path: Path) -> DropPlan:

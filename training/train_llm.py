@@ -328,7 +328,8 @@ def add_loradrop(cfg: LLMConfig, model: torch.nn.Module, spec: ld.AdapterSpec, t
         return lora_drop.importance_stage(acc, model, spec, sample, loss_fn, args, cfg.optim.learning_rate,
                                           cfg.run.progress)
 
-    plan = lora_drop.resolve_plan(out, args, bool(cfg.checkpoint.resume_from_checkpoint), make, acc)
+    plan = lora_drop.resolve_plan(out, args, bool(cfg.checkpoint.resume_from_checkpoint), make, acc,
+                                  lora_drop.matcher(model, spec, args))
     return lora_drop.apply_plan(model, spec, plan)
 
 

@@ -231,28 +231,38 @@ class DropPlan:
     importance: dict[str, float]  # normalized, in module order
     kept: list[str]
     shared: list[list[str]]
+    rank: int | None = None  # set by match_uniform: the rank of every adapter (None: the run's rank)
 
     def spec(self, base: AdapterSpec) -> AdapterSpec:
-        """``base`` (a LoRA spec: rank, alpha, targets, seed) as the LoRA-drop spec of this plan."""
+        """``base`` (a LoRA spec: rank, alpha, targets, seed) as the LoRA-drop spec of this plan (at the plan's rank,
+        α/r kept, when it has one)."""
         import dataclasses
 
         options = {k: v for k, v in base.options.items() if k == "init"}
         options.update(shared=[list(g) for g in self.shared], threshold=self.threshold,
                        importance={m: round(v, 8) for m, v in self.importance.items()})
-        return dataclasses.replace(base, variant="loradrop", options=options)
+        sized = {} if self.rank is None else {
+            "rank": self.rank, "alpha": None if base.alpha is None else base.alpha * self.rank / base.rank}
+        return dataclasses.replace(base, variant="loradrop", options=options, **sized)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "importance": self.importance, "kept": self.kept, "shared": self.shared}
+        d = {"threshold": self.threshold, "importance": self.importance, "kept": self.kept, "shared": self.shared}
+        return d if self.rank is None else {**d, "rank": self.rank}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DropPlan:
-        return cls(float(d["threshold"]), dict(d["importance"]), list(d["kept"]), [list(g) for g in d["shared"]])
+        rank = None if d.get("rank") is None else int(d["rank"])
+        return cls(float(d["threshold"]), dict(d["importance"]), list(d["kept"]), [list(g) for g in d["shared"]], rank)
+
+    def trainable_per_rank(self, sizes: dict[str, int]) -> int:
+        """Σ (fan_in + out) over the adapters this plan trains (each kept layer, one per shared group)."""
+        return sum(sizes[m] for m in self.kept) + sum(sizes[g[0]] for g in self.shared)
 
     def summary(self) -> str:
         n = len(self.importance)
         return (f"LoRA-drop: {len(self.kept)} of {n} layers keep their own LoRA (cumulative importance "
                 f"{sum(self.importance[m] for m in self.kept):.3f} >= {self.threshold:g}); {n - len(self.kept)} share "
-                f"{len(self.shared)} adapter(s)")
+                f"{len(self.shared)} adapter(s)" + (f"; rank {self.rank}" if self.rank is not None else ""))
 
 
 def plan(model: nn.Module, name: str, scores: dict[str, float], threshold: float = DEFAULT_THRESHOLD,
@@ -267,3 +277,38 @@ def plan(model: nn.Module, name: str, scores: dict[str, float], threshold: float
     kept = cut(importance, threshold)
     dropped = [m for m in importance if m not in set(kept)]
     return DropPlan(threshold, importance, kept, share_groups(dropped, keys, strict))
+
+
+def match_uniform(p: DropPlan, infos: dict[str, LayerInfo], rank: int, strict: bool = False) -> DropPlan:
+    """``p`` at the trainable-parameter count of a uniform LoRA of ``rank`` on the same layers (our addition, for
+    comparisons at equal size; the paper keeps the rank and saves parameters):
+
+        target = rank · Σ_all (fan_in + out)          K' = |kept| .. N layers, by importance
+        r'(K') = max(1, round(target / S(K')))        S(K') = Σ_kept' (fan_in + out) + Σ_groups (fan_in + out)
+
+    keeps the K' (>= the cut's) most important layers and raises the rank to r' minimizing |r'·S − target|, ties to
+    the fewest layers; exact whenever S divides the target (e.g. layers of one shape). The threshold becomes the
+    importance the K' layers hold, so ``cut`` at it gives the same layers."""
+    sizes = {m: info.fan_in + info.out_features for m, info in infos.items()}
+    missing = [m for m in p.importance if m not in sizes]
+    if missing or rank < 1:
+        raise AdapterError(f"LoRA-drop match_uniform: expected rank >= 1 (found {rank}) and a LayerInfo for every "
+                           f"layer of the plan; missing {missing[:4]}")
+    keys = {m: shape_key(infos[m], rank) for m in p.importance}
+    target = rank * sum(sizes[m] for m in p.importance)
+    ranked = sorted(p.importance, key=lambda m: -p.importance[m])  # the order of ``cut``
+    best: tuple[int, DropPlan] | None = None
+    for k in range(len(p.kept), len(ranked) + 1):
+        kept = set(ranked[:k])
+        groups = share_groups([m for m in p.importance if m not in kept], keys, strict)
+        q = DropPlan(p.threshold, p.importance, [m for m in ranked[:k]], groups)
+        per_rank = q.trainable_per_rank(sizes)
+        r = max(1, round(target / per_rank))
+        err = abs(r * per_rank - target)
+        if best is None or err < best[0]:
+            held = min(1.0, sum(p.importance[m] for m in q.kept)) if q.kept else p.threshold
+            best = (err, DropPlan(held if held > 0 else p.threshold, p.importance, q.kept, groups, r))
+        if err == 0:
+            break
+    assert best is not None
+    return best[1]
