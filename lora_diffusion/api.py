@@ -20,8 +20,10 @@ from torch import nn
 from . import embeddings as emb
 from .core.context import CallContext
 from .core.errors import AdapterError, AdapterFileError
+from .core.layer import AdaptedLayer
 from .core.registry import get_variant, variant_names  # noqa: F401  (re-exported)
 from .core.spec import AdapterSpec
+from .core.walk import walk_modules
 from .inject.walker import adapted_layers, adapter_names, inject, model_state, remove
 from .io import canonical, cloneofsimo, formats, tlora_official
 from .io import embeddings as emb_io
@@ -60,13 +62,24 @@ def add_adapter(model: nn.Module, spec: AdapterSpec, name: str = "default", scal
 
 def mark_trainable(model: nn.Module, names: Sequence[str]) -> None:
     """Freeze every parameter of ``model`` except those of the named adapters."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for _, layer in adapted_layers(model):
-        for n in names:
-            if n in layer.adapters:
-                for p in layer.adapters[n].parameters():
-                    p.requires_grad_(True)
+    for _, m in walk_modules(model):  # each adapter is reached once, through its layer (not walked into)
+        for p in m.parameters(recurse=False):
+            p.requires_grad_(False)
+        if isinstance(m, AdaptedLayer):
+            for cname, child in m.named_children():  # adapters, combiner
+                if cname != "base_layer":
+                    _freeze(child)
+            for n in names:
+                if n in m.adapters:
+                    m.adapters[n].requires_grad_(True)
+
+
+def _freeze(module: nn.Module) -> None:
+    """``module.requires_grad_(False)`` touching only the parameters that need it (a library of adapters: fast)."""
+    for m in module.modules():
+        for p in m._parameters.values():
+            if p is not None and p.requires_grad:
+                p.requires_grad_(False)
 
 
 def _set_trainable(model: nn.Module, name: str, trainable: bool) -> None:
@@ -80,10 +93,10 @@ def _set_trainable(model: nn.Module, name: str, trainable: bool) -> None:
 
 def adapter_parameters(model: nn.Module, name: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
     for lname, layer in adapted_layers(model):
-        for aname, ad in layer.adapters.items():
-            if name is None or aname == name:
-                for pname, p in ad.named_parameters():
-                    yield f"{lname}.adapters.{aname}.{pname}", p
+        items = layer.adapters.items() if name is None else [(name, layer.adapters[name])] if name in layer.adapters else []
+        for aname, ad in items:
+            for pname, p in ad.named_parameters():
+                yield f"{lname}.adapters.{aname}.{pname}", p
 
 
 def param_groups(model: nn.Module, lr: float, name: str | None = None,

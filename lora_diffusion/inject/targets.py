@@ -5,20 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from ..core.errors import TargetError
-from ..core.layer import AdaptedLayer
 from ..core.spec import AdapterSpec, match_name
+from ..core.walk import walk_modules
 from .presets import resolve_patterns
 
 
 def iter_candidates(model: nn.Module):
-    """(name, module) for every module, with adapted layers standing for their base layer."""
-    skip: list[str] = []
-    for name, module in model.named_modules():
-        if any(name == s or name.startswith(s + ".") for s in skip):
-            continue
-        if isinstance(module, AdaptedLayer):
-            skip.append(name)
-        yield name, module
+    """(name, module) for every module, with adapted layers standing for their base layer (not entered)."""
+    yield from walk_modules(model, into_base=False)
 
 
 def find_targets(model: nn.Module, spec: AdapterSpec) -> dict[str, nn.Module]:
@@ -35,7 +29,7 @@ def find_targets(model: nn.Module, spec: AdapterSpec) -> dict[str, nn.Module]:
             continue
         found[name] = module
     if not found:
-        sample = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))][:8]
+        sample = [n for n, m in walk_modules(model) if isinstance(m, (nn.Linear, nn.Conv2d))][:8]
         raise TargetError(
             f"target patterns {patterns} match no module of {type(model).__name__} "
             f"(examples of module names: {sample})")

@@ -17,6 +17,7 @@ from ..core.layerinfo import LayerInfo, get_base_weight, layer_info
 from ..core.registry import get_variant, parse_options
 from ..core.shared import SharedStore
 from ..core.spec import AdapterSpec, ModuleConfig
+from ..core.walk import walk_modules
 from .targets import find_targets
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,8 @@ def model_state(model: nn.Module, create: bool = False) -> ModelState | None:
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
-    for name, m in model.named_modules():
+    """Every adapted layer by path; the adapters' own submodules are not walked (``walk_modules``)."""
+    for name, m in walk_modules(model):
         if isinstance(m, AdaptedLayer):
             yield name, m
 
@@ -124,7 +126,7 @@ def inject(model: nn.Module, spec: AdapterSpec, name: str = "default", scale: fl
     if module_names is None:
         targets = find_targets(model, spec)
     else:
-        mods = dict(model.named_modules())
+        mods = dict(walk_modules(model))
         missing = [n for n in module_names if n not in mods]
         if missing:
             raise AdapterError(f"module(s) {missing[:5]} not found in {type(model).__name__} "
@@ -166,10 +168,10 @@ def _drop(layer: AdaptedLayer, name: str) -> None:
 
 def adapter_names(model: nn.Module) -> list[str]:
     st = model_state(model)
-    names = list(st.specs) if st else []
+    names = dict.fromkeys(st.specs) if st else {}  # a dict: ordered, and O(1) membership for large libraries
     for _, layer in adapted_layers(model):
-        names.extend(n for n in layer.adapters if n not in names)
-    return names
+        names.update(dict.fromkeys(layer.adapters))
+    return list(names)
 
 
 def remove(model: nn.Module, names: list[str] | None = None, merge: bool = False) -> None:

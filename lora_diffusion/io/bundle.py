@@ -19,6 +19,7 @@ from torch import nn
 from ..core.layer import AdaptedLayer
 from ..core.layerinfo import LayerInfo, layer_info
 from ..core.spec import AdapterSpec
+from ..core.walk import walk_modules
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class Bundle:
 def model_view(model: nn.Module) -> ModuleView:
     """Every adaptable module (Linear, Conv2d, GPT-2 Conv1D) of ``model`` by path; adapted layers count as their base."""
     out: ModuleView = {}
-    for name, m in model.named_modules():
+    for name, m in walk_modules(model, into_base=False):  # an adapted layer stands for its base
         if ".base_layer" in f".{name}" or ".adapters." in f".{name}.":
             continue
         base = m.base_layer if isinstance(m, AdaptedLayer) else m

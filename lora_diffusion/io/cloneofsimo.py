@@ -24,6 +24,7 @@ from torch import nn
 
 from ..core.errors import AdapterFileError
 from ..core.layerinfo import layer_info
+from ..core.walk import walk_modules
 from .bundle import Bundle, Part, spec_from_modules
 
 log = logging.getLogger(__name__)
@@ -56,10 +57,10 @@ def traversal(model: nn.Module, targets: list[str]) -> list[str]:
     names = set().union(*(ALIASES.get(t, {t}) for t in targets)) if targets else set()
     convs = "ResnetBlock2D" in targets
     out = []
-    for anc_name, anc in model.named_modules():
+    for anc_name, anc in walk_modules(model):
         if type(anc).__name__ not in names:
             continue
-        for sub, m in anc.named_modules():
+        for sub, m in walk_modules(anc, into_base=False):
             base = getattr(m, "base_layer", m)
             if sub and (isinstance(base, nn.Linear) or (convs and isinstance(base, nn.Conv2d))) and ".base_layer" not in sub \
                     and ".adapters." not in f".{sub}.":
@@ -109,7 +110,7 @@ def _part(comp: str, role: str, layers: dict[int, dict[str, tuple[str, Any]]], m
         raise AdapterFileError(f"{src}: keys '{comp}:0..{max(layers)}' ({FORMAT}): {len(layers)} layers, the model has "
                                f"{len(order)} under {_targets(comp, meta, src)}; expected one per layer in that order")
     ranks, tensors, origin = {}, {}, {}
-    mods = dict(model.named_modules())
+    mods = dict(walk_modules(model))
     for i, path in enumerate(order):
         pair = layers[i]
         for d in ("up", "down"):
