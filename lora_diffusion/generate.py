@@ -3,9 +3,10 @@
     python -m lora_diffusion.generate --adapter subject.safetensors --prompt "a photo of {0} on a beach" \\
         --token "sks dog" [--model <hub id | folder | file.safetensors>] [--scale 0.8] [--steps 25]
 
-T-LoRA's rank mask follows the denoising timestep through a forward pre-hook on the UNet: before
-each UNet call the hook reads the call's ``timestep`` argument and calls ``set_timestep(unet, t)``.
-The pipeline is not forked, so any diffusers pipeline, scheduler and classifier-free guidance work.
+T-LoRA's rank mask follows the denoising timestep through a forward pre-hook on the denoiser (the UNet of SD/SDXL,
+the transformer of Flux/SD3): before each call the hook reads the call's ``timestep`` argument, brings it to the
+0..1000 scale (Flux passes σ = t/1000: ×1000; lora_diffusion/families.py) and calls ``set_timestep(model, t)``.
+The pipeline is not forked, so the stock diffusers pipelines, schedulers and classifier-free guidance work.
 diffusers is imported lazily; this module never imports accelerate or the trainer.
 """
 
@@ -25,9 +26,10 @@ from torch.utils.hooks import RemovableHandle
 
 from . import api
 from .core.errors import AdapterError
+from .families import BY_PIPELINE, denoiser, timestep_position, timestep_scale
 
 log = logging.getLogger(__name__)
-SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+SUPPORTED = tuple(BY_PIPELINE)  # SD1.x/2.x, SDXL, Flux.1, SD3/3.5
 HOOK_ATTR = "_lora_timestep_hook"
 
 
@@ -36,19 +38,28 @@ class ModelLoadError(AdapterError):
 
 
 # --- the timestep hook ---
-def _timestep_pre_hook(num_train_timesteps: int | None, module: nn.Module, args: tuple, kwargs: dict) -> None:
-    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-    if t is not None:
-        api.set_timestep(module, t.detach() if isinstance(t, torch.Tensor) else t, num_train_timesteps)
+def _timestep_pre_hook(num_train_timesteps: int | None, scale: float, position: int | None, module: nn.Module,
+                       args: tuple, kwargs: dict) -> None:
+    t = kwargs.get("timestep", args[position] if position is not None and len(args) > position else None)
+    if t is None:
+        return
+    if isinstance(t, torch.Tensor):
+        t = t.detach()
+        if scale != 1.0:  # Flux: σ = t/1000 -> t; float64 and 1e-3 rounding so t/1000*1000 lands back on t
+            t = torch.round(t.double() * scale, decimals=3).float()
+    elif scale != 1.0:
+        t = round(float(t) * scale, 3)
+    api.set_timestep(module, t, num_train_timesteps)
 
 
-def install_timestep_hook(unet: nn.Module, num_train_timesteps: int | None = None) -> RemovableHandle:
-    """Make every ``unet(sample, timestep, ...)`` call set the adapters' timestep first (idempotent)."""
-    old = getattr(unet, HOOK_ATTR, None)
+def install_timestep_hook(model: nn.Module, num_train_timesteps: int | None = None) -> RemovableHandle:
+    """Make every ``model(..., timestep=..., ...)`` call (UNet or DiT) set the adapters' timestep first (idempotent)."""
+    old = getattr(model, HOOK_ATTR, None)
     if old is not None:
         old.remove()
-    handle = unet.register_forward_pre_hook(functools.partial(_timestep_pre_hook, num_train_timesteps), with_kwargs=True)
-    setattr(unet, HOOK_ATTR, handle)
+    hook = functools.partial(_timestep_pre_hook, num_train_timesteps, timestep_scale(model), timestep_position(model))
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    setattr(model, HOOK_ATTR, handle)
     return handle
 
 
@@ -69,7 +80,7 @@ def apply_adapters(pipe: Any, paths: Sequence[str | os.PathLike], scales: Sequen
     loaded = [api.load_adapter(pipe, p, name=(names[i] if names else None)) for i, p in enumerate(paths)]
     if loaded:
         api.set_adapters(pipe, loaded, scales)
-    install_timestep_hook(pipe.unet, pipe.scheduler.config.num_train_timesteps)
+    install_timestep_hook(denoiser(pipe), pipe.scheduler.config.num_train_timesteps)
     return loaded
 
 
@@ -103,8 +114,11 @@ def _single_file_class(path: Path) -> Any:
 
 
 def load_pipeline(source: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, revision: str | None = None,
-                  single_file_config: str | None = None, vae: str | None = None) -> Any:
-    """A StableDiffusion(XL)Pipeline from a hub id, a diffusers folder or a single .safetensors file."""
+                  single_file_config: str | None = None, vae: str | None = None,
+                  components: dict[str, Any] | None = None) -> Any:
+    """A StableDiffusion(XL)/Flux/StableDiffusion3 pipeline from a hub id, a diffusers folder or (SD/SDXL) a single
+    .safetensors file. ``components`` replace or drop (None) pipeline components, e.g. SD3 without T5:
+    ``{"text_encoder_3": None, "tokenizer_3": None}`` (not loaded at all)."""
     import diffusers
 
     src = resolve_source(source)
@@ -125,6 +139,7 @@ def load_pipeline(source: str | os.PathLike | None = None, dtype: torch.dtype = 
                 raise ModelLoadError(f"{src}: a {name}; supported pipelines: {list(SUPPORTED)}")
             if name == "StableDiffusionPipeline":
                 kw.update(safety_checker=None, requires_safety_checker=False)
+            kw.update(components or {})
             pipe = getattr(diffusers, name).from_pretrained(src, revision=revision, **kw)
     except ModelLoadError:
         raise
@@ -182,9 +197,10 @@ def generate(pipe: Any, prompts: Sequence[str], steps: int = 25, guidance_scale:
              negative_prompt: str | None = None, progress: Callable[[float, str], None] | None = None) -> list[Any]:
     """PIL images, ``num_images`` per prompt, seed ``seed + i`` for image i of each prompt. ``progress(fraction,
     what)`` is called after every denoising step when given."""
-    if getattr(pipe.unet, HOOK_ATTR, None) is None:
-        install_timestep_hook(pipe.unet, pipe.scheduler.config.num_train_timesteps)
-    device = pipe.unet.device
+    model = denoiser(pipe)
+    if getattr(model, HOOK_ATTR, None) is None:
+        install_timestep_hook(model, pipe.scheduler.config.num_train_timesteps)
+    device = model.device
     images: list[Any] = []
     total = steps * num_images * len(prompts)
     for prompt in prompts:
