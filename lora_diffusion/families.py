@@ -78,3 +78,26 @@ def timestep_position(model: nn.Module) -> int | None:
     except (TypeError, ValueError):
         return None
     return names.index("timestep") if "timestep" in names else None
+
+
+def detect_family(source: str | None) -> str | None:
+    """The family of a model source from its ``model_index.json`` (a local diffusers folder, or a hub repo already
+    in the Hugging Face cache; never the network); None when it cannot be told (single files, uncached ids, the
+    default demo model: an SD pipeline)."""
+    import json
+    from pathlib import Path
+
+    if source is None:
+        return None
+    path = Path(source) / "model_index.json"
+    try:
+        if path.is_file():
+            name = json.loads(path.read_text()).get("_class_name")
+        else:
+            from diffusers import DiffusionPipeline
+
+            name = DiffusionPipeline.load_config(str(source), local_files_only=True).get("_class_name")
+    except Exception:  # not a folder, not cached: the loader reports what is wrong
+        return None
+    f = BY_PIPELINE.get(name)
+    return f.name if f else None

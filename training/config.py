@@ -246,8 +246,14 @@ class LoRADropArgs:
 @dataclass
 class ModelArgs:
     pretrained_model_name_or_path: str | None = opt(
-        None, "hub id, local diffusers folder or single .safetensors checkpoint (SD1.x/2.x, SDXL); "
-        "None: the embedded demo model in assets/demo-sd/", "--model")
+        None, "hub id, local diffusers folder (SD1.x/2.x, SDXL, Flux.1, SD3/3.5) or single .safetensors checkpoint "
+        "(SD1.x/2.x, SDXL); None: the embedded demo model in assets/demo-sd/", "--model")
+    model_family: str = opt("auto", "auto (from the folder's model_index.json) | sd | sdxl | flux | sd3",
+                            choices=["auto", "sd", "sdxl", "flux", "sd3"])
+    drop_t5: bool = opt(False, "SD3: do not load the T5 text encoder (the pipeline feeds zeros in its place, as "
+                        "StableDiffusion3Pipeline(text_encoder_3=None) does); much less memory")
+    max_sequence_length: int | None = opt(None, "Flux/SD3: T5 tokens per prompt (None: the pipeline's default, "
+                                          "Flux 512, SD3 256)")
     revision: str | None = opt(None, "hub revision")
     pretrained_vae_model_name_or_path: str | None = opt(None, "another VAE (e.g. madebyollin/sdxl-vae-fp16-fix)")
     single_file_config: str | None = opt(None, "diffusers folder or hub id holding the configs of a single-file model")
@@ -256,6 +262,23 @@ class ModelArgs:
     attention: str = opt("auto", "auto (xformers if installed on CUDA, else SDPA) | sdpa | xformers",
                          choices=["auto", "sdpa", "xformers"])
     allow_tf32: bool = opt(True, "TF32 matmuls on Ampere+ GPUs")
+
+
+@dataclass
+class FlowArgs:
+    """Flux.1 / SD3 (rectified flow): how σ is drawn, and Flux's guidance input (training/objectives.py)."""
+
+    weighting_scheme: str | None = opt(None, "σ sampling: uniform | logit_normal (SD3 paper) | mode (None: "
+                                       "logit_normal for SD3, uniform for Flux as the official T-LoRA Flux trainer)",
+                                       choices=["uniform", "logit_normal", "mode"])
+    logit_mean: float = opt(0.0, "logit_normal: mean of the normal behind σ = sigmoid(n)")
+    logit_std: float = opt(1.0, "logit_normal: std of the normal behind σ = sigmoid(n)")
+    mode_scale: float = opt(1.29, "mode: the scale of the mode sampling (SD3 paper)")
+    flow_shift: float | None = opt(None, "σ' = sσ/(1 + (s-1)σ) after sampling (None: the shift the stock pipeline "
+                                   "samples with at this resolution: SD3 the scheduler's 3.0, Flux exp(μ(image "
+                                   "tokens)); 1: no shift)")
+    train_guidance_scale: float = opt(1.0, "Flux-dev guidance embedding input during training (official T-LoRA "
+                                      "Flux: 1; diffusers' DreamBooth script: 3.5)")
 
 
 @dataclass
@@ -350,6 +373,7 @@ class TLoRAConfig:
     validation: ValidationArgs = field(default_factory=ValidationArgs)
     run: RunArgs = field(default_factory=RunArgs)
     lora_drop: LoRADropArgs = field(default_factory=LoRADropArgs)
+    flow: FlowArgs = field(default_factory=FlowArgs)
 
 
 # Per-variant defaults (rank, learning rate, steps): T-LoRA follows the paper (r 64, r_min 32, lr 1e-4,
@@ -406,11 +430,18 @@ def with_rank_spec(spec: Any, path: str | None) -> Any:
         raise ConfigError(f"--rank_spec: {e}") from None
 
 
-def default_targets(variant: str, demo: bool) -> str:
+# Flux/SD3 default targets: the official T-LoRA Flux layout (flux/model/lora.py), q/k/v/out of every attention and
+# its context projections add_q/k/v (joint and single-stream blocks).
+DIT_TARGETS = r"re:.*\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj)"
+
+
+def default_targets(variant: str, demo: bool, family: str = "sd") -> str:
     """``unet-attn``; on the demo model (which draws shapes with convolutions) ``unet-full`` where the variant
-    adapts Conv2d layers."""
+    adapts Conv2d layers; on Flux/SD3 the attention projections (``DIT_TARGETS``)."""
     import lora_diffusion as ld
 
+    if family in ("flux", "sd3"):
+        return DIT_TARGETS
     if demo and "conv2d" in ld.get_variant(variant).kinds:
         return DEMO_TRAIN_DEFAULTS["targets"]
     return DEMO_TRAIN_DEFAULTS["linear_only_targets"] if demo else "unet-attn"
@@ -429,8 +460,9 @@ def resolve_defaults(cfg: TLoRAConfig, variant_names: list[str]) -> TLoRAConfig:
     a.lora_rank = d["lora_rank"] if a.lora_rank is None else a.lora_rank
     if o.learning_rate is None:
         o.learning_rate = d["learning_rate"] * (DEMO_TRAIN_DEFAULTS["lr_scale"] if demo else 1.0)
+    resolve_family(cfg)
     if a.targets is None:
-        a.targets = "" if a.variant == NO_ADAPTER else default_targets(a.variant, demo)
+        a.targets = "" if a.variant == NO_ADAPTER else default_targets(a.variant, demo, cfg.model.model_family)
     _resolve_embedding(cfg, demo)
     if o.max_train_steps is None:
         o.max_train_steps = DEMO_TRAIN_DEFAULTS.get("max_train_steps", d["max_train_steps"]) if demo else \
@@ -445,6 +477,24 @@ def resolve_defaults(cfg: TLoRAConfig, variant_names: list[str]) -> TLoRAConfig:
     _check_ranges(cfg)
     check_lora_drop(cfg.lora_drop, a.variant, o.max_train_steps)
     return cfg
+
+
+def resolve_family(cfg: TLoRAConfig) -> None:
+    """--model_family auto: read from the model folder's (or cached hub repo's) model_index.json; σ-sampling
+    defaults of the flow families. The loaded pipeline is checked against it (training/diffusion.py)."""
+    m, f = cfg.model, cfg.flow
+    if m.model_family == "auto":
+        from lora_diffusion.families import detect_family
+
+        m.model_family = detect_family(m.pretrained_model_name_or_path) or "sd"
+    if m.drop_t5 and m.model_family != "sd3":
+        raise ConfigError(f"--drop_t5: SD3 only (Flux needs its T5 encoder); the model is {m.model_family}")
+    if f.weighting_scheme is None:
+        f.weighting_scheme = "logit_normal" if m.model_family == "sd3" else "uniform"
+    if f.flow_shift is not None and not f.flow_shift > 0:
+        raise ConfigError(f"--flow_shift: expected > 0, found {f.flow_shift}")
+    if f.logit_std <= 0:
+        raise ConfigError(f"--logit_std: expected > 0, found {f.logit_std}")
 
 
 def _resolve_init_adapter(a: AdapterArgs) -> None:

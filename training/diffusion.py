@@ -16,6 +16,7 @@ from torch import nn
 import lora_diffusion as ld
 from lora_diffusion import embeddings as ld_emb
 from lora_diffusion.embeddings import TrainableTokens
+from lora_diffusion.families import FAMILIES, denoiser, family_of
 from lora_diffusion.generate import _slug, generate, install_timestep_hook, load_pipeline, remove_timestep_hook
 from lora_diffusion.io import embeddings as emb_io
 
@@ -66,7 +67,23 @@ def preflight(cfg: TLoRAConfig) -> list[Path]:
         raise ConfigError("--attention xformers: xformers is not installed (pip install xformers)")
     if cfg.validation.validation_prompts is not None:
         expand_prompts(cfg.validation.validation_prompts, "x")
+    check_flow_options(cfg)
     return images
+
+
+def check_flow_options(cfg: TLoRAConfig) -> None:
+    """Flux/SD3: what this trainer does not do on a transformer yet, refused before anything is loaded."""
+    family = cfg.model.model_family
+    if not FAMILIES[family].flow:
+        return
+    unsupported = [(cfg.embedding.train_embedding, "--train_embedding (pivotal tuning)"),
+                   (cfg.embedding.text_encoder_targets, "--text_encoder_targets"),
+                   (cfg.adapter.variant == lora_drop.VARIANT, "--variant loradrop"),
+                   (cfg.model.attention == "xformers", "--attention xformers"),
+                   (cfg.data.with_prior_preservation and cfg.data.num_class_images, "--num_class_images")]
+    for bad, flag in unsupported:
+        if bad:
+            raise ConfigError(f"{flag}: SD/SDXL UNets only for now; the model is a {family} transformer")
 
 
 # --- model and adapter ---
@@ -84,18 +101,25 @@ def adapter_spec(cfg: TLoRAConfig) -> ld.AdapterSpec:
 
 def load_base(cfg: TLoRAConfig) -> Any:
     m = cfg.model
+    drop = {"text_encoder_3": None, "tokenizer_3": None} if m.drop_t5 else None
     pipe = load_pipeline(m.pretrained_model_name_or_path, torch.float32, m.revision, m.single_file_config,
-                         m.pretrained_vae_model_name_or_path)
+                         m.pretrained_vae_model_name_or_path, components=drop)
     pipe.set_progress_bar_config(disable=True)
+    found = family_of(pipe).name
+    if found != m.model_family and not (found in ("sd", "sdxl") and m.model_family in ("sd", "sdxl")):
+        raise ConfigError(f"--model_family {m.model_family}: the model '{m.pretrained_model_name_or_path}' is a "
+                          f"{type(pipe).__name__} ({found}); pass --model_family {found} or auto")
+    m.model_family = found
     for comp in ld.components(pipe).values():
         comp.requires_grad_(False)
     return pipe
 
 
 def default_resolution(pipe: Any) -> int:
-    if hasattr(pipe, "text_encoder_2"):
+    family = family_of(pipe).name
+    if family in ("sdxl", "flux"):
         return 1024
-    return int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+    return int(denoiser(pipe).config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
 
 
 def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
@@ -151,8 +175,9 @@ def add_text_adapter(pipe: Any, cfg: TLoRAConfig) -> list[nn.Module]:
 
 
 def add_adapter(pipe: Any, cfg: TLoRAConfig, device: torch.device) -> nn.Module:
-    """The UNet's adapter, dtype, device and attention (LoRA-drop's adapter comes later: ``add_loradrop``)."""
-    unet = pipe.unet
+    """The UNet's (Flux/SD3: transformer's) adapter, dtype, device and attention (LoRA-drop's adapter comes later:
+    ``add_loradrop``)."""
+    unet = denoiser(pipe)
     if cfg.adapter.init_adapter or cfg.adapter.variant not in (NO_ADAPTER, lora_drop.VARIANT):
         if cfg.adapter.init_adapter:  # continue from a file (e.g. a squeezed LoRA): its spec and weights, trainable
             ld.load_adapter(unet, cfg.adapter.init_adapter, name="default", trainable=True)
@@ -164,12 +189,13 @@ def add_adapter(pipe: Any, cfg: TLoRAConfig, device: torch.device) -> nn.Module:
                  len(names), n / 1e6)
     dtype = DTYPES[cfg.model.mixed_precision]
     cast_frozen(unet, dtype)
-    for comp in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)):
+    for comp in (getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")):
         if comp is not None:
             comp.to(device, dtype)
     pipe.vae.to(device, torch.float32)  # fp32 VAE: no fp16 NaNs (sd-scripts --no_half_vae)
     unet.to(device)
-    set_attention(unet, cfg.model.attention, device)
+    if not family_of(pipe).flow:  # the transformers keep their own (SDPA) joint-attention processors
+        set_attention(unet, cfg.model.attention, device)
     if cfg.model.gradient_checkpointing and cfg.adapter.variant != lora_drop.VARIANT:  # recomputation sees the
         ld.enable_gradient_checkpointing(unet)  # timestep its forward saw
     return unet
@@ -281,7 +307,7 @@ def build_data(cfg: TLoRAConfig, pipe: Any, images: list[Path], resolution: int,
                device: torch.device) -> tuple[ExampleSampler, Conditioner]:
     d = cfg.data
     check_single_token(pipe.tokenizer, d.placeholder_token)
-    if getattr(pipe, "tokenizer_2", None) is not None:
+    if getattr(pipe, "tokenizer_2", None) is not None and family_of(pipe).name != "flux":  # Flux's is T5's
         check_single_token(pipe.tokenizer_2, d.placeholder_token)
     phrase = subject_phrase(d.placeholder_token, d.class_name)
     captions = read_captions(images, phrase)  # per-image .txt captions win over the template
@@ -303,6 +329,7 @@ def build_data(cfg: TLoRAConfig, pipe: Any, images: list[Path], resolution: int,
     log.info("%d training image(s) at %d px; %s: %s%s", len(inst), resolution,
              "captions (.txt)" if captions else "prompts", prompts[:4], " ..." if len(prompts) > 4 else "")
     cond = Conditioner(pipe, inst, classes, class_prompt, d.cache_latents, d.cache_text_embeddings)
+    cond.max_sequence_length = cfg.model.max_sequence_length
     cond.live_text = bool(cfg.embedding.train_embedding or cfg.embedding.text_encoder_targets)
     cond.warm(device)
     return ExampleSampler(inst, d.train_batch_size, cfg.run.seed * 1000 + process_index, classes), cond
@@ -319,6 +346,8 @@ def identity(cfg: TLoRAConfig, digest: str, resolution: int) -> dict[str, Any]:
             "images": digest, "resolution": resolution, "train_batch_size": d.train_batch_size,
             "with_prior_preservation": d.with_prior_preservation, "seed": cfg.run.seed,
             "gradient_accumulation_steps": o.gradient_accumulation_steps,
+            **({"model_family": cfg.model.model_family, "flow": vars(cfg.flow), "drop_t5": cfg.model.drop_t5,
+                "max_sequence_length": cfg.model.max_sequence_length} if FAMILIES[cfg.model.model_family].flow else {}),
             "embedding": {k: v for k, v in vars(cfg.embedding).items() if k != "embedding_steps"},
             **({"rank_pattern": with_rank_spec(adapter_spec(cfg), a.rank_spec).rank_pattern} if a.rank_spec else {})}
 
@@ -336,7 +365,7 @@ def sample(pipe: Any, cfg: TLoRAConfig, step: int, resolution: int) -> list[tupl
     prompts = validation_prompts(cfg)
     if not prompts:
         return []
-    v, unet = cfg.validation, pipe.unet
+    v, unet = cfg.validation, denoiser(pipe)
     unet.eval()
     install_timestep_hook(unet, pipe.scheduler.config.num_train_timesteps)
     try:
@@ -367,7 +396,7 @@ def adapter_metadata(cfg: TLoRAConfig, step: int, resolution: int) -> dict[str, 
 
 def save_target(pipe: Any, cfg: TLoRAConfig) -> Any:
     """What the adapter file is written from: the UNet, or the pipeline when tokens or text adapters were trained."""
-    return pipe if cfg.embedding.train_embedding or cfg.embedding.text_encoder_targets else pipe.unet
+    return pipe if cfg.embedding.train_embedding or cfg.embedding.text_encoder_targets else denoiser(pipe)
 
 
 def save_outputs(pipe: Any, cfg: TLoRAConfig, folder: Path, step: int, resolution: int) -> dict[str, Path]:
@@ -382,9 +411,10 @@ def save_outputs(pipe: Any, cfg: TLoRAConfig, folder: Path, step: int, resolutio
         out["diffusers_emb"] = emb_io.save_embeddings(pipe, folder / f"{name}_emb.safetensors", ADAPTER, "diffusers")
     if "format" not in inspect.signature(ld.save_adapter).parameters or name == NO_ADAPTER:
         return out
+    external = pipe if family_of(pipe).flow else target  # a bare transformer's role ('transformer') needs the pipeline
     for fmt, fname in (("kohya", f"{name}.kohya.safetensors"), ("diffusers", "pytorch_lora_weights.safetensors")):
         try:
-            out[fmt] = ld.save_adapter(target, folder / fname, metadata=meta, format=fmt)
+            out[fmt] = ld.save_adapter(external, folder / fname, metadata=meta, format=fmt)
         except ld.AdapterError as e:  # e.g. a variant the format cannot express
             log.warning("no %s file for variant '%s': %s", fmt, name, e)
     return out

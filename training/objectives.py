@@ -1,14 +1,23 @@
-"""Training objectives: the denoising loss of Stable Diffusion 1.x/2.x and SDXL.
+"""Training objectives: the denoising loss of Stable Diffusion 1.x/2.x and SDXL, rectified flow for Flux.1 and SD3.
 
 ``DiffusionObjective(batch)`` turns a micro-batch of examples into latents and text conditioning
 (from caches when enabled), draws timesteps and noise from its own generator (saved in
 checkpoints, so a resumed run draws the same ones), sets the adapters' timestep (T-LoRA's rank
 mask) and returns the MSE between the UNet's prediction and the target (ε or v).
+
+``FlowMatchingObjective`` (Flux, SD3; Esser et al. 2024, arXiv 2403.03206):
+
+    σ = shift(u) = s·u / (1 + (s - 1)·u),  u ~ U(0, 1) | sigmoid(N(m, s²)) (logit-normal) | mode sampling
+    x_σ = (1 - σ)·x0 + σ·ε,   loss = ‖v_θ(x_σ, σ) - (ε - x0)‖²
+
+and hands T-LoRA t = 1000·σ, the scale its r(t) is defined on (lora_diffusion/families.py).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_diffusion as ld
+from lora_diffusion.families import family_of
 
 from .data import Example, ImageSet
 
@@ -35,7 +45,9 @@ class Conditioner:
             log.info("random crops: latents are encoded every step (no latent cache)")
         self.cache_text = cache_text
         self.live_text = False  # set by the trainer when text-side parameters train
-        self.xl = hasattr(pipe, "text_encoder_2")
+        self.family = family_of(pipe).name
+        self.xl = self.family == "sdxl"
+        self.max_sequence_length: int | None = None  # Flux/SD3: T5 tokens (None: the pipeline's default)
         self._latents: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._text: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
@@ -54,8 +66,8 @@ class Conditioner:
         vae = self.pipe.vae
         px = self.sets[ex.prior].pixels(ex).unsqueeze(0).to(device, vae.dtype)
         dist = vae.encode(px).latent_dist
-        sf = vae.config.scaling_factor
-        out = (dist.mean.float() * sf, dist.std.float() * sf)
+        sf, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0  # Flux/SD3 shift
+        out = ((dist.mean.float() - shift) * sf, dist.std.float() * sf)
         if self.cache_latents:
             self._latents[key] = out
         return out
@@ -74,6 +86,14 @@ class Conditioner:
         return out
 
     def _encode(self, prompt: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        seq = {"max_sequence_length": self.max_sequence_length} if self.max_sequence_length else {}
+        if self.family == "flux":  # (1, L, 4096) T5 tokens, (1, 768) CLIP pooled; text ids are zeros
+            emb, pooled, _ = self.pipe.encode_prompt(prompt, None, device=device, num_images_per_prompt=1, **seq)
+            return emb, pooled
+        if self.family == "sd3":  # CLIP-L ⊕ CLIP-G padded to T5's width, then T5 tokens (zeros without T5)
+            emb, _, pooled, _ = self.pipe.encode_prompt(prompt, None, None, device=device, num_images_per_prompt=1,
+                                                        do_classifier_free_guidance=False, **seq)
+            return emb, pooled
         if self.xl:
             emb, _, pooled, _ = self.pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
                                                         do_classifier_free_guidance=False)
@@ -120,7 +140,7 @@ class DiffusionObjective:
         texts = [self.cond.text(self.cond.prompt(ex), device) for ex in batch]
         out = {"latents": mean + std * eps, "noise": noise, "timesteps": t,
                "text": torch.cat([e for e, _ in texts]).to(device)}
-        if self.cond.xl:
+        if texts[0][1] is not None:
             out["pooled"] = torch.cat([p for _, p in texts]).to(device)
         return out
 
@@ -139,17 +159,24 @@ class DiffusionObjective:
         pooled = x["pooled"].to(dtype)
         return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids.expand(pooled.shape[0], -1)}}
 
-    def __call__(self, batch: list[Example]) -> torch.Tensor:
-        device = next(self.unet.parameters()).device
-        x = self.inputs(batch, device)
+    def predict(self, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prediction, target) of the UNet on the noised latents."""
         sched, t = self.scheduler, x["timesteps"]
         noisy = sched.add_noise(x["latents"], x["noise"], t)
         target = sched.get_velocity(x["latents"], x["noise"], t) if self.prediction_type == "v_prediction" else x["noise"]
         ld.set_timestep(self.unet, t, self.T)  # T-LoRA: rank mask r(t), one per sample
-        dtype = next(p for p in self.unet.parameters() if not p.requires_grad).dtype
-        pred = self.model(noisy.to(dtype), t, x["text"].to(dtype), **self.conditioning_kwargs(x, dtype)).sample.float()
+        dtype = self.frozen_dtype()
+        pred = self.model(noisy.to(dtype), t, x["text"].to(dtype), **self.conditioning_kwargs(x, dtype)).sample
+        return pred, target
+
+    def frozen_dtype(self) -> torch.dtype:
+        return next(p for p in self.unet.parameters() if not p.requires_grad).dtype
+
+    def __call__(self, batch: list[Example]) -> torch.Tensor:
+        device = next(self.unet.parameters()).device
+        pred, target = self.predict(self.inputs(batch, device))
         prior = torch.tensor([ex.prior for ex in batch], device=device)
-        err = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))
+        err = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
         loss = err[~prior].mean()
         if prior.any():
             loss = loss + self.prior_loss_weight * err[prior].mean()
@@ -172,3 +199,78 @@ class FixedTimestepObjective(DiffusionObjective):
 
     def timesteps(self, n: int) -> torch.Tensor:
         return torch.full((n,), int(self._t), dtype=torch.long)
+
+
+@dataclass
+class FlowSampling:
+    """How σ is drawn (diffusers' ``compute_density_for_timestep_sampling`` names), then shifted by ``shift``."""
+
+    weighting_scheme: str = "uniform"  # "uniform" | "logit_normal" | "mode"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    shift: float = 1.0
+
+    def sigmas(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """(n,) float64 σ in [0, 1]."""
+        if self.weighting_scheme == "logit_normal":
+            u = torch.sigmoid(torch.randn((n,), generator=gen, dtype=torch.float64) * self.logit_std + self.logit_mean)
+        else:
+            u = torch.rand((n,), generator=gen, dtype=torch.float64)
+            if self.weighting_scheme == "mode":
+                u = 1 - u - self.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+        s = self.shift
+        return (s * u / (1 + (s - 1) * u)).clamp(0.0, 1.0)
+
+
+def pipeline_shift(scheduler_config: Any, image_tokens: int) -> float:
+    """The σ shift the stock pipeline samples with: Flux (dynamic shifting) exp(μ), μ linear in the number of image
+    tokens between (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift); SD3 the config's ``shift``."""
+    c = scheduler_config
+    if not c.get("use_dynamic_shifting", False):
+        return float(c.get("shift", 1.0))
+    x0, x1 = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
+    y0, y1 = c.get("base_shift", 0.5), c.get("max_shift", 1.15)
+    mu = y0 + (y1 - y0) / (x1 - x0) * (image_tokens - x0)
+    return math.exp(mu)
+
+
+class FlowMatchingObjective(DiffusionObjective):
+    """Rectified-flow MSE of a (possibly wrapped) Flux or SD3 transformer (module docstring)."""
+
+    def __init__(self, model: nn.Module, transformer: nn.Module, cond: Conditioner, seed: int, sampling: FlowSampling,
+                 prior_loss_weight: float = 1.0, resolution: int = 1024, guidance: float = 1.0,
+                 num_train_timesteps: int = 1000) -> None:
+        self.model, self.unet, self.cond, self.sampling = model, transformer, cond, sampling
+        self.gen = torch.Generator().manual_seed(seed)
+        self.prior_loss_weight, self.resolution, self.guidance = prior_loss_weight, resolution, guidance
+        self.T = num_train_timesteps
+        self.flux = cond.family == "flux"
+
+    def timesteps(self, n: int) -> torch.Tensor:
+        """t = T·σ (float): the scale the T-LoRA schedule and SD3's transformer use."""
+        return (self.sampling.sigmas(n, self.gen) * self.T).float()
+
+    def predict(self, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        t, x0, eps = x["timesteps"], x["latents"], x["noise"]
+        sigma = (t / self.T).view(-1, *([1] * (x0.dim() - 1)))
+        noisy, target = (1 - sigma) * x0 + sigma * eps, eps - x0  # (B, C, H, W)
+        ld.set_timestep(self.unet, t, self.T)  # T-LoRA: r(1000·σ), one mask per sample
+        dtype = self.frozen_dtype()
+        text, pooled = x["text"].to(dtype), x["pooled"].to(dtype)
+        if not self.flux:
+            pred = self.model(hidden_states=noisy.to(dtype), timestep=t, encoder_hidden_states=text,
+                              pooled_projections=pooled, return_dict=False)[0]
+            return pred, target
+        from diffusers import FluxPipeline
+
+        b, c, h, w = noisy.shape  # Flux sees 2x2 latent patches as tokens: (B, H/2·W/2, 4C)
+        packed, target = (FluxPipeline._pack_latents(z, b, c, h, w) for z in (noisy.to(dtype), target))
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, dtype)
+        txt_ids = torch.zeros(text.shape[1], 3, device=noisy.device, dtype=dtype)
+        guidance = (torch.full((b,), self.guidance, device=noisy.device, dtype=torch.float32)
+                    if self.unet.config.guidance_embeds else None)
+        pred = self.model(hidden_states=packed, timestep=(t / self.T).to(dtype), guidance=guidance,
+                          pooled_projections=pooled, encoder_hidden_states=text, txt_ids=txt_ids, img_ids=img_ids,
+                          return_dict=False)[0]
+        return pred, target

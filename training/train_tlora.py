@@ -1,4 +1,4 @@
-"""One-image personalization: train a T-LoRA (or any registered variant) on a diffusers SD/SDXL model.
+"""One-image personalization: train a T-LoRA (or any registered variant) on a diffusers SD/SDXL/Flux.1/SD3 model.
 
     python -m training.train_tlora --instance_data_dir photos/ --placeholder_token sks --class_name dog \\
         --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 --output_dir out/dog
@@ -6,7 +6,9 @@
 
 Flags follow the official T-LoRA ``train.py`` (``--lora_rank 64 --min_rank 32 --alpha_rank_scale``,
 ``--validation_prompts "a {0} swimming#..."``); ``--variant lora|dora|loha|lokr|vera|...`` trains
-another adapter with its own defaults; ``--config`` reads YAML/TOML; ``--print-config`` shows the result.
+another adapter with its own defaults; Flux.1 and SD3/3.5 folders train the transformer with the rectified-flow
+objective (``--weighting_scheme``, ``--flow_shift``, ``--train_guidance_scale``, ``--drop_t5``; docs/dit.md);
+``--config`` reads YAML/TOML; ``--print-config`` shows the result.
 ``--train_embedding`` (pivotal tuning; ``--variant none``: textual inversion alone) also trains the placeholder's
 embedding (``--num_vectors``, ``--initializer_token``, ``--embedding_lr``, ``--embedding_steps``); the vectors are
 saved in the adapter files and as A1111 / diffusers embedding files (docs/train_tlora.md).
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 
 import lora_diffusion as ld
+from lora_diffusion.families import FAMILIES
 
 from . import diffusion as dif
 from .checkpoint import CheckpointError, CheckpointManager, GlobalRNG, TrainableParams
@@ -41,7 +44,7 @@ from .loop import (
     fit,
     make_accelerator,
 )
-from .objectives import DiffusionObjective
+from .objectives import DiffusionObjective, FlowMatchingObjective, FlowSampling, pipeline_shift
 
 log = logging.getLogger("train_tlora")
 
@@ -103,9 +106,12 @@ def build(cfg: TLoRAConfig) -> Run:
         dif.add_loradrop(pipe, cfg, cond, res, acc, bool(cfg.checkpoint.resume_from_checkpoint))
     opt, sched = dif.make_optimizer(unet, cfg, tokens, text_encoders)
     model, opt = acc.prepare(unet, opt)
-    objective = DiffusionObjective(model, unet, DDPMScheduler.from_config(pipe.scheduler.config), cond,
-                                   cfg.run.seed * 1000 + acc.process_index + 1, cfg.data.prior_loss_weight, res,
-                                   cfg.optim.timestep_bias)
+    seed = cfg.run.seed * 1000 + acc.process_index + 1
+    if FAMILIES[cfg.model.model_family].flow:
+        objective: DiffusionObjective = flow_objective(cfg, pipe, model, unet, cond, seed, res)
+    else:
+        objective = DiffusionObjective(model, unet, DDPMScheduler.from_config(pipe.scheduler.config), cond, seed,
+                                       cfg.data.prior_loss_weight, res, cfg.optim.timestep_bias)
     out = Path(cfg.checkpoint.output_dir)
     ckpt = CheckpointManager(out / "checkpoints", dif.identity(cfg, files_digest(images), res),
                              cfg.checkpoint.checkpoints_total_limit, acc.process_index, acc.num_processes,
@@ -117,6 +123,21 @@ def build(cfg: TLoRAConfig) -> Run:
     local = {"rng": GlobalRNG(), "data": sampler, "objective": objective}
     return Run(cfg, acc, out, pipe, res, tokens, text_encoders, unet, model, sampler, cond, opt, sched, objective,
                ckpt, shared, local)
+
+
+def flow_objective(cfg: TLoRAConfig, pipe: Any, model: Any, transformer: Any, cond: Any, seed: int,
+                   res: int) -> FlowMatchingObjective:
+    """Flux/SD3: the rectified-flow loss with σ drawn as --weighting_scheme says, shifted by --flow_shift (None: the
+    stock pipeline's shift at this resolution)."""
+    f = cfg.flow
+    flux = cfg.model.model_family == "flux"  # Flux's image tokens: 2x2 patches of the latent
+    tokens = (res // (int(getattr(pipe, "vae_scale_factor", 8)) * 2)) ** 2 if flux else 0
+    shift = f.flow_shift if f.flow_shift is not None else pipeline_shift(pipe.scheduler.config, tokens)
+    sampling = FlowSampling(f.weighting_scheme, f.logit_mean, f.logit_std, f.mode_scale, shift)
+    log.info("rectified flow: σ %s, shift %.3g%s", f.weighting_scheme, shift,
+             f", guidance input {f.train_guidance_scale}" if getattr(transformer.config, "guidance_embeds", False) else "")
+    return FlowMatchingObjective(model, transformer, cond, seed, sampling, cfg.data.prior_loss_weight, res,
+                                 f.train_guidance_scale, int(pipe.scheduler.config.num_train_timesteps))
 
 
 def train(cfg: TLoRAConfig) -> TrainResult:
