@@ -14,8 +14,7 @@ from lora_diffusion.generate import apply_adapters, generate, install_timestep_h
 from .tiny_dit import flux_model, sd3_model  # noqa: F401
 from .tiny_sd import _one_thread  # noqa: F401
 
-# the official T-LoRA Flux layout (flux/model/lora.py): q/k/v/out and the context projections of every attention
-DIT_ATTN = [r"re:.*\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj)"]
+DIT_ATTN = "dit-attn"  # q/k/v/out and the context projections of every attention (lora_diffusion/inject/presets.py)
 RANK, MIN_RANK = 8, 2
 
 

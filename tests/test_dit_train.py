@@ -102,7 +102,7 @@ def test_family_is_detected_and_checked(flux_model, sd_model, subject, tmp_path)
     from training.config import resolve_defaults
 
     cfg = resolve_defaults(tiny_config(flux_model, subject, tmp_path), ld.variant_names())
-    assert cfg.model.model_family == "flux" and "add_q_proj" in cfg.adapter.targets
+    assert cfg.model.model_family == "flux" and cfg.adapter.targets == "dit-attn"
     assert cfg.flow.weighting_scheme == "uniform"
     with pytest.raises(ConfigError, match="--model_family sd3: the model .* is a FluxPipeline"):
         build(tiny_config(flux_model, subject, tmp_path, model_family="sd3"))

@@ -291,8 +291,9 @@ class AdapterArgs:
     sig_type: str = opt("last", "T-LoRA Ortho-LoRA init components", choices=["last", "principal", "middle"])
     trainer_type: str = opt("ortho_lora", "T-LoRA: ortho_lora (full T-LoRA) | lora (vanilla T-LoRA)",
                             choices=["ortho_lora", "lora"])
-    targets: str | None = opt(None, "target preset or comma-separated module patterns (None: unet-attn; on the "
-                              "embedded demo model unet-full, or unet-attn for linear-only variants such as VeRA)")
+    targets: str | None = opt(None, "target preset or comma-separated module patterns (None: unet-attn, Flux/SD3 "
+                              "dit-attn; on the embedded demo model unet-full, or unet-attn for linear-only variants "
+                              "such as VeRA)")
     lora_dropout: float = opt(0.0, "dropout on the adapter input")
     adapter_options: dict = opt({}, "extra variant options as JSON, e.g. '{\"decompose_factor\": 4}'")
     rank_spec: str | None = opt(None, "per-module ranks from a rank-spec JSON file (python -m training.rank_sensitivity: "
@@ -430,9 +431,10 @@ def with_rank_spec(spec: Any, path: str | None) -> Any:
         raise ConfigError(f"--rank_spec: {e}") from None
 
 
-# Flux/SD3 default targets: the official T-LoRA Flux layout (flux/model/lora.py), q/k/v/out of every attention and
-# its context projections add_q/k/v (joint and single-stream blocks).
-DIT_TARGETS = r"re:.*\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj)"
+# Flux/SD3 default targets: the attention projections of every joint / single-stream block (q/k/v/out and the context
+# projections add_q/k/v, to_add_out): the official T-LoRA Flux layout (flux/model/lora.py) plus to_add_out, as
+# diffusers' DreamBooth-LoRA Flux script (lora_diffusion/inject/presets.py)
+DIT_TARGETS = "dit-attn"
 
 
 def default_targets(variant: str, demo: bool, family: str = "sd") -> str:
