@@ -211,8 +211,9 @@ def test_timestep_methods_leave_text_encoders_to_the_plain_sum(tmp_path):
     assert torch.equal(te_call(pipe.text_encoder), plain)  # no timestep needed there
 
 
-def _reference_gate(c, y0, ys, t, T=1000):
-    """The gated formula written out term by term, one LoRA at a time (what the stacked combiner must equal)."""
+def _reference_gate(c, y0, ys, t, T=1000, roles=None):
+    """The gated formula written out term by term, one LoRA at a time (what the stacked combiner must equal);
+    ``roles`` (one role index per LoRA) adds the per-role terms β_r, υ_r, ω_r."""
     from lora_diffusion.fusion.base import fourier
 
     def ln(y):
@@ -222,32 +223,42 @@ def _reference_gate(c, y0, ys, t, T=1000):
     def vec(p):
         return p.view(-1, 1, 1) if y0.dim() == 4 else p
 
-    s = fourier(1 - t.float() / T, c.time_features) @ c.u
-    s = s.view(-1, *([1] * (y0.dim() - 1))) if s.dim() else s
+    def per_sample(s):
+        return s.view(-1, *([1] * (y0.dim() - 1))) if s.dim() else s
+
+    phi = fourier(1 - t.float() / T, c.time_features)
     out = y0
-    for y in ys:
-        g = torch.sigmoid(vec(c.w_base) * ln(y0) + vec(c.w_lora) * ln(y) + vec(c.w_cross) * ln(y0) * ln(y) + vec(c.b) + s)
-        out = out + vec(c.w_out) * g * y
+    for i, y in enumerate(ys):
+        pre = vec(c.w_base) * ln(y0) + vec(c.w_lora) * ln(y) + vec(c.w_cross) * ln(y0) * ln(y) + vec(c.b)
+        pre, w_out = pre + per_sample(phi @ c.u), vec(c.w_out)
+        if roles is not None:
+            r = roles[i]
+            pre = pre + vec(c.b_role[r]) + per_sample(phi @ c.u_role[r])
+            w_out = w_out + vec(c.w_out_role[r])
+        out = out + w_out * torch.sigmoid(pre) * y
     return out
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 6), (2, 6, 3, 3)], ids=["linear", "conv"])
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("per_sample_t", [False, True])
-def test_stacked_gate_combiner_equals_the_formula(shape, k, per_sample_t):
+@pytest.mark.parametrize("per_role", [False, True])
+def test_stacked_gate_combiner_equals_the_formula(shape, k, per_sample_t, per_role):
     from lora_diffusion.core.context import CallContext
+    from lora_diffusion.fusion.base import ROLES
     from lora_diffusion.fusion.gated import GateCombiner
 
     g = torch.Generator().manual_seed(k)
     dim = 1 if len(shape) == 4 else -1
-    c = GateCombiner([f"a{i}" for i in range(k)], 6, dim, 3, 2.0)
+    roles = {f"a{i}": ROLES[(i + 1) % len(ROLES)] for i in range(k)}  # a0 style, a1 other, a2 subject
+    c = GateCombiner([f"a{i}" for i in range(k)], 6, dim, 3, 2.0, roles, per_role)
     with torch.no_grad():
         for p in c.parameters():
             p.copy_(torch.randn(p.shape, generator=g))
     y0 = torch.randn(shape, generator=g)
     ys = {f"a{i}": torch.randn(shape, generator=g) * (i + 1) for i in range(k)}
     t = torch.tensor([900.0, 100.0]) if per_sample_t else torch.tensor(500.0)
-    want = _reference_gate(c, y0, list(ys.values()), t)
+    want = _reference_gate(c, y0, list(ys.values()), t, roles=[ROLES.index(roles[n]) for n in ys] if per_role else None)
     with torch.no_grad():  # the in-place path
         got, _ = c.combine(None, y0, ys, CallContext(timestep=t))
     assert close(got, want, 1e-5)
@@ -259,3 +270,82 @@ def test_stacked_gate_combiner_equals_the_formula(shape, k, per_sample_t):
     got, _ = c.combine(None, y0, ys, CallContext(timestep=t))  # with autograd: no in-place ops
     got.sum().backward()
     assert close(got.detach(), want, 1e-5) and all(p.grad is not None for p in c.parameters())
+
+
+def _random_gates(fusion, seed: int = 0, scale: float = 0.5) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in fusion.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def test_role_gates_treat_identical_loras_alike_within_a_role_and_apart_across_roles():
+    """Two copies of one LoRA: same role -> the same gate (the gate is symmetric in its LoRAs); subject vs style
+    -> different gates once the role terms are trained (what lets a gate weigh a concept down and a style up)."""
+    from lora_diffusion.core.context import CallContext
+    from lora_diffusion.fusion.gated import GateCombiner
+
+    g = torch.Generator().manual_seed(0)
+    y0, y = torch.randn(2, 6, 3, 3, generator=g), torch.randn(2, 6, 3, 3, generator=g)
+    ctx = CallContext(timestep=torch.tensor(300.0))
+    for roles, same in (({"a": "style", "b": "style"}, True), ({"a": "subject", "b": "style"}, False)):
+        c = GateCombiner(["a", "b"], 6, 1, 3, 2.0, roles, per_role=True)
+        with torch.no_grad():
+            for p in c.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+            gates = c.gates(y0, {"a": y, "b": y.clone()}, ctx)
+            swapped = c.gates(y0, {"b": y.clone(), "a": y}, ctx)
+        assert close(gates["a"], swapped["a"], 1e-6) and close(gates["b"], swapped["b"], 1e-6)  # order-free
+        assert close(gates["a"], gates["b"], 1e-6) == same  # (float rounding of the stacked ops only)
+
+
+def test_role_gates_with_one_lora_at_weight_zero_give_the_other_alone():
+    unet = _unet_with(2)
+    roles = {"a0": "subject", "a1": "style"}
+    f = fuse(unet, ["a0", "a1"], method="gated", roles=roles, weights=[0.0, 1.0])
+    _random_gates(f)
+    state = {k: c.state_dict() for k, c in f.combiners.items()}
+    with ld.timestep(unet, 400, 1000):
+        both = unet_call(unet)
+    f = fuse(unet, ["a1"], method="gated", roles=roles)
+    for k, c in f.combiners.items():
+        c.load_state_dict(state[k])
+    with ld.timestep(unet, 400, 1000):
+        alone = unet_call(unet)
+    assert close(both, alone, 1e-6)
+    f = fuse(unet, ["a0", "a1"], method="gated", roles=roles, weights=[1.0, 1.0])
+    for k, c in f.combiners.items():
+        c.load_state_dict(state[k])
+    with ld.timestep(unet, 400, 1000):
+        assert not close(unet_call(unet), alone, 1e-3)  # a0 at weight 1 does change it
+
+
+def test_gates_files_without_role_terms_load_as_the_gate_they_were(tmp_path):
+    """A file from before the role terms (options without per_role) loads into a per-role fusion with zero
+    offsets and gives the same output as the role-free gate; a per-role file into a role-free fusion is refused."""
+    import json
+
+    from lora_diffusion.core.errors import AdapterFileError
+    from lora_diffusion.fusion import load_gates, save_gates
+    from lora_diffusion.fusion.gated import gate_state_dict
+    from lora_diffusion.io.files import write_safetensors
+    from lora_diffusion.io.library import GATES_FORMAT
+
+    unet = _unet_with(2)
+    old = fuse(unet, ["a0", "a1"], method="gated", per_role=False)
+    _random_gates(old)
+    with ld.timestep(unet, 600, 1000):
+        want = unet_call(unet)
+    path = tmp_path / "old.safetensors"
+    write_safetensors(path, gate_state_dict(old), {"format": GATES_FORMAT, "loras": json.dumps({"a0": "0", "a1": "1"}),
+                                                    "options": json.dumps({"time_features": 3, "init_out": 2.0})})
+    new = fuse(unet, ["a0", "a1"], method="gated", roles={"a0": "subject", "a1": "style"})
+    load_gates(new, path)
+    assert all(not c.b_role.any() and not c.w_out_role.any() for c in new.combiners.values())
+    with ld.timestep(unet, 600, 1000):
+        assert close(unet_call(unet), want, 1e-5)
+    _random_gates(new, seed=1)
+    save_gates(new, tmp_path / "roles.safetensors", {"a0": "0", "a1": "1"})
+    fuse(unet, ["a0", "a1"], method="gated", per_role=False)
+    with pytest.raises(AdapterFileError, match=r"per-role terms.*per_role=True"):
+        load_gates(unet.__dict__["_lora_fusion"], tmp_path / "roles.safetensors")

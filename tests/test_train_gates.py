@@ -129,3 +129,24 @@ def test_composition_objective_needs_pair_folders_naming_two_loras(loras, tmp_pa
     (tmp_path / "pairs" / "star+dotted").mkdir(parents=True)
     with pytest.raises(ConfigError, match=r"no <a>\+<b>/ folder names two of the LoRAs \['dotted', 'ring'\]"):
         train(_cfg(loras, tmp_path / "b", 2, "--objective", "composition", "--pair_data", str(tmp_path / "pairs")))
+
+
+def test_roles_come_from_lora_kind_and_roles_override_them(loras, tmp_path):
+    """Per-role gates need each LoRA's role: the file's lora_kind (as blend reads it), else --roles; the trained
+    file records them, and bad --roles entries are named."""
+    import json
+
+    from lora_diffusion.io.files import read_header, read_safetensors, write_safetensors
+
+    lib = tmp_path / "lib"
+    shutil.copytree(loras, lib)
+    t, meta = read_safetensors(lib / "dotted.safetensors")
+    write_safetensors(lib / "dotted.safetensors", t, {**meta, "lora_kind": "style"})
+    assert {d.name: d.role for d in find_data(_cfg(lib, tmp_path / "a", 1))} == {"ring": "other", "dotted": "style"}
+    cfg = _cfg(lib, tmp_path / "b", 1, "--roles", "ring=subject")
+    assert {d.name: d.role for d in find_data(cfg)} == {"ring": "subject", "dotted": "style"}
+    res = train(cfg)
+    assert json.loads(read_header(res.gates)[1]["roles"]) == {"ring": "subject", "dotted": "style"}
+    for bad in ("ring=hero", "zz=style", "ring"):
+        with pytest.raises(ConfigError, match="--roles"):
+            find_data(_cfg(lib, tmp_path / "c", 1, "--roles", bad))

@@ -83,6 +83,11 @@ class GateArgs:
                          "LoRAs' content together with combined captions", choices=list(OBJECTIVES))
     paper_weight: float = opt(0.0, "composition: weight of the paper's losses added on the same two LoRAs")
     time_features: int = opt(3, "Fourier features of the timestep in the gate")
+    per_role: bool = opt(True, "gated: per-role gate terms (subject/style/other offsets of bias, time weights and "
+                               "output weight), so the gate can treat a concept and a style LoRA differently; "
+                               "--no-per_role: the paper's gate, every parameter shared by all LoRAs")
+    roles: str | None = opt(None, "name=role,... (subject | style | other); None: each file's lora_kind metadata "
+                            "(concept -> subject, style -> style, else other), as blend does")
     margin: float = opt(0.3, "hinge margin m on the loss under the other LoRA's caption")
     hinge_weight: float = opt(1.0, "lambda")
 
@@ -118,6 +123,22 @@ class LoraData:
     sha256: str
     images: list[Path]
     captions: list[str]
+    role: str = "other"
+
+
+def lora_roles(cfg: GateConfig, files: list[Path]) -> dict[str, str]:
+    """{stem: role}: ``--roles`` entries win, then the file's ``lora_kind`` (the mapping ``blend`` uses)."""
+    from lora_diffusion.blend import KIND_ROLES
+    from lora_diffusion.fusion import ROLES
+    from lora_diffusion.io.files import read_header
+
+    given = dict(kv.strip().split("=", 1) for kv in (cfg.gates.roles or "").split(",") if "=" in kv)
+    stems = {f.stem for f in files}
+    bad = {k: v for k, v in given.items() if k not in stems or v not in ROLES}
+    if bad or any(kv.strip() and "=" not in kv for kv in (cfg.gates.roles or "").split(",")):
+        raise ConfigError(f"--roles {cfg.gates.roles!r}: expected name=role with a name of --loras {sorted(stems)} "
+                          f"and a role of {list(ROLES)}")
+    return {f.stem: given.get(f.stem) or KIND_ROLES.get(read_header(f)[1].get("lora_kind", ""), "other") for f in files}
 
 
 def find_data(cfg: GateConfig) -> list[LoraData]:
@@ -125,16 +146,18 @@ def find_data(cfg: GateConfig) -> list[LoraData]:
     files = [Path(p.strip()) for p in (cfg.data.loras or "").split(",") if p.strip()]
     if len(files) < 2:
         raise ConfigError(f"--loras: gates learn to combine LoRAs; give at least 2 files, got {len(files)}")
-    out = []
     for f in files:
         if not f.is_file():
             raise ConfigError(f"--loras: no such file: {f}")
+    roles = lora_roles(cfg, files)
+    out = []
+    for f in files:
         folder = Path(cfg.data.data_root or f.parent / "data") / f.stem
         images = find_images(folder, what=f"images of LoRA '{f.stem}'")
         caps = read_captions(images, f.stem)
         if caps is None:
             raise DataError(f"{folder}: gate training needs each image's caption (<image>.txt); none found")
-        out.append(LoraData(f.stem, f, sha256(f), images, caps))
+        out.append(LoraData(f.stem, f, sha256(f), images, caps, roles[f.stem]))
     names = [d.name for d in out]
     if len(set(names)) != len(names):
         raise ConfigError(f"--loras: two files share a name: {names}")
@@ -325,9 +348,10 @@ def _build(cfg: GateConfig, data: list[LoraData], pairs: list[PairData],
     unet = pipe.unet
     for d in data:  # onto the pipeline: a LoRA's pivotal-tuning tokens load with it (its captions name them)
         ld.load_adapter(pipe, d.path, name=d.name)
-    opts = ({"time_features": cfg.gates.time_features} if cfg.gates.method == "gated"
+    opts = ({"time_features": cfg.gates.time_features, "per_role": cfg.gates.per_role} if cfg.gates.method == "gated"
             else {"balance_weight": cfg.gates.balance_weight})
-    fusion = fuse(unet, [d.name for d in data], method=cfg.gates.method, **opts)
+    fusion = fuse(unet, [d.name for d in data], method=cfg.gates.method, roles={d.name: d.role for d in data}, **opts)
+    log.info("roles: %s", {d.name: d.role for d in data})
     for p in fusion.parameters():
         p.requires_grad_(True)
     dtype = dif.DTYPES[cfg.model.mixed_precision]
@@ -352,6 +376,8 @@ def identity(cfg: GateConfig, data: list[LoraData], pairs: list[PairData]) -> di
             "base_model": cfg.model.pretrained_model_name_or_path, "time_features": cfg.gates.time_features,
             "margin": cfg.gates.margin, "hinge_weight": cfg.gates.hinge_weight, "batch": cfg.data.train_batch_size,
             "caption_dropout": cfg.data.caption_dropout, "seed": cfg.run.seed, "objective": cfg.gates.objective,
+            **({"per_role": True, "roles": {d.name: d.role for d in data}}
+               if cfg.gates.per_role and cfg.gates.method == "gated" else {}),
             **({"paper_weight": cfg.gates.paper_weight, "pairs": files_digest([p for q in pairs for p in q.images])}
                if pairs else {}),
             **({"method": "mole", "balance_weight": cfg.gates.balance_weight} if cfg.gates.method == "mole" else {})}

@@ -1,16 +1,25 @@
-"""Gated fusion (AutoLoRA), learned per layer, token, channel and denoising step.
+"""Gated fusion (AutoLoRA), learned per layer, token, channel and denoising step, and per LoRA role.
 
 Li et al., "AutoLoRA: Automatic LoRA Retrieval and Fine-Grained Gated Fusion for Text-to-Image Generation",
-arXiv 2508.02107 (gate as in DiffSynth-Studio's ``LoraMerger``):
+arXiv 2508.02107 (gate as in DiffSynth-Studio's ``LoraMerger``), extended with per-role terms (r_i = the role of
+LoRA i: subject, style or other, from ``fuse(..., roles=...)``; ``blend`` takes them from the files' ``lora_kind``):
 
-    g_i = σ( w_base ⊙ LN(y0) + w_lora ⊙ LN(y_i) + w_cross ⊙ LN(y0) ⊙ LN(y_i) + b + u · φ(t) )
-    y   = y0 + Σ_i w_out ⊙ g_i ⊙ y_i
+    g_i = σ( w_base ⊙ LN(y0) + w_lora ⊙ LN(y_i) + w_cross ⊙ LN(y0) ⊙ LN(y_i) + b + β_{r_i} + (u + υ_{r_i}) · φ(t) )
+    y   = y0 + Σ_i (w_out + ω_{r_i}) ⊙ g_i ⊙ y_i
 
 LN normalises over the output channels (per token / pixel, no affine); w_base, w_lora, w_cross, b, w_out are
 per-channel vectors of each adapted layer, shared by all LoRAs, so one gate serves any number of LoRAs and
 LoRAs it never saw. The paper's gate sees the timestep only through y0 and y_i; here it also reaches the gate
 through the per-call context: φ(t) = [sin πkp, cos πkp]_{k=1..K}, p = 1 - t/T, with a learned u per layer.
-Init: w_* = 0, b = 0, u = 0 and w_out = 2, so an untrained gate gives exactly the static sum at weight 1.
+
+Why roles: with every parameter shared, two LoRAs differ to the gate only through the per-channel statistics
+of LN(y_i); on the demo world the trained gates gave a concept and a style LoRA the same strength within 0.005
+at every layer and step, so they could not do what tuned static weights do (weigh the concept down and the
+style up). The role offsets β_r (per channel), υ_r (time weights) and ω_r (per channel) give each role its own
+strength per layer, channel and step; they are still shared by every LoRA of a role, so gates keep working for
+any number of LoRAs and for unseen ones. ``per_role=False`` is the paper's gate (no role terms).
+Init: w_* = 0, b = 0, u = 0, role offsets 0 and w_out = 2, so an untrained gate gives exactly the static sum at
+weight 1. Gates files written before the role terms load with zero offsets (exactly the gate they were).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,17 +40,22 @@ from ..core.errors import AdapterError, AdapterFileError
 from ..core.layer import AdaptedLayer
 from ..io.files import read_header, read_safetensors, write_safetensors
 from ..io.library import GATES_FORMAT
-from .base import Combiner, Fusion, FusionMethod, fourier, progress
+from .base import ROLES, Combiner, Fusion, FusionMethod, fourier, progress
 
 log = logging.getLogger(__name__)
+
+
+ROLE_PARAMS = ("b_role", "u_role", "w_out_role")  # the per-role offsets β_r, υ_r, ω_r (absent with per_role=False)
 
 
 class GateCombiner(Combiner):
     """One layer's gate. All LoRAs go through it together: their outputs are stacked (k, B, ...) so one LayerNorm,
     one sigmoid and one weighted sum serve any k; the timestep term u·φ(t) is computed once per call and folded
-    into the bias; without autograd the temporaries are reused in place (no host synchronisation anywhere)."""
+    into the bias; without autograd the temporaries are reused in place (no host synchronisation anywhere).
+    ``roles`` ({name: role}) with ``per_role``: each LoRA also gets its role's offsets (β_r, υ_r, ω_r)."""
 
-    def __init__(self, names: list[str], channels: int, channel_dim: int, time_features: int, init_out: float) -> None:
+    def __init__(self, names: list[str], channels: int, channel_dim: int, time_features: int, init_out: float,
+                 roles: dict[str, str] | None = None, per_role: bool = False) -> None:
         super().__init__(names)
         self.channel_dim, self.time_features = channel_dim, time_features
         self.w_base = nn.Parameter(torch.zeros(channels))
@@ -49,6 +64,13 @@ class GateCombiner(Combiner):
         self.b = nn.Parameter(torch.zeros(channels))
         self.w_out = nn.Parameter(torch.full((channels,), float(init_out)))
         self.u = nn.Parameter(torch.zeros(2 * time_features))
+        self.per_role = per_role
+        self.role_of = {n: ROLES.index((roles or {}).get(n, "other")) for n in names}
+        self._index: dict[tuple[str, ...], torch.Tensor] = {}  # role indices per set of present LoRAs
+        if per_role:
+            self.b_role = nn.Parameter(torch.zeros(len(ROLES), channels))  # β_r
+            self.u_role = nn.Parameter(torch.zeros(len(ROLES), 2 * time_features))  # υ_r
+            self.w_out_role = nn.Parameter(torch.zeros(len(ROLES), channels))  # ω_r
 
     def _cast(self, p: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return p if p.dtype == like.dtype else p.to(like.dtype)
@@ -62,12 +84,34 @@ class GateCombiner(Combiner):
         s = (phi if phi.device == self.u.device else phi.to(self.u.device)) @ self.u  # () or (B,)
         return b + self._cast(s.view(-1, *([1] * (y0l.dim() - 1))) if s.dim() else s, y0l)
 
-    def _gates(self, normed: torch.Tensor, y0l: torch.Tensor, ctx: CallContext, inplace: bool) -> torch.Tensor:
+    def _roles(self, names: tuple[str, ...]) -> torch.Tensor:
+        """(k,) role index of each present LoRA, on the gate's device (built once per set of names)."""
+        idx = self._index.get(names)
+        if idx is None or idx.device != self.b.device:
+            idx = self._index[names] = torch.tensor([self.role_of[n] for n in names], device=self.b.device)
+        return idx
+
+    def _role_terms(self, idx: torch.Tensor, ctx: CallContext, y0l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(β_{r_i} + υ_{r_i}·φ(t), ω_{r_i}) per present LoRA, shaped to broadcast over the stack (k, B, ..., C)."""
+        k, ones = len(idx), [1] * (y0l.dim() - 1)
+        beta = self._cast(self.b_role[idx], y0l).view(k, *ones, -1)  # (k, 1.., C)
+        omega = self._cast(self.w_out_role[idx], y0l).view(k, *ones, -1)
+        phi = time_features(ctx, self.time_features)
+        if phi is not None:
+            s = (phi if phi.device == self.u.device else phi.to(self.u.device)) @ self.u_role[idx].T  # (k,) or (B, k)
+            s = s.view(k, *([1] * y0l.dim())) if s.dim() == 1 else s.T.reshape(k, -1, *([1] * (y0l.dim() - 1)))
+            beta = beta + self._cast(s, y0l)
+        return beta, omega
+
+    def _gates(self, normed: torch.Tensor, y0l: torch.Tensor, ctx: CallContext, inplace: bool,
+               role_bias: torch.Tensor | None = None) -> torch.Tensor:
         """g (k, B, ..., C) from LN of [y0, y_1..y_k] stacked channels-last (k+1, B, ..., C)."""
         n0, ny = normed[0], normed[1:]
         a = torch.addcmul(self._bias(ctx, y0l), self._cast(self.w_base, y0l), n0)  # w_base LN(y0) + b + u·φ(t)
         c = torch.addcmul(self._cast(self.w_lora, y0l), self._cast(self.w_cross, y0l), n0)  # w_lora + w_cross LN(y0)
         pre = torch.addcmul(a, ny, c)  # A + LN(y_i) * C
+        if role_bias is not None:
+            pre = pre.add_(role_bias) if inplace else pre + role_bias
         return pre.sigmoid_() if inplace else pre.sigmoid()
 
     def _stack(self, y0: torch.Tensor, ys: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -77,21 +121,35 @@ class GateCombiner(Combiner):
         stacked = torch.stack([last(y0), *map(last, ys)])
         return last(y0), stacked, F.layer_norm(stacked, stacked.shape[-1:])
 
+    def _terms(self, ys: dict[str, torch.Tensor], ctx: CallContext, y0l: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        """(role bias or None, the output weight w_out (+ ω_{r_i}): (C,) or (k, 1.., C))."""
+        w_out = self._cast(self.w_out, y0l)
+        if not self.per_role:
+            return None, w_out
+        beta, omega = self._role_terms(self._roles(tuple(ys)), ctx, y0l)
+        return beta, w_out + omega
+
     def gates(self, y0: torch.Tensor, ys: dict[str, torch.Tensor], ctx: CallContext) -> dict[str, torch.Tensor]:
         """{name: g_i} (the shape of y_i)."""
         y0l, _, normed = self._stack(y0, list(ys.values()))
-        g = self._gates(normed, y0l, ctx, inplace=False)
+        g = self._gates(normed, y0l, ctx, inplace=False, role_bias=self._terms(ys, ctx, y0l)[0])
         return {n: gi if self.channel_dim == -1 else gi.movedim(-1, 1) for n, gi in zip(ys, g.unbind(0))}
 
     def combine(self, layer: AdaptedLayer, y0: torch.Tensor, ys: dict[str, torch.Tensor],
                 ctx: CallContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inplace = not torch.is_grad_enabled()
         y0l, stacked, normed = self._stack(y0, list(ys.values()))
-        g = self._gates(normed, y0l, ctx, inplace)  # (k, B, ..., C)
-        w_out = self._cast(self.w_out, y0l)
-        weights = {n: w_out * g[i] for i, n in enumerate(ys)} if self.record else {}  # only their means are kept
-        gy = g.mul_(stacked[1:]) if inplace and not self.record else g * stacked[1:]
-        out = torch.addcmul(y0l, gy[0] if len(ys) == 1 else gy.sum(0), w_out)  # y0 + Σ w_out g_i y_i
+        role_bias, w_out = self._terms(ys, ctx, y0l)
+        g = self._gates(normed, y0l, ctx, inplace, role_bias)  # (k, B, ..., C)
+        if self.per_role:
+            g = g.mul_(w_out) if inplace else g * w_out  # (w_out + ω_{r_i}) g_i
+            weights = {n: g[i] for i, n in enumerate(ys)} if self.record else {}
+            gy = g.mul_(stacked[1:]) if inplace and not self.record else g * stacked[1:]
+            out = y0l + (gy[0] if len(ys) == 1 else gy.sum(0))
+        else:
+            weights = {n: w_out * g[i] for i, n in enumerate(ys)} if self.record else {}  # only their means are kept
+            gy = g.mul_(stacked[1:]) if inplace and not self.record else g * stacked[1:]
+            out = torch.addcmul(y0l, gy[0] if len(ys) == 1 else gy.sum(0), w_out)  # y0 + Σ w_out g_i y_i
         return (out if self.channel_dim == -1 else out.movedim(-1, 1)), weights
 
 
@@ -106,8 +164,8 @@ def time_features(ctx: CallContext, n: int) -> torch.Tensor | None:
 
 class GatedFusion(FusionMethod):
     name = "gated"
-    formula = ("g_i = sigmoid(w_base*LN(y0) + w_lora*LN(y_i) + w_cross*LN(y0)*LN(y_i) + b + u.phi(t)); "
-               "y = y0 + sum_i w_out*g_i*y_i")
+    formula = ("g_i = sigmoid(w_base*LN(y0) + w_lora*LN(y_i) + w_cross*LN(y0)*LN(y_i) + b + beta_r(i) "
+               "+ (u + upsilon_r(i)).phi(t)); y = y0 + sum_i (w_out + omega_r(i))*g_i*y_i")
     paper = "https://arxiv.org/abs/2508.02107"
     trainable = True
 
@@ -115,12 +173,14 @@ class GatedFusion(FusionMethod):
     class Options:
         time_features: int = 3  # K in phi(t)
         init_out: float = 2.0  # w_out at init: 2 * sigmoid(0) = 1, the static sum
+        per_role: bool = True  # role offsets β_r, υ_r, ω_r (False: the paper's gate, every parameter shared)
 
     def make_combiner(self, key: str, layer: AdaptedLayer, names: list[str], roles: dict[str, str]) -> Combiner | None:
         if not any(n in layer.adapters for n in names):
             return None
         dim = 1 if layer.info.kind.startswith("conv") else -1
-        return GateCombiner(names, layer.info.out_features, dim, self.options.time_features, self.options.init_out)
+        o = self.options
+        return GateCombiner(names, layer.info.out_features, dim, o.time_features, o.init_out, roles, o.per_role)
 
 
 # --- gate files ---
@@ -134,7 +194,9 @@ def save_gates(fusion: Fusion, path: str | os.PathLike, lora_hashes: dict[str, s
     if not isinstance(fusion.method, GatedFusion):
         raise AdapterError(f"only gated fusion has gates to save, not '{fusion.method.name}'")
     meta = {"format": GATES_FORMAT, "loras": json.dumps(lora_hashes, sort_keys=True),
-            "options": json.dumps(vars(fusion.method.options)), **(metadata or {})}
+            "options": json.dumps(vars(fusion.method.options)),
+            "roles": json.dumps({n: fusion.roles[n] for n in lora_hashes if n in fusion.roles}, sort_keys=True),
+            **(metadata or {})}
     write_safetensors(Path(path), gate_state_dict(fusion), meta)
     return Path(path)
 
@@ -182,6 +244,29 @@ def find_gates(folder: str | os.PathLike, lora_hashes: dict[str, str]) -> tuple[
     return (min(found)[2] if found else None), notes
 
 
+def _note_role_changes(path: Any, meta: dict[str, str], fusion: Fusion, lora_hashes: dict[str, str]) -> None:
+    """Warn when a LoRA the gates were trained with now has another role (allowed: the role terms are shared by
+    every LoRA of a role, but the gates learned this file under the other one)."""
+    trained, roles = json.loads(meta.get("loras", "{}")), json.loads(meta.get("roles", "{}"))
+    by_hash = {h: n for n, h in trained.items()}
+    moved = {n: (roles[by_hash[h]], fusion.roles.get(n)) for n, h in lora_hashes.items()
+             if h in by_hash and by_hash[h] in roles and roles[by_hash[h]] != fusion.roles.get(n)}
+    if moved:
+        log.warning("%s: LoRAs with another role than in gate training (trained, now): %s", path, moved)
+
+
+def _with_zero_role_offsets(path: Any, meta: dict[str, str], tensors: dict[str, torch.Tensor],
+                            expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A gates file without role terms (written before them, or with ``per_role=False``) into a per-role fusion:
+    the missing offsets are zero, which is exactly the gate it was trained as."""
+    if json.loads(meta.get("options", "{}")).get("per_role"):
+        return tensors
+    role_keys = [k for k in expected if k.rsplit(".", 1)[-1] in ROLE_PARAMS and k not in tensors]
+    if role_keys:
+        log.info("%s: gates without per-role terms (written before them); their role offsets are zero", path)
+    return {**tensors, **{k: torch.zeros_like(expected[k]) for k in role_keys}}
+
+
 def load_gates(fusion: Fusion, path: str | os.PathLike, lora_hashes: dict[str, str] | None = None,
                allow_unseen: bool = False) -> dict[str, str]:
     """Load gates into a gated fusion; refuses other LoRAs' gates (see ``check_gate_hashes``) and other models'
@@ -191,8 +276,13 @@ def load_gates(fusion: Fusion, path: str | os.PathLike, lora_hashes: dict[str, s
         raise AdapterFileError(f"{path}: not a gates file (metadata format={meta.get('format')!r}, expected {GATES_FORMAT!r})")
     if lora_hashes is not None:
         check_gate_hashes(path, meta, lora_hashes, allow_unseen)
+        _note_role_changes(path, meta, fusion, lora_hashes)
     expected = gate_state_dict(fusion)
+    tensors = _with_zero_role_offsets(path, meta, tensors, expected)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if any(k.rsplit(".", 1)[-1] in ROLE_PARAMS for k in unexpected) and not missing:
+        raise AdapterFileError(f"{path}: gates with per-role terms ({', '.join(ROLE_PARAMS)}); this fusion was "
+                               f"built without them: fuse(..., method='gated', per_role=True)")
     if missing or unexpected:
         raise AdapterFileError(f"{path}: gates for other layers; missing {missing[:4]}, unexpected {unexpected[:4]}")
     for k, v in tensors.items():
