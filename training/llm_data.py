@@ -273,3 +273,79 @@ def char_tokenizer(chat_template: str = CHATML_TEMPLATE) -> Any:
                                   additional_special_tokens=["<|im_start|>"])
     tok.chat_template = chat_template
     return tok
+
+
+# --- small seeded tasks with checkable answers (benchmarks/llm_mixtures.py, demos) ---
+# Common English nouns; each word belongs to one split forever (by a stable hash), so held-out words are never
+# trained on, whatever the seed.
+WORDS = tuple("""apple anchor arrow badge basket beacon bottle branch bridge bucket button cabin camera candle
+canyon carpet castle cellar chain chair cherry circle cloud clover coffee comet copper cotton crayon crown
+desert dinner dragon drum eagle engine falcon feather fence forest fountain garden garlic ginger glove guitar
+hammer harbor helmet honey island jacket jungle kettle kitten ladder lantern lemon letter lizard magnet mango
+marble meadow mirror monkey mountain needle night ocean orange orbit oyster paddle palace panda paper parrot
+pencil pepper pillow planet pocket potato puzzle rabbit radio ribbon river rocket saddle salmon shadow shelter
+silver spider spoon square statue summer tablet temple thunder ticket tiger timber tomato tower tunnel turtle
+valley velvet violin wagon walnut window winter wizard yogurt zebra""".split())
+SPLITS = ("train", "val", "test")
+
+
+def word_split(word: str) -> str:
+    """The split a word belongs to, fixed by a stable hash: ~60% train, ~20% val, ~20% test."""
+    import zlib
+
+    h = zlib.crc32(word.encode()) % 10
+    return "train" if h < 6 else "val" if h < 8 else "test"
+
+
+def _shout(rng: random.Random, words: Sequence[str]) -> tuple[str, str]:
+    w = rng.choice(words)
+    return f"Shout: {w}", f"{w.upper()}!"
+
+
+def _repeat(rng: random.Random, words: Sequence[str]) -> tuple[str, str]:
+    w = rng.choice(words)
+    return f"Repeat: {w}", f"{w} {w} {w}"
+
+
+def _bracket(rng: random.Random, words: Sequence[str]) -> tuple[str, str]:
+    w = rng.choice(words)
+    return f"Bracket: {w}", f"[[{w}]]"
+
+
+def _swap(rng: random.Random, words: Sequence[str]) -> tuple[str, str]:
+    a, b = rng.sample(list(words), 2)
+    return f"Swap: {a}, {b}", f"{b}, {a}"
+
+
+def _count(rng: random.Random, words: Sequence[str]) -> tuple[str, str]:
+    k = rng.randint(2, 6)
+    return f"Count: {' '.join(rng.choice(words) for _ in range(k))}", str(k)
+
+
+# task name -> generator of one (prompt, response) from a seeded rng and the split's words; every answer is exact
+TASKS = {"shout": _shout, "repeat": _repeat, "bracket": _bracket, "swap": _swap, "count": _count}
+
+
+def task_records(task: str, n: int, split: str = "train", seed: int = 0) -> list[dict[str, str]]:
+    """``n`` seeded ``{"prompt", "response", "task"}`` records of a shipped task, drawn from the split's words only.
+
+    Tasks (``TASKS``): shout "Shout: honey" -> "HONEY!"; repeat -> "honey honey honey"; bracket -> "[[honey]]";
+    swap "Swap: honey, lemon" -> "lemon, honey"; count "Count: honey lemon kiwi" -> "3". Records of one call are
+    distinct when the split has enough combinations (else repeats are allowed and logged)."""
+    if task not in TASKS:
+        raise DatasetError(f"unknown task {task!r}; shipped tasks: {sorted(TASKS)}")
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r}; expected one of {SPLITS}")
+    words = [w for w in WORDS if word_split(w) == split]
+    rng = random.Random(f"{task}/{split}/{seed}")
+    out: list[dict[str, str]] = []
+    seen: set[str] = set()
+    for _ in range(n * 20):
+        p, r = TASKS[task](rng, words)
+        if p not in seen:
+            seen.add(p)
+            out.append({"prompt": p, "response": r, "task": task})
+        if len(out) == n:
+            return out
+    log.warning("task %s/%s: only %d distinct records; %d repeated", task, split, len(out), n - len(out))
+    return out + [out[i % len(out)] for i in range(n - len(out))]
