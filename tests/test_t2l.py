@@ -298,13 +298,16 @@ def library_file(tmp_path):
     return toy_library(tmp_path, alphas=(8.0,))[0][1]
 
 
-def test_generated_peft_folder_loads_in_peft_with_same_logits(tmp_path):
-    """Reference test 5: the generated adapter is a PEFT LoRA (r, lora_alpha from the config) with equal outputs."""
+@pytest.mark.parametrize("rank", [4, 8])
+def test_generated_peft_folder_loads_in_peft_with_same_logits(tmp_path, rank):
+    """Reference test 5: the generated adapter is a PEFT LoRA (r, lora_alpha from the config; the paper's r=8,
+    alpha=16 = T2LConfig's defaults) with equal outputs."""
     peft = pytest.importorskip("peft")
     from lora_diffusion.llm import save_peft_adapter
 
+    assert (T2LConfig().rank, T2LConfig().alpha, T2LConfig().targets) == (8, 16.0, ["q_proj", "v_proj"])
     model = make_llama()
-    hyper = tiny_hyper(model)
+    hyper = tiny_hyper(model, rank=rank, alpha=2.0 * rank)
     perturb(hyper)
     text_to_lora(model, hyper, "rewrite in plain English", HashEmbedder())
     ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -312,7 +315,7 @@ def test_generated_peft_folder_loads_in_peft_with_same_logits(tmp_path):
         want = model(ids).logits
     save_peft_adapter(model, tmp_path / "peft", name="t2l")
     cfg = peft.PeftConfig.from_pretrained(str(tmp_path / "peft"))
-    assert (cfg.r, cfg.lora_alpha, sorted(cfg.target_modules)) == (4, 8.0, sorted(s.name for s in hyper.slots))
+    assert (cfg.r, cfg.lora_alpha, sorted(cfg.target_modules)) == (rank, 2.0 * rank, sorted(s.name for s in hyper.slots))
     theirs = peft.PeftModel.from_pretrained(make_llama(), str(tmp_path / "peft")).eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, want, rtol=1e-5, atol=1e-6)
