@@ -116,6 +116,7 @@ def run_t2l(res: dict[str, Any], cfg: BenchConfig, model: Any, d: Data, hc: T2LC
     res["heldout"]["T2L (generated)"] = scores(model, hyper, d.held, d.emb, d.pad, phrasings=n_phr)
     res["seen"]["base"] = scores(model, None, d.seen, None, d.pad)
     res["seen"]["T2L (generated)"] = scores(model, hyper, d.seen, d.emb, d.pad)
+    res["_hyper"] = hyper  # main saves it beside the results (not JSON)
 
 
 def run_multi(res: dict[str, Any], cfg: BenchConfig, model: Any, d: Data, hc: T2LConfig) -> None:
@@ -262,12 +263,19 @@ def main(argv: list[str] | None = None) -> None:
     model.eval().requires_grad_(False)
     embedder = make_embedder()
     results = [run_seed(s, cfg, a["parts"], model, tok, embedder) for s in a["seeds"]]
+    results_json = [{k: v for k, v in r.items() if k != "_hyper"} for r in results]
     if a["out"]:
         Path(a["out"]).parent.mkdir(parents=True, exist_ok=True)
+        from lora_diffusion.llm import base_name
+
+        for r in results:  # the trained hypernetwork, for python -m lora_diffusion.generate_lora --hyper
+            if "_hyper" in r:
+                r.pop("_hyper").save(Path(a["out"]).with_suffix(f".seed{r['seed']}.t2l.safetensors"),
+                                     base_model=base_name(model))
         tmp = Path(a["out"]).with_suffix(".tmp")
-        tmp.write_text(json.dumps(results[0] if len(results) == 1 else results))
+        tmp.write_text(json.dumps(results_json[0] if len(results_json) == 1 else results_json))
         os.replace(tmp, a["out"])
-    print(report(results))
+    print(report(results_json))
 
 
 if __name__ == "__main__":

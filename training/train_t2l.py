@@ -247,9 +247,7 @@ def run(cfg: RunConfig) -> Path:
                            cfg.resume, cfg.checkpoint_every)
     from lora_diffusion.llm import base_name
 
-    tmp = out / f".{HYPER_FILE}.tmp"
-    hyper.save(tmp, base_model=base_name(model))
-    os.replace(tmp, out / HYPER_FILE)
+    hyper.save(out / HYPER_FILE, base_model=base_name(model))  # written atomically
     save_log(out, cfg, losses, {})
     log.info("hypernetwork written to %s", out / HYPER_FILE)
     return out / HYPER_FILE
