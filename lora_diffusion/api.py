@@ -306,9 +306,11 @@ def load_adapter(model_or_pipeline: Any, path: str | os.PathLike, name: str | No
     their rows, and ``remove_adapters`` restores both exactly.
     """
     src = formats.resolve(path)
-    if src.is_file() and src.suffix in (".pt", ".bin"):  # A1111 / diffusers textual-inversion files
+    flux_pt = tlora_official.flux_checkpoint(src)  # the official T-LoRA FLUX trainer's checkpoint-N/lora.pt
+    if flux_pt is None and src.is_file() and src.suffix in (".pt", ".bin"):  # A1111 / diffusers textual inversion
         return load_embeddings(model_or_pipeline, src, name, token)
-    loaded = read_safetensors(src) if src.is_file() else None
+    src = flux_pt or src
+    loaded = tlora_official.read_flux_pt(src) if flux_pt else read_safetensors(src) if src.is_file() else None
     if loaded is None and not formats.is_peft_folder(src):
         src = formats.weights_file(src)
         loaded = read_safetensors(src)

@@ -12,6 +12,15 @@ The trainer replaces every UNet attention processor and saves them with diffuser
   diffusers' <= 0.14 attention-processor files (``old_diffusers.py`` reads those), made a vanilla T-LoRA when a
   schedule is known.
 
+The FLUX trainer (``flux/train.py``) saves ``torch.save(AttnProcsLayers(transformer.attn_processors).state_dict())``
+as ``checkpoint-N/lora.pt``: keys ``<transformer_blocks.N | single_transformer_blocks.N>.attn.processor.<p>_lora.
+{down,up}.weight`` with p in to_q / to_k / to_v / to_out (-> ``to_out.0``) / to_q_proj / to_k_proj / to_v_proj (->
+``add_q/k/v_proj``); vanilla T-LoRA layers only (up · M_t · down). Every processor gets all seven layers, but a
+single-stream block's processor calls only to_q/k/v (no context, no to_out), so its other four are never used and are
+skipped here. Read with ``torch.load(weights_only=True)`` (tensors only, no code). Its schedule: ``logs/hparams.yml``
+two levels up (``tlora``, ``rank``, ``min_rank``; the mask from the scheduler's 0..1000 timesteps, as ours on Flux:
+lora_diffusion/families.py); ``tlora: false`` is a plain LoRA (min_rank = rank).
+
 No alpha: the adapter output is added with scale 1. The schedule r(t) = ⌊((T − t)/T)^α (r − r_min)⌋ + r_min comes
 from the file's metadata (``tlora_*`` keys, written by ``write``) or the run's ``logs/hparams.yml`` two levels up
 (``lora_rank``, ``min_rank``, ``alpha_rank_scale``, ``trainer_class``); without either, r_min = r/2 (the paper's) is
@@ -40,8 +49,43 @@ _KEY = re.compile(r"(?:unet\.)?(?P<block>.+)\.processor\.(?P<p>to_q|to_k|to_v|to
 META = ("tlora_rank", "tlora_min_rank", "tlora_alpha_rank_scale", "tlora_trainer_type")
 
 
+_FLUX_KEY = re.compile(r"(?:transformer\.)?(?P<block>(?:single_)?transformer_blocks\.\d+)\.attn\.processor\."
+                       r"(?P<p>to_q|to_k|to_v|to_out|to_q_proj|to_k_proj|to_v_proj)_lora\.(?P<param>down|up)\.weight")
+FLUX_PROJ = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0", "to_q_proj": "add_q_proj",
+             "to_k_proj": "add_k_proj", "to_v_proj": "add_v_proj"}
+FLUX_FILE = "lora.pt"
+
+
 def is_official(keys: list[str]) -> bool:
-    return any(k.endswith(("_lora.q_layer.weight", "_lora.lambda_layer")) for k in keys)
+    return any(k.endswith(("_lora.q_layer.weight", "_lora.lambda_layer")) for k in keys) or is_official_flux(keys)
+
+
+def is_official_flux(keys: list[str]) -> bool:
+    return bool(keys) and all(_FLUX_KEY.fullmatch(k) for k in keys)
+
+
+def flux_checkpoint(src: Path) -> Path | None:
+    """The official FLUX trainer's ``lora.pt`` when ``src`` is that file or a ``checkpoint-N`` folder holding it."""
+    if src.is_dir() and (src / FLUX_FILE).is_file() and not any(src.glob("*.safetensors")):
+        return src / FLUX_FILE
+    return src if src.is_file() and src.name == FLUX_FILE else None
+
+
+def read_flux_pt(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of an official FLUX ``lora.pt`` (``weights_only``: a pickle that holds anything but tensors is
+    refused, nothing in it runs)."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise AdapterFileError(f"{path}: not a tensors-only torch file ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                               "expected the official T-LoRA FLUX checkpoint (checkpoint-N/lora.pt)") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise AdapterFileError(f"{path}: expected a dict of tensors (the official T-LoRA FLUX checkpoint)")
+    if not is_official_flux(list(sd)):
+        bad = next((k for k in sd if not _FLUX_KEY.fullmatch(k)), "<no tensors>")
+        raise AdapterFileError(f"{path}: key '{bad}': not a key of the official T-LoRA FLUX checkpoint; expected "
+                               "'transformer_blocks.N.attn.processor.to_q_lora.down.weight' and the like")
+    return sd, {}
 
 
 def schedule(meta: dict[str, str], src: Path | None) -> dict[str, Any] | None:
@@ -65,7 +109,9 @@ def schedule(meta: dict[str, str], src: Path | None) -> dict[str, Any] | None:
 
 
 def read(tensors: dict[str, torch.Tensor], meta: dict[str, str], views: dict[str, ModuleView], src: Path) -> Bundle:
-    """An ortho_lora (full T-LoRA) checkpoint -> one tlora Part on the UNet."""
+    """An ortho_lora (full T-LoRA) checkpoint -> one tlora Part on the UNet (FLUX checkpoint: ``read_flux``)."""
+    if is_official_flux(list(tensors)):
+        return read_flux(tensors, meta, views, src)
     if "unet" not in views:
         raise AdapterFileError(f"{src}: an official T-LoRA checkpoint adapts a UNet; the target has {sorted(views)}")
     view = views["unet"]
@@ -92,6 +138,56 @@ def read(tensors: dict[str, torch.Tensor], meta: dict[str, str], views: dict[str
             origin[f"{path}.{ours}"] = key
     spec = tlora_spec(ranks, schedule(meta, src), src, ortho=True)
     return Bundle([Part("unet", spec, list(by_mod), tensors_out, origin)], dict(meta), "T-LoRA official (ortho_lora)")
+
+
+def read_flux(tensors: dict[str, torch.Tensor], meta: dict[str, str], views: dict[str, ModuleView],
+              src: Path) -> Bundle:
+    """An official FLUX checkpoint -> one vanilla tlora Part on the transformer."""
+    role = "transformer" if "transformer" in views else ("" if "" in views else None)
+    if role is None:
+        raise AdapterFileError(f"{src}: an official T-LoRA FLUX checkpoint adapts a Flux transformer; the target has "
+                               f"{sorted(views)}")
+    view = views[role]
+    by_mod: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    for key, t in tensors.items():
+        m = _FLUX_KEY.fullmatch(key)
+        assert m is not None  # is_official_flux
+        path = f"{m['block']}.attn.{FLUX_PROJ[m['p']]}"
+        if m["block"].startswith("single_") and m["p"] not in ("to_q", "to_k", "to_v"):
+            continue  # created by the official processor, never called in a single-stream block
+        if path not in view:
+            raise AdapterFileError(f"{src}: key '{key}': module '{path}' is not in the model (official T-LoRA FLUX "
+                                   "checkpoint); expected a Flux transformer with this block")
+        by_mod.setdefault(path, {})[VANILLA[f"{m['param']}.weight"]] = (key, t)
+    ranks, out, origin = {}, {}, {}
+    for path, ps in by_mod.items():
+        if len(ps) != 2:
+            raise AdapterFileError(f"{src}: module '{path}' lacks its {'up' if 'lora_A' in ps else 'down'} weight "
+                                   "(official T-LoRA FLUX checkpoint); expected both")
+        ranks[path] = ps["lora_A"][1].shape[0]
+        for ours, (key, t) in ps.items():
+            out[f"{path}.{ours}"], origin[f"{path}.{ours}"] = t, key
+    spec = tlora_spec(ranks, flux_schedule(meta, src), src, ortho=False)
+    return Bundle([Part(role, spec, list(by_mod), out, origin)], dict(meta), "T-LoRA official FLUX (lora.pt)")
+
+
+def flux_schedule(meta: dict[str, str], src: Path) -> dict[str, Any] | None:
+    """The FLUX run's schedule from ``tlora_*`` metadata or its logs/hparams.yml (``tlora``, ``rank``, ``min_rank``)."""
+    if "tlora_min_rank" in meta:
+        return schedule(meta, None)
+    hp = src.parent.parent / "logs" / "hparams.yml"
+    if not hp.is_file():
+        return None
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(hp.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise AdapterFileError(f"{hp}: not a readable hparams.yml ({e}); expected the official trainer's log") from None
+    rank = int(cfg.get("rank", 16))
+    if not cfg.get("tlora", False):  # a plain LoRA run of the same trainer: no mask
+        return {"rank": rank, "min_rank": rank, "rank_exponent": 1.0}
+    return {"rank": rank, "min_rank": int(cfg.get("min_rank", 1)), "rank_exponent": 1.0}
 
 
 def tlora_spec(ranks: dict[str, int], sched: dict[str, Any] | None, src: Path, ortho: bool) -> Any:
