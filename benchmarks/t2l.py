@@ -32,6 +32,7 @@ from training import t2l_tasks
 from training.train_t2l import embed_tasks, evaluate, layer_targets, tokenize_records, train_sft
 
 log = logging.getLogger("bench_t2l")
+ORDER = ["base", "base + description in prompt", "T2L (generated)", "multi-task LoRA", "task LoRA (oracle)"]
 
 
 @dataclass
@@ -201,8 +202,7 @@ def ci95(per_seed: list[list[float]], n_boot: int = 2000, rng_seed: int = 0) -> 
 
 
 def table(results: list[dict[str, Any]], split: str) -> list[str]:
-    order = ["base", "base + description in prompt", "T2L (generated)", "multi-task LoRA", "task LoRA (oracle)"]
-    conds = [c for c in order if all(c in r[split] for r in results)]
+    conds = [c for c in ORDER if all(c in r[split] for r in results)]
     tasks = sorted(results[0][split][conds[0]])
     lines = [f"| {split} ({len(tasks)} tasks, {len(results)} seeds) | exact answer % [95% CI] | answer CE | "
              + " | ".join(tasks) + " |", "|" + "---|" * (3 + len(tasks))]
@@ -218,9 +218,60 @@ def table(results: list[dict[str, Any]], split: str) -> list[str]:
     return lines
 
 
-def report(results: list[dict[str, Any]]) -> str:
-    lines = table(results, "heldout") + [""] + table(results, "seen") + [""]
+def plot(results: list[dict[str, Any]], path: str | os.PathLike) -> None:
+    """Answer CE per held-out task and condition (mean over seeds and records), one bar group per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     results = merge(results)
+    conds = [c for c in ORDER if all(c in r["heldout"] for r in results)]
+    tasks = sorted(results[0]["heldout"][conds[0]])
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    w = 0.8 / len(conds)
+    for i, c in enumerate(conds):
+        ys = [sum(x for r in results for x in r["heldout"][c][t]["ce"])
+              / sum(len(r["heldout"][c][t]["ce"]) for r in results) for t in tasks]
+        ax.bar([k + i * w for k in range(len(tasks))], ys, w, label=c)
+    ax.set_xticks([k + 0.4 - w / 2 for k in range(len(tasks))], tasks)
+    ax.set(ylabel="answer CE (lower is better)",
+           title=f"T2L on held-out tasks, SmolLM2-135M ({len(results)} seeds)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def recovered(results: list[dict[str, Any]]) -> list[str]:
+    """The paper's reading: the share of the oracle task LoRA's gain over the base that each method recovers,
+    (base - method) / (base - oracle), on held-out answer CE and exact answers, per seed."""
+    need = ("base", "task LoRA (oracle)")
+    if not all(c in r["heldout"] for r in results for c in need):
+        return []
+
+    def mean(r: dict[str, Any], c: str, k: str) -> float:
+        v = [float(x) for t in r["heldout"][c] for x in r["heldout"][c][t][k]]
+        return sum(v) / len(v)
+
+    out = []
+    for c in ("T2L (generated)", "multi-task LoRA", "base + description in prompt"):
+        if not all(c in r["heldout"] for r in results):
+            continue
+        parts = []
+        for k in ("ce", "acc"):
+            f = []
+            for r in results:
+                gain = mean(r, "task LoRA (oracle)", k) - mean(r, "base", k)
+                f.append((mean(r, c, k) - mean(r, "base", k)) / gain if abs(gain) > 1e-9 else float("nan"))
+            parts.append(f"{'CE' if k == 'ce' else 'exact'} " + ", ".join(f"{x:.0%}" for x in f))
+        out.append(f"{c}: share of the oracle's gain over base (per seed): " + "; ".join(parts))
+    return out + [""]
+
+
+def report(results: list[dict[str, Any]]) -> str:
+    results = merge(results)
+    lines = table(results, "heldout") + [""] + table(results, "seen") + [""] + recovered(results)
     key = "generate_same_process_s" if all("generate_same_process_s" in r["time"] for r in results) else "generate_s"
     gen = [x for r in results for x in r["time"].get(key, [])]
     tl = [x for r in results for x in r["time"].get("task_lora_train_s", [])]
@@ -241,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
                         "jobs on a loaded CPU, merged by --report)")
     p.add_argument("--out", default=None, help="JSON results file (one per job; --report merges them)")
     p.add_argument("--report", nargs="+", default=None, help="result files to tabulate (no training)")
+    p.add_argument("--plot", default=None, help="with --report: write a PNG of answer CE per held-out task")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--overwrite", action="store_true")
     for k, v in asdict(BenchConfig()).items():
@@ -249,7 +301,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     if a["report"]:
         loaded = [json.loads(Path(f).read_text()) for f in a["report"]]
-        print(report([r for x in loaded for r in (x if isinstance(x, list) else [x])]))
+        flat = [r for x in loaded for r in (x if isinstance(x, list) else [x])]
+        print(report(flat))
+        if a["plot"]:
+            plot(flat, a["plot"])
         return
     if a["out"] and Path(a["out"]).exists() and not a["overwrite"]:
         raise FileExistsError(f"{a['out']} exists; pass --overwrite to replace it")
