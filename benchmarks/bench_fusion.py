@@ -8,7 +8,8 @@ diffusers format for diffusers/PEFT), the same prompt, seed and step count; the 
 (``output_type="latent"``). Calls are interleaved across configurations (round-robin) so a busy machine slows all
 of them alike; the median of ``--reps`` calls is reported. Ratios (targets from issue 12):
 
-- gated / static unfused <= 1.3;  static unfused / diffusers set_adapters <= 1.0;  fused / base within 3%.
+- gated / static unfused <= 1.3 (gated: with the per-role terms, the default; gated_shared: ``per_role=False``,
+  the paper's gate);  static unfused / diffusers set_adapters <= 1.0;  fused / base within 3%.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def configs(k: int, ours: Any, ref: Any) -> dict[str, tuple[Any, Any]]:
         ref.set_adapters(names, [1.0] * k)
 
     return {"base": (ours, base), "fused": (ours, our("static", fuse=True)), "static": (ours, our("static")),
-            "diffusers": (ref, diffusers), "gated": (ours, our("gated")), "klora": (ours, our("klora"))
+            "diffusers": (ref, diffusers), "gated": (ours, our("gated")),
+            "gated_shared": (ours, our("gated", per_role=False)), "klora": (ours, our("klora"))
             if k == 2 else None, "scheduled": (ours, our("scheduled"))}
 
 
@@ -109,12 +111,13 @@ def measure(args: argparse.Namespace) -> dict[int, dict[str, float]]:
 
 
 def table(res: dict[int, dict[str, float]], args: argparse.Namespace) -> str:
-    cols = ["base", "fused", "static", "diffusers", "gated", "klora", "scheduled"]
-    lines = ["| k | " + " | ".join(f"{c} ms" for c in cols) + " | gated/static (<= 1.3) | static/diffusers (<= 1.0) | "
-             "fused/base (1 +- 0.03) |", "|---|" + "---|" * (len(cols) + 3)]
+    cols = ["base", "fused", "static", "diffusers", "gated", "gated_shared", "klora", "scheduled"]
+    lines = ["| k | " + " | ".join(f"{c} ms" for c in cols) + " | gated/static (<= 1.3) | gated_shared/static | static/diffusers "
+             "(<= 1.0) | fused/base (1 +- 0.03) |", "|---|" + "---|" * (len(cols) + 4)]
     for k, r in res.items():
         ms = " | ".join(f"{1000 * r[c]:.0f}" if c in r else "-" for c in cols)
-        lines.append(f"| {k} | {ms} | {r['gated'] / r['static']:.2f} | {r['static'] / r['diffusers']:.2f} | "
+        lines.append(f"| {k} | {ms} | {r['gated'] / r['static']:.2f} | {r['gated_shared'] / r['static']:.2f} | "
+                     f"{r['static'] / r['diffusers']:.2f} | "
                      f"{r['fused'] / r['base']:.3f} |")
     lines.append(f"\n{args.steps} steps, {args.size}x{args.size} px, CFG (UNet batch 2), {args.dtype}, {args.device}, "
                  f"torch threads {torch.get_num_threads()}, median of {args.reps} interleaved calls")

@@ -107,11 +107,12 @@ class GateCombiner(Combiner):
                role_bias: torch.Tensor | None = None) -> torch.Tensor:
         """g (k, B, ..., C) from LN of [y0, y_1..y_k] stacked channels-last (k+1, B, ..., C)."""
         n0, ny = normed[0], normed[1:]
-        a = torch.addcmul(self._bias(ctx, y0l), self._cast(self.w_base, y0l), n0)  # w_base LN(y0) + b + u·φ(t)
+        bias = self._bias(ctx, y0l)  # b + u·φ(t): (C,) or (B, 1.., C)
+        if role_bias is not None:  # + β_r + υ_r·φ(t), still small: (k, 1.., C) or (k, B, 1.., C)
+            bias = bias + role_bias
+        a = torch.addcmul(bias, self._cast(self.w_base, y0l), n0)  # w_base LN(y0) + the bias: (k or 1, B, .., C)
         c = torch.addcmul(self._cast(self.w_lora, y0l), self._cast(self.w_cross, y0l), n0)  # w_lora + w_cross LN(y0)
-        pre = torch.addcmul(a, ny, c)  # A + LN(y_i) * C
-        if role_bias is not None:
-            pre = pre.add_(role_bias) if inplace else pre + role_bias
+        pre = a.addcmul_(ny, c) if inplace and a.shape == ny.shape else torch.addcmul(a, ny, c)  # A + LN(y_i) * C
         return pre.sigmoid_() if inplace else pre.sigmoid()
 
     def _stack(self, y0: torch.Tensor, ys: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
