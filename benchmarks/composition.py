@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--styles", default="dotted,checkered")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--gates", default="outputs/gates/gates.safetensors",
-                   help="gates file; more as LABEL=PATH,... add methods gated-LABEL")
+                   help="gates file(s): PATH or LABEL=PATH,...; each gives a row (gated, gated-LABEL)")
     p.add_argument("--mole", default="outputs/mole/mole.safetensors",
                    help="MoLE gates from train_gates --method mole (method 'mole')")
     p.add_argument("--allow-unseen", action="store_true", help="apply the gates to LoRAs they were not trained with")
@@ -275,10 +275,11 @@ def main(argv: list[str] | None = None) -> None:
     ev = load_evaluator()
     methods = args.methods.split(",")
     files = [g.partition("=") for g in args.gates.split(",")]
-    args.gate_files = {("gated" if not i else f"gated-{lab if sep else i}"): (path if sep else lab)
+    args.gate_files = {(f"gated-{lab}" if sep else "gated" if not i else f"gated-{i}"): (path if sep else lab)
                        for i, (lab, sep, path) in enumerate(files)}
-    if "gated" in methods:
-        methods += [m for m in args.gate_files if m != "gated"]
+    if "gated" in methods:  # every gates file: 'gated' (the first, unlabelled) and 'gated-LABEL'
+        at = methods.index("gated")
+        methods[at:at + 1] = list(args.gate_files)
     tuned = {}
     for m in ("static-tuned", "scheduled-tuned"):
         if m in methods:
