@@ -26,11 +26,12 @@ from torch.utils.hooks import RemovableHandle
 
 from . import api
 from .core.errors import AdapterError
-from .families import BY_PIPELINE, denoiser, timestep_position, timestep_scale
+from .families import BY_PIPELINE, denoiser, family_of, timestep_position, timestep_scale
 
 log = logging.getLogger(__name__)
 SUPPORTED = tuple(BY_PIPELINE)  # SD1.x/2.x, SDXL, Flux.1, SD3/3.5
 HOOK_ATTR = "_lora_timestep_hook"
+GUIDANCE = {"flux": 3.5, "sd3": 7.0}  # the stock pipelines' default guidance_scale (SD/SDXL here: 5.0)
 
 
 class ModelLoadError(AdapterError):
@@ -235,7 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--token", default="sks", help="what {0} stands for, e.g. 'sks dog'")
     p.add_argument("--negative_prompt", default=None)
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance_scale", type=float, default=5.0)
+    p.add_argument("--guidance_scale", type=float, default=None,
+                   help="default: 5 (SD/SDXL), 3.5 (Flux: its guidance input), 7 (SD3), the pipelines' own defaults")
     p.add_argument("--num_images", type=int, default=1)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
@@ -252,7 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     except AdapterError as e:
         raise SystemExit(f"error: {e}") from None
     prompts = [q.format(a.token) for q in a.prompt]
-    images = generate(pipe, prompts, a.steps, a.guidance_scale, a.seed, a.num_images, a.height, a.width, a.negative_prompt)
+    gs = a.guidance_scale if a.guidance_scale is not None else GUIDANCE.get(family_of(pipe).name, 5.0)
+    images = generate(pipe, prompts, a.steps, gs, a.seed, a.num_images, a.height, a.width, a.negative_prompt)
     a.output.mkdir(parents=True, exist_ok=True)
     for k, im in enumerate(images):
         path = a.output / f"{_slug(prompts[k // a.num_images])}-{k % a.num_images}.png"

@@ -86,3 +86,14 @@ def test_generate_with_a_saved_tlora(fixture, request, tmp_path):
     img = generate(fresh, ["a photo of sks dog"], steps=3, guidance_scale=1.0, height=32, width=32)[0]
     assert img.size == base.size == (32, 32)
     assert list(img.getdata()) != list(base.getdata())
+
+
+def test_generate_cli_on_a_flux_folder(flux_model, tmp_path):  # noqa: F811
+    from lora_diffusion.generate import main
+
+    pipe = load_pipeline(flux_model)
+    _tlora(pipe.transformer)
+    adapter = ld.save_adapter(pipe.transformer, tmp_path / "t.safetensors")
+    main(["--model", str(flux_model), "--adapter", str(adapter), "--prompt", "a photo of {0}", "--token", "sks dog",
+          "--steps", "2", "--height", "32", "--width", "32", "--output", str(tmp_path / "out"), "--device", "cpu"])
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a_photo_of_sks_dog-0.png"]

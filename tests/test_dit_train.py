@@ -146,3 +146,18 @@ def test_diffusers_file_loads_in_diffusers_with_equal_outputs(fixture, request, 
         base = load_pipeline(src).transformer(**kw, return_dict=False)[0]
     assert (a - base).abs().max() > 1e-4  # the adapter does something
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_flux_run_resumes_exactly(flux_model, subject, tmp_path):  # noqa: F811
+    """A Flux run stopped after step 2 and resumed draws the same σ and noise: the same losses as one 4-step run."""
+    kw = dict(checkpointing_steps=2, learning_rate=1e-2)
+    full = train(tiny_config(flux_model, subject, tmp_path / "a", max_train_steps=4, **kw))
+    train(tiny_config(flux_model, subject, tmp_path / "b", max_train_steps=2, **kw))
+    resumed = train(tiny_config(flux_model, subject, tmp_path / "b", max_train_steps=4, resume_from_checkpoint="latest",
+                                **kw))
+    assert resumed.first_step == 3 and resumed.losses == full.losses[2:]
+    from training.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="differs in: flow=.*'uniform'.*this run: .*'logit_normal'"):
+        train(tiny_config(flux_model, subject, tmp_path / "b", max_train_steps=6, resume_from_checkpoint="latest",
+                          weighting_scheme="logit_normal", **kw))
