@@ -161,3 +161,14 @@ def test_flux_run_resumes_exactly(flux_model, subject, tmp_path):  # noqa: F811
     with pytest.raises(CheckpointError, match="differs in: flow=.*'uniform'.*this run: .*'logit_normal'"):
         train(tiny_config(flux_model, subject, tmp_path / "b", max_train_steps=6, resume_from_checkpoint="latest",
                           weighting_scheme="logit_normal", **kw))
+
+
+@pytest.mark.parametrize("fixture", FAMILY_FIXTURES)
+def test_gradient_checkpointing_gives_the_same_run(fixture, request, subject, tmp_path):  # noqa: F811
+    """The transformer's own checkpointing with the T-LoRA context restored on recomputation: the second step's
+    loss (after one update from the recomputed gradients) is the same."""
+    src = request.getfixturevalue(fixture)
+    a = train(tiny_config(src, subject, tmp_path / "a", max_train_steps=2, learning_rate=1e-2))
+    b = train(tiny_config(src, subject, tmp_path / "b", max_train_steps=2, learning_rate=1e-2,
+                          gradient_checkpointing=True))
+    assert a.losses == pytest.approx(b.losses, rel=1e-6) and a.losses[0] != a.losses[1]
