@@ -172,3 +172,39 @@ def test_gradient_checkpointing_gives_the_same_run(fixture, request, subject, tm
     b = train(tiny_config(src, subject, tmp_path / "b", max_train_steps=2, learning_rate=1e-2,
                           gradient_checkpointing=True))
     assert a.losses == pytest.approx(b.losses, rel=1e-6) and a.losses[0] != a.losses[1]
+
+
+@torch.no_grad()
+def flow_probe_loss(pipe, image_dir, n: int = 12) -> float:
+    """Flow-matching loss on the training image at n fixed (σ, noise) pairs, T-LoRA's t = 1000·σ set."""
+    from diffusers import FluxPipeline
+
+    from training.data import load_image
+
+    px = load_image(sorted(image_dir.iterdir())[0], 32).unsqueeze(0)
+    vae = pipe.vae
+    x0 = (vae.encode(px).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+    emb, pooled, _ = pipe.encode_prompt("a photo of sks dog", None, device="cpu", max_sequence_length=16)
+    b, c, h, w = x0.shape
+    ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", x0.dtype)
+    g, total = torch.Generator().manual_seed(123), 0.0
+    for sigma in torch.linspace(0.05, 0.95, n):
+        eps = torch.randn(x0.shape, generator=g)
+        ld.set_timestep(pipe.transformer, 1000 * sigma, 1000)
+        pred = pipe.transformer(hidden_states=FluxPipeline._pack_latents((1 - sigma) * x0 + sigma * eps, b, c, h, w),
+                                timestep=sigma[None], guidance=torch.ones(1), pooled_projections=pooled,
+                                encoder_hidden_states=emb, txt_ids=torch.zeros(emb.shape[1], 3), img_ids=ids,
+                                return_dict=False)[0]
+        total += torch.nn.functional.mse_loss(pred, FluxPipeline._pack_latents(eps - x0, b, c, h, w)).item()
+    return total / n
+
+
+@pytest.mark.slow
+def test_flux_tlora_learns_the_image(flux_model, subject, tmp_path):  # noqa: F811
+    res = train(tiny_config(flux_model, subject, tmp_path, max_train_steps=60, learning_rate=1e-2, lora_rank=8,
+                            min_rank=4, max_sequence_length=16))
+    pipe = load_pipeline(flux_model)
+    before = flow_probe_loss(pipe, subject)
+    ld.load_adapter(pipe, res.outputs["canonical"])
+    after = flow_probe_loss(pipe, subject)
+    assert after < 0.85 * before, (before, after)  # measured: 1.740 -> 1.352
