@@ -74,7 +74,7 @@ def preflight(cfg: TLoRAConfig) -> list[Path]:
 def check_flow_options(cfg: TLoRAConfig) -> None:
     """Flux/SD3: what this trainer does not do on a transformer yet, refused before anything is loaded."""
     family = cfg.model.model_family
-    if not FAMILIES[family].flow:
+    if family not in FAMILIES or not FAMILIES[family].flow:
         return
     unsupported = [(cfg.embedding.train_embedding, "--train_embedding (pivotal tuning)"),
                    (cfg.embedding.text_encoder_targets, "--text_encoder_targets"),
@@ -347,7 +347,7 @@ def identity(cfg: TLoRAConfig, digest: str, resolution: int) -> dict[str, Any]:
             "with_prior_preservation": d.with_prior_preservation, "seed": cfg.run.seed,
             "gradient_accumulation_steps": o.gradient_accumulation_steps,
             **({"model_family": cfg.model.model_family, "flow": vars(cfg.flow), "drop_t5": cfg.model.drop_t5,
-                "max_sequence_length": cfg.model.max_sequence_length} if FAMILIES[cfg.model.model_family].flow else {}),
+                "max_sequence_length": cfg.model.max_sequence_length} if cfg.model.model_family in ("flux", "sd3") else {}),
             "embedding": {k: v for k, v in vars(cfg.embedding).items() if k != "embedding_steps"},
             **({"rank_pattern": with_rank_spec(adapter_spec(cfg), a.rank_spec).rank_pattern} if a.rank_spec else {})}
 

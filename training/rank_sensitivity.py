@@ -70,6 +70,9 @@ def diffusion_setup(argv: list[str], n: int) -> tuple[torch.nn.Module, list[str]
 
     cfg, _, _ = parse_args(TLoRAConfig, argv)
     resolve_defaults(cfg, ld.variant_names())
+    if cfg.model.model_family in ("flux", "sd3"):
+        raise ConfigError(f"rank sensitivity: SD/SDXL UNets only for now; the model is a {cfg.model.model_family} "
+                          "transformer")
     images = dif.preflight(cfg)
     torch.manual_seed(cfg.run.seed)
     pipe = dif.load_base(cfg)
