@@ -332,6 +332,8 @@ def build_data(cfg: TLoRAConfig, pipe: Any, images: list[Path], resolution: int,
     cond.max_sequence_length = cfg.model.max_sequence_length
     cond.live_text = bool(cfg.embedding.train_embedding or cfg.embedding.text_encoder_targets)
     cond.warm(device)
+    if cond.cache_text and not cond.live_text and family_of(pipe).flow:
+        text_encoders_to(pipe, torch.device("cpu"))  # every prompt is cached: T5-XXL & co. wait off the GPU
     return ExampleSampler(inst, d.train_batch_size, cfg.run.seed * 1000 + process_index, classes), cond
 
 
@@ -360,6 +362,20 @@ def validation_prompts(cfg: TLoRAConfig) -> list[str]:
     return expand_prompts(v.validation_prompts, subject_phrase(d.placeholder_token, d.class_name))
 
 
+def text_encoders_to(pipe: Any, device: torch.device) -> torch.device | None:
+    """Move the text encoders (Flux: CLIP-L + T5-XXL, ~9.5 GB in bf16; SD3: + CLIP-G) to ``device``; returns where
+    they were (None: no text encoder)."""
+    encoders = [m for m in (getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3"))
+                if m is not None]
+    if not encoders:
+        return None
+    was = next(encoders[0].parameters()).device
+    if was != device:
+        for m in encoders:
+            m.to(device)
+    return was
+
+
 def sample(pipe: Any, cfg: TLoRAConfig, step: int, resolution: int) -> list[tuple[str, Any]]:
     """Validation images at ``step`` written to ``samples/step-<step>/``; returns (prompt, image) pairs."""
     prompts = validation_prompts(cfg)
@@ -368,6 +384,7 @@ def sample(pipe: Any, cfg: TLoRAConfig, step: int, resolution: int) -> list[tupl
     v, unet = cfg.validation, denoiser(pipe)
     unet.eval()
     install_timestep_hook(unet, pipe.scheduler.config.num_train_timesteps)
+    parked = text_encoders_to(pipe, unet.device)  # offloaded text encoders come back for the prompts
     try:
         with torch.no_grad():
             images = generate(pipe, prompts, v.num_inference_steps, v.guidance_scale, v.validation_seed,
@@ -375,6 +392,8 @@ def sample(pipe: Any, cfg: TLoRAConfig, step: int, resolution: int) -> list[tupl
     finally:
         remove_timestep_hook(unet)
         unet.train()
+        if parked is not None:
+            text_encoders_to(pipe, parked)
     folder = Path(cfg.checkpoint.output_dir) / "samples" / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)
     pairs = []
