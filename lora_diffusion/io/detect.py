@@ -14,7 +14,8 @@ OLD_DIFFUSERS = ("_lora.down", "_lora.up", ".lora.down", ".lora.up", "lora_linea
 
 
 def detect_format(keys: Sequence[str], meta: Mapping[str, str]) -> str:
-    """"canonical" | "kohya" | "diffusers" | "peft" | "tlora-official" | "cloneofsimo" | "old-diffusers" | "unknown"."""
+    """"canonical" | "kohya" | "lycoris" | "diffusers" | "peft" | "tlora-official" | "cloneofsimo" | "old-diffusers" |
+    "unknown"."""
     if canonical.is_canonical(dict(meta)):
         return "canonical"
     keys = [k for k in keys if not k.startswith("bundle_emb.")]  # kohya's bundled embeddings (io/embeddings.py)
@@ -24,6 +25,8 @@ def detect_format(keys: Sequence[str], meta: Mapping[str, str]) -> str:
         return "kohya"
     if any(k.startswith(PEFT_PREFIX) for k in keys):
         return "peft"
+    if keys and all(k.startswith("lycoris_") for k in keys):
+        return "lycoris"  # LyCORIS on a diffusers model by module name (SimpleTuner's Flux/SD3 LyCORIS)
     if tlora_official.is_official(list(keys)):
         return "tlora-official"
     if any(p in k for k in keys for p in OLD_DIFFUSERS):

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..core.errors import AdapterFileError
-from . import cloneofsimo, diffusers_format, kohya, old_diffusers, peft_format, tlora_official
+from . import cloneofsimo, diffusers_format, kohya, lycoris_dit, old_diffusers, peft_format, tlora_official
 from .bundle import Bundle, ModuleView, Part, spec_from_modules
 from .detect import detect_format
 from .files import read_safetensors, write_safetensors
@@ -73,7 +73,8 @@ def read_bundle(src: Path, views: dict[str, ModuleView], unet_config: Any = None
         return _read(src, fmt, tensors, meta, views, unet_config, bare, models)
 
 
-FORMAT_NAMES = {"kohya": "kohya/LyCORIS", "diffusers": "diffusers", "peft": "PEFT", "cloneofsimo": cloneofsimo.FORMAT,
+FORMAT_NAMES = {"kohya": "kohya/LyCORIS", "lycoris": "LyCORIS network", "diffusers": "diffusers", "peft": "PEFT",
+                "cloneofsimo": cloneofsimo.FORMAT,
                 "tlora-official": "official T-LoRA", "old-diffusers": "old diffusers (< 0.21)"}
 
 
@@ -94,6 +95,8 @@ def _read(src: Path, fmt: str, tensors: dict[str, torch.Tensor], meta: dict[str,
         return _lycoris_tlora(kohya.read(tensors, meta, views, str(src), unet_config, skip_components=bare), models, src)
     if fmt == "diffusers":
         return diffusers_format.read(tensors, meta, views, str(src))
+    if fmt == "lycoris":
+        return _lycoris_tlora(lycoris_dit.read(tensors, meta, views, str(src)), models, src)
     if fmt == "peft":
         return peft_format.read_folder(src.parent, views) if (src.parent / peft_format.CONFIG).is_file() else \
             Bundle([peft_format.parts_from_state_dict({k.removeprefix(peft_format.PREFIX): v for k, v in tensors.items()},
