@@ -23,7 +23,9 @@ from under- to over-training. At each, ``--prompts`` combinations of another col
 - alignment: it sees the prompted color and the prompted background (its text similarity);
 - both: one image that does both; copied: the training image's color or background repeated.
 
-Variants are ``name[:rank]``; every variant gets the same learning rate (``--lr``, default: the trainer's
+Variants are ``name[:rank]`` (or ``sensitivity:R``: a LoRA with Sensitivity-LoRA ranks calibrated on the run's
+image, at a rank-R LoRA's parameter count; ``--variant-set VARIANT=key=value`` sets a trainer option for one entry,
+e.g. LoRA-drop's ``lora_drop_match_params``); every variant gets the same learning rate (``--lr``, default: the trainer's
 demo-model default), the same steps and modules. ``tlora:64`` is the paper's setting (rank 64, r_min 32).
 Means over (concept, seed) runs with 95% confidence intervals (Student t); the paired comparison interpolates,
 for each (concept, seed, regime), LoRA's alignment at each T-LoRA checkpoint's fidelity along LoRA's curve.
@@ -60,6 +62,7 @@ DEFAULT_CONCEPTS = (*world.HELDOUT_SHAPES, *world.HELDOUT_TEXTURES)
 REGIMES = ("described", "bare")
 EXTRA_REGIMES = ("mixed",)  # a probe: each step picks the described or the bare caption
 BARE_TEMPLATE = "a photo of {0}"
+SENSITIVITY = "sensitivity"  # `sensitivity:R`: a LoRA with Sensitivity-LoRA ranks at a rank-R LoRA's parameter count
 TOKEN = "sks"  # what the base model is prompted with (a word it knows; it draws it as a cross)
 METRICS = ("fidelity", "alignment", "both", "copied")
 # Student t 0.975 quantiles for 1..30 degrees of freedom (then ~normal)
@@ -87,6 +90,8 @@ class BenchConfig:
     out: Path = field(default_factory=lambda: ROOT / "outputs" / "personalization")
     prior_images: int = 0  # prior preservation: class images the base model draws (pretraining shapes, varied prompts)
     overrides: tuple[str, ...] = ()  # trainer options "key=value" (training.config names), e.g. train_embedding=false
+    variant_overrides: tuple[str, ...] = ()  # "VARIANT=key=value": a trainer option for one --variants entry only
+    sensitivity_batches: int = 4  # sensitivity:R rows: calibration batches of training.rank_sensitivity
     jitter_drops_color: bool = False  # described captions: hue-jittered views without the (wrong) color word
     texture_as: str = "object"  # a texture concept: "object" (`a red sks`: the textured shape is the subject, as a
     # shape concept) or "word" (`a red sks circle`: the token is a texture word; prompts ask for it on other shapes)
@@ -177,6 +182,8 @@ def train_config(run: Run, cfg: BenchConfig, work: Path) -> Any:
     tc = TLoRAConfig()
     tc.model.pretrained_model_name_or_path = cfg.model
     tc.adapter.variant, tc.adapter.lora_rank, tc.adapter.targets = variant, rank, cfg.targets
+    if variant == SENSITIVITY:  # a LoRA; its ranks come from the calibration in _train
+        tc.adapter.variant = "lora"
     tc.data.instance_data_dir = str(work / "data")
     if as_word(run, cfg):  # `sks circle`, the token's vectors start from the texture word the model knows
         tc.data.class_name, tc.embedding.initializer_token = scene.shape, "striped"
@@ -192,6 +199,7 @@ def train_config(run: Run, cfg: BenchConfig, work: Path) -> Any:
         tc.data.num_class_images = cfg.prior_images
         tc.data.class_prompt = "#".join(class_prompts(cfg.prior_images, run.seed))
     set_options(tc, cfg.overrides)
+    set_options(tc, variant_options(cfg.variant_overrides, run.variant))
     resolve_defaults(tc, ld.variant_names())
     tc.optim.max_train_steps = max(cfg.sweep)
     tc.checkpoint.output_dir = str(work / "train")
@@ -201,6 +209,52 @@ def train_config(run: Run, cfg: BenchConfig, work: Path) -> Any:
     return tc
 
 
+def variant_options(items: tuple[str, ...], variant: str) -> tuple[str, ...]:
+    """The ``key=value`` options of ``--variant-set VARIANT=key=value`` items for one --variants entry."""
+    out = []
+    for item in items:
+        label, sep, option = item.partition("=")
+        if not sep or "=" not in option:
+            raise SystemExit(f"--variant-set {item!r}: expected VARIANT=key=value, e.g. "
+                             "'loradrop:16=lora_drop_match_params=true'")
+        if label == variant:
+            out.append(option)
+    return tuple(out)
+
+
+def calibrate(tc: Any, rank: int, work: Path, batches: int) -> Path:
+    """Sensitivity-LoRA ranks for this run (its image, caption, seed, targets): ``training.rank_sensitivity tlora
+    --match_rank rank`` (the parameter count of a uniform rank-``rank`` LoRA on the same modules)."""
+    import yaml
+
+    from training import rank_sensitivity
+    from training.config import to_dict
+
+    config = work / "sensitivity-config.yaml"
+    config.write_text(yaml.safe_dump(to_dict(tc)))
+    out = rank_sensitivity.run(["tlora", "--match_rank", str(rank), "--output", str(work / "ranks.json"),
+                                "--batches", str(batches), "--no-plot", "--config", str(config)])
+    return Path(out["spec"])
+
+
+def trainable_count(tc: Any) -> int:
+    """The adapter's trainable parameters in run ``tc`` (the placeholder embedding not counted): its spec (a LoRA-drop
+    run: the plan it wrote) rebuilt on a fresh UNet, shared storage counted once."""
+    import json
+
+    import lora_diffusion as ld
+    from lora_diffusion.variants.loradrop import DropPlan
+    from training.diffusion import adapter_spec, load_base
+
+    spec = adapter_spec(tc)
+    plan = Path(tc.checkpoint.output_dir) / "lora_drop.json"
+    if spec.variant == "loradrop" and plan.is_file():
+        spec = DropPlan.from_dict(json.loads(plan.read_text())).spec(spec)
+    unet = load_base(tc).unet
+    ld.add_adapter(unet, spec)
+    return sum({p.data_ptr(): p.numel() for p in unet.parameters() if p.requires_grad}.values())
+
+
 def _train(run: Run, cfg: BenchConfig, work: Path) -> tuple[dict[int, Path], dict[str, Any]]:
     """Train ``run`` on its one image; {sweep step: adapter file} and the settings used."""
     from training.train_tlora import train
@@ -208,10 +262,14 @@ def _train(run: Run, cfg: BenchConfig, work: Path) -> tuple[dict[int, Path], dic
     (work / "data").mkdir(parents=True, exist_ok=True)
     world.render(training_scene(run.concept, run.seed)).save(work / "data" / f"{run.concept}.png")
     tc = train_config(run, cfg, work)
+    if parse_variant(run.variant)[0] == SENSITIVITY:
+        tc.adapter.rank_spec = str(calibrate(tc, parse_variant(run.variant)[1] or tc.adapter.lora_rank, work,
+                                             cfg.sensitivity_batches))
     train(tc)
     ckpts = work / "train" / "checkpoints"
     files = {s: ckpts / f"checkpoint-{s}" / "adapter.safetensors" for s in cfg.sweep}
-    used = {"rank": tc.adapter.lora_rank, "lr": tc.optim.learning_rate, "targets": tc.adapter.targets,
+    used = {"trainable": trainable_count(tc),
+            "rank": tc.adapter.lora_rank, "lr": tc.optim.learning_rate, "targets": tc.adapter.targets,
             "token": tc.data.placeholder_token, "embedding": bool(tc.embedding.train_embedding),
             "caption": tc.data.prompt_template, "class_name": tc.data.class_name,
             "jitter_caption": tc.data.jitter_prompt_template}
@@ -355,6 +413,7 @@ def _row(regime: str, variant: str, step: int, rs: list[dict[str, Any]]) -> dict
     row: dict[str, Any] = {"regime": regime, "variant": variant, "step": step, "runs": len(rs)}
     for k in (*METRICS, "train_s"):
         row[k], row[k + "_ci"] = mean_ci([r[k] for r in rs])
+    row["trainable"] = sorted({r["trainable"] for r in rs if "trainable" in r})
     return row
 
 
@@ -400,12 +459,14 @@ def by_concept(results: list[dict[str, Any]], cfg: BenchConfig, step: int) -> li
 
 def markdown(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]], cfg: BenchConfig,
              per_concept: list[dict[str, Any]] = ()) -> str:
-    head = ("| regime | variant | step | fidelity | alignment | both | copied | runs |\n"
-            "|---|---|---|---|---|---|---|---|")
+    sized = any(r.get("trainable") for r in rows)  # the trainable-parameter column when the runs measured it
+    head = ("| regime | variant | step | fidelity | alignment | both | copied | runs |" + (" trainable params |" if sized
+            else "") + "\n|---|---|---|---|---|---|---|---|" + ("---|" if sized else ""))
     lines = [head]
     for r in rows:
         cells = [f"{100 * r[k]:.1f} ± {100 * r[k + '_ci']:.1f}" for k in METRICS]
-        lines.append(f"| {r['regime']} | {r['variant']} | {r['step']} | {' | '.join(cells)} | {r['runs']} |")
+        size = f" {', '.join(f'{n:,}' for n in r.get('trainable', [])) or '-'} |" if sized else ""
+        lines.append(f"| {r['regime']} | {r['variant']} | {r['step']} | {' | '.join(cells)} | {r['runs']} |{size}")
     lines.append("\nPercent, mean ± 95% CI over (concept, seed) runs.")
     if per_concept:
         lines.append(f"\nPer concept at {per_concept[0]['step']} steps (mean over seeds; fidelity / alignment / "
@@ -428,7 +489,9 @@ def markdown(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]], cfg:
                  f"{list(cfg.sweep)} steps (checkpoints of one run); {cfg.prompts * cfg.images} images per checkpoint "
                  f"({cfg.prompts} prompts x {cfg.images}), {cfg.sample_steps} sampling steps, guidance {cfg.guidance}; "
                  f"lr {cfg.lr or 'trainer default'}; targets {cfg.targets or 'trainer default'}; prior images "
-                 f"{cfg.prior_images}; trainer options {list(cfg.overrides) or 'defaults'}; textures as {cfg.texture_as}s; "
+                 f"{cfg.prior_images}; trainer options {list(cfg.overrides) or 'defaults'}"
+                 f"{'; per variant ' + str(list(cfg.variant_overrides)) if cfg.variant_overrides else ''}; "
+                 f"textures as {cfg.texture_as}s; "
                  f"{'hue-jittered views captioned without the color; ' if cfg.jitter_drops_color else ''}"
                  f"device {cfg.device}.")
     return "\n".join(lines) + "\n"
@@ -555,6 +618,12 @@ def main(argv: list[str] | None = None) -> None:
                         "other shapes and alignment counts the shape)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a trainer option for every run (repeat), e.g. --set train_embedding=false")
+    p.add_argument("--variant-set", action="append", default=[], metavar="VARIANT=KEY=VALUE",
+                   help="a trainer option for one --variants entry (repeat), e.g. "
+                        "'loradrop:16=lora_drop_match_params=true', 'adalora:24=adapter_options={\"target_rank\": 16}'")
+    p.add_argument("--sensitivity-batches", type=int, default=d.sensitivity_batches,
+                   help="calibration batches for sensitivity:R variants (a LoRA with Sensitivity-LoRA ranks at a "
+                        "rank-R LoRA's parameter count, from training.rank_sensitivity tlora --match_rank R)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     _quiet()
@@ -564,6 +633,7 @@ def main(argv: list[str] | None = None) -> None:
                       prompts=a.prompts, images=a.images, sample_steps=a.sample_steps, guidance=a.guidance,
                       model=a.model, evaluator=a.evaluator, device=a.device, jobs=a.jobs, out=a.out,
                       prior_images=a.prior, overrides=tuple(a.set), texture_as=a.texture_as,
+                      variant_overrides=tuple(a.variant_set), sensitivity_batches=a.sensitivity_batches,
                       jitter_drops_color=a.jitter_drops_color)
     _check(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -651,9 +721,15 @@ def _check(cfg: BenchConfig) -> None:
     """Bad flags fail before the first run, naming the flag and the valid choices."""
     import lora_diffusion as ld
 
-    unknown = [v for v in cfg.variants if parse_variant(v)[0] not in ld.variant_names()]
+    unknown = [v for v in cfg.variants if parse_variant(v)[0] not in (*ld.variant_names(), SENSITIVITY)]
     if unknown:
-        raise SystemExit(f"--variants: unknown {unknown}; registered: {ld.variant_names()} (name[:rank])")
+        raise SystemExit(f"--variants: unknown {unknown}; registered: {ld.variant_names()} (name[:rank]), or "
+                         f"{SENSITIVITY}:R")
+    stray = [o for o in cfg.variant_overrides if o.partition("=")[0] not in cfg.variants]
+    if stray:
+        raise SystemExit(f"--variant-set: {stray} name no entry of --variants {list(cfg.variants)}")
+    for v in cfg.variants:
+        variant_options(cfg.variant_overrides, v)
     bad = [c for c in cfg.concepts if c not in world.SHAPES and c not in world.TEXTURES]
     if bad:
         raise SystemExit(f"--concepts: unknown shapes/textures {bad}; held out: {list(DEFAULT_CONCEPTS)}")

@@ -90,3 +90,24 @@ def test_command_on_the_demo_unet_and_train_tlora_builds_the_spec(tmp_path, meth
     got = {n: a.cfg.rank for n, a in ((n, m.adapters["default"]) for n, m in unet.named_modules()
                                       if isinstance(m, ld.AdaptedLayer))}
     assert got == ranks
+
+
+def test_match_rank_gives_a_uniform_loras_parameter_count_on_the_demo_unet(tmp_path):
+    """--match_rank R: the ranks whose Σ r·(fan_in + out) is closest to a rank-R LoRA's on the same modules (the
+    demo UNet's modules differ in shape, so that is not Σ r = R·N)."""
+    from lora_diffusion.core.layerinfo import layer_info
+    from training.config import TLoRAConfig, parse_args, resolve_defaults
+    from training.diffusion import load_base
+
+    ring = Path(__file__).resolve().parents[1] / "assets" / "examples" / "ring"
+    flags = ["--instance_data_dir", str(ring), "--class_name", "ring", "--output_dir", str(tmp_path / "o"), "--cpu"]
+    out = rank_sensitivity.run(["tlora", "--match_rank", "4", "--output", str(tmp_path / "m.json"), "--batches", "1",
+                                "--no-plot", *flags])
+    ranks = out["ranks"]
+    unet = load_base(resolve_defaults(parse_args(TLoRAConfig, flags)[0], ld.variant_names())).unet
+    modules = dict(unet.named_modules())
+    per = {n: layer_info(modules[n], n).fan_in + layer_info(modules[n], n).out_features for n in ranks}
+    got, uniform = sum(r * per[n] for n, r in ranks.items()), 4 * sum(per.values())
+    assert abs(got - uniform) <= max(per.values()) and len(set(ranks.values())) > 1  # allocated, not uniform
+    with pytest.raises(SystemExit):  # one of --rank_budget / --match_rank
+        rank_sensitivity.main(["tlora", "--rank_budget", "100", "--match_rank", "4", "--output", "x.json", *flags])

@@ -184,3 +184,29 @@ def test_bad_rank_spec_files(tmp_path, content, match):
         load_rank_spec(p)
     with pytest.raises(ld.AdapterError, match="no such file"):
         load_rank_spec(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_allocate_params_is_the_closest_parameter_count_over_all_budgets(seed):
+    from lora_diffusion.ranks import allocate_params, allocate_ranks
+
+    g = torch.Generator().manual_seed(seed)
+    names = [f"m{i}" for i in range(7)]
+    scores = {n: float(s) for n, s in zip(names, torch.rand(7, generator=g))}
+    sizes = {n: int(s) for n, s in zip(names, torch.randint(10, 200, (7,), generator=g))}
+    caps = {n: int(c) for n, c in zip(names, torch.randint(4, 32, (7,), generator=g))}
+    target = 6 * sum(sizes.values())  # a uniform rank-6 LoRA on these modules
+    ranks = allocate_params(scores, sizes, target, 1, caps)
+    got = sum(r * sizes[n] for n, r in ranks.items())
+    every = [sum(r * sizes[n] for n, r in allocate_ranks(scores, b, 1, caps).items())
+             for b in range(7, sum(caps.values()) + 1)]
+    assert abs(got - target) == min(abs(c - target) for c in every)
+    assert ranks == allocate_ranks(scores, sum(ranks.values()), 1, caps)  # an allocation of its own budget
+
+
+def test_allocate_params_on_one_shape_is_the_equal_rank_budget():
+    from lora_diffusion.ranks import allocate_params, allocate_ranks
+
+    scores = {f"m{i}": float(i + 1) for i in range(10)}
+    ranks = allocate_params(scores, dict.fromkeys(scores, 96), 8 * 10 * 96, 1, 48)
+    assert sum(ranks.values()) == 80 and ranks == allocate_ranks(scores, 80, 1, 48)

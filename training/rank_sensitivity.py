@@ -2,6 +2,7 @@
 
     python -m training.rank_sensitivity tlora --rank_budget 512 --output ranks.json [train_tlora flags]
     python -m training.rank_sensitivity llm --rank_budget 64 --output ranks.json --train_file data.jsonl [train_llm flags]
+    python -m training.rank_sensitivity tlora --match_rank 16 --output ranks.json ...  # a rank-16 LoRA's parameter count
     python -m training.train_tlora --rank_spec ranks.json ...      # then train with those ranks (same for train_llm)
 
 The trainer flags select the same model, data and targets the training run will use; the loss is that trainer's
@@ -26,7 +27,7 @@ import torch
 
 import lora_diffusion as ld
 from lora_diffusion.inject.targets import find_targets
-from lora_diffusion.ranks import SensitivityConfig, rank_spec, save_rank_spec, sensitivity_ranks
+from lora_diffusion.ranks import SensitivityConfig, allocate_params, rank_spec, save_rank_spec, sensitivity_ranks
 
 from .config import ConfigError, parse_args
 from .data import DataError
@@ -38,7 +39,11 @@ def own_parser() -> argparse.ArgumentParser:
     usage = "%(prog)s {tlora,llm} --rank_budget N --output FILE [options] [trainer flags]"
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False, usage=usage)
     p.add_argument("trainer", choices=["tlora", "llm"], help="whose model, data, targets and loss to use")
-    p.add_argument("--rank_budget", type=int, required=True, help="Σ of the per-module ranks (exactly)")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--rank_budget", type=int, help="Σ of the per-module ranks (exactly)")
+    size.add_argument("--match_rank", type=int, metavar="R", help="instead of --rank_budget: the ranks whose "
+                      "parameter count Σ r·(fan_in + out) is closest to a uniform rank-R LoRA on the same targets "
+                      "(exactly R per module on average when the modules share one shape)")
     p.add_argument("--output", "--rank_spec_out", dest="output", type=Path, required=True, help="rank-spec JSON file")
     p.add_argument("--method", choices=["fisher", "hutchinson"], default="fisher")
     p.add_argument("--batches", type=int, default=8, help="calibration batches (one example each)")
@@ -158,6 +163,19 @@ def plot(ranks: dict[str, int], scores: dict[str, float], metrics: dict[str, dic
     return path
 
 
+def matched_budget(model: torch.nn.Module, names: list[str], rank: int,
+                   cfg: SensitivityConfig) -> tuple[int, dict[str, Any]]:
+    """--match_rank: a first rank budget (rank per module, within the modules' bounds) and each module's LayerInfo."""
+    from lora_diffusion.core.layerinfo import layer_info
+
+    if rank < 1:
+        raise ConfigError(f"--match_rank: expected an integer >= 1, found {rank}")
+    modules = dict(model.named_modules())
+    infos = {n: layer_info(modules[n], n) for n in names}
+    caps = [min(cfg.max_rank or 10**9, i.out_features, i.fan_in) for i in infos.values()]
+    return max(len(names) * cfg.min_rank, min(rank * len(names), sum(caps))), infos
+
+
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     args, rest = own_parser().parse_known_args(argv)
     if args.batches < 1:
@@ -167,18 +185,29 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     setup = diffusion_setup if args.trainer == "tlora" else llm_setup
     model, names, batches, loss_fn, model_name = setup(rest, args.batches)
     log.info("calibration: %s over %d batches on %d target modules", args.method, len(batches), len(names))
-    ranks, scores, metrics = sensitivity_ranks(model, names, _Logged(batches), loss_fn, args.rank_budget, cfg,
-                                               "--rank_budget")
+    budget, sizes = args.rank_budget, None
+    if args.match_rank is not None:
+        budget, sizes = matched_budget(model, names, args.match_rank, cfg)
+    ranks, scores, metrics = sensitivity_ranks(model, names, _Logged(batches), loss_fn, budget, cfg,
+                                               "--rank_budget" if sizes is None else "--match_rank's budget")
+    if sizes is not None:
+        caps = {n: min(cfg.max_rank or 10**9, min(info.out_features, info.fan_in)) for n, info in sizes.items()}
+        per = {n: i.fan_in + i.out_features for n, i in sizes.items()}
+        ranks = allocate_params(scores, per, args.match_rank * sum(per.values()), cfg.min_rank, caps)
+        log.info("--match_rank %d: Σ rank %d, %d parameters (uniform rank %d: %d)", args.match_rank,
+                 sum(ranks.values()), sum(r * per[n] for n, r in ranks.items()), args.match_rank,
+                 args.match_rank * sum(per.values()))
     method = {"name": args.method, "batches": args.batches, "probes": args.probes if args.method == "hutchinson"
               else None, "local_weight": args.local_weight, "min_rank": args.min_rank_per_module,
-              "max_rank": args.max_rank_per_module, "trainer": args.trainer, "trainer_argv": rest}
+              "max_rank": args.max_rank_per_module, "match_rank": args.match_rank, "trainer": args.trainer,
+              "trainer_argv": rest}
     spec = rank_spec(ranks, args.keep_alpha_ratio, method=method, scores=scores, metrics=metrics, model=model_name)
     path = save_rank_spec(spec, args.output)
     sys.stdout.write(table(ranks, scores, metrics) + "\n")
     out = {"spec": path, "ranks": ranks}
     if args.plot:
         out["plot"] = plot(ranks, scores, metrics, path.with_suffix(".png"),
-                           f"Sensitivity-LoRA ranks, budget {args.rank_budget} ({args.method}, {args.batches} batches)")
+                           f"Sensitivity-LoRA ranks, budget {sum(ranks.values())} ({args.method}, {args.batches} batches)")
         log.info("plot written to %s", out["plot"])
     log.info("rank spec written to %s (train with --rank_spec %s)", path, path)
     return out

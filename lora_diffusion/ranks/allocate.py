@@ -69,3 +69,28 @@ def allocate_ranks(scores: Mapping[str, float], budget: int, min_rank: int = 1,
         ranks[k] += 1
     assert sum(ranks.values()) == budget, "largest remainder must fill the budget exactly"
     return ranks
+
+
+def allocate_params(scores: Mapping[str, float], sizes: Mapping[str, int], target: int, min_rank: int = 1,
+                    max_rank: int | Mapping[str, int] | None = None) -> dict[str, int]:
+    """``allocate_ranks`` at the rank budget whose parameter count Σ_k r_k·sizes_k (sizes: fan_in + out, a LoRA's
+    parameters per unit rank) is closest to ``target`` (ties: the smaller budget). For comparisons at equal size
+    when the modules differ in shape, where an equal Σ rank is not an equal parameter count; on modules of one
+    shape it is the budget target / size.
+
+    The count grows with the budget (almost always by one module's size per step), so the budget is bisected to the
+    first whose count reaches ``target`` and that budget's neighbours (±2) are compared."""
+    caps = {k: (10**9 if max_rank is None else max_rank if isinstance(max_rank, int) else int(max_rank[k]))
+            for k in scores}
+    lo, hi = len(scores) * min_rank, sum(min(c, 10**6) for c in caps.values())
+
+    def count(budget: int) -> tuple[int, dict[str, int]]:
+        ranks = allocate_ranks(scores, budget, min_rank, caps)
+        return sum(r * sizes[k] for k, r in ranks.items()), ranks
+
+    a, b = lo, hi
+    while a < b:  # first budget with count >= target
+        mid = (a + b) // 2
+        a, b = (mid + 1, b) if count(mid)[0] < target else (a, mid)
+    near = [count(x) for x in range(max(lo, a - 2), min(hi, a + 2) + 1)]
+    return min(near, key=lambda c: abs(c[0] - target))[1]
