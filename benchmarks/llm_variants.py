@@ -328,8 +328,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.merge:
-        rows = [r for f in args.merge for r in json.loads(Path(f).read_text())["rows"]]
-        report(rows, {})
+        report(merged_rows(args.merge), {})
         return
     run, skipped = plan(args.variants.split(",") if args.variants else None, not args.no_reference)
     if args.sensitivity:
@@ -349,6 +348,22 @@ def main(argv: list[str] | None = None) -> None:
                  done / (i + 1) * (len(jobs) - i - 1))
         write_json(args, rows, skipped)  # after every row: an interrupted run keeps what it measured
     report(rows, skipped)
+
+
+def merged_rows(files: list[str]) -> list[dict[str, Any]]:
+    """The rows of several --json files; a (variant, seed) measured twice keeps the first, and both losses are logged
+    (a rerun of the same seed is a reproducibility check)."""
+    rows: list[dict[str, Any]] = []
+    for f in files:
+        for r in json.loads(Path(f).read_text())["rows"]:
+            twin = next((x for x in rows if "error" not in r and "error" not in x
+                         and (label(x), x["seed"]) == (label(r), r["seed"])), None)
+            if twin is None:
+                rows.append(r)
+            else:
+                log.info("%s seed %d measured twice: held-out loss %.4f (kept) and %.4f (%s)", label(r), r["seed"],
+                         twin["loss_after"], r["loss_after"], f)
+    return rows
 
 
 def report(rows: list[dict[str, Any]], skipped: dict[str, str]) -> None:

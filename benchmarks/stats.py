@@ -39,6 +39,6 @@ def mean_ci(xs: Sequence[float]) -> tuple[float, float | None]:
 
 
 def fmt_ci(xs: Sequence[float], fmt: str = ".4f") -> str:
-    """``mean ± half`` (95% t-interval), or the single value."""
+    """``mean ± half`` (95% t-interval), or the single value; a sign in ``fmt`` ("+.4f") applies to the mean only."""
     m, h = mean_ci(xs)
-    return format(m, fmt) if h is None else f"{format(m, fmt)} ± {format(h, fmt)}"
+    return format(m, fmt) if h is None else f"{format(m, fmt)} ± {format(h, fmt.replace('+', ''))}"

@@ -27,7 +27,7 @@ def test_t_quantiles_match_scipy_and_the_fallback_table():
 
 def test_one_value_has_no_interval_and_none_is_an_error():
     assert stats.mean_ci([2.5]) == (2.5, None) and stats.fmt_ci([2.5], ".1f") == "2.5"
-    assert stats.fmt_ci([1.0, 3.0], ".1f") == "2.0 ± 12.7"
+    assert stats.fmt_ci([1.0, 3.0], ".1f") == "2.0 ± 12.7" and stats.fmt_ci([1.0, 3.0], "+.1f") == "+2.0 ± 12.7"
     with pytest.raises(ValueError, match="no values"):
         stats.mean_ci([])
     with pytest.raises(ValueError, match="df >= 1"):

@@ -38,9 +38,11 @@ def test_seed_table_has_the_t_interval_and_the_paired_difference():
 def test_merge_prints_the_tables_of_per_seed_files(tmp_path, capsys):
     for s in range(3):
         (tmp_path / f"s{s}.json").write_text(json.dumps({"meta": {}, "rows": [r for r in ROWS if r["seed"] == s]}))
-    lv.main(["--merge", *(str(tmp_path / f"s{s}.json") for s in range(3))])
+    (tmp_path / "again.json").write_text(json.dumps({"meta": {}, "rows": [row("lora", 0, 1.0001)]}))
+    lv.main(["--merge", *(str(tmp_path / f"s{s}.json") for s in range(3)), str(tmp_path / "again.json")])
     out = capsys.readouterr().out
-    assert "over seeds" in out and out.count("\nseed ") == 3 and fmt_ci([1.0, 1.2, 1.1]) in out
+    assert "over seeds" in out and out.count("\nseed ") == 3 and fmt_ci([1.0, 1.2, 1.1]) in out  # the rerun: once
+    assert "| lora | 0,1,2 |" in out
 
 
 @pytest.mark.parametrize("match", [True, False])

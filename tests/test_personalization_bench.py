@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -128,3 +129,25 @@ def test_one_tiny_run_end_to_end(tmp_path) -> None:
     pb.main(["--variants", "tlora:4,lora:4", "--concepts", "dotted", "--seeds", "0", "--sweep", "1,2",
              "--prompts", "2", "--images", "2", "--out", str(merged), "--merge", str(out)])
     assert (merged / "table.md").read_text().split("\n\n1 concepts")[0] == table.split("\n\n1 concepts")[0]
+
+
+def test_variant_set_reaches_only_its_variant_and_sensitivity_trains_a_lora(tmp_path) -> None:
+    """--variant-set VARIANT=key=value: a trainer option for one --variants entry (issue 15's equal-size rows)."""
+    cfg = pb.BenchConfig(sweep=(4,), variant_overrides=("loradrop:16=lora_drop_match_params=true",
+                                                        'adalora:24=adapter_options={"target_rank": 16}'))
+    drop = pb.train_config(pb.Run("loradrop:16", "ring", 0, "bare"), cfg, tmp_path)
+    ada = pb.train_config(pb.Run("adalora:24", "ring", 0, "bare"), cfg, tmp_path)
+    lora = pb.train_config(pb.Run("lora:16", "ring", 0, "bare"), cfg, tmp_path)
+    assert drop.lora_drop.lora_drop_match_params and not lora.lora_drop.lora_drop_match_params
+    assert ada.adapter.adapter_options == {"target_rank": 16} and lora.adapter.adapter_options == {}
+    sens = pb.train_config(pb.Run("sensitivity:16", "ring", 0, "bare"), cfg, tmp_path)
+    assert sens.adapter.variant == "lora" and sens.adapter.lora_rank == 16
+
+
+def test_bad_variant_sets_are_named() -> None:
+    with pytest.raises(SystemExit, match=r"--variant-set: \['dora:4=x=1'\] name no entry of --variants"):
+        pb.main(["--variants", "lora:4", "--variant-set", "dora:4=x=1"])
+    with pytest.raises(SystemExit, match="--variant-set 'lora:4=oops': expected VARIANT=key=value"):
+        pb.main(["--variants", "lora:4", "--variant-set", "lora:4=oops"])
+    with pytest.raises(SystemExit, match="--set 'nope=1': expected key=value with a trainer option"):
+        pb.train_config(pb.Run("lora:4", "ring", 0), pb.BenchConfig(variant_overrides=("lora:4=nope=1",)), Path("/tmp"))
