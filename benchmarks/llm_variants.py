@@ -21,8 +21,10 @@ Each variant runs in a fresh subprocess of this script, which reports:
 
 LoRA-drop (``loradrop``) first trains a LoRA on a stratified sample for ``--lora-drop-steps`` steps (train_llm's
 default: 10% of the run), measures its importance and trains the plan for the same N steps as every other variant;
-its row also reports how many layers kept their own adapter. ``--seeds 0,1,2`` repeats every variant per seed and
-adds a table of means ± sample standard deviations.
+its row also reports how many layers kept their own adapter; ``--lora-drop-match`` resizes it to a uniform LoRA's
+trainable count (train_llm ``--lora_drop_match_params``). ``--seeds 0,1,2`` repeats every variant per seed and adds a
+table of means with 95% Student-t intervals and each variant's difference to LoRA paired by seed (``benchmarks/stats.py``);
+``--merge A.json B.json ...`` prints the tables of earlier ``--json`` files (e.g. one process per seed).
 
 Rank allocation (issue 15): ``--sensitivity R`` adds a ``sensitivity`` row, a LoRA whose per-module ranks (summing to
 R) come from ``python -m training.rank_sensitivity llm`` on the same model, data and targets (the calibration is
@@ -37,6 +39,9 @@ Usage::
     python benchmarks/llm_variants.py --variants lora,loradrop --seeds 0,1    # LoRA-drop vs uniform LoRA
     python benchmarks/llm_variants.py --variants lora,adalora,ardlora --sensitivity 480 --targets q_proj,o_proj \
         --seeds 0,1 --options 'ardlora={"l1": 1e-3}'                          # rank allocation, equal Σ rank
+    python benchmarks/llm_variants.py --variants lora,loradrop --lora-drop-match --targets q_proj,o_proj --seeds 2 \
+        --json d2.json                                                       # LoRA-drop at LoRA's parameter count
+    python benchmarks/llm_variants.py --merge s0.json s1.json d2.json        # tables of earlier runs, no training
 """
 
 from __future__ import annotations
@@ -262,6 +267,7 @@ def seed_table(rows: list[dict[str, Any]]) -> str:
              "| vs LoRA | layers with own adapter (rank) | exported Σ rank | exported params | step ms |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for v, rs in by.items():
+        rs = sorted(rs, key=lambda r: r["seed"])
         loss = [r["loss_after"] for r in rs]
         diff = [r["loss_after"] - ref[r["seed"]] for r in rs if r["seed"] in ref]
         params = sorted({r["trainable_params"] for r in rs})
