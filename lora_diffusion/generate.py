@@ -110,7 +110,13 @@ def _single_file_class(path: Path) -> Any:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        xl = any(k.startswith("conditioner.embedders.1") for k in f.keys())
+        keys = list(f.keys())
+    for marker, family in ((".double_blocks.", "Flux.1"), (".joint_blocks.", "SD3/3.5")):
+        if any(marker in "." + k for k in keys):
+            raise ModelLoadError(f"{path}: a {family} single-file checkpoint; Flux.1 and SD3 load from their diffusers "
+                                 "folder or hub id (model_index.json with transformer/, vae/, text encoders), e.g. "
+                                 "black-forest-labs/FLUX.1-dev")
+    xl = any(k.startswith("conditioner.embedders.1") for k in keys)
     return StableDiffusionXLPipeline if xl else StableDiffusionPipeline
 
 

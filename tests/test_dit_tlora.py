@@ -3,6 +3,8 @@ stock FluxPipeline / StableDiffusion3Pipeline through the same forward pre-hook 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -97,3 +99,16 @@ def test_generate_cli_on_a_flux_folder(flux_model, tmp_path):  # noqa: F811
     main(["--model", str(flux_model), "--adapter", str(adapter), "--prompt", "a photo of {0}", "--token", "sks dog",
           "--steps", "2", "--height", "32", "--width", "32", "--output", str(tmp_path / "out"), "--device", "cpu"])
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["a_photo_of_sks_dog-0.png"]
+
+
+@pytest.mark.parametrize("key,family", [("double_blocks.0.img_attn.qkv.weight", "Flux.1"),
+                                        ("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "SD3/3.5")])
+def test_dit_single_file_is_refused_with_its_family(key, family, tmp_path):
+    from safetensors.torch import save_file
+
+    from lora_diffusion.generate import ModelLoadError
+
+    path = tmp_path / "model.safetensors"
+    save_file({key: torch.zeros(2, 2)}, str(path))
+    with pytest.raises(ModelLoadError, match=f"a {re.escape(family)} single-file checkpoint"):
+        load_pipeline(path)
