@@ -208,3 +208,23 @@ def test_flux_tlora_learns_the_image(flux_model, subject, tmp_path):  # noqa: F8
     ld.load_adapter(pipe, res.outputs["canonical"])
     after = flow_probe_loss(pipe, subject)
     assert after < 0.85 * before, (before, after)  # measured: 1.740 -> 1.352
+
+
+def test_family_unknown_before_loading_is_settled_by_the_pipeline(flux_model, subject, tmp_path, monkeypatch):  # noqa: F811
+    """An uncached hub id has no model_index.json to read beforehand: the family is guessed from the name, and the
+    loaded pipeline corrects it with the defaults that follow (not SD's targets)."""
+    import lora_diffusion.families as fam
+    from training.config import guess_family, resolve_defaults
+    from training.objectives import FlowMatchingObjective
+
+    assert [guess_family(s) for s in ("black-forest-labs/FLUX.1-dev", "stabilityai/stable-diffusion-3.5-medium",
+                                       "stabilityai/stable-diffusion-xl-base-1.0", None)] == ["flux", "sd3", "sd", "sd"]
+    monkeypatch.setattr(fam, "detect_family", lambda source: None)
+    (tmp_path / "some-model").symlink_to(flux_model)  # a name that says nothing
+    cfg = resolve_defaults(tiny_config(tmp_path / "some-model", subject, tmp_path), ld.variant_names())
+    assert cfg.model.model_family == "sd" and cfg.adapter.targets == "unet-attn"
+    run = build(tiny_config(tmp_path / "some-model", subject, tmp_path / "out"))
+    assert run.cfg.model.model_family == "flux" and run.cfg.adapter.targets == "dit-attn"
+    assert isinstance(run.objective, FlowMatchingObjective) and run.cfg.flow.weighting_scheme == "uniform"
+    with pytest.raises(ConfigError, match="--model_family sd3: the model .* is a FluxPipeline"):  # named: no guess
+        build(tiny_config(tmp_path / "some-model", subject, tmp_path / "o2", model_family="sd3"))

@@ -488,7 +488,9 @@ def resolve_family(cfg: TLoRAConfig) -> None:
     if m.model_family == "auto":
         from lora_diffusion.families import detect_family
 
-        m.model_family = detect_family(m.pretrained_model_name_or_path) or "sd"
+        src = m.pretrained_model_name_or_path
+        m.model_family = detect_family(src) or guess_family(src)
+        cfg.model.__dict__[GUESSED] = m.model_family  # checked, and its defaults redone, once the pipeline loads
     if m.drop_t5 and m.model_family != "sd3":
         raise ConfigError(f"--drop_t5: SD3 only (Flux needs its T5 encoder); the model is {m.model_family}")
     if f.weighting_scheme is None:
@@ -497,6 +499,32 @@ def resolve_family(cfg: TLoRAConfig) -> None:
         raise ConfigError(f"--flow_shift: expected > 0, found {f.flow_shift}")
     if f.logit_std <= 0:
         raise ConfigError(f"--logit_std: expected > 0, found {f.logit_std}")
+
+
+GUESSED = "_family_auto"  # ModelArgs instance attribute: the family --model_family auto settled on before loading
+
+
+def guess_family(source: str | None) -> str:
+    """Without a readable model_index.json (an uncached hub id, a single file, the demo model): from the name."""
+    s = str(source or "").lower()
+    return "flux" if "flux" in s else "sd3" if ("stable-diffusion-3" in s or "sd3" in s) else "sd"
+
+
+def settle_family(cfg: TLoRAConfig, found: str) -> bool:
+    """After loading, with --model_family auto: a family told before loading that the pipeline contradicts (a guess
+    from the name) is replaced, with the defaults that depend on it (targets, σ sampling) redone; True if changed."""
+    m, a = cfg.model, cfg.adapter
+    before = m.__dict__.get(GUESSED)
+    if before is None or before == found or {before, found} <= {"sd", "sdxl"}:
+        return False
+    if a.targets == ("" if a.variant == NO_ADAPTER else default_targets(a.variant, False, before)):
+        a.targets = "" if a.variant == NO_ADAPTER else default_targets(a.variant, False, found)
+    if cfg.flow.weighting_scheme == ("logit_normal" if before == "sd3" else "uniform"):
+        cfg.flow.weighting_scheme = None
+    m.model_family = found
+    resolve_family(cfg)
+    log.info("--model_family auto: the model is %s (guessed %s from its name); targets %s", found, before, a.targets)
+    return True
 
 
 def _resolve_init_adapter(a: AdapterArgs) -> None:

@@ -21,7 +21,7 @@ from lora_diffusion.generate import _slug, generate, install_timestep_hook, load
 from lora_diffusion.io import embeddings as emb_io
 
 from . import lora_drop
-from .config import NO_ADAPTER, ConfigError, TLoRAConfig, with_rank_spec
+from .config import NO_ADAPTER, ConfigError, TLoRAConfig, settle_family, with_rank_spec
 from .data import (
     DataError,
     ExampleSampler,
@@ -106,6 +106,8 @@ def load_base(cfg: TLoRAConfig) -> Any:
                          m.pretrained_vae_model_name_or_path, components=drop)
     pipe.set_progress_bar_config(disable=True)
     found = family_of(pipe).name
+    if settle_family(cfg, found):  # --model_family auto guessed from the name: the loaded pipeline says
+        check_flow_options(cfg)
     if found != m.model_family and not (found in ("sd", "sdxl") and m.model_family in ("sd", "sdxl")):
         raise ConfigError(f"--model_family {m.model_family}: the model '{m.pretrained_model_name_or_path}' is a "
                           f"{type(pipe).__name__} ({found}); pass --model_family {found} or auto")
