@@ -228,3 +228,12 @@ def test_family_unknown_before_loading_is_settled_by_the_pipeline(flux_model, su
     assert isinstance(run.objective, FlowMatchingObjective) and run.cfg.flow.weighting_scheme == "uniform"
     with pytest.raises(ConfigError, match="--model_family sd3: the model .* is a FluxPipeline"):  # named: no guess
         build(tiny_config(tmp_path / "some-model", subject, tmp_path / "o2", model_family="sd3"))
+
+
+@pytest.mark.parametrize("fixture", FAMILY_FIXTURES)
+def test_bf16_run_with_validation_images(fixture, request, subject, tmp_path):  # noqa: F811
+    """Frozen transformer and text encoders in bf16 (adapters fp32), validation images drawn by the stock pipeline."""
+    res = train(tiny_config(request.getfixturevalue(fixture), subject, tmp_path, max_train_steps=2,
+                            mixed_precision="bf16", validation_prompts="a photo of {0}"))
+    assert all(math.isfinite(v) for v in res.losses)
+    assert [p.name for p in (tmp_path / "samples" / "step-2").iterdir()] == ["a_photo_of_sks_dog-0.png"]
