@@ -203,6 +203,8 @@ def ci95(per_seed: list[list[float]], n_boot: int = 2000, rng_seed: int = 0) -> 
 
 def table(results: list[dict[str, Any]], split: str) -> list[str]:
     conds = [c for c in ORDER if all(c in r[split] for r in results)]
+    if not conds:
+        return []
     tasks = sorted(results[0][split][conds[0]])
     lines = [f"| {split} ({len(tasks)} tasks, {len(results)} seeds) | exact answer % [95% CI] | answer CE | "
              + " | ".join(tasks) + " |", "|" + "---|" * (3 + len(tasks))]
