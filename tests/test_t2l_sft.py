@@ -173,6 +173,8 @@ def test_cli_library_then_recon(tiny_folder, tmp_path):
     cli(tiny_folder, tmp_path / "lib", "--mode", "library", "--steps", "2", "--rank", "2", "--alpha", "4")
     files = sorted(p.stem for p in (tmp_path / "lib").glob("*.safetensors"))
     assert files == sorted(t.name for t in TASKS if t.name not in HELD_OUT)
+    with pytest.raises(FileExistsError, match="uppercase.safetensors"):  # refused before any training
+        cli(tiny_folder, tmp_path / "lib", "--mode", "library", "--steps", "2", "--rank", "2", "--alpha", "4")
     path = cli(tiny_folder, tmp_path / "r", "--mode", "recon", "--library", str(tmp_path / "lib"), "--steps", "5",
                "--rank", "2", "--alpha", "4")
     T2L.load(path, load_causal_lm(str(tiny_folder))[0])

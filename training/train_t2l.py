@@ -225,7 +225,9 @@ def run(cfg: RunConfig) -> Path:
     if cfg.mode not in MODES:
         raise ValueError(f"--mode {cfg.mode!r}: expected one of {list(MODES)}")
     out = Path(cfg.out)
-    check_out(out, cfg, [HYPER_FILE, "log.json"] if cfg.mode != "library" else ["library.json"])
+    train_names = [t.name for t in t2l_tasks.split_tasks()[0]]
+    check_out(out, cfg, [HYPER_FILE, "log.json"] if cfg.mode != "library"
+              else ["library.json", *(f"{t}.safetensors" for t in train_names)])  # before any training
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model, tok, emb, hc = build(cfg)
