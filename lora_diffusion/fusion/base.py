@@ -54,14 +54,22 @@ class Combiner(nn.Module):
         self.names = list(names)
         self.record = False
         self.trace: list[tuple[torch.Tensor | None, torch.Tensor]] = []  # (timestep, strength per name)
+        self._split: tuple[list[str], list[str], list[str]] | None = None
+
+    def split(self, layer: AdaptedLayer) -> tuple[list[str], list[str]]:
+        """(this fusion's adapters running on the layer, the layer's other running adapters): set lookups, cached
+        until the layer's running list changes (a library of 1000 adapters: no O(n²) list scans per call)."""
+        if self._split is None or self._split[0] is not layer._run:
+            run, mine = set(layer._run), set(self.names)
+            self._split = (layer._run, [n for n in self.names if n in run], [n for n in layer._run if n not in mine])
+        return self._split[1], self._split[2]
 
     def forward(self, layer: AdaptedLayer, x: torch.Tensor, y0: torch.Tensor, ctx: CallContext) -> torch.Tensor:
-        present = [n for n in self.names if n in layer._run]
+        present, others = self.split(layer)
         ys = {n: layer.adapter_output(n, x, y0, ctx) for n in present}
         out, strengths = self.combine(layer, y0, ys, ctx)
-        for n in layer._run:  # adapters active on the layer but not part of this fusion: plain sum
-            if n not in ys:
-                out = out + layer.adapter_output(n, x, y0, ctx)
+        for n in others:  # adapters active on the layer but not part of this fusion: plain sum
+            out = out + layer.adapter_output(n, x, y0, ctx)
         if self.record and not torch.is_grad_enabled():
             zero = y0.new_zeros((), dtype=torch.float32)
             vec = torch.stack([strengths[n].detach().float().mean() if n in strengths else zero for n in self.names])

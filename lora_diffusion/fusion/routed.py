@@ -145,9 +145,8 @@ class RoutedCombiner(Combiner):
             self.scale = self.s * user
         delta = apply_route(self.B, self.scale, route, x2.shape[0])  # (T, out)
         out = y0 + delta.view(*y0.shape[:-1], -1).to(y0.dtype)
-        for n in layer._run:  # adapters active on the layer but not routed here: plain sum
-            if n not in self.names:
-                out = out + layer.adapter_output(n, x, y0, ctx)
+        for n in self.split(layer)[1]:  # adapters active on the layer but not routed here: plain sum
+            out = out + layer.adapter_output(n, x, y0, ctx)
         if self.record and not torch.is_grad_enabled():
             self._record(route, ctx)
         return out
