@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import embeddings as emb
+from .core import mixtures
 from .core.context import CallContext
 from .core.errors import AdapterError, AdapterFileError
 from .core.layer import AdaptedLayer
@@ -183,9 +184,7 @@ def save_adapter(model_or_pipeline: Any, path: str | os.PathLike, name: str = "d
         raise AdapterError(f"save_adapter: format {format!r}; expected one of {list(formats.FORMATS)}")
     if format != "canonical":
         for m in components(model_or_pipeline).values():
-            if name in moa_mixtures(m):
-                raise AdapterError(f"adapter '{name}' is a mixture (MoA): only the canonical file holds its router and "
-                                   f"extra experts; format {format!r} would keep the LoRA experts alone")
+            mixtures.refuse_export(m, name, format)
         return _save_external(model_or_pipeline, Path(path), name, meta, format)
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, canonical.ComponentEntry] = {}
@@ -206,11 +205,10 @@ def save_adapter(model_or_pipeline: Any, path: str | os.PathLike, name: str = "d
     family = model_family(model_or_pipeline)
     if family:
         meta.setdefault("base_model_family", family)
-    for comp, model in components(model_or_pipeline).items():  # a mixture's router and extra experts (MoA)
-        mix = moa_mixtures(model).get(name)
-        if mix is not None:
-            tensors.update({f"{comp + '.' if comp else ''}moa.{k}": v for k, v in mix.state().items()})
-            meta.update(mix.metadata())
+    for comp, model in components(model_or_pipeline).items():  # a model-level mixture's part (MoA's routers, ...)
+        extra, extra_meta = mixtures.saved_state(model, name, f"{comp}." if comp else "")
+        tensors.update(extra)
+        meta.update(extra_meta)
     if entries:
         main = next(iter(entries.values())).spec
         alpha = main.alpha if main.alpha is not None else main.rank
@@ -459,34 +457,17 @@ def _load_canonical(model_or_pipeline: Any, path: Path, loaded: tuple[dict[str, 
             model = _target(model_or_pipeline, comp, entry.model_class, str(path))
             inject(model, entry.spec, name, scale, module_names=entry.modules)
             done.append(model)
-            sd = canonical.split_component(tensors, comp) if len(entries) > 1 or comp else tensors
-            moa = {k[len("moa."):]: sd.pop(k) for k in [k for k in sd if k.startswith("moa.")]} if "moa" in meta else {}
+            sd = dict(canonical.split_component(tensors, comp) if len(entries) > 1 or comp else tensors)
+            extra = mixtures.split_state(sd, meta)  # a model-level mixture's part (MoA's routers, ...)
             load_adapter_state_dict(model, name, sd, str(path), assign=True)
             _set_trainable(model, name, trainable)
-            if "moa" in meta:  # MoA's routers and extra experts, rebuilt on its loaded LoRA experts
-                from .fusion.moa import load_moa_state  # above api in the layering: imported when a file needs it
-
-                load_moa_state(model, name, moa, meta, str(path), trainable)
+            mixtures.install(model, name, extra, meta, str(path), trainable)  # rebuilt on its loaded LoRA experts
     except BaseException:
         for model in done:
+            mixtures.remove(model, [name])
             remove(model, [name])
         raise
     return name
-
-
-MOA_ATTR = "_lora_moa"  # model.__dict__[MOA_ATTR]: {adapter name: MoA} (set by fusion/moa.py, above this layer)
-
-
-def moa_mixtures(model: nn.Module) -> dict[str, Any]:
-    """The MoA mixtures installed on ``model`` by adapter name (their routers and extra experts)."""
-    return model.__dict__.get(MOA_ATTR, {})
-
-
-def _refuse_mixture_merge(model: nn.Module, names: Sequence[str]) -> None:
-    mixed = [n for n in names if n in moa_mixtures(model)]
-    if mixed:
-        raise AdapterError(f"adapter(s) {mixed} are token-routed mixtures (MoA): their experts are weighted per token, "
-                           "so they cannot be merged into the base weights")
 
 
 # --- switching, merging, removing ---
@@ -536,11 +517,15 @@ def merge_adapters(model_or_pipeline: Any, names: Sequence[str] | None = None) -
     """Fold the active (or named) adapters into the base weights; ``unmerge_adapters`` undoes it exactly."""
     if names is not None:
         _require(model_or_pipeline, *names)
-    for m in components(model_or_pipeline).values():
-        _refuse_mixture_merge(m, list_adapters(m) if names is None else names)
+    for m in components(model_or_pipeline).values():  # None: the active adapters are merged
+        mixtures.refuse_merge(m, _active(m) if names is None else names)
     for m in components(model_or_pipeline).values():
         for _, layer in adapted_layers(m):
             layer.merge(None if names is None else [n for n in names if n in layer.adapters])
+
+
+def _active(model: nn.Module) -> list[str]:
+    return list(dict.fromkeys(n for _, layer in adapted_layers(model) for n in layer.active))
 
 
 def unmerge_adapters(model_or_pipeline: Any) -> None:
@@ -557,11 +542,8 @@ def remove_adapters(model_or_pipeline: Any, names: Sequence[str] | None = None, 
         present = adapter_names(m)
         here = present if names is None else [n for n in names if n in present]
         if merge:
-            _refuse_mixture_merge(m, here)
-        for n in here:  # a mixture's router and hooks go with its experts
-            mix = moa_mixtures(m).get(n)
-            if mix is not None:
-                mix.remove()
+            mixtures.refuse_merge(m, here)
+        mixtures.remove(m, here)  # a mixture's router and hooks go with its experts
         if here:
             remove(m, here, merge=merge)
     if not isinstance(model_or_pipeline, nn.Module):  # placeholder tokens: tokenizer and embeddings restored

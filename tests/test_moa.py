@@ -153,3 +153,23 @@ def test_train_llm_mixture_moa_trains_saves_and_chats(tmp_path, capsys):
     with pytest.raises(Exception, match="--merge with --mixture moa"):
         train_llm.main(["--model", str(folder), "--train_file", str(TRAIN), "--output_dir", str(tmp_path / "x"),
                         "--mixture", "moa", "--merge"])
+
+
+def test_merge_refuses_only_the_mixture(tmp_path):
+    """MoA is a model-level mixture (core/mixtures.py): merging refuses it by name, not every other adapter with it."""
+    from lora_diffusion.core import mixtures
+
+    model, _ = llm.load_causal_lm(make_tiny_folder(tmp_path / "m"))
+    add_moa(model, MoAConfig(rank=4), name="moa")
+    ld.add_adapter(model, ld.AdapterSpec(rank=2, targets=["gate_proj"]), "plain")
+    assert mixtures.model_mixtures(model)["moa"].kind == "moa" and "moa" in mixtures.KINDS
+    with pytest.raises(AdapterError, match=r"\['moa'\] are mixtures \(MoA\).*cannot be merged"):
+        ld.merge_adapters(model, ["plain", "moa"])
+    with pytest.raises(AdapterError, match="cannot be merged"):
+        ld.remove_adapters(model, ["moa"], merge=True)
+    assert get_moa(model, "moa") is not None and ld.list_adapters(model) == ["moa", "plain"]  # nothing changed
+    ld.set_adapters(model, ["plain"])
+    ld.merge_adapters(model)  # only the active plain LoRA is merged
+    ld.unmerge_adapters(model)
+    ld.remove_adapters(model, ["plain"], merge=True)
+    assert ld.list_adapters(model) == ["moa"] and get_moa(model, "moa") is not None

@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..api import MOA_ATTR as MIXTURE_ATTR  # model.__dict__[MIXTURE_ATTR]: {adapter name: MoA}
-from ..api import moa_mixtures
+from ..core import mixtures
 from ..core.context import CallContext
 from ..core.errors import AdapterError, AdapterFileError
 from ..core.layer import AdaptedLayer
+from ..core.walk import walk_modules
 from .base import Combiner
 
 PAPER = "https://arxiv.org/abs/2506.05928"
@@ -175,7 +175,7 @@ class MoACombiner(Combiner):
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Llama-style decoder blocks (``BLOCK_PARTS`` and self_attn.{q,k,v,o}_proj), in order; an error if none."""
-    found = [(n, m) for n, m in model.named_modules()
+    found = [(n, m) for n, m in walk_modules(model)
              if all(hasattr(m, p) for p in BLOCK_PARTS)
              and all(hasattr(m.self_attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))]
     if not found:
@@ -185,7 +185,10 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 class MoA:
-    """Handle of one MoA installed on a model under adapter ``name``: blocks, hooks, combiners."""
+    """Handle of one MoA installed on a model under adapter ``name``: blocks, hooks, combiners (a model-level
+    mixture, ``core/mixtures.py``: saved, loaded, refused for merging and removed with its LoRA experts)."""
+
+    kind = META_KEY
 
     def __init__(self, model: nn.Module, name: str, cfg: MoAConfig) -> None:
         self.model, self.name, self.cfg = model, name, cfg
@@ -211,7 +214,7 @@ class MoA:
             parent = self.model.get_submodule(bn)
             if hasattr(parent, f"moa_{self.name}"):
                 delattr(parent, f"moa_{self.name}")
-        moa_mixtures(self.model).pop(self.name, None)
+        mixtures.detach(self.model, self.name)
         self.handles, self.layers, self.blocks = [], [], {}
 
 
@@ -224,7 +227,7 @@ def _install_block(moa: MoA, bname: str, block: nn.Module, mb: MoABlock) -> None
         mb.w = mb.route(out)
 
     moa.handles.append(block.input_layernorm.register_forward_hook(on_norm))
-    for sub, mod in block.named_modules():
+    for sub, mod in walk_modules(block):
         if isinstance(mod, AdaptedLayer) and moa.name in mod.adapters:
             e = next(i for i, t in enumerate(cfg.targets) if sub == t or sub.endswith("." + t))
             mod.set_combiner(MoACombiner(moa.name, mb, e))
@@ -265,7 +268,7 @@ def install_moa(model: nn.Module, name: str, cfg: MoAConfig) -> MoA:
             mb = MoABlock(cfg, hidden, max(heads, 1), torch.float32 if ref.dtype in (torch.float16, torch.bfloat16)
                           else ref.dtype).to(ref.device)
             _install_block(moa, bname, block, mb)
-    model.__dict__.setdefault(MIXTURE_ATTR, {})[name] = moa
+    mixtures.attach(model, name, moa)
     return moa
 
 
@@ -289,7 +292,8 @@ def add_moa(model: nn.Module, cfg: MoAConfig | None = None, name: str = "default
 
 
 def get_moa(model: nn.Module, name: str = "default") -> MoA | None:
-    return moa_mixtures(model).get(name)
+    moa = mixtures.model_mixtures(model).get(name)
+    return moa if isinstance(moa, MoA) else None
 
 
 def load_moa_state(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, str],
@@ -314,3 +318,8 @@ def load_moa_state(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]
     for p in moa.parameters():
         p.requires_grad_(trainable)
     return moa
+
+
+mixtures.register_mixture_kind(mixtures.MixtureKind(
+    META_KEY, "MoA", holds="its router and extra experts",
+    why_unmergeable="their experts are weighted per token (token-routed)", load=load_moa_state))
