@@ -10,6 +10,10 @@ of them alike; the median of ``--reps`` calls is reported. Ratios (targets from 
 
 - gated / static unfused <= 1.3 (gated: with the per-role terms, the default; gated_shared: ``per_role=False``,
   the paper's gate);  static unfused / diffusers set_adapters <= 1.0;  fused / base within 3%.
+
+Also measured in each k block: ``lora-1`` (the first LoRA alone: the single-LoRA model) and ``mole`` (MoLE gates,
+untrained); ``--memory`` adds the peak memory of one call per configuration (``benchmarks/bench_mixtures.py`` reads
+these as ratios to ``lora-1``).
 """
 
 from __future__ import annotations
@@ -27,13 +31,17 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+for _p in (ROOT, ROOT / "benchmarks"):  # procmem by file: a site-packages 'benchmarks' package may shadow ours
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+from procmem import reset_hwm, rss_kib, trim  # noqa: E402
 
 import lora_diffusion as ld  # noqa: E402
 from lora_diffusion.fusion import fuse, unfuse  # noqa: E402
 
 log = logging.getLogger("bench_fusion")
 NAMES = ("ring", "dotted", "heart")
+CONFIGS = ("base", "lora-1", "fused", "static", "diffusers", "gated", "gated_shared", "klora", "scheduled", "mole")
 PROMPT = "a red dotted ring on a blue background"
 
 
@@ -68,10 +76,30 @@ def configs(k: int, ours: Any, ref: Any) -> dict[str, tuple[Any, Any]]:
         ref.enable_lora()
         ref.set_adapters(names, [1.0] * k)
 
-    return {"base": (ours, base), "fused": (ours, our("static", fuse=True)), "static": (ours, our("static")),
-            "diffusers": (ref, diffusers), "gated": (ours, our("gated")),
-            "gated_shared": (ours, our("gated", per_role=False)), "klora": (ours, our("klora"))
-            if k == 2 else None, "scheduled": (ours, our("scheduled"))}
+    def one():
+        unfuse(ours)
+        ld.set_adapters(ours, names[:1])
+
+    return {"base": (ours, base), "lora-1": (ours, one), "fused": (ours, our("static", fuse=True)),
+            "static": (ours, our("static")), "diffusers": (ref, diffusers), "gated": (ours, our("gated")),
+            "gated_shared": (ours, our("gated", per_role=False)), "klora": (ours, our("klora")) if k == 2 else None,
+            "scheduled": (ours, our("scheduled")), "mole": (ours, our("mole")) if k >= 2 else None}
+
+
+def peak_mib(pipe: Any, args: argparse.Namespace) -> float | None:
+    """Peak memory of one call above the memory before it (CPU: VmRSS/VmHWM; CUDA: max allocated)."""
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        call(pipe, args)
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    trim()
+    before = rss_kib("VmRSS")
+    if before is None or not reset_hwm():
+        return None
+    call(pipe, args)
+    return (rss_kib("VmHWM") - before) / 1024
 
 
 def build(args: argparse.Namespace, tmp: Path) -> tuple[Any, Any]:
@@ -90,11 +118,13 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[Any, Any]:
 
 
 def measure(args: argparse.Namespace) -> dict[int, dict[str, float]]:
+    """{k: {config: median seconds per call}}; with ``args.memory`` also ``<config>/peak_mib`` (one call each)."""
     out: dict[int, dict[str, float]] = {}
+    keep = set(args.configs.split(",")) if args.configs else None
     with tempfile.TemporaryDirectory() as tmp:
         ours, ref = build(args, Path(tmp))
-        for k in (1, 2, 3):
-            cfgs = {n: c for n, c in configs(k, ours, ref).items() if c is not None}
+        for k in (int(x) for x in args.ks.split(",")):
+            cfgs = {n: c for n, c in configs(k, ours, ref).items() if c is not None and (keep is None or n in keep)}
             times: dict[str, list[float]] = {n: [] for n in cfgs}
             for rep in range(args.reps + 1):  # the first round warms up
                 for n, (pipe, setup) in cfgs.items():
@@ -106,25 +136,34 @@ def measure(args: argparse.Namespace) -> dict[int, dict[str, float]]:
                         ref.disable_lora()
                 unfuse(ours)
             out[k] = {n: statistics.median(v) for n, v in times.items()}
-            log.info("k=%d: %s", k, ", ".join(f"{n} {1000 * v:.0f} ms" for n, v in out[k].items()))
+            for n, (pipe, setup) in cfgs.items() if args.memory else ():
+                setup()
+                out[k][f"{n}/peak_mib"] = peak_mib(pipe, args)
+                if pipe is ref:
+                    ref.disable_lora()
+                unfuse(ours)
+            log.info("k=%d: %s", k, ", ".join(f"{n} {1000 * v:.0f} ms" for n, v in out[k].items() if "/" not in n))
     return out
 
 
 def table(res: dict[int, dict[str, float]], args: argparse.Namespace) -> str:
-    cols = ["base", "fused", "static", "diffusers", "gated", "gated_shared", "klora", "scheduled"]
-    lines = ["| k | " + " | ".join(f"{c} ms" for c in cols) + " | gated/static (<= 1.3) | gated_shared/static | static/diffusers "
-             "(<= 1.0) | fused/base (1 +- 0.03) |", "|---|" + "---|" * (len(cols) + 4)]
+    cols = ["base", "lora-1", "fused", "static", "diffusers", "gated", "gated_shared", "klora", "scheduled", "mole"]
+    lines = ["| k | " + " | ".join(f"{c} ms" for c in cols) + " | gated/static (<= 1.3) | gated_shared/static | "
+             "static/diffusers (<= 1.0) | fused/base (1 +- 0.03) |", "|---|" + "---|" * (len(cols) + 4)]
+
+    def ratio(r: dict[str, float], a: str, b: str, fmt: str = ".2f") -> str:
+        return f"{r[a] / r[b]:{fmt}}" if a in r and b in r else "-"
+
     for k, r in res.items():
         ms = " | ".join(f"{1000 * r[c]:.0f}" if c in r else "-" for c in cols)
-        lines.append(f"| {k} | {ms} | {r['gated'] / r['static']:.2f} | {r['gated_shared'] / r['static']:.2f} | "
-                     f"{r['static'] / r['diffusers']:.2f} | "
-                     f"{r['fused'] / r['base']:.3f} |")
+        lines.append(f"| {k} | {ms} | {ratio(r, 'gated', 'static')} | {ratio(r, 'gated_shared', 'static')} | "
+                     f"{ratio(r, 'static', 'diffusers')} | {ratio(r, 'fused', 'base', '.3f')} |")
     lines.append(f"\n{args.steps} steps, {args.size}x{args.size} px, CFG (UNet batch 2), {args.dtype}, {args.device}, "
                  f"torch threads {torch.get_num_threads()}, median of {args.reps} interleaved calls")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--library", default=str(ROOT / "outputs" / "demo_library"))
     p.add_argument("--steps", type=int, default=20)
@@ -133,8 +172,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ks", default="1,2,3", help="numbers of LoRAs blended, comma-separated")
+    p.add_argument("--configs", default="", help=f"a comma-separated subset of {', '.join(CONFIGS)} (default: all)")
+    p.add_argument("--memory", action="store_true", help="also the peak memory of one call per configuration")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_fusion.json")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("lora_diffusion", "diffusers", "peft"):
         logging.getLogger(name).setLevel(logging.ERROR)
