@@ -173,3 +173,18 @@ def test_merge_refuses_only_the_mixture(tmp_path):
     ld.unmerge_adapters(model)
     ld.remove_adapters(model, ["plain"], merge=True)
     assert ld.list_adapters(model) == ["moa"] and get_moa(model, "moa") is not None
+
+
+def test_switching_the_experts_off_switches_the_whole_moa(tmp_path):
+    """disable_adapters / set_adapters without the MoA leave the base model exactly: its prompt and parallel adapter
+    experts (hooks on the blocks, not adapted layers) follow its LoRA experts."""
+    model, _ = llm.load_causal_lm(make_tiny_folder(tmp_path / "m"))
+    base = _logits(model)
+    add_moa(model, MoAConfig(rank=4), name="moa")
+    _perturb_all(model)
+    on = _logits(model)
+    assert not torch.allclose(on, base)
+    ld.disable_adapters(model)
+    assert torch.equal(_logits(model), base)
+    ld.set_adapters(model, ["moa"])
+    assert torch.equal(_logits(model), on)

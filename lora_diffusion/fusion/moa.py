@@ -199,6 +199,11 @@ class MoA:
     def parameters(self) -> list[nn.Parameter]:
         return [p for b in self.blocks.values() for p in b.parameters()]
 
+    @property
+    def active(self) -> bool:
+        """On while its LoRA experts are active (``set_adapters``, ``disable_adapters`` switch the whole MoA)."""
+        return not self.layers or self.name in self.layers[0].active
+
     def state(self) -> dict[str, torch.Tensor]:
         return {f"{bn}.{k}": v.detach() for bn, b in self.blocks.items() for k, v in b.state_dict().items()}
 
@@ -224,7 +229,7 @@ def _install_block(moa: MoA, bname: str, block: nn.Module, mb: MoABlock) -> None
     moa.blocks[bname] = mb
 
     def on_norm(_m, _args, out):
-        mb.w = mb.route(out)
+        mb.w = mb.route(out) if moa.active else None
 
     moa.handles.append(block.input_layernorm.register_forward_hook(on_norm))
     for sub, mod in walk_modules(block):
@@ -234,7 +239,8 @@ def _install_block(moa: MoA, bname: str, block: nn.Module, mb: MoABlock) -> None
             moa.layers.append(mod)
     if cfg.adapter_size:
         e_a = experts.index("adapter")
-        moa.handles.append(block.mlp.register_forward_hook(lambda _m, args, out: out + mb.adapter_out(args[0], e_a)))
+        moa.handles.append(block.mlp.register_forward_hook(
+            lambda _m, args, out: out + mb.adapter_out(args[0], e_a) if mb.w is not None else None))
     if cfg.use_prompt:
         e_p, attn = experts.index("prompt"), block.self_attn
 
@@ -245,6 +251,8 @@ def _install_block(moa: MoA, bname: str, block: nn.Module, mb: MoABlock) -> None
             mb._q = out
 
         def on_o(_m, args):
+            if mb.w is None:  # the MoA is off
+                return None
             return (args[0] + mb.prompt_out(attn, e_p).to(args[0].dtype), *args[1:])
 
         moa.handles += [attn.register_forward_pre_hook(on_attn, with_kwargs=True),
