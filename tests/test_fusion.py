@@ -270,6 +270,12 @@ def test_stacked_gate_combiner_equals_the_formula(shape, k, per_sample_t, per_ro
     got, _ = c.combine(None, y0, ys, CallContext(timestep=t))  # with autograd: no in-place ops
     got.sum().backward()
     assert close(got.detach(), want, 1e-5) and all(p.grad is not None for p in c.parameters())
+    with torch.no_grad():  # terms folded at inference are refreshed when a parameter changes
+        for p in c.parameters():
+            p.add_(0.1)
+        got, _ = c.combine(None, y0, ys, CallContext(timestep=t))
+    roles_i = [ROLES.index(roles[n]) for n in ys] if per_role else None
+    assert close(got, _reference_gate(c, y0, list(ys.values()), t, roles=roles_i), 1e-5)
 
 
 def _random_gates(fusion, seed: int = 0, scale: float = 0.5) -> None:

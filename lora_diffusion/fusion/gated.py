@@ -67,6 +67,7 @@ class GateCombiner(Combiner):
         self.per_role = per_role
         self.role_of = {n: ROLES.index((roles or {}).get(n, "other")) for n in names}
         self._index: dict[tuple[str, ...], torch.Tensor] = {}  # role indices per set of present LoRAs
+        self._folded_cache: dict[tuple, tuple] = {}  # inference: the folded per-LoRA terms (see _folded)
         if per_role:
             self.b_role = nn.Parameter(torch.zeros(len(ROLES), channels))  # β_r
             self.u_role = nn.Parameter(torch.zeros(len(ROLES), 2 * time_features))  # υ_r
@@ -91,26 +92,40 @@ class GateCombiner(Combiner):
             idx = self._index[names] = torch.tensor([self.role_of[n] for n in names], device=self.b.device)
         return idx
 
-    def _role_terms(self, idx: torch.Tensor, ctx: CallContext, y0l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(β_{r_i} + υ_{r_i}·φ(t), ω_{r_i}) per present LoRA, shaped to broadcast over the stack (k, B, ..., C)."""
-        k, ones = len(idx), [1] * (y0l.dim() - 1)
-        beta = self._cast(self.b_role[idx], y0l).view(k, *ones, -1)  # (k, 1.., C)
-        omega = self._cast(self.w_out_role[idx], y0l).view(k, *ones, -1)
+    def _folded(self, names: tuple[str, ...], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per present LoRA: b + β_{r_i} (k, C), u + υ_{r_i} (k, 2K), w_out + ω_{r_i} (k, C). Without autograd they
+        are kept until a parameter changes (its version or storage), so sampling folds them once, not per call."""
+        params = (self.b, self.u, self.w_out, self.b_role, self.u_role, self.w_out_role)
+        version = tuple((q._version, q.data_ptr()) for q in params)
+        key = (names, like.dtype)
+        hit = self._folded_cache.get(key)
+        if hit is not None and hit[0] == version and not torch.is_grad_enabled():
+            return hit[1]
+        idx = self._roles(names)
+        out = (self._cast(self.b + self.b_role[idx], like), self.u + self.u_role[idx],
+               self._cast(self.w_out + self.w_out_role[idx], like))
+        if not torch.is_grad_enabled():
+            self._folded_cache[key] = (version, out)
+        return out
+
+    def _role_bias(self, bk: torch.Tensor, uk: torch.Tensor, ctx: CallContext, y0l: torch.Tensor) -> torch.Tensor:
+        """b + β_{r_i} + (u + υ_{r_i})·φ(t) per present LoRA: (k, 1.., C), or (k, B, 1.., C) with per-sample t."""
+        k, ones = len(bk), [1] * (y0l.dim() - 1)
+        bias = bk.view(k, *ones, -1)
         phi = time_features(ctx, self.time_features)
-        if phi is not None:
-            s = (phi if phi.device == self.u.device else phi.to(self.u.device)) @ self.u_role[idx].T  # (k,) or (B, k)
-            s = s.view(k, *([1] * y0l.dim())) if s.dim() == 1 else s.T.reshape(k, -1, *([1] * (y0l.dim() - 1)))
-            beta = beta + self._cast(s, y0l)
-        return beta, omega
+        if phi is None:
+            return bias
+        s = (phi if phi.device == uk.device else phi.to(uk.device)) @ uk.T  # (k,) or (B, k)
+        s = s.view(k, *([1] * y0l.dim())) if s.dim() == 1 else s.T.reshape(k, -1, *ones)
+        return bias + self._cast(s, y0l)
 
     def _gates(self, normed: torch.Tensor, y0l: torch.Tensor, ctx: CallContext, inplace: bool,
-               role_bias: torch.Tensor | None = None) -> torch.Tensor:
-        """g (k, B, ..., C) from LN of [y0, y_1..y_k] stacked channels-last (k+1, B, ..., C)."""
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        """g (k, B, ..., C) from LN of [y0, y_1..y_k] stacked channels-last (k+1, B, ..., C); ``bias``: the
+        per-LoRA bias of the role path (else the shared b + u·φ(t))."""
         n0, ny = normed[0], normed[1:]
-        bias = self._bias(ctx, y0l)  # b + u·φ(t): (C,) or (B, 1.., C)
-        if role_bias is not None:  # + β_r + υ_r·φ(t), still small: (k, 1.., C) or (k, B, 1.., C)
-            bias = bias + role_bias
-        a = torch.addcmul(bias, self._cast(self.w_base, y0l), n0)  # w_base LN(y0) + the bias: (k or 1, B, .., C)
+        bias = self._bias(ctx, y0l) if bias is None else bias
+        a = torch.addcmul(bias, self._cast(self.w_base, y0l), n0)  # w_base LN(y0) + bias: (k or 1, B, .., C)
         c = torch.addcmul(self._cast(self.w_lora, y0l), self._cast(self.w_cross, y0l), n0)  # w_lora + w_cross LN(y0)
         pre = a.addcmul_(ny, c) if inplace and a.shape == ny.shape else torch.addcmul(a, ny, c)  # A + LN(y_i) * C
         return pre.sigmoid_() if inplace else pre.sigmoid()
@@ -123,33 +138,32 @@ class GateCombiner(Combiner):
         return last(y0), stacked, F.layer_norm(stacked, stacked.shape[-1:])
 
     def _terms(self, ys: dict[str, torch.Tensor], ctx: CallContext, y0l: torch.Tensor) -> tuple[Any, torch.Tensor]:
-        """(role bias or None, the output weight w_out (+ ω_{r_i}): (C,) or (k, 1.., C))."""
-        w_out = self._cast(self.w_out, y0l)
+        """(the per-LoRA bias or None, the output weight: w_out (C,), or w_out + ω_{r_i} (k, C) with roles)."""
         if not self.per_role:
-            return None, w_out
-        beta, omega = self._role_terms(self._roles(tuple(ys)), ctx, y0l)
-        return beta, w_out + omega
+            return None, self._cast(self.w_out, y0l)
+        bk, uk, wk = self._folded(tuple(ys), y0l)
+        return self._role_bias(bk, uk, ctx, y0l), wk
 
     def gates(self, y0: torch.Tensor, ys: dict[str, torch.Tensor], ctx: CallContext) -> dict[str, torch.Tensor]:
         """{name: g_i} (the shape of y_i)."""
         y0l, _, normed = self._stack(y0, list(ys.values()))
-        g = self._gates(normed, y0l, ctx, inplace=False, role_bias=self._terms(ys, ctx, y0l)[0])
+        g = self._gates(normed, y0l, ctx, inplace=False, bias=self._terms(ys, ctx, y0l)[0])
         return {n: gi if self.channel_dim == -1 else gi.movedim(-1, 1) for n, gi in zip(ys, g.unbind(0))}
 
     def combine(self, layer: AdaptedLayer, y0: torch.Tensor, ys: dict[str, torch.Tensor],
                 ctx: CallContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inplace = not torch.is_grad_enabled()
         y0l, stacked, normed = self._stack(y0, list(ys.values()))
-        role_bias, w_out = self._terms(ys, ctx, y0l)
-        g = self._gates(normed, y0l, ctx, inplace, role_bias)  # (k, B, ..., C)
-        if self.per_role:
-            g = g.mul_(w_out) if inplace else g * w_out  # (w_out + ω_{r_i}) g_i
-            weights = {n: g[i] for i, n in enumerate(ys)} if self.record else {}
-            gy = g.mul_(stacked[1:]) if inplace and not self.record else g * stacked[1:]
-            out = y0l + (gy[0] if len(ys) == 1 else gy.sum(0))
+        bias, w_out = self._terms(ys, ctx, y0l)
+        g = self._gates(normed, y0l, ctx, inplace, bias)  # (k, B, ..., C)
+        per_lora = w_out.dim() == 2  # (k, C): w_out + ω_{r_i}
+        weights = ({n: (w_out[i] if per_lora else w_out) * g[i] for i, n in enumerate(ys)} if self.record else {})
+        gy = g.mul_(stacked[1:]) if inplace and not self.record else g * stacked[1:]
+        if per_lora:  # y0 + Σ_i (w_out + ω_{r_i}) g_i y_i: k fused multiply-adds
+            out = torch.addcmul(y0l, gy[0], w_out[0])
+            for i in range(1, len(ys)):
+                out = out.addcmul_(gy[i], w_out[i]) if inplace else torch.addcmul(out, gy[i], w_out[i])
         else:
-            weights = {n: w_out * g[i] for i, n in enumerate(ys)} if self.record else {}  # only their means are kept
-            gy = g.mul_(stacked[1:]) if inplace and not self.record else g * stacked[1:]
             out = torch.addcmul(y0l, gy[0] if len(ys) == 1 else gy.sum(0), w_out)  # y0 + Σ w_out g_i y_i
         return (out if self.channel_dim == -1 else out.movedim(-1, 1)), weights
 
