@@ -29,7 +29,7 @@ from .inject.walker import adapted_layers, adapter_names, inject, model_state, r
 from .io import canonical, cloneofsimo, formats, tlora_official
 from .io import embeddings as emb_io
 from .io.bundle import FAMILY_NAMES, Bundle, Part, component_role, model_family, model_view
-from .io.detect import TRANSFORMER_FAMILIES, file_family
+from .io.detect import TRANSFORMER_FAMILIES, file_family, is_unet_file
 from .io.files import read_safetensors, single_thread, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -263,7 +263,7 @@ def _export_part(model: nn.Module, role: str, aname: str, name: str, fmt: str,
 def _save_external(obj: Any, path: Path, name: str, meta: dict[str, str], fmt: str) -> Path:
     parts, views, shared = _export_parts(obj, name, fmt)
     meta.setdefault("name", name)
-    unet = _role_targets(obj).get("unet")
+    unet = _role_targets(obj).get("unet") or _role_targets(obj).get("transformer")  # its config: SGM / DiT names
     bundled: dict[str, torch.Tensor] = {}
     if fmt == "kohya":  # sd-scripts' bundled embeddings; other formats get a separate embedding file
         bundled, emb_meta = emb_io.bundle_tensors(obj, _placeholders(obj, name))
@@ -372,8 +372,13 @@ def _role_targets(obj: Any) -> dict[str, nn.Module]:
     return components(obj)
 
 
-def _family_words(family: str) -> str:
-    return f"{FAMILY_NAMES[family]}, a transformer model" if family in TRANSFORMER_FAMILIES else FAMILY_NAMES[family]
+def _family_words(family: str, other: str | None = None) -> str:
+    """A family in words; a UNet family says so when the other side is a transformer."""
+    if family == "unet":
+        return "a UNet model (Stable Diffusion 1/2/XL-style)"
+    if family in TRANSFORMER_FAMILIES:
+        return FAMILY_NAMES[family] if family == "dit" else f"{FAMILY_NAMES[family]}, a transformer model"
+    return f"{FAMILY_NAMES[family]}, a UNet model" if other in TRANSFORMER_FAMILIES else FAMILY_NAMES[family]
 
 
 def _check_family(obj: Any, src: Path, loaded: tuple[dict[str, torch.Tensor], dict[str, str]]) -> None:
@@ -382,10 +387,15 @@ def _check_family(obj: Any, src: Path, loaded: tuple[dict[str, torch.Tensor], di
     tensors, meta = loaded
     want, have = file_family({k: tuple(v.shape) for k, v in tensors.items()}, meta), model_family(obj)
     has_unet = "unet" in _role_targets(obj) or "UNet" in type(obj).__name__
+    if have in TRANSFORMER_FAMILIES and want is None and is_unet_file(list(tensors)):
+        want = "unet"
+    if want == "dit" and have in TRANSFORMER_FAMILIES:
+        return  # a transformer_blocks-only file fits either; the shapes decide
     if want and have and want != have or want in TRANSFORMER_FAMILIES and has_unet:
-        model = FAMILY_NAMES[have] if have else "a UNet (Stable Diffusion 1/2/XL-style) model"
+        model = _family_words(have, want) if have else "a UNet (Stable Diffusion 1/2/XL-style) model"
         expected = f"a {FAMILY_NAMES[have]} LoRA" if have else "a LoRA for a UNet model"
-        raise AdapterFileError(f"{src}: this LoRA is for {_family_words(want)}; the model is {model}; expected {expected}")
+        raise AdapterFileError(f"{src}: this LoRA is for {_family_words(want, have)}; the model is {model}; "
+                               f"expected {expected}")
 
 
 def _apply(bundle: Bundle, targets: dict[str, nn.Module], name: str, scale: float, trainable: bool, src: str) -> None:

@@ -24,7 +24,9 @@ from ..core.walk import walk_modules
 log = logging.getLogger(__name__)
 
 ModuleView = dict[str, LayerInfo]  # module path -> what an adapter sees of it (kind, weight shape)
-FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux"}
+FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux",
+                "dit": "a diffusion transformer (Flux or SD3)"}
+DIT_FAMILIES = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
 
 
 @dataclass
@@ -66,10 +68,15 @@ def model_view(model: nn.Module) -> ModuleView:
 
 
 def model_family(model: Any) -> str | None:
-    """"sd1" / "sd2" / "sdxl" from a UNet's (or a pipeline's UNet's) config; None when unknown."""
+    """"sd1" / "sd2" / "sdxl" from a UNet's (or a pipeline's UNet's) config, "flux" / "sd3" from a diffusion
+    transformer's class; None when unknown."""
     comps = getattr(model, "components", None)
     if isinstance(comps, dict) and isinstance(comps.get("unet"), nn.Module):
         model = comps["unet"]
+    elif isinstance(comps, dict) and isinstance(comps.get("transformer"), nn.Module):
+        model = comps["transformer"]
+    if type(model).__name__ in DIT_FAMILIES:
+        return DIT_FAMILIES[type(model).__name__]
     cfg = getattr(model, "config", None)
     if cfg is None or "UNet" not in type(model).__name__:
         return None
@@ -83,6 +90,8 @@ def component_role(model: nn.Module) -> str:
     cls = type(model).__name__
     if "UNet" in cls:
         return "unet"
+    if cls in DIT_FAMILIES:
+        return "transformer"
     if cls == "CLIPTextModelWithProjection":
         return "text_encoder_2"
     if cls.startswith("CLIPText"):

@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 from . import canonical, cloneofsimo, tlora_official
 
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_")
+DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.", "text_encoder_3.", "transformer.")
 PEFT_PREFIX = "base_model.model."
 _LORA_PARAMS = (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".vera_lambda_", ".hada_w", ".lokr_w")
 OLD_DIFFUSERS = ("_lora.down", "_lora.up", ".lora.down", ".lora.up", "lora_linear_layer")
 
 
+def is_xlabs(keys: Sequence[str]) -> bool:
+    """XLabs' Flux LoRA: ``double_blocks.N.processor.qkv_lora1.down.weight`` (optionally ``diffusion_model.``)."""
+    return bool(keys) and all(".processor." in k and "_lora" in k for k in keys)
+
+
+def is_comfy_dit(keys: Sequence[str]) -> bool:
+    """ComfyUI / BFL-style DiT LoRA: original module names under ``diffusion_model.`` (``lora_A/B`` or
+    ``lora_down/up``), text encoders as in kohya."""
+    return any(k.startswith("diffusion_model.") for k in keys) and all(
+        k.startswith(("diffusion_model.", *KOHYA_PREFIXES)) for k in keys)
+
+
 def detect_format(keys: Sequence[str], meta: Mapping[str, str]) -> str:
     """"canonical" | "kohya" | "lycoris" | "diffusers" | "peft" | "tlora-official" | "cloneofsimo" | "old-diffusers" |
-    "unknown"."""
+    "xlabs" | "comfy-dit" | "unknown"."""
     if canonical.is_canonical(dict(meta)):
         return "canonical"
     keys = [k for k in keys if not k.startswith("bundle_emb.")]  # kohya's bundled embeddings (io/embeddings.py)
@@ -23,6 +36,10 @@ def detect_format(keys: Sequence[str], meta: Mapping[str, str]) -> str:
         return "cloneofsimo"
     if keys and all(k.startswith(KOHYA_PREFIXES) for k in keys):
         return "kohya"
+    if is_xlabs(keys):
+        return "xlabs"
+    if is_comfy_dit(keys):
+        return "comfy-dit"
     if any(k.startswith(PEFT_PREFIX) for k in keys):
         return "peft"
     if keys and all(k.startswith("lycoris_") for k in keys):
@@ -44,9 +61,18 @@ _TE_DIM = {768: "sd1", 1024: "sd2"}  # the (only) CLIP text encoder's width
 # Transformer (DiT) models: kohya/BFL names and diffusers names. A T5 encoder ("encoder_block", "encoder.block")
 # can sit behind lora_te2_ / text_encoder_2 (Flux) or lora_te3_ / text_encoder_3 (SD3): never SDXL evidence.
 _FLUX = ("double_blocks", "single_blocks", "single_transformer_blocks", "img_attn", "txt_attn")
-_SD3 = ("joint_blocks", "context_block", "_x_block_", ".x_block.", "lora_te3_", "text_encoder_3.")
+_SD3 = ("joint_blocks", "context_block", "_x_block_", ".x_block.", "text_encoder_3.")
+_SD3_ATTN2 = re.compile(r"(transformer\.|lora_transformer_)?transformer_blocks[._]\d+[._]attn2[._]")  # SD3.5 medium's second attention (not a UNet's)
 _T5 = ("encoder_block_", "encoder.block.")
-TRANSFORMER_FAMILIES = {"flux": "Flux", "sd3": "SD3"}
+# a transformer_blocks-only diffusers / OneTrainer file fits Flux and SD3 alike: "dit" (both, by their shapes)
+_DIT = ("transformer.transformer_blocks.", "lora_transformer_transformer_blocks_")
+TRANSFORMER_FAMILIES = {"flux": "Flux", "sd3": "SD3", "dit": "a diffusion transformer (Flux or SD3)"}
+_UNET = ("down_blocks", "up_blocks", "mid_block", "input_blocks", "output_blocks", "middle_block")
+
+
+def is_unet_file(keys: Sequence[str]) -> bool:
+    """Keys naming UNet blocks (diffusers or SGM names): a LoRA for SD1/SD2/SDXL-style UNets."""
+    return any(k.startswith(("lora_unet_", "unet.")) and any(b in k for b in _UNET) for k in keys)
 
 
 def _down(k: str) -> bool:
@@ -65,8 +91,11 @@ def family_from_keys(shapes: Mapping[str, Sequence[int]]) -> str | None:
     keys = list(shapes)
     if any(p in k for k in keys for p in _FLUX):
         return "flux"
-    if any(p in k for k in keys for p in _SD3) or any(k.startswith("transformer.transformer_blocks.") for k in keys):
+    if any(p in k for k in keys for p in _SD3) or any(_SD3_ATTN2.match(k) for k in keys):
         return "sd3"
+    if any(k.startswith(_DIT) for k in keys):  # the real widths tell them apart: Flux 3072, SD3.5 medium 1536, large 2432
+        widths = {int(s[1]) for k, s in shapes.items() if k.startswith(_DIT) and "attn" in k and _down(k) and len(s) == 2}
+        return "flux" if 3072 in widths else "sd3" if widths & {1536, 2432} else "dit"
     cross = [int(s[1]) for k, s in shapes.items() if ("attn2_to_k" in k or "attn2.to_k" in k) and _down(k) and len(s) >= 2]
     for width in cross:
         if width in _CROSS_DIM:

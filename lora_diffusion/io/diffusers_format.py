@@ -16,7 +16,7 @@ from .bundle import Bundle, ModuleView, Part
 from .peft_format import bake_scale, lora_config, parts_from_state_dict, state_dict_from_part
 
 META_KEY = "lora_adapter_metadata"
-ROLES = ("text_encoder_2", "text_encoder", "unet", "transformer")
+ROLES = ("text_encoder_3", "text_encoder_2", "text_encoder", "unet", "transformer")
 CONFIG_FIELDS = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora",
                  "lora_dropout", "bias", "init_lora_weights")
 

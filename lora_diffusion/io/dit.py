@@ -269,3 +269,82 @@ def from_onetrainer(tensors: dict[str, torch.Tensor], targets: dict[str, list[st
 
 def t5_like(paths: Iterable[str]) -> bool:
     return any(".SelfAttention." in p or p.startswith("encoder.block.") for p in paths)
+
+
+def _normalize(key: str) -> tuple[str, str, str]:
+    """A file key -> (source kind, flat module name, kohya param name). Kinds: "unet" (original names), "xlabs",
+    "onetrainer", "te" (kohya text encoders, left as they are)."""
+    k = key.removeprefix("diffusion_model.")
+    if k.startswith(("double_blocks.", "single_blocks.")) and ".processor." in k:  # XLabs
+        module, _, param = k.rpartition(".")
+        module, _, which = module.rpartition(".")
+        return "xlabs", flat("xlabs", module), {"down": "lora_down.weight", "up": "lora_up.weight"}.get(which, which)
+    if key.startswith("diffusion_model."):  # ComfyUI: original dotted names, PEFT or kohya parameter names
+        for suffix, param in ((".lora_A.weight", "lora_down.weight"), (".lora_B.weight", "lora_up.weight"),
+                              (".lora_down.weight", "lora_down.weight"), (".lora_up.weight", "lora_up.weight"),
+                              (".alpha", "alpha"), (".dora_scale", "dora_scale")):
+            if k.endswith(suffix):
+                return "unet", flat("lora_unet", k[:-len(suffix)]), param
+        return "unet", flat("lora_unet", k.rpartition(".")[0]), k.rpartition(".")[2]
+    name, _, param = key.partition(".")
+    if name.startswith("lora_unet_"):
+        return "unet", name, param
+    if name.startswith(OT_PREFIX + "_"):
+        return "onetrainer", name, param
+    return "te", name, param
+
+
+def _te_kind(names: Iterable[str]) -> str:
+    return "T5" if any("encoder_block_" in n or "SelfAttention" in n for n in names) else "CLIP"
+
+
+def _check_text(family: str, te: dict[str, dict[str, torch.Tensor]], views: dict[str, ModuleView], src: str) -> None:
+    """A text-encoder part must be the kind of encoder the pipeline has under that name (CLIP vs T5)."""
+    by_prefix: dict[str, list[str]] = {}
+    for name in te:
+        by_prefix.setdefault(name.split("_")[0] + "_" + name.split("_")[1], []).append(name)
+    fam = "Flux" if family == "flux" else "SD3"
+    for prefix, names in by_prefix.items():
+        role = TE_ALIASES.get(family, {}).get(prefix) or next(
+            (r for r, p in TE_PREFIX[family].items() if p == prefix), None)
+        if role is None:
+            raise AdapterFileError(f"{src}: key '{names[0]}': a text-encoder part '{prefix}_…', which a {fam} kohya "
+                                   f"file does not have; expected {sorted(TE_PREFIX[family].values())}")
+        if role not in views:
+            continue  # not loaded here (a bare transformer): kohya.read skips it
+        have, want = ("T5" if t5_like(views[role]) else "CLIP"), _te_kind(names)
+        if have != want:
+            raise AdapterFileError(f"{src}: key '{names[0]}': the file's text-encoder part '{prefix}_…' is for a {want} "
+                                   f"encoder; the {fam} pipeline's {role} is a {have} encoder; expected {have} module "
+                                   f"names ({'lora_te3_encoder_block_…' if have == 'T5' else prefix + '_text_model_…'})")
+
+
+def to_kohya(tensors: dict[str, torch.Tensor], family: str, cfg: Any, views: dict[str, ModuleView],
+             src: str) -> dict[str, torch.Tensor]:
+    """Any Flux/SD3 kohya / ComfyUI / XLabs / OneTrainer file -> kohya tensors on diffusers names (OneTrainer's
+    ``lora_transformer_…`` for the transformer, ``lora_te*`` for the pipeline's text encoders)."""
+    targets, swapped = family_map(family, cfg)
+    names = source_names(targets, "lora_unet") | (source_names(xlabs_map(cfg), "xlabs") if family == "flux" else {})
+    targets = targets | (xlabs_map(cfg) if family == "flux" else {})
+    kinds: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "xlabs": {}, "onetrainer": {}, "te": {}}
+    te: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        kind, name, param = _normalize(key)
+        kinds[kind][f"{name}.{param}"] = t
+        if kind == "te":
+            te.setdefault(name, {})[param] = t
+    _check_text(family, te, views, src)
+    out = dict(kinds["onetrainer"])
+    original = {**kinds["unet"], **kinds["xlabs"]}
+    if original:
+        if TRANSFORMER not in views:
+            raise AdapterFileError(f"{src}: key '{next(iter(original))}': a transformer LoRA; the target has "
+                                   f"{sorted(views)}; expected a {family} pipeline or its transformer")
+        out |= to_onetrainer(original, names, targets, swapped, views[TRANSFORMER], src, family, cfg)
+    for key, t in kinds["te"].items():
+        name, _, param = key.partition(".")
+        prefix = name.split("_")[0] + "_" + name.split("_")[1]
+        role = TE_ALIASES.get(family, {}).get(prefix) or next(r for r, p in TE_PREFIX[family].items() if p == prefix)
+        kohya_prefix = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2", "text_encoder_3": "lora_te3"}[role]
+        out[f"{kohya_prefix}{name[len(prefix):]}.{param}"] = t
+    return out

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..core.errors import AdapterFileError
-from . import cloneofsimo, diffusers_format, kohya, lycoris_dit, old_diffusers, peft_format, tlora_official
+from . import cloneofsimo, diffusers_format, dit, kohya, lycoris_dit, old_diffusers, peft_format, tlora_official
 from .bundle import Bundle, ModuleView, Part, spec_from_modules
 from .detect import detect_format
 from .files import read_safetensors, write_safetensors
@@ -74,7 +74,7 @@ def read_bundle(src: Path, views: dict[str, ModuleView], unet_config: Any = None
 
 
 FORMAT_NAMES = {"kohya": "kohya/LyCORIS", "lycoris": "LyCORIS network", "diffusers": "diffusers", "peft": "PEFT",
-                "cloneofsimo": cloneofsimo.FORMAT,
+                "cloneofsimo": cloneofsimo.FORMAT, "xlabs": "XLabs (Flux)", "comfy-dit": "ComfyUI (diffusion_model.…)",
                 "tlora-official": "official T-LoRA", "old-diffusers": "old diffusers (< 0.21)"}
 
 
@@ -91,6 +91,14 @@ def named_format(name: str) -> Iterator[None]:
 
 def _read(src: Path, fmt: str, tensors: dict[str, torch.Tensor], meta: dict[str, str], views: dict[str, ModuleView],
           unet_config: Any, bare: bool, models: dict[str, Any] | None) -> Bundle:
+    transformer = (models or {}).get(dit.TRANSFORMER)
+    family = dit.FAMILY_OF_CLASS.get(type(transformer).__name__)
+    if fmt in ("xlabs", "comfy-dit") and family is None:
+        raise AdapterFileError(f"{src}: a {FORMAT_NAMES[fmt]} file adapts a Flux/SD3 transformer; the target has "
+                               f"{sorted(views)}; expected a Flux or SD3 pipeline or its transformer")
+    if family is not None and fmt in ("kohya", "xlabs", "comfy-dit"):
+        tensors = dit.to_kohya(tensors, family, transformer.config, views, str(src))
+        fmt = "kohya"
     if fmt == "kohya":
         return _lycoris_tlora(kohya.read(tensors, meta, views, str(src), unet_config, skip_components=bare), models, src)
     if fmt == "diffusers":
@@ -205,7 +213,13 @@ def write_parts(path: Path, parts: list[Part], fmt: str, views: dict[str, Module
     meta = {"variant": main.variant, "rank": str(main.rank), "alpha": str(main.alpha if main.alpha is not None else main.rank),
             **({"base_model_family": family} if family else {}), **meta}
     if fmt == "kohya":
-        tensors = {**kohya.write(parts, family, unet_config, views), **(extra_tensors or {})}
+        tensors = kohya.write(parts, family, unet_config, views)
+        if family in ("flux", "sd3") and dit.TRANSFORMER in views:  # the original module names kohya/ComfyUI read
+            ot = {k: v for k, v in tensors.items() if k.startswith(dit.OT_PREFIX + "_")}
+            targets, swapped = dit.family_map(family, unet_config)
+            tensors = {k: v for k, v in tensors.items() if k not in ot} | dit.from_onetrainer(
+                ot, targets, swapped, views[dit.TRANSFORMER])
+        tensors |= extra_tensors or {}
         write_safetensors(path, tensors, kohya.metadata(parts, family, meta))
     elif fmt == "diffusers":
         tensors, dmeta = diffusers_format.write(parts, views)

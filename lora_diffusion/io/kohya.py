@@ -31,7 +31,8 @@ from .sgm import to_sgm
 
 log = logging.getLogger(__name__)
 
-PREFIX_ROLE = {"lora_unet": "unet", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2", "lora_te": "text_encoder"}
+PREFIX_ROLE = {"lora_unet": "unet", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2", "lora_te3": "text_encoder_3",
+               "lora_te": "text_encoder", "lora_transformer": "transformer"}  # lora_transformer: OneTrainer's DiT
 LORA_NAMES = {"lora_down.weight": "lora_A", "lora_up.weight": "lora_B"}  # file -> ours
 LOHA_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -319,18 +320,26 @@ def _group(mods: list[_Module]) -> list[Part]:
 
 # --- writing ---
 OUR_TO_KOHYA = {v: k for k, v in LORA_NAMES.items()}
-ROLE_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
+ROLE_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2",
+               "transformer": "lora_transformer"}
+FAMILY_TE_PREFIX = {"sdxl": {"text_encoder": "lora_te1"},  # sd-scripts' lora_flux.py / lora_sd3.py:
+                    "flux": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te3"},  # CLIP-L, T5
+                    "sd3": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2", "text_encoder_3": "lora_te3"}}
+
+
+def _t5(path: str) -> bool:
+    return path.startswith("encoder.block.") or ".SelfAttention." in path or ".DenseReluDense." in path
 
 
 def flat_name(role: str, path: str, family: str | None, unet_config: Any = None) -> str:
-    prefix = "lora_te1" if role == "text_encoder" and family == "sdxl" else ROLE_PREFIX.get(role)
+    prefix = FAMILY_TE_PREFIX.get(family or "", {}).get(role) or ROLE_PREFIX.get(role)
     if prefix is None:
         raise AdapterFileError(f"component '{role or type(role).__name__}': the kohya format names only unet and "
                                "text encoders; expected a diffusers pipeline component")
     if role == "unet" and family == "sdxl" and unet_config is not None:
         path = to_sgm(path, unet_config) or path
-    if role.startswith("text_encoder") and not path.startswith(TEXT_MODEL):
-        path = TEXT_MODEL + path  # the spelling A1111, ComfyUI and kohya expect
+    if role.startswith("text_encoder") and not path.startswith(TEXT_MODEL) and not _t5(path):
+        path = TEXT_MODEL + path  # the spelling A1111, ComfyUI and kohya expect (CLIP; T5 names stay as they are)
     return f"{prefix}_{path.replace('.', '_')}"
 
 
@@ -390,8 +399,9 @@ def metadata(parts: list[Part], family: str | None, extra: dict[str, str]) -> di
     algo = {"lora": "locon", "rslora": "locon", "loha": "loha", "lokr": "lokr"}.get(inner, "locon")
     lycoris = inner in ("loha", "lokr") or main.variant == "dora"
     alpha = main.alpha if main.alpha is not None else main.rank
-    version = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}.get(family or "", "")
-    arch = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
+    version = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "flux": "flux1", "sd3": "sd3"}.get(family or "", "")
+    arch = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base",
+            "flux": "flux-1-dev", "sd3": "stable-diffusion-3-medium"}
     meta = {
         "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",
         "ss_network_dim": str(main.rank), "ss_network_alpha": str(alpha),
