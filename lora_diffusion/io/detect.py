@@ -62,7 +62,8 @@ _TE_DIM = {768: "sd1", 1024: "sd2"}  # the (only) CLIP text encoder's width
 # can sit behind lora_te2_ / text_encoder_2 (Flux) or lora_te3_ / text_encoder_3 (SD3): never SDXL evidence.
 _FLUX = ("double_blocks", "single_blocks", "single_transformer_blocks", "img_attn", "txt_attn")
 _SD3 = ("joint_blocks", "context_block", "_x_block_", ".x_block.", "text_encoder_3.")
-_SD3_ATTN2 = re.compile(r"(transformer\.|lora_transformer_)?transformer_blocks[._]\d+[._]attn2[._]")  # SD3.5 medium's second attention (not a UNet's)
+# SD3.5 medium's second attention (a UNet's attn2 sits under down_blocks/…/transformer_blocks: not matched)
+_SD3_ATTN2 = re.compile(r"(transformer\.|lora_transformer_)?transformer_blocks[._]\d+[._]attn2[._]")
 _T5 = ("encoder_block_", "encoder.block.")
 # a transformer_blocks-only diffusers / OneTrainer file fits Flux and SD3 alike: "dit" (both, by their shapes)
 _DIT = ("transformer.transformer_blocks.", "lora_transformer_transformer_blocks_")
