@@ -26,7 +26,7 @@ from .core.registry import get_variant, variant_names  # noqa: F401  (re-exporte
 from .core.spec import AdapterSpec
 from .core.walk import walk_modules
 from .inject.walker import adapted_layers, adapter_names, inject, model_state, remove
-from .io import canonical, cloneofsimo, formats, tlora_official
+from .io import canonical, cloneofsimo, dit, formats, tlora_official
 from .io import embeddings as emb_io
 from .io.bundle import FAMILY_NAMES, Bundle, Part, component_role, model_family, model_view
 from .io.detect import TRANSFORMER_FAMILIES, file_family, is_unet_file
@@ -389,8 +389,10 @@ def _check_family(obj: Any, src: Path, loaded: tuple[dict[str, torch.Tensor], di
     has_unet = "unet" in _role_targets(obj) or "UNet" in type(obj).__name__
     if have in TRANSFORMER_FAMILIES and want is None and is_unet_file(list(tensors)):
         want = "unet"
-    if want == "dit" and have in TRANSFORMER_FAMILIES:
-        return  # a transformer_blocks-only file fits either; the shapes decide
+    transformer = _role_targets(obj).get("transformer") or (obj if have in TRANSFORMER_FAMILIES else None)
+    if want in (have, "dit") and have in TRANSFORMER_FAMILIES and transformer is not None:
+        dit.check_blocks(tensors, have, transformer.config, str(src))  # a LoRA for a deeper model of the family
+        return  # (a transformer_blocks-only file fits Flux and SD3 alike: the shapes decide)
     if want and have and want != have or want in TRANSFORMER_FAMILIES and has_unet:
         model = _family_words(have, want) if have else "a UNet (Stable Diffusion 1/2/XL-style) model"
         expected = f"a {FAMILY_NAMES[have]} LoRA" if have else "a LoRA for a UNet model"

@@ -75,7 +75,7 @@ def inspect_files(pipe: Any, paths: Sequence[str | os.PathLike], notes: list[str
             notes.append(f"skipped {p}: cannot be read ({e})")
             continue
         fam = d.get("base_family")
-        if fam and fam != have:
+        if fam and fam != have and not (fam == "dit" and have in ("flux", "sd3")):  # "dit": Flux or SD3, by shapes
             notes.append(f"skipped {p.name}: a {FAMILY_NAMES.get(fam, fam)} LoRA; the model is "
                          f"{FAMILY_NAMES.get(have or '', 'the embedded demo model' if have is None else have)}")
             continue

@@ -328,3 +328,193 @@ def test_kohya_flux_writer_real_shapes_through_diffusers(tmp_path, fixture):
         d1 = first[b].double() @ (first[k].double() @ x[: first[k].shape[1]])
         d2 = second[b].double() @ (second[k].double() @ x[: second[k].shape[1]])
         assert close(d2, d1), k
+
+
+# --- bad input: one error naming the family found and the one expected; the model unchanged ----------------------
+def _refused(tmp_path, pipe, sd, match, name="bad.safetensors"):
+    write_safetensors(tmp_path / name, sd, {})
+    before = _outputs(pipe)
+    with pytest.raises(ld.AdapterFileError, match=match):
+        ld.load_adapter(pipe, tmp_path / name)
+    assert ld.list_adapters(pipe) == []
+    for a, b in zip(_outputs(pipe), before):
+        assert torch.equal(a, b)
+
+
+def _unet_kohya(cross: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    flat = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    return {f"{flat}.lora_down.weight": torch.randn(4, cross, generator=g),
+            f"{flat}.lora_up.weight": torch.randn(320, 4, generator=g)}
+
+
+@pytest.mark.parametrize("cross,words", [(768, "SD1.x, a UNet model"), (2048, "SDXL, a UNet model"),
+                                         (40, r"a UNet model \(Stable Diffusion 1/2/XL-style\)")])
+@pytest.mark.parametrize("fixture,family", [(FLUX, "Flux"), (SD35M, "SD3")])
+def test_unet_lora_on_dit_refused(tmp_path, cross, words, fixture, family):
+    from .dit_models import tiny_dit_pipeline
+
+    _refused(tmp_path, tiny_dit_pipeline(fixture), _unet_kohya(cross),
+             rf"bad.safetensors: this LoRA is for {words}; the model is {family}, a transformer model; "
+             rf"expected a {family} LoRA")
+
+
+def test_flux_lora_on_sd3_and_back_refused(tmp_path):
+    from .dit_models import tiny_dit_pipeline
+
+    flux_file = _kohya_flux_file(tiny_dit(FLUX))
+    _refused(tmp_path, tiny_dit_pipeline(SD35M), flux_file,
+             "this LoRA is for Flux, a transformer model; the model is SD3, a transformer model; expected a SD3 LoRA")
+    sd3_file = {k.replace("lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_joint_blocks_0_x_block_attn_qkv"): v
+                for k, v in flux_file.items() if "double_blocks_0_img_attn_qkv" in k}
+    _refused(tmp_path, tiny_dit_pipeline(FLUX), sd3_file,
+             "this LoRA is for SD3, a transformer model; the model is Flux, a transformer model; expected a Flux LoRA")
+    peft_flux = _random_lora(tiny_dit(FLUX), "dit-attn")  # diffusers layout: single_transformer_blocks say Flux
+    _refused(tmp_path, tiny_dit_pipeline(SD35L), peft_flux, "this LoRA is for Flux, a transformer model; the model is SD3")
+
+
+def test_blocks_the_model_does_not_have_refused(tmp_path):
+    from .dit_models import tiny_dit_pipeline
+
+    deeper = _kohya_flux_file(tiny_dit(FLUX, num_layers=3))
+    _refused(tmp_path, tiny_dit_pipeline(FLUX), {k: v for k, v in deeper.items() if "double_blocks_2_" in k},
+             r"key 'lora_unet_double_blocks_2_.*': this LoRA is for Flux and adapts double_blocks.2; the model is Flux "
+             "with 2 double-stream and 2 single-stream blocks, which has no such block")
+    deeper_sd3 = _random_lora(tiny_dit(SD35L, num_layers=4), "dit-attn")
+    _refused(tmp_path, tiny_dit_pipeline(SD35L), {k: v for k, v in deeper_sd3.items() if "blocks.3." in k},
+             r"key 'transformer.transformer_blocks.3.attn.*': this LoRA is for SD3 and adapts transformer_blocks.3; "
+             "the model is SD3 with 3 joint blocks, which has no such block")
+
+
+def test_mismatched_text_encoder_part_refused(tmp_path):
+    from .dit_models import tiny_dit_pipeline
+    from .test_formats_helpers import text_encoder
+
+    clip_g_as_te2 = _te_lora("lora_te2", text_encoder(hidden=48, projection=True))  # SDXL/SD3's CLIP-G names
+    _refused(tmp_path, tiny_dit_pipeline(FLUX), _double_only(_kohya_flux_file(tiny_dit(FLUX))) | clip_g_as_te2,
+             r"key 'lora_te2_text_model_.*': the file's text-encoder part 'lora_te2_…' is for a CLIP encoder; the Flux "
+             "pipeline's text_encoder_2 is a T5 encoder")
+    pipe = tiny_dit_pipeline(SD35M)
+    t5_as_te2 = _te_lora("lora_te2", pipe.text_encoder_3, t5=True)
+    _refused(tmp_path, pipe, {"lora_unet_joint_blocks_0_x_block_attn_proj.lora_down.weight": torch.randn(4, 32),
+                              "lora_unet_joint_blocks_0_x_block_attn_proj.lora_up.weight": torch.randn(32, 4)} | t5_as_te2,
+             "is for a T5 encoder; the SD3 pipeline's text_encoder_2 is a CLIP encoder")
+
+
+def test_lokr_on_a_fused_module_refused(tmp_path):
+    from .dit_models import tiny_dit_pipeline
+
+    flat = "lora_unet_double_blocks_0_img_attn_qkv"
+    sd = {f"{flat}.lokr_w1": torch.randn(3, 2), f"{flat}.lokr_w2": torch.randn(32, 16)}
+    _refused(tmp_path, tiny_dit_pipeline(FLUX), sd, rf"key '{flat}.lokr_w1': this module stands for 3 diffusers modules")
+
+
+class _Checkpoint(dict):
+    """An original (BFL / Stability) checkpoint holding only the Linear weights of our map; every other key
+    diffusers' converter pops (biases, norms, pos_embed) is a placeholder."""
+
+    rows: dict = {}
+
+    def pop(self, key, *default):
+        if key in self:
+            return super().pop(key)
+        return torch.zeros(self.rows.get(key.rsplit(".", 1)[0], 6))  # a bias as long as its weight's rows
+
+
+@pytest.mark.parametrize("fixture", [FLUX, SCHNELL, SD35M, SD35L])
+def test_original_names_match_diffusers_single_file_converter(fixture):
+    """The original-layout map (module names, row order of fused qkv / linear1, the swapped final-layer and SD3
+    last-block modulation halves) equals diffusers' own checkpoint converters
+    (``convert_{flux,sd3}_transformer_checkpoint_to_diffusers``), on the real shapes: each original weight is a
+    column of row ids, so the converter's output says which rows went where. The SD3 kohya layout (sd-scripts
+    ``lora_unet_joint_blocks_…``), which diffusers' LoRA loader does not read, is checked this way."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    from lora_diffusion.io import dit
+
+    model = _meta_model(fixture)
+    family = "flux" if fixture in (FLUX, SCHNELL) else "sd3"
+    targets, swapped = dit.family_map(family, model.config)
+    ckpt, expected = _Checkpoint(), {}
+    ckpt.rows = {}
+    for dotted, paths in targets.items():
+        paths = [p for p in paths if _has(model, p)]
+        if not paths:
+            continue
+        rows = sum(model.get_submodule(p).weight.shape[0] for p in paths)
+        ids = torch.arange(rows, dtype=torch.float64)[:, None] + 1e6 * len(ckpt)
+        w = model.get_submodule(paths[0]).weight
+        ckpt[f"{dotted}.weight"] = ids if w.dim() == 2 else ids[:, :, None, None]
+        ckpt.rows[dotted] = rows
+        start = 0
+        for p in paths:
+            n = model.get_submodule(p).weight.shape[0]
+            part = ckpt[f"{dotted}.weight"][start:start + n]
+            expected[p] = torch.cat([part[n // 2:], part[: n // 2]]) if dotted in swapped else part
+            start += n
+    if family == "sd3":
+        ckpt["pos_embed"] = torch.zeros(1)
+        ckpt |= {f"joint_blocks.{i}.x_block.attn.ln_q.weight": torch.zeros(1) for i in range(model.config.num_layers)}
+        convert = sfu.convert_sd3_transformer_checkpoint_to_diffusers
+    else:
+        convert = sfu.convert_flux_transformer_checkpoint_to_diffusers
+    converted = convert(ckpt)
+    for p, w in expected.items():
+        assert torch.equal(converted[f"{p}.weight"], w), p
+    assert len(expected) == len({n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}) + (
+        1 if family == "sd3" else 0)  # every Linear of the model (and SD3's patch-embedding conv)
+
+
+# --- DoRA (OneTrainer, LyCORIS): dora_scale per output row -----------------------------------------------------
+def _dora_file(model, paths, rank=2, seed=7, layout="onetrainer") -> dict:
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for p in paths:
+        w = model.get_submodule(p).weight
+        flat = "lora_transformer_" + p.replace(".", "_")
+        sd[f"{flat}.lora_down.weight"] = torch.randn(rank, w.shape[1], generator=g, dtype=torch.float64) * 0.3
+        sd[f"{flat}.lora_up.weight"] = torch.randn(w.shape[0], rank, generator=g, dtype=torch.float64) * 0.3
+        sd[f"{flat}.alpha"] = torch.tensor(1.0, dtype=torch.float64)
+        sd[f"{flat}.dora_scale"] = (w.norm(dim=1, keepdim=True) * (1 + 0.2 * torch.rand(w.shape[0], 1, generator=g))).detach()
+    return sd
+
+
+def _dora_reference(model, sd: dict):
+    """W' = m ⊙ (W + s·BA) / ‖W + s·BA‖ (row norms), written into a copy of the model."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for key in [k for k in sd if k.endswith(".dora_scale")]:
+            flat = key.removesuffix(".dora_scale")
+            path = next(n for n, _ in ref.named_modules() if "lora_transformer_" + n.replace(".", "_") == flat)
+            lin = ref.get_submodule(path)
+            down, up = sd[f"{flat}.lora_down.weight"], sd[f"{flat}.lora_up.weight"]
+            merged = lin.weight + float(sd[f"{flat}.alpha"]) / down.shape[0] * up @ down
+            lin.weight.copy_(sd[key] * merged / merged.norm(dim=1, keepdim=True))
+    return ref
+
+
+def test_onetrainer_dora_and_fused_dora(tmp_path):
+    """OneTrainer DoRA (diffusers drops dora_scale with a warning): the DoRA formula on each module; the same
+    adapter in the original layout (fused qkv, magnitudes concatenated) loads identically, and our kohya export
+    of it (fused again) reloads exactly."""
+    model = tiny_dit(FLUX)
+    qkv = [f"transformer_blocks.0.attn.to_{c}" for c in "qkv"]
+    sd = _dora_file(model, qkv + ["single_transformer_blocks.1.proj_mlp", "transformer_blocks.1.ff.net.2"])
+    write_safetensors(tmp_path / "ot.safetensors", sd, {})
+    ours = copy.deepcopy(model)
+    ld.load_adapter(ours, tmp_path / "ot.safetensors", name="d")
+    assert close(dit_call(ours), dit_call(_dora_reference(model, sd)))
+    # proj_mlp is a quarter of single_blocks.1.linear1: its DoRA has no exact fused form without the others'
+    with pytest.raises(ld.AdapterFileError, match="a DoRA on part of the fused module 'single_blocks.1.linear1'"):
+        ld.save_adapter(ours, tmp_path / "k.safetensors", "d", format="kohya")
+    assert not (tmp_path / "k.safetensors").exists()
+    ld.remove_adapters(ours)
+    sd = {k: v for k, v in sd.items() if "proj_mlp" not in k}
+    write_safetensors(tmp_path / "ot.safetensors", sd, {})
+    ld.load_adapter(ours, tmp_path / "ot.safetensors", name="d")
+    path = ld.save_adapter(ours, tmp_path / "k.safetensors", "d", format="kohya")
+    written = read_safetensors(path)[0]
+    assert written["lora_unet_double_blocks_0_img_attn_qkv.dora_scale"].shape == (96, 1)
+    again = copy.deepcopy(model)
+    ld.load_adapter(again, path, name="e")
+    assert close(dit_call(again), dit_call(ours))

@@ -16,7 +16,8 @@ OLD_DIFFUSERS = ("_lora.down", "_lora.up", ".lora.down", ".lora.up", "lora_linea
 
 def is_xlabs(keys: Sequence[str]) -> bool:
     """XLabs' Flux LoRA: ``double_blocks.N.processor.qkv_lora1.down.weight`` (optionally ``diffusion_model.``)."""
-    return bool(keys) and all(".processor." in k and "_lora" in k for k in keys)
+    return bool(keys) and all(k.removeprefix("diffusion_model.").startswith(("double_blocks.", "single_blocks."))
+                              and ".processor." in k for k in keys)
 
 
 def is_comfy_dit(keys: Sequence[str]) -> bool:

@@ -27,6 +27,7 @@ TRANSFORMER = "transformer"
 OT_PREFIX = "lora_transformer"  # OneTrainer's kohya prefix for the diffusers transformer
 LORA_PARAMS = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
 FAMILY_OF_CLASS = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
+FAMILY = {"flux": "Flux", "sd3": "SD3"}
 # kohya text-encoder prefixes per family and pipeline component (sd-scripts lora_flux.py / lora_sd3.py)
 TE_PREFIX = {"flux": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te3"},
              "sd3": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2", "text_encoder_3": "lora_te3"}}
@@ -126,14 +127,14 @@ def block_counts(family: str, cfg: Any) -> str:
 
 
 def _missing_block(name: str, family: str, cfg: Any, src: str, key: str) -> AdapterFileError | None:
-    m = re.search(r"(double_blocks|single_blocks|joint_blocks)[._](\d+)", name)
+    m = re.search(r"(single_transformer_blocks|transformer_blocks|double_blocks|single_blocks|joint_blocks)[._](\d+)", name)
     if not m:
         return None
-    fam = {"double_blocks": "Flux", "single_blocks": "Flux", "joint_blocks": "SD3"}[m.group(1)]
+    fam = {"double_blocks": "Flux", "single_blocks": "Flux", "joint_blocks": "SD3"}.get(m.group(1), FAMILY[family])
     return AdapterFileError(
         f"{src}: key '{key}': this LoRA is for {fam} and adapts {m.group(1)}.{m.group(2)}; the model is "
-        f"{'Flux' if family == 'flux' else 'SD3'} with {block_counts(family, cfg)}, which has no such block; expected "
-        "a LoRA made for this model (or its full-size original)")
+        f"{FAMILY[family]} with {block_counts(family, cfg)}, which has no such block; expected a LoRA made for this "
+        "model (or its full-size original)")
 
 
 def split_module(src: str, key: str, params: dict[str, torch.Tensor], targets: list[str], swap: bool,
@@ -348,3 +349,19 @@ def to_kohya(tensors: dict[str, torch.Tensor], family: str, cfg: Any, views: dic
         kohya_prefix = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2", "text_encoder_3": "lora_te3"}[role]
         out[f"{kohya_prefix}{name[len(prefix):]}.{param}"] = t
     return out
+
+
+_SINGLE = re.compile(r"single_(?:transformer_)?blocks[._](\d+)[._]")
+_DOUBLE = re.compile(r"(?:^|[._])(?:transformer_blocks|double_blocks|joint_blocks)[._](\d+)[._]")
+
+
+def check_blocks(keys: Iterable[str], family: str, cfg: Any, src: str) -> None:
+    """Refuse a file that adapts blocks the model does not have (a LoRA for a deeper model of the family)."""
+    n_double, n_single = _get(cfg, "num_layers", 0), _get(cfg, "num_single_layers", 0) or 0
+    for key in keys:
+        if key.startswith(("lora_te", "text_encoder")):
+            continue
+        single = _SINGLE.search(key)
+        m = single or _DOUBLE.search(key.replace("single_", "\0"))
+        if m and int(m.group(1)) >= (n_single if single else n_double):
+            raise _missing_block(m.group(0).strip("._"), family, cfg, src, key) or AdapterFileError(key)
