@@ -401,12 +401,43 @@ def test_mismatched_text_encoder_part_refused(tmp_path):
              "is for a T5 encoder; the SD3 pipeline's text_encoder_2 is a CLIP encoder")
 
 
-def test_lokr_on_a_fused_module_refused(tmp_path):
+def _with_delta(model, targets: list[str], delta: torch.Tensor):
+    """A copy of ``model`` whose fused module (the rows of ``targets`` stacked) got ``delta`` added."""
+    ref = copy.deepcopy(model)
+    row = 0
+    with torch.no_grad():
+        for t in targets:
+            w = ref.get_submodule(t).weight
+            w += delta[row:row + w.shape[0]]
+            row += w.shape[0]
+    return ref
+
+
+def test_loha_lokr_on_fused_modules(tmp_path):
+    """LyCORIS LoHa / LoKr on a fused original module split exactly: LoHa's rows are those of w1_a and w2_a; LoKr's
+    (W1 ⊗ W2) those of W1 when the parts' boundaries are multiples of W2's height, else it is refused."""
     from .dit_models import tiny_dit_pipeline
 
-    flat = "lora_unet_double_blocks_0_img_attn_qkv"
-    sd = {f"{flat}.lokr_w1": torch.randn(3, 2), f"{flat}.lokr_w2": torch.randn(32, 16)}
-    _refused(tmp_path, tiny_dit_pipeline(FLUX), sd, rf"key '{flat}.lokr_w1': this module stands for 3 diffusers modules")
+    model = tiny_dit(FLUX)
+    g = torch.Generator().manual_seed(3)
+    qkv = [f"transformer_blocks.0.attn.to_{c}" for c in "qkv"]
+    lin1 = [f"single_transformer_blocks.1.attn.to_{c}" for c in "qkv"] + ["single_transformer_blocks.1.proj_mlp"]
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    w1a, w1b, w2a, w2b = rnd(224, 2), rnd(2, 32), rnd(224, 2), rnd(2, 32)  # linear1: 3 x 32 + 128 rows
+    k1, k2 = rnd(3, 2), rnd(32, 16)  # qkv: 96 = 3 x 32 rows
+    loha, lokr = "lora_unet_single_blocks_1_linear1", "lora_unet_double_blocks_0_img_attn_qkv"
+    sd = {f"{loha}.hada_w1_a": w1a, f"{loha}.hada_w1_b": w1b, f"{loha}.hada_w2_a": w2a, f"{loha}.hada_w2_b": w2b,
+          f"{loha}.alpha": torch.tensor(1.0, dtype=torch.float64), f"{lokr}.lokr_w1": k1, f"{lokr}.lokr_w2": k2}
+    write_safetensors(tmp_path / "ly.safetensors", sd, {})
+    ours = copy.deepcopy(model)
+    ld.load_adapter(ours, tmp_path / "ly.safetensors")
+    ref = _with_delta(_with_delta(model, lin1, 0.5 * (w1a @ w1b) * (w2a @ w2b)), qkv, torch.kron(k1, k2))
+    assert close(dit_call(ours), dit_call(ref))
+    misaligned = {f"{lokr}.lokr_w1": torch.randn(2, 2), f"{lokr}.lokr_w2": torch.randn(48, 16)}
+    _refused(tmp_path, tiny_dit_pipeline(FLUX), misaligned,
+             rf"key '{lokr}.lokr_w1': this module stands for 3 diffusers modules .*splits exactly only at multiples of 48")
 
 
 class _Checkpoint(dict):

@@ -137,35 +137,71 @@ def _missing_block(name: str, family: str, cfg: Any, src: str, key: str) -> Adap
         "model (or its full-size original)")
 
 
+# the factors whose rows are the module's output rows (sliced per part); the others are shared
+ROW_FACTORS = {"lora": ("lora_up.weight", "dora_scale"), "loha": ("hada_w1_a", "hada_w2_a", "dora_scale"),
+               "lokr": ("lokr_w1", "lokr_w1_a", "dora_scale")}
+KNOWN = {"lora": LORA_PARAMS, "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha", "dora_scale"),
+         "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha", "dora_scale")}
+
+
+def _kind(params: dict[str, torch.Tensor]) -> str:
+    return "loha" if any(k.startswith("hada_") for k in params) else "lokr" if any(
+        k.startswith("lokr_") for k in params) else "lora"
+
+
+def _row_block(src: str, key: str, params: dict[str, torch.Tensor], kind: str, rows: int) -> int:
+    """How many output rows one row of the sliced factor stands for: 1, or LoKr's W2 height b (ΔW = W1 ⊗ W2 has
+    rows i1·b + i2, so a block of rows [s, e) with b | s, e is W1's rows [s/b, e/b) ⊗ W2: exact)."""
+    if kind != "lokr":
+        return 1
+    w2 = params.get("lokr_w2", params.get("lokr_w2_a"))
+    w1 = params.get("lokr_w1", params.get("lokr_w1_a"))
+    if w1 is None or w2 is None:
+        raise AdapterFileError(f"{src}: key '{key}.lokr_w1': missing; a LoKr module needs lokr_w1 (or lokr_w1_a/_b) and "
+                               "lokr_w2 (or lokr_w2_a/_b)")
+    if w1.shape[0] * w2.shape[0] != rows:
+        raise AdapterFileError(f"{src}: key '{key}.lokr_w1': LoKr factors give {w1.shape[0] * w2.shape[0]} output rows; "
+                               f"expected {rows}")
+    return int(w2.shape[0])
+
+
 def split_module(src: str, key: str, params: dict[str, torch.Tensor], targets: list[str], swap: bool,
                  views: ModuleView) -> dict[str, dict[str, torch.Tensor]]:
-    """One fused module's tensors -> per target path (rows of up / dora_scale; down and alpha shared)."""
+    """One fused module's tensors -> per target path: the row factors (LoRA's up, LoHa's w1_a / w2_a, LoKr's W1,
+    a DoRA magnitude) are sliced by the parts' output rows, the rest is shared. Exact: ΔW's rows are the rows of
+    those factors (for LoKr when the parts' boundaries are multiples of W2's height)."""
     if len(targets) == 1 and not swap:
         return {targets[0]: params}
-    extra = sorted(set(params) - set(LORA_PARAMS))
+    kind = _kind(params)
+    extra = sorted(set(params) - set(KNOWN[kind]))
+    where = f"this module stands for {len(targets)} diffusers modules {targets}{' with swapped halves' if swap else ''}"
     if extra:
-        raise AdapterFileError(f"{src}: key '{key}.{extra[0]}': this module stands for {len(targets)} diffusers "
-                               f"modules {targets}{' with swapped halves' if swap else ''}; only LoRA (lora_down/"
-                               "lora_up, alpha, dora_scale) splits exactly; expected a LoRA, or a file in the diffusers "
-                               "layout")
-    if "lora_up.weight" not in params or "lora_down.weight" not in params:
-        part = "lora_up.weight" if "lora_up.weight" not in params else "lora_down.weight"
-        raise AdapterFileError(f"{src}: key '{key}.{part}': missing; a LoRA module needs lora_down and lora_up")
+        raise AdapterFileError(f"{src}: key '{key}.{extra[0]}': {where}; only LoRA, LoHa, LoKr and DoRA parameters "
+                               "split exactly; expected one of those, or a file in the diffusers layout")
     dims = [views[t].out_features for t in targets]
-    up = params["lora_up.weight"]
-    if up.shape[0] != sum(dims):
-        raise AdapterFileError(f"{src}: key '{key}.lora_up.weight': shape {tuple(up.shape)} has {up.shape[0]} rows; "
-                               f"expected {sum(dims)} = {' + '.join(map(str, dims))} for {targets} of the model")
+    block = _row_block(src, key, params, kind, sum(dims))
+    ranges, start = [], 0
+    for d in dims:
+        halves = [(start + d // 2, start + d), (start, start + d // 2)] if swap else [(start, start + d)]
+        ranges.append(halves)
+        start += d
+    if any(x % block for r in ranges for ab in r for x in ab):
+        raise AdapterFileError(f"{src}: key '{key}.lokr_w1': {where}; a LoKr with W2 of height {block} splits exactly only "
+                               f"at multiples of {block}, and the parts have {dims} rows; expected a LoRA/LoHa, a LoKr "
+                               "with a smaller factor, or a file in the diffusers layout")
     out: dict[str, dict[str, torch.Tensor]] = {}
-    rows = 0
-    for t, d in zip(targets, dims):
-        own = {k: v for k, v in params.items() if k in ("lora_down.weight", "alpha")}
-        for k in ("lora_up.weight", "dora_scale"):
-            if k in params:
-                v = params[k][rows:rows + d]
-                own[k] = torch.cat([v[d // 2:], v[:d // 2]]) if swap else v.contiguous()
+    for t, r in zip(targets, ranges):
+        own = {}
+        for k, v in params.items():
+            if k not in ROW_FACTORS[kind]:
+                own[k] = v
+                continue
+            b = block if k.startswith("lokr_") else 1
+            if v.shape[0] * b != sum(dims):
+                raise AdapterFileError(f"{src}: key '{key}.{k}': shape {tuple(v.shape)}; expected {sum(dims) // b} rows "
+                                       f"({' + '.join(map(str, dims))} for {targets} of the model)")
+            own[k] = torch.cat([v[a // b:e // b] for a, e in r]).contiguous()
         out[t] = own
-        rows += d
     return out
 
 
