@@ -1,6 +1,6 @@
 """Convert adapter files between formats, and inspect them.
 
-    python -m lora_diffusion.convert IN OUT --to kohya|diffusers|peft|canonical [--base sd1|sd2|sdxl]
+    python -m lora_diffusion.convert IN OUT --to kohya|diffusers|peft|canonical [--base sd1|sd2|sdxl|flux|sd3|sd35-large]
     python -m lora_diffusion.convert inspect FILE [--json]
     python -m lora_diffusion.convert squeeze IN OUT --rank K | --energy 0.9 [--to FORMAT] [--model SRC] [--overwrite]
 
@@ -32,6 +32,19 @@ from .io.skeleton import Skeleton
 log = logging.getLogger(__name__)
 
 
+def _sd3_width(path: Path) -> int | None:
+    """The attention width of an SD3 file's transformer (1536: SD3/3.5 medium, 2432: SD3.5 large)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        for k in f.keys():
+            if ("qkv" in k or "to_q" in k or "to_k" in k) and ("down" in k or "lora_A" in k):
+                return int(f.get_slice(k).get_shape()[-1])
+    return None
+
+
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, base: str | None = None,
             model: Any = None, metadata: dict[str, str] | None = None) -> Path:
     """Read ``src`` (any format) and write it as ``to``, tensors as they are (no model is built or loaded).
@@ -45,13 +58,15 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, base: str |
         base = base or describe(path)["base_family"]
         if base is None:
             raise AdapterError(f"{src}: cannot tell the base model family from the keys or metadata; pass --base sd1|sd2|sdxl")
-        if base not in ("sd1", "sd2", "sdxl"):
-            raise AdapterError(f"{src}: this LoRA is for {FAMILY_NAMES.get(base, base)}, a transformer model; converting "
-                               "needs its module names, known here for SD1.x, SD2.x and SDXL; expected one of those")
+        if base == "dit":
+            raise AdapterError(f"{src}: this LoRA is for {FAMILY_NAMES[base]}; its keys and widths do not tell which; "
+                               "pass --base flux|sd3|sd35-large")
+        if base == "sd3" and _sd3_width(path) == 2432:
+            base = "sd35-large"
         model = Skeleton(base)
     targets = _role_targets(model)
     views = {role: model_view(m) for role, m in targets.items()}
-    unet_config = getattr(targets.get("unet"), "config", None)
+    unet_config = getattr(targets.get("unet") or targets.get("transformer"), "config", None)
     loaded = read_safetensors(path) if path.is_file() else None
     meta = {k: v for k, v in (loaded[1] if loaded else {}).items() if k.startswith(("ss_", "modelspec.")) or
             k in ("trigger_word", "base_model", "name")} | (metadata or {})
@@ -144,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("src")
         p.add_argument("dst")
         p.add_argument("--to", required=True, choices=FORMATS)
-        p.add_argument("--base", choices=["sd1", "sd2", "sdxl"])
+        p.add_argument("--base", choices=["sd1", "sd2", "sdxl", "flux", "sd3", "sd35-large"],
+                       help="base family when the file does not tell (sd3: SD3/SD3.5 medium)")
         a = p.parse_args(argv)
         runner = lambda: (convert(a.src, a.dst, a.to, a.base), 0)[1]  # noqa: E731
     try:

@@ -11,7 +11,7 @@ import torch
 import lora_diffusion as ld
 from lora_diffusion.convert import main
 from lora_diffusion.io.detect import family_from_keys
-from lora_diffusion.io.files import write_safetensors
+from lora_diffusion.io.files import read_safetensors, write_safetensors
 from lora_diffusion.io.library import describe
 
 from .test_formats_helpers import sd15_pipeline
@@ -76,5 +76,10 @@ def test_inspect_and_convert_name_a_flux_file(tmp_path, capsys):
     write_safetensors(tmp_path / "flux.safetensors", FLUX_KOHYA, {})
     info = describe(tmp_path / "flux.safetensors")
     assert info["base_family"] == "flux" and info["base"] == "Flux"
-    assert main([str(tmp_path / "flux.safetensors"), str(tmp_path / "o.safetensors"), "--to", "diffusers"]) == 2
-    assert "this LoRA is for Flux, a transformer model" in capsys.readouterr().err
+    # converted through a meta-device Flux.1 pipeline (transformer, CLIP-L, T5-XXL): fused qkv / linear1 split
+    assert main([str(tmp_path / "flux.safetensors"), str(tmp_path / "o.safetensors"), "--to", "diffusers"]) == 0
+    out = read_safetensors(tmp_path / "o.safetensors")[0]
+    assert {k.rsplit(".lora_", 1)[0] for k in out} == {
+        *(f"transformer.transformer_blocks.0.attn.to_{c}" for c in "qkv"),
+        *(f"transformer.single_transformer_blocks.3.attn.to_{c}" for c in "qkv"),
+        "transformer.single_transformer_blocks.3.proj_mlp", "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q"}

@@ -174,6 +174,8 @@ def test_kohya_flux_with_text_encoders_matches_diffusers(tmp_path):
     ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
     ld.load_adapter(ours, tmp_path / "k.safetensors", name="k")
     theirs.load_lora_weights(dict(sd | t5))
+    layers = [ours.transformer.get_submodule(f"transformer_blocks.0.attn.to_{c}").adapters["k"] for c in "qkv"]
+    assert len({ad.lora_A.data_ptr() for ad in layers}) == 3  # split parts do not share storage (trained apart)
     assert not close(dit_call(ours.transformer), dit_call(base.transformer))
     assert close(dit_call(ours.transformer), dit_call(theirs.transformer))
     assert not close(te_out(ours.text_encoder), te_out(base.text_encoder))
@@ -549,3 +551,48 @@ def test_onetrainer_dora_and_fused_dora(tmp_path):
     again = copy.deepcopy(model)
     ld.load_adapter(again, path, name="e")
     assert close(dit_call(again), dit_call(ours))
+
+
+@pytest.mark.parametrize("fixture", [FLUX, SD35L])
+def test_convert_cli_without_a_model(tmp_path, fixture):
+    """``python -m lora_diffusion.convert`` maps a real-shaped original-layout file through a meta-device Flux.1-dev /
+    SD3.5 pipeline (SD3.5 large told from its 2432 width): the diffusers file has the same ΔW per module (Flux:
+    against diffusers' own conversion), and converting it back to kohya restores the original names."""
+    from diffusers import FluxPipeline
+
+    from lora_diffusion.convert import main
+    from lora_diffusion.io import dit
+
+    model = _meta_model(fixture)
+    if fixture == FLUX:
+        sd = _kohya_flux_file(model, seed=4)
+    else:
+        g = torch.Generator().manual_seed(4)
+        targets, _ = dit.sd3_map(model.config)
+        sd = {}
+        for dotted in ("joint_blocks.0.x_block.attn.qkv", "joint_blocks.37.context_block.adaLN_modulation.1"):
+            mods = [model.get_submodule(p) for p in targets[dotted]]
+            flat = dit.flat("lora_unet", dotted)
+            sd[f"{flat}.lora_down.weight"] = torch.randn(4, mods[0].in_features, generator=g)
+            sd[f"{flat}.lora_up.weight"] = torch.randn(sum(m.out_features for m in mods), 4, generator=g)
+    write_safetensors(tmp_path / "k.safetensors", sd, {})
+    assert main([str(tmp_path / "k.safetensors"), str(tmp_path / "d.safetensors"), "--to", "diffusers"]) == 0
+    ours = read_safetensors(tmp_path / "d.safetensors")[0]
+    if fixture == FLUX:
+        theirs = FluxPipeline.lora_state_dict(dict(sd))
+        theirs = {k if k.startswith("transformer.") else f"transformer.{k}": v for k, v in theirs.items()}
+        assert set(ours) == set(theirs)
+        x = torch.randn(21504, dtype=torch.float64)
+        for k in [k for k in ours if k.endswith("lora_A.weight")]:
+            b = k.replace("lora_A", "lora_B")
+            probe = [t[b].double() @ (t[k].double() @ x[: t[k].shape[1]]) for t in (ours, theirs)]
+            assert close(*probe, tol=1e-5), k
+    else:
+        assert {k.rsplit(".lora_", 1)[0] for k in ours} == {
+            *(f"transformer.transformer_blocks.0.attn.to_{c}" for c in "qkv"),
+            "transformer.transformer_blocks.37.norm1_context.linear"}
+        up = sd["lora_unet_joint_blocks_37_context_block_adaLN_modulation_1.lora_up.weight"]
+        assert torch.equal(ours["transformer.transformer_blocks.37.norm1_context.linear.lora_B.weight"],
+                           torch.cat([up[2432:], up[:2432]]))  # (shift, scale) -> (scale, shift)
+    assert main([str(tmp_path / "d.safetensors"), str(tmp_path / "k2.safetensors"), "--to", "kohya"]) == 0
+    assert {k.split(".")[0] for k in read_safetensors(tmp_path / "k2.safetensors")[0]} == {k.split(".")[0] for k in sd}

@@ -194,7 +194,7 @@ def split_module(src: str, key: str, params: dict[str, torch.Tensor], targets: l
         own = {}
         for k, v in params.items():
             if k not in ROW_FACTORS[kind]:
-                own[k] = v
+                own[k] = v.clone()  # each part its own tensor (shared storage would tie them in training and on disk)
                 continue
             b = block if k.startswith("lokr_") else 1
             if v.shape[0] * b != sum(dims):

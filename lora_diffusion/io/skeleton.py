@@ -27,6 +27,18 @@ CLIP_G = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 3
           "projection_dim": 1280}
 TEXT = {"sd1": {"text_encoder": CLIP_L}, "sd2": {"text_encoder": CLIP_H},
         "sdxl": {"text_encoder": CLIP_L, "text_encoder_2": CLIP_G}}
+# diffusion transformers: the published transformer/config.json values (tests/fixtures, sources in its README)
+FLUX1_DEV = {"attention_head_dim": 128, "axes_dims_rope": [16, 56, 56], "guidance_embeds": True, "in_channels": 64,
+             "joint_attention_dim": 4096, "num_attention_heads": 24, "num_layers": 19, "num_single_layers": 38,
+             "patch_size": 1, "pooled_projection_dim": 768}
+SD35_LARGE = {"attention_head_dim": 64, "caption_projection_dim": 2432, "in_channels": 16, "joint_attention_dim": 4096,
+              "num_attention_heads": 38, "num_layers": 38, "out_channels": 16, "patch_size": 2,
+              "pooled_projection_dim": 2048, "pos_embed_max_size": 192, "qk_norm": "rms_norm", "sample_size": 128}
+SD35_MEDIUM = SD35_LARGE | {"caption_projection_dim": 1536, "num_attention_heads": 24, "num_layers": 24,
+                            "pos_embed_max_size": 384, "dual_attention_layers": list(range(13))}
+DIT = {"flux": FLUX1_DEV, "sd3": SD35_MEDIUM, "sd35-large": SD35_LARGE}
+T5_XXL = {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "vocab_size": 32128,
+          "feed_forward_proj": "gated-gelu"}
 
 
 class Skeleton:
@@ -36,12 +48,30 @@ class Skeleton:
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-        if family not in UNET:
-            raise ValueError(f"base family {family!r}; expected one of {sorted(UNET)}")
-        self.family = family
+        if family not in UNET and family not in DIT:
+            raise ValueError(f"base family {family!r}; expected one of {sorted(UNET) + sorted(DIT)}")
+        self.family = "sd3" if family == "sd35-large" else family
+        if family in DIT:
+            self.components = _dit_components(family)
+            return
         with torch.device("meta"):
             comps: dict[str, nn.Module] = {"unet": UNet2DConditionModel(**UNET[family])}
             for name, cfg in TEXT[family].items():
                 cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
                 comps[name] = cls(CLIPTextConfig(**cfg))
         self.components = comps
+
+
+def _dit_components(family: str) -> dict[str, nn.Module]:
+    """Flux.1-dev (CLIP-L, T5-XXL) or SD3.5 medium / large (CLIP-L, CLIP-G, T5-XXL) on the meta device."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    with torch.device("meta"):
+        t5 = T5EncoderModel(T5Config(**T5_XXL))
+        if family == "flux":
+            return {"transformer": FluxTransformer2DModel(**DIT[family]),
+                    "text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L)), "text_encoder_2": t5}
+        return {"transformer": SD3Transformer2DModel(**DIT[family]),
+                "text_encoder": CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L, projection_dim=768)),
+                "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G)), "text_encoder_3": t5}
