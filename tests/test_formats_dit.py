@@ -596,3 +596,28 @@ def test_convert_cli_without_a_model(tmp_path, fixture):
                            torch.cat([up[2432:], up[:2432]]))  # (shift, scale) -> (scale, shift)
     assert main([str(tmp_path / "d.safetensors"), str(tmp_path / "k2.safetensors"), "--to", "kohya"]) == 0
     assert {k.split(".")[0] for k in read_safetensors(tmp_path / "k2.safetensors")[0]} == {k.split(".")[0] for k in sd}
+
+
+@pytest.mark.parametrize("fixture", [FLUX, SD35M])
+def test_peft_folders_both_ways(tmp_path, fixture):
+    """A bare transformer with PEFT: our PEFT folder loads in ``PeftModel`` and theirs (LoRA and DoRA) loads here,
+    same outputs."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from .conftest import perturb
+
+    base = tiny_dit(fixture)
+    ours = copy.deepcopy(base)
+    ld.add_adapter(ours, ld.AdapterSpec(rank=4, alpha=8, targets="dit-attn-mlp", rank_pattern={"to_v": 2}), "p")
+    perturb(ours, "p", std=0.2)
+    folder = ld.save_adapter(ours, tmp_path / "ours", "p", format="peft")
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).eval()
+    assert close(dit_call(theirs.get_base_model()), dit_call(ours))
+    for dora in (False, True):
+        cfg = LoraConfig(r=4, lora_alpha=6, target_modules=["to_q", "add_k_proj", "ff.net.2", "norm1.linear"],
+                         use_dora=dora, init_lora_weights=False)
+        peft_model = get_peft_model(copy.deepcopy(base), cfg).eval()
+        peft_model.save_pretrained(str(tmp_path / f"theirs{dora}"))
+        again = copy.deepcopy(base)
+        ld.load_adapter(again, tmp_path / f"theirs{dora}", name="t")
+        assert close(dit_call(again), dit_call(peft_model.get_base_model()))
