@@ -621,3 +621,31 @@ def test_peft_folders_both_ways(tmp_path, fixture):
         again = copy.deepcopy(base)
         ld.load_adapter(again, tmp_path / f"theirs{dora}", name="t")
         assert close(dit_call(again), dit_call(peft_model.get_base_model()))
+
+
+def _pair(flat: str, out: int, inp: int, a: str = ".lora_down.weight", b: str = ".lora_up.weight") -> dict:
+    return {flat + a: torch.zeros(4, inp), flat + b: torch.zeros(out, 4)}
+
+
+@pytest.mark.parametrize("sd,fmt,family", [
+    (_pair("lora_transformer_single_transformer_blocks_0_attn_to_q", 3072, 3072), "kohya", "flux"),  # OneTrainer
+    (_pair("lora_transformer_transformer_blocks_0_attn_to_q", 3072, 3072), "kohya", "flux"),  # by width
+    (_pair("lora_transformer_transformer_blocks_0_attn_to_q", 1536, 1536), "kohya", "sd3"),
+    (_pair("transformer.transformer_blocks.0.attn.to_q", 2432, 2432, ".lora_A.weight", ".lora_B.weight"), "diffusers", "sd3"),
+    (_pair("transformer.transformer_blocks.0.attn.to_q", 32, 32, ".lora_A.weight", ".lora_B.weight"), "diffusers", "dit"),
+    (_pair("transformer.transformer_blocks.0.attn2.to_q", 32, 32, ".lora_A.weight", ".lora_B.weight"), "diffusers", "sd3"),
+    (_pair("double_blocks.0.processor.qkv_lora1", 9216, 3072, ".down.weight", ".up.weight"), "xlabs", "flux"),
+    (_pair("diffusion_model.double_blocks.0.img_attn.qkv", 9216, 3072, ".lora_A.weight", ".lora_B.weight"), "comfy-dit",
+     "flux"),
+    (_pair("lora_unet_joint_blocks_0_x_block_attn_qkv", 4608, 1536), "kohya", "sd3"),
+    # a Flux file's text encoders alone (CLIP-L as lora_te1, T5 as lora_te3 or lora_te2): never SDXL
+    (_pair("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", 768, 768)
+     | _pair("lora_te3_encoder_block_0_layer_0_SelfAttention_q", 4096, 4096), "kohya", None),
+    (_pair("lora_te2_encoder_block_0_layer_0_SelfAttention_q", 4096, 4096), "kohya", None),
+], ids=["onetrainer-single", "onetrainer-flux-width", "onetrainer-sd3-width", "diffusers-sd35-large",
+        "diffusers-ambiguous", "diffusers-attn2", "xlabs", "comfyui", "kohya-sd3", "flux-te-only", "flux-t5-only"])
+def test_detect_dit_layouts(sd, fmt, family):
+    from lora_diffusion.io.detect import detect_format, family_from_keys
+
+    assert detect_format(list(sd), {}) == fmt
+    assert family_from_keys({k: tuple(v.shape) for k, v in sd.items()}) == family
