@@ -210,6 +210,12 @@ def test_flux_layouts_match_diffusers(tmp_path, layout):
         sd = _xlabs_file(base.transformer)
     elif layout == "comfyui":
         sd = _comfy(_double_only(_kohya_flux_file(base.transformer)), base.transformer)
+        for k, v in _te_lora("lora_te1", base.text_encoder).items():  # ComfyUI's own text-encoder names
+            module, _, param = k.partition(".")
+            dotted = module.removeprefix("lora_te1_").replace("_", ".").replace("self.attn", "self_attn")
+            dotted = dotted.replace("text.model", "text_model").replace("q.proj", "q_proj").replace("k.proj", "k_proj")
+            dotted = dotted.replace("v.proj", "v_proj").replace("out.proj", "out_proj")
+            sd[f"text_encoders.clip_l.transformer.{dotted}.{param}"] = v
     else:
         sd = {k.replace("transformer.", "lora_transformer_", 1).rsplit(".lora_", 1)[0].replace(".", "_")
               + {"A": ".lora_down.weight", "B": ".lora_up.weight"}[k[-8]]: v.float()
@@ -224,6 +230,7 @@ def test_flux_layouts_match_diffusers(tmp_path, layout):
     assert not close(dit_call(ours.transformer), dit_call(base.transformer))
     assert close(dit_call(ours.transformer), dit_call(theirs.transformer))
     assert close(te_out(ours.text_encoder), te_out(theirs.text_encoder))
+    assert (layout == "xlabs") == close(te_out(ours.text_encoder), te_out(base.text_encoder))  # XLabs: no text encoder
 
 
 def _comfy(sd: dict, model) -> dict:

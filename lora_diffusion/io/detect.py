@@ -24,7 +24,7 @@ def is_comfy_dit(keys: Sequence[str]) -> bool:
     """ComfyUI / BFL-style DiT LoRA: original module names under ``diffusion_model.`` (``lora_A/B`` or
     ``lora_down/up``), text encoders as in kohya."""
     return any(k.startswith("diffusion_model.") for k in keys) and all(
-        k.startswith(("diffusion_model.", *KOHYA_PREFIXES)) for k in keys)
+        k.startswith(("diffusion_model.", "text_encoders.", *KOHYA_PREFIXES)) for k in keys)
 
 
 def detect_format(keys: Sequence[str], meta: Mapping[str, str]) -> str:

@@ -31,7 +31,11 @@ FAMILY = {"flux": "Flux", "sd3": "SD3"}
 # kohya text-encoder prefixes per family and pipeline component (sd-scripts lora_flux.py / lora_sd3.py)
 TE_PREFIX = {"flux": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te3"},
              "sd3": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2", "text_encoder_3": "lora_te3"}}
-TE_ALIASES = {"flux": {"lora_te2": "text_encoder_2"}}  # sd-scripts' first Flux release wrote T5 as lora_te2
+# sd-scripts' first Flux release wrote T5 as lora_te2; ComfyUI-converted files name CLIP-L lora_te
+TE_ALIASES = {"flux": {"lora_te2": "text_encoder_2", "lora_te": "text_encoder"}, "sd3": {"lora_te": "text_encoder"}}
+COMFY_TE = {"clip_l": "lora_te1", "clip_g": "lora_te2", "t5xxl": "lora_te3"}  # ComfyUI's text_encoders.<name>.transformer.
+PARAM_SUFFIXES = ((".lora_A.weight", "lora_down.weight"), (".lora_B.weight", "lora_up.weight"),
+                  (".lora_down.weight", "lora_down.weight"), (".lora_up.weight", "lora_up.weight"))
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -317,18 +321,25 @@ def _normalize(key: str) -> tuple[str, str, str]:
         module, _, which = module.rpartition(".")
         return "xlabs", flat("xlabs", module), {"down": "lora_down.weight", "up": "lora_up.weight"}.get(which, which)
     if key.startswith("diffusion_model."):  # ComfyUI: original dotted names, PEFT or kohya parameter names
-        for suffix, param in ((".lora_A.weight", "lora_down.weight"), (".lora_B.weight", "lora_up.weight"),
-                              (".lora_down.weight", "lora_down.weight"), (".lora_up.weight", "lora_up.weight"),
-                              (".alpha", "alpha"), (".dora_scale", "dora_scale")):
-            if k.endswith(suffix):
-                return "unet", flat("lora_unet", k[:-len(suffix)]), param
-        return "unet", flat("lora_unet", k.rpartition(".")[0]), k.rpartition(".")[2]
+        return ("unet", *_dotted("lora_unet", k))
+    if key.startswith("text_encoders."):
+        enc, _, rest = key.removeprefix("text_encoders.").partition(".transformer.")
+        return ("te", *_dotted(COMFY_TE.get(enc, f"lora_{enc}"), rest))
     name, _, param = key.partition(".")
     if name.startswith("lora_unet_"):
         return "unet", name, param
     if name.startswith(OT_PREFIX + "_"):
         return "onetrainer", name, param
     return "te", name, param
+
+
+def _dotted(prefix: str, k: str) -> tuple[str, str]:
+    """``<dotted module>.<param>`` (PEFT or kohya parameter names) -> (kohya flat name, kohya param)."""
+    for suffix, param in PARAM_SUFFIXES:
+        if k.endswith(suffix):
+            return flat(prefix, k[:-len(suffix)]), param
+    module, _, param = k.rpartition(".")
+    return flat(prefix, module), param
 
 
 def _te_kind(names: Iterable[str]) -> str:
