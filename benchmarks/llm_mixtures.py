@@ -317,6 +317,52 @@ def key_similarity(fusion: Any) -> dict[str, float]:
             "random_reference": math.sqrt(2 / (math.pi * d))}
 
 
+@torch.no_grad()
+def init_alignment(model: torch.nn.Module, fusion: Any, seeds: dict[str, int], rank: int) -> dict[str, float]:
+    """Where the Arrow keys come from: the share of each LoRA's key a*_{i,1} (unit) inside the row space of its
+    *initial* A (re-created from its seed), vs r/in for a random direction; and ‖A - A0‖/‖A0‖. Unfuses the model."""
+    keys = {k: (list(c.names), c.arrows.double().clone()) for k, c in fusion.combiners.items()}
+    layers = dict(fusion.layers)
+    unfuse(model)
+    share, ref, drift, probe = [], [], [], "_init_probe"
+    for name, seed in seeds.items():
+        ld.add_adapter(model, ld.AdapterSpec(rank=rank, alpha=2 * rank, targets="llm", seed=seed), probe,
+                       trainable=False)
+        for key, (names, arrows) in keys.items():
+            layer = layers[key]
+            if name not in names or probe not in layer.adapters:
+                continue
+            a0, a = layer.adapters[probe].lora_A.double(), layer.adapters[name].lora_A.double()  # (r, in)
+            q, _ = torch.linalg.qr(a0.T)  # (in, r): the initial row space
+            share.append(float((q.T @ torch.nn.functional.normalize(arrows[names.index(name)], dim=0)).pow(2).sum()))
+            ref.append(a0.shape[0] / a0.shape[1])
+            drift.append(float((a - a0).norm() / a0.norm()))
+        ld.remove_adapters(model, [probe])
+    return {"key_in_init_rowspace": statistics.fmean(share), "random_reference": statistics.fmean(ref),
+            "A_drift": statistics.fmean(drift)}
+
+
+def lagdiag_part(model: torch.nn.Module, cfg: Config, cache: Path) -> dict[str, Any]:
+    """The cached libraries' Arrow keys vs their initial A (no training; run after the tasks/knowledge parts)."""
+    from lora_diffusion import llm
+
+    libs = {"tasks": {f"task_{t}": cfg.seed * 100 + i for i, t in enumerate(cfg.tasks.split(","))},
+            "knowledge": {f"know_{i:03d}": cfg.seed * 1000 + 500 + i for i in range(cfg.knowledge_loras)}}
+    files = {"tasks": lambda n: cache / f"{n}.safetensors", "knowledge": lambda n: cache / "knowledge" / f"{n}.safetensors"}
+    out = {}
+    for lib, seeds in libs.items():
+        paths = {n: files[lib](n) for n in seeds}
+        if not all(p.is_file() for p in paths.values()):
+            log.warning("lagdiag: the %s LoRAs are not all cached in %s; skipped", lib, cache)
+            continue
+        names = [llm.load_llm_adapter(model, p, name=n) for n, p in paths.items()]
+        f = fuse(model, names, method="lag", top_k=min(cfg.top_k, len(names)))
+        out[lib] = init_alignment(model, f, seeds, cfg.rank)
+        ld.remove_adapters(model, names)
+        log.info("lagdiag %s: %s", lib, out[lib])
+    return out
+
+
 # --- part 2: knowledge LoRAs (LAG) ---
 
 
@@ -413,7 +459,7 @@ def knowledge_routing(model: torch.nn.Module, tok: Any, fusion: Any, facts: list
 
 # --- one seed, all seeds ---
 
-PARTS = ("tasks", "knowledge", "moa")
+PARTS = ("tasks", "knowledge", "moa", "lagdiag")
 
 
 def run_part(cfg: Config, cache: Path, part: str) -> dict[str, Any]:
@@ -434,6 +480,8 @@ def run_part(cfg: Config, cache: Path, part: str) -> dict[str, Any]:
         tasks = cfg.tasks.split(",")
         train = [e for ex in task_data(tok, tasks, cfg.n_train, "train", cfg.seed).values() for e in ex]
         out["moa"] = moa_row(model, tok, cfg, task_data(tok, tasks, cfg.n_test, "test", cfg.seed), train)
+    elif part == "lagdiag":
+        out["lagdiag"] = lagdiag_part(model, cfg, cache)
     else:
         out["knowledge"] = knowledge_part(model, tok, cfg, cache)
     out["wall_s"] = time.perf_counter() - t0
@@ -512,6 +560,14 @@ def report(results: list[dict[str, Any]]) -> str:
         lines.append(f"| {label} | {fmt([d['routing']['mean'] for d in ds])} | {fmt(last) if last else ''} | "
                      f"{100 * ds[0]['routing']['chance']:.1f} | {fmt([d['routing']['top_share'] for d in ds])} | "
                      f"{fmt([d['keys']['mean_abs_cos'] for d in ds], False)} ({ds[0]['keys']['random_reference']:.3f}) |")
+    if "lagdiag" in results[0]:
+        lines += ["", "Where the Arrow keys come from: share of a LoRA's key inside the row space of its initial "
+                  "(random) A, and how far A moved from its init", "",
+                  "| library | key in init row space % | random direction % | ‖A − A0‖/‖A0‖ |", "|---|---|---|---|"]
+        for lib in results[0]["lagdiag"]:
+            ds = [r["lagdiag"][lib] for r in results if lib in r.get("lagdiag", {})]
+            lines.append(f"| {lib} | {fmt([d['key_in_init_rowspace'] for d in ds])} | "
+                         f"{100 * ds[0]['random_reference']:.1f} | {fmt([d['A_drift'] for d in ds], False)} |")
     return "\n".join(lines)
 
 
@@ -538,7 +594,8 @@ def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--cache", type=Path, default=ROOT / "outputs" / "llm_mixtures", help="LoRAs and per-seed results")
     p.add_argument("--json", type=Path, default=None, help="write every seed's result and the report here")
     p.add_argument("--parts", default=",".join(PARTS), help="which parts to run (or read from the cache): "
-                   "tasks (LoRAs, mixtures), knowledge (LAG), moa (a MoA trained on all tasks)")
+                   "tasks (LoRAs, mixtures), knowledge (LAG), moa (a MoA trained on all tasks), "
+                   "lagdiag (the cached LoRAs' Arrow keys vs their initial A; after tasks and knowledge)")
     p.add_argument("--worker", choices=PARTS, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     cfg = Config(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Config)})

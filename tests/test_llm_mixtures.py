@@ -4,13 +4,21 @@ each task's rule, held-out words are never training words, exact match equals gr
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
 from torch import nn
 
 import lora_diffusion as ld
-from benchmarks.llm_mixtures import answer_scores, key_similarity, mean_ci, routing_accuracy, summarize
+from benchmarks.llm_mixtures import (
+    answer_scores,
+    init_alignment,
+    key_similarity,
+    mean_ci,
+    routing_accuracy,
+    summarize,
+)
 from lora_diffusion.fusion import fuse
 from training.llm_data import (
     IGNORE,
@@ -151,3 +159,24 @@ def test_lag_routing_diagnostics_are_fractions_of_the_library(tiny_llama, tok):
     assert sum(accs) == pytest.approx(1.0) and all(0 <= a <= 1 for a in accs)
     keys = key_similarity(f)
     assert 0 <= keys["mean_abs_cos"] <= keys["max_layer_abs_cos"] <= 1 and keys["random_reference"] > 0
+
+
+def test_init_alignment_finds_keys_that_are_the_initial_A(tiny_llama):
+    """A LoRA whose A is still its seeded init has its Arrow key inside the init's row space (share 1, drift 0);
+    one whose A moved does not."""
+    for i in range(2):
+        ld.add_adapter(tiny_llama, ld.AdapterSpec(rank=2, alpha=4, targets="llm", seed=10 + i), f"k{i}",
+                       trainable=False)
+    with torch.no_grad():
+        for n, p in ld.adapter_parameters(tiny_llama, "k0"):
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    perturb(tiny_llama, "k1", std=0.5)
+    out = {}
+    for name in ("k0", "k1"):
+        f = fuse(tiny_llama, ["k0", "k1"], method="lag", top_k=1)
+        out[name] = init_alignment(tiny_llama, f, {name: 10 + int(name[1])}, rank=2)
+    assert out["k0"]["key_in_init_rowspace"] == pytest.approx(1.0, abs=1e-6) and out["k0"]["A_drift"] == 0
+    assert out["k1"]["A_drift"] > 0.1 and out["k1"]["key_in_init_rowspace"] < 0.9
+    assert out["k0"]["random_reference"] == pytest.approx(statistics.fmean([2 / 32] * 4 + [2 / 64] + [2 / 32] * 2))
+    assert "_init_probe" not in ld.list_adapters(tiny_llama)
