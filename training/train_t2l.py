@@ -4,6 +4,8 @@
     python -m training.train_t2l --mode library --out runs/lib                   # one LoRA per training task
     python -m training.train_t2l --mode recon --library runs/lib --out runs/t2l-recon   # fit those LoRAs
     python -m training.train_t2l --mode sft --out runs/t2l --resume latest       # continue a stopped run
+    python -m training.train_t2l --mode recon --component unet --library outputs/demo_library \
+        --holdout ring,dotted --out runs/t2l-unet                                 # the demo UNet's LoRAs (docs/hyper.md)
 
 ``--model`` defaults to the offline SmolLM2-135M-Instruct; ``--layers 20:30`` adapts only those layers (the CPU
 reduction: backward stops at the first adapted layer). The hypernetwork goes to ``OUT/t2l.safetensors`` (load it with
@@ -53,6 +55,8 @@ class RunConfig:
     n_train: int = 64  # records per training task
     suite_seed: int = 0
     library: str | None = None  # recon: folder of <task>.safetensors
+    component: str | None = None  # recon of a diffusion pipeline component's LoRAs ("unet"); --model: the pipeline
+    holdout: str = ""  # recon with --component: comma-separated library names left out of training
     max_length: int = 96
     checkpoint_every: int = 50
     resume: str | None = None
@@ -225,6 +229,8 @@ def run(cfg: RunConfig) -> Path:
     if cfg.mode not in MODES:
         raise ValueError(f"--mode {cfg.mode!r}: expected one of {list(MODES)}")
     out = Path(cfg.out)
+    if cfg.component:
+        return run_pipeline_recon(cfg)
     train_names = [t.name for t in t2l_tasks.split_tasks()[0]]
     check_out(out, cfg, [HYPER_FILE, "log.json"] if cfg.mode != "library"
               else ["library.json", *(f"{t}.safetensors" for t in train_names)])  # before any training
@@ -268,6 +274,49 @@ def run_recon(hyper: T2L, emb: Any, descs: dict[str, list[str]], cfg: RunConfig)
     return train_reconstruction(hyper, pairs, emb, rc)
 
 
+def run_pipeline_recon(cfg: RunConfig) -> Path:
+    """Reconstruction for a diffusion pipeline's component (``--component unet``): fit the LoRA files of ``--library``
+    (descriptions from its descriptions.json or the files' metadata; ``--holdout`` names left out). Rank, alpha and
+    target modules are the library's (every file must have the same)."""
+    from lora_diffusion.generate import load_pipeline
+    from lora_diffusion.hyper.recon import library_pairs
+    from lora_diffusion.io import canonical
+    from lora_diffusion.io.files import read_header
+
+    if cfg.mode != "recon":
+        raise ValueError(f"--component {cfg.component}: only --mode recon trains a pipeline hypernetwork "
+                         f"(found --mode {cfg.mode})")
+    if not cfg.library:
+        raise ValueError("--mode recon needs --library DIR (LoRA files, e.g. python -m training.build_demo_library)")
+    out = Path(cfg.out)
+    check_out(out, cfg, [HYPER_FILE, "log.json"])
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    pairs = library_pairs(cfg.library, [h for h in cfg.holdout.split(",") if h])
+    entries = canonical.decode_metadata(read_header(pairs[0][1])[1], str(pairs[0][1]))
+    if cfg.component not in entries:
+        raise ValueError(f"{pairs[0][1]}: no LoRA on the pipeline's '{cfg.component}' (it adapts {sorted(entries)})")
+    spec = entries[cfg.component].spec
+    pipe = load_pipeline(cfg.model)
+    model = getattr(pipe, cfg.component)
+    emb = make_embedder(cfg.embedder)
+    targets = [spec.targets] if isinstance(spec.targets, str) else list(spec.targets)
+    hc = T2LConfig(size=cfg.size, rank=spec.rank, alpha=float(spec.alpha if spec.alpha is not None else spec.rank),
+                   targets=targets, emb_dim=emb.dim, embedder=emb.id, seed=cfg.sft.seed, component=cfg.component)
+    hyper = T2L.for_model(model, hc)
+    log.info("T2L for the %s: %d modules, %d module types, %d layers; %.1fM parameters; %d (description, LoRA) "
+             "pairs from %d files", cfg.component, len(hyper.slots), len(hyper.types), hyper.n_layers,
+             sum(p.numel() for p in hyper.parameters()) / 1e6, len(pairs), len({str(p) for _, p in pairs}))
+    rc = ReconConfig(steps=cfg.sft.steps, lr=cfg.sft.lr, seed=cfg.sft.seed, log_every=cfg.sft.log_every,
+                     batch_tasks=cfg.sft.batch_tasks, weight_decay=cfg.sft.weight_decay)
+    losses = train_reconstruction(hyper, pairs, emb, rc)
+    out.mkdir(parents=True, exist_ok=True)
+    hyper.save(out / HYPER_FILE, base_model=str(cfg.model or "demo-sd"))
+    save_log(out, cfg, losses, {"pairs": [[d, str(p)] for d, p in pairs]})
+    log.info("hypernetwork written to %s", out / HYPER_FILE)
+    return out / HYPER_FILE
+
+
 def train_library(model: nn.Module, tok: Any, hc: T2LConfig, recs: list[dict[str, str]], cfg: RunConfig,
                   out: Path) -> Path:
     """One ``StaticLoRA`` per training task, saved as canonical ``<task>.safetensors`` (the recon library)."""
@@ -303,7 +352,11 @@ def parse(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--layers", default=None, help="START:END, adapt only these layers (e.g. 20:30)")
     p.add_argument("--n_train", type=int, default=d.n_train, help="records per training task")
     p.add_argument("--suite_seed", type=int, default=0)
-    p.add_argument("--library", default=None)
+    p.add_argument("--library", default=None, help="recon: folder of LoRA files (LLM: <task>.safetensors per training "
+                   "task; --component: any LoRA files, described by descriptions.json or their metadata)")
+    p.add_argument("--component", default=None, help="recon for a diffusion pipeline's component, e.g. 'unet' "
+                   "(--model: the pipeline; default: the embedded demo model)")
+    p.add_argument("--holdout", default="", help="with --component: comma-separated library names not trained on")
     p.add_argument("--max_length", type=int, default=d.max_length)
     p.add_argument("--checkpoint_every", type=int, default=d.checkpoint_every)
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")

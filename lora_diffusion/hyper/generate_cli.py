@@ -18,6 +18,8 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 from ..api import remove_adapters
 from ..core.errors import AdapterError
 from .t2l import T2L, make_embedder, text_to_lora
@@ -40,6 +42,12 @@ def generate_lora(hyper_path: str | Path, task: str, out: str | Path, peft_dir: 
         raise FileExistsError(f"{peft_dir} exists and is not empty; pass --overwrite to replace it")
     if not Path(hyper_path).is_file():
         raise FileNotFoundError(f"hypernetwork checkpoint not found: {hyper_path}")
+    if T2L.read_config(hyper_path)[0].component:
+        if peft_dir is not None:
+            raise AdapterError("--peft_dir: a PEFT folder is written for LLM hypernetworks; this one generates a "
+                               "diffusion pipeline's LoRA (convert the file with ld.save_adapter(pipe, ..., "
+                               "format='diffusers'))")
+        return {"adapter": str(generate_pipeline_lora(hyper_path, task, out, model, embedder, name))}
     base, _ = llm.load_causal_lm(model)
     hyper = T2L.load(hyper_path, base)  # refuses another base, naming the differences
     emb = make_embedder(embedder if embedder is not None else _embedder_name(hyper.config.embedder))
@@ -53,6 +61,34 @@ def generate_lora(hyper_path: str | Path, task: str, out: str | Path, peft_dir: 
         written["peft"] = str(llm.save_peft_adapter(base, peft_dir, name=name, overwrite=overwrite))
     remove_adapters(base, [name])
     return written
+
+
+def generate_pipeline_lora(hyper_path: str | Path, task: str, out: str | Path, model: str | None = None,
+                           embedder: str | None = None, name: str = "t2l") -> Path:
+    """A hypernetwork for a pipeline component (``T2LConfig.component``, e.g. the demo UNet): generate the LoRA on
+    that component of ``model`` (default: the embedded demo model) and write a canonical pipeline file that
+    ``python -m lora_diffusion.generate --adapter`` and ``ld.load_adapter(pipe, ...)`` load."""
+    from .. import api
+    from ..generate import load_pipeline
+
+    pipe = load_pipeline(model)
+    config, _ = T2L.read_config(hyper_path)
+    comp = getattr(pipe, config.component, None)
+    if not isinstance(comp, torch.nn.Module):
+        raise AdapterError(f"{hyper_path}: the hypernetwork adapts the pipeline's '{config.component}', which "
+                           f"{type(pipe).__name__} does not have")
+    hyper = T2L.load(hyper_path, comp)  # refuses another base, naming the differences
+    emb = make_embedder(embedder if embedder is not None else _embedder_name(hyper.config.embedder))
+    t0 = time.monotonic()
+    text_to_lora(comp, hyper, task, emb, name=name)
+    log.info("generated a rank-%d LoRA for %d %s modules in %.1f ms", hyper.config.rank, len(hyper.slots),
+             config.component, 1e3 * (time.monotonic() - t0))
+    meta = {"t2l_task": task, "t2l_hypernetwork": str(hyper_path), "modelspec.description": task,
+            "modelspec.title": task}
+    try:
+        return api.save_adapter(pipe, out, name=name, metadata=meta)
+    finally:
+        remove_adapters(comp, [name])
 
 
 def _embedder_name(recorded: str) -> str | None:
@@ -70,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     p.add_argument("--task", required=True, help="the task in words, e.g. 'Return only the last word.'")
     p.add_argument("--out", required=True, help="canonical adapter file (.safetensors)")
     p.add_argument("--peft_dir", default=None, help="also write a PEFT adapter folder here")
-    p.add_argument("--model", default=None, help="base model (default: the offline SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help="base model (default: the offline SmolLM2-135M-Instruct; for a "
+                   "UNet hypernetwork: the embedded demo diffusion model)")
     p.add_argument("--embedder", default=None, help="sentence-transformers folder (default: the checkpoint's)")
     p.add_argument("--name", default="t2l", help="adapter name inside the files")
     p.add_argument("--overwrite", action="store_true")

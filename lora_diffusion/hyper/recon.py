@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,13 +43,20 @@ class ReconConfig:
 
 
 def read_lora_factors(path: str | os.PathLike, hyper: T2L) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{module: (A (r, in), B (out, r))} from a canonical LoRA file, B rescaled to the hypernetwork's alpha/r."""
+    """{module: (A (r, in·k), B (out, r))} from a canonical LoRA file, B rescaled to the hypernetwork's alpha/r.
+
+    A bare-model file for an LLM hypernetwork; for one built for a pipeline component (``T2LConfig.component``,
+    e.g. "unet") that component's entry of a pipeline file; its other parts (a pivotal-tuning token embedding,
+    a text-encoder LoRA) are not reconstructed. Conv factors are flattened (A rows over in·kh·kw).
+    """
     tensors, meta = read_safetensors(path)
     entries = canonical.decode_metadata(meta, str(path))
-    if list(entries) != [""]:
-        raise AdapterFileError(f"{path}: adapts pipeline components {sorted(entries)}; expected a bare-model LoRA "
-                               "(save it with ld.save_adapter(model, ...))")
-    spec = entries[""].spec
+    comp = hyper.config.component
+    if comp not in entries:
+        want = f"a LoRA on the pipeline's '{comp}'" if comp else "a bare-model LoRA (save it with ld.save_adapter(model, ...))"
+        raise AdapterFileError(f"{path}: adapts {sorted(k or '(the bare model)' for k in entries)}; expected {want}")
+    spec = entries[comp].spec
+    prefix = f"{comp}." if comp else ""
     r = hyper.config.rank
     if spec.variant not in ("lora", "rslora") or spec.rank_pattern or spec.alpha_pattern:
         what = f"variant '{spec.variant}'" + (" with rank/alpha patterns" if spec.rank_pattern or spec.alpha_pattern else "")
@@ -59,14 +67,16 @@ def read_lora_factors(path: str | os.PathLike, hyper: T2L) -> dict[str, tuple[to
     s_file = alpha / (math.sqrt(r) if spec.rslora or spec.variant == "rslora" else r)
     out = {}
     for s in hyper.slots:
-        a, b = tensors.get(f"{s.name}.lora_A"), tensors.get(f"{s.name}.lora_B")
+        key = f"{prefix}{s.name}"
+        a, b = tensors.get(f"{key}.lora_A"), tensors.get(f"{key}.lora_B")
         if a is None or b is None:
-            raise AdapterFileError(f"{path}: no LoRA for module '{s.name}' (key '{s.name}.lora_A'/'lora_B'); "
+            raise AdapterFileError(f"{path}: no LoRA for module '{s.name}' (key '{key}.lora_A'/'lora_B'); "
                                    f"expected every module the hypernetwork targets ({len(hyper.slots)})")
-        if tuple(a.shape) != (r, s.in_features) or tuple(b.shape) != (s.out_features, r):
+        ones = (1,) * len(s.kernel)
+        if tuple(a.shape) != (r, s.in_features, *s.kernel) or tuple(b.shape) != (s.out_features, r, *ones):
             raise AdapterFileError(f"{path}: module '{s.name}' has A {tuple(a.shape)}, B {tuple(b.shape)}; expected "
-                                   f"A {(r, s.in_features)}, B {(s.out_features, r)}")
-        out[s.name] = (a.float(), b.float() * (s_file / hyper.scaling))
+                                   f"A {(r, s.in_features, *s.kernel)}, B {(s.out_features, r, *ones)}")
+        out[s.name] = (a.float().reshape(r, -1), b.float().reshape(s.out_features, r) * (s_file / hyper.scaling))
     return out
 
 
@@ -134,3 +144,53 @@ def train_reconstruction(hyper: T2L, library: Sequence[tuple[str, str | os.PathL
             log.info("T2L recon step %d/%d loss %.4g (ETA %.0fs)", step + 1, cfg.steps, losses[-1], eta)
     hyper.eval()
     return losses
+
+
+# --- a library of LoRA files with descriptions ---
+DESCRIPTIONS_FILE = "descriptions.json"
+_PHRASINGS = {  # by the file's ``lora_kind`` metadata; {t}: its trigger word
+    "concept": ("a {t} shape", "draw a {t}", "the {t} shape in any color", "an image of a {t}"),
+    "style": ("{t} texture", "a {t} pattern", "shapes with a {t} texture", "fill the shape with a {t} pattern"),
+}
+_DEFAULT_PHRASINGS = ("{t}", "an image with {t}", "make it {t}")
+
+
+def describe_file(path: str | os.PathLike) -> list[str]:
+    """Phrasings that describe a LoRA file from its metadata: per-kind templates over its trigger word, plus its
+    ``modelspec.title`` and ``modelspec.description``."""
+    from ..io.files import read_header
+
+    meta = read_header(path)[1]
+    trigger = meta.get("trigger_word") or meta.get("modelspec.trigger_phrase") or meta.get("name") or Path(path).stem
+    out = [p.format(t=trigger) for p in _PHRASINGS.get(meta.get("lora_kind", ""), _DEFAULT_PHRASINGS)]
+    out += [meta[k].strip() for k in ("modelspec.title", "modelspec.description") if meta.get(k, "").strip()]
+    return list(dict.fromkeys(out))
+
+
+def library_pairs(folder: str | os.PathLike, exclude: Sequence[str] = ()) -> list[tuple[str, Path]]:
+    """(description, file) pairs of a folder of LoRA files: ``descriptions.json`` ({stem: [phrasing, ...]}) when the
+    folder has one (files it does not name are skipped), else ``describe_file`` of every ``*.safetensors``;
+    ``exclude``: stems held out."""
+    import json
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"LoRA library folder not found: {folder}")
+    listing = folder / DESCRIPTIONS_FILE
+    if listing.is_file():
+        try:
+            named = {str(k): [str(d) for d in v] for k, v in json.loads(listing.read_text()).items()}
+        except (json.JSONDecodeError, AttributeError, TypeError) as e:
+            raise AdapterFileError(f"{listing}: expected {{\"<file stem>\": [\"description\", ...]}} ({e})") from None
+        missing = [k for k in named if not (folder / f"{k}.safetensors").is_file()]
+        if missing:
+            raise FileNotFoundError(f"{listing} names {missing}, which have no <name>.safetensors in {folder}")
+    else:
+        named = {p.stem: describe_file(p) for p in sorted(folder.glob("*.safetensors"))}
+    unknown = sorted(set(exclude) - set(named))
+    if unknown:
+        raise AdapterError(f"held-out names {unknown} are not in the library {folder} (it has {sorted(named)})")
+    pairs = [(d, folder / f"{k}.safetensors") for k, ds in named.items() if k not in exclude for d in ds]
+    if not pairs:
+        raise AdapterError(f"{folder}: no LoRA files with descriptions left to train on")
+    return pairs

@@ -40,7 +40,7 @@ from ..core.errors import AdapterError, AdapterFileError
 from ..core.layerinfo import layer_info
 from ..core.spec import AdapterSpec
 from ..inject.walker import find_targets, inject
-from ..io.files import read_safetensors, write_safetensors
+from ..io.files import read_header, read_safetensors, write_safetensors
 
 log = logging.getLogger(__name__)
 SIZES = ("L", "M", "S")
@@ -63,6 +63,7 @@ class T2LConfig:
     n_blocks: int = 2
     dropout: float = 0.0
     embedder: str = "all-MiniLM-L6-v2"  # recorded in checkpoints; see ``make_embedder``
+    component: str = ""  # "": the model itself (an LLM); "unet": a diffusion pipeline's UNet (files keyed 'unet.')
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -78,33 +79,70 @@ class T2LConfig:
 
 @dataclass(frozen=True)
 class Slot:
-    """One adapted module: its name, layer depth, module type and widths."""
+    """One adapted module: its name, layer depth, module type and widths (``kernel``: a conv's, () for linear)."""
 
     name: str
     layer: int
     type: str
     in_features: int
     out_features: int
+    kernel: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kernel", tuple(self.kernel))  # JSON round trips give lists
+
+    @property
+    def fan_in(self) -> int:
+        """Width of a flattened A row: in_features · prod(kernel)."""
+        return self.in_features * math.prod(self.kernel)
+
+
+_UNIT = re.compile(r"^(.*?\.(?:attentions|resnets)\.\d+)\.(.+)$")  # a UNet block's attention/ResNet unit
+
+
+def _depth_and_type(names: Sequence[str]) -> list[tuple[int, str]]:
+    """(layer depth, module type) per module name.
+
+    One numbered stem (an LLM's ``model.layers.7.self_attn.q_proj``): the first integer and the rest after it,
+    (7, ``self_attn.q_proj``). Several stems (a UNet's ``down_blocks.0.attentions.1``, ``mid_block.resnets.0``,
+    ``up_blocks.1...``; a DiT's ``transformer_blocks.3`` and ``single_transformer_blocks.5``): the depth is the
+    position of the module's unit (a UNet's attention or ResNet unit, else the first numbered block) in the
+    model's module order, the type what follows it (``transformer_blocks.0.attn1.to_q``, ``conv1``), so every
+    attention unit shares its types' heads and tells its units apart by depth.
+    """
+    parsed = [re.search(r"(?:^|\.)(\d+)\.(.+)$", n) for n in names]
+    stems = {n[: m.start(1)] for n, m in zip(names, parsed) if m}
+    if len(stems) <= 1:
+        return [(int(m.group(1)), m.group(2)) if m else (0, n) for n, m in zip(names, parsed)]
+    split = []
+    for n, m in zip(names, parsed):
+        u = _UNIT.match(n)
+        split.append((u.group(1), u.group(2)) if u else (n[: m.end(1)], m.group(2)) if m else ("", n))
+    units = list(dict.fromkeys(unit for unit, _ in split))
+    return [(units.index(unit), mtype) for unit, mtype in split]
 
 
 def model_slots(model: nn.Module, targets: Sequence[str]) -> list[Slot]:
-    """The modules ``targets`` selects, with layer depth (first integer in the name) and type (the rest)."""
+    """The modules ``targets`` selects (linear or conv2d), with layer depth and module type (``_depth_and_type``).
+
+    A module type whose layers differ in width (a UNet's ``resnets.0.conv1`` is 64->64 in one block and
+    128->128 in another) is split into one type per width, ``type@in-out`` (in = in_features · kernel), each
+    with its own head.
+    """
     found = find_targets(model, AdapterSpec(targets=list(targets)))
-    slots = []
+    infos = {}
     for name, mod in found.items():
         info = layer_info(getattr(mod, "base_layer", mod), name)
-        if info.kind != "linear":
-            raise AdapterError(f"module '{name}' is a {info.kind}; T2L generates LoRAs for linear layers only")
-        m = re.search(r"(?:^|\.)(\d+)\.(.+)$", name)
-        layer, mtype = (int(m.group(1)), m.group(2)) if m else (0, name)
-        slots.append(Slot(name, layer, mtype, info.in_features, info.out_features))
-    by_type: dict[str, tuple[int, int]] = {}
+        if info.kind not in ("linear", "conv2d"):
+            raise AdapterError(f"module '{name}' is a {info.kind}; T2L generates LoRAs for linear and conv2d layers")
+        infos[name] = info
+    slots = [Slot(n, d, t, i.in_features, i.out_features, i.kernel_size)
+             for (n, i), (d, t) in zip(infos.items(), _depth_and_type(list(infos)))]
+    shapes: dict[str, set[tuple[int, int, tuple[int, ...]]]] = {}
     for s in slots:
-        w = by_type.setdefault(s.type, (s.in_features, s.out_features))
-        if w != (s.in_features, s.out_features):
-            raise AdapterError(f"module type '{s.type}': '{s.name}' is {s.in_features}->{s.out_features} but another "
-                               f"layer's is {w[0]}->{w[1]}; expected one width per module type")
-    return slots
+        shapes.setdefault(s.type, set()).add((s.in_features, s.out_features, s.kernel))
+    return [Slot(s.name, s.layer, f"{s.type}@{s.fan_in}-{s.out_features}", s.in_features, s.out_features, s.kernel)
+            if len(shapes[s.type]) > 1 else s for s in slots]
 
 
 def _key(mtype: str) -> str:
@@ -130,7 +168,8 @@ class T2L(nn.Module):
             raise AdapterError("T2L: no modules to generate LoRAs for")
         self.config, self.slots = config, list(slots)
         self.types = sorted({s.type for s in slots})
-        self.widths = {t: next((s.in_features, s.out_features) for s in slots if s.type == t) for t in self.types}
+        self.widths = {t: next((s.fan_in, s.out_features) for s in slots if s.type == t) for t in self.types}  # A flat
+        self.kernels = {t: next(s.kernel for s in slots if s.type == t) for t in self.types}
         self.n_layers = max(s.layer for s in slots) + 1
         c, r = config, config.rank
         g = torch.Generator().manual_seed(c.seed)
@@ -228,12 +267,17 @@ class T2L(nn.Module):
         return getattr(self, f"mean_{ab}_{_key(t)}"), getattr(self, f"std_{ab}_{_key(t)}")
 
     def forward(self, task_embedding: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """(N, emb_dim) or (emb_dim,) -> {module: (A (N, r, in), B (N, out, r))} (leading N dropped for 1-d input)."""
+        """(N, emb_dim) or (emb_dim,) -> {module: (A (N, r, in[, *k]), B (N, out, r[, 1, 1]))} (leading N dropped
+        for 1-d input; conv modules get the kernel dims)."""
         single = task_embedding.dim() == 1
         out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for t, (a, b) in self.raw(task_embedding).items():
             (ma, sa), (mb, sb) = self.stats(t, "A"), self.stats(t, "B")
             a, b = a * sa + ma, b * sb + mb
+            k = self.kernels[t]
+            if k:  # conv: A (.., r, in, *k), B (.., out, r, 1, 1), the layout of the shared core's conv LoRA
+                a = a.unflatten(-1, (-1, *k))
+                b = b.reshape(*b.shape, *([1] * len(k)))
             for i, s in enumerate([s for s in self.slots if s.type == t]):
                 out[s.name] = (a[0, i], b[0, i]) if single else (a[:, i], b[:, i])
         return {s.name: out[s.name] for s in self.slots}
@@ -253,18 +297,23 @@ class T2L(nn.Module):
         write_safetensors(path, self.state_dict(), meta)
         return Path(path)
 
-    @classmethod
-    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> T2L:
-        """A saved hypernetwork; with ``model``, refuse one made for a base whose modules differ."""
-        tensors, meta = read_safetensors(path)
+    @staticmethod
+    def read_config(path: str | os.PathLike) -> tuple[T2LConfig, list[Slot]]:
+        """A checkpoint's config and modules, from its header only (pick the base to load before the weights)."""
+        meta = read_header(path)[1]
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise AdapterFileError(f"{path}: not a T2L checkpoint (metadata 'format' is {meta.get('format')!r}; "
                                    f"expected {CHECKPOINT_FORMAT!r})")
         try:
-            config = T2LConfig(**json.loads(meta["config"]))
-            slots = [Slot(**s) for s in json.loads(meta["slots"])]
+            return T2LConfig(**json.loads(meta["config"])), [Slot(**s) for s in json.loads(meta["slots"])]
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise AdapterFileError(f"{path}: metadata 'config'/'slots' is malformed ({e!r})") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> T2L:
+        """A saved hypernetwork; with ``model``, refuse one made for a base whose modules differ."""
+        config, slots = cls.read_config(path)
+        tensors, _ = read_safetensors(path)
         if model is not None:
             check_slots(slots, model_slots(model, config.targets), str(path))
         hyper = cls(config, slots)
@@ -285,13 +334,18 @@ def check_slots(theirs: list[Slot], ours: list[Slot], source: str) -> None:
         o = mine.get(s.name)
         if o is None:
             diffs.append(f"module '{s.name}' missing from the model")
-        elif (o.in_features, o.out_features) != (s.in_features, s.out_features):
-            diffs.append(f"'{s.name}' width {s.in_features}->{s.out_features} vs {o.in_features}->{o.out_features}")
+        elif (o.in_features, o.out_features, o.kernel) != (s.in_features, s.out_features, s.kernel):
+            diffs.append(f"'{s.name}' width {s.in_features}->{s.out_features}{_k(s)} vs "
+                         f"{o.in_features}->{o.out_features}{_k(o)}")
     extra = sorted(set(mine) - {s.name for s in theirs})
     if extra:
         diffs.append(f"model modules not in the checkpoint {extra[:3]}")
     raise AdapterFileError(f"{source}: this T2L hypernetwork was made for another base model: "
                            f"{'; '.join(diffs[:6])} (checkpoint vs model)")
+
+
+def _k(s: Slot) -> str:
+    return f" kernel {'x'.join(map(str, s.kernel))}" if s.kernel else ""
 
 
 # --- text embedders ---
