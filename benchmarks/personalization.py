@@ -465,7 +465,8 @@ def markdown(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]], cfg:
     lines = [head]
     for r in rows:
         cells = [f"{100 * r[k]:.1f} ± {100 * r[k + '_ci']:.1f}" for k in METRICS]
-        size = f" {', '.join(f'{n:,}' for n in r.get('trainable', [])) or '-'} |" if sized else ""
+        n = r.get("trainable", [])
+        size = (f" {n[0]:,}-{n[-1]:,} |" if len(n) > 2 else f" {', '.join(f'{x:,}' for x in n) or '-'} |") if sized else ""
         lines.append(f"| {r['regime']} | {r['variant']} | {r['step']} | {' | '.join(cells)} | {r['runs']} |{size}")
     lines.append("\nPercent, mean ± 95% CI over (concept, seed) runs.")
     if per_concept:
