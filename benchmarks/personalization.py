@@ -92,6 +92,7 @@ class BenchConfig:
     overrides: tuple[str, ...] = ()  # trainer options "key=value" (training.config names), e.g. train_embedding=false
     variant_overrides: tuple[str, ...] = ()  # "VARIANT=key=value": a trainer option for one --variants entry only
     sensitivity_batches: int = 4  # sensitivity:R rows: calibration batches of training.rank_sensitivity
+    paired_to: str | None = None  # a --variants entry: every other variant's difference to it, paired by run
     jitter_drops_color: bool = False  # described captions: hue-jittered views without the (wrong) color word
     texture_as: str = "object"  # a texture concept: "object" (`a red sks`: the textured shape is the subject, as a
     # shape concept) or "word" (`a red sks circle`: the token is a texture word; prompts ask for it on other shapes)
@@ -622,6 +623,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variant-set", action="append", default=[], metavar="VARIANT=KEY=VALUE",
                    help="a trainer option for one --variants entry (repeat), e.g. "
                         "'loradrop:16=lora_drop_match_params=true', 'adalora:24=adapter_options={\"target_rank\": 16}'")
+    p.add_argument("--paired-to", default=None, metavar="VARIANT",
+                   help="add a table of every variant minus this --variants entry, paired by (concept, seed)")
     p.add_argument("--sensitivity-batches", type=int, default=d.sensitivity_batches,
                    help="calibration batches for sensitivity:R variants (a LoRA with Sensitivity-LoRA ranks at a "
                         "rank-R LoRA's parameter count, from training.rank_sensitivity tlora --match_rank R)")
@@ -635,6 +638,7 @@ def main(argv: list[str] | None = None) -> None:
                       model=a.model, evaluator=a.evaluator, device=a.device, jobs=a.jobs, out=a.out,
                       prior_images=a.prior, overrides=tuple(a.set), texture_as=a.texture_as,
                       variant_overrides=tuple(a.variant_set), sensitivity_batches=a.sensitivity_batches,
+                      paired_to=a.paired_to,
                       jitter_drops_color=a.jitter_drops_color)
     _check(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -677,6 +681,28 @@ def complete(results: list[dict[str, Any]], cfg: BenchConfig) -> list[dict[str, 
             or (r["variant"] == "base" and (r["concept"], r["seed"]) in keep)]
 
 
+def paired_diffs(results: list[dict[str, Any]], a: str, b: str, regime: str, step: int, metric: str) -> list[float]:
+    """``metric`` of ``a`` minus ``b`` at ``step``, one difference per (concept, seed) both finished."""
+    key = {(r["variant"], r["concept"], r["seed"]): r[metric] for r in results
+           if r["regime"] == regime and r["step"] == step}
+    return [v - key[(b, c, s)] for (v_, c, s), v in key.items() if v_ == a and (b, c, s) in key]
+
+
+def paired_table(results: list[dict[str, Any]], cfg: BenchConfig) -> str:
+    """Each variant minus ``--paired-to`` at each sweep step, paired by (concept, seed): mean ± 95% CI in points."""
+    ref = cfg.paired_to
+    lines = [f"Minus {ref}, paired by (concept, seed), percentage points, mean ± 95% CI:\n",
+             "| regime | variant | step | fidelity | alignment | both | pairs |", "|---|---|---|---|---|---|---|"]
+    for g in cfg.regimes:
+        for v in (v for v in cfg.variants if v != ref):
+            for step in cfg.sweep:
+                d = {m: paired_diffs(results, v, ref, g, step, m) for m in ("fidelity", "alignment", "both")}
+                if d["fidelity"]:
+                    cells = [f"{100 * mean_ci(x)[0]:+.1f} ± {100 * mean_ci(x)[1]:.1f}" for x in d.values()]
+                    lines.append(f"| {g} | {v} | {step} | {' | '.join(cells)} | {len(d['fidelity'])} |")
+    return "\n".join(lines)
+
+
 def report(results: list[dict[str, Any]], cfg: BenchConfig, seconds: float) -> str:
     """Table, JSON, curves and grids into ``cfg.out``; returns the table."""
     rows = summarize(results, cfg)
@@ -684,6 +710,8 @@ def report(results: list[dict[str, Any]], cfg: BenchConfig, seconds: float) -> s
     default_steps = _default_steps()
     step = min(cfg.sweep, key=lambda s: abs(s - default_steps))  # the sweep point nearest the trainer's default
     table = markdown(rows, comps, cfg, by_concept(results, cfg, step))
+    if cfg.paired_to:
+        table += "\n" + paired_table(results, cfg) + "\n"
     done = {g: sorted({(r["concept"], r["seed"]) for r in results if r["regime"] == g}) for g in cfg.regimes}
     table += "".join(f"\n{g}: {len(v)} of {len(cfg.concepts) * len(cfg.seeds)} (concept, seed) runs per variant "
                      f"completed: {', '.join(f'{c}/{s}' for c, s in v)}.\n" for g, v in done.items())
@@ -726,6 +754,8 @@ def _check(cfg: BenchConfig) -> None:
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; registered: {ld.variant_names()} (name[:rank]), or "
                          f"{SENSITIVITY}:R")
+    if cfg.paired_to is not None and cfg.paired_to not in cfg.variants:
+        raise SystemExit(f"--paired-to {cfg.paired_to!r}: expected one of --variants {list(cfg.variants)}")
     stray = [o for o in cfg.variant_overrides if o.partition("=")[0] not in cfg.variants]
     if stray:
         raise SystemExit(f"--variant-set: {stray} name no entry of --variants {list(cfg.variants)}")

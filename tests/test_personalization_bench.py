@@ -151,3 +151,17 @@ def test_bad_variant_sets_are_named() -> None:
         pb.main(["--variants", "lora:4", "--variant-set", "lora:4=oops"])
     with pytest.raises(SystemExit, match="--set 'nope=1': expected key=value with a trainer option"):
         pb.train_config(pb.Run("lora:4", "ring", 0), pb.BenchConfig(variant_overrides=("lora:4=nope=1",)), Path("/tmp"))
+
+
+def test_paired_table_is_the_per_run_difference() -> None:
+    def rec(v, c, s, f):
+        return {"variant": v, "regime": "bare", "concept": c, "seed": s, "step": 4, "fidelity": f, "alignment": 1.0,
+                "both": f}
+    results = [rec("a", "ring", 0, 0.5), rec("a", "ring", 1, 0.7), rec("b", "ring", 0, 0.6), rec("b", "ring", 1, 0.6),
+               rec("b", "moon", 0, 0.9)]  # moon has no pair
+    assert pb.paired_diffs(results, "b", "a", "bare", 4, "fidelity") == pytest.approx([0.1, -0.1])
+    cfg = pb.BenchConfig(variants=("a", "b"), regimes=("bare",), sweep=(4,), paired_to="a")
+    m, ci = pb.mean_ci([0.1, -0.1])
+    assert f"| bare | b | 4 | {100 * m:+.1f} ± {100 * ci:.1f} | +0.0 ± 0.0 |" in pb.paired_table(results, cfg)
+    with pytest.raises(SystemExit, match="--paired-to 'c': expected one of --variants"):
+        pb.main(["--variants", "lora:4", "--paired-to", "c"])
