@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", default="0")
     p.add_argument("--n_docs", type=int, default=16, help="held-out documents per seed (8 questions each)")
     p.add_argument("--parts", default="accuracy,cost")
-    p.add_argument("--lengths", default="2,8,24", help="countries per document for the cost part (4 facts each)")
+    p.add_argument("--lengths", default="2,6,14", help="countries per document for the cost part (4 facts each)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
@@ -217,15 +217,21 @@ def main(argv: list[str] | None = None) -> None:
     train_cfg = json.loads(Path(a.train_log or Path(a.hyper).with_name("train_log.json")).read_text())["config"]
     runs = []
     parts = a.parts.split(",")
+
+    def save() -> None:  # after each part, so a later failure keeps what was measured
+        if a.json:
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            out = {"command": " ".join(sys.argv), "hyper": a.hyper, "train_config": train_cfg, "runs": runs}
+            Path(a.json).write_text(json.dumps(out, indent=1))
+
     for seed in [int(s) for s in a.seeds.split(",")] if "accuracy" in parts else []:
         runs.append({"seed": seed, "accuracy": accuracy(model, tok, hyper, held_out(train_cfg, a.n_docs, seed))})
+        save()
+    print(report(runs), flush=True)
     if "cost" in parts:
         runs.append({"cost": cost(model, tok, hyper, [int(x) for x in a.lengths.split(",")], a.repeats)})
-    out = {"command": " ".join(sys.argv), "hyper": a.hyper, "train_config": train_cfg, "runs": runs}
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(out, indent=1))
-    print(report(runs))
+        save()
+        print(report([runs[-1]]))
 
 
 if __name__ == "__main__":

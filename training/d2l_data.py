@@ -48,6 +48,10 @@ def _word(rng: random.Random, parts: int) -> str:
 
 
 def _values(rng: random.Random, relation: str, k: int, avoid: set[str]) -> list[str]:
+    pool = {"animal": ANIMALS, "export": EXPORTS}.get(relation)
+    if pool is not None and k > len(set(pool) - avoid):
+        raise ValueError(f"{k} distinct '{relation}' values asked for; the pool has {len(set(pool) - avoid)} "
+                         f"(at most {len(pool) - 2} countries per document with 2 outside values)")
     out: list[str] = []
     while len(out) < k:
         v = {"capital": lambda: _word(rng, 2), "animal": lambda: rng.choice(ANIMALS),
