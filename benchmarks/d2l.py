@@ -6,6 +6,7 @@ Accuracy (multiple choice, highest log-likelihood among the answer, the same fac
 and two values not in the document; chance 25%) on documents never trained on, for
   base     the frozen model, question only
   d2l      the model + the LoRA generated from the document (one forward pass), question only
+  d2l_other  control: the LoRA generated from another held-out document (what is not document-specific)
   context  the frozen model with the document in the prompt (the upper bound the student is distilled from)
 per seed (an independent sample of held-out documents) and pooled with a 95% Wilson interval; "in-doc" is the
 share of answers that pick a value the document contains (right or the other country's).
@@ -38,7 +39,7 @@ from training.d2l_data import Document, make_document, split_documents  # noqa: 
 from training.train_d2l import IGNORE, SYSTEM, answer_logits, qa_sequence  # noqa: E402
 
 log = logging.getLogger("bench_d2l")
-MODES = ("base", "d2l", "context")
+MODES = ("base", "d2l", "d2l_other", "context")
 
 
 def held_out(train_cfg: dict[str, Any], n_docs: int, seed: int, n_entities: int = 2) -> list[Document]:
@@ -75,8 +76,8 @@ def accuracy(model: Any, tok: Any, hyper: D2L, docs: list[Document]) -> dict[str
     t0 = time.time()
     for i, doc in enumerate(docs):
         for mode in MODES:
-            if mode == "d2l":
-                internalize(model, doc.text, hyper, tok)
+            if mode.startswith("d2l"):  # d2l_other: the LoRA of another held-out document (control)
+                internalize(model, (doc if mode == "d2l" else docs[(i + 1) % len(docs)]).text, hyper, tok)
             picks = doc_choices(model, tok, doc, mode == "context")
             reset(model)
             n_in = len(doc.entities)  # candidates [answer, other countries' facts..., outside values]
