@@ -109,13 +109,15 @@ def test_library_descriptions_and_holdout(library, tmp_path):
         library_pairs(tmp_path)
 
 
-def test_read_factors_refuses_a_bare_model_file(pipe, library, tmp_path):
+def test_read_factors_takes_a_bare_unet_file_and_refuses_a_pipeline_file_for_a_bare_model(pipe, library, tmp_path):
     hyper = unet_hyper(pipe.unet)
-    ld.add_adapter(pipe.unet, AdapterSpec(variant="lora", rank=4, targets="unet-full"), "bare")
-    ld.save_adapter(pipe.unet, tmp_path / "bare.safetensors", name="bare")
-    ld.remove_adapters(pipe.unet, ["bare"])
-    with pytest.raises(AdapterFileError, match="expected a LoRA on the pipeline's 'unet'"):
-        read_lora_factors(tmp_path / "bare.safetensors", hyper)
+    ld.load_adapter(pipe, library / "ring.safetensors", name="ring")
+    ld.save_adapter(pipe.unet, tmp_path / "bare.safetensors", name="ring")  # saved from the UNet itself
+    ld.remove_adapters(pipe, ["ring"])
+    bare, full = (read_lora_factors(p, hyper) for p in (tmp_path / "bare.safetensors", library / "ring.safetensors"))
+    assert all(torch.equal(bare[n][i], full[n][i]) for n in full for i in (0, 1))
+    with pytest.raises(AdapterFileError, match="expected a bare-model LoRA"):
+        read_lora_factors(library / "ring.safetensors", unet_hyper(pipe.unet, component=""))
 
 
 def test_train_and_generate_clis_write_a_file_the_pipeline_loads(pipe, library, sd_model, sdxl_model,  # noqa: F811

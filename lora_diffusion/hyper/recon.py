@@ -46,12 +46,15 @@ def read_lora_factors(path: str | os.PathLike, hyper: T2L) -> dict[str, tuple[to
     """{module: (A (r, in·k), B (out, r))} from a canonical LoRA file, B rescaled to the hypernetwork's alpha/r.
 
     A bare-model file for an LLM hypernetwork; for one built for a pipeline component (``T2LConfig.component``,
-    e.g. "unet") that component's entry of a pipeline file; its other parts (a pivotal-tuning token embedding,
-    a text-encoder LoRA) are not reconstructed. Conv factors are flattened (A rows over in·kh·kw).
+    e.g. "unet") that component's entry of a pipeline file (or a bare file saved from the component); its other
+    parts (a pivotal-tuning token embedding, a text-encoder LoRA) are not reconstructed.
+    Conv factors are flattened (A rows over in·kh·kw).
     """
     tensors, meta = read_safetensors(path)
     entries = canonical.decode_metadata(meta, str(path))
     comp = hyper.config.component
+    if comp not in entries and list(entries) == [""]:  # a bare-component file (saved from pipe.unet itself)
+        comp = ""
     if comp not in entries:
         want = f"a LoRA on the pipeline's '{comp}'" if comp else "a bare-model LoRA (save it with ld.save_adapter(model, ...))"
         raise AdapterFileError(f"{path}: adapts {sorted(k or '(the bare model)' for k in entries)}; expected {want}")
