@@ -24,6 +24,10 @@ def test_both_sides_train_the_same_modules(model, monkeypatch):
         return cfg
 
     monkeypatch.setattr(bench, "transformer_config", narrow)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # an earlier test's bf16 Accelerator in this process
+    GradientState._reset_state()
     out = {}
     for side in ("ours", "diffusers"):
         a = argparse.Namespace(device="cpu", model=model, layers=1, resolution=64, rank=4, variant="lora",

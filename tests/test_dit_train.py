@@ -233,7 +233,13 @@ def test_family_unknown_before_loading_is_settled_by_the_pipeline(flux_model, su
 @pytest.mark.parametrize("fixture", FAMILY_FIXTURES)
 def test_bf16_run_with_validation_images(fixture, request, subject, tmp_path):  # noqa: F811
     """Frozen transformer and text encoders in bf16 (adapters fp32), validation images drawn by the stock pipeline."""
-    res = train(tiny_config(request.getfixturevalue(fixture), subject, tmp_path, max_train_steps=2,
-                            mixed_precision="bf16", validation_prompts="a photo of {0}"))
+    from accelerate.state import AcceleratorState, GradientState
+
+    try:
+        res = train(tiny_config(request.getfixturevalue(fixture), subject, tmp_path, max_train_steps=2,
+                                mixed_precision="bf16", validation_prompts="a photo of {0}"))
+    finally:  # later tests in this process build their own Accelerator without resetting the shared state
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
     assert all(math.isfinite(v) for v in res.losses)
     assert [p.name for p in (tmp_path / "samples" / "step-2").iterdir()] == ["a_photo_of_sks_dog-0.png"]
