@@ -3,6 +3,9 @@
     python -m lora_diffusion.generate_lora --hyper runs/t2l/t2l.safetensors --task "Return only the last word." \\
         --out last_word.safetensors --peft_dir last_word_peft/
     python -m lora_diffusion.chat --adapter last_word.safetensors --prompt "apple river stone"
+    python -m lora_diffusion.generate_lora --hyper outputs/t2l_unet/t2l.safetensors --task "a ring shape" \
+        --out ring.safetensors                       # a UNet hypernetwork (train_t2l --component unet): demo model
+    python -m lora_diffusion.generate --adapter ring.safetensors --prompt "a red ring on a blue background"
 
 The canonical file records the base model (``lora_diffusion.chat`` and ``load_llm_adapter`` check it), the task
 description and the hypernetwork it came from; ``--peft_dir`` also writes a folder that
