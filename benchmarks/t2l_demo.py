@@ -7,7 +7,8 @@
 
 For every library LoRA (held out or trained on): the reconstruction error of the generated LoRA,
 ``sum_m ||ΔW_gen - ΔW_file||² / sum_m ||ΔW_file||²`` over the UNet modules (ΔW = s·B·A, conv A flattened), next to
-the same error of the mean ΔW of the training LoRAs (what a hypernetwork that ignores the text would give). For each
+the same error of the mean ΔW of the training LoRAs (what a hypernetwork that ignores the text would give), the
+cosine of the generated ΔW to the file's and the training LoRA it is nearest to. For each
 ``--concepts`` entry, images drawn as the personalization benchmark draws them (``a green ring on a black
 background``; a texture as a word on other shapes: ``a green dotted star on ...``), read by the evaluator, under:
 
@@ -58,6 +59,12 @@ def rel_error(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> flo
     return num / sum(float(r.square().sum()) for r in ref.values())
 
 
+def cosine(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Cosine of two LoRAs' ΔW, all modules concatenated."""
+    x, y = (torch.cat([d[n].flatten() for n in sorted(b)]) for d in (a, b))
+    return float(x @ y / (x.norm() * y.norm()).clamp_min(1e-12))
+
+
 def unflatten(hyper: Any, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, ...]]:
     """Flattened file factors back to the core's conv layout (A (r, in, *k), B (out, r, 1, 1))."""
     out = {}
@@ -81,9 +88,13 @@ def recon_table(hyper: Any, emb: Any, library: Path, trained: set[str]) -> list[
         gen = hyper.generate(embed_description(emb, text))
         ms = 1e3 * (time.perf_counter() - t0)
         got = delta({n: (a.flatten(1), b.flatten(1)) for n, (a, b) in gen.items()}, hyper.scaling)
+        cos = {k: cosine(got, deltas[k]) for k in trained}
+        near = max(cos, key=cos.get)
         rows.append({"lora": concept, "split": "train" if concept in trained else "held-out", "description": text,
                      "rel_error": round(rel_error(got, deltas[concept]), 4),
-                     "mean_lora_rel_error": round(rel_error(mean, deltas[concept]), 4), "generate_ms": round(ms, 1)})
+                     "mean_lora_rel_error": round(rel_error(mean, deltas[concept]), 4), "generate_ms": round(ms, 1),
+                     "cos_own": round(cosine(got, deltas[concept]), 3), "nearest_train": near,
+                     "cos_nearest": round(cos[near], 3)})
         log.info("%s", rows[-1])
     return rows
 
@@ -186,10 +197,11 @@ def save_grid(grid: dict[tuple[str, str], np.ndarray], path: Path) -> None:
 
 
 def markdown(recon: list[dict[str, Any]], evals: list[dict[str, Any]]) -> str:
-    lines = ["| LoRA | split | description | rel. ΔW error (generated) | rel. ΔW error (mean of training LoRAs) |",
-             "|---|---|---|---|---|"]
+    lines = ["| LoRA | split | description | rel. ΔW error (generated) | rel. ΔW error (mean of training LoRAs) | "
+             "cos(generated, file) | nearest training LoRA (cos) |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['lora']} | {r['split']} | {r['description'][:40]} | {r['rel_error']:.3f} | "
-              f"{r['mean_lora_rel_error']:.3f} |" for r in recon]
+              f"{r['mean_lora_rel_error']:.3f} | {r['cos_own']:.2f} | {r['nearest_train']} ({r['cos_nearest']:.2f}) |"
+              for r in recon]
     lines += ["", "| concept | split | condition | fidelity | alignment | both | n |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['concept']} | {r['split']} | {r['condition']} | {r['fidelity']:.2f} ± {r['fidelity_ci']:.2f} | "
               f"{r['alignment']:.2f} ± {r['alignment_ci']:.2f} | {r['both']:.2f} ± {r['both_ci']:.2f} | {r['n']} |"
