@@ -8,7 +8,8 @@
 For every library LoRA (held out or trained on): the reconstruction error of the generated LoRA,
 ``sum_m ||ΔW_gen - ΔW_file||² / sum_m ||ΔW_file||²`` over the UNet modules (ΔW = s·B·A, conv A flattened), next to
 the same error of the mean ΔW of the training LoRAs (what a hypernetwork that ignores the text would give), the
-cosine of the generated ΔW to the file's and the training LoRA it is nearest to. For each
+cosine of the generated ΔW to the file's, the training LoRA it is nearest to, and the error of the best
+least-squares blend of the (other) training LoRAs: how much of a LoRA any blend of the library could give. For each
 ``--concepts`` entry, images drawn as the personalization benchmark draws them (``a green ring on a black
 background``; a texture as a word on other shapes: ``a green dotted star on ...``), read by the evaluator, under:
 
@@ -65,6 +66,15 @@ def cosine(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return float(x @ y / (x.norm() * y.norm()).clamp_min(1e-12))
 
 
+def span_error(deltas: dict[str, dict[str, torch.Tensor]], others: list[str], concept: str) -> float:
+    """Relative error of the best least-squares combination of the ``others``' ΔW for ``concept``'s: how much of
+    it any blend of those LoRAs could reproduce."""
+    flat = {k: torch.cat([d[n].flatten().double() for n in sorted(d)]) for k, d in deltas.items()}
+    basis, y = torch.stack([flat[k] for k in others], 1), flat[concept]
+    coef = torch.linalg.lstsq(basis, y[:, None]).solution
+    return float((basis @ coef - y[:, None]).square().sum() / y.square().sum())
+
+
 def unflatten(hyper: Any, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, ...]]:
     """Flattened file factors back to the core's conv layout (A (r, in, *k), B (out, r, 1, 1))."""
     out = {}
@@ -88,13 +98,14 @@ def recon_table(hyper: Any, emb: Any, library: Path, trained: set[str]) -> list[
         gen = hyper.generate(embed_description(emb, text))
         ms = 1e3 * (time.perf_counter() - t0)
         got = delta({n: (a.flatten(1), b.flatten(1)) for n, (a, b) in gen.items()}, hyper.scaling)
+        span = span_error(deltas, sorted(trained - {concept}), concept)
         cos = {k: cosine(got, deltas[k]) for k in trained}
         near = max(cos, key=cos.get)
         rows.append({"lora": concept, "split": "train" if concept in trained else "held-out", "description": text,
                      "rel_error": round(rel_error(got, deltas[concept]), 4),
                      "mean_lora_rel_error": round(rel_error(mean, deltas[concept]), 4), "generate_ms": round(ms, 1),
                      "cos_own": round(cosine(got, deltas[concept]), 3), "nearest_train": near,
-                     "cos_nearest": round(cos[near], 3)})
+                     "cos_nearest": round(cos[near], 3), "span_rel_error": round(span, 4)})
         log.info("%s", rows[-1])
     return rows
 
@@ -198,9 +209,11 @@ def save_grid(grid: dict[tuple[str, str], np.ndarray], path: Path) -> None:
 
 def markdown(recon: list[dict[str, Any]], evals: list[dict[str, Any]]) -> str:
     lines = ["| LoRA | split | description | rel. ΔW error (generated) | rel. ΔW error (mean of training LoRAs) | "
-             "cos(generated, file) | nearest training LoRA (cos) |", "|---|---|---|---|---|---|---|"]
+             "cos(generated, file) | nearest training LoRA (cos) | best blend of the other training LoRAs |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['lora']} | {r['split']} | {r['description'][:40]} | {r['rel_error']:.3f} | "
-              f"{r['mean_lora_rel_error']:.3f} | {r['cos_own']:.2f} | {r['nearest_train']} ({r['cos_nearest']:.2f}) |"
+              f"{r['mean_lora_rel_error']:.3f} | {r['cos_own']:.2f} | {r['nearest_train']} ({r['cos_nearest']:.2f}) | "
+              f"{r['span_rel_error']:.3f} |"
               for r in recon]
     lines += ["", "| concept | split | condition | fidelity | alignment | both | n |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['concept']} | {r['split']} | {r['condition']} | {r['fidelity']:.2f} ± {r['fidelity_ci']:.2f} | "
