@@ -24,12 +24,7 @@ from lora_diffusion.hyper.d2l import (
 DOC = "The capital of Zorblat is Mivo. Kelvar's favourite colour is teal."
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class CharTokenizer:

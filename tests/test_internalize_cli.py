@@ -16,12 +16,7 @@ from training.llm_data import char_tokenizer
 DOC = "The capital of Zorblat is Mivo. The national animal of Zorblat is the otter. Zorblat was founded in 1742."
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_folder(path, layers: int = 2):

@@ -18,13 +18,7 @@ from lora_diffusion.hyper.t2l import SIZES
 DIM = 24
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than several on a shared CPU (this file: 21 s vs 162 s, measured under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class HashEmbedder:

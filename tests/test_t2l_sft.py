@@ -14,13 +14,7 @@ from tests.test_t2l import DIM, HashEmbedder, make_llama, perturb, tiny_hyper
 from training import llm_data
 from training.train_t2l import embed_tasks, evaluate, tokenize_records, train_sft
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch_of(n: int = 3, t: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:

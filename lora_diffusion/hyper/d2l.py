@@ -31,13 +31,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..api import adapter_names, load_adapter_state_dict, remove_adapters
+from ..api import adapter_names, remove_adapters
 from ..core.adapter import kaiming_uniform_
 from ..core.errors import AdapterError, AdapterFileError
 from ..core.spec import AdapterSpec
-from ..inject.walker import inject
 from ..io.files import read_safetensors, write_safetensors
-from .t2l import Slot, _key, check_slots, model_slots
+from .t2l import Slot, _key, check_slots, install_lora, model_slots
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "lora-diffusion-d2l"
@@ -286,19 +285,7 @@ def apply_lora(model: nn.Module, hyper: D2L, lora: LoRA, name: str = "d2l", scal
     c = hyper.config
     n = next(iter(lora.values()))[0].shape[0] // c.rank  # chunks concatenated
     spec = AdapterSpec(variant="lora", rank=n * c.rank, alpha=n * c.alpha, targets=list(c.targets))
-    names = inject(model, spec, name, scale, module_names=[s.name for s in hyper.slots], init=False)
-    sd = {}
-    for m, (a, b) in lora.items():
-        sd[f"{m}.lora_A"], sd[f"{m}.lora_B"] = a, b
-    try:
-        load_adapter_state_dict(model, name, sd, "D2L")
-    except BaseException:
-        remove_adapters(model, [name])
-        raise
-    for m in names:
-        for p in model.get_submodule(m).adapters[name].parameters():
-            p.requires_grad_(False)
-    return names
+    return install_lora(model, lora, spec, [s.name for s in hyper.slots], name, scale, "D2L")
 
 
 def internalize(model: nn.Module, document: str, hyper: D2L, tokenizer: Any, name: str = "d2l",

@@ -381,18 +381,22 @@ def apply_generated(model: nn.Module, hyper: T2L, lora: dict[str, tuple[torch.Te
     check_slots(hyper.slots, model_slots(model, hyper.config.targets), "T2L")
     c = hyper.config
     spec = AdapterSpec(variant="lora", rank=c.rank, alpha=c.alpha, targets=list(c.targets))
-    names = inject(model, spec, name, scale, module_names=[s.name for s in hyper.slots], init=False)
-    sd = {}
-    for m, (a, b) in lora.items():
-        sd[f"{m}.lora_A"], sd[f"{m}.lora_B"] = a, b
+    return install_lora(model, lora, spec, [s.name for s in hyper.slots], name, scale, "T2L")
+
+
+def install_lora(model: nn.Module, lora: dict[str, tuple[torch.Tensor, torch.Tensor]], spec: AdapterSpec,
+                 module_names: list[str], name: str, scale: float, source: str) -> list[str]:
+    """Put a generated LoRA ({module: (A (r, in), B (out, r))}) on ``model`` as the frozen ``lora`` adapter
+    ``name`` of ``spec``: every tensor applies or nothing stays (T2L and D2L)."""
+    names = inject(model, spec, name, scale, module_names=module_names, init=False)
+    sd = {f"{m}.lora_{ab}": t for m, pair in lora.items() for ab, t in zip("AB", pair)}
     try:
-        load_adapter_state_dict(model, name, sd, "T2L")
+        load_adapter_state_dict(model, name, sd, source)
     except BaseException:
         remove_adapters(model, [name])
         raise
     for m in names:
-        for p in model.get_submodule(m).adapters[name].parameters():
-            p.requires_grad_(False)
+        model.get_submodule(m).adapters[name].requires_grad_(False)
     return names
 
 
