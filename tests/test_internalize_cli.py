@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import lora_diffusion as ld
-from lora_diffusion import internalize as cli
 from lora_diffusion import llm
+from lora_diffusion.hyper import internalize_cli as cli
 from lora_diffusion.hyper.d2l import D2L, D2LConfig, internalize, reset
 from lora_diffusion.llm import chat
 from training.llm_data import char_tokenizer
@@ -103,3 +103,13 @@ def test_bad_input_is_refused_with_a_clear_error(setup, tmp_path, capsys):
     err = error_of(capsys, "--hyper", str(hpath), "--out", str(out), "--model", str(other), "--doc", str(doc))
     assert "this D2L hypernetwork was trained on base model 'tiny'" in err and "num_hidden_layers 2 vs 3" in err
     assert not out.exists()  # nothing written on any refusal
+
+
+def test_module_entry_point_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    r = subprocess.run([sys.executable, "-m", "lora_diffusion.internalize", "--help"], capture_output=True, text=True,
+                       cwd=Path(__file__).parent.parent)
+    assert r.returncode == 0 and "--hyper" in r.stdout
