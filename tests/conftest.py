@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,20 @@ from lora_diffusion.io.files import single_thread
 FIXTURES = Path(__file__).parent / "fixtures"
 # Tolerances are a property of the dtype, never of the variant.
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+@pytest.fixture(autouse=True)
+def _restore_logger_levels():
+    """CLIs called in-process (``build_demo_library.main`` quiets ``lora_diffusion`` for its run) must not leave a
+    later test's ``caplog`` without the records it checks: every logger level changed by a test is put back."""
+    def levels() -> dict[str, int]:
+        return {n: lg.level for n, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+
+    before = levels()
+    yield
+    for name, level in levels().items():
+        if level != before.get(name, logging.NOTSET):
+            logging.getLogger(name).setLevel(before.get(name, logging.NOTSET))
 
 
 @pytest.fixture(scope="module")
