@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +34,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.bench_trainer import rss_mib  # noqa: E402
+from benchmarks.bench_trainer import best_of_rounds, log_ratios, time_steps  # noqa: E402
 
 log = logging.getLogger("bench_dit_trainer")
 FIXTURES = {"flux-dev": "flux1-dev-transformer.json", "sd35-medium": "sd35-medium-transformer.json"}
@@ -100,26 +98,9 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     model.requires_grad_(False)
     lat, text, pooled = inputs(a.model, cfg, a.resolution, dev)
     step_fn = (ours if a.side == "ours" else diffusers_peft)(a, acc, model, dtype, lat, text, pooled)
-    rss0 = rss_mib()
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(a.warmup):
-        step_fn()
-    _sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(a.steps):
-        step_fn()
-    _sync(dev)
-    dt = (time.perf_counter() - t0) / a.steps
-    mem = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else rss_mib()
+    r = time_steps(step_fn, dev, a.warmup, a.steps)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"side": a.side, "s_per_step": dt, "peak_mib": mem, "train_mib": rss_mib() - rss0 if dev.type == "cpu"
-            else mem, "trainable": n, "params": sum(p.numel() for p in model.parameters())}
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
+    return {"side": a.side, **r, "trainable": n, "params": sum(p.numel() for p in model.parameters())}
 
 
 def ours(a, acc, model, dtype, lat, text, pooled):
@@ -191,18 +172,6 @@ def diffusers_peft(a, acc, model, dtype, lat, text, pooled):
     return step
 
 
-def run_side(a: argparse.Namespace, side: str) -> dict[str, Any]:
-    skip = ("_side", "gradient_checkpointing", "rounds")
-    argv = [sys.executable, __file__, "--_side", side] + [f"--{k}={v}" for k, v in vars(a).items()
-                                                          if k not in skip and v is not None]
-    if a.gradient_checkpointing:
-        argv.append("--gradient_checkpointing")
-    p = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
-    if p.returncode != 0:
-        raise SystemExit(f"{side} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -230,11 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(worker(a)))
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    runs: dict[str, list[dict[str, Any]]] = {"diffusers": [], "ours": []}
-    for _ in range(a.rounds):
-        for side in runs:
-            runs[side].append(run_side(a, side))
-    d, o = (min(runs[s], key=lambda r: r["s_per_step"]) for s in ("diffusers", "ours"))
+    d, o = best_of_rounds(a, __file__)
     log.info("%s transformer (%s layers, %.0fM parameters), %d px, rank %d, %s, precision %s, grad ckpt %s, %d threads "
              "(%d timed steps after %d warm-up, best of %d alternating runs per side)", a.model, a.layers or "all",
              d["params"] / 1e6, a.resolution, a.rank, a.device, a.mixed_precision, a.gradient_checkpointing, a.threads,
@@ -244,8 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, r in (("diffusers+PEFT", d), ("ours", o)):
         log.info("| %s | %s | %.3f | %.0f | %.0f | %d |", name, "lora" if name != "ours" else a.variant,
                  r["s_per_step"], r["peak_mib"], r["train_mib"], r["trainable"])
-    log.info("ratio ours/diffusers: time %.2fx, peak memory %.2fx, train memory %.2fx", o["s_per_step"] / d["s_per_step"],
-             o["peak_mib"] / d["peak_mib"], o["train_mib"] / max(d["train_mib"], 1e-9))
+    log_ratios(d, o)
 
 
 if __name__ == "__main__":

@@ -92,21 +92,27 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     step_fn = (ours if a.side == "ours" else diffusers_peft)(a, acc, unet, sched, dtype, lat, text, pooled)
     if a.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    r = time_steps(step_fn, dev, a.warmup, a.steps)
+    n = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    return {"side": a.side, **r, "steps_per_s": 1 / r["s_per_step"], "trainable": n}
+
+
+def time_steps(step_fn: Any, dev: torch.device, warmup: int, steps: int) -> dict[str, float]:
+    """Seconds per step after ``warmup`` untimed steps; peak memory (CUDA: allocated, CPU: RSS) and what training
+    added (CPU: RSS growth)."""
     rss0 = rss_mib()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(a.warmup):
+    for _ in range(warmup):
         step_fn()
     _sync(dev)
     t0 = time.perf_counter()
-    for _ in range(a.steps):
+    for _ in range(steps):
         step_fn()
     _sync(dev)
-    dt = (time.perf_counter() - t0) / a.steps
+    dt = (time.perf_counter() - t0) / steps
     mem = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else rss_mib()
-    n = sum(p.numel() for p in unet.parameters() if p.requires_grad)
-    return {"side": a.side, "s_per_step": dt, "steps_per_s": 1 / dt, "peak_mib": mem, "train_mib": rss_mib() - rss0
-            if dev.type == "cpu" else mem, "trainable": n}
+    return {"s_per_step": dt, "peak_mib": mem, "train_mib": rss_mib() - rss0 if dev.type == "cpu" else mem}
 
 
 def _sync(dev: torch.device) -> None:
@@ -168,9 +174,10 @@ def diffusers_peft(a, acc, unet, sched, dtype, lat, text, pooled):
     return step
 
 
-def run_side(a: argparse.Namespace, side: str) -> dict[str, Any]:
+def run_side(a: argparse.Namespace, side: str, script: str = __file__) -> dict[str, Any]:
+    """One side's measurement in a fresh process of ``script`` (``--_side``): its last stdout line, JSON."""
     skip = ("_side", "gradient_checkpointing", "rounds")
-    argv = [sys.executable, __file__, "--_side", side] + [f"--{k}={v}" for k, v in vars(a).items()
+    argv = [sys.executable, script, "--_side", side] + [f"--{k}={v}" for k, v in vars(a).items()
                                                           if k not in skip and v is not None]
     if a.gradient_checkpointing:
         argv.append("--gradient_checkpointing")
@@ -207,11 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(worker(a)))
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    runs: dict[str, list[dict[str, Any]]] = {"diffusers": [], "ours": []}
-    for _ in range(a.rounds):  # alternate the sides, keep each side's fastest run (shared, noisy CPUs)
-        for side in runs:
-            runs[side].append(run_side(a, side))
-    d, o = (min(runs[s], key=lambda r: r["s_per_step"]) for s in ("diffusers", "ours"))
+    d, o = best_of_rounds(a)
     log.info("%s UNet, %d px, rank %d, %s, precision %s, grad ckpt %s, %d threads (%d timed steps after %d warm-up, "
              "best of %d alternating runs per side)", a.unet, a.resolution, a.rank, a.device, a.mixed_precision,
              a.gradient_checkpointing, a.threads, a.steps, a.warmup, a.rounds)
@@ -220,6 +223,20 @@ def main(argv: list[str] | None = None) -> None:
     for name, r in (("diffusers+PEFT", d), ("ours", o)):
         log.info("| %s | %s | %.3f | %.2f | %.0f | %.0f | %d |", name, "lora" if name != "ours" else a.variant,
                  r["s_per_step"], r["steps_per_s"], r["peak_mib"], r["train_mib"], r["trainable"])
+    log_ratios(d, o)
+
+
+def best_of_rounds(a: argparse.Namespace, script: str = __file__) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``a.rounds`` alternating runs per side (diffusers first); each side's fastest (shared, noisy CPUs)."""
+    runs: dict[str, list[dict[str, Any]]] = {"diffusers": [], "ours": []}
+    for _ in range(a.rounds):
+        for side in runs:
+            runs[side].append(run_side(a, side, script))
+    d, o = (min(runs[s], key=lambda r: r["s_per_step"]) for s in ("diffusers", "ours"))
+    return d, o
+
+
+def log_ratios(d: dict[str, Any], o: dict[str, Any]) -> None:
     log.info("ratio ours/diffusers: time %.2fx, peak memory %.2fx, train memory %.2fx", o["s_per_step"] / d["s_per_step"],
              o["peak_mib"] / d["peak_mib"], o["train_mib"] / max(d["train_mib"], 1e-9))
 
