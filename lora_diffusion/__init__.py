@@ -29,7 +29,7 @@ from .core.errors import AdapterError, AdapterFileError, TargetError, UnknownVar
 from .core.layer import AdaptedLayer
 from .core.registry import get_variant, register_variant, variant_names
 from .core.spec import AdapterSpec
-from .fusion import moa as _moa  # noqa: F401  (registers MoA's model-level mixture: files with one load anywhere)
+from .fusion import moa as _moa  # noqa: F401  (registers the mixtures: MoA, X-LoRA/MoLE/LAG files load anywhere)
 from .inject.presets import PRESETS, preset_names
 from .inject.steps import TrainingHooks, variant_optimizer
 from .inject.targets import find_targets

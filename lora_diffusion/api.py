@@ -349,11 +349,10 @@ def load_embeddings(pipe: Any, path: str | os.PathLike, name: str | None = None,
 
 def _load_weights(model_or_pipeline: Any, src: Path, loaded: tuple[dict[str, torch.Tensor], dict[str, str]] | None,
                   name: str, scale: float, trainable: bool) -> str:
-    if loaded is not None and "mixture" in loaded[1] and canonical.is_canonical(loaded[1]):
-        from .fusion.mixture import load_mixture  # X-LoRA/MoLE file: its adapters plus the learned mixture
-
-        return load_mixture(model_or_pipeline, src, loaded, name)
     if loaded is not None and canonical.is_canonical(loaded[1]):
+        whole = mixtures.file_loader(loaded[1])  # X-LoRA/MoLE/LAG file: its adapters plus the learned mixture
+        if whole is not None:
+            return whole(model_or_pipeline, src, loaded, name)
         return _load_canonical(model_or_pipeline, src, loaded, name, scale, trainable)
     targets = _role_targets(model_or_pipeline)
     if loaded is not None:

@@ -10,13 +10,18 @@ loads, refuses to merge or export, and removes every kind the same way, without 
 
 An installed mixture has ``kind`` (its kind's key), ``state()`` (tensors), ``metadata()`` (str -> str, including
 the ``kind`` key) and ``remove()`` (hooks and modules off the model; the LoRA experts stay adapters).
+
+Whole-file mixtures (X-LoRA, MoLE, LAG: several adapters plus what their fusion learned, ``fusion/mixture.py``)
+are a file of their own: ``register_file_kind`` names the metadata key that marks one and the function that loads
+it, and ``load_adapter`` hands such a canonical file to it (``file_loader``) instead of loading one adapter.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -52,6 +57,21 @@ KINDS: dict[str, MixtureKind] = {}
 def register_mixture_kind(kind: MixtureKind) -> MixtureKind:
     KINDS[kind.key] = kind
     return kind
+
+
+# (model or pipeline, source file, (tensors, metadata), adapter name) -> the name it was loaded under
+FileLoader = Callable[[Any, Path, tuple[dict[str, torch.Tensor], dict[str, str]], str], str]
+FILE_KINDS: dict[str, FileLoader] = {}
+
+
+def register_file_kind(key: str, load: FileLoader) -> None:
+    """Canonical files whose metadata has ``key`` are whole-file mixtures that ``load`` installs."""
+    FILE_KINDS[key] = load
+
+
+def file_loader(meta: dict[str, str]) -> FileLoader | None:
+    """The loader of the whole-file mixture a canonical file's metadata marks, or None for an adapter file."""
+    return next((load for key, load in FILE_KINDS.items() if key in meta), None)
 
 
 def model_mixtures(model: nn.Module) -> dict[str, ModelMixture]:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..api import adapter_state_dict, components, remove_adapters
+from ..core import mixtures
 from ..core.errors import AdapterError, AdapterFileError
 from ..core.layer import AdaptedLayer
 from ..inject.walker import adapted_layers, inject, model_state
@@ -273,3 +274,6 @@ def _inject_adapter(obj: Any, n: str, entries: dict[str, Any], tensors: dict[str
             if n in layer.adapters:
                 for p in layer.adapters[n].parameters():
                     p.requires_grad_(False)
+
+
+mixtures.register_file_kind(META_KEY, load_mixture)  # ``load_adapter`` of a mixture file lands in load_mixture
