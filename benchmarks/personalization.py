@@ -244,6 +244,7 @@ def trainable_count(tc: Any) -> int:
     import json
 
     import lora_diffusion as ld
+    from lora_diffusion.families import denoiser
     from lora_diffusion.variants.loradrop import DropPlan
     from training.diffusion import adapter_spec, load_base
 
@@ -251,7 +252,7 @@ def trainable_count(tc: Any) -> int:
     plan = Path(tc.checkpoint.output_dir) / "lora_drop.json"
     if spec.variant == "loradrop" and plan.is_file():
         spec = DropPlan.from_dict(json.loads(plan.read_text())).spec(spec)
-    unet = load_base(tc).unet
+    unet = denoiser(load_base(tc))
     ld.add_adapter(unet, spec)
     return sum({p.data_ptr(): p.numel() for p in unet.parameters() if p.requires_grad}.values())
 
@@ -282,6 +283,8 @@ def _draw(pipe: Any, run: Run, cfg: BenchConfig, adapter: Path | None,
           token: str) -> tuple[np.ndarray, list[dict[str, str]]]:
     """Images (N, H, W, 3) uint8 for the run's recontextualizing prompts, and what each prompt asked for."""
     import lora_diffusion as ld
+    from lora_diffusion.embeddings import expand_prompt
+    from lora_diffusion.families import denoiser
     from lora_diffusion.generate import apply_adapters, remove_timestep_hook
 
     if adapter is not None:
@@ -298,12 +301,13 @@ def _draw(pipe: Any, run: Run, cfg: BenchConfig, adapter: Path | None,
                    for i, a in enumerate(asked)]
     g = torch.Generator().manual_seed(1000 + run.seed)
     try:
+        prompts = [expand_prompt(pipe, q) for q in prompts]  # SD3: a multi-vector token written out
         images = [pipe(prompts[i:i + 32], num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance,
                        generator=g, output_type="np").images for i in range(0, len(prompts), 32)]
     finally:
         if adapter is not None:
             ld.remove_adapters(pipe, ["bench"])
-            remove_timestep_hook(pipe.unet)
+            remove_timestep_hook(denoiser(pipe))
     return (np.clip(np.concatenate(images), 0, 1) * 255).round().astype(np.uint8), asked
 
 
@@ -543,7 +547,8 @@ def plot_curves(rows: list[dict[str, Any]], cfg: BenchConfig, path: Path) -> Non
                 ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
             else:
                 ax.legend(fontsize=8 if ax is top else 7)
-    fig.suptitle("One-image personalization on the demo model (mean ± 95% CI)")
+    fig.suptitle(f"One-image personalization on {Path(cfg.model).name if cfg.model else 'the demo model'} "
+                 "(mean ± 95% CI)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -601,7 +606,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=int, default=d.images)
     p.add_argument("--sample-steps", type=int, default=d.sample_steps)
     p.add_argument("--guidance", type=float, default=d.guidance)
-    p.add_argument("--model", default=None, help="base model (default: the embedded demo model)")
+    p.add_argument("--model", default=None, help="base model (default: the embedded demo model; demo-sd3: the "
+                   "embedded DiT demo model, an SD3-architecture pipeline)")
     p.add_argument("--evaluator", default=None, help="evaluator folder (default: assets/evaluator)")
     p.add_argument("--device", default=d.device)
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (GPU: 4-8)")
@@ -707,7 +713,7 @@ def report(results: list[dict[str, Any]], cfg: BenchConfig, seconds: float) -> s
     """Table, JSON, curves and grids into ``cfg.out``; returns the table."""
     rows = summarize(results, cfg)
     comps = comparisons(results, cfg)
-    default_steps = _default_steps()
+    default_steps = _default_steps(cfg.model)
     step = min(cfg.sweep, key=lambda s: abs(s - default_steps))  # the sweep point nearest the trainer's default
     table = markdown(rows, comps, cfg, by_concept(results, cfg, step))
     if cfg.paired_to:
@@ -729,10 +735,10 @@ def report(results: list[dict[str, Any]], cfg: BenchConfig, seconds: float) -> s
     return table
 
 
-def _default_steps() -> int:
-    from lora_diffusion.demo.model import TRAIN_DEFAULTS
+def _default_steps(model: str | None) -> int:
+    from lora_diffusion.demo.model import TRAIN_DEFAULTS, train_defaults
 
-    return int(TRAIN_DEFAULTS.get("max_train_steps", 500))
+    return int((train_defaults(model) or TRAIN_DEFAULTS).get("max_train_steps", 500))
 
 
 def _quiet() -> None:

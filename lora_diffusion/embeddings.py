@@ -68,13 +68,26 @@ def token_names(token: str, n: int) -> list[str]:
 
 
 def encoders(pipe: Any) -> dict[str, tuple[Any, nn.Module]]:
-    """{role: (tokenizer, text encoder)} of a pipeline (SD: one, SDXL: two)."""
+    """{role: (tokenizer, text encoder)} of a pipeline's CLIP encoders (SD: one; SDXL, SD3: two; Flux: CLIP-L only,
+    its ``text_encoder_2`` is T5, as SD3's ``text_encoder_3``, which see a placeholder as ordinary word pieces)."""
     out = {}
     for role, tok_attr in ENCODERS.items():
         te, tok = getattr(pipe, role, None), getattr(pipe, tok_attr, None)
-        if te is not None and tok is not None:
+        if te is not None and tok is not None and "T5" not in type(te).__name__:
             out[role] = (tok, te)
     return out
+
+
+def expand_prompt(pipe: Any, prompt: str) -> str:
+    """``<tok>`` of a multi-vector placeholder -> ``<tok> <tok>_1 ...`` for pipelines that do not do it themselves
+    (SD3 and Flux have no ``TextualInversionLoaderMixin``); SD/SDXL's ``encode_prompt`` does it: unchanged."""
+    if hasattr(pipe, "maybe_convert_prompt"):
+        return prompt
+    for e in (e for embs in loaded_embeddings(pipe).values() for e in embs):
+        if e.num_vectors > 1 and e.names[0] == e.token:  # not the written-out <s0><s1> form
+            word, names = re.compile(rf"(?<![\w<]){re.escape(e.token)}(?![\w>])"), " ".join(e.names)
+            prompt = word.sub(lambda _, r=names: r, prompt)
+    return prompt
 
 
 def width(text_encoder: nn.Module) -> int:
@@ -191,6 +204,10 @@ def apply_embeddings(pipe: Any, name: str, embs: list[TokenEmbeddings], source: 
     for e in embs:
         log.info("token '%s' (%d vector(s)) added to %s for adapter '%s'", e.token, e.num_vectors,
                  ", ".join(encoders(pipe)), name)
+        if e.num_vectors > 1 and e.names[0] == e.token and not hasattr(pipe, "maybe_convert_prompt"):
+            log.warning("token '%s' has %d vectors and a %s does not expand it: calling the pipeline directly, write "
+                        "'%s' in the prompt (lora_diffusion's generate and trainer expand '%s' themselves)", e.token,
+                        e.num_vectors, type(pipe).__name__, " ".join(e.names), e.token)
 
 
 def _snapshot(pipe: Any) -> _Snapshot:
@@ -328,4 +345,4 @@ class TrainableTokens(nn.Module):
 
 
 __all__ = ["EmbeddingError", "TokenEmbeddings", "TrainableTokens", "apply_embeddings", "check", "current_vectors",
-           "encoders", "init_vectors", "loaded_embeddings", "remove_embeddings", "token_names", "tokens_in_use"]
+           "encoders", "expand_prompt", "init_vectors", "loaded_embeddings", "remove_embeddings", "token_names", "tokens_in_use"]

@@ -26,6 +26,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import api
 from .core.errors import AdapterError
+from .embeddings import expand_prompt
 from .families import BY_PIPELINE, denoiser, family_of, timestep_position, timestep_scale
 
 log = logging.getLogger(__name__)
@@ -92,9 +93,10 @@ def _first_line(e: BaseException) -> str:
 
 def resolve_source(source: str | os.PathLike | None) -> str:
     """The base model to load: ``source``, else the embedded demo model (``lora_diffusion.demo.model``)."""
+    from .demo.model import DemoModelError, default_model_path, resolve_demo_name
+
     if source is not None:
-        return str(source)
-    from .demo.model import DemoModelError, default_model_path
+        return str(resolve_demo_name(source))  # `demo-sd3`: the embedded DiT demo model's folder
 
     try:
         return str(default_model_path())
@@ -220,8 +222,9 @@ def generate(pipe: Any, prompts: Sequence[str], steps: int = 25, guidance_scale:
                 return kw
 
             g = torch.Generator(device="cpu").manual_seed(seed + i)
-            out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, generator=g, height=height,
-                       width=width, negative_prompt=negative_prompt, output_type="pil",
+            negative = expand_prompt(pipe, negative_prompt) if negative_prompt else negative_prompt
+            out = pipe(expand_prompt(pipe, prompt), num_inference_steps=steps, guidance_scale=guidance_scale,
+                       generator=g, height=height, width=width, negative_prompt=negative, output_type="pil",
                        callback_on_step_end=on_step if progress is not None else None)
             images.extend(out.images)
     log.info("generated %d image(s) on %s", len(images), device)

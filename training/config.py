@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_diffusion.demo.model import TRAIN_DEFAULTS as DEMO_TRAIN_DEFAULTS
-from lora_diffusion.demo.model import is_demo_model
+from lora_diffusion.demo.model import resolve_demo_name, train_defaults
 from lora_diffusion.demo.world import PLACEHOLDERS as DEMO_PLACEHOLDERS
 
 log = logging.getLogger(__name__)
@@ -247,7 +246,8 @@ class LoRADropArgs:
 class ModelArgs:
     pretrained_model_name_or_path: str | None = opt(
         None, "hub id, local diffusers folder (SD1.x/2.x, SDXL, Flux.1, SD3/3.5) or single .safetensors checkpoint "
-        "(SD1.x/2.x, SDXL); None: the embedded demo model in assets/demo-sd/", "--model")
+        "(SD1.x/2.x, SDXL); None or demo-sd: the embedded demo model in assets/demo-sd/; demo-sd3: the embedded DiT "
+        "(SD3-architecture) demo model in assets/demo-sd3/", "--model")
     model_family: str = opt("auto", "auto (from the folder's model_index.json) | sd | sdxl | flux | sd3",
                             choices=["auto", "sd", "sdxl", "flux", "sd3"])
     drop_t5: bool = opt(False, "SD3: do not load the T5 text encoder (the pipeline feeds zeros in its place, as "
@@ -293,7 +293,7 @@ class AdapterArgs:
                             choices=["ortho_lora", "lora"])
     targets: str | None = opt(None, "target preset or comma-separated module patterns (None: unet-attn, Flux/SD3 "
                               "dit-attn; on the embedded demo model unet-full, or unet-attn for linear-only variants "
-                              "such as VeRA)")
+                              "such as VeRA; on the DiT demo model demo-sd3 dit-attn-mlp)")
     lora_dropout: float = opt(0.0, "dropout on the adapter input")
     adapter_options: dict = opt({}, "extra variant options as JSON, e.g. '{\"decompose_factor\": 4}'")
     rank_spec: str | None = opt(None, "per-module ranks from a rank-spec JSON file (python -m training.rank_sensitivity: "
@@ -437,16 +437,16 @@ def with_rank_spec(spec: Any, path: str | None) -> Any:
 DIT_TARGETS = "dit-attn"
 
 
-def default_targets(variant: str, demo: bool, family: str = "sd") -> str:
-    """``unet-attn``; on the demo model (which draws shapes with convolutions) ``unet-full`` where the variant
-    adapts Conv2d layers; on Flux/SD3 the attention projections (``DIT_TARGETS``)."""
+def default_targets(variant: str, demo: dict[str, Any] | None, family: str = "sd") -> str:
+    """``unet-attn``, on Flux/SD3 the attention projections (``DIT_TARGETS``); on a demo model its defaults
+    (``demo``): the UNet one (which draws shapes with convolutions) ``unet-full`` where the variant adapts Conv2d
+    layers, the DiT one the attention and MLP linears."""
     import lora_diffusion as ld
 
-    if family in ("flux", "sd3"):
-        return DIT_TARGETS
-    if demo and "conv2d" in ld.get_variant(variant).kinds:
-        return DEMO_TRAIN_DEFAULTS["targets"]
-    return DEMO_TRAIN_DEFAULTS["linear_only_targets"] if demo else "unet-attn"
+    if demo is not None:
+        convs = "conv2d" in ld.get_variant(variant).kinds
+        return demo["targets"] if convs else demo["linear_only_targets"]
+    return DIT_TARGETS if family in ("flux", "sd3") else "unet-attn"
 
 
 def resolve_defaults(cfg: TLoRAConfig, variant_names: list[str]) -> TLoRAConfig:
@@ -458,20 +458,20 @@ def resolve_defaults(cfg: TLoRAConfig, variant_names: list[str]) -> TLoRAConfig:
         raise ConfigError(f"--variant: unknown variant '{a.variant}'; registered variants: {variant_names} (or "
                           f"'{NO_ADAPTER}' with --train_embedding: textual inversion alone)")
     d = VARIANT_DEFAULTS.get(a.variant, FALLBACK_DEFAULTS)
-    demo = is_demo_model(cfg.model.pretrained_model_name_or_path)
+    cfg.model.pretrained_model_name_or_path = resolve_demo_name(cfg.model.pretrained_model_name_or_path)
+    demo = train_defaults(cfg.model.pretrained_model_name_or_path)  # None: not an embedded demo model
     a.lora_rank = d["lora_rank"] if a.lora_rank is None else a.lora_rank
     if o.learning_rate is None:
-        o.learning_rate = d["learning_rate"] * (DEMO_TRAIN_DEFAULTS["lr_scale"] if demo else 1.0)
+        o.learning_rate = d["learning_rate"] * (demo["lr_scale"] if demo else 1.0)
     resolve_family(cfg)
     if a.targets is None:
         a.targets = "" if a.variant == NO_ADAPTER else default_targets(a.variant, demo, cfg.model.model_family)
     _resolve_embedding(cfg, demo)
     if o.max_train_steps is None:
-        o.max_train_steps = DEMO_TRAIN_DEFAULTS.get("max_train_steps", d["max_train_steps"]) if demo else \
-            d["max_train_steps"]
+        o.max_train_steps = demo.get("max_train_steps", d["max_train_steps"]) if demo else d["max_train_steps"]
     a.adapter_options = step_option_defaults(a.variant, a.adapter_options, o.max_train_steps)
     if cfg.data.hue_jitter is None:
-        cfg.data.hue_jitter = float(DEMO_TRAIN_DEFAULTS.get("hue_jitter", 0.0)) if demo else 0.0
+        cfg.data.hue_jitter = float(demo.get("hue_jitter", 0.0)) if demo else 0.0
     if a.variant == "tlora" and a.min_rank is None and not a.rank_spec:  # with --rank_spec: rank // 2 per module
         a.min_rank = max(1, a.lora_rank // 2)
     elif a.variant != "tlora" and a.min_rank is not None:
@@ -517,8 +517,8 @@ def settle_family(cfg: TLoRAConfig, found: str) -> bool:
     before = m.__dict__.get(GUESSED)
     if before is None or before == found or {before, found} <= {"sd", "sdxl"}:
         return False
-    if a.targets == ("" if a.variant == NO_ADAPTER else default_targets(a.variant, False, before)):
-        a.targets = "" if a.variant == NO_ADAPTER else default_targets(a.variant, False, found)
+    if a.targets == ("" if a.variant == NO_ADAPTER else default_targets(a.variant, None, before)):
+        a.targets = "" if a.variant == NO_ADAPTER else default_targets(a.variant, None, found)
     if cfg.flow.weighting_scheme == ("logit_normal" if before == "sd3" else "uniform"):
         cfg.flow.weighting_scheme = None
     m.model_family = found
@@ -569,10 +569,10 @@ def check_lora_drop(args: LoRADropArgs, variant: str, max_steps: int | None) -> 
         raise ConfigError(f"--lora_drop_plan: no such file: {args.lora_drop_plan}")
 
 
-def _resolve_embedding(cfg: TLoRAConfig, demo: bool) -> None:
+def _resolve_embedding(cfg: TLoRAConfig, demo: dict[str, Any] | None) -> None:
     e, d = cfg.embedding, cfg.data
     if e.train_embedding is None:
-        e.train_embedding = demo and bool(DEMO_TRAIN_DEFAULTS.get("train_embedding", False))
+        e.train_embedding = bool(demo and demo.get("train_embedding", False))
     if demo and e.train_embedding and d.placeholder_token in (None, *DEMO_PLACEHOLDERS):
         e.allow_existing_token = True  # the demo vocabulary reserves rows for placeholders (sks, <v1>..<v4>)
     if cfg.adapter.variant == NO_ADAPTER and not e.train_embedding:

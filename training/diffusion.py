@@ -76,14 +76,15 @@ def check_flow_options(cfg: TLoRAConfig) -> None:
     family = cfg.model.model_family
     if family not in FAMILIES or not FAMILIES[family].flow:
         return
-    unsupported = [(cfg.embedding.train_embedding, "--train_embedding (pivotal tuning)"),
-                   (cfg.embedding.text_encoder_targets, "--text_encoder_targets"),
-                   (cfg.adapter.variant == lora_drop.VARIANT, "--variant loradrop"),
-                   (cfg.model.attention == "xformers", "--attention xformers"),
-                   (cfg.data.with_prior_preservation and cfg.data.num_class_images, "--num_class_images")]
-    for bad, flag in unsupported:
+    sd, text = "SD/SDXL UNets", "SD/SDXL UNets and SD3"  # pivotal tuning: CLIP encoders (Flux's prompt is T5's)
+    unsupported = [(cfg.embedding.train_embedding and family == "flux", "--train_embedding (pivotal tuning)", text),
+                   (cfg.embedding.text_encoder_targets and family == "flux", "--text_encoder_targets", text),
+                   (cfg.adapter.variant == lora_drop.VARIANT, "--variant loradrop", sd),
+                   (cfg.model.attention == "xformers", "--attention xformers", sd),
+                   (cfg.data.with_prior_preservation and cfg.data.num_class_images, "--num_class_images", sd)]
+    for bad, flag, where in unsupported:
         if bad:
-            raise ConfigError(f"{flag}: SD/SDXL UNets only for now; the model is a {family} transformer")
+            raise ConfigError(f"{flag}: {where} only for now; the model is a {family} transformer")
 
 
 # --- model and adapter ---

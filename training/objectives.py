@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_diffusion as ld
+from lora_diffusion.embeddings import expand_prompt
 from lora_diffusion.families import family_of
 
 from .data import Example, ImageSet
@@ -87,6 +88,7 @@ class Conditioner:
 
     def _encode(self, prompt: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         seq = {"max_sequence_length": self.max_sequence_length} if self.max_sequence_length else {}
+        prompt = expand_prompt(self.pipe, prompt)  # SD3/Flux: <tok> -> <tok> <tok>_1 ... (SD/SDXL do it themselves)
         if self.family == "flux":  # (1, L, 4096) T5 tokens, (1, 768) CLIP pooled; text ids are zeros
             emb, pooled, _ = self.pipe.encode_prompt(prompt, None, device=device, num_images_per_prompt=1, **seq)
             return emb, pooled

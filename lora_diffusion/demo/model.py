@@ -44,6 +44,16 @@ TRAIN_DEFAULTS: dict[str, Any] = {"targets": "unet-full", "linear_only_targets":
                                   "train_embedding": True, "hue_jitter": 180.0, "max_train_steps": 400}
 
 
+#: Training defaults on the DiT demo model (``assets/demo-sd3``, an SD3-architecture pipeline whose demo_model.json
+#: says ``"family": "sd3"``): its transformer has linear layers only, so every variant adapts the attention and MLP
+#: linears of the joint blocks; the same one-image recipe (pivotal tuning on both CLIP encoders, hue jitter).
+DIT_TRAIN_DEFAULTS: dict[str, Any] = {"targets": "dit-attn-mlp", "linear_only_targets": "dit-attn-mlp",
+                                      "lr_scale": 10.0, "train_embedding": True, "hue_jitter": 180.0,
+                                      "max_train_steps": 400}
+#: ``--model demo-sd3`` (any model flag, and ``load_pipeline``): a name of an embedded demo model -> its folder
+DEMO_NAMES = {"demo-sd": DEMO_MODEL_DIRNAME, "demo-sd3": "demo-sd3"}
+
+
 class DemoModelError(FileNotFoundError):
     """The embedded demo model is missing or damaged."""
 
@@ -142,7 +152,9 @@ def load_demo_pipeline(path: str | Path | None = None, device: str | Any = "cpu"
 
 
 def is_demo_model(source: str | Path | None) -> bool:
-    """Whether ``source`` (None: the default model) is a folder made by ``training.pretrain_demo``."""
+    """Whether ``source`` (None: the default model; a name of :data:`DEMO_NAMES`) is a folder made by
+    ``training.pretrain_demo`` (or ``training.pretrain_demo_dit``)."""
+    source = resolve_demo_name(source)
     folder = default_model_path(check=False) if source is None else Path(source)
     try:
         return json.loads((folder / "demo_model.json").read_text()).get("format") == DEMO_FORMAT
@@ -155,3 +167,25 @@ def demo_model_info(path: str | Path | None = None) -> dict[str, Any]:
     folder = default_model_path() if path is None else Path(path)
     file = folder / "demo_model.json"
     return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def resolve_demo_name(source: str | Path | None) -> str | Path | None:
+    """``demo-sd`` / ``demo-sd3`` (a name in :data:`DEMO_NAMES` that is no existing path) -> the embedded model's
+    folder in ``assets/``; any other source unchanged."""
+    if source is None or str(source) not in DEMO_NAMES or Path(source).exists():
+        return source
+    return str(assets_dir() / DEMO_NAMES[str(source)])
+
+
+def train_defaults(source: str | Path | None) -> dict[str, Any] | None:
+    """The trainer's defaults for a demo model (None: ``source`` is not one): :data:`DIT_TRAIN_DEFAULTS` when its
+    demo_model.json names a transformer family, else :data:`TRAIN_DEFAULTS`."""
+    source = resolve_demo_name(source)
+    if not is_demo_model(source):
+        return None
+    folder = default_model_path(check=False) if source is None else Path(source)
+    try:
+        family = json.loads((folder / "demo_model.json").read_text()).get("family", "sd")
+    except (OSError, ValueError, AttributeError):
+        family = "sd"
+    return DIT_TRAIN_DEFAULTS if family in ("sd3", "flux") else TRAIN_DEFAULTS
