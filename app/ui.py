@@ -30,7 +30,7 @@ from .services import (
     estimate,
     parse_seed,
 )
-from .services.jobs import model_family
+from .services.presets import LABELS, is_dit, model_family
 
 
 def fusion_names() -> list[str]:
@@ -147,8 +147,33 @@ class UI:
         warn = ("\n\n**⚠ This would likely run out of memory**: lower the rank or resolution, or use another device."
                 if e["too_big"] else "")
         fam = model_family(self.s.settings, model)
+        p = PRESETS[fam]
+        extra = " · bf16" if p.get("mixed_precision") == "bf16" else ""
+        extra += " · gradient checkpointing" if p.get("gradient_checkpointing") else ""
+        note = ("\n\nPivotal tuning is not available on transformer models yet: the adapter alone is trained."
+                if not p.get("pivotal", True) else "")
         return (f"**{n} steps** · time {time_s} · memory {mem}{avail} on {self.s.settings.device} · preset "
-                f"'{fam}' ({PRESETS[fam]['resolution']} px){warn}")
+                f"'{fam}': {LABELS[fam]}, {p['resolution']} px{extra}{warn}{note}")
+
+    def model_controls(self, model: str) -> Any:
+        """The pivotal-tuning box follows the base model: off and locked where the trainer has no pivotal tuning."""
+        try:
+            ok = PRESETS[model_family(self.s.settings, model)].get("pivotal", True)
+        except AppError:
+            return gr.skip()
+        return gr.update(value=True, interactive=True) if ok else gr.update(value=False, interactive=False)
+
+    def generate_defaults(self, model: str) -> tuple[Any, ...]:
+        """Steps, guidance and the note under the model when the base model changes: the preset's."""
+        try:
+            fam = model_family(self.s.settings, model)
+        except AppError as e:
+            return gr.skip(), gr.skip(), f"⚠ {e}"
+        p = PRESETS[fam]
+        note = f"{LABELS[fam]}: {p['resolution']} px, {p['num_inference_steps']} steps, guidance {p['guidance_scale']:g}"
+        if is_dit(fam):
+            note += " · fusion: static (the weighted sum) only"
+        return gr.update(value=p["num_inference_steps"]), gr.update(value=p["guidance_scale"]), note
 
     @handled
     def start(self, files: list[Any] | None, token: str, class_word: str, variant: str, model: str, steps: Any,
@@ -295,7 +320,8 @@ class UI:
         job = self.s.jobs.get(job_id, owner(request))
         adapter = self.s.jobs.current_adapter(job)
         req = GenerateRequest(prompt, seed=parse_seed(seed), num_images=2, model=job.request["model"],
-                              adapters=(AdapterUse(str(adapter), 1.0, job.name),), steps=20,
+                              adapters=(AdapterUse(str(adapter), 1.0, job.name),),
+                              steps=PRESETS[job.family]["num_inference_steps"],
                               guidance=PRESETS[job.family]["guidance_scale"])
         return [enlarge(im) for im in self.s.generator.generate(req)]
 
@@ -529,8 +555,9 @@ def _personalize_tab(ui: UI, models: list[str]) -> None:
             with gr.Row():
                 variant = gr.Dropdown(variants, value="tlora" if "tlora" in variants else variants[0], label="Variant")
                 model = gr.Dropdown(models, value=models[0], label="Base model")
-            pivotal = gr.Checkbox(value=True, label="Pivotal tuning: also learn the token's embedding (recommended)",
-                                  elem_id="train-pivotal")
+            pivotal_ok = PRESETS[model_family(ui.s.settings, models[0])].get("pivotal", True)
+            pivotal = gr.Checkbox(value=pivotal_ok, interactive=pivotal_ok, elem_id="train-pivotal",
+                                  label="Pivotal tuning: also learn the token's embedding (recommended; UNet models)")
             with gr.Accordion("Advanced", open=False):
                 with gr.Row():
                     steps = gr.Number(value=0, precision=0, label="Total steps (0: the recipe's default)",
@@ -569,6 +596,7 @@ def _personalize_tab(ui: UI, models: list[str]) -> None:
     msg = gr.Markdown(elem_id="train-msg")
     for c in (model, variant, steps):
         c.change(ui.estimate_text, [model, variant, steps], plan, queue=False, show_progress="hidden")
+    model.change(ui.model_controls, model, pivotal, queue=False, show_progress="hidden")
     images.change(ui.preview, images, preview, queue=False)
     start.click(ui.start, [images, token, class_word, variant, model, steps, rank, lr, template, sample_prompts,
                            sample_every, ckpt_every, seed, name, sample_steps, pivotal], [job, msg], api_name="train_start",
@@ -594,13 +622,16 @@ def _generate_tab(ui: UI, models: list[str]) -> list[Any]:
             negative = gr.Textbox(label="Negative prompt", value="")
             gr.Examples([[p] for p in DEMO_EXAMPLES], inputs=[prompt], label="Prompts the demo model knows")
             with gr.Row():
-                steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
-                guidance = gr.Slider(0, 15, value=4.0, step=0.5, label="Guidance")
+                p0 = PRESETS[model_family(ui.s.settings, models[0])]
+                steps = gr.Slider(1, 100, value=p0["num_inference_steps"], step=1, label="Steps", elem_id="gen-steps")
+                guidance = gr.Slider(0, 15, value=p0["guidance_scale"], step=0.5, label="Guidance",
+                                     elem_id="gen-guidance")
             with gr.Row():
                 seed = gr.Textbox(value="0", label="Seed (0..2^64-1)")
                 size = gr.Number(value=0, precision=0, label="Size px (0: the model's)")
                 n = gr.Slider(1, 16, value=4, step=1, label="Images")
-            model = gr.Dropdown(models, value=models[0], label="Base model")
+            model = gr.Dropdown(models, value=models[0], label="Base model", elem_id="gen-model")
+            model_note = gr.Markdown(ui.generate_defaults(models[0])[2], elem_id="gen-model-note")
             gr.Markdown("**Adapters from the library** (import files in the Library tab)")
             slots: list[Any] = []
             for k in range(SLOTS):
@@ -632,6 +663,7 @@ def _generate_tab(ui: UI, models: list[str]) -> list[Any]:
             chosen = gr.Dataframe(headers=["name", "score", "weight", "role"], label="LoRAs used (score: retrieval)",
                                   interactive=False, elem_id="blend-chosen")
             gates = gr.Image(label="Gate strength per layer and timestep", format="png", elem_id="blend-gates")
+    model.change(ui.generate_defaults, model, [steps, guidance, model_note], queue=False, show_progress="hidden")
     inputs = [prompt, negative, seed, steps, guidance, size, n, model, triggers, *slots]
     ev = go.click(ui.blend, [*inputs, mode, method, top_k], [gallery, big, files, chosen, gates, notes], api_name="blend",
                   concurrency_id=GPU, concurrency_limit=ui.s.settings.max_concurrent_generations)

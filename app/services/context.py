@@ -18,10 +18,10 @@ class AppServices:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
         self.generator = GenerateService(self.settings)
-        from .jobs import model_family
+        from .presets import served_families
 
-        # files made for another base family than the server's first model are marked in the Library tab
-        self.library = LibraryService(self.settings, model_family(self.settings, next(iter(self.settings.models))))
+        # files made for a base family that none of the server's models has are marked in the Library tab
+        self.library = LibraryService(self.settings, served_families(self.settings))
         self.jobs = JobManager(self.settings, self.library)
         self.llm = LLMChat(self.settings)
         # per-session outputs live in the system temp folder: Gradio copies returned files from there into its own

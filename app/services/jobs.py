@@ -34,23 +34,12 @@ from training.loop import EXIT_STOPPED
 
 from .errors import AppError
 from .library import LibraryService, safe_name
+from .presets import LIBRARY_FAMILY, PRESETS, model_family, trainer_family
 from .settings import Settings
 
 log = logging.getLogger("app")
 ROOT = Path(__file__).resolve().parents[2]  # the folder holding training/ and lora_diffusion/
 ACTIVE = ("queued", "running", "stopping")
-
-#: per model family: what a run on it needs beyond the variant's defaults (resolution, precision, memory savers)
-PRESETS: dict[str, dict[str, Any]] = {
-    "demo": {"resolution": 32, "num_inference_steps": 20, "guidance_scale": 4.0,
-             "sample_prompts": "a {0} on a black background#a green {0} on a white background",
-             "prompt_template": "a red {0} on a blue background"},
-    "sd1": {"resolution": 512, "mixed_precision": "fp16", "num_inference_steps": 25, "guidance_scale": 7.0,
-            "sample_prompts": "a photo of {0}#a {0} on the beach", "prompt_template": "a photo of {0}"},
-    "sdxl": {"resolution": 1024, "mixed_precision": "bf16", "gradient_checkpointing": True, "num_inference_steps": 25,
-             "guidance_scale": 5.0, "sample_prompts": "a photo of {0}#a {0} on the beach", "prompt_template": "a photo of {0}"},
-}
-
 
 @dataclass
 class JobRequest:
@@ -102,19 +91,6 @@ class LLMJobRequest:
     learning_rate: float | None = None
     name: str = ""
     file_name: str = ""  # what the user called the file (for messages)
-
-
-def model_family(settings: Settings, model: str) -> str:
-    source = settings.model_source(model)
-    if source is None:
-        return "demo"
-    try:
-        import diffusers
-
-        name = diffusers.DiffusionPipeline.load_config(source, local_files_only=True).get("_class_name", "")
-    except Exception:
-        name = "XL" if "xl" in source.lower() else ""
-    return "sdxl" if "XL" in name else "sd1"
 
 
 def default_steps(settings: Settings, model: str, variant: str) -> int:
@@ -308,7 +284,8 @@ class JobManager:
             "mixed_precision": preset.get("mixed_precision", "no") if self.settings.device != "cpu" else "no",
             "gradient_checkpointing": preset.get("gradient_checkpointing", False), "seed": req.seed,
             "cpu": self.settings.device == "cpu", "progress": False, "report_to": "none",
-            "progress_file": str(folder / "progress.jsonl"), "train_embedding": req.pivotal}
+            "progress_file": str(folder / "progress.jsonl"), "model_family": trainer_family(self.settings, req.model),
+            "targets": preset.get("targets"), "train_embedding": req.pivotal if preset.get("pivotal", True) else False}
         return {k: v for k, v in cfg.items() if v is not None}
 
     # --- running ---
@@ -414,7 +391,7 @@ class JobManager:
         samples = self.samples(job)
         training = {k: job.request.get(k) for k in ("variant", "token", "class_word", "model", "steps", "rank",
                                                        "learning_rate", "seed")}
-        training["steps"] = self.progress(job)["step"]
+        training["steps"], training["family"] = self.progress(job)["step"], LIBRARY_FAMILY.get(job.family, job.family)
         try:
             job.library_name = self.library.import_file(adapter, f"{job.name}.safetensors",
                                                         samples[-1][0] if samples else None, training)

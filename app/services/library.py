@@ -34,12 +34,24 @@ def safe_name(name: str, field: str = "name") -> str:
     return stem
 
 
+def _refine_family(e: dict[str, Any]) -> dict[str, Any]:
+    """A transformer file whose widths do not tell Flux from SD3 ('dit': reduced models such as the SD3 demo) takes
+    the family of the job that trained it (its sidecar)."""
+    from lora_diffusion.io.bundle import FAMILY_NAMES
+
+    fam = e.get("training", {}).get("family")
+    if e.get("base_family") == "dit" and fam in ("flux", "sd3"):
+        return dict(e, base_family=fam, base=FAMILY_NAMES[fam])
+    return e
+
+
 class LibraryService:
-    def __init__(self, settings: Settings, family: str | None = None) -> None:
+    def __init__(self, settings: Settings, family: str | set[str] | None = None) -> None:
         self.settings = settings
         self.folder = settings.library
         self.index = LoraLibrary(self.folder)
-        self.family = family  # the served model's family ('demo', 'sd1', 'sdxl'); files of another are marked
+        # the served models' families ('demo', 'sd1', 'sdxl', 'flux', 'sd3'); files of none of them are marked
+        self.families = {family} if isinstance(family, str) else set(family or ())
 
     # --- reading ---
     def entries(self) -> list[dict[str, Any]]:
@@ -52,8 +64,10 @@ class LibraryService:
             side = path.with_suffix(".json")
             e = dict(e, name=path.stem, sample=str(path.with_suffix(".png")) if path.with_suffix(".png").is_file() else None,
                      training=json.loads(side.read_text()) if side.is_file() else {})
-            fam = e.get("base_family")
-            e["other_family"] = bool(fam and self.family and fam != self.family)
+            e = _refine_family(e)
+            fam = e.get("base_family") or e.get("family_hint")  # hint: "demo" (the embedded UNet's files)
+            e["other_family"] = bool(fam and self.families and fam not in self.families and
+                                     not (fam == "dit" and self.families & {"flux", "sd3"}))
             out.append(e)
         return sorted(out, key=lambda e: e["name"].lower())
 

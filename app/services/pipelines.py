@@ -16,7 +16,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from lora_diffusion import AdapterError
 from lora_diffusion.generate import apply_adapters, generate, load_pipeline
 
 from .errors import AppError
+from .presets import LABELS, LIBRARY_FAMILY, PRESETS, is_dit, model_family
 from .settings import Settings
 
 log = logging.getLogger("app")
@@ -161,14 +162,7 @@ class GenerateService:
             return self._pipes[key]
         for a in req.adapters:  # a bad adapter fails here, before a base model is loaded
             check_adapter_file(a.path, a.name)
-        source = self.settings.model_source(req.model)
-        dtype = torch.float16 if self.device == "cuda" else torch.float32
-        try:
-            pipe = load_pipeline(source, dtype=dtype).to(self.device)
-        except AdapterError as e:
-            raise AppError(f"base model {req.model or 'demo'}: {e}") from None
-        self.loads += 1
-        pipe.set_progress_bar_config(disable=True)
+        pipe = self._load(req.model)
         first = {d: a for d, a in zip(digests, req.adapters)}
         if first:
             try:
@@ -206,21 +200,16 @@ class GenerateService:
             raise AppError(f"fusion method: expected one of {list(FUSION_METHODS)}, got {method!r}")
         if not 1 <= top_k <= 8:
             raise AppError(f"number of LoRAs to retrieve: expected 1..8, got {top_k}")
-        source = self.settings.model_source(req.model)
+        family = model_family(self.settings, req.model)
+        if is_dit(family):
+            return self._blend_dit(req, family, method, library, top_k, progress)
         on = [a for a in req.adapters if a.enabled]
         for a in on:
             check_adapter_file(a.path, a.name)
         key = ("blend", req.model or "demo")
         with self._lock:
             if key not in self._pipes:
-                dtype = torch.float16 if self.device == "cuda" else torch.float32
-                try:
-                    pipe = load_pipeline(source, dtype=dtype).to(self.device)
-                except AdapterError as e:
-                    raise AppError(f"base model {req.model or 'demo'}: {e}") from None
-                pipe.set_progress_bar_config(disable=True)
-                self.loads += 1
-                self._pipes[key] = pipe
+                self._pipes[key] = self._load(req.model)
             pipe = self._pipes[key]
             self._pipes.move_to_end(key)
             try:
@@ -240,6 +229,42 @@ class GenerateService:
         notes = [_user_message(n, req.adapters) or n for n in r.notes]
         return {"images": r.images, "method": r.method, "chosen": chosen, "notes": notes, "plot": plot}
 
+    def _load(self, model: str | None) -> Any:
+        """A base pipeline on the device: float32 on a CPU; on a GPU the preset's precision (bf16 for SDXL, Flux and
+        SD3, whose activations overflow fp16; fp16 for SD1.x)."""
+        source = self.settings.model_source(model)
+        half = PRESETS[model_family(self.settings, model)].get("mixed_precision", "fp16")
+        dtype = torch.float32 if self.device == "cpu" else torch.bfloat16 if half == "bf16" else torch.float16
+        try:
+            pipe = load_pipeline(source, dtype=dtype).to(self.device)
+        except AdapterError as e:
+            raise AppError(f"base model {model or 'demo'}: {e}") from None
+        self.loads += 1
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _blend_dit(self, req: GenerateRequest, family: str, method: str, library: Path | None, top_k: int,
+                   progress: Callable[[float, str], None] | None) -> dict[str, Any]:
+        """Flux/SD3: the weighted sum of the adapters that are on (or of those retrieved for the prompt), through
+        the stock pipeline with the T-LoRA mask hook; the per-layer fusions hook UNet layers and are refused."""
+        if method != "static":
+            raise AppError(f"fusion method '{method}': on {LABELS[family]}, a transformer model, only 'static' (the "
+                           "weighted sum of the adapters) is available; the per-layer fusions (gated, K-LoRA, "
+                           "scheduled, MoLE) work on UNet models")
+        notes, scores = [], {}
+        uses = tuple(a for a in req.adapters if a.enabled)
+        if not uses and library is not None:
+            hits, message = retrieve_for(library, req.prompt, LIBRARY_FAMILY[family], top_k)
+            notes.append(message)
+            uses = tuple(AdapterUse(p, 1.0, Path(p).stem) for p, _ in hits)
+            scores = dict(hits)
+        if not uses:
+            notes.append("no LoRA on or retrieved: generated with the base model")
+        images = self.generate(replace(req, adapters=uses), progress)
+        chosen = [{"name": a.name, "score": scores.get(a.path), "weight": a.scale, "role": ""} for a in uses]
+        return {"images": images, "method": "static" if uses else "base", "chosen": chosen, "notes": notes,
+                "plot": None}
+
     @staticmethod
     def _set_scales(pipe: Any, req: GenerateRequest, digests: list[str]) -> None:
         """In place: the enabled adapters at their weights (the same file twice: weights add), others off."""
@@ -253,6 +278,20 @@ class GenerateService:
             ld.set_adapters(pipe, list(scales), scales)
         elif ld.list_adapters(pipe):
             ld.disable_adapters(pipe)
+
+
+def retrieve_for(library: Path, prompt: str, family: str, top_k: int) -> tuple[list[tuple[str, float]], str]:
+    """(path, score) of the library's LoRAs for ``prompt`` made for ``family`` (or for a transformer whose widths do
+    not tell Flux from SD3), best first, and the retrieval's message."""
+    from lora_diffusion.retrieval import LibraryError, LoraLibrary
+
+    try:
+        r = LoraLibrary(library).retrieve(prompt, k=64)
+    except LibraryError as e:
+        raise AppError(f"retrieval: {e}") from None
+    hits = [(str(m.entry.path), float(m.score)) for m in r if m.entry.family in (family, "dit")][:top_k]
+    log.info("retrieved %d LoRA(s) for %r (%s)", len(hits), prompt[:40], family)
+    return hits, r.message
 
 
 def _user_message(msg: str, adapters: tuple[AdapterUse, ...]) -> str:

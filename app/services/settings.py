@@ -9,6 +9,22 @@ from pathlib import Path
 from .errors import AppError
 
 DEMO = "demo"  # the name of the embedded demo model in the base-model field
+DEMO_DIT = "demo (SD3 transformer)"  # the embedded SD3-architecture demo model (assets/demo-sd3), when built
+DEMO_DIT_SPEC = "demo-sd3"  # what --model calls it
+
+
+def demo_dit_path() -> Path | None:
+    """The embedded SD3-architecture demo model's folder (``assets/demo-sd3``), when it is there."""
+    from lora_diffusion.demo import model as demo
+
+    folder = demo.assets_dir() / getattr(demo, "DEMO_DIT_DIRNAME", "demo-sd3")
+    return folder if (folder / "model_index.json").is_file() else None
+
+
+def default_models() -> dict[str, str | None]:
+    """The embedded demo model, and the SD3-architecture one when it is built."""
+    dit = demo_dit_path()
+    return {DEMO: None, **({DEMO_DIT: str(dit)} if dit is not None else {})}
 
 
 @dataclass
@@ -16,7 +32,7 @@ class Settings:
     library: Path = Path("outputs/app/library")  # adapter files (the Library tab)
     output: Path = Path("outputs/app")  # jobs/, sessions/
     device: str | None = None  # None: cuda when available
-    models: dict[str, str | None] = field(default_factory=lambda: {DEMO: None})  # field value -> source (None: demo)
+    models: dict[str, str | None] = field(default_factory=default_models)  # field value -> source (None: demo)
     llm_models: dict[str, str | None] = field(default_factory=lambda: {"smollm2": None})  # None: SmolLM2-135M GGUF
     allow_server_paths: bool = False  # Library: import a file by its path on the server
     max_upload_mb: float = 512.0  # adapter files; images are limited to max_image_mb
@@ -54,12 +70,22 @@ class Settings:
 
 
 def parse_models(specs: list[str]) -> dict[str, str | None]:
-    """``--model`` values -> {name shown: source}; 'demo' (or nothing) is the embedded model; 'name=source' names
-    a hub id, folder or .safetensors file; a bare source is shown by its last path component."""
+    """``--model`` values -> {name shown: source}; 'demo' is the embedded model, 'demo-sd3' the embedded SD3 one
+    (nothing: both, when built); 'name=source' names a hub id, folder or .safetensors file; a bare source is shown by
+    its last path component."""
+    if not specs:
+        return default_models()
     out: dict[str, str | None] = {}
-    for spec in specs or [DEMO]:
+    for spec in specs:
         if spec == DEMO:
             out[DEMO] = None
+            continue
+        if spec in (DEMO_DIT_SPEC, DEMO_DIT):
+            dit = demo_dit_path()
+            if dit is None:
+                raise AppError(f"--model {spec}: the embedded SD3 demo model (assets/demo-sd3) is not built; build it "
+                               "with `python -m training.pretrain_demo_dit`")
+            out[DEMO_DIT] = str(dit)
             continue
         name, _, src = spec.partition("=") if "=" in spec else (Path(spec).name or spec, "", spec)
         out[name] = src
