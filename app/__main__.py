@@ -1,7 +1,7 @@
 """``python -m app`` (or ``lora-diffusion-app``): the Gradio app on the embedded demo model unless models are named.
 
     python -m app --host 0.0.0.0 --port 7860 --auth alice:secret --model demo --model sd15=/models/sd15 \\
-        --library ~/loras --output outputs/app --device cuda
+        --model flux=black-forest-labs/FLUX.1-dev --library ~/loras --output outputs/app --device cuda
 
 ``--model`` may be repeated: the base-model fields offer exactly these (never a path typed in the page).
 """
@@ -34,13 +34,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-upload-mb", type=float, default=512.0)
     p.add_argument("--stop-grace", type=float, default=60.0, metavar="SECONDS",
                    help="Stop: how long a trainer may take to finish its step and save a checkpoint before it is killed")
+    p.add_argument("--hypernetworks", default=None, metavar="DIR",
+                   help="trained Text-to-LoRA / Doc-to-LoRA hypernetworks (default: OUTPUT/hypernetworks)")
     return p.parse_args(argv)
 
 
 def settings_from(a: argparse.Namespace) -> Settings:
     return Settings(library=a.library, output=a.output, device=a.device, models=parse_models(a.model),
                     allow_server_paths=a.allow_server_paths, max_concurrent_generations=a.max_concurrent,
-                    max_upload_mb=a.max_upload_mb, stop_grace_s=a.stop_grace)
+                    max_upload_mb=a.max_upload_mb, stop_grace_s=a.stop_grace, hyper_dir=a.hypernetworks)
 
 
 def main(argv: list[str] | None = None) -> None:

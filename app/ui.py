@@ -98,6 +98,8 @@ def _int_or_none(v: Any, field: str) -> int | None:
 
 def _base_label(entry: dict[str, Any]) -> str:
     """The base family as the Library tab shows it: the detected family, else the file's own hint ("demo model")."""
+    if entry.get("llm_base"):
+        return f"LLM ({Path(entry['llm_base']).name})"
     base = entry.get("base", "?")
     return f"{entry['family_hint']} model" if base == "unknown" and entry.get("family_hint") else base
 
@@ -225,19 +227,55 @@ class UI:
 
     @handled
     def llm_chat(self, job_id: str, message: str, max_new: float, base_hist: list | None, adapted_hist: list | None,
-                 request: gr.Request = None) -> tuple[list, list, str]:
-        job = self.s.jobs.get(job_id, owner(request))
-        if job.kind != "llm":
-            raise AppError("job: choose an LLM job")
-        adapter = self.s.jobs.current_adapter(job)
+                 lib_name: str = "", llm: str = "", request: gr.Request = None) -> tuple[list, list, str]:
+        """Both answers; the adapter is the library entry ``lib_name`` (on the tab's LLM) or the selected job's."""
+        if lib_name:
+            adapter, label, model = self.s.library.path(lib_name), lib_name, llm
+        else:
+            job = self.s.jobs.get(job_id, owner(request))
+            if job.kind != "llm":
+                raise AppError("job: choose an LLM job, or a library adapter to chat with")
+            adapter, label, model = self.s.jobs.current_adapter(job), job.name, job.request["model"]
         user = {"role": "user", "content": message}
         history = [m for m in (adapted_hist or []) if m.get("role") in ("user", "assistant")]
         base_msgs = [{"role": m["role"], "content": m["content"]} for m in (base_hist or [])]
         adapted_msgs = [{"role": m["role"], "content": m["content"]} for m in history]
-        base, adapted = self.s.llm.reply_both(job.request["model"], adapter, job.name, [*adapted_msgs, user],
-                                              int(max_new))
+        base, adapted = self.s.llm.reply_both(model, adapter, label, [*adapted_msgs, user], int(max_new))
         return ([*base_msgs, user, {"role": "assistant", "content": base}],
                 [*adapted_msgs, user, {"role": "assistant", "content": adapted}], "")
+
+    # --- generated adapters (Text-to-LoRA, Doc-to-LoRA) ---
+    def chat_adapters(self, selected: str = "") -> Any:
+        """What the chat compares with the base: the selected LLM job's adapter, or an LLM adapter of the library."""
+        names = [e["name"] for e in self.s.library.entries() if e.get("llm_base") and "error" not in e]
+        return gr.update(choices=[("the selected LLM job's adapter", ""), *[(f"library: {n}", n) for n in names]],
+                         value=selected if selected in names else "")
+
+    def hyper_refresh(self) -> tuple[Any, ...]:
+        """The hypernetwork pickers and their notes (how to train one when there is none)."""
+        out: list[Any] = []
+        for kind in ("t2l", "d2l"):
+            found = self.s.hyper.list(kind)
+            out += [gr.update(choices=[(h.label, h.name) for h in found], value=found[0].name if found else None),
+                    "" if found else f"⚠ {self.s.hyper.missing(kind)}"]
+        return tuple(out)
+
+    @handled
+    def text_to_lora(self, hyper: str | None, task: str, llm: str, name: str) -> tuple[Any, str]:
+        entry = self.s.hyper.text_to_lora(hyper, task, llm, name.strip())
+        return self._generated(entry)
+
+    @handled
+    def doc_to_lora(self, hyper: str | None, text: str, llm: str, name: str) -> tuple[Any, str]:
+        entry = self.s.hyper.doc_to_lora(hyper, text, llm, name.strip())
+        return self._generated(entry)
+
+    def _generated(self, entry: str) -> tuple[Any, str]:
+        if self.s.library.entry(entry).get("llm_base"):
+            return self.chat_adapters(entry), (f"Saved to the library as **{entry}** and chosen for the chat: send a "
+                                               "message to compare the base and the adapted model.")
+        return self.chat_adapters(), (f"Saved to the library as **{entry}**: a diffusion LoRA; use it in the Generate & "
+                                      "Blend tab.")
 
     @handled
     def stop(self, job_id: str, request: gr.Request = None) -> str:
@@ -326,8 +364,9 @@ class UI:
         return [enlarge(im) for im in self.s.generator.generate(req)]
 
     # --- generate & blend ---
-    def library_choices(self) -> Any:
-        return [e["name"] for e in self.s.library.entries() if "error" not in e]
+    def library_choices(self, diffusion: bool = False) -> Any:
+        """The readable adapters; with ``diffusion``, not the LLM ones (those are offered in the LLM tab's chat)."""
+        return [e["name"] for e in self.s.library.entries() if "error" not in e and not (diffusion and e.get("llm_base"))]
 
     @handled
     def generate(self, prompt: str, negative: str, seed: Any, steps: float, guidance: float, size: float, n: float,
@@ -429,7 +468,7 @@ class UI:
     def library_refresh(self, selected: str | None = None) -> tuple[Any, ...]:
         names = self.library_choices()
         sel = selected if selected in names else (names[0] if names else None)
-        slot = gr.update(choices=[""] + names)
+        slot = gr.update(choices=[""] + self.library_choices(diffusion=True))
         return (self.library_table(), gr.update(choices=names, value=sel), *[slot] * SLOTS)
 
     @handled
@@ -615,7 +654,7 @@ def _personalize_tab(ui: UI, models: list[str]) -> None:
 
 
 def _generate_tab(ui: UI, models: list[str]) -> list[Any]:
-    names = [""] + ui.library_choices()
+    names = [""] + ui.library_choices(diffusion=True)
     with gr.Row():
         with gr.Column():
             prompt = gr.Textbox(label="Prompt (Enter generates)", value=DEMO_EXAMPLES[0], lines=1, elem_id="gen-prompt")
@@ -739,7 +778,10 @@ def _llm_tab(ui: UI, demo: gr.Blocks) -> None:
             loss = gr.LinePlot(x="step", y="loss", title="Loss", height=200)
             files = gr.File(label="Adapter file", file_count="multiple", interactive=False)
             msg = gr.Markdown()
+            gen = _generated_adapters(ui, model)
         with gr.Column():
+            chat_with = gr.Dropdown(label="Chat with", elem_id="llm-chat-with", allow_custom_value=True,
+                                    info="the adapter the right-hand answers use", **_update_args(ui.chat_adapters()))
             with gr.Row():
                 base = gr.Chatbot(label="Base model", height=360, elem_id="llm-base")
                 adapted = gr.Chatbot(label="With the adapter", height=360, elem_id="llm-adapted")
@@ -754,6 +796,45 @@ def _llm_tab(ui: UI, demo: gr.Blocks) -> None:
     timer.tick(ui.status_tick, job, [status, loss, hidden, files, job, msg], queue=False, show_progress="hidden")
     job.change(ui.status, job, [status, loss, hidden, files], queue=False, show_progress="hidden",
                api_name="llm_status")
-    text.submit(ui.llm_chat, [job, text, max_new, base, adapted], [base, adapted, text], concurrency_id=GPU,
-                api_name="llm_chat")
+    text.submit(ui.llm_chat, [job, text, max_new, base, adapted, chat_with, model], [base, adapted, text],
+                concurrency_id=GPU, api_name="llm_chat")
     demo.load(ui.llm_job_choices_for, None, job, queue=False)
+    gen["t2l_go"].click(ui.text_to_lora, [gen["t2l"], gen["task"], model, gen["t2l_name"]], [chat_with, gen["msg"]],
+                        concurrency_id=GPU, api_name="text_to_lora")
+    gen["d2l_go"].click(ui.doc_to_lora, [gen["d2l"], gen["doc"], model, gen["d2l_name"]], [chat_with, gen["msg"]],
+                        concurrency_id=GPU, api_name="doc_to_lora")
+    pickers = [gen["t2l"], gen["t2l_note"], gen["d2l"], gen["d2l_note"]]
+    gen["refresh"].click(ui.hyper_refresh, None, pickers, queue=False)
+    demo.load(ui.hyper_refresh, None, pickers, queue=False)
+    demo.load(lambda: ui.chat_adapters(), None, chat_with, queue=False)
+
+
+def _update_args(update: dict[str, Any]) -> dict[str, Any]:
+    """A ``gr.update`` dict as constructor arguments (choices, value)."""
+    return {k: v for k, v in update.items() if k != "__type__"}
+
+
+def _generated_adapters(ui: UI, model: Any) -> dict[str, Any]:
+    """Text-to-LoRA (a task description) and Doc-to-LoRA (a pasted document): a trained hypernetwork writes a LoRA
+    into the library in one forward pass; the chat then uses it."""
+    t2l_up, t2l_note, d2l_up, d2l_note = ui.hyper_refresh()
+    c: dict[str, Any] = {}
+    with gr.Accordion("Generate a LoRA from a description (Text-to-LoRA)", open=True, elem_id="t2l-box"):
+        c["t2l"] = gr.Dropdown(label="T2L hypernetwork", elem_id="t2l-hyper", **_update_args(t2l_up))
+        c["t2l_note"] = gr.Markdown(t2l_note, elem_id="t2l-note")
+        c["task"] = gr.Textbox(label="Task description", lines=2, elem_id="t2l-task",
+                               placeholder="e.g. Answer with the last word of the sentence only.")
+        with gr.Row():
+            c["t2l_name"] = gr.Textbox(label="Library name (empty: from the description)", scale=2)
+            c["t2l_go"] = gr.Button("Generate LoRA", variant="primary", elem_id="t2l-go", scale=1)
+    with gr.Accordion("Internalize a document (Doc-to-LoRA)", open=False, elem_id="d2l-box"):
+        c["d2l"] = gr.Dropdown(label="D2L hypernetwork", elem_id="d2l-hyper", **_update_args(d2l_up))
+        c["d2l_note"] = gr.Markdown(d2l_note, elem_id="d2l-note")
+        c["doc"] = gr.Textbox(label="Document (pasted text)", lines=6, elem_id="d2l-doc")
+        with gr.Row():
+            c["d2l_name"] = gr.Textbox(label="Library name (empty: from the first line)", scale=2)
+            c["d2l_go"] = gr.Button("Internalize", variant="primary", elem_id="d2l-go", scale=1)
+    with gr.Row():
+        c["refresh"] = gr.Button("Refresh hypernetworks", size="sm")
+    c["msg"] = gr.Markdown(elem_id="hyper-msg")
+    return c

@@ -4,6 +4,7 @@ tests call them directly."""
 
 from .context import AppServices
 from .errors import AppError
+from .hyper import HyperService
 from .jobs import PRESETS, JobManager, JobRequest, LLMJobRequest, estimate
 from .library import EXPORT_FORMATS, LibraryService, safe_name
 from .llm import LLMChat
@@ -12,6 +13,6 @@ from .sessions import Sessions
 from .settings import DEMO, Settings, parse_models, read_users
 
 __all__ = ["DEMO", "DEMO_EXAMPLES", "EXPORT_FORMATS", "PRESETS", "AdapterUse", "AppError", "AppServices", "GenerateRequest",
-           "GenerateService", "JobManager", "JobRequest", "LLMChat", "LLMJobRequest", "LibraryService",
+           "GenerateService", "HyperService", "JobManager", "JobRequest", "LLMChat", "LLMJobRequest", "LibraryService",
            "Sessions", "Settings", "estimate",
            "parse_models", "parse_seed", "read_users", "safe_name"]

@@ -6,6 +6,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from .hyper import HyperService
 from .jobs import JobManager
 from .library import LibraryService
 from .llm import LLMChat
@@ -24,6 +25,7 @@ class AppServices:
         self.library = LibraryService(self.settings, served_families(self.settings))
         self.jobs = JobManager(self.settings, self.library)
         self.llm = LLMChat(self.settings)
+        self.hyper = HyperService(self.settings, self.library)
         # per-session outputs live in the system temp folder: Gradio copies returned files from there into its own
         # cache and serves only that cache (no app folder is ever served directly)
         self.sessions = Sessions(Path(tempfile.gettempdir()) / f"lora-diffusion-app-{uuid.uuid4().hex[:8]}",

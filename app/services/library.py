@@ -45,6 +45,17 @@ def _refine_family(e: dict[str, Any]) -> dict[str, Any]:
     return e
 
 
+def _llm_base(path: Path) -> str:
+    """The base model an LLM adapter records (``lora_diffusion.llm.save_llm_adapter``), else ''."""
+    from lora_diffusion.io.files import read_header
+
+    try:
+        meta = read_header(path)[1]
+    except (OSError, ValueError, AdapterError):
+        return ""
+    return meta.get("base_model", "") if "base_model_config" in meta else ""
+
+
 class LibraryService:
     def __init__(self, settings: Settings, family: str | set[str] | None = None) -> None:
         self.settings = settings
@@ -65,6 +76,7 @@ class LibraryService:
             e = dict(e, name=path.stem, sample=str(path.with_suffix(".png")) if path.with_suffix(".png").is_file() else None,
                      training=json.loads(side.read_text()) if side.is_file() else {})
             e = _refine_family(e)
+            e["llm_base"] = _llm_base(path) if not (e.get("base_family") or e.get("family_hint")) else ""
             fam = e.get("base_family") or e.get("family_hint")  # hint: "demo" (the embedded UNet's files)
             e["other_family"] = bool(fam and self.families and fam not in self.families and
                                      not (fam == "dit" and self.families & {"flux", "sd3"}))
@@ -84,7 +96,7 @@ class LibraryService:
 
         path = self.path(name)
         base = next((e for e in self.entries() if e["name"] == path.stem), {})
-        return {**base, **describe(path), "path": path.name}
+        return _refine_family({**base, **describe(path), "path": path.name})
 
     # --- changing ---
     def _free(self, stem: str) -> Path:

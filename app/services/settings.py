@@ -41,10 +41,13 @@ class Settings:
     max_pipelines: int = 2  # cached base+adapter pipelines (one per different set of adapters)
     max_concurrent_generations: int = 1  # "one GPU job at a time"; the queue shows the others their place
     session_ttl_s: float = 3600.0  # session folders older than this (and of closed sessions) are removed
+    hyper_dir: Path | None = None  # trained T2L/D2L hypernetworks (None: <output>/hypernetworks)
     stop_grace_s: float = 60.0  # Stop: how long a trainer may take to finish its step and save before it is killed
 
     def __post_init__(self) -> None:
         self.library, self.output = Path(self.library).resolve(), Path(self.output).resolve()
+        self.hyper_dir = Path(self.hyper_dir or self.output / "hypernetworks").resolve()
+        self.hyper_dir.mkdir(parents=True, exist_ok=True)
         self.library.mkdir(parents=True, exist_ok=True)
         self.output.mkdir(parents=True, exist_ok=True)
         if self.device is None:
