@@ -110,16 +110,23 @@ def build_tokenizer(max_length: int = 20) -> Any:
                                    model_max_length=max_length)
 
 
-def build_models(arch: Arch, vocab_size: int) -> dict[str, torch.nn.Module]:
-    """Randomly initialized VAE, CLIP text encoder and UNet of ``arch``."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def build_vae(arch: Arch) -> torch.nn.Module:
+    """A randomly initialized ``AutoencoderKL`` of ``arch`` (x2 down per extra channel entry)."""
+    from diffusers import AutoencoderKL
 
     n = len(arch.vae_channels)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=arch.latent_channels,
-                        block_out_channels=arch.vae_channels, down_block_types=("DownEncoderBlock2D",) * n,
-                        up_block_types=("UpDecoderBlock2D",) * n, layers_per_block=1,
-                        norm_num_groups=min(8, arch.vae_channels[0] // 4), sample_size=arch.resolution)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=arch.latent_channels,
+                         block_out_channels=arch.vae_channels, down_block_types=("DownEncoderBlock2D",) * n,
+                         up_block_types=("UpDecoderBlock2D",) * n, layers_per_block=1,
+                         norm_num_groups=min(8, arch.vae_channels[0] // 4), sample_size=arch.resolution)
+
+
+def build_models(arch: Arch, vocab_size: int) -> dict[str, torch.nn.Module]:
+    """Randomly initialized VAE, CLIP text encoder and UNet of ``arch``."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vae = build_vae(arch)
     text = CLIPTextModel(CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=arch.text_hidden, intermediate_size=2 * arch.text_hidden,
         num_hidden_layers=arch.text_layers, num_attention_heads=4, max_position_embeddings=arch.max_length,
@@ -159,21 +166,27 @@ def save_pipeline(models: dict[str, torch.nn.Module], tokenizer: Any, arch: Arch
     pipe = StableDiffusionPipeline(vae=half["vae"], text_encoder=half["text_encoder"], tokenizer=tokenizer,
                                    unet=half["unet"], scheduler=sched, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    folder = Path(folder)
+    meta = {"format": "lora-diffusion-demo-model", "arch": asdict(arch), **world_meta(), **(info or {})}
+    return write_pipeline_folder(pipe, Path(folder), meta)
+
+
+def world_meta() -> dict[str, Any]:
+    """The world's vocabulary and concept splits, as recorded in ``demo_model.json``."""
+    return {"vocabulary": world.vocabulary(), "pretrain_shapes": world.PRETRAIN_SHAPES,
+            "heldout_shapes": world.HELDOUT_SHAPES, "pretrain_textures": world.PRETRAIN_TEXTURES,
+            "heldout_textures": world.HELDOUT_TEXTURES, "placeholders": world.PLACEHOLDERS}
+
+
+def write_pipeline_folder(pipe: Any, folder: Path, meta: dict[str, Any]) -> Path:
+    """``pipe.save_pretrained`` plus ``demo_model.json`` into a temp folder, then swapped in for ``folder``."""
+    import shutil
+
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    meta = {"format": "lora-diffusion-demo-model", "arch": asdict(arch), "vocabulary": world.vocabulary(),
-            "pretrain_shapes": world.PRETRAIN_SHAPES, "heldout_shapes": world.HELDOUT_SHAPES,
-            "pretrain_textures": world.PRETRAIN_TEXTURES, "heldout_textures": world.HELDOUT_TEXTURES,
-            "placeholders": world.PLACEHOLDERS, **(info or {})}
     (tmp / "demo_model.json").write_text(json.dumps(meta, indent=2) + "\n")
     if folder.exists():
-        import shutil
-
         old = folder.with_name(folder.name + ".old")
         if old.exists():
             shutil.rmtree(old)
@@ -213,6 +226,25 @@ def _lr_lambda(warmup: int, total: int) -> Any:
             return (step + 1) / warmup
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
     return f
+
+
+def rng_state(g: torch.Generator) -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "g": g.get_state(), "np": np.random.get_state(), "py": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any], g: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    g.set_state(state["g"])
+    np.random.set_state(state["np"])
+    random.setstate(state["py"])
+
+
+def check_same_arch(saved: dict[str, Any], mine: dict[str, Any]) -> None:
+    """Refuse (SystemExit naming the fields) a checkpoint made with another architecture."""
+    diff = [k for k in mine if json.dumps(saved.get(k)) != json.dumps(mine[k])]
+    if diff:
+        raise SystemExit(f"--resume: the checkpoint was made with another architecture (differs in {diff}); "
+                         f"use the same flags or another --out")
 
 
 class EMA:
@@ -278,8 +310,7 @@ class Pretrainer:
                  "vae_opt": self.vae_opt.state_dict(), "unet_opt": self.unet_opt.state_dict(),
                  "vae_sched": self.vae_sched.state_dict(), "unet_sched": self.unet_sched.state_dict(),
                  "ema": self.ema.state_dict(), "scaling_factor": self.scaling_factor, "metrics": self.metrics,
-                 "rng": {"torch": torch.get_rng_state(), "g": self.g.get_state(), "np": np.random.get_state(),
-                         "py": random.getstate()}, "seconds": self.seconds + time.time() - self.t0}
+                 "rng": rng_state(self.g), "seconds": self.seconds + time.time() - self.t0}
         self.out.mkdir(parents=True, exist_ok=True)
         _atomic_save(state, self.ckpt_file)
         log.info("checkpoint: stage %s step %d -> %s", self.stage, self.step, self.ckpt_file)
@@ -288,12 +319,7 @@ class Pretrainer:
         if not self.ckpt_file.is_file():
             raise SystemExit(f"--resume: no checkpoint at {self.ckpt_file}")
         state = torch.load(self.ckpt_file, map_location="cpu", weights_only=False)  # load_state_dict moves to device
-        saved = state["arch"]
-        mine = asdict(self.arch)
-        diff = [k for k in mine if json.dumps(saved.get(k)) != json.dumps(mine[k])]
-        if diff:
-            raise SystemExit(f"--resume: the checkpoint was made with another architecture (differs in {diff}); "
-                             f"use the same flags or another --out")
+        check_same_arch(state["arch"], asdict(self.arch))
         for k, m in self.models.items():
             m.load_state_dict(state["models"][k])
         self.vae_opt.load_state_dict(state["vae_opt"])
@@ -304,10 +330,7 @@ class Pretrainer:
         self.ema.load_state_dict(state["ema"])
         self.stage, self.step, self.scaling_factor = state["stage"], state["step"], state["scaling_factor"]
         self.metrics = state.get("metrics", {})
-        torch.set_rng_state(state["rng"]["torch"])
-        self.g.set_state(state["rng"]["g"])
-        np.random.set_state(state["rng"]["np"])
-        random.setstate(state["rng"]["py"])
+        set_rng_state(state["rng"], self.g)
         self.seconds = state.get("seconds", 0.0)
         log.info("resumed: stage %s step %d", self.stage, self.step)
 

@@ -24,9 +24,13 @@ log = logging.getLogger(__name__)
 ENV_ASSETS = "LORA_DIFFUSION_ASSETS"
 ENV_MODEL = "LORA_DIFFUSION_DEMO_MODEL"
 DEMO_MODEL_DIRNAME = "demo-sd"
+#: The DiT demo model: the same world drawn by a small ``StableDiffusion3Pipeline`` (``training/pretrain_demo_dit.py``).
+DEMO_DIT_DIRNAME = "demo-sd3"
 REBUILD_HINT = ("rebuild it with `python -m training.pretrain_demo` (about 2 hours on a 2-core CPU; add --resume to "
                 "continue a stopped run), or pass the path of another Stable Diffusion pipeline folder")
 COMPONENTS = ("unet", "vae", "text_encoder")
+DIT_REBUILD_HINT = ("rebuild it with `python -m training.pretrain_demo_dit` (under an hour on a 2-core CPU; add --resume "
+                    "to continue a stopped run), or pass the path of another Stable Diffusion 3 pipeline folder")
 DEFAULT_PROMPT = "a red star on a blue background"
 DEMO_FORMAT = "lora-diffusion-demo-model"
 
@@ -51,7 +55,7 @@ DIT_TRAIN_DEFAULTS: dict[str, Any] = {"targets": "dit-attn-mlp", "linear_only_ta
                                       "lr_scale": 10.0, "train_embedding": True, "hue_jitter": 180.0,
                                       "max_train_steps": 400}
 #: ``--model demo-sd3`` (any model flag, and ``load_pipeline``): a name of an embedded demo model -> its folder
-DEMO_NAMES = {"demo-sd": DEMO_MODEL_DIRNAME, "demo-sd3": "demo-sd3"}
+DEMO_NAMES = {"demo-sd": DEMO_MODEL_DIRNAME, "demo-sd3": DEMO_DIT_DIRNAME}
 
 
 class DemoModelError(FileNotFoundError):
@@ -78,10 +82,11 @@ def check_model_folder(path: str | Path) -> list[str]:
         problems.append(f"{index} is missing")
     except (OSError, ValueError) as e:
         problems.append(f"{index} is not valid JSON ({e})")
-    for sub in ("scheduler", "tokenizer"):
+    subs, comps = _index_components(index)
+    for sub in subs:
         if not (path / sub).is_dir() or not any((path / sub).iterdir()):
             problems.append(f"{path / sub} is missing or empty")
-    for comp in COMPONENTS:
+    for comp in comps:
         folder = path / comp
         if not (folder / "config.json").is_file():
             problems.append(f"{folder / 'config.json'} is missing")
@@ -93,6 +98,18 @@ def check_model_folder(path: str | Path) -> list[str]:
             if problem:
                 problems.append(problem)
     return problems
+
+
+def _index_components(index: Path) -> tuple[list[str], list[str]]:
+    """(folders without weights, folders with weights) that ``model_index.json`` names (null entries skipped);
+    the demo-sd layout when the index is unreadable."""
+    try:
+        entries = {k: v for k, v in json.loads(index.read_text()).items()
+                   if not k.startswith("_") and isinstance(v, list) and v[0] is not None}
+    except (OSError, ValueError, AttributeError):
+        return ["scheduler", "tokenizer"], list(COMPONENTS)
+    plain = [k for k in entries if k.startswith(("scheduler", "tokenizer", "feature_extractor"))]
+    return plain, [k for k in entries if k not in plain]
 
 
 def _check_safetensors(file: Path) -> str | None:
@@ -128,25 +145,46 @@ def default_model_path(check: bool = True) -> Path:
     return path
 
 
+def default_dit_model_path(check: bool = True) -> Path:
+    """``assets/demo-sd3`` (the DiT demo model); with ``check``, raise :class:`DemoModelError` (saying how to
+    rebuild it) when the folder is missing or damaged."""
+    path = assets_dir() / DEMO_DIT_DIRNAME
+    if check:
+        problems = check_model_folder(path)
+        if problems:
+            what = "missing" if not path.exists() else "damaged"
+            raise DemoModelError(f"the DiT demo model at {path} is {what}: {'; '.join(problems[:4])}. {DIT_REBUILD_HINT}")
+    return path
+
+
 def load_demo_pipeline(path: str | Path | None = None, device: str | Any = "cpu", dtype: Any = None) -> Any:
-    """Load the demo ``StableDiffusionPipeline`` (default: :func:`default_model_path`) in ``dtype`` (default
-    float32 on CPU, float16 on CUDA), safety checker off, progress bar off."""
+    """Load a demo pipeline (default: :func:`default_model_path`; a ``StableDiffusion3Pipeline`` where its
+    ``demo_model.json`` says ``"family": "sd3"``) in ``dtype`` (default float32 on CPU, float16 on CUDA),
+    safety checker off, progress bar off."""
     import torch
-    from diffusers import StableDiffusionPipeline
 
     folder = default_model_path() if path is None else Path(path)
+    dit = demo_model_info(folder).get("family") == "sd3" if (folder / "demo_model.json").is_file() else False
+    hint = DIT_REBUILD_HINT if dit else REBUILD_HINT
     if path is not None:
         problems = check_model_folder(folder)
         if problems:
-            raise DemoModelError(f"the model folder {folder} is not usable: {'; '.join(problems[:4])}. {REBUILD_HINT}")
+            raise DemoModelError(f"the model folder {folder} is not usable: {'; '.join(problems[:4])}. {hint}")
     dev = torch.device(device)
     if dtype is None:
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False)
+        if dit:
+            from diffusers import StableDiffusion3Pipeline
+
+            pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), torch_dtype=dtype)
+        else:
+            from diffusers import StableDiffusionPipeline
+
+            pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype, safety_checker=None,
+                                                           requires_safety_checker=False)
     except Exception as e:  # noqa: BLE001 - any load failure becomes one clear message
-        raise DemoModelError(f"could not load the demo model at {folder} ({type(e).__name__}: {e}). {REBUILD_HINT}") from e
+        raise DemoModelError(f"could not load the demo model at {folder} ({type(e).__name__}: {e}). {hint}") from e
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(dev)
 
