@@ -300,7 +300,8 @@ class AdapterArgs:
                                 "Sensitivity-LoRA); sets the targets, ranks and alphas (--targets, --lora_rank unused)")
     init_adapter: str | None = opt(None, "start from this adapter file instead of a fresh init (e.g. one made by "
                                    "'python -m lora_diffusion.convert squeeze'): its variant, ranks and weights are "
-                                   "used (--variant/--rank are taken from the file); UNet modules only")
+                                   "used (--variant/--rank are taken from the file); its bundled placeholder embeddings "
+                                   "and text-encoder part are continued too (docs/train_tlora.md)")
 
 
 @dataclass
@@ -453,7 +454,10 @@ def resolve_defaults(cfg: TLoRAConfig, variant_names: list[str]) -> TLoRAConfig:
     """Check the variant and fill the fields left to the variant's defaults (in place)."""
     a, o = cfg.adapter, cfg.optim
     if a.init_adapter:
+        from .init_adapter import default_placeholder
+
         _resolve_init_adapter(a)
+        default_placeholder(cfg)  # the file's bundled token, when --placeholder_token is not given
     if a.variant not in variant_names and a.variant != NO_ADAPTER:
         raise ConfigError(f"--variant: unknown variant '{a.variant}'; registered variants: {variant_names} (or "
                           f"'{NO_ADAPTER}' with --train_embedding: textual inversion alone)")

@@ -20,7 +20,7 @@ from lora_diffusion.families import FAMILIES, denoiser, family_of
 from lora_diffusion.generate import _slug, generate, install_timestep_hook, load_pipeline, remove_timestep_hook
 from lora_diffusion.io import embeddings as emb_io
 
-from . import lora_drop
+from . import init_adapter, lora_drop
 from .config import NO_ADAPTER, ConfigError, TLoRAConfig, settle_family, with_rank_spec
 from .data import (
     DataError,
@@ -139,8 +139,11 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def add_placeholder(pipe: Any, cfg: TLoRAConfig) -> TrainableTokens | None:
-    """With --train_embedding: the placeholder's new token(s) in the tokenizer(s), initialized, and trainable."""
+    """With --train_embedding: the placeholder's new token(s) in the tokenizer(s), initialized, and trainable.
+    Those an --init_adapter file brought (``load_init_adapter``) start from its vectors instead."""
     e, d = cfg.embedding, cfg.data
+    if init_adapter.placeholders(pipe):
+        return init_adapter.file_tokens(pipe, cfg)
     if not e.train_embedding:
         return None
     source = f"--placeholder_token {d.placeholder_token!r}"
@@ -159,10 +162,12 @@ def add_placeholder(pipe: Any, cfg: TLoRAConfig) -> TrainableTokens | None:
 
 
 def add_text_adapter(pipe: Any, cfg: TLoRAConfig) -> list[nn.Module]:
-    """--text_encoder_targets: a LoRA of rank --lora_rank on each text encoder; returns the adapted encoders."""
+    """--text_encoder_targets: a LoRA of rank --lora_rank on each text encoder; returns the adapted encoders.
+    An encoder that got its adapter from the --init_adapter file continues that one."""
     targets = cfg.embedding.text_encoder_targets
     if not targets:
         return []
+    loaded = init_adapter.text_encoders_with(pipe)
     a = cfg.adapter
     spec = ld.AdapterSpec(variant="lora", rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout,
                           targets=targets if targets in ld.PRESETS else [t.strip() for t in targets.split(",")],
@@ -170,7 +175,11 @@ def add_text_adapter(pipe: Any, cfg: TLoRAConfig) -> list[nn.Module]:
     out = []
     for role in ld_emb.ENCODERS:
         te = getattr(pipe, role, None)
-        if te is not None:
+        if te is not None and te in loaded:
+            log.info("text encoder %s: the adapter of --init_adapter %s (%d modules)", role, cfg.adapter.init_adapter,
+                     len(ld.api.model_state(te).modules[ADAPTER]))
+            out.append(te)
+        elif te is not None:
             names = ld.add_adapter(te, spec, ADAPTER)
             log.info("text encoder %s: LoRA rank %d on %d modules", role, a.lora_rank, len(names))
             out.append(te)
@@ -183,7 +192,8 @@ def add_adapter(pipe: Any, cfg: TLoRAConfig, device: torch.device) -> nn.Module:
     unet = denoiser(pipe)
     if cfg.adapter.init_adapter or cfg.adapter.variant not in (NO_ADAPTER, lora_drop.VARIANT):
         if cfg.adapter.init_adapter:  # continue from a file (e.g. a squeezed LoRA): its spec and weights, trainable
-            ld.load_adapter(unet, cfg.adapter.init_adapter, name="default", trainable=True)
+            if ADAPTER not in ld.list_adapters(unet):  # load_init_adapter put it there with the file's other parts
+                ld.load_adapter(unet, cfg.adapter.init_adapter, name=ADAPTER, trainable=True)
             names = ld.api.model_state(unet).modules["default"]
         else:
             names = ld.add_adapter(unet, adapter_spec(cfg))  # raises before touching the model on a bad rank/target
@@ -417,8 +427,10 @@ def adapter_metadata(cfg: TLoRAConfig, step: int, resolution: int) -> dict[str, 
 
 
 def save_target(pipe: Any, cfg: TLoRAConfig) -> Any:
-    """What the adapter file is written from: the UNet, or the pipeline when tokens or text adapters were trained."""
-    return pipe if cfg.embedding.train_embedding or cfg.embedding.text_encoder_targets else denoiser(pipe)
+    """What the adapter file is written from: the UNet, or the pipeline when it holds tokens or text adapters
+    (trained, or kept from the --init_adapter file)."""
+    carried = init_adapter.placeholders(pipe) or init_adapter.text_encoders_with(pipe)
+    return pipe if cfg.embedding.train_embedding or cfg.embedding.text_encoder_targets or carried else denoiser(pipe)
 
 
 def save_outputs(pipe: Any, cfg: TLoRAConfig, folder: Path, step: int, resolution: int) -> dict[str, Path]:
@@ -427,7 +439,7 @@ def save_outputs(pipe: Any, cfg: TLoRAConfig, folder: Path, step: int, resolutio
     meta = adapter_metadata(cfg, step, resolution)
     target = save_target(pipe, cfg)
     out = {"canonical": ld.save_adapter(target, folder / f"{name}.safetensors", metadata=meta)}
-    if cfg.embedding.train_embedding:
+    if init_adapter.placeholders(pipe):  # trained, or kept from the --init_adapter file
         stem = re.sub(r"[^A-Za-z0-9_-]", "", cfg.data.placeholder_token) or "embedding"
         out["a1111"] = emb_io.save_embeddings(pipe, folder / "embeddings" / f"{stem}.safetensors", ADAPTER, "a1111")
         out["diffusers_emb"] = emb_io.save_embeddings(pipe, folder / f"{name}_emb.safetensors", ADAPTER, "diffusers")

@@ -33,6 +33,7 @@ from . import diffusion as dif
 from .checkpoint import CheckpointError, CheckpointManager, GlobalRNG, TrainableParams
 from .config import ConfigError, TLoRAConfig, parse_args, resolve_defaults, to_yaml
 from .data import DataError, files_digest
+from .init_adapter import load_init_adapter
 from .loop import (
     EXIT_STOPPED,
     JsonlProgress,
@@ -98,6 +99,7 @@ def build(cfg: TLoRAConfig) -> Run:
     if acc.is_main_process:
         dif.make_class_images(pipe, cfg, res, acc.device)  # before anything is added to the base model
     acc.wait_for_everyone()
+    load_init_adapter(pipe, cfg)  # --init_adapter: the file's denoiser, text-encoder and embedding parts, checked
     tokens = dif.add_placeholder(pipe, cfg)  # pivotal tuning: the new token(s), before the prompts are checked
     text_encoders = dif.add_text_adapter(pipe, cfg)
     unet = dif.add_adapter(pipe, cfg, acc.device)

@@ -1,0 +1,144 @@
+"""``train_tlora --init_adapter`` with an exported file: its embeddings and text-encoder part come back too.
+
+A pivotal-tuning run with a text-encoder LoRA exports canonical and kohya files (``bundle_emb.*``); a new run
+started from either draws what the file draws before its first step, its placeholder starts at the file's rows,
+and a file that does not fit the run is one error with nothing of it left on the pipeline."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import lora_diffusion as ld
+from lora_diffusion import embeddings as E
+from lora_diffusion.generate import load_pipeline
+from lora_diffusion.io.files import read_safetensors, write_safetensors
+from training.config import ConfigError
+from training.init_adapter import load_init_adapter
+from training.train_tlora import build, train
+
+from .tiny_sd import _one_thread, sd_model, subject, tiny_config  # noqa: F401
+
+TE = "clip-text"
+KEY = "bundle_emb.<sks>.string_to_param.*"
+
+
+@pytest.fixture(scope="module")
+def exported(sd_model, subject, tmp_path_factory):  # noqa: F811
+    """Pivotal tuning (2 vectors) with a text-encoder LoRA, 2 steps: its canonical and kohya files."""
+    cfg = tiny_config(sd_model, subject, tmp_path_factory.mktemp("pivotal"), variant="lora", max_train_steps=2,
+                      learning_rate=1e-2, train_embedding=True, num_vectors=2, embedding_lr=0.05,
+                      text_encoder_targets=TE, prompt_template="a photo of {0}")
+    return train(cfg).outputs
+
+
+def _pipe(model: Path):
+    pipe = load_pipeline(str(model))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _draw(pipe) -> np.ndarray:
+    return pipe("a photo of <sks> dog", num_inference_steps=2, height=32, width=32, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+@pytest.mark.parametrize("form", ["canonical", "kohya"])
+def test_resume_from_export_draws_as_the_file_and_starts_at_its_rows(form, exported, sd_model, subject,  # noqa: F811
+                                                                     tmp_path):
+    src = exported[form]
+    run = build(tiny_config(sd_model, subject, tmp_path / "run", init_adapter=str(src), train_embedding=True,
+                            text_encoder_targets=TE))
+    ref = _pipe(sd_model)
+    ld.load_adapter(ref, src)
+    file_rows = read_safetensors(src)[0][KEY]  # (2, 32)
+    assert file_rows.shape == (2, 32) and file_rows.abs().sum() > 0
+    assert torch.equal(run.tokens.vectors["text_encoder"], file_rows)  # step 0: the file's rows, trainable
+    assert run.tokens.trainable and run.text_encoders == [run.pipe.text_encoder]
+    assert any(p.requires_grad for _, p in ld.api.adapter_parameters(run.pipe.text_encoder, "default"))
+    np.testing.assert_allclose(_draw(run.pipe), _draw(ref), atol=1e-5)
+    bare = _pipe(sd_model)  # and the file does change the drawing (the check above is not vacuous)
+    bare.tokenizer.add_tokens(["<sks>", "<sks>_1"])
+    bare.text_encoder.resize_token_embeddings(len(bare.tokenizer))
+    assert np.abs(_draw(bare) - _draw(ref)).max() > 1e-3
+
+
+def test_without_embedding_or_text_training_the_file_parts_are_kept_fixed(exported, sd_model, subject,  # noqa: F811
+                                                                           tmp_path, caplog):
+    """No --placeholder_token: the file's token; no --train_embedding: its rows fixed; no --text_encoder_targets:
+    its text-encoder part frozen (a warning names it); the result holds all three."""
+    src = exported["canonical"]
+    with caplog.at_level(logging.WARNING, logger="training.init_adapter"):
+        out = train(tiny_config(sd_model, subject, tmp_path / "run", init_adapter=str(src), max_train_steps=2,
+                                learning_rate=1e-2)).outputs
+    assert "text-encoder adapter (text_encoder" in caplog.text and "--text_encoder_targets" in caplog.text
+    want, got = read_safetensors(src)[0], read_safetensors(out["canonical"])[0]
+    assert torch.equal(got[KEY], want[KEY])
+    te = [k for k in want if k.startswith("text_encoder.")]
+    assert te and all(torch.equal(got[k], want[k]) for k in te)
+    unet = [k for k in want if k.startswith("unet.") and "lora_B" in k]
+    assert not all(torch.equal(got[k], want[k]) for k in unet)  # the UNet part trained on
+    assert out["a1111"].is_file()
+
+
+def _file_with(src: Path, dst: Path, **tensors: torch.Tensor) -> Path:
+    t, meta = read_safetensors(src)
+    write_safetensors(dst, {**t, **tensors}, meta)
+    return dst
+
+
+def _nothing_left(pipe, vocab: int) -> None:
+    assert ld.list_adapters(pipe) == [] and len(pipe.tokenizer) == vocab
+
+
+def test_embedding_width_of_another_model_is_refused(exported, sd_model, subject, tmp_path):  # noqa: F811
+    bad = _file_with(exported["canonical"], tmp_path / "wide.safetensors", **{KEY: torch.randn(2, 48)})
+    pipe = _pipe(sd_model)
+    vocab = len(pipe.tokenizer)
+    cfg = tiny_config(sd_model, subject, tmp_path / "run", init_adapter=str(bad), train_embedding=True)
+    with pytest.raises(E.EmbeddingError, match=r"wide.safetensors: token '<sks>' embedding has shape \(2, 48\); this "
+                                               r"model's text encoder text_encoder expects \(2, 32\) \(width 32"):
+        load_init_adapter(pipe, cfg)
+    _nothing_left(pipe, vocab)
+    with pytest.raises(E.EmbeddingError, match="wide.safetensors: token '<sks>'"):
+        build(cfg)
+
+
+def test_embeddings_for_another_token_are_refused(exported, sd_model, subject, tmp_path):  # noqa: F811
+    pipe = _pipe(sd_model)
+    vocab = len(pipe.tokenizer)
+    cfg = tiny_config(sd_model, subject, tmp_path / "run", init_adapter=str(exported["kohya"]),
+                      placeholder_token="<cat>", train_embedding=True)
+    from training.config import resolve_defaults
+
+    resolve_defaults(cfg, ld.variant_names())
+    with pytest.raises(ConfigError, match=r"kohya.safetensors: bundles embeddings for \['<sks>'\], not for this run's "
+                                          r"placeholder '<cat>'; expected --placeholder_token '<sks>'"):
+        load_init_adapter(pipe, cfg)
+    _nothing_left(pipe, vocab)
+
+
+def test_a_file_without_the_denoiser_part_is_refused(exported, sd_model, subject, tmp_path):  # noqa: F811
+    t, meta = read_safetensors(exported["kohya"])
+    only_te = tmp_path / "te_only.safetensors"
+    write_safetensors(only_te, {k: v for k, v in t.items() if not k.startswith("lora_unet_")}, meta)
+    pipe = _pipe(sd_model)
+    vocab = len(pipe.tokenizer)
+    cfg = tiny_config(sd_model, subject, tmp_path / "run", init_adapter=str(only_te))
+    from training.config import resolve_defaults
+
+    resolve_defaults(cfg, ld.variant_names())
+    with pytest.raises(ConfigError, match="te_only.safetensors: holds no adapter for the UNet2DConditionModel"):
+        load_init_adapter(pipe, cfg)
+    _nothing_left(pipe, vocab)
+
+
+def test_file_tokens_are_bundled_names(exported):
+    from training.init_adapter import bundled_tokens
+
+    assert bundled_tokens(exported["canonical"]) == bundled_tokens(exported["kohya"]) == ["<sks>"]
+    assert bundled_tokens(exported["a1111"]) == []  # a standalone embedding file is not a bundle
