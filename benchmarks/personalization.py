@@ -81,8 +81,8 @@ class BenchConfig:
     targets: str | None = None  # None: the trainer's default for the model and variant
     prompts: int = 8  # recontextualizing (color, background) prompts per checkpoint
     images: int = 4  # images per prompt
-    sample_steps: int = 20
-    guidance: float = 4.0
+    sample_steps: int | None = None  # None: what the demo model's generation was measured with (demo-sd 20, else 20)
+    guidance: float | None = None  # None: likewise (demo-sd 4.0; the DiT demo model its own; else 4.0)
     model: str | None = None  # None: the embedded demo model
     evaluator: str | None = None  # None: assets/evaluator
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
@@ -604,8 +604,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--targets", default=d.targets, help="target preset or patterns (default: the trainer's)")
     p.add_argument("--prompts", type=int, default=d.prompts)
     p.add_argument("--images", type=int, default=d.images)
-    p.add_argument("--sample-steps", type=int, default=d.sample_steps)
-    p.add_argument("--guidance", type=float, default=d.guidance)
+    p.add_argument("--sample-steps", type=int, default=d.sample_steps,
+                   help="denoising steps per image (default: the model's demo_model.json generation steps, else 20)")
+    p.add_argument("--guidance", type=float, default=d.guidance,
+                   help="classifier-free guidance (default: the model's demo_model.json generation guidance, else 4)")
     p.add_argument("--model", default=None, help="base model (default: the embedded demo model; demo-sd3: the "
                    "embedded DiT demo model, an SD3-architecture pipeline)")
     p.add_argument("--evaluator", default=None, help="evaluator folder (default: assets/evaluator)")
@@ -647,6 +649,7 @@ def main(argv: list[str] | None = None) -> None:
                       paired_to=a.paired_to,
                       jitter_drops_color=a.jitter_drops_color)
     _check(cfg)
+    cfg.sample_steps, cfg.guidance = generation_settings(cfg.model, cfg.sample_steps, cfg.guidance)
     cfg.out.mkdir(parents=True, exist_ok=True)
     if a.merge:
         results, seconds = merge(a.merge, cfg)
@@ -733,6 +736,17 @@ def report(results: list[dict[str, Any]], cfg: BenchConfig, seconds: float) -> s
     sys.stdout.write(f"{len(results)} evaluated checkpoints in {seconds / 60:.1f} min; per-run figures in "
                      f"{cfg.out / 'results.json'}\n")
     return table
+
+
+def generation_settings(model: str | None, steps: int | None, guidance: float | None) -> tuple[int, float]:
+    """(sampling steps, guidance): the given ones, else those the demo model's generation was measured with (its
+    demo_model.json), else 20 and 4.0."""
+    from lora_diffusion.demo.model import demo_model_info, is_demo_model, resolve_demo_name
+
+    source = resolve_demo_name(model)
+    measured = demo_model_info(source).get("metrics", {}).get("generation", {}) if is_demo_model(source) else {}
+    return (int(steps or measured.get("steps", 20)),
+            float(guidance if guidance is not None else measured.get("guidance", 4.0)))
 
 
 def _default_steps(model: str | None) -> int:
