@@ -150,3 +150,33 @@ def test_roles_come_from_lora_kind_and_roles_override_them(loras, tmp_path):
     for bad in ("ring=hero", "zz=style", "ring"):
         with pytest.raises(ConfigError, match="--roles"):
             find_data(_cfg(lib, tmp_path / "c", 1, "--roles", bad))
+
+
+@pytest.mark.parametrize("kind", ["highpass", "spectrum"])
+def test_texture_term_trains_only_the_gates(loras, tmp_path, kind):
+    """--texture_loss adds a detail term on the decoded prediction: it is logged, recorded in the gates file, and
+    its gradient reaches the gates and nothing else (base model, LoRAs, VAE, text encoder stay frozen)."""
+    from diffusers import DDPMScheduler
+
+    from training.train_gates import GateObjective, PairSampler
+
+    extra = ("--objective", "composition", "--texture_loss", kind, "--texture_weight", "5")
+    cfg = _cfg(loras, tmp_path / "a", 1, *extra)
+    data = find_data(cfg)
+    pairs = find_pairs(cfg, data)
+    pipe, fusion, conds, pair_conds = _build(cfg, data, pairs, make_accelerator("no", True))
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    objective = GateObjective(pipe.unet, pipe.unet, sched, conds, [d.name for d in data], cfg.gates, 0, pair_conds,
+                              pipe.vae)
+    sampler = PairSampler([c.sets[False] for c in conds], 2, 0.0, 0, [(p.a, p.b, c.sets[False])
+                                                                      for p, c in zip(pairs, pair_conds)], False)
+    objective(sampler.next_batch()).backward()
+    assert objective.last["texture"] > 0
+    gates = {id(p) for p in fusion.parameters()}
+    with_grad = [p for comp in ld.components(pipe).values() for p in comp.parameters() if p.grad is not None]
+    assert with_grad and all(id(p) in gates for p in with_grad)
+    assert any(float(p.grad.abs().sum()) > 0 for p in fusion.parameters())
+    res = train(_cfg(loras, tmp_path / "b", 2, *extra))
+    assert all(math.isfinite(v) for v in res.losses)
+    _, meta = ld.io.files.read_safetensors(res.gates)
+    assert meta["texture_loss"] == f"{kind} x 5.0"

@@ -24,6 +24,10 @@ is their cheapest answer and nothing rewards keeping both (docs/autolora.md); th
 the pairs the gates will blend: the gate's parameters are shared by all LoRAs, so gates trained on some pairs are
 applied to others with ``--allow-unseen-loras``.
 
+``--texture_loss highpass|spectrum --texture_weight w`` adds w x a detail term on the decoded predicted clean image
+(training/texture_loss.py) to every denoising loss on a LoRA's (or a pair's) own caption: a latent MSE is dominated by
+shape, color and background, and a texture (the style LoRA's contribution) is a small part of it.
+
 Writes ``gates.safetensors`` (the gates and the sha256 of every LoRA; ``blend --gates`` refuses other LoRAs),
 ``checkpoints/checkpoint-<step>/`` (resume with ``--resume_from_checkpoint latest``), progress with ETA.
 """
@@ -49,6 +53,7 @@ from .config import CheckpointArgs, ConfigError, RunArgs, opt, parse_args, to_ya
 from .data import DataError, ImageSet, files_digest, find_images, read_captions
 from .loop import EXIT_STOPPED, LoopConfig, NonFiniteLossError, Reporter, TrainingStopped, fit, make_accelerator
 from .objectives import Conditioner
+from .texture_loss import TEXTURE_LOSSES, texture_loss
 
 log = logging.getLogger("train_gates")
 
@@ -88,6 +93,11 @@ class GateArgs:
                                "--no-per_role: the paper's gate, every parameter shared by all LoRAs")
     roles: str | None = opt(None, "name=role,... (subject | style | other); None: each file's lora_kind metadata "
                             "(concept -> subject, style -> style, else other), as blend does")
+    texture_loss: str = opt("none", "a detail term on the decoded predicted clean image beside the denoising loss "
+                            "(training/texture_loss.py): highpass (fine-detail error) | spectrum (amplitude spectrum of the "
+                            "fine detail: where the texture sits does not matter) | none",
+                            choices=list(TEXTURE_LOSSES))
+    texture_weight: float = opt(0.0, "weight of --texture_loss (0: off)")
     margin: float = opt(0.3, "hinge margin m on the loss under the other LoRA's caption")
     hinge_weight: float = opt(1.0, "lambda")
 
@@ -241,26 +251,42 @@ class GateObjective:
     composition: denoising loss on images of both LoRAs' content with their combined caption (+ the paper's)."""
 
     def __init__(self, model: Any, unet: Any, scheduler: Any, conds: list[Conditioner], names: list[str],
-                 cfg: GateArgs, seed: int, pair_conds: list[Conditioner] | None = None) -> None:
+                 cfg: GateArgs, seed: int, pair_conds: list[Conditioner] | None = None, vae: Any = None) -> None:
         self.model, self.unet, self.sched, self.conds, self.names, self.cfg = model, unet, scheduler, conds, names, cfg
+        self.vae = vae
         self.pair_conds = pair_conds or []
         self.gen = torch.Generator().manual_seed(seed)
         self.T = int(scheduler.config.num_train_timesteps)
         self.last: dict[str, float] = {}
 
     def _noisy(self, cond: Conditioner, exs: list[Any], device: torch.device) -> tuple[torch.Tensor, ...]:
-        """(x_t, t, target) of the examples' latents with fresh noise and uniform timesteps."""
+        """(x_t, t, target, x0) of the examples' latents with fresh noise and uniform timesteps."""
         stats = [cond.posterior(ex, device) for ex in exs]
         mean, std = torch.cat([m for m, _ in stats]), torch.cat([s for _, s in stats])
         x0 = mean + std * torch.randn(mean.shape, generator=self.gen).to(device)
         noise = torch.randn(mean.shape, generator=self.gen).to(device)
         t = torch.randint(0, self.T, (len(exs),), generator=self.gen).to(device)
         target = self.sched.get_velocity(x0, noise, t) if self.sched.config.prediction_type == "v_prediction" else noise
-        return self.sched.add_noise(x0, noise, t), t, target
+        return self.sched.add_noise(x0, noise, t), t, target, x0
 
     def _mse(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(self._predict(noisy, t, text), target)
+
+    def _predict(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         dtype = next(p for p in self.unet.parameters() if not p.requires_grad).dtype
-        return F.mse_loss(self.model(noisy.to(dtype), t, text.to(dtype)).sample.float(), target)
+        return self.model(noisy.to(dtype), t, text.to(dtype)).sample.float()
+
+    def _denoise(self, batch: tuple[torch.Tensor, ...], text: torch.Tensor, parts: dict[str, float],
+                 share: float = 1.0) -> torch.Tensor:
+        """The denoising MSE (+ texture_weight x the texture term, logged as 'texture') of one noisy batch."""
+        noisy, t, target, x0 = batch
+        pred = self._predict(noisy, t, text)
+        loss = F.mse_loss(pred, target)
+        if self.cfg.texture_weight > 0 and self.cfg.texture_loss != "none":
+            tex = texture_loss(self.cfg.texture_loss, self.vae, self.sched, noisy, t, pred, x0)
+            parts["texture"] = parts.get("texture", 0.0) + share * float(tex.detach())
+            loss = loss + self.cfg.texture_weight * tex
+        return loss
 
     def _text(self, cond: Conditioner, prompts: list[str], device: torch.device) -> torch.Tensor:
         return torch.cat([cond.text(p, device)[0] for p in prompts])
@@ -269,11 +295,11 @@ class GateObjective:
         total = 0.0
         for a, (exs, other, drop) in side.items():
             b = j if a == i else i
-            noisy, t, target = self._noisy(self.conds[a], exs, device)
+            noisy, t, target, x0 = batch = self._noisy(self.conds[a], exs, device)
             own = ["" if d else self.conds[a].sets[False].prompts[ex.prompt] for ex, d in zip(exs, drop)]
             wrong = [self.conds[b].sets[False].prompts[k] for k in other]
             ld.set_timestep(self.unet, t, self.T)
-            l_own = self._mse(noisy, t, self._text(self.conds[a], own, device), target)
+            l_own = self._denoise(batch, self._text(self.conds[a], own, device), parts, share=0.5)
             l_wrong = self._mse(noisy, t, self._text(self.conds[b], wrong, device), target)
             hinge = F.relu(self.cfg.margin - l_wrong)
             total = total + (l_own + self.cfg.hinge_weight * hinge) / 2
@@ -281,12 +307,13 @@ class GateObjective:
                 parts[k] = parts.get(k, 0.0) + float(v.detach()) / 2
         return total
 
-    def _both(self, k: int, exs: list[Any], drop: list[bool], device: torch.device) -> torch.Tensor:
+    def _both(self, k: int, exs: list[Any], drop: list[bool], device: torch.device,
+              parts: dict[str, float]) -> torch.Tensor:
         cond = self.pair_conds[k]
-        noisy, t, target = self._noisy(cond, exs, device)
+        batch = self._noisy(cond, exs, device)
         prompts = ["" if d else cond.sets[False].prompts[ex.prompt] for ex, d in zip(exs, drop)]
-        ld.set_timestep(self.unet, t, self.T)
-        return self._mse(noisy, t, self._text(cond, prompts, device), target)
+        ld.set_timestep(self.unet, batch[1], self.T)
+        return self._denoise(batch, self._text(cond, prompts, device), parts)
 
     def __call__(self, batch: dict[str, Any]) -> torch.Tensor:
         device = next(self.unet.parameters()).device
@@ -295,7 +322,7 @@ class GateObjective:
         parts: dict[str, float] = {}
         total = self._paper(i, j, batch["side"], device, parts) if batch["side"] else 0.0
         if "both" in batch:
-            l_both = self._both(*batch["both"], device)
+            l_both = self._both(*batch["both"], device, parts)
             parts["composition"] = float(l_both.detach())
             total = l_both + (self.cfg.paper_weight * total if batch["side"] else 0.0)
         self.last = parts
@@ -376,6 +403,8 @@ def identity(cfg: GateConfig, data: list[LoraData], pairs: list[PairData]) -> di
             "base_model": cfg.model.pretrained_model_name_or_path, "time_features": cfg.gates.time_features,
             "margin": cfg.gates.margin, "hinge_weight": cfg.gates.hinge_weight, "batch": cfg.data.train_batch_size,
             "caption_dropout": cfg.data.caption_dropout, "seed": cfg.run.seed, "objective": cfg.gates.objective,
+            **({"texture_loss": cfg.gates.texture_loss, "texture_weight": cfg.gates.texture_weight}
+               if cfg.gates.texture_weight > 0 else {}),
             **({"per_role": True, "roles": {d.name: d.role for d in data}}
                if cfg.gates.per_role and cfg.gates.method == "gated" else {}),
             **({"paper_weight": cfg.gates.paper_weight, "pairs": files_digest([p for q in pairs for p in q.images])}
@@ -408,7 +437,7 @@ def train(cfg: GateConfig) -> GateResult:
     model, opt_ = acc.prepare(pipe.unet, opt_)
     names = [d.name for d in data]
     objective = GateObjective(model, pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), conds, names, cfg.gates,
-                              cfg.run.seed * 1000 + 1, pair_conds)
+                              cfg.run.seed * 1000 + 1, pair_conds, pipe.vae)
     sampler = PairSampler([c.sets[False] for c in conds], cfg.data.train_batch_size, cfg.data.caption_dropout, cfg.run.seed,
                           [(p.a, p.b, c.sets[False]) for p, c in zip(pairs, pair_conds)], cfg.gates.paper_weight > 0)
     ckpt = CheckpointManager(out / "checkpoints", identity(cfg, data, pairs), cfg.checkpoint.checkpoints_total_limit)
@@ -446,6 +475,7 @@ def train(cfg: GateConfig) -> GateResult:
     log.info("validation loss (fixed batches): %.4f before this run, %.4f after", before, after)
     meta = {"base_model": str(cfg.model.pretrained_model_name_or_path or "demo-sd"), "steps": str(result.last_step),
             "trainer": "training.train_gates", "objective": cfg.gates.objective,
+            "texture_loss": f"{cfg.gates.texture_loss} x {cfg.gates.texture_weight}",
             "pairs": ",".join(p.folder.name for p in pairs)}
     gates = save_learned(fusion, pipe, out, hashes, meta)
     log.info("gates of %d layers for %s -> %s", len(fusion.combiners), names, gates)
