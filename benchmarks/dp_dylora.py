@@ -97,7 +97,7 @@ def pretrain_base(folder: Path, echo_file: Path, steps: int, seed: int) -> Path:
         opt.step()
         opt.zero_grad()
         if step % 200 == 0 or step == steps:
-            log.info("pre-training the echo base: step %d/%d, loss %.3f (%.0f s)", step, steps, float(loss),
+            log.info("pre-training the echo base: step %d/%d, loss %.3f (%.0f s)", step, steps, float(loss.detach()),
                      time.perf_counter() - t0)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)

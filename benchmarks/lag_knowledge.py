@@ -60,6 +60,22 @@ def lm_batch(tok: Any, texts: list[str]) -> dict[str, torch.Tensor]:
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
 
 
+def train_lm(model: torch.nn.Module, params: list[torch.nn.Parameter], batch: dict[str, torch.Tensor], steps: int,
+             lr: float) -> list[float]:
+    """``steps`` AdamW steps (PyTorch's default weight decay) on one fixed causal-LM ``batch``; returns the losses.
+    The knowledge LoRAs of this script and of ``llm_mixtures.py`` train through it."""
+    opt, losses = torch.optim.AdamW(params, lr=lr), []
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    model.eval()
+    return losses
+
+
 def train_library(model: torch.nn.Module, tok: Any, facts: list[tuple[str, str]], a: argparse.Namespace) -> list[str]:
     names, t0 = [], time.perf_counter()
     for i in range(a.loras):
@@ -68,19 +84,12 @@ def train_library(model: torch.nn.Module, tok: Any, facts: list[tuple[str, str]]
         ld.add_adapter(model, ld.AdapterSpec(rank=a.rank, alpha=2 * a.rank, targets="llm", seed=a.seed + i), name)
         ld.set_adapters(model, [name])
         batch = lm_batch(tok, [t.format(c=c, v=v) for c, v in mine for t in TRAIN_TEMPLATES])
-        opt = torch.optim.AdamW([p for _, p in ld.adapter_parameters(model, name)], lr=a.lr)
-        model.train()
-        for _ in range(a.steps):
-            loss = model(**batch).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        model.eval()
+        losses = train_lm(model, [p for _, p in ld.adapter_parameters(model, name)], batch, a.steps, a.lr)
         for _, p in ld.adapter_parameters(model, name):
             p.requires_grad_(False)
         names.append(name)
         el = time.perf_counter() - t0
-        log.info("LoRA %d/%d trained (final loss %.3f; %.0fs, ETA %.0fs)", i + 1, a.loras, float(loss), el,
+        log.info("LoRA %d/%d trained (final loss %.3f; %.0fs, ETA %.0fs)", i + 1, a.loras, losses[-1], el,
                  el / (i + 1) * (a.loras - i - 1))
     return names
 

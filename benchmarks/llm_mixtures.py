@@ -158,7 +158,7 @@ def fit(model: torch.nn.Module, params: list[torch.nn.Parameter], examples: list
         (loss if reg is None else loss + reg).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     return losses
 
@@ -398,16 +398,7 @@ def knowledge_part(model: torch.nn.Module, tok: Any, cfg: Config, cache: Path) -
         batch = lk.lm_batch(tok, [t.format(c=c, v=v) for c, v in mine for t in lk.TRAIN_TEMPLATES])
 
         def train(ps: list[torch.nn.Parameter], batch: dict = batch) -> list[float]:
-            opt, losses = torch.optim.AdamW(ps, lr=cfg.knowledge_lr), []
-            model.train()
-            for _ in range(cfg.knowledge_steps):
-                loss = model(**batch).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                losses.append(float(loss))
-            model.eval()
-            return losses
+            return lk.train_lm(model, ps, batch, cfg.knowledge_steps, cfg.knowledge_lr)
 
         info = cached_lora(model, name, cache / "knowledge" / f"{name}.safetensors", cfg, cfg.seed * 1000 + 500 + i,
                            train)

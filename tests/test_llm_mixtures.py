@@ -180,3 +180,23 @@ def test_init_alignment_finds_keys_that_are_the_initial_A(tiny_llama):
     assert out["k1"]["A_drift"] > 0.1 and out["k1"]["key_in_init_rowspace"] < 0.9
     assert out["k0"]["random_reference"] == pytest.approx(statistics.fmean([2 / 32] * 4 + [2 / 64] + [2 / 32] * 2))
     assert "_init_probe" not in ld.list_adapters(tiny_llama)
+
+
+def test_knowledge_loras_train_through_one_function_without_warnings(tiny_llama):
+    """lag_knowledge.train_lm (also llm_mixtures' knowledge LoRAs) lowers the loss, trains only the given tensors and
+    reads the losses without autograd's requires_grad-to-scalar warning."""
+    import warnings
+
+    from benchmarks import lag_knowledge as lk
+
+    model = tiny_llama
+    ld.add_adapter(model, ld.AdapterSpec(rank=2, targets="llm", seed=0), "k")
+    params = [p for _, p in ld.adapter_parameters(model, "k")]
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "adapters" not in n}
+    ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        losses = lk.train_lm(model, params, batch, steps=8, lr=1e-2)
+    assert len(losses) == 8 and losses[-1] < losses[0] and not model.training
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
