@@ -29,7 +29,7 @@ from .inject.walker import adapted_layers, adapter_names, inject, model_state, r
 from .io import canonical, cloneofsimo, dit, formats, tlora_official
 from .io import embeddings as emb_io
 from .io.bundle import FAMILY_NAMES, Bundle, Part, component_role, model_family, model_view
-from .io.detect import TRANSFORMER_FAMILIES, file_family, is_unet_file
+from .io.detect import TRANSFORMER_FAMILIES, file_family, flux_generation, is_unet_file
 from .io.files import read_safetensors, single_thread, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -192,9 +192,10 @@ def save_adapter(model_or_pipeline: Any, path: str | os.PathLike, name: str = "d
         st = model_state(model)
         if st is None or name not in st.specs:
             continue
-        prefix = f"{comp}." if comp else ""
-        tensors.update({prefix + k: v for k, v in adapter_state_dict(model, name).items()})
-        entries[comp] = canonical.ComponentEntry(st.specs[name], st.modules[name], type(model).__name__, name)
+        for key, aname in _canonical_entries(model, comp, name):  # the adapter and the variant groups loaded with it
+            prefix = f"{key}." if key else ""
+            tensors.update({prefix + k: v for k, v in adapter_state_dict(model, aname).items()})
+            entries[key] = canonical.ComponentEntry(st.specs[aname], st.modules[aname], type(model).__name__, aname)
     placeholders = _placeholders(model_or_pipeline, name)
     if not entries and not placeholders:
         raise AdapterError(f"no adapter named '{name}' to save; present: {list_adapters(model_or_pipeline)}")
@@ -216,6 +217,13 @@ def save_adapter(model_or_pipeline: Any, path: str | os.PathLike, name: str = "d
     write_safetensors(path, tensors, canonical.encode_metadata(entries, meta))
     log.info("saved adapter '%s' (%d tensors) to %s", name, len(tensors), path)
     return path
+
+
+def _canonical_entries(model: nn.Module, comp: str, name: str) -> list[tuple[str, str]]:
+    """(entry key, adapter name): the component's own entry and ``<comp>+<group>`` for each variant group loaded with
+    ``name`` (a file whose modules need different variants or LoKr layouts, e.g. a BFL LoKr on fused q/k/v)."""
+    groups = model.__dict__.get(GROUPS_ATTR, {}).get(name, [])
+    return [(comp, name)] + [(f"{comp}{canonical.GROUP_SEP}{g[len(name) + 1:]}", g) for g in groups]
 
 
 def _placeholders(obj: Any, name: str) -> list[emb.TokenEmbeddings]:
@@ -388,6 +396,8 @@ def _check_family(obj: Any, src: Path, loaded: tuple[dict[str, torch.Tensor], di
     has_unet = "unet" in _role_targets(obj) or "UNet" in type(obj).__name__
     if have in TRANSFORMER_FAMILIES and want is None and is_unet_file(list(tensors)):
         want = "unet"
+    if (want, have) == ("flux", "flux2") and flux_generation({k: tuple(v.shape) for k, v in tensors.items()}) is None:
+        want = "flux2"  # BFL names at a width both generations have (Flux.2 klein 4B is 3072 wide): the shapes decide
     transformer = _role_targets(obj).get("transformer") or (obj if have in TRANSFORMER_FAMILIES else None)
     if want in (have, "dit") and have in TRANSFORMER_FAMILIES and transformer is not None:
         dit.check_blocks(tensors, have, transformer.config, str(src))  # a LoRA for a deeper model of the family
@@ -463,20 +473,27 @@ def _load_canonical(model_or_pipeline: Any, path: Path, loaded: tuple[dict[str, 
     tensors, meta = loaded
     entries = canonical.decode_metadata(meta, str(path))
     done: list[nn.Module] = []
+    done: list[tuple[nn.Module, str]] = []
     try:
-        for comp, entry in entries.items():
+        for key, entry in entries.items():
+            comp, _, group = key.partition(canonical.GROUP_SEP)
+            aname = f"{name}_{group}" if group else name
             model = _target(model_or_pipeline, comp, entry.model_class, str(path))
-            inject(model, entry.spec, name, scale, module_names=entry.modules)
-            done.append(model)
-            sd = dict(canonical.split_component(tensors, comp) if len(entries) > 1 or comp else tensors)
-            extra = mixtures.split_state(sd, meta)  # a model-level mixture's part (MoA's routers, ...)
-            load_adapter_state_dict(model, name, sd, str(path), assign=True)
-            _set_trainable(model, name, trainable)
-            mixtures.install(model, name, extra, meta, str(path), trainable)  # rebuilt on its loaded LoRA experts
+            inject(model, entry.spec, aname, scale, module_names=entry.modules)
+            done.append((model, aname))
+            if group:  # saved together with the main adapter
+                model.__dict__.setdefault(GROUPS_ATTR, {}).setdefault(name, []).append(aname)
+            sd = canonical.split_component(tensors, key) if len(entries) > 1 or key else dict(tensors)
+            extra = mixtures.split_state(sd, meta) if not group else {}  # a model-level mixture's part (MoA's routers)
+            load_adapter_state_dict(model, aname, sd, str(path), assign=True)
+            _set_trainable(model, aname, trainable)
+            if not group:
+                mixtures.install(model, name, extra, meta, str(path), trainable)  # rebuilt on its loaded LoRA experts
     except BaseException:
-        for model in done:
-            mixtures.remove(model, [name])
-            remove(model, [name])
+        for model, aname in reversed(done):
+            mixtures.remove(model, [aname])
+            remove(model, [aname])
+            model.__dict__.get(GROUPS_ATTR, {}).pop(name, None)
         raise
     return name
 
@@ -552,6 +569,8 @@ def remove_adapters(model_or_pipeline: Any, names: Sequence[str] | None = None, 
     for m in components(model_or_pipeline).values():
         present = adapter_names(m)
         here = present if names is None else [n for n in names if n in present]
+        groups = m.__dict__.get(GROUPS_ATTR, {})  # the variant groups loaded with an adapter go with it
+        here = list(dict.fromkeys(here + [g for n in here for g in groups.pop(n, []) if g in present]))
         if merge:
             mixtures.refuse_merge(m, here)
         mixtures.remove(m, here)  # a mixture's router and hooks go with its experts

@@ -46,6 +46,33 @@ def dit_call(model, seed: int = 1) -> torch.Tensor:
         return model(x, txt, pooled, t * 1000).sample
 
 
+FLUX2 = "flux2-dev-transformer.json"
+# Flux.2's RoPE needs head dim 128 (axes 4 x 32); 3 heads give W2 heights that do not divide the 384-row q/k/v parts
+FLUX2_SMALL = {"num_layers": 2, "num_single_layers": 2, "num_attention_heads": 3, "joint_attention_dim": 32,
+               "in_channels": 16}
+
+
+def tiny_flux2(fixture: str = FLUX2, seed: int = 0, **over):
+    """A reduced Flux.2 transformer (2 double + 2 single blocks, 384 wide) from the real config, float64."""
+    from diffusers import Flux2Transformer2DModel
+
+    cfg = {k: v for k, v in load_config(fixture).items() if not k.startswith("_")} | FLUX2_SMALL | over
+    torch.manual_seed(seed)
+    return Flux2Transformer2DModel(**cfg).double().eval()
+
+
+def flux2_call(model, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    x = torch.randn(1, 4, cfg.in_channels, generator=g, dtype=torch.float64)
+    txt = torch.randn(1, 5, cfg.joint_attention_dim, generator=g, dtype=torch.float64)
+    img_ids, txt_ids = torch.zeros(1, 4, 4), torch.zeros(1, 5, 4)
+    img_ids[0, :, 1], img_ids[0, :, 2], txt_ids[0, :, 3] = torch.arange(4) // 2, torch.arange(4) % 2, torch.arange(5)
+    guidance = torch.tensor([3.5], dtype=torch.float64) if cfg.guidance_embeds else None
+    with torch.no_grad():
+        return model(x, txt, torch.tensor([0.6], dtype=torch.float64), img_ids, txt_ids, guidance=guidance).sample
+
+
 def tiny_t5(seed: int = 0):
     from transformers import T5Config, T5EncoderModel
 

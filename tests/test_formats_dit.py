@@ -424,7 +424,8 @@ def _with_delta(model, targets: list[str], delta: torch.Tensor):
 
 def test_loha_lokr_on_fused_modules(tmp_path):
     """LyCORIS LoHa / LoKr on a fused original module split exactly: LoHa's rows are those of w1_a and w2_a; LoKr's
-    (W1 ⊗ W2) those of W1 when the parts' boundaries are multiples of W2's height, else it is refused."""
+    (W1 ⊗ W2) those of W1 when the parts' boundaries are multiples of W2's height, else each part keeps the W1 rows
+    over its own and a row offset; only swapped halves that W2 does not align with are refused."""
     from .dit_models import tiny_dit_pipeline
 
     model = tiny_dit(FLUX)
@@ -444,9 +445,16 @@ def test_loha_lokr_on_fused_modules(tmp_path):
     ld.load_adapter(ours, tmp_path / "ly.safetensors")
     ref = _with_delta(_with_delta(model, lin1, 0.5 * (w1a @ w1b) * (w2a @ w2b)), qkv, torch.kron(k1, k2))
     assert close(dit_call(ours), dit_call(ref))
-    misaligned = {f"{lokr}.lokr_w1": torch.randn(2, 2), f"{lokr}.lokr_w2": torch.randn(48, 16)}
-    _refused(tmp_path, tiny_dit_pipeline(FLUX), misaligned,
-             rf"key '{lokr}.lokr_w1': this module stands for 3 diffusers modules .*splits exactly only at multiples of 48")
+    # W2 of height 48 does not divide the 32-row parts: each keeps W1's rows over its own and a row offset (BFL LoKr)
+    k1, k2 = rnd(2, 2), rnd(48, 16)
+    write_safetensors(tmp_path / "mis.safetensors", {f"{lokr}.lokr_w1": k1, f"{lokr}.lokr_w2": k2}, {})
+    ours = copy.deepcopy(model)
+    ld.load_adapter(ours, tmp_path / "mis.safetensors")
+    assert close(dit_call(ours), dit_call(_with_delta(model, qkv, torch.kron(k1, k2))))
+    # the final layer's swapped halves (32 rows each) with W2 of height 64: no exact split
+    mod = "lora_unet_final_layer_adaLN_modulation_1"
+    _refused(tmp_path, tiny_dit_pipeline(FLUX), {f"{mod}.lokr_w1": torch.randn(1, 2), f"{mod}.lokr_w2": torch.randn(64, 16)},
+             rf"key '{mod}.lokr_w1': this module stands for 1 diffusers modules .*splits exactly only at multiples of 64")
 
 
 class _Checkpoint(dict):
@@ -468,12 +476,15 @@ def test_original_names_match_diffusers_single_file_converter(fixture):
     (``convert_{flux,sd3}_transformer_checkpoint_to_diffusers``), on the real shapes: each original weight is a
     column of row ids, so the converter's output says which rows went where. The SD3 kohya layout (sd-scripts
     ``lora_unet_joint_blocks_…``), which diffusers' LoRA loader does not read, is checked this way."""
+    check_against_single_file_converter(fixture, "flux" if fixture in (FLUX, SCHNELL) else "sd3")
+
+
+def check_against_single_file_converter(fixture: str, family: str) -> None:
     from diffusers.loaders import single_file_utils as sfu
 
     from lora_diffusion.io import dit
 
     model = _meta_model(fixture)
-    family = "flux" if fixture in (FLUX, SCHNELL) else "sd3"
     targets, swapped = dit.family_map(family, model.config)
     ckpt, expected = _Checkpoint(), {}
     ckpt.rows = {}
@@ -497,7 +508,7 @@ def test_original_names_match_diffusers_single_file_converter(fixture):
         ckpt |= {f"joint_blocks.{i}.x_block.attn.ln_q.weight": torch.zeros(1) for i in range(model.config.num_layers)}
         convert = sfu.convert_sd3_transformer_checkpoint_to_diffusers
     else:
-        convert = sfu.convert_flux_transformer_checkpoint_to_diffusers
+        convert = getattr(sfu, f"convert_{family}_transformer_checkpoint_to_diffusers")
     converted = convert(ckpt)
     for p, w in expected.items():
         assert torch.equal(converted[f"{p}.weight"], w), p

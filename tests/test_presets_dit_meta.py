@@ -16,25 +16,31 @@ from lora_diffusion.io import dit
 from .conftest import load_config
 
 FIXTURES = {"flux-dev": "flux1-dev-transformer.json", "flux-schnell": "flux1-schnell-transformer.json",
-            "sd35-large": "sd35-large-transformer.json", "sd35-medium": "sd35-medium-transformer.json"}
+            "sd35-large": "sd35-large-transformer.json", "sd35-medium": "sd35-medium-transformer.json",
+            "flux2-dev": "flux2-dev-transformer.json", "flux2-klein-4b": "flux2-klein-4b-transformer.json"}
 PARAMS = {"flux-dev": 11_901_408_320, "flux-schnell": 11_891_178_560, "sd35-large": 8_056_627_520,
-          "sd35-medium": 2_243_171_520}
+          "sd35-medium": 2_243_171_520, "flux2-dev": 32_223_281_152, "flux2-klein-4b": 3_875_544_576}
 # dit-attn / dit-attn-mlp / dit-full: Flux 19 double x (8 / 12 / 14) + 38 single x (3 / 5 / 6); SD3.5 large 38 joint
 # blocks x (8 / 12 / 14) less the last block's text-stream output, MLP (context_pre_only); medium 24 blocks + 13 attn2
+# Flux.2: double blocks x (8 / 12 / 12) + single blocks x 2 (to_qkv_mlp_proj, to_out: attention and MLP fused) + the
+# 3 shared modulation linears in dit-full; dev 8 + 48 blocks, klein 4B 5 + 20
 COUNTS = {"flux-dev": (266, 418, 494), "flux-schnell": (266, 418, 494), "sd35-large": (303, 453, 529),
-          "sd35-medium": (243, 337, 385)}
+          "sd35-medium": (243, 337, 385), "flux2-dev": (160, 192, 195), "flux2-klein-4b": (80, 100, 103)}
 PRESETS = ("dit-attn", "dit-attn-mlp", "dit-full")
 # diffusers' DreamBooth LoRA scripts (train_dreambooth_lora_flux.py / _sd3.py): default PEFT target_modules
 DIFFUSERS_ATTN = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
                   "attn.add_v_proj", "attn.to_add_out"]
 DIFFUSERS_FLUX = DIFFUSERS_ATTN + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+# train_dreambooth_lora_flux2*.py: image-stream attention, the single blocks' fused in/out (to_out by full name there)
+DIFFUSERS_FLUX2 = ["to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj"]
 
 
 def meta_transformer(fixture: str) -> nn.Module:
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel
 
     raw = load_config(fixture)
-    cls = {"FluxTransformer2DModel": FluxTransformer2DModel, "SD3Transformer2DModel": SD3Transformer2DModel}[raw["_class_name"]]
+    cls = {"FluxTransformer2DModel": FluxTransformer2DModel, "SD3Transformer2DModel": SD3Transformer2DModel,
+           "Flux2Transformer2DModel": Flux2Transformer2DModel}[raw["_class_name"]]
     with torch.device("meta"):
         return cls(**{k: v for k, v in raw.items() if not k.startswith("_")})
 
@@ -60,7 +66,7 @@ def test_presets_count_on_meta(dit_model):
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     # dit-full is every Linear of the blocks: only embedders and the output layer are left out
     assert {n.split(".")[0] for n in linears - found[2]} <= {"time_text_embed", "context_embedder", "x_embedder",
-                                                              "norm_out", "proj_out"}
+                                                              "norm_out", "proj_out", "time_guidance_embed"}
 
 
 def _kohya_modules(family: str, model: nn.Module, modulation: bool) -> set[str]:
@@ -70,7 +76,8 @@ def _kohya_modules(family: str, model: nn.Module, modulation: bool) -> set[str]:
     views = {n for n, _ in model.named_modules()}
     out = set()
     for dotted, paths in targets.items():
-        if not dotted.startswith(("double_blocks", "single_blocks", "joint_blocks")):
+        if not dotted.startswith(("double_blocks", "single_blocks", "joint_blocks")) and not (
+                modulation and "stream_modulation" in dotted):  # Flux.2's modulation is shared by the blocks
             continue
         if not modulation and ("_mod." in dotted or "modulation" in dotted):
             continue
@@ -80,7 +87,7 @@ def _kohya_modules(family: str, model: nn.Module, modulation: bool) -> set[str]:
 
 def test_presets_equal_the_kohya_layout(dit_model):
     name, model = dit_model
-    family = "flux" if name.startswith("flux") else "sd3"
+    family = name.split("-")[0].replace("sd35", "sd3")
     assert _found(model, "dit-attn-mlp") == _kohya_modules(family, model, modulation=False)
     assert _found(model, "dit-full") == _kohya_modules(family, model, modulation=True)
     if family == "flux":  # 19 x 10 + 38 x 3 = 304 original modules (the AutoLoRA layer list) with modulation
@@ -101,7 +108,12 @@ def test_presets_against_diffusers_peft_targets(dit_model):
         return {n for n in names if check_target_module_exists(cfg, n)}
 
     attn = _found(model, "dit-attn")
-    if name.startswith("flux"):
+    if name.startswith("flux2"):  # + the text stream's projections, which diffusers' Flux.2 list leaves out
+        singles = {n for n in names if n.startswith("single_transformer_blocks") and n.endswith("attn.to_out")}
+        text = {n for n in attn if n.endswith(("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"))}
+        assert peft(DIFFUSERS_FLUX2) | singles == attn - text
+        assert len(text) == 4 * model.config.num_layers
+    elif name.startswith("flux"):
         assert peft(DIFFUSERS_ATTN) == attn
         assert peft(DIFFUSERS_FLUX + ["proj_mlp"]) | {n for n in names if n.startswith("single_transformer_blocks")
                                                       and n.endswith("proj_out")} == _found(model, "dit-attn-mlp")

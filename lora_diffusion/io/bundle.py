@@ -24,9 +24,9 @@ from ..core.walk import walk_modules
 log = logging.getLogger(__name__)
 
 ModuleView = dict[str, LayerInfo]  # module path -> what an adapter sees of it (kind, weight shape)
-FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux",
+FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux", "flux2": "Flux.2",
                 "dit": "a diffusion transformer (Flux or SD3)"}
-DIT_FAMILIES = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
+DIT_FAMILIES = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3", "Flux2Transformer2DModel": "flux2"}
 
 
 @dataclass

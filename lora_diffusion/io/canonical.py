@@ -18,6 +18,7 @@ from ..core.spec import AdapterSpec
 
 FORMAT = "lora-diffusion"
 FORMAT_VERSION = "1"
+GROUP_SEP = "+"  # entry "<component>+<group>": a further variant group of the adapter (api.save_adapter)
 
 
 @dataclass
@@ -69,7 +70,9 @@ def decode_metadata(meta: dict[str, str], path: str = "") -> dict[str, Component
 
 
 def split_component(tensors: dict[str, torch.Tensor], component: str) -> dict[str, torch.Tensor]:
+    """The tensors of one entry: ``<component>.`` keys; a bare model's own ("") are those of no group entry
+    (``<GROUP_SEP><group>.`` keys)."""
     if not component:
-        return dict(tensors)
+        return {k: v for k, v in tensors.items() if GROUP_SEP not in k.split(".", 1)[0]}
     prefix = component + "."
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -54,9 +54,10 @@ def detect_format(keys: Sequence[str], meta: Mapping[str, str]) -> str:
     return "unknown"
 
 
-_FAMILY_META = (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"), ("sd3", "sd3"), ("flux", "flux"))
+_FAMILY_META = (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"), ("sd3", "sd3"), ("flux2", "flux2"),
+                ("flux_2", "flux2"), ("flux", "flux"))
 _ARCH = (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1"),
-         ("stable-diffusion-3", "sd3"), ("flux", "flux"))
+         ("stable-diffusion-3", "sd3"), ("flux-2", "flux2"), ("flux2", "flux2"), ("flux", "flux"))
 _CROSS_DIM = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 _TE_DIM = {768: "sd1", 1024: "sd2"}  # the (only) CLIP text encoder's width
 # Transformer (DiT) models: kohya/BFL names and diffusers names. A T5 encoder ("encoder_block", "encoder.block")
@@ -68,7 +69,10 @@ _SD3_ATTN2 = re.compile(r"(transformer\.|lora_transformer_)?transformer_blocks[.
 _T5 = ("encoder_block_", "encoder.block.")
 # a transformer_blocks-only diffusers / OneTrainer file fits Flux and SD3 alike: "dit" (both, by their shapes)
 _DIT = ("transformer.transformer_blocks.", "lora_transformer_transformer_blocks_")
-TRANSFORMER_FAMILIES = {"flux": "Flux", "sd3": "SD3", "dit": "a diffusion transformer (Flux or SD3)"}
+TRANSFORMER_FAMILIES = {"flux": "Flux", "flux2": "Flux.2", "sd3": "SD3", "dit": "a diffusion transformer (Flux or SD3)"}
+# Flux.2 only: model-wide modulation, fused single-block projections, SwiGLU linear_in/out (diffusers names)
+_FLUX2 = ("stream_modulation", "to_qkv_mlp_proj", "ff_linear_in", "ff.linear_in", "ff_context_linear_in",
+          "ff_context.linear_in", "linear_out")
 _UNET = ("down_blocks", "up_blocks", "mid_block", "input_blocks", "output_blocks", "middle_block")
 
 
@@ -91,8 +95,10 @@ def family_from_keys(shapes: Mapping[str, Sequence[int]]) -> str | None:
     ``convert_state_dict_to_kohya`` writes it for SD1 too.)
     """
     keys = list(shapes)
+    if any(p in k for k in keys for p in _FLUX2):
+        return "flux2"
     if any(p in k for k in keys for p in _FLUX):
-        return "flux"
+        return flux_generation(shapes) or "flux"
     if any(p in k for k in keys for p in _SD3) or any(_SD3_ATTN2.match(k) for k in keys):
         return "sd3"
     if any(k.startswith(_DIT) for k in keys):  # the real widths tell them apart: Flux 3072, SD3.5 medium 1536, large 2432
@@ -116,6 +122,42 @@ def family_from_keys(shapes: Mapping[str, Sequence[int]]) -> str | None:
     return None
 
 
+def module_dims(shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, int]]:
+    """Module -> (out, in) from LoRA down/up (or lora_A/B) and LoKr factor shapes (out = a·b, in = c·d)."""
+    parts: dict[str, dict[str, Sequence[int]]] = {}
+    for k, s in shapes.items():
+        for suffix in (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight", ".lokr_w1",
+                       ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b"):
+            if k.endswith(suffix) and len(s) >= 2:
+                parts.setdefault(k[:-len(suffix)], {})[suffix.split(".")[1]] = s
+    out = {}
+    for m, p in parts.items():
+        if ("lora_down" in p or "lora_A" in p) and ("lora_up" in p or "lora_B" in p):
+            out[m] = (int((p.get("lora_up") or p["lora_B"])[0]), int((p.get("lora_down") or p["lora_A"])[1]))
+            continue
+        a, c = (p["lokr_w1"][:2] if "lokr_w1" in p else (p.get("lokr_w1_a", (0,))[0], p.get("lokr_w1_b", (0, 0))[1]))
+        b, d = (p["lokr_w2"][:2] if "lokr_w2" in p else (p.get("lokr_w2_a", (0,))[0], p.get("lokr_w2_b", (0, 0))[1]))
+        if a * b * c * d:
+            out[m] = (int(a * b), int(c * d))
+    return out
+
+
+def flux_generation(shapes: Mapping[str, Sequence[int]]) -> str | None:
+    """Flux.1 or Flux.2 from a BFL-named file's shapes; None when they do not tell (attention at width 3072 only).
+    Flux.1: MLP 4x (GELU), single linear1 = 3h + 4h, linear2 in 5h, width 3072. Flux.2: SwiGLU MLP (in 2·3h),
+    linear1 = 3h + 6h, linear2 in 4h, widths 3072 (klein 4B), 4096 (klein 9B), 6144 (dev)."""
+    for m, (o, i) in module_dims(shapes).items():
+        if m.endswith(("mlp_0", "mlp.0", "linear1")):  # out/in: 4 / 7 (Flux.1), 6 / 9 (Flux.2)
+            found = {4: "flux", 7: "flux", 6: "flux2", 9: "flux2"}.get(round(o / i))
+        elif m.endswith("linear2"):  # in/out: 5 (Flux.1), 4 (Flux.2)
+            found = {5: "flux", 4: "flux2"}.get(round(i / o))
+        else:
+            found = "flux2" if m.endswith(("qkv", "attn_proj", "attn.proj")) and {o, i} & {4096, 6144} else None
+        if found:
+            return found
+    return None
+
+
 def family_from_metadata(meta: Mapping[str, str]) -> str | None:
     version = meta.get("ss_base_model_version", "")
     for prefix, fam in _FAMILY_META:
@@ -127,7 +169,7 @@ def family_from_metadata(meta: Mapping[str, str]) -> str | None:
     for prefix, fam in _ARCH:
         if arch.startswith(prefix):
             return fam
-    return {f: f for f in ("sd1", "sd2", "sdxl", "sd3", "flux")}.get(meta.get("base_model_family", ""))
+    return {f: f for f in ("sd1", "sd2", "sdxl", "sd3", "flux", "flux2")}.get(meta.get("base_model_family", ""))
 
 
 def file_family(shapes: Mapping[str, Sequence[int]], meta: Mapping[str, str]) -> str | None:

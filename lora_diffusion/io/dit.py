@@ -22,14 +22,16 @@ import torch
 
 from ..core.errors import AdapterFileError
 from .bundle import ModuleView
+from .kohya import ROW_OFFSET
 
 TRANSFORMER = "transformer"
 OT_PREFIX = "lora_transformer"  # OneTrainer's kohya prefix for the diffusers transformer
 LORA_PARAMS = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
-FAMILY_OF_CLASS = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
-FAMILY = {"flux": "Flux", "sd3": "SD3"}
-# kohya text-encoder prefixes per family and pipeline component (sd-scripts lora_flux.py / lora_sd3.py)
-TE_PREFIX = {"flux": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te3"},
+FAMILY_OF_CLASS = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3", "Flux2Transformer2DModel": "flux2"}
+FAMILY = {"flux": "Flux", "sd3": "SD3", "flux2": "Flux.2"}
+# kohya text-encoder prefixes per family and pipeline component (sd-scripts lora_flux.py / lora_sd3.py); Flux.2's
+# text encoder is a Mistral / Qwen3 LLM, which no Flux.2 LoRA layout read here adapts
+TE_PREFIX = {"flux2": {}, "flux": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te3"},
              "sd3": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2", "text_encoder_3": "lora_te3"}}
 # sd-scripts' first Flux release wrote T5 as lora_te2; ComfyUI-converted files name CLIP-L lora_te
 TE_ALIASES = {"flux": {"lora_te2": "text_encoder_2", "lora_te": "text_encoder"}, "sd3": {"lora_te": "text_encoder"}}
@@ -68,6 +70,35 @@ def flux_map(cfg: Any) -> tuple[dict[str, list[str]], set[str]]:
         m[f"{s}.linear1"] = [f"{t}.attn.to_q", f"{t}.attn.to_k", f"{t}.attn.to_v", f"{t}.proj_mlp"]
         m[f"{s}.linear2"] = [f"{t}.proj_out"]
         m[f"{s}.modulation.lin"] = [f"{t}.norm.linear"]
+    return m, {"final_layer.adaLN_modulation.1"}
+
+
+def flux2_map(cfg: Any) -> tuple[dict[str, list[str]], set[str]]:
+    """Flux.2 (BFL / ai-toolkit / kohya) module name -> diffusers Linears (``convert_flux2_transformer_checkpoint_to
+    _diffusers``): per-block modulation is shared model-wide, MLPs are SwiGLU ``linear_in/out``, and the single
+    blocks' ``linear1`` / ``linear2`` are diffusers' fused ``to_qkv_mlp_proj`` / ``to_out`` (one to one)."""
+    m: dict[str, list[str]] = {
+        "img_in": ["x_embedder"], "txt_in": ["context_embedder"],
+        "time_in.in_layer": ["time_guidance_embed.timestep_embedder.linear_1"],
+        "time_in.out_layer": ["time_guidance_embed.timestep_embedder.linear_2"],
+        "guidance_in.in_layer": ["time_guidance_embed.guidance_embedder.linear_1"],
+        "guidance_in.out_layer": ["time_guidance_embed.guidance_embedder.linear_2"],
+        "double_stream_modulation_img.lin": ["double_stream_modulation_img.linear"],
+        "double_stream_modulation_txt.lin": ["double_stream_modulation_txt.linear"],
+        "single_stream_modulation.lin": ["single_stream_modulation.linear"],
+        "final_layer.linear": ["proj_out"], "final_layer.adaLN_modulation.1": ["norm_out.linear"],
+    }
+    for i in range(_get(cfg, "num_layers", 8)):
+        d, t = f"double_blocks.{i}", f"transformer_blocks.{i}.attn"
+        m[f"{d}.img_attn.qkv"] = [f"{t}.to_q", f"{t}.to_k", f"{t}.to_v"]
+        m[f"{d}.txt_attn.qkv"] = [f"{t}.add_q_proj", f"{t}.add_k_proj", f"{t}.add_v_proj"]
+        m[f"{d}.img_attn.proj"], m[f"{d}.txt_attn.proj"] = [f"{t}.to_out.0"], [f"{t}.to_add_out"]
+        for side, ff in (("img", "ff"), ("txt", "ff_context")):
+            m[f"{d}.{side}_mlp.0"] = [f"transformer_blocks.{i}.{ff}.linear_in"]
+            m[f"{d}.{side}_mlp.2"] = [f"transformer_blocks.{i}.{ff}.linear_out"]
+    for i in range(_get(cfg, "num_single_layers", 48)):
+        s, t = f"single_blocks.{i}", f"single_transformer_blocks.{i}.attn"
+        m[f"{s}.linear1"], m[f"{s}.linear2"] = [f"{t}.to_qkv_mlp_proj"], [f"{t}.to_out"]
     return m, {"final_layer.adaLN_modulation.1"}
 
 
@@ -116,7 +147,7 @@ def xlabs_map(cfg: Any) -> dict[str, list[str]]:
 
 
 def family_map(family: str, cfg: Any) -> tuple[dict[str, list[str]], set[str]]:
-    return flux_map(cfg) if family == "flux" else sd3_map(cfg)
+    return {"flux": flux_map, "flux2": flux2_map, "sd3": sd3_map}[family](cfg)
 
 
 def flat(prefix: str, dotted: str) -> str:
@@ -124,7 +155,7 @@ def flat(prefix: str, dotted: str) -> str:
 
 
 def block_counts(family: str, cfg: Any) -> str:
-    if family == "flux":
+    if family in ("flux", "flux2"):
         return (f"{_get(cfg, 'num_layers', 19)} double-stream and {_get(cfg, 'num_single_layers', 38)} "
                 "single-stream blocks")
     return f"{_get(cfg, 'num_layers', 24)} joint blocks"
@@ -135,6 +166,7 @@ def _missing_block(name: str, family: str, cfg: Any, src: str, key: str) -> Adap
     if not m:
         return None
     fam = {"double_blocks": "Flux", "single_blocks": "Flux", "joint_blocks": "SD3"}.get(m.group(1), FAMILY[family])
+    fam = FAMILY[family] if family in ("flux", "flux2") and fam == "Flux" else fam
     return AdapterFileError(
         f"{src}: key '{key}': this LoRA is for {fam} and adapts {m.group(1)}.{m.group(2)}; the model is "
         f"{FAMILY[family]} with {block_counts(family, cfg)}, which has no such block; expected a LoRA made for this "
@@ -190,9 +222,11 @@ def split_module(src: str, key: str, params: dict[str, torch.Tensor], targets: l
         ranges.append(halves)
         start += d
     if any(x % block for r in ranges for ab in r for x in ab):
-        raise AdapterFileError(f"{src}: key '{key}.lokr_w1': {where}; a LoKr with W2 of height {block} splits exactly only "
-                               f"at multiples of {block}, and the parts have {dims} rows; expected a LoRA/LoHa, a LoKr "
-                               "with a smaller factor, or a file in the diffusers layout")
+        if swap:
+            raise AdapterFileError(f"{src}: key '{key}.lokr_w1': {where}; a LoKr with W2 of height {block} splits "
+                                   f"exactly only at multiples of {block}, and the parts have {dims} rows; expected a "
+                                   "LoRA/LoHa, a LoKr with a smaller factor, or a file in the diffusers layout")
+        return lokr_windows(params, targets, [r[0] for r in ranges], block)
     out: dict[str, dict[str, torch.Tensor]] = {}
     for t, r in zip(targets, ranges):
         own = {}
@@ -206,6 +240,19 @@ def split_module(src: str, key: str, params: dict[str, torch.Tensor], targets: l
                                        f"({' + '.join(map(str, dims))} for {targets} of the model)")
             own[k] = torch.cat([v[a // b:e // b] for a, e in r]).contiguous()
         out[t] = own
+    return out
+
+
+def lokr_windows(params: dict[str, torch.Tensor], targets: list[str], ranges: list[tuple[int, int]],
+                 b: int) -> dict[str, dict[str, torch.Tensor]]:
+    """A LoKr on a fused module whose parts do not start at multiples of W2's height b: part rows [s, e) are rows
+    [s - b⌊s/b⌋, ...) of W1[⌊s/b⌋ : ⌈e/b⌉] ⊗ W2 (exact; LoKr's ``row_offset`` option, kohya.ROW_OFFSET here)."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for t, (s, e) in zip(targets, ranges):
+        i0, i1 = s // b, -(-e // b)
+        own = {k: (v[i0:i1] if k in ("lokr_w1", "lokr_w1_a") else v[s:e] if k == "dora_scale" else v).clone()
+               for k, v in params.items()}
+        out[t] = own | {ROW_OFFSET: torch.tensor(s - i0 * b)}
     return out
 
 
@@ -224,7 +271,7 @@ def to_onetrainer(tensors: dict[str, torch.Tensor], mapping: dict[str, str], tar
         if dotted is None:
             err = _missing_block(name, family, cfg, src, f"{name}.{next(iter(params))}")
             raise err or AdapterFileError(f"{src}: key '{name}.{next(iter(params))}': module '{name}' is not a module "
-                                          f"of the {'Flux' if family == 'flux' else 'SD3'} transformer; expected "
+                                          f"of the {FAMILY[family]} transformer; expected "
                                           "one of its Linear layers")
         paths = [p for p in targets[dotted] if p in views]
         if not paths:
@@ -351,7 +398,7 @@ def _check_text(family: str, te: dict[str, dict[str, torch.Tensor]], views: dict
     by_prefix: dict[str, list[str]] = {}
     for name in te:
         by_prefix.setdefault(name.split("_")[0] + "_" + name.split("_")[1], []).append(name)
-    fam = "Flux" if family == "flux" else "SD3"
+    fam = FAMILY[family]
     for prefix, names in by_prefix.items():
         role = TE_ALIASES.get(family, {}).get(prefix) or next(
             (r for r, p in TE_PREFIX[family].items() if p == prefix), None)

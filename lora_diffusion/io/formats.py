@@ -204,17 +204,29 @@ def plain_lora(part: Part, adapters: dict[str, Any]) -> Part:
     return Part(part.component, spec_from_modules("lora", ranks, alphas), list(part.modules), tensors, group=part.group)
 
 
+def _refuse_row_windows(parts: list[Part], fmt: str) -> None:
+    """A LoKr read from a fused module it does not split on (``row_offset``: BFL ``img_attn.qkv``) has its rows of
+    W1 ⊗ W2; no external format names such a part."""
+    for p in parts:
+        if (p.spec.options or {}).get("row_offset") is not None:
+            raise AdapterFileError(
+                f"module '{p.modules[0]}': a LoKr on part of a fused module (rows from {p.spec.options['row_offset']} "
+                f"of W1 ⊗ W2, as read from a BFL/kohya file) has no {fmt} form; expected the canonical format "
+                "(save_adapter's default), or the original file")
+
+
 def write_parts(path: Path, parts: list[Part], fmt: str, views: dict[str, ModuleView], meta: dict[str, str],
                 family: str | None = None, unet_config: Any = None,
                 shared: dict[str, dict[str, torch.Tensor]] | None = None,
                 extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Parts -> a kohya / diffusers file or a PEFT folder (canonical files are written by ``api.save_adapter``)."""
+    _refuse_row_windows(parts, fmt)
     main = parts[0].spec
     meta = {"variant": main.variant, "rank": str(main.rank), "alpha": str(main.alpha if main.alpha is not None else main.rank),
             **({"base_model_family": family} if family else {}), **meta}
     if fmt == "kohya":
         tensors = kohya.write(parts, family, unet_config, views)
-        if family in ("flux", "sd3") and dit.TRANSFORMER in views:  # the original module names kohya/ComfyUI read
+        if family in ("flux", "flux2", "sd3") and dit.TRANSFORMER in views:  # the original names kohya/ComfyUI read
             ot = {k: v for k, v in tensors.items() if k.startswith(dit.OT_PREFIX + "_")}
             targets, swapped = dit.family_map(family, unet_config)
             tensors = {k: v for k, v in tensors.items() if k not in ot} | dit.from_onetrainer(

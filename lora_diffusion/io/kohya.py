@@ -36,6 +36,7 @@ PREFIX_ROLE = {"lora_unet": "unet", "lora_te1": "text_encoder", "lora_te2": "tex
 LORA_NAMES = {"lora_down.weight": "lora_A", "lora_up.weight": "lora_B"}  # file -> ours
 LOHA_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+ROW_OFFSET = "lokr_row_offset"  # internal (io/dit.py): a fused module's part is rows [o, o + out) of W1 ⊗ W2
 EXTRA_NAMES = ("alpha", "dora_scale", "lora_mid.weight")
 UNSUPPORTED = {"diff": "full fine-tune (diff)", "diff_b": "full fine-tune (diff)", "on_input": "IA3", "weight": "IA3",
                "oft_blocks": "OFT", "oft_diag": "BOFT/OFT", "a1.weight": "GLoRA", "w_norm": "norm", "b_norm": "norm"}
@@ -138,6 +139,13 @@ def _lokr_found(src: str, flat: str, ts: dict[str, torch.Tensor], info: LayerInf
 
 
 def _parse_lokr(src: str, flat: str, ts: dict[str, torch.Tensor], info: LayerInfo) -> tuple[str, int, dict, dict, list]:
+    if ROW_OFFSET in ts:  # a part of a LoKr on a fused module (io/dit.py split_module): rows of W1 ⊗ W2
+        ts = dict(ts)
+        off = int(ts.pop(ROW_OFFSET))
+        r, _ = _lokr_found(src, flat, ts, info)
+        variant, r, tensors, origin, cands = _lokr_explicit(src, flat, ts, info, r, [n for n in LOKR_NAMES if n in ts],
+                                                            off)
+        return variant, r, tensors, origin, cands
     r, want = _lokr_found(src, flat, ts, info)
     a, b, c, d = want[:4]
     cands = []
@@ -158,8 +166,9 @@ def _parse_lokr(src: str, flat: str, ts: dict[str, torch.Tensor], info: LayerInf
 
 
 def _lokr_explicit(src: str, flat: str, ts: dict[str, torch.Tensor], info: LayerInfo, r: int,
-                   names: list[str]) -> tuple[str, int, dict, dict, list]:
-    """W1 (a, c) and W2 (b, d) as matrices over (out, fan_in), ΔW = (W1 ⊗ W2).reshape(weight.shape) (A1111/ComfyUI)."""
+                   names: list[str], row_offset: int | None = None) -> tuple[str, int, dict, dict, list]:
+    """W1 (a, c) and W2 (b, d) as matrices over (out, fan_in), ΔW = (W1 ⊗ W2).reshape(weight.shape) (A1111/ComfyUI);
+    with ``row_offset`` o: ΔW = (W1 ⊗ W2)[o : o + out] (a part of a fused module)."""
     if "lokr_t2" in ts:
         raise _err(src, f"{flat}.lokr_t2", "a Tucker LoKr core in a factor layout no LyCORIS option set makes; "
                    f"expected W2 with its kernel (b, d, kh, kw) for the module {info.weight_shape}")
@@ -167,12 +176,15 @@ def _lokr_explicit(src: str, flat: str, ts: dict[str, torch.Tensor], info: Layer
     w2 = ts["lokr_w2"].flatten(1) if "lokr_w2" in ts else None
     a, c = w1.shape if w1 is not None else (ts["lokr_w1_a"].shape[0], ts["lokr_w1_b"].flatten(1).shape[1])
     b, d = w2.shape if w2 is not None else (ts["lokr_w2_a"].shape[0], ts["lokr_w2_b"].flatten(1).shape[1])
-    if a * b != info.out_features or c * d != info.fan_in:
+    rows = info.out_features + (row_offset or 0)
+    if (a * b != rows if row_offset is None else a * b < rows) or c * d != info.fan_in:
         raise _err(src, f"{flat}.{names[0]}", f"LoKr factors W1 ({a}x{c}) and W2 ({b}x{d}) give a ({a * b}x{c * d}) "
                    f"Kronecker product; expected out·fan_in = {info.out_features}x{info.fan_in} for the module "
-                   f"{info.weight_shape}")
+                   f"{info.weight_shape}" + (f" (from row {row_offset})" if row_offset else ""))
     tensors = {n: ts[n].flatten(1) if n in ("lokr_w1", "lokr_w2", "lokr_w1_b", "lokr_w2_b") else ts[n] for n in names}
     opts = {"shape": [a, b, c, d], "decompose_both": w1 is None, "full_matrix": w2 is not None}
+    if row_offset is not None:
+        opts["row_offset"] = row_offset
     return "lokr", r, tensors, {n: f"{flat}.{n}" for n in names}, [opts]
 
 
@@ -213,7 +225,7 @@ def tlora_schedule(meta: dict[str, str]) -> dict[str, Any]:
 
 
 def _parse_module(src: str, flat: str, ts: dict[str, torch.Tensor], role: str, path: str, info: LayerInfo) -> _Module:
-    known = set(LORA_NAMES) | set(LOHA_NAMES) | set(LOKR_NAMES) | set(EXTRA_NAMES) | set(TLORA_NAMES)
+    known = set(LORA_NAMES) | set(LOHA_NAMES) | set(LOKR_NAMES) | set(EXTRA_NAMES) | set(TLORA_NAMES) | {ROW_OFFSET}
     for s in ts:
         if s not in known:
             algo = UNSUPPORTED.get(s)
@@ -399,9 +411,10 @@ def metadata(parts: list[Part], family: str | None, extra: dict[str, str]) -> di
     algo = {"lora": "locon", "rslora": "locon", "loha": "loha", "lokr": "lokr"}.get(inner, "locon")
     lycoris = inner in ("loha", "lokr") or main.variant == "dora"
     alpha = main.alpha if main.alpha is not None else main.rank
-    version = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "flux": "flux1", "sd3": "sd3"}.get(family or "", "")
+    version = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "flux": "flux1", "flux2": "flux2",
+               "sd3": "sd3"}.get(family or "", "")
     arch = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base",
-            "flux": "flux-1-dev", "sd3": "stable-diffusion-3-medium"}
+            "flux": "flux-1-dev", "flux2": "flux-2-dev", "sd3": "stable-diffusion-3-medium"}
     meta = {
         "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",
         "ss_network_dim": str(main.rank), "ss_network_alpha": str(alpha),

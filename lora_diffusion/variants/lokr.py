@@ -12,6 +12,10 @@ Init: W1 (or W1a, W1b) and W2a kaiming-uniform, W2 / W2b = 0 (ΔW = 0).
 out = a·b and of fan_in = in·kh·kw = c·d, kernels spread across both factors): W1 (a, c), W2 (b, d) are matrices and
 ΔW = s · (W1 ⊗ W2).reshape(weight.shape), the rule A1111 and ComfyUI apply; there ``decompose_both`` means "W1 is
 W1a W1b" and ``full_matrix`` "W2 is full" (no rank rule: the file says which).
+
+``row_offset=o`` (with ``shape``) makes the module rows [o, o + out) of W1 ⊗ W2 (a·b ≥ o + out): one part of a LoKr
+trained on a fused projection (BFL ``img_attn.qkv`` = diffusers ``to_q/to_k/to_v``) whose parts do not start at
+multiples of W2's height b. The part keeps W1's rows ⌊s/b⌋ .. ⌈e/b⌉ of its rows [s, e) and o = s mod b: exact.
 """
 
 from __future__ import annotations
@@ -46,9 +50,11 @@ def lokr_shapes(info: LayerInfo, cfg: ModuleConfig) -> LoKrShapes:
     o = cfg.options
     if o.shape is not None:  # explicit layout (pre-release LyCORIS): matrices over (out, fan_in), the file's choices
         a, b, c, d = o.shape
-        if a * b != info.out_features or c * d != info.fan_in:
-            raise ValueError(f"LoKr shape {list(o.shape)}: expected a·b = out = {info.out_features} and c·d = "
-                             f"in·kh·kw = {info.fan_in}")
+        off = o.row_offset
+        rows_ok = a * b == info.out_features if off is None else off + info.out_features <= a * b
+        if not rows_ok or c * d != info.fan_in:
+            want = f"a·b = out = {info.out_features}" if off is None else f"a·b ≥ row_offset + out = {off + info.out_features}"
+            raise ValueError(f"LoKr shape {list(o.shape)}: expected {want} and c·d = in·kh·kw = {info.fan_in}")
         tucker = False
         return LoKrShapes(a, b, c, d, (), not o.decompose_both, bool(o.full_matrix), tucker)
     c, d = factorization(info.in_features, o.factor)
@@ -78,10 +84,15 @@ class LoKr(Adapter):
         full_matrix: bool = False
         unbalanced_factorization: bool = False
         shape: list[int] | None = None  # [a, b, c, d]: W1 (a, c), W2 (b, d) over (out, fan_in); see the docstring
+        row_offset: int | None = None  # with shape: the module is rows [o, o + out) of W1 ⊗ W2 (a fused module's part)
 
         def __post_init__(self) -> None:
             if self.shape is not None and (len(self.shape) != 4 or not all(isinstance(x, int) and x > 0 for x in self.shape)):
                 raise ValueError(f"option shape: expected [a, b, c, d] of positive ints, found {self.shape!r}")
+            if self.row_offset is not None and (self.shape is None or not isinstance(self.row_offset, int)
+                                                or self.row_offset < 0):
+                raise ValueError(f"option row_offset: expected a non-negative int together with shape, found "
+                                 f"row_offset={self.row_offset!r}, shape={self.shape!r}")
 
     def __init__(self, info: LayerInfo, cfg: ModuleConfig, **kw) -> None:
         super().__init__(info, cfg, **kw)
@@ -140,6 +151,9 @@ class LoKr(Adapter):
         w1 = w1.view(*w1.shape, *([1] * (w2.dim() - 2)))
         # torch.kron fails on a non-contiguous w2 (the Tucker einsum's output); PEFT and LyCORIS also call .contiguous()
         dw = torch.kron(w1, w2.contiguous()) * self.scaling  # (a·b, c·d, *k)
+        off = self.cfg.options.row_offset
+        if off is not None:  # a part of a fused module: its rows of the product
+            dw = dw[off:off + self.info.out_features]
         return dw if self.shapes.k == self.info.kernel_size else dw.reshape(self.info.weight_shape)  # explicit shape
 
     def extra_repr(self) -> str:
