@@ -1,6 +1,7 @@
 """Convert adapter files between formats, and inspect them.
 
-    python -m lora_diffusion.convert IN OUT --to kohya|diffusers|peft|canonical [--base sd1|sd2|sdxl|flux|sd3|sd35-large]
+    python -m lora_diffusion.convert IN OUT --to kohya|diffusers|peft|canonical [--base BASE]
+        (BASE: sd1|sd2|sdxl|flux|sd3|sd35-large|flux2|flux2-klein-4b)
     python -m lora_diffusion.convert inspect FILE [--json]
     python -m lora_diffusion.convert squeeze IN OUT --rank K | --energy 0.9 [--to FORMAT] [--model SRC] [--overwrite]
 
@@ -45,6 +46,19 @@ def _sd3_width(path: Path) -> int | None:
     return None
 
 
+def _dit_width(path: Path) -> int | None:
+    """The input width of a Flux.2 file's attention (LoRA or LoKr factors): 6144 FLUX.2-dev, 3072 klein 4B."""
+    from safetensors import safe_open
+
+    from .io.detect import module_dims
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        dims = module_dims({k: f.get_slice(k).get_shape() for k in f.keys()})
+    return next((i for m, (_, i) in dims.items() if m.endswith(("qkv", "to_q", "img_attn_proj"))), None)
+
+
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, base: str | None = None,
             model: Any = None, metadata: dict[str, str] | None = None) -> Path:
     """Read ``src`` (any format) and write it as ``to``, tensors as they are (no model is built or loaded).
@@ -63,6 +77,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, base: str |
                                "pass --base flux|sd3|sd35-large")
         if base == "sd3" and _sd3_width(path) == 2432:
             base = "sd35-large"
+        if base == "flux2" and _dit_width(path) == 3072:
+            base = "flux2-klein-4b"
         model = Skeleton(base)
     targets = _role_targets(model)
     views = {role: model_view(m) for role, m in targets.items()}
@@ -74,8 +90,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, base: str |
         entries = canonical.decode_metadata(loaded[1], str(path))
         role = component_role(next(iter(targets.values())))
         tensors = loaded[0]
-        parts = [Part(c or role, e.spec, e.modules, canonical.split_component(tensors, c) if c or len(entries) > 1 else tensors)
-                 for c, e in entries.items()]
+        parts = [Part(c.partition(canonical.GROUP_SEP)[0] or role, e.spec, e.modules,
+                      canonical.split_component(tensors, c) if c or len(entries) > 1 else tensors,
+                      group=c.partition(canonical.GROUP_SEP)[2]) for c, e in entries.items()]
         if any(p.spec.variant in ("tlora", "vera") for p in parts):
             raise AdapterError(f"{src}: a {parts[0].spec.variant} adapter's frozen tensors are regenerated from its seed; "
                                "load it into a model and call save_adapter(..., format=...) instead")
@@ -159,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("src")
         p.add_argument("dst")
         p.add_argument("--to", required=True, choices=FORMATS)
-        p.add_argument("--base", choices=["sd1", "sd2", "sdxl", "flux", "sd3", "sd35-large"],
+        p.add_argument("--base", choices=["sd1", "sd2", "sdxl", "flux", "sd3", "sd35-large", "flux2", "flux2-klein-4b"],
                        help="base family when the file does not tell (sd3: SD3/SD3.5 medium)")
         a = p.parse_args(argv)
         runner = lambda: (convert(a.src, a.dst, a.to, a.base), 0)[1]  # noqa: E731

@@ -332,10 +332,10 @@ def squeeze_file(src: str | os.PathLike, dst: str | os.PathLike, rank: int | Non
     if loaded is not None and canonical.is_canonical(loaded[1]):
         tensors, bundled = emb_io.split_bundle(loaded[0])
         entries = canonical.decode_metadata(loaded[1], str(path))
-        roles = {c: c or _role_of(e.model_class, targets) for c, e in entries.items()}
-        keys = {roles[c]: c for c in entries}
+        roles = {c: c.partition(canonical.GROUP_SEP)[0] or _role_of(e.model_class, targets) for c, e in entries.items()}
+        keys = {roles[c]: c for c in entries if canonical.GROUP_SEP not in c}
         parts = [Part(roles[c], e.spec, e.modules, canonical.split_component(tensors, c) if c or len(entries) > 1
-                      else tensors) for c, e in entries.items()]
+                      else tensors, group=c.partition(canonical.GROUP_SEP)[2]) for c, e in entries.items()]
         extra = {k: v for k, v in loaded[0].items() if k.startswith(emb_io.BUNDLE)}
     else:
         parts = read_bundle(path, views, getattr(targets.get("unet"), "config", None), loaded,

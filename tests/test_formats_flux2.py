@@ -233,8 +233,45 @@ def test_bfl_lokr_saved_canonical_and_refused_elsewhere(tmp_path):
     assert torch.equal(flux2_call(again), flux2_call(ours))
     ld.remove_adapters(again, ["back"])
     assert ld.list_adapters(again) == [] and torch.equal(flux2_call(again), flux2_call(base))
+    from lora_diffusion.convert import convert
+
+    with pytest.raises(ld.AdapterFileError, match="a LoKr on part of a fused module"):  # the groups read as parts
+        convert(tmp_path / "canon.safetensors", tmp_path / "c.safetensors", "kohya", model=copy.deepcopy(base))
     for fmt in ("kohya", "diffusers", "peft"):
         with pytest.raises(ld.AdapterFileError, match=r"module 'transformer_blocks\.\d\.attn\.[a-z_]+': a LoKr on "
                            rf"part of a fused module .* has no {fmt} form"):
             ld.save_adapter(ours, tmp_path / f"out-{fmt}", name=name, format=fmt)
         assert not (tmp_path / f"out-{fmt}").exists()
+
+
+@pytest.mark.parametrize("fixture,base", [(FLUX2, "flux2"), ("flux2-klein-4b-transformer.json", "flux2-klein-4b")])
+def test_convert_flux2_without_a_model(tmp_path, fixture, base):
+    """``python -m lora_diffusion.convert`` maps a real-shaped Flux.2 ai-toolkit LoRA (FLUX.2-dev, or klein 4B told
+    from its 3072 width) through a meta-device transformer: the diffusers file equals diffusers' own conversion, and
+    converting that to kohya gives sd-scripts' names."""
+    from diffusers import Flux2Pipeline
+
+    from lora_diffusion.convert import main
+    from lora_diffusion.io.files import read_safetensors
+
+    from .test_presets_dit_meta import meta_transformer
+
+    model = meta_transformer(fixture)
+    g = torch.Generator().manual_seed(0)
+    last = model.config.num_single_layers - 1
+    sd = {}
+    for name in ("double_blocks.0.img_attn.qkv", "double_blocks.1.txt_mlp.0", f"single_blocks.{last}.linear1"):
+        paths = dit.flux2_map(model.config)[0][name]
+        out, inn = _dims(model, paths)
+        sd[f"diffusion_model.{name}.lora_A.weight"] = torch.randn(2, inn, generator=g)
+        sd[f"diffusion_model.{name}.lora_B.weight"] = torch.randn(out, 2, generator=g)
+    write_safetensors(tmp_path / "a.safetensors", sd, {})
+    assert main([str(tmp_path / "a.safetensors"), str(tmp_path / "d.safetensors"), "--to", "diffusers"]) == 0
+    ours, meta = read_safetensors(tmp_path / "d.safetensors")
+    assert meta["base_model_family"] == "flux2"
+    theirs = Flux2Pipeline.lora_state_dict(dict(sd))
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert main([str(tmp_path / "d.safetensors"), str(tmp_path / "k.safetensors"), "--to", "kohya"]) == 0
+    back = read_safetensors(tmp_path / "k.safetensors")[0]
+    assert {k.split(".")[0] for k in back} == {f"lora_unet_{n.replace('.', '_')}" for n in (
+        "double_blocks.0.img_attn.qkv", "double_blocks.1.txt_mlp.0", f"single_blocks.{last}.linear1")}

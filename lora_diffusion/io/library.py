@@ -139,7 +139,9 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     allocated, extra = None, {}
     if fmt == "canonical":
         entries = canonical.decode_metadata(meta, str(path))
-        modules = Counter({c or "model": len(e.modules) for c, e in entries.items()})
+        modules = Counter()
+        for c, e in entries.items():  # a variant group ("<component>+<group>") counts for its component
+            modules[c.partition(canonical.GROUP_SEP)[0] or "model"] += len(e.modules)
         ranks = Counter({e.spec.rank: 1 for e in entries.values()})
         if any(e.spec.variant == "adalora" for e in entries.values()):
             allocated = _allocated_ranks(path, [k for k in keys if k.endswith(".lora_E")])

@@ -36,7 +36,15 @@ SD35_LARGE = {"attention_head_dim": 64, "caption_projection_dim": 2432, "in_chan
               "pooled_projection_dim": 2048, "pos_embed_max_size": 192, "qk_norm": "rms_norm", "sample_size": 128}
 SD35_MEDIUM = SD35_LARGE | {"caption_projection_dim": 1536, "num_attention_heads": 24, "num_layers": 24,
                             "pos_embed_max_size": 384, "dual_attention_layers": list(range(13))}
-DIT = {"flux": FLUX1_DEV, "sd3": SD35_MEDIUM, "sd35-large": SD35_LARGE}
+# Flux.2 (diffusers' Flux2Transformer2DModel defaults are FLUX.2-dev's); klein 4B: 3072 wide, 5 + 20 blocks
+FLUX2_DEV = {"attention_head_dim": 128, "axes_dims_rope": [32, 32, 32, 32], "guidance_embeds": True, "in_channels": 128,
+             "joint_attention_dim": 15360, "mlp_ratio": 3.0, "num_attention_heads": 48, "num_layers": 8,
+             "num_single_layers": 48, "patch_size": 1, "rope_theta": 2000, "timestep_guidance_channels": 256}
+FLUX2_KLEIN_4B = FLUX2_DEV | {"guidance_embeds": False, "joint_attention_dim": 7680, "num_attention_heads": 24,
+                              "num_layers": 5, "num_single_layers": 20}
+DIT = {"flux": FLUX1_DEV, "sd3": SD35_MEDIUM, "sd35-large": SD35_LARGE, "flux2": FLUX2_DEV,
+       "flux2-klein-4b": FLUX2_KLEIN_4B}
+FAMILY_OF = {"sd35-large": "sd3", "flux2-klein-4b": "flux2"}
 T5_XXL = {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "vocab_size": 32128,
           "feed_forward_proj": "gated-gelu"}
 
@@ -50,7 +58,7 @@ class Skeleton:
 
         if family not in UNET and family not in DIT:
             raise ValueError(f"base family {family!r}; expected one of {sorted(UNET) + sorted(DIT)}")
-        self.family = "sd3" if family == "sd35-large" else family
+        self.family = FAMILY_OF.get(family, family)
         if family in DIT:
             self.components = _dit_components(family)
             return
@@ -63,10 +71,14 @@ class Skeleton:
 
 
 def _dit_components(family: str) -> dict[str, nn.Module]:
-    """Flux.1-dev (CLIP-L, T5-XXL) or SD3.5 medium / large (CLIP-L, CLIP-G, T5-XXL) on the meta device."""
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    """Flux.1-dev (CLIP-L, T5-XXL), SD3.5 medium / large (CLIP-L, CLIP-G, T5-XXL) or a Flux.2 transformer (its LLM
+    text encoder is in no LoRA layout read here) on the meta device."""
+    from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+    if family.startswith("flux2"):
+        with torch.device("meta"):
+            return {"transformer": Flux2Transformer2DModel(**DIT[family])}
     with torch.device("meta"):
         t5 = T5EncoderModel(T5Config(**T5_XXL))
         if family == "flux":
