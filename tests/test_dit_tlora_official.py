@@ -3,6 +3,7 @@ vanilla T-LoRA layers, schedule in ../../logs/hparams.yml) loaded onto a stock F
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -13,8 +14,9 @@ import lora_diffusion as ld
 from lora_diffusion.core.errors import AdapterFileError
 from lora_diffusion.core.functional import active_rank
 from lora_diffusion.generate import load_pipeline
+from lora_diffusion.io.files import read_safetensors
 
-from .tiny_dit import flux_model  # noqa: F401
+from .tiny_dit import flux_model, sd3_model  # noqa: F401
 from .tiny_sd import _one_thread  # noqa: F401
 
 RANK, MIN_RANK = 8, 2
@@ -114,3 +116,101 @@ def test_refusals_leave_the_model_unchanged(flux_model, tmp_path):  # noqa: F811
     assert ld.list_adapters(pipe) == []
     after = pipe.transformer.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# --- our Flux T-LoRA written in the official FLUX layout ------------------------------------------------------------
+OFFICIAL_TARGETS = [r"re:.*transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj)"]
+
+
+class _OfficialLoRALinear(torch.nn.Module):
+    """The shapes of the official ``flux/model/lora.py`` LoRALinearLayer (down: Linear(in, r), up: Linear(r, out))."""
+
+    def __init__(self, inner: int, rank: int) -> None:
+        super().__init__()
+        self.down, self.up = torch.nn.Linear(inner, rank, bias=False), torch.nn.Linear(rank, inner, bias=False)
+
+
+class _OfficialProcessor(torch.nn.Module):
+    """FluxLoraAttnProcessor's seven LoRA layers (every processor has all seven, single-stream blocks included)."""
+
+    def __init__(self, inner: int, rank: int) -> None:
+        super().__init__()
+        for p in PROCS:
+            setattr(self, f"{p}_lora", _OfficialLoRALinear(inner, rank))
+
+
+def _flux_tlora(pipe, ortho: bool) -> None:
+    from .conftest import perturb
+
+    spec = ld.AdapterSpec("tlora", rank=RANK, alpha=4, targets=OFFICIAL_TARGETS, seed=2,
+                          options={"min_rank": MIN_RANK, "ortho": ortho})
+    ld.add_adapter(pipe.transformer, spec, "t")
+    perturb(pipe.transformer, "t", std=0.05)
+
+
+@pytest.mark.parametrize("ortho", [False, True], ids=["vanilla", "ortho"])
+@pytest.mark.parametrize("layout", ["run", "file"])
+def test_our_flux_tlora_official_export_round_trip(flux_model, tmp_path, ortho, layout):  # noqa: F811
+    """Our Flux T-LoRA -> the official FLUX layout (a run folder: checkpoint-0/lora.pt + logs/hparams.yml, or one
+    .safetensors with tlora_* metadata) -> our reader: the same modules, schedule and outputs at every timestep.
+    The vanilla run loads strictly into the official processors' layers (diffusers' AttnProcsLayers, as the official
+    run_inference.py does); the ortho one uses the SDXL trainer's ortho names, which the official FLUX code has no
+    layer for."""
+    from diffusers.loaders import AttnProcsLayers
+
+    pipe = load_pipeline(flux_model)
+    _flux_tlora(pipe, ortho)
+    out = tmp_path / ("run" if layout == "run" else "t.safetensors")
+    weights = ld.save_adapter(pipe, out, "t", format="tlora-official")
+    if layout == "run":
+        assert weights == out / "checkpoint-0" / "lora.pt"
+        hp = json.loads((out / "logs" / "hparams.yml").read_text())  # JSON is YAML
+        assert (hp["tlora"], hp["rank"], hp["min_rank"], hp["output_dir"]) == (True, RANK, MIN_RANK, str(out.resolve()))
+        sd = torch.load(weights, weights_only=True)
+    else:
+        sd, meta = read_safetensors(weights)
+        assert (meta["tlora_rank"], meta["tlora_min_rank"]) == (str(RANK), str(MIN_RANK))
+    procs = pipe.transformer.attn_processors
+    assert {k.split("_lora.")[0].rsplit(".", 1)[0] for k in sd} == set(procs)  # all blocks, all seven layers
+    if not ortho:
+        layers = AttnProcsLayers({n: _OfficialProcessor(pipe.transformer.inner_dim, RANK) for n in procs})
+        layers.load_state_dict(sd)  # strict, as the official inference loads lora.pt
+    again = load_pipeline(flux_model)
+    ld.load_adapter(again, weights, name="t")
+    spec = ld.get_spec(again.transformer, "t")
+    assert (spec.rank, spec.options["min_rank"], spec.options["ortho"]) == (RANK, MIN_RANK, ortho)
+    assert sorted(ld.api.model_state(again.transformer).modules["t"]) == sorted(
+        ld.api.model_state(pipe.transformer).modules["t"])  # zero layers (not adapted here) are not loaded back
+    with torch.no_grad():
+        for t in (1000.0, 761.45, 500.0, 120.0, 0.0):
+            ld.set_timestep(pipe.transformer, t, 1000)
+            ld.set_timestep(again.transformer, t, 1000)
+            want = pipe.transformer(**_inputs(), timestep=torch.tensor([t / 1000]), return_dict=False)[0]
+            got = again.transformer(**_inputs(), timestep=torch.tensor([t / 1000]), return_dict=False)[0]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_flux_official_export_refusals(flux_model, tmp_path):  # noqa: F811
+    """What the official FLUX layout cannot hold is refused with the module / option named, and nothing written:
+    to_add_out (no official layer), an MLP, a rank exponent."""
+    for targets, opts, match in (
+            (["re:.*transformer_blocks\\.0\\.attn\\.to_add_out"], {}, r"module 'transformer_blocks\.0\.attn\.to_add_out': "
+             "the official T-LoRA FLUX layout adapts only"),
+            (["re:.*ff\\.net\\.2"], {}, r"module 'transformer_blocks\.0\.ff\.net\.2'"),
+            (OFFICIAL_TARGETS, {"rank_exponent": 0.5}, r"rank_exponent 0\.5: the official T-LoRA FLUX schedule")):
+        pipe = load_pipeline(flux_model)
+        ld.add_adapter(pipe.transformer, ld.AdapterSpec("tlora", rank=4, targets=targets,
+                                                        options={"min_rank": 2, "ortho": False, **opts}), "t")
+        with pytest.raises(AdapterFileError, match=match):
+            ld.save_adapter(pipe, tmp_path / "run", "t", format="tlora-official")
+        assert not (tmp_path / "run").exists()
+
+
+def test_official_export_of_an_sd3_tlora_is_refused(sd3_model, tmp_path):  # noqa: F811
+    pipe = load_pipeline(sd3_model)
+    ld.add_adapter(pipe.transformer, ld.AdapterSpec("tlora", rank=4, targets=OFFICIAL_TARGETS,
+                                                    options={"min_rank": 2, "ortho": False}), "t")
+    with pytest.raises(AdapterFileError, match=r"a T-LoRA on a SD3 transformer; the official T-LoRA layouts are for "
+                       "SDXL UNets and Flux.1 transformers"):
+        ld.save_adapter(pipe, tmp_path / "run", "t", format="tlora-official")
+    assert not (tmp_path / "run").exists()

@@ -15,7 +15,7 @@ import torch
 
 from ..core.errors import AdapterFileError
 from . import cloneofsimo, diffusers_format, dit, kohya, lycoris_dit, old_diffusers, peft_format, tlora_official
-from .bundle import Bundle, ModuleView, Part, spec_from_modules
+from .bundle import FAMILY_NAMES, Bundle, ModuleView, Part, spec_from_modules
 from .detect import detect_format
 from .files import read_safetensors, write_safetensors
 
@@ -248,16 +248,27 @@ def write_parts(path: Path, parts: list[Part], fmt: str, views: dict[str, Module
 def write_official(path: Path, parts: list[Part], views: dict[str, ModuleView], meta: dict[str, str]) -> Path:
     """A ``.safetensors`` path: that file; a folder: the official run layout its ``inference.py`` reads,
     ``checkpoint-0/pytorch_lora_weights.safetensors`` + ``logs/hparams.yml``. Returns the weights file."""
+    family = meta.get("base_model_family")
+    if tlora_official.is_flux_part(parts, views) and family not in (None, "flux"):
+        raise AdapterFileError(f"{path}: a T-LoRA on a {FAMILY_NAMES.get(family, family)} transformer; the official "
+                               "T-LoRA layouts are for SDXL UNets and Flux.1 transformers; expected the canonical format")
     tensors, tmeta = tlora_official.write(parts, views)
     meta = {k: v for k, v in meta.items() if k not in ("variant", "rank", "alpha")} | tmeta
     if path.suffix == ".safetensors":
         write_safetensors(path, tensors, meta)
         return path
-    weights = path / "checkpoint-0" / "pytorch_lora_weights.safetensors"
-    write_safetensors(weights, tensors, meta)
+    flux = tlora_official.is_flux_part(parts, views)
+    if flux:  # flux/train.py: torch.save(AttnProcsLayers(...).state_dict(), checkpoint-N/lora.pt)
+        weights = path / "checkpoint-0" / tlora_official.FLUX_FILE
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(tensors, weights.with_suffix(".tmp"))
+        weights.with_suffix(".tmp").replace(weights)
+    else:
+        weights = path / "checkpoint-0" / "pytorch_lora_weights.safetensors"
+        write_safetensors(weights, tensors, meta)
     hp = path / "logs" / "hparams.yml"
     hp.parent.mkdir(parents=True, exist_ok=True)
     tmp = hp.with_suffix(".tmp")
-    tmp.write_text(tlora_official.hparams(meta, path))
+    tmp.write_text((tlora_official.flux_hparams if flux else tlora_official.hparams)(meta, path))
     tmp.replace(hp)
     return weights

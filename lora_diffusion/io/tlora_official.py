@@ -50,14 +50,16 @@ META = ("tlora_rank", "tlora_min_rank", "tlora_alpha_rank_scale", "tlora_trainer
 
 
 _FLUX_KEY = re.compile(r"(?:transformer\.)?(?P<block>(?:single_)?transformer_blocks\.\d+)\.attn\.processor\."
-                       r"(?P<p>to_q|to_k|to_v|to_out|to_q_proj|to_k_proj|to_v_proj)_lora\.(?P<param>down|up)\.weight")
+                       r"(?P<p>to_q|to_k|to_v|to_out|to_q_proj|to_k_proj|to_v_proj)_lora\."
+                       r"(?P<param>down\.weight|up\.weight|q_layer\.weight|p_layer\.weight|lambda_layer|base_q\.weight|"
+                       r"base_p\.weight|base_lambda)")
 FLUX_PROJ = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0", "to_q_proj": "add_q_proj",
              "to_k_proj": "add_k_proj", "to_v_proj": "add_v_proj"}
 FLUX_FILE = "lora.pt"
 
 
 def is_official(keys: list[str]) -> bool:
-    return any(k.endswith(("_lora.q_layer.weight", "_lora.lambda_layer")) for k in keys) or is_official_flux(keys)
+    return is_official_flux(keys) or any(k.endswith(("_lora.q_layer.weight", "_lora.lambda_layer")) for k in keys)
 
 
 def is_official_flux(keys: list[str]) -> bool:
@@ -148,6 +150,8 @@ def read_flux(tensors: dict[str, torch.Tensor], meta: dict[str, str], views: dic
         raise AdapterFileError(f"{src}: an official T-LoRA FLUX checkpoint adapts a Flux transformer; the target has "
                                f"{sorted(views)}")
     view = views[role]
+    ortho = any(".q_layer." in k for k in tensors)  # the SDXL trainer's ortho_lora names on Flux processors
+    names = ORTHO if ortho else VANILLA
     by_mod: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, t in tensors.items():
         m = _FLUX_KEY.fullmatch(key)
@@ -158,17 +162,29 @@ def read_flux(tensors: dict[str, torch.Tensor], meta: dict[str, str], views: dic
         if path not in view:
             raise AdapterFileError(f"{src}: key '{key}': module '{path}' is not in the model (official T-LoRA FLUX "
                                    "checkpoint); expected a Flux transformer with this block")
-        by_mod.setdefault(path, {})[VANILLA[f"{m['param']}.weight"]] = (key, t)
+        if m["param"] not in names:
+            raise AdapterFileError(f"{src}: key '{key}': a {'vanilla' if ortho else 'ortho'} T-LoRA parameter in a "
+                                   f"{'ortho' if ortho else 'vanilla'} checkpoint; expected one of {sorted(names)}")
+        by_mod.setdefault(path, {})[names[m["param"]]] = (key, t)
     ranks, out, origin = {}, {}, {}
     for path, ps in by_mod.items():
-        if len(ps) != 2:
-            raise AdapterFileError(f"{src}: module '{path}' lacks its {'up' if 'lora_A' in ps else 'down'} weight "
-                                   "(official T-LoRA FLUX checkpoint); expected both")
+        missing = [f for f, ours in names.items() if ours not in ps]
+        if missing:
+            raise AdapterFileError(f"{src}: module '{path}' lacks '{missing[0]}' (official T-LoRA FLUX checkpoint); "
+                                   f"expected all of {sorted(names)}")
+        if _never_trained(ps):
+            continue  # a layer the official processor creates but this run never changed (ΔW = 0 at every t)
         ranks[path] = ps["lora_A"][1].shape[0]
         for ours, (key, t) in ps.items():
-            out[f"{path}.{ours}"], origin[f"{path}.{ours}"] = t, key
-    spec = tlora_spec(ranks, flux_schedule(meta, src), src, ortho=False)
-    return Bundle([Part(role, spec, list(by_mod), out, origin)], dict(meta), "T-LoRA official FLUX (lora.pt)")
+            out[f"{path}.{ours}"] = t.reshape(-1) if ours in ("lora_S", "lora_S0") else t
+            origin[f"{path}.{ours}"] = key
+    spec = tlora_spec(ranks, flux_schedule(meta, src), src, ortho=ortho)
+    return Bundle([Part(role, spec, list(ranks), out, origin)], dict(meta), "T-LoRA official FLUX (lora.pt)")
+
+
+def _never_trained(ps: dict[str, tuple[str, torch.Tensor]]) -> bool:
+    """up = 0 (vanilla; the official init), or P = P0 = 0 (ortho): ΔW_t = 0 at every timestep."""
+    return all(not ps[k][1].any() for k in ("lora_B", "lora_B0") if k in ps)
 
 
 def flux_schedule(meta: dict[str, str], src: Path) -> dict[str, Any] | None:
@@ -230,8 +246,86 @@ def with_frozen(part: Part, adapters: dict[str, Any]) -> Part:
     return Part(part.component, part.spec, list(part.modules), tensors, group=part.group)
 
 
+def is_flux_part(parts: list[Part], views: dict[str, ModuleView]) -> bool:
+    """A T-LoRA on a Flux transformer (a pipeline's or the bare model's): written in the official FLUX layout."""
+    return any(p.component in ("transformer", "") and any(re.match(r"(single_)?transformer_blocks\.\d+\.", m)
+                                                          for m in p.modules) for p in parts)
+
+
+_FLUX_PATH = re.compile(r"(?P<block>(?:single_)?transformer_blocks\.\d+)\.attn\.(?P<proj>[a-z_.0]+)")
+
+
+def write_flux(parts: list[Part], views: dict[str, ModuleView]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A Flux T-LoRA (from ``with_frozen``) -> the official FLUX processor keys, all seven layers of every block
+    (the official ``AttnProcsLayers.load_state_dict`` is strict; layers not adapted here are zero: ΔW = 0) at one
+    rank, and ``tlora_*`` metadata. Vanilla T-LoRA: ``down/up`` (what ``flux/train.py`` writes); Ortho T-LoRA: the
+    SDXL trainer's ``q_layer/p_layer/lambda_layer`` + frozen copies, which the official FLUX code does not read (it
+    has no ortho) but the layout-generic readers do (ours, bghira/ComfyUI-T-LoRA)."""
+    part = _flux_part(parts)
+    view = views.get(part.component, {})
+    ortho, r = bool(part.spec.options.get("ortho", True)), part.spec.rank
+    names = {v: k for k, v in (ORTHO if ortho else VANILLA).items()}
+    blocks = sorted({m["block"] for p in view if (m := _FLUX_PATH.fullmatch(p)) and m["proj"] == "to_q"},
+                    key=lambda b: (b.startswith("single_"), int(b.rsplit(".", 1)[1])))
+    out: dict[str, torch.Tensor] = {}
+    for block in blocks:
+        inner = view[f"{block}.attn.to_q"].out_features
+        for theirs, proj in FLUX_PROJ.items():
+            m = f"{block}.attn.{proj}"
+            for ours, param in names.items():
+                t = part.tensors[f"{m}.{ours}"].detach().float() if m in part.modules else torch.zeros(
+                    _zero_shape(ours, r, inner))
+                out[f"{block}.attn.processor.{theirs}_lora.{param}"] = (
+                    t[None] if ours in ("lora_S", "lora_S0") else t).contiguous()
+    o = part.spec.options
+    return out, {"tlora_rank": str(r), "tlora_min_rank": str(o.get("min_rank") if o.get("min_rank") is not None else r // 2),
+                 "tlora_alpha_rank_scale": "1.0", "tlora_trainer_type": "ortho_lora" if ortho else "lora", "format": "pt"}
+
+
+def _zero_shape(ours: str, r: int, inner: int) -> tuple[int, ...]:
+    return (r,) if ours in ("lora_S", "lora_S0") else (r, inner) if ours in ("lora_A", "lora_A0") else (inner, r)
+
+
+def _flux_part(parts: list[Part]) -> Part:
+    """The one Flux T-LoRA part the official FLUX layout can hold: attention q/k/v/out and the context q/k/v
+    projections (not ``to_add_out``: the official processor has no layer for it), one rank, r(t) without exponent."""
+    part = parts[0]
+    if len(parts) != 1 or part.spec.variant != "tlora":
+        raise AdapterFileError(f"component '{part.component}' / variant '{part.spec.variant}': the official T-LoRA FLUX "
+                               "layout holds one T-LoRA on the transformer; expected variant 'tlora' there only")
+    allowed = set(FLUX_PROJ.values())
+    for m in part.modules:
+        hit = _FLUX_PATH.fullmatch(m)
+        if not hit or hit["proj"] not in allowed or (hit["block"].startswith("single_") and hit["proj"] not in
+                                                      ("to_q", "to_k", "to_v")):
+            raise AdapterFileError(f"module '{m}': the official T-LoRA FLUX layout adapts only attention to_q/to_k/"
+                                   "to_v/to_out.0 and add_q/k/v_proj of the joint blocks (to_q/k/v of the single "
+                                   "blocks); expected those targets (e.g. targets=['re:.*attn\\.(to_[qkv]|to_out\\.0|"
+                                   "add_[qkv]_proj)'])")
+    ranks = {part.spec.rank_for(m) for m in part.modules}
+    if len(ranks) != 1 or ranks != {part.spec.rank}:
+        raise AdapterFileError(f"ranks {sorted(ranks)}: the official T-LoRA FLUX layout has one rank for every layer; "
+                               "expected one rank")
+    if float(part.spec.options.get("rank_exponent", 1.0)) != 1.0:
+        raise AdapterFileError(f"rank_exponent {part.spec.options['rank_exponent']}: the official T-LoRA FLUX schedule "
+                               "r(t) = ⌊(1000 - t)/1000 · (r - r_min)⌋ + r_min has no exponent; expected 1")
+    return part
+
+
+def flux_hparams(meta: dict[str, str], folder: Path) -> str:
+    """The logs/hparams.yml the official FLUX ``run_inference.py --exp <folder> --checkpoint_idx 0`` reads."""
+    token, _, cls = (meta.get("trigger_word") or "sks").partition(" ")
+    return json.dumps({
+        "tlora": int(meta["tlora_min_rank"]) < int(meta["tlora_rank"]), "rank": int(meta["tlora_rank"]),
+        "min_rank": int(meta["tlora_min_rank"]), "output_dir": str(folder.resolve()), "exp_name": folder.name,
+        "pretrained_model_name_or_path": meta.get("base_model") or "black-forest-labs/FLUX.1-dev",
+        "placeholder_token": token, "class_name": cls}, indent=1) + "\n"
+
+
 def write(parts: list[Part], views: dict[str, ModuleView]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """T-LoRA parts (from ``with_frozen``: UNet attention projections) -> official keys and ``tlora_*`` metadata."""
+    if is_flux_part(parts, views):
+        return write_flux(parts, views)
     out: dict[str, torch.Tensor] = {}
     for part in parts:
         if part.component != "unet" or part.spec.variant != "tlora":
