@@ -12,8 +12,8 @@ import torch
 import lora_diffusion as ld
 from lora_diffusion.io.files import read_safetensors, write_safetensors
 
-from .dit_models import dit_call, tiny_dit
 from .test_formats_helpers import close
+from .tiny_dit import dit_call, tiny_dit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -165,7 +165,7 @@ def _double_only(sd: dict) -> dict:
 
 
 def test_kohya_flux_with_text_encoders_matches_diffusers(tmp_path):
-    from .dit_models import te_out, tiny_dit_pipeline
+    from .tiny_dit import te_out, tiny_dit_pipeline
 
     base = tiny_dit_pipeline()
     sd = _double_only(_kohya_flux_file(base.transformer)) | _te_lora("lora_te1", base.text_encoder)
@@ -203,7 +203,7 @@ def _xlabs_file(model, rank: int = 4, seed: int = 5) -> dict:
 def test_flux_layouts_match_diffusers(tmp_path, layout):
     """XLabs (``double_blocks.N.processor.qkv_lora1.down.weight``), ComfyUI (``diffusion_model.<BFL name>``) and
     OneTrainer (``lora_transformer_<diffusers path>``, CLIP ``lora_te1_``) files: the same outputs as diffusers."""
-    from .dit_models import te_out, tiny_dit_pipeline
+    from .tiny_dit import te_out, tiny_dit_pipeline
 
     base = tiny_dit_pipeline()
     if layout == "xlabs":
@@ -244,7 +244,7 @@ def _comfy(sd: dict, model) -> dict:
 # --- our exports -------------------------------------------------------------------------------------------------
 def _trained_pipeline(fixture, exclude=()):
     from .conftest import perturb
-    from .dit_models import tiny_dit_pipeline
+    from .tiny_dit import tiny_dit_pipeline
 
     pipe = tiny_dit_pipeline(fixture)
     ld.add_adapter(pipe.transformer, ld.AdapterSpec(rank=4, alpha=2, targets="dit-full", exclude=list(exclude),
@@ -258,7 +258,7 @@ def _trained_pipeline(fixture, exclude=()):
 
 
 def _outputs(pipe):
-    from .dit_models import te_out
+    from .tiny_dit import te_out
 
     return [dit_call(pipe.transformer)] + [te_out(m) for k, m in pipe.components.items() if k.startswith("text_encoder")
                                            and m is not None]
@@ -268,7 +268,7 @@ def _outputs(pipe):
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
 def test_exports_round_trip(tmp_path, fixture, fmt):
     """Every DiT module, both text encoders' attention, rank/alpha patterns: saved and loaded back exactly."""
-    from .dit_models import tiny_dit_pipeline
+    from .tiny_dit import tiny_dit_pipeline
 
     pipe = _trained_pipeline(fixture)
     path = ld.save_adapter(pipe, tmp_path / f"x.{fmt}.safetensors", "x", format=fmt)
@@ -288,7 +288,7 @@ def test_exports_round_trip(tmp_path, fixture, fmt):
 
 @pytest.mark.parametrize("fixture", [FLUX, SD35M, SD35L])
 def test_diffusers_export_loads_in_diffusers(tmp_path, fixture):
-    from .dit_models import te_out, tiny_dit_pipeline
+    from .tiny_dit import te_out, tiny_dit_pipeline
 
     pipe = _trained_pipeline(fixture)
     path = ld.save_adapter(pipe, tmp_path / "x.safetensors", "x", format="diffusers")
@@ -302,7 +302,7 @@ def test_diffusers_export_loads_in_diffusers(tmp_path, fixture):
 def test_kohya_flux_export_loads_in_diffusers(tmp_path):
     """Our kohya Flux file (fused qkv: A = [s·A_q; s·A_k; s·A_v], B = blockdiag) through diffusers' converter: the
     double blocks on the reduced model (its single-block split assumes Flux.1's real widths, checked below)."""
-    from .dit_models import te_out, tiny_dit_pipeline
+    from .tiny_dit import te_out, tiny_dit_pipeline
 
     pipe = _trained_pipeline(FLUX, exclude=[r"re:single_transformer_blocks\..*"])
     path = ld.save_adapter(pipe, tmp_path / "x.safetensors", "x", format="kohya")
@@ -361,7 +361,7 @@ def _unet_kohya(cross: int) -> dict:
                                          (40, r"a UNet model \(Stable Diffusion 1/2/XL-style\)")])
 @pytest.mark.parametrize("fixture,family", [(FLUX, "Flux"), (SD35M, "SD3")])
 def test_unet_lora_on_dit_refused(tmp_path, cross, words, fixture, family):
-    from .dit_models import tiny_dit_pipeline
+    from .tiny_dit import tiny_dit_pipeline
 
     _refused(tmp_path, tiny_dit_pipeline(fixture), _unet_kohya(cross),
              rf"bad.safetensors: this LoRA is for {words}; the model is {family}, a transformer model; "
@@ -369,7 +369,7 @@ def test_unet_lora_on_dit_refused(tmp_path, cross, words, fixture, family):
 
 
 def test_flux_lora_on_sd3_and_back_refused(tmp_path):
-    from .dit_models import tiny_dit_pipeline
+    from .tiny_dit import tiny_dit_pipeline
 
     flux_file = _kohya_flux_file(tiny_dit(FLUX))
     _refused(tmp_path, tiny_dit_pipeline(SD35M), flux_file,
@@ -383,7 +383,7 @@ def test_flux_lora_on_sd3_and_back_refused(tmp_path):
 
 
 def test_blocks_the_model_does_not_have_refused(tmp_path):
-    from .dit_models import tiny_dit_pipeline
+    from .tiny_dit import tiny_dit_pipeline
 
     deeper = _kohya_flux_file(tiny_dit(FLUX, num_layers=3))
     _refused(tmp_path, tiny_dit_pipeline(FLUX), {k: v for k, v in deeper.items() if "double_blocks_2_" in k},
@@ -396,8 +396,8 @@ def test_blocks_the_model_does_not_have_refused(tmp_path):
 
 
 def test_mismatched_text_encoder_part_refused(tmp_path):
-    from .dit_models import tiny_dit_pipeline
     from .test_formats_helpers import text_encoder
+    from .tiny_dit import tiny_dit_pipeline
 
     clip_g_as_te2 = _te_lora("lora_te2", text_encoder(hidden=48, projection=True))  # SDXL/SD3's CLIP-G names
     _refused(tmp_path, tiny_dit_pipeline(FLUX), _double_only(_kohya_flux_file(tiny_dit(FLUX))) | clip_g_as_te2,
@@ -426,7 +426,7 @@ def test_loha_lokr_on_fused_modules(tmp_path):
     """LyCORIS LoHa / LoKr on a fused original module split exactly: LoHa's rows are those of w1_a and w2_a; LoKr's
     (W1 ⊗ W2) those of W1 when the parts' boundaries are multiples of W2's height, else each part keeps the W1 rows
     over its own and a row offset; only swapped halves that W2 does not align with are refused."""
-    from .dit_models import tiny_dit_pipeline
+    from .tiny_dit import tiny_dit_pipeline
 
     model = tiny_dit(FLUX)
     g = torch.Generator().manual_seed(3)

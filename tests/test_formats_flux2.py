@@ -14,8 +14,8 @@ import lora_diffusion as ld
 from lora_diffusion.io import dit
 from lora_diffusion.io.files import write_safetensors
 
-from .dit_models import FLUX2, dit_call, flux2_call, tiny_dit, tiny_flux2
 from .test_formats_helpers import close
+from .tiny_dit import FLUX2, dit_call, flux2_call, tiny_dit, tiny_flux2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BLOCKS = ("double_blocks", "single_blocks")
