@@ -29,7 +29,7 @@ from .inject.walker import adapted_layers, adapter_names, inject, model_state, r
 from .io import canonical, cloneofsimo, dit, formats, tlora_official
 from .io import embeddings as emb_io
 from .io.bundle import FAMILY_NAMES, Bundle, Part, component_role, model_family, model_view
-from .io.detect import TRANSFORMER_FAMILIES, file_family, flux_generation, is_unet_file
+from .io.detect import TRANSFORMER_FAMILIES, file_family, flux_generation, is_unet_file, unsupported_family
 from .io.files import read_safetensors, single_thread, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -394,6 +394,12 @@ def _check_family(obj: Any, src: Path, loaded: tuple[dict[str, torch.Tensor], di
     tensors, meta = loaded
     want, have = file_family({k: tuple(v.shape) for k, v in tensors.items()}, meta), model_family(obj)
     has_unet = "unet" in _role_targets(obj) or "UNet" in type(obj).__name__
+    other = unsupported_family(list(tensors))
+    if other:
+        model = _family_words(have) if have else "a UNet (Stable Diffusion 1/2/XL-style) model" if has_unet else \
+            f"a {type(obj).__name__}"
+        raise AdapterFileError(f"{src}: this LoRA is for {other}, a model family this project does not support; the "
+                               f"model is {model}; expected a LoRA made for it")
     if have in TRANSFORMER_FAMILIES and want is None and is_unet_file(list(tensors)):
         want = "unet"
     if (want, have) == ("flux", "flux2") and flux_generation({k: tuple(v.shape) for k, v in tensors.items()}) is None:

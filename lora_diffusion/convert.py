@@ -46,6 +46,17 @@ def _sd3_width(path: Path) -> int | None:
     return None
 
 
+def _unsupported(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    from .io.detect import unsupported_family
+
+    if not path.is_file() or path.suffix != ".safetensors":
+        return None
+    with safe_open(str(path), "pt") as f:
+        return unsupported_family(list(f.keys()))
+
+
 def _dit_width(path: Path) -> int | None:
     """The input width of a Flux.2 file's attention (LoRA or LoKr factors): 6144 FLUX.2-dev, 3072 klein 4B."""
     from safetensors import safe_open
@@ -70,6 +81,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, base: str |
     path = resolve(src)
     if model is None:
         base = base or describe(path)["base_family"]
+        other = _unsupported(path)
+        if other:
+            raise AdapterError(f"{src}: this LoRA is for {other}, a model family this project does not support")
         if base is None:
             raise AdapterError(f"{src}: cannot tell the base model family from the keys or metadata; pass --base sd1|sd2|sdxl")
         if base == "dit":

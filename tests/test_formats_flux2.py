@@ -6,6 +6,7 @@ diffusers' checkpoint converter at the real shapes, and refusals that name Flux.
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -275,3 +276,44 @@ def test_convert_flux2_without_a_model(tmp_path, fixture, base):
     back = read_safetensors(tmp_path / "k.safetensors")[0]
     assert {k.split(".")[0] for k in back} == {f"lora_unet_{n.replace('.', '_')}" for n in (
         "double_blocks.0.img_attn.qkv", "double_blocks.1.txt_mlp.0", f"single_blocks.{last}.linear1")}
+
+
+UNSUPPORTED = {  # one key of each family's usual LoRA files (diffusers, ai-toolkit/ComfyUI or kohya names)
+    "Qwen-Image": "transformer.transformer_blocks.0.img_mlp.net.0.proj.lora_A.weight",
+    "Z-Image / Lumina 2": "diffusion_model.noise_refiner.0.attention.to_q.lora_A.weight",
+    "HiDream": "diffusion_model.double_stream_blocks.0.block.attn1.to_q.lora_A.weight",
+    "Chroma": "diffusion_model.distilled_guidance_layer.layers.0.in_layer.lora_A.weight",
+    "Wan": "lora_unet_blocks_0_self_attn_q.lora_down.weight",
+    "AuraFlow": "transformer.joint_transformer_blocks.0.attn.to_q.lora_A.weight",
+    "SANA": "transformer.transformer_blocks.0.ff.conv_inverted.lora_A.weight",
+}
+
+
+@pytest.mark.parametrize("family", sorted(UNSUPPORTED))
+def test_unsupported_family_refused_naming_it(tmp_path, family):
+    """A LoRA for a diffusion transformer this project does not adapt is refused before anything is injected, naming
+    the family found and the model's (here on Flux.2; the same check runs for every model), and convert names it."""
+    from lora_diffusion.convert import convert
+
+    key = UNSUPPORTED[family]
+    down = key.endswith(("lora_A.weight", "lora_down.weight"))
+    sd = {key: torch.randn(4, 384) if down else torch.randn(384, 4)}
+    up = key.replace("lora_A", "lora_B").replace("lora_down", "lora_up")
+    sd[up] = torch.randn(384, 4)
+    _refused(tmp_path, tiny_flux2(), sd, rf"this LoRA is for {re.escape(family)}, a model family this project does not "
+             r"support; the model is Flux\.2, a transformer model", flux2_call)
+    with pytest.raises(ld.AdapterError, match=rf"this LoRA is for {re.escape(family)}, a model family"):
+        convert(tmp_path / "bad.safetensors", tmp_path / "out.safetensors", "diffusers")
+
+
+def test_unsupported_family_on_a_unet_refused(tmp_path):
+    from .test_formats_helpers import sdxl_pipeline
+
+    pipe = sdxl_pipeline()
+    sd = {UNSUPPORTED["Qwen-Image"]: torch.randn(4, 64), UNSUPPORTED["Qwen-Image"].replace("lora_A", "lora_B"):
+          torch.randn(64, 4)}
+    write_safetensors(tmp_path / "q.safetensors", sd, {})
+    with pytest.raises(ld.AdapterFileError, match=r"this LoRA is for Qwen-Image, a model family this project does not "
+                       r"support; the model is SDXL"):
+        ld.load_adapter(pipe, tmp_path / "q.safetensors")
+    assert ld.list_adapters(pipe) == []

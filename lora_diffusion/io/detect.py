@@ -76,6 +76,28 @@ _FLUX2 = ("stream_modulation", "to_qkv_mlp_proj", "ff_linear_in", "ff.linear_in"
 _UNET = ("down_blocks", "up_blocks", "mid_block", "input_blocks", "output_blocks", "middle_block")
 
 
+# Diffusion transformers this project does not adapt, by module names no supported family has (diffusers, kohya
+# flattened and ComfyUI/BFL spellings): a file for one of them is refused naming it, never read as Flux/SD3/UNet
+UNSUPPORTED: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Qwen-Image", ("img_mod.1.", "img_mod_1.", "txt_mod.1.", "txt_mod_1.", "img_mlp.net.", "img_mlp_net_",
+                    "txt_mlp.net.", "txt_mlp_net_")),
+    ("Z-Image / Lumina 2", ("noise_refiner", "context_refiner")),
+    ("HiDream", ("double_stream_blocks", "single_stream_blocks")),
+    ("Chroma", ("distilled_guidance_layer",)),
+    ("Wan", ("self_attn.q.", "self_attn_q.", "cross_attn.k.", "cross_attn_k.", "condition_embedder")),
+    ("AuraFlow", ("joint_transformer_blocks",)),
+    ("SANA", ("conv_inverted", "conv_depth")),
+)
+
+
+def unsupported_family(keys: Sequence[str]) -> str | None:
+    """The name of a diffusion-transformer family this project does not support, when the keys name one."""
+    for name, markers in UNSUPPORTED:
+        if any(m in k for k in keys for m in markers):
+            return name
+    return None
+
+
 def is_unet_file(keys: Sequence[str]) -> bool:
     """Keys naming UNet blocks (diffusers or SGM names): a LoRA for SD1/SD2/SDXL-style UNets."""
     return any(k.startswith(("lora_unet_", "unet.")) and any(b in k for b in _UNET) for k in keys)
