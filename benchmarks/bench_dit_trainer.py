@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,53 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     r = time_steps(step_fn, dev, a.warmup, a.steps)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"side": a.side, **r, "trainable": n, "params": sum(p.numel() for p in model.parameters())}
+
+
+def interleaved(a: argparse.Namespace) -> dict[str, Any]:
+    """Both sides in one process on two copies of the model, steps alternating (A B, B A, ...): each pair of
+    neighbouring steps sees the same machine load, so the per-pair time ratio is robust where whole runs in turn are
+    not (a loaded shared CPU). Returns per-side median s/step and the median and quartiles of the pair ratios."""
+    import copy
+    import statistics
+
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    acc = Accelerator(mixed_precision=a.mixed_precision, cpu=a.device == "cpu")
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.mixed_precision]
+    cfg = transformer_config(a.model, a.layers)
+    model = build(a.model, cfg).requires_grad_(False)
+    twin = copy.deepcopy(model)
+    lat, text, pooled = inputs(a.model, cfg, a.resolution, acc.device)
+    steps = {"ours": ours(a, acc, model, dtype, lat, text, pooled),
+             "diffusers": diffusers_peft(a, acc, twin, dtype, lat, text, pooled)}
+    times: dict[str, list[float]] = {"ours": [], "diffusers": []}
+    for i in range(a.warmup + a.steps):
+        for side in (("ours", "diffusers") if i % 2 else ("diffusers", "ours")):
+            t0 = time.perf_counter()
+            steps[side]()
+            if i >= a.warmup:
+                times[side].append(time.perf_counter() - t0)
+    if a.profile:
+        profile_steps(steps, a.profile)
+    ratios = sorted(o / d for o, d in zip(times["ours"], times["diffusers"]))
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return {"ours_s": statistics.median(times["ours"]), "diffusers_s": statistics.median(times["diffusers"]),
+            "ratio_median": statistics.median(ratios), "ratio_q1": q[0], "ratio_q3": q[-1], "pairs": len(ratios),
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def profile_steps(steps: dict[str, Any], rows: int) -> None:
+    """One step per side under torch.profiler: the ops by self CPU time, and the totals (where time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for side, step in steps.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        ev = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in ev) / 1e6
+        log.info("profile %s: %.3f s self CPU in %d op calls\n%s", side, total, sum(e.count for e in ev),
+                 ev.table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
 def ours(a, acc, model, dtype, lat, text, pooled):
@@ -187,6 +235,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=2, help="alternating runs per side; the fastest counts")
+    p.add_argument("--interleave", action="store_true", help="time both sides in one process, steps alternating "
+                   "(pairwise ratios; no memory figures): for a loaded shared CPU")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS", help="with --interleave: profile one more step "
+                   "per side (torch.profiler) and print the top ROWS ops")
     p.add_argument("--_side", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     cuda = a.device == "cuda"
@@ -199,6 +251,14 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(worker(a)))
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if a.interleave:
+        r = interleaved(a)
+        log.info("%s transformer (%s layers, %.0fM parameters), %d px, rank %d, %s, %d threads, %d step pairs after %d "
+                 "warm-up, interleaved in one process", a.model, a.layers or "all", r["params"] / 1e6, a.resolution, a.rank,
+                 a.device, a.threads, r["pairs"], a.warmup)
+        log.info("median s/step: ours %.3f, diffusers+PEFT %.3f; time ratio ours/diffusers per step pair: median %.3fx "
+                 "(quartiles %.3f-%.3f)", r["ours_s"], r["diffusers_s"], r["ratio_median"], r["ratio_q1"], r["ratio_q3"])
+        return
     d, o = best_of_rounds(a, __file__)
     log.info("%s transformer (%s layers, %.0fM parameters), %d px, rank %d, %s, precision %s, grad ckpt %s, %d threads "
              "(%d timed steps after %d warm-up, best of %d alternating runs per side)", a.model, a.layers or "all",

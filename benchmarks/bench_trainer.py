@@ -229,9 +229,10 @@ def main(argv: list[str] | None = None) -> None:
 def best_of_rounds(a: argparse.Namespace, script: str = __file__) -> tuple[dict[str, Any], dict[str, Any]]:
     """``a.rounds`` alternating runs per side (diffusers first); each side's fastest (shared, noisy CPUs)."""
     runs: dict[str, list[dict[str, Any]]] = {"diffusers": [], "ours": []}
-    for _ in range(a.rounds):
+    for i in range(a.rounds):
         for side in runs:
             runs[side].append(run_side(a, side, script))
+            log.info("round %d %s: %.3f s/step", i + 1, side, runs[side][-1]["s_per_step"])
     d, o = (min(runs[s], key=lambda r: r["s_per_step"]) for s in ("diffusers", "ours"))
     return d, o
 

@@ -44,3 +44,19 @@ def test_reduced_depth_keeps_the_real_width():
     assert cfg["num_attention_heads"] * cfg["attention_head_dim"] == 3072 and cfg["joint_attention_dim"] == 4096
     sd35 = bench.transformer_config("sd35-medium", 2)
     assert sd35["num_layers"] == 2 and all(i < 2 for i in sd35.get("dual_attention_layers", []))
+
+
+def test_interleaved_timing_pairs_both_sides(monkeypatch):
+    """--interleave: both sides in one process, steps alternating; per-pair ratios and medians are finite."""
+    real = bench.transformer_config
+    monkeypatch.setattr(bench, "transformer_config",
+                        lambda name, layers: real(name, layers) | NARROW | {"axes_dims_rope": (4, 4, 8)})
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    a = argparse.Namespace(device="cpu", model="flux-dev", layers=1, resolution=64, rank=4, variant="lora",
+                           mixed_precision="no", gradient_checkpointing=False, warmup=1, steps=3, threads=1, profile=5)
+    r = bench.interleaved(a)
+    assert r["pairs"] == 3 and r["ours_s"] > 0 and r["diffusers_s"] > 0
+    assert 0 < r["ratio_q1"] <= r["ratio_median"] <= r["ratio_q3"]
