@@ -150,7 +150,8 @@ class UI:
                 if e["too_big"] else "")
         fam = model_family(self.s.settings, model)
         p = PRESETS[fam]
-        extra = " · bf16" if p.get("mixed_precision") == "bf16" else ""
+        gpu = self.s.settings.device != "cpu"
+        extra = f" · {p['mixed_precision']}" if gpu and p.get("mixed_precision") else " · fp32" if not gpu else ""
         extra += " · gradient checkpointing" if p.get("gradient_checkpointing") else ""
         note = ("\n\nPivotal tuning is not available on transformer models yet: the adapter alone is trained."
                 if not p.get("pivotal", True) else "")
@@ -593,7 +594,7 @@ def _personalize_tab(ui: UI, models: list[str]) -> None:
                 class_word = gr.Textbox(value="", label="Class word", info="e.g. dog; empty for none")
             with gr.Row():
                 variant = gr.Dropdown(variants, value="tlora" if "tlora" in variants else variants[0], label="Variant")
-                model = gr.Dropdown(models, value=models[0], label="Base model")
+                model = gr.Dropdown(models, value=models[0], label="Base model", elem_id="train-model")
             pivotal_ok = PRESETS[model_family(ui.s.settings, models[0])].get("pivotal", True)
             pivotal = gr.Checkbox(value=pivotal_ok, interactive=pivotal_ok, elem_id="train-pivotal",
                                   label="Pivotal tuning: also learn the token's embedding (recommended; UNet models)")
@@ -667,8 +668,8 @@ def _generate_tab(ui: UI, models: list[str]) -> list[Any]:
                                      elem_id="gen-guidance")
             with gr.Row():
                 seed = gr.Textbox(value="0", label="Seed (0..2^64-1)")
-                size = gr.Number(value=0, precision=0, label="Size px (0: the model's)")
-                n = gr.Slider(1, 16, value=4, step=1, label="Images")
+                size = gr.Number(value=0, precision=0, label="Size px (0: the model's)", elem_id="gen-size")
+                n = gr.Slider(1, 16, value=4, step=1, label="Images", elem_id="gen-n")
             model = gr.Dropdown(models, value=models[0], label="Base model", elem_id="gen-model")
             model_note = gr.Markdown(ui.generate_defaults(models[0])[2], elem_id="gen-model-note")
             gr.Markdown("**Adapters from the library** (import files in the Library tab)")
@@ -778,7 +779,6 @@ def _llm_tab(ui: UI, demo: gr.Blocks) -> None:
             loss = gr.LinePlot(x="step", y="loss", title="Loss", height=200)
             files = gr.File(label="Adapter file", file_count="multiple", interactive=False)
             msg = gr.Markdown()
-            gen = _generated_adapters(ui, model)
         with gr.Column():
             chat_with = gr.Dropdown(label="Chat with", elem_id="llm-chat-with", allow_custom_value=True,
                                     info="the adapter the right-hand answers use", **_update_args(ui.chat_adapters()))
@@ -787,6 +787,7 @@ def _llm_tab(ui: UI, demo: gr.Blocks) -> None:
                 adapted = gr.Chatbot(label="With the adapter", height=360, elem_id="llm-adapted")
             text = gr.Textbox(label="Message (Enter sends to both)", elem_id="llm-message")
             max_new = gr.Slider(8, 256, value=64, step=8, label="Max new tokens")
+            gen = _generated_adapters(ui, model)
     start.click(ui.llm_start, [data, model, variant, steps, rank, lr], [job, msg], api_name="llm_start",
                 concurrency_limit=None)
     stop.click(ui.stop, job, msg, concurrency_limit=None)

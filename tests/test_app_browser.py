@@ -160,3 +160,83 @@ def test_personalize_in_a_real_browser(browser, served, tmp_path, monkeypatch) -
     wait_for(d, lambda d: images_in(d, "gen-gallery") >= 4, 120, "generated images")
     shot(d, "app-generate.png")
     assert "seed0" in text_of(d, "gen-files") or "seed" in d.page_source
+
+
+@pytest.fixture(scope="module")
+def served_dit(tmp_path_factory):
+    """An app offering the demo model and a tiny Flux.1 pipeline, with a tiny LLM and a T2L hypernetwork for it."""
+    import torch
+
+    from lora_diffusion import llm
+    from lora_diffusion.hyper import T2L, T2LConfig
+    from tests.app_harness import Served
+    from tests.test_internalize_cli import make_folder
+    from tests.test_t2l import perturb
+    from tests.tiny_dit import build_tiny_flux
+
+    root = tmp_path_factory.mktemp("browser-dit")
+    folder = make_folder(root / "llm")
+    s = Served(root, models={"demo": None, "flux": str(build_tiny_flux(root / "flux"))}, llm_models={"tiny": str(folder)})
+    model, _ = llm.load_causal_lm(str(folder))
+    hyper = T2L.for_model(model, T2LConfig(rank=4, alpha=8, task_dim=16, pos_dim=8, hidden=32, head_in=16))
+    with torch.no_grad():
+        perturb(hyper)
+    hyper.save(s.settings.hyper_dir / "t2l.safetensors", base_model=llm.base_name(model))
+    yield s
+    s.close()
+
+
+def choose(driver, elem_id: str, value: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    box = driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input")
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", box)
+    box.click()
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(value, Keys.ENTER)
+
+
+def test_flux_model_and_text_to_lora_in_a_real_browser(browser, served_dit) -> None:
+    """The Flux presets follow the model choice (Personalize: 1024 px, gradient checkpointing, pivotal tuning locked
+    off; Generate: 28 steps, guidance 3.5), a Flux image is generated, a UNet-only fusion gets its one message, and the LLM tab
+    makes a LoRA from a description and chats with it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    d = browser
+    d.get(served_dit.url)
+    wait_for(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#train-model input"), 60, "the page")
+    choose(d, "train-model", "flux")
+    wait_for(d, lambda d: "Flux.1-dev, 1024 px · fp32 · gradient checkpointing" in text_of(d, "train-estimate"), 20,
+             "the Flux preset")
+    assert not d.find_element(By.CSS_SELECTOR, "#train-pivotal input").is_enabled()
+    shot(d, "app-personalize-flux.png")
+
+    tab(d, "Generate")
+    choose(d, "gen-model", "flux")
+    wait_for(d, lambda d: "Flux.1-dev: 1024 px, 28 steps, guidance 3.5" in text_of(d, "gen-model-note"), 20, "note")
+    assert d.find_element(By.CSS_SELECTOR, "#gen-steps input[type=number]").get_attribute("value") == "28"
+    set_number(d, "gen-size", "32")
+    set_number(d, "gen-n", "1")
+    click(d, "gen-go")
+    wait_for(d, lambda d: images_in(d, "gen-gallery") >= 1, 120, "a Flux image")
+    shot(d, "app-generate-flux.png")
+    choose(d, "blend-method", "gated")
+    click(d, "gen-go")
+    wait_for(d, lambda d: "only 'static'" in d.page_source, 60, "the fusion message")
+
+    tab(d, "LLM")
+    wait_for(d, lambda d: "t2l.safetensors" in d.find_element(By.CSS_SELECTOR, "#t2l-hyper input").get_attribute("value"),
+             20, "the hypernetwork")
+    task = d.find_element(By.CSS_SELECTOR, "#t2l-task textarea")
+    task.send_keys("Return only the last word.")
+    click(d, "t2l-go")
+    wait_for(d, lambda d: "Saved to the library as" in text_of(d, "hyper-msg"), 90, "the generated LoRA")
+    assert "library: Return only the last word" in d.find_element(By.CSS_SELECTOR, "#llm-chat-with input").get_attribute(
+        "value")
+    msg = d.find_element(By.CSS_SELECTOR, "#llm-message textarea, #llm-message input")
+    msg.send_keys("apple river stone", Keys.ENTER)
+    wait_for(d, lambda d: all("apple river stone" in text_of(d, c) for c in ("llm-base", "llm-adapted"))
+             and not msg.get_attribute("value"), 90, "both answers")
+    shot(d, "app-llm-text-to-lora.png")
