@@ -153,7 +153,7 @@ class UI:
         gpu = self.s.settings.device != "cpu"
         extra = f" · {p['mixed_precision']}" if gpu and p.get("mixed_precision") else " · fp32" if not gpu else ""
         extra += " · gradient checkpointing" if p.get("gradient_checkpointing") else ""
-        note = ("\n\nPivotal tuning is not available on transformer models yet: the adapter alone is trained."
+        note = (f"\n\nPivotal tuning is not available on {LABELS[fam]} yet: the adapter alone is trained."
                 if not p.get("pivotal", True) else "")
         return (f"**{n} steps** · time {time_s} · memory {mem}{avail} on {self.s.settings.device} · preset "
                 f"'{fam}': {LABELS[fam]}, {p['resolution']} px{extra}{warn}{note}")
@@ -597,7 +597,7 @@ def _personalize_tab(ui: UI, models: list[str]) -> None:
                 model = gr.Dropdown(models, value=models[0], label="Base model", elem_id="train-model")
             pivotal_ok = PRESETS[model_family(ui.s.settings, models[0])].get("pivotal", True)
             pivotal = gr.Checkbox(value=pivotal_ok, interactive=pivotal_ok, elem_id="train-pivotal",
-                                  label="Pivotal tuning: also learn the token's embedding (recommended; UNet models)")
+                                  label="Pivotal tuning: also learn the token's embedding (recommended; not on Flux yet)")
             with gr.Accordion("Advanced", open=False):
                 with gr.Row():
                     steps = gr.Number(value=0, precision=0, label="Total steps (0: the recipe's default)",

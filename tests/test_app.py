@@ -204,7 +204,10 @@ def test_safe_name() -> None:
 
 # --- settings ---
 def test_settings_models_and_users(tmp_path) -> None:
-    assert parse_models([]) == {"demo": None}
+    from app.services.settings import DEMO_DIT, demo_dit_path
+
+    dit = demo_dit_path()  # the embedded SD3 demo model, offered by default once built
+    assert parse_models([]) == {"demo": None, **({DEMO_DIT: str(dit)} if dit else {})}
     assert parse_models(["demo", "sd15=/m/sd15", "/m/xl"]) == {"demo": None, "sd15": "/m/sd15", "xl": "/m/xl"}
     users = tmp_path / "users"
     users.write_text("# team\nbob:pw2\n")

@@ -285,8 +285,8 @@ class JobManager:
             "gradient_checkpointing": preset.get("gradient_checkpointing", False), "seed": req.seed,
             "cpu": self.settings.device == "cpu", "progress": False, "report_to": "none",
             "progress_file": str(folder / "progress.jsonl"), "model_family": trainer_family(self.settings, req.model),
-            "targets": preset.get("targets"), "train_embedding": req.pivotal if preset.get("pivotal", True) else False}
-        return {k: v for k, v in cfg.items() if v is not None}
+            "targets": preset.get("targets")}
+        return {k: v for k, v in {**cfg, **_pivotal(req, preset)}.items() if v is not None}
 
     # --- running ---
     def _pump(self) -> None:
@@ -515,6 +515,13 @@ class JobManager:
 
     def log_tail(self, job: Job, n: int = 12) -> str:
         return "\n".join(_tail(self.dir(job) / "log.txt", n))
+
+
+def _pivotal(req: JobRequest, preset: dict[str, Any]) -> dict[str, Any]:
+    """Pivotal tuning as asked where the family has it (not Flux yet). The token is the one the user typed, so a
+    vocabulary word such as 'sks' (in the CLIP vocabulary, DreamBooth's classic) has its own row trained."""
+    on = bool(req.pivotal) and preset.get("pivotal", True)
+    return {"train_embedding": on if req.pivotal is not None else None, "allow_existing_token": True if on else None}
 
 
 def check_jsonl(path: str, label: str, max_mb: float) -> int:

@@ -24,7 +24,7 @@ _DEMO_PROMPTS = {"sample_prompts": "a {0} on a black background#a green {0} on a
                  "prompt_template": "a red {0} on a blue background"}
 #: per preset: what a run on it needs beyond the variant's defaults (resolution, precision, memory savers), how its
 #: samples are drawn, and what the trainer is told (``model_family``; ``targets`` None: the trainer's default;
-#: ``pivotal`` False: the family has no pivotal tuning in the trainer yet)
+#: ``pivotal`` False: the family has no pivotal tuning in the trainer yet: Flux)
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {"resolution": 32, "num_inference_steps": 20, "guidance_scale": 4.0, "model_family": "sd",
              **_DEMO_PROMPTS},
@@ -41,10 +41,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "pivotal": False, **_PHOTO},
     # SD3.5 medium/large: CFG 4.5 (medium's model card; large: 3.5-4.5), 28 steps
     "sd3": {"resolution": 1024, "mixed_precision": "bf16", "gradient_checkpointing": True, "num_inference_steps": 28,
-            "guidance_scale": 4.5, "model_family": "sd3", "targets": "dit-attn", "pivotal": False, **_PHOTO},
-    # the embedded SD3-architecture demo model (assets/demo-sd3): the demo world at 32 px
+            "guidance_scale": 4.5, "model_family": "sd3", "targets": "dit-attn", **_PHOTO},
+    # the embedded SD3-architecture demo model (assets/demo-sd3): the demo world at 32 px; the trainer's demo recipe
+    # picks its targets (attention and MLP linears)
     "demo-sd3": {"resolution": 32, "num_inference_steps": 20, "guidance_scale": 4.0, "model_family": "sd3",
-                 "targets": "dit-attn", "pivotal": False, **_DEMO_PROMPTS},
+                 **_DEMO_PROMPTS},
 }
 #: the library's family names (``describe()['base_family']``) of the files each preset's models load
 LIBRARY_FAMILY = {"demo": "demo", "sd1": "sd1", "sdxl": "sdxl", "flux": "flux", "flux-schnell": "flux", "sd3": "sd3",

@@ -15,9 +15,9 @@ DEMO_DIT_SPEC = "demo-sd3"  # what --model calls it
 
 def demo_dit_path() -> Path | None:
     """The embedded SD3-architecture demo model's folder (``assets/demo-sd3``), when it is there."""
-    from lora_diffusion.demo import model as demo
+    from lora_diffusion.demo.model import default_dit_model_path
 
-    folder = demo.assets_dir() / getattr(demo, "DEMO_DIT_DIRNAME", "demo-sd3")
+    folder = default_dit_model_path(check=False)
     return folder if (folder / "model_index.json").is_file() else None
 
 
