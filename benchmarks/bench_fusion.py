@@ -2,13 +2,22 @@
 
     python benchmarks/bench_fusion.py --library outputs/demo_library --threads 1          # the demo model, CPU
     python benchmarks/bench_fusion.py --size 128 --device cuda --dtype fp16                 # larger latents, GPU
+    python benchmarks/bench_fusion.py --unet sd15 --steps 1 --reps 2 --threads 1            # SD1.5-sized layers, CPU
+
+``--unet sd15``: the real SD1.5 UNet config (tests/fixtures/sd15-unet.json: 320-1280 channels, 768-d cross
+attention) with random weights and ``--sd-layers`` resnet/attention layers per block (SD1.5: 2; default 1 so one
+step takes seconds on one CPU thread), on ``--latent`` x ``--latent`` latents, with random prompt embeddings
+(77 x 768) in place of a text encoder; three LoRAs of ``--rank`` (default 32, kohya's common dim) on the kohya
+SD1.5 targets (attention q/k/v/out, proj_in/proj_out (1x1 convs in SD1.5), feed-forward), random weights, written
+as diffusers files and loaded by both sides. Both pipelines share the UNet's base weights (one copy in memory).
 
 One run, the same LoRA files for every row (the demo library's ring, dotted, heart; written once more in the
 diffusers format for diffusers/PEFT), the same prompt, seed and step count; the UNet loop only
 (``output_type="latent"``). Calls are interleaved across configurations (round-robin) so a busy machine slows all
 of them alike; the median of ``--reps`` calls is reported. Ratios (targets from issue 12):
 
-- gated / static unfused <= 1.3 (gated: with the per-role terms, the default; gated_shared: ``per_role=False``,
+- gated / static unfused <= 1.3 (gated: with the per-role terms, the default; gated_compiled: the same gate with
+  ``compile=True``, one fused kernel per layer, compiled in the warm-up round; gated_shared: ``per_role=False``,
   the paper's gate);  static unfused / diffusers set_adapters <= 1.0;  fused / base within 3%.
 
 Also measured in each k block: ``lora-1`` (the first LoRA alone: the single-LoRA model) and ``mole`` (MoLE gates,
@@ -25,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +48,28 @@ from procmem import reset_hwm, rss_kib, trim  # noqa: E402
 
 import lora_diffusion as ld  # noqa: E402
 from lora_diffusion.fusion import fuse, unfuse  # noqa: E402
+from lora_diffusion.inject.presets import PRESETS  # noqa: E402
 
 log = logging.getLogger("bench_fusion")
 NAMES = ("ring", "dotted", "heart")
-CONFIGS = ("base", "lora-1", "fused", "static", "diffusers", "gated", "gated_shared", "klora", "scheduled", "mole")
+SD_NAMES = ("lora_a", "lora_b", "lora_c")
+SD_TARGETS = PRESETS["unet-attn-proj"] + PRESETS["unet-attn-ff"][1:]  # kohya's SD1.5 LoRA targets
+CONFIGS = ("base", "lora-1", "fused", "static", "diffusers", "gated", "gated_compiled", "gated_shared", "klora",
+           "scheduled", "mole")
 PROMPT = "a red dotted ring on a blue background"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SD15_CONFIG = ROOT / "tests" / "fixtures" / "sd15-unet.json"
+
+
+@dataclass
+class Bench:
+    """Our pipeline and the diffusers reference (same LoRA files), the LoRA names, the prompt arguments."""
+
+    ours: Any
+    ref: Any
+    names: tuple[str, ...]
+    prompt: dict[str, Any]  # the pipeline call's prompt (a string, or embeddings for --unet sd15)
+    size: int  # image height and width in pixels
 
 
 def _sync(device: str) -> None:
@@ -50,20 +77,20 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def call(pipe: Any, args: argparse.Namespace) -> float:
+def call(b: Bench, pipe: Any, args: argparse.Namespace) -> float:
     g = torch.Generator().manual_seed(0)
     _sync(args.device)
     t0 = time.perf_counter()
     with torch.no_grad():
-        pipe(PROMPT, num_inference_steps=args.steps, guidance_scale=4.0, generator=g, output_type="latent",
-             height=args.size, width=args.size)
+        pipe(**b.prompt, num_inference_steps=args.steps, guidance_scale=4.0, generator=g, output_type="latent",
+             height=b.size, width=b.size)
     _sync(args.device)
     return time.perf_counter() - t0
 
 
-def configs(k: int, ours: Any, ref: Any) -> dict[str, tuple[Any, Any]]:
+def configs(k: int, b: Bench) -> dict[str, tuple[Any, Any]]:
     """name -> (pipeline, setup function)."""
-    names = list(NAMES[:k])
+    names, ours, ref = list(b.names[:k]), b.ours, b.ref
 
     def our(method: str, **kw: Any):
         return lambda: fuse(ours, names, method, **kw)
@@ -82,30 +109,39 @@ def configs(k: int, ours: Any, ref: Any) -> dict[str, tuple[Any, Any]]:
 
     return {"base": (ours, base), "lora-1": (ours, one), "fused": (ours, our("static", fuse=True)),
             "static": (ours, our("static")), "diffusers": (ref, diffusers), "gated": (ours, our("gated")),
+            "gated_compiled": (ours, our("gated", compile=True)),
             "gated_shared": (ours, our("gated", per_role=False)), "klora": (ours, our("klora")) if k == 2 else None,
             "scheduled": (ours, our("scheduled")), "mole": (ours, our("mole")) if k >= 2 else None}
 
 
-def peak_mib(pipe: Any, args: argparse.Namespace) -> float | None:
+def reset(b: Bench, pipe: Any) -> None:
+    """After a configuration's call: the reference's LoRAs off, our fusion removed (fused weights restored)."""
+    if pipe is b.ref:
+        b.ref.disable_lora()
+    unfuse(b.ours)
+
+
+def peak_mib(b: Bench, pipe: Any, args: argparse.Namespace) -> float | None:
     """Peak memory of one call above the memory before it (CPU: VmRSS/VmHWM; CUDA: max allocated)."""
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        call(pipe, args)
+        call(b, pipe, args)
         return (torch.cuda.max_memory_allocated() - before) / 2**20
     trim()
     before = rss_kib("VmRSS")
     if before is None or not reset_hwm():
         return None
-    call(pipe, args)
+    call(b, pipe, args)
     return (rss_kib("VmHWM") - before) / 1024
 
 
-def build(args: argparse.Namespace, tmp: Path) -> tuple[Any, Any]:
+def build_demo(args: argparse.Namespace, tmp: Path) -> Bench:
+    """The demo model, the demo library's ring, dotted and heart (re-saved as diffusers files for the reference)."""
     from lora_diffusion.generate import install_timestep_hook, load_pipeline
 
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     ours, ref = load_pipeline(None, dtype).to(args.device), load_pipeline(None, dtype).to(args.device)
     for p in (ours, ref):
         p.set_progress_bar_config(disable=True)
@@ -114,51 +150,131 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[Any, Any]:
         ld.save_adapter(ours, tmp / f"{n}.safetensors", n, format="diffusers")
         ref.load_lora_weights(str(tmp / f"{n}.safetensors"), adapter_name=n)
     install_timestep_hook(ours.unet, ours.scheduler.config.num_train_timesteps)
-    return ours, ref
+    return Bench(ours, ref, NAMES, {"prompt": PROMPT}, args.size)
+
+
+def sd_unets(layers: int, dtype: torch.dtype) -> tuple[Any, Any]:
+    """Two SD1.5-config UNets (random weights, seed 0, ``layers`` per block) sharing every base tensor."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = {k: v for k, v in json.loads(SD15_CONFIG.read_text()).items() if not k.startswith("_")}
+    cfg["layers_per_block"] = layers
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**cfg).to(dtype).eval()
+    with torch.device("meta"):
+        twin = UNet2DConditionModel(**cfg)
+    twin.load_state_dict(unet.state_dict(), assign=True)  # the same tensors: fused weights are restored after use
+    return unet, twin.eval()
+
+
+def random_loras(unet: Any, rank: int, tmp: Path) -> list[Path]:
+    """SD_NAMES as diffusers files: LoRAs of ``rank`` on SD_TARGETS, A as initialised, B random (seeded)."""
+    paths = []
+    for i, n in enumerate(SD_NAMES):
+        ld.add_adapter(unet, ld.AdapterSpec(rank=rank, targets=SD_TARGETS, seed=i), name=n, trainable=False)
+        g = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for pname, p in ld.adapter_parameters(unet, n):
+                if pname.endswith("lora_B"):
+                    p.copy_(0.02 * torch.randn(p.shape, generator=g).to(p.dtype))
+        paths.append(ld.save_adapter(unet, tmp / f"{n}.safetensors", n, format="diffusers"))
+        ld.remove_adapters(unet, [n])
+    return paths
+
+
+def build_sd(args: argparse.Namespace, tmp: Path) -> Bench:
+    """The demo pipeline's scheduler (and unused text encoder/VAE) around two SD1.5-config UNets (see the top)."""
+    from lora_diffusion.generate import install_timestep_hook, load_pipeline
+
+    dtype = DTYPES[args.dtype]
+    demo = load_pipeline(None, dtype)
+    unet, twin = sd_unets(args.sd_layers, dtype)
+    ours, ref = (type(demo)(**{**demo.components, "unet": u}).to(args.device) for u in (unet, twin))
+    for p in (ours, ref):
+        p.set_progress_bar_config(disable=True)
+    for n, path in zip(SD_NAMES, random_loras(unet, args.rank, tmp)):
+        ld.load_adapter(ours, path, name=n)
+        ref.load_lora_weights(str(path), adapter_name=n)
+    install_timestep_hook(ours.unet, ours.scheduler.config.num_train_timesteps)
+    g = torch.Generator().manual_seed(0)
+    emb = [torch.randn(1, 77, unet.config.cross_attention_dim, generator=g).to(args.device, dtype) for _ in range(2)]
+    prompt = {"prompt_embeds": emb[0], "negative_prompt_embeds": emb[1]}
+    return Bench(ours, ref, SD_NAMES, prompt, args.latent * ours.vae_scale_factor)
+
+
+def selected(k: int, b: Bench, args: argparse.Namespace) -> dict[str, tuple[Any, Any]]:
+    keep = set(args.configs.split(",")) if args.configs else None
+    return {n: c for n, c in configs(k, b).items() if c is not None and (keep is None or n in keep)}
+
+
+def time_k(k: int, b: Bench, args: argparse.Namespace) -> dict[str, float]:
+    """{config: median seconds per call} over ``args.reps`` interleaved rounds after one warm-up round."""
+    cfgs = selected(k, b, args)
+    times: dict[str, list[float]] = {n: [] for n in cfgs}
+    for rep in range(args.reps + 1):  # the first round warms up
+        for n, (pipe, setup) in cfgs.items():
+            setup()
+            t = call(b, pipe, args)
+            if rep:
+                times[n].append(t)
+            reset(b, pipe)
+    out = {n: statistics.median(v) for n, v in times.items()}
+    for n, (pipe, setup) in cfgs.items() if args.memory else ():
+        setup()
+        out[f"{n}/peak_mib"] = peak_mib(b, pipe, args)
+        reset(b, pipe)
+    return out
 
 
 def measure(args: argparse.Namespace) -> dict[int, dict[str, float]]:
     """{k: {config: median seconds per call}}; with ``args.memory`` also ``<config>/peak_mib`` (one call each)."""
     out: dict[int, dict[str, float]] = {}
-    keep = set(args.configs.split(",")) if args.configs else None
     with tempfile.TemporaryDirectory() as tmp:
-        ours, ref = build(args, Path(tmp))
+        b = (build_sd if args.unet == "sd15" else build_demo)(args, Path(tmp))
+        if args.profile:
+            return profile(b, args)
         for k in (int(x) for x in args.ks.split(",")):
-            cfgs = {n: c for n, c in configs(k, ours, ref).items() if c is not None and (keep is None or n in keep)}
-            times: dict[str, list[float]] = {n: [] for n in cfgs}
-            for rep in range(args.reps + 1):  # the first round warms up
-                for n, (pipe, setup) in cfgs.items():
-                    setup()
-                    t = call(pipe, args)
-                    if rep:
-                        times[n].append(t)
-                    if pipe is ref:
-                        ref.disable_lora()
-                unfuse(ours)
-            out[k] = {n: statistics.median(v) for n, v in times.items()}
-            for n, (pipe, setup) in cfgs.items() if args.memory else ():
-                setup()
-                out[k][f"{n}/peak_mib"] = peak_mib(pipe, args)
-                if pipe is ref:
-                    ref.disable_lora()
-                unfuse(ours)
+            out[k] = time_k(k, b, args)
             log.info("k=%d: %s", k, ", ".join(f"{n} {1000 * v:.0f} ms" for n, v in out[k].items() if "/" not in n))
     return out
 
 
+def profile(b: Bench, args: argparse.Namespace) -> dict[int, dict[str, float]]:
+    """torch.profiler over one call of each selected configuration at the largest k (after one unprofiled call);
+    prints the ops by self CPU time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    k = max(int(x) for x in args.ks.split(","))
+    for n, (pipe, setup) in selected(k, b, args).items():
+        setup()
+        call(b, pipe, args)
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            t = call(b, pipe, args)
+        reset(b, pipe)
+        print(f"\n## {n}, k = {k}: {1000 * t:.0f} ms under the profiler")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
+    return {}
+
+
 def table(res: dict[int, dict[str, float]], args: argparse.Namespace) -> str:
-    cols = ["base", "lora-1", "fused", "static", "diffusers", "gated", "gated_shared", "klora", "scheduled", "mole"]
-    lines = ["| k | " + " | ".join(f"{c} ms" for c in cols) + " | gated/static (<= 1.3) | gated_shared/static | "
-             "static/diffusers (<= 1.0) | fused/base (1 +- 0.03) |", "|---|" + "---|" * (len(cols) + 4)]
+    cols = [c for c in CONFIGS if any(c in r for r in res.values())]
+    lines = ["| k | " + " | ".join(f"{c} ms" for c in cols) + " | gated/static (<= 1.3) | gated_compiled/static | "
+             "gated_shared/static | static/diffusers (<= 1.0) | fused/base (1 +- 0.03) |",
+             "|---|" + "---|" * (len(cols) + 5)]
 
     def ratio(r: dict[str, float], a: str, b: str, fmt: str = ".2f") -> str:
         return f"{r[a] / r[b]:{fmt}}" if a in r and b in r else "-"
 
     for k, r in res.items():
         ms = " | ".join(f"{1000 * r[c]:.0f}" if c in r else "-" for c in cols)
-        lines.append(f"| {k} | {ms} | {ratio(r, 'gated', 'static')} | {ratio(r, 'gated_shared', 'static')} | "
+        lines.append(f"| {k} | {ms} | {ratio(r, 'gated', 'static')} | {ratio(r, 'gated_compiled', 'static')} | "
+                     f"{ratio(r, 'gated_shared', 'static')} | "
                      f"{ratio(r, 'static', 'diffusers')} | {ratio(r, 'fused', 'base', '.3f')} |")
-    lines.append(f"\n{args.steps} steps, {args.size}x{args.size} px, CFG (UNet batch 2), {args.dtype}, {args.device}, "
+    model = (f"demo model, {args.size}x{args.size} px" if args.unet == "demo" else
+             f"SD1.5-config UNet ({args.sd_layers} layers per block, random weights), {args.latent}x{args.latent} "
+             f"latents, LoRAs rank {args.rank}")
+    lines.append(f"\n{model}, {args.steps} steps, CFG (UNet batch 2), {args.dtype}, {args.device}, "
                  f"torch threads {torch.get_num_threads()}, median of {args.reps} interleaved calls")
     return "\n".join(lines)
 
@@ -175,7 +291,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ks", default="1,2,3", help="numbers of LoRAs blended, comma-separated")
     p.add_argument("--configs", default="", help=f"a comma-separated subset of {', '.join(CONFIGS)} (default: all)")
     p.add_argument("--memory", action="store_true", help="also the peak memory of one call per configuration")
-    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_fusion.json")
+    p.add_argument("--out", type=Path, default=None, help="the figures as JSON (default outputs/bench_fusion.json, "
+                   "outputs/bench_fusion_sd15.json with --unet sd15)")
+    p.add_argument("--unet", choices=["demo", "sd15"], default="demo",
+                   help="demo: the embedded demo model and library; sd15: SD1.5-config UNet, random weights and LoRAs")
+    p.add_argument("--sd-layers", type=int, default=1, help="--unet sd15: layers per block (SD1.5 itself: 2)")
+    p.add_argument("--latent", type=int, default=32, help="--unet sd15: latent height and width (SD1.5 at 512 px: 64)")
+    p.add_argument("--rank", type=int, default=32, help="--unet sd15: the random LoRAs' rank")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="instead of timing: torch.profiler over one call per configuration at the largest k, "
+                        "the top ROWS ops by self CPU time")
     return p
 
 
@@ -186,6 +311,9 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
     res = measure(args)
+    if args.profile:
+        return
+    args.out = args.out or ROOT / "outputs" / ("bench_fusion_sd15.json" if args.unet == "sd15" else "bench_fusion.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({str(k): v for k, v in res.items()}, indent=1))
     print(table(res, args))

@@ -38,31 +38,42 @@ def _set_gate(fusion, b: float, w_out: float = 1.0) -> None:
             c.w_out.fill_(w_out)
 
 
-def test_gated_one_lora_gates_one_equals_plain_lora():
+@pytest.fixture(params=[False, True], ids=["eager", "fused"])
+def gate_options(request, monkeypatch):
+    """Gated fusion options for both paths: the in-place eager one and the fused one (``compile=True``; its
+    formula ``gate_sum`` runs uncompiled here, test_compiled_gate_equals_the_formula compiles it)."""
+    if request.param:
+        from lora_diffusion.fusion import gated
+
+        monkeypatch.setitem(gated._COMPILED, "gate_sum", gated.gate_sum)
+    return {"compile": request.param}
+
+
+def test_gated_one_lora_gates_one_equals_plain_lora(gate_options):
     unet = _unet_with(1)
     ld.set_adapters(unet, ["a0"])
     plain = unet_call(unet)
-    f = fuse(unet, ["a0"], method="gated")
+    f = fuse(unet, ["a0"], method="gated", **gate_options)
     _set_gate(f, math.inf)  # sigmoid(inf) = 1 exactly
     assert close(unet_call(unet), plain, 1e-5)
     f.remove()
     assert torch.equal(unet_call(unet), plain)
 
 
-def test_gated_all_gates_zero_is_the_base_model():
+def test_gated_all_gates_zero_is_the_base_model(gate_options):
     unet = _unet_with(2)
     ld.disable_adapters(unet)
     base = unet_call(unet)
-    f = fuse(unet, ["a0", "a1"], method="gated")
+    f = fuse(unet, ["a0", "a1"], method="gated", **gate_options)
     _set_gate(f, -math.inf)
     assert torch.equal(unet_call(unet), base)
 
 
-def test_untrained_gate_is_the_static_sum_at_weight_one():
+def test_untrained_gate_is_the_static_sum_at_weight_one(gate_options):
     unet = _unet_with(2)
     fuse(unet, ["a0", "a1"], method="static")
     static = unet_call(unet)
-    fuse(unet, ["a0", "a1"], method="gated")  # replaces the static fusion
+    fuse(unet, ["a0", "a1"], method="gated", **gate_options)  # replaces the static fusion
     assert close(unet_call(unet), static, 1e-5)
     assert not torch.equal(static, unet_call(_unet_with(0)))
 
@@ -243,7 +254,7 @@ def _reference_gate(c, y0, ys, t, T=1000, roles=None):
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("per_sample_t", [False, True])
 @pytest.mark.parametrize("per_role", [False, True])
-def test_stacked_gate_combiner_equals_the_formula(shape, k, per_sample_t, per_role):
+def test_stacked_gate_combiner_equals_the_formula(shape, k, per_sample_t, per_role, gate_options):
     from lora_diffusion.core.context import CallContext
     from lora_diffusion.fusion.base import ROLES
     from lora_diffusion.fusion.gated import GateCombiner
@@ -252,6 +263,7 @@ def test_stacked_gate_combiner_equals_the_formula(shape, k, per_sample_t, per_ro
     dim = 1 if len(shape) == 4 else -1
     roles = {f"a{i}": ROLES[(i + 1) % len(ROLES)] for i in range(k)}  # a0 style, a1 other, a2 subject
     c = GateCombiner([f"a{i}" for i in range(k)], 6, dim, 3, 2.0, roles, per_role)
+    c.compiled = gate_options["compile"]
     with torch.no_grad():
         for p in c.parameters():
             p.copy_(torch.randn(p.shape, generator=g))
@@ -265,8 +277,10 @@ def test_stacked_gate_combiner_equals_the_formula(shape, k, per_sample_t, per_ro
     c.record = True  # recording keeps g intact
     with torch.no_grad():
         got, strengths = c.combine(None, y0, ys, CallContext(timestep=t))
+        c.compiled, eager = False, c.combine(None, y0, ys, CallContext(timestep=t))[1]
     assert close(got, want, 1e-5) and set(strengths) == set(ys)
-    c.record = False
+    assert all(close(strengths[n].mean(), eager[n].mean(), 1e-5) for n in ys)  # the fused path's means too
+    c.record, c.compiled = False, gate_options["compile"]
     got, _ = c.combine(None, y0, ys, CallContext(timestep=t))  # with autograd: no in-place ops
     got.sum().backward()
     assert close(got.detach(), want, 1e-5) and all(p.grad is not None for p in c.parameters())
@@ -276,6 +290,33 @@ def test_stacked_gate_combiner_equals_the_formula(shape, k, per_sample_t, per_ro
         got, _ = c.combine(None, y0, ys, CallContext(timestep=t))
     roles_i = [ROLES.index(roles[n]) for n in ys] if per_role else None
     assert close(got, _reference_gate(c, y0, list(ys.values()), t, roles=roles_i), 1e-5)
+
+
+def test_compiled_gate_equals_the_formula():
+    """``compile=True`` really compiles (torch.compile, inductor) and gives the formula, with and without autograd
+    and recording (one case: k = 2 on a conv layer, per-role terms, per-sample timesteps; a few seconds)."""
+    from lora_diffusion.core.context import CallContext
+    from lora_diffusion.fusion import gated
+    from lora_diffusion.fusion.base import ROLES
+
+    g = torch.Generator().manual_seed(0)
+    roles = {"a0": "subject", "a1": "style"}
+    c = gated.GateCombiner(list(roles), 6, 1, 3, 2.0, roles, per_role=True)
+    c.compiled = True
+    with torch.no_grad():
+        for p in c.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    y0 = torch.randn(2, 6, 3, 3, generator=g)
+    ys = {n: torch.randn(2, 6, 3, 3, generator=g) * (i + 1) for i, n in enumerate(roles)}
+    t = torch.tensor([900.0, 100.0])
+    want = _reference_gate(c, y0, list(ys.values()), t, roles=[ROLES.index(r) for r in roles.values()])
+    with torch.no_grad():
+        got, _ = c.combine(None, y0, ys, CallContext(timestep=t))
+    assert close(got, want, 1e-5) and gated._COMPILED["gate_sum"] is not gated.gate_sum  # compiled, no fallback
+    got, _ = c.combine(None, y0, ys, CallContext(timestep=t))
+    got.sum().backward()
+    assert close(got.detach(), want, 1e-5) and all(p.grad is not None for p in c.parameters())
+    assert gated._COMPILED["gate_sum"] is not gated.gate_sum
 
 
 def _random_gates(fusion, seed: int = 0, scale: float = 0.5) -> None:

@@ -65,6 +65,7 @@ class GateCombiner(Combiner):
         self.w_out = nn.Parameter(torch.full((channels,), float(init_out)))
         self.u = nn.Parameter(torch.zeros(2 * time_features))
         self.per_role = per_role
+        self.compiled = False  # combine through fused_gate (GatedFusion's compile option)
         self.role_of = {n: ROLES.index((roles or {}).get(n, "other")) for n in names}
         self._index: dict[tuple[str, ...], torch.Tensor] = {}  # role indices per set of present LoRAs
         self._folded_cache: dict[tuple, tuple] = {}  # inference: the folded per-LoRA terms (see _folded)
@@ -119,23 +120,25 @@ class GateCombiner(Combiner):
         s = s.view(k, *([1] * y0l.dim())) if s.dim() == 1 else s.T.reshape(k, -1, *ones)
         return bias + self._cast(s, y0l)
 
-    def _gates(self, normed: torch.Tensor, y0l: torch.Tensor, ctx: CallContext, inplace: bool,
+    def _gates(self, n0: torch.Tensor, ny: torch.Tensor, y0l: torch.Tensor, ctx: CallContext, inplace: bool,
                bias: torch.Tensor | None = None) -> torch.Tensor:
-        """g (k, B, ..., C) from LN of [y0, y_1..y_k] stacked channels-last (k+1, B, ..., C); ``bias``: the
+        """g (k, B, ..., C) from LN(y0) (B, ..., C) and LN(y_i) stacked channels-last (k, B, ..., C); ``bias``: the
         per-LoRA bias of the role path (else the shared b + u·φ(t))."""
-        n0, ny = normed[0], normed[1:]
         bias = self._bias(ctx, y0l) if bias is None else bias
         a = torch.addcmul(bias, self._cast(self.w_base, y0l), n0)  # w_base LN(y0) + bias: (k or 1, B, .., C)
         c = torch.addcmul(self._cast(self.w_lora, y0l), self._cast(self.w_cross, y0l), n0)  # w_lora + w_cross LN(y0)
         pre = a.addcmul_(ny, c) if inplace and a.shape == ny.shape else torch.addcmul(a, ny, c)  # A + LN(y_i) * C
         return pre.sigmoid_() if inplace else pre.sigmoid()
 
-    def _stack(self, y0: torch.Tensor, ys: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(channels-last view of y0, [y0, y_1..y_k] stacked channels-last (k+1, B, ..., C) — one copy, which
-        also does the transpose of convolution outputs —, and its LayerNorm over the channels)."""
-        last = (lambda y: y) if self.channel_dim == -1 else (lambda y: y.movedim(1, -1))
-        stacked = torch.stack([last(y0), *map(last, ys)])
-        return last(y0), stacked, F.layer_norm(stacked, stacked.shape[-1:])
+    def _last(self, y: torch.Tensor) -> torch.Tensor:
+        """Channels-last view (convolution outputs (B, C, H, W) -> (B, H, W, C); no copy)."""
+        return y if self.channel_dim == -1 else y.movedim(1, -1)
+
+    def _stack(self, y0: torch.Tensor, ys: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """(channels-last view of y0, its LayerNorm over the channels, y_1..y_k stacked channels-last (k, B, ..., C)
+        — one copy, which also does the transpose of convolution outputs —, and their LayerNorm)."""
+        y0l, stacked = self._last(y0), torch.stack([self._last(y) for y in ys])
+        return y0l, F.layer_norm(y0l, y0l.shape[-1:]), stacked, F.layer_norm(stacked, stacked.shape[-1:])
 
     def _terms(self, ys: dict[str, torch.Tensor], ctx: CallContext, y0l: torch.Tensor) -> tuple[Any, torch.Tensor]:
         """(the per-LoRA bias or None, the output weight: w_out (C,), or w_out + ω_{r_i} (k, C) with roles)."""
@@ -146,19 +149,21 @@ class GateCombiner(Combiner):
 
     def gates(self, y0: torch.Tensor, ys: dict[str, torch.Tensor], ctx: CallContext) -> dict[str, torch.Tensor]:
         """{name: g_i} (the shape of y_i)."""
-        y0l, _, normed = self._stack(y0, list(ys.values()))
-        g = self._gates(normed, y0l, ctx, inplace=False, bias=self._terms(ys, ctx, y0l)[0])
+        y0l, n0, _, ny = self._stack(y0, list(ys.values()))
+        g = self._gates(n0, ny, y0l, ctx, inplace=False, bias=self._terms(ys, ctx, y0l)[0])
         return {n: gi if self.channel_dim == -1 else gi.movedim(-1, 1) for n, gi in zip(ys, g.unbind(0))}
 
     def combine(self, layer: AdaptedLayer, y0: torch.Tensor, ys: dict[str, torch.Tensor],
                 ctx: CallContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.compiled:
+            return self._combine_fused(y0, ys, ctx)
         inplace = not torch.is_grad_enabled()
-        y0l, stacked, normed = self._stack(y0, list(ys.values()))
+        y0l, n0, stacked, ny = self._stack(y0, list(ys.values()))
         bias, w_out = self._terms(ys, ctx, y0l)
-        g = self._gates(normed, y0l, ctx, inplace, bias)  # (k, B, ..., C)
+        g = self._gates(n0, ny, y0l, ctx, inplace, bias)  # (k, B, ..., C)
         per_lora = w_out.dim() == 2  # (k, C): w_out + ω_{r_i}
         weights = ({n: (w_out[i] if per_lora else w_out) * g[i] for i, n in enumerate(ys)} if self.record else {})
-        gy = g.mul_(stacked[1:]) if inplace and not self.record else g * stacked[1:]
+        gy = g.mul_(stacked) if inplace and not self.record else g * stacked
         if per_lora:  # y0 + Σ_i (w_out + ω_{r_i}) g_i y_i: k fused multiply-adds
             out = torch.addcmul(y0l, gy[0], w_out[0])
             for i in range(1, len(ys)):
@@ -166,6 +171,63 @@ class GateCombiner(Combiner):
         else:
             out = torch.addcmul(y0l, gy[0] if len(ys) == 1 else gy.sum(0), w_out)  # y0 + Σ w_out g_i y_i
         return (out if self.channel_dim == -1 else out.movedim(-1, 1)), weights
+
+    def _combine_fused(self, y0: torch.Tensor, ys: dict[str, torch.Tensor],
+                       ctx: CallContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The same formula through ``fused_gate`` (torch.compile: one fused kernel instead of ~8 full-size passes;
+        no stack copy); recording gets each LoRA's mean weight from the same kernel."""
+        y0l = self._last(y0)
+        bias, w_out = self._terms(ys, ctx, y0l)
+        if bias is None:  # shared: (C,) or (B, 1.., C) -> (1, 1.., C) or (1, B, 1.., C)
+            b = self._bias(ctx, y0l)
+            bias = b.view(*([1] * (y0l.dim() + 1 - b.dim())), *b.shape)
+        w = w_out if w_out.dim() == 2 else w_out[None]  # (k or 1, C)
+        out, strength = fused_gate(y0l, tuple(self._last(y) for y in ys.values()), self._cast(self.w_base, y0l),
+                                   self._cast(self.w_lora, y0l), self._cast(self.w_cross, y0l), bias, w, self.record)
+        return (out if self.channel_dim == -1 else out.movedim(-1, 1)), dict(zip(ys, strength))
+
+
+def gate_sum(y0: torch.Tensor, ys: tuple[torch.Tensor, ...], w_base: torch.Tensor, w_lora: torch.Tensor,
+             w_cross: torch.Tensor, bias: torch.Tensor, w_out: torch.Tensor,
+             record: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """y0 + Σ_i w_out_i ⊙ σ(bias_i + w_base ⊙ LN(y0) + LN(y_i) ⊙ (w_lora + w_cross ⊙ LN(y0))) ⊙ y_i, channels last:
+    y0, y_i (B, ..., C); w_* (C,); bias (k or 1, [B,] 1.., C); w_out (k or 1, C) (one row: shared by all LoRAs).
+    Written one LoRA at a time without in-place ops, for torch.compile to fuse; with ``record`` also each LoRA's
+    mean effective weight w_out_i ⊙ g_i (0-d)."""
+    n0 = F.layer_norm(y0, y0.shape[-1:])
+    a = torch.addcmul(bias, w_base, n0)  # (k or 1, B, ..., C)
+    c = torch.addcmul(w_lora, w_cross, n0)
+    out, strength = y0, []
+    for i, y in enumerate(ys):
+        wg = w_out[min(i, len(w_out) - 1)] * torch.sigmoid(a[min(i, len(a) - 1)] + F.layer_norm(y, y.shape[-1:]) * c)
+        out = out + wg * y
+        if record:
+            strength.append(wg.float().mean())
+    return out, strength
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def fused_gate(*args: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``gate_sum`` compiled once per process (dynamic shapes; a graph per number of LoRAs and layout). If
+    torch.compile cannot run here (e.g. no C++ compiler on CPU), says so once and runs ``gate_sum`` eagerly."""
+    fn = _COMPILED.get("gate_sum")
+    if fn is None:
+        import torch._dynamo
+
+        cfg = torch._dynamo.config  # k = 1..3 x linear/conv x grad on/off x recording: more than the default 8
+        cfg.recompile_limit = max(cfg.recompile_limit, 64)
+        fn = _COMPILED["gate_sum"] = torch.compile(gate_sum, dynamic=True)
+    if fn is gate_sum:
+        return gate_sum(*args)
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 (any backend failure: the eager function is the same formula)
+        log.warning("gated fusion: torch.compile failed (%s: %s); the gate runs uncompiled", type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "")
+        _COMPILED["gate_sum"] = gate_sum
+        return gate_sum(*args)
 
 
 def time_features(ctx: CallContext, n: int) -> torch.Tensor | None:
@@ -189,13 +251,18 @@ class GatedFusion(FusionMethod):
         time_features: int = 3  # K in phi(t)
         init_out: float = 2.0  # w_out at init: 2 * sigmoid(0) = 1, the static sum
         per_role: bool = True  # role offsets β_r, υ_r, ω_r (False: the paper's gate, every parameter shared)
+        # torch.compile the gate: LN, gate and weighted sum in one fused kernel per layer instead of ~8 full-size
+        # passes (docs/autolora.md "Speed"); the first call per number of LoRAs compiles (seconds)
+        compile: bool = False
 
     def make_combiner(self, key: str, layer: AdaptedLayer, names: list[str], roles: dict[str, str]) -> Combiner | None:
         if not any(n in layer.adapters for n in names):
             return None
         dim = 1 if layer.info.kind.startswith("conv") else -1
         o = self.options
-        return GateCombiner(names, layer.info.out_features, dim, o.time_features, o.init_out, roles, o.per_role)
+        comb = GateCombiner(names, layer.info.out_features, dim, o.time_features, o.init_out, roles, o.per_role)
+        comb.compiled = o.compile
+        return comb
 
 
 # --- gate files ---
