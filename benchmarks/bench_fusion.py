@@ -14,7 +14,8 @@ as diffusers files and loaded by both sides. Both pipelines share the UNet's bas
 One run, the same LoRA files for every row (the demo library's ring, dotted, heart; written once more in the
 diffusers format for diffusers/PEFT), the same prompt, seed and step count; the UNet loop only
 (``output_type="latent"``). Calls are interleaved across configurations (round-robin) so a busy machine slows all
-of them alike; the median of ``--reps`` calls is reported. Ratios (targets from issue 12):
+of them alike; the median of ``--reps`` calls is reported (``--stat min``: the fastest, the least disturbed by
+other jobs on a shared machine). Ratios (targets from issue 12):
 
 - gated / static unfused <= 1.3 (gated: with the per-role terms, the default; gated_compiled: the same gate with
   ``compile=True``, one fused kernel per layer, compiled in the warm-up round; gated_shared: ``per_role=False``,
@@ -211,14 +212,19 @@ def time_k(k: int, b: Bench, args: argparse.Namespace) -> dict[str, float]:
     """{config: median seconds per call} over ``args.reps`` interleaved rounds after one warm-up round."""
     cfgs = selected(k, b, args)
     times: dict[str, list[float]] = {n: [] for n in cfgs}
-    for rep in range(args.reps + 1):  # the first round warms up
+    graphs = 0
+    for rep in range(args.reps + 1):  # the first round warms up (and compiles the compiled gate)
         for n, (pipe, setup) in cfgs.items():
             setup()
             t = call(b, pipe, args)
             if rep:
                 times[n].append(t)
             reset(b, pipe)
-    out = {n: statistics.median(v) for n, v in times.items()}
+        if rep == 0:
+            graphs = compiled_graphs()
+    if compiled_graphs() != graphs:
+        log.warning("k=%d: torch.compile built %d graphs during the timed rounds", k, compiled_graphs() - graphs)
+    out = {n: (min if args.stat == "min" else statistics.median)(v) for n, v in times.items()}
     for n, (pipe, setup) in cfgs.items() if args.memory else ():
         setup()
         out[f"{n}/peak_mib"] = peak_mib(b, pipe, args)
@@ -235,8 +241,16 @@ def measure(args: argparse.Namespace) -> dict[int, dict[str, float]]:
             return profile(b, args)
         for k in (int(x) for x in args.ks.split(",")):
             out[k] = time_k(k, b, args)
-            log.info("k=%d: %s", k, ", ".join(f"{n} {1000 * v:.0f} ms" for n, v in out[k].items() if "/" not in n))
+            log.info("k=%d: %s; torch.compile graphs so far: %d", k, ", ".join(
+                f"{n} {1000 * v:.0f} ms" for n, v in out[k].items() if "/" not in n), compiled_graphs())
     return out
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process (the compiled gate: none may appear in timed rounds)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def profile(b: Bench, args: argparse.Namespace) -> dict[int, dict[str, float]]:
@@ -275,7 +289,7 @@ def table(res: dict[int, dict[str, float]], args: argparse.Namespace) -> str:
              f"SD1.5-config UNet ({args.sd_layers} layers per block, random weights), {args.latent}x{args.latent} "
              f"latents, LoRAs rank {args.rank}")
     lines.append(f"\n{model}, {args.steps} steps, CFG (UNet batch 2), {args.dtype}, {args.device}, "
-                 f"torch threads {torch.get_num_threads()}, median of {args.reps} interleaved calls")
+                 f"torch threads {torch.get_num_threads()}, {args.stat} of {args.reps} interleaved calls")
     return "\n".join(lines)
 
 
@@ -290,6 +304,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ks", default="1,2,3", help="numbers of LoRAs blended, comma-separated")
     p.add_argument("--configs", default="", help=f"a comma-separated subset of {', '.join(CONFIGS)} (default: all)")
+    p.add_argument("--stat", choices=["median", "min"], default="median", help="per configuration, of --reps calls")
     p.add_argument("--memory", action="store_true", help="also the peak memory of one call per configuration")
     p.add_argument("--out", type=Path, default=None, help="the figures as JSON (default outputs/bench_fusion.json, "
                    "outputs/bench_fusion_sd15.json with --unet sd15)")
