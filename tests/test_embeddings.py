@@ -312,13 +312,49 @@ def test_hue_jittered_views_take_their_own_captions(tmp_path) -> None:
     assert {cond.prompt(v) for v in views} == {"a sks on a white background"}
 
 
+def test_jittered_captions_name_the_turned_colors() -> None:
+    """--jitter_color_words: a color word becomes the color the hue rotation turned it into (the same rotation as the
+    pixels'), with its article; words without hue, other words and unjittered views stay."""
+    from training.data import COLOR_WORDS, hue_angle, recolor_caption
+
+    to_purple = hue_angle(COLOR_WORDS["purple"]) - hue_angle(COLOR_WORDS["blue"])  # blue's hue onto purple's
+    assert recolor_caption("a blue sks on a white background", to_purple) == "a purple sks on a white background"
+    to_orange = hue_angle(COLOR_WORDS["orange"]) - hue_angle(COLOR_WORDS["red"])
+    assert recolor_caption("A red sks, gray background", to_orange) == "An orange sks, gray background"
+    assert recolor_caption("an orange sks", -to_orange) == "a red sks"
+    assert recolor_caption("a blue sks on a yellow background", 0.0) == "a blue sks on a yellow background"
+    assert recolor_caption("bluebird and redo on black", 90.0) == "bluebird and redo on black"
+    turned = {recolor_caption("blue", d) for d in range(-180, 180, 10)}
+    assert turned == {"red", "orange", "yellow", "green", "blue", "purple"}  # a full turn names every hue
+
+
+def test_conditioner_renames_colors_of_jittered_views_only(tmp_path) -> None:
+    """ImageSet.recolor: a jittered view's caption names its turned colors; an unjittered view's is the caption."""
+    from lora_diffusion.demo import world
+    from training.data import ImageSet, recolor_caption
+    from training.objectives import Conditioner
+
+    world.render(world.Scene("ring", "red", "white"), supersample=1).save(tmp_path / "x.png")
+    images = ImageSet([tmp_path / "x.png"], 32, ["a red sks on a white background"])
+    images.recolor = True
+    cond = Conditioner.__new__(Conditioner)  # prompt() reads only the sets and the class prompt
+    cond.sets, cond.class_prompt = {False: images, True: None}, None
+    gen = torch.Generator().manual_seed(0)
+    assert cond.prompt(images.draw(gen)) == "a red sks on a white background"
+    images.hue_jitter = 180.0
+    views = [images.draw(gen) for _ in range(16)]
+    assert [cond.prompt(v) for v in views] == [recolor_caption("a red sks on a white background", v.hue) for v in views]
+    assert len({cond.prompt(v) for v in views}) > 2
+
+
 def test_class_images_drawn_by_the_base_model(sd_model, subject, tmp_path):  # noqa: F811
     """--num_class_images: the base model draws them (cycling the '#' prompts) with .txt captions, then trains on them."""
     cls = tmp_path / "class"
     cfg = tiny_config(sd_model, subject, tmp_path / "out", variant="lora", max_train_steps=2, with_prior_preservation=True,
                       class_data_dir=str(cls), num_class_images=3, class_prompt="a photo of dog#a photo of cat",
-                      num_inference_steps=2, hue_jitter=30.0, invert_p=0.5, jitter_prompt_template="a {0}#{0}")
-    train(cfg)  # with the augmentations (inversion, captions of jittered views) too
+                      num_inference_steps=2, hue_jitter=30.0, invert_p=0.5, jitter_prompt_template="a red {0}#{0}",
+                      jitter_color_words=True)
+    train(cfg)  # with the augmentations (inversion, captions of jittered views, their colors renamed) too
     assert sorted(p.name for p in cls.glob("*.png")) == ["class-00000.png", "class-00001.png", "class-00002.png"]
     assert [(cls / f"class-0000{i}.txt").read_text() for i in range(3)] == ["a photo of dog", "a photo of cat",
                                                                            "a photo of dog"]

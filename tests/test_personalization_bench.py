@@ -165,3 +165,28 @@ def test_paired_table_is_the_per_run_difference() -> None:
     assert f"| bare | b | 4 | {100 * m:+.1f} ± {100 * ci:.1f} | +0.0 ± 0.0 |" in pb.paired_table(results, cfg)
     with pytest.raises(SystemExit, match="--paired-to 'c': expected one of --variants"):
         pb.main(["--variants", "lora:4", "--paired-to", "c"])
+
+
+def test_lever_against_recipe_folders_pairs_by_run(tmp_path) -> None:
+    """benchmarks/personalization_paired.py: two --out folders, paired by (variant, regime, concept, seed, step);
+    a run only one folder holds is left out; a folder without results is named."""
+    from benchmarks import personalization_paired as pp
+
+    def folder(name: str, runs: list[tuple[str, int, int, float]], done: bool = True) -> Path:
+        out = tmp_path / name
+        out.mkdir()
+        recs = [{"variant": "base", "regime": "any", "concept": "ring", "seed": 0, "step": 0, "fidelity": 0.0}]
+        recs += [{"variant": "tlora:64", "regime": "described", "concept": c, "seed": s, "step": step,
+                  "fidelity": f, "alignment": 1 - f, "both": f / 2, "color": 1.0} for c, s, step, f in runs]
+        (out / ("results.json" if done else "partial.json")).write_text(json.dumps({"runs": recs}))
+        return out
+
+    lever = folder("lever", [("ring", 0, 400, 1.0), ("heart", 0, 400, 0.75), ("moon", 1, 400, 0.5)])
+    recipe = folder("recipe", [("ring", 0, 400, 0.5), ("heart", 0, 400, 0.5)], done=False)
+    rows = pp.paired_rows(pp.load_runs(lever), pp.load_runs(recipe))
+    assert [(r["step"], r["pairs"]) for r in rows] == [(400, 2)]  # moon/1 has no recipe run
+    assert sorted(rows[0]["fidelity"][2]) == [25.0, 50.0] and sorted(rows[0]["alignment"][2]) == [-50.0, -25.0]
+    assert "+37.5 ±" in pp.main([str(lever), str(recipe)])
+    assert pp.paired_rows(pp.load_runs(lever), pp.load_runs(recipe), {"moon"}) == []
+    with pytest.raises(SystemExit, match="no results.json"):
+        pp.load_runs(tmp_path)

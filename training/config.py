@@ -321,6 +321,10 @@ class DataArgs:
     jitter_prompt_template: str | None = opt(None, "'#'-separated templates for hue-jittered views, e.g. the caption "
                                              "without its color word (which the jitter makes wrong); None: "
                                              "--prompt_template")
+    jitter_color_words: bool = opt(False, "hue-jittered views: each color word of the caption is renamed to the color "
+                                   "the jitter turned it into (the nearest basic color in hue: red, orange, yellow, "
+                                   "green, blue, purple; white, black and gray stay), so a caption that names colors "
+                                   "stays true under --hue_jitter")
     invert_p: float = opt(0.0, "augmentation: invert the training image's colors (x -> 255 - x) with this probability "
                           "each step, so a texture's pattern is seen both darker and lighter than its fill (for a "
                           "texture concept in the demo world: a pattern is lighter on dark fills, darker on light "

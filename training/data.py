@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,40 @@ class Example:
     jitter_prompt: bool = False  # ``prompt`` indexes the prompts of hue-jittered views
 
 
+#: basic color words and the sRGB each names (the demo world's palette), for --jitter_color_words
+COLOR_WORDS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 35, 35), "orange": (245, 135, 15), "yellow": (245, 215, 30), "green": (35, 165, 55),
+    "blue": (35, 75, 215), "purple": (135, 45, 175), "white": (245, 245, 245), "black": (20, 20, 20),
+    "gray": (125, 125, 125), "grey": (125, 125, 125),
+}
+_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+
+
+def hue_angle(rgb: tuple[float, ...]) -> float | None:
+    """The angle (degrees) of an sRGB color in the YIQ chroma plane, the plane :func:`rotate_hue` turns; None for a
+    color without hue (white, black, gray)."""
+    y, i, q = (sum(m * c / 255 for m, c in zip(row, rgb)) for row in _YIQ)
+    return None if math.hypot(i, q) < 0.05 else math.degrees(math.atan2(q, i))
+
+
+def recolor_caption(caption: str, degrees: float, palette: dict[str, tuple[int, int, int]] | None = None) -> str:
+    """The caption of a view whose hue :func:`rotate_hue` turned by ``degrees``: each color word with a hue becomes
+    the palette's word nearest in hue to its turned color (``a blue sks on a yellow background``, -74 deg: ``a
+    purple sks on a green background``); words without hue (white, black, gray) and other words stay."""
+    palette = palette or COLOR_WORDS
+    hues = {w: a for w, a in ((w, hue_angle(c)) for w, c in palette.items()) if a is not None}
+
+    def turn(m: re.Match) -> str:  # the word's color turned as the pixels are (clamped to sRGB), then named
+        rgb = torch.tensor(palette[m.group(2).lower()], dtype=torch.float64).view(3, 1, 1) / 127.5 - 1
+        a = hue_angle(tuple(((rotate_hue(rgb, degrees) + 1) * 127.5).view(3).tolist())) or 0.0
+        word = min(hues, key=lambda w: abs((hues[w] - a + 180) % 360 - 180))
+        article = m.group(1) and m.group(1)[0] + ("n " if word[0] in "aeiou" else " ")  # a red / an orange
+        return (article or "") + word
+
+    pattern = rf"\b(an? )?({'|'.join(hues)})\b"
+    return re.sub(pattern, turn, caption, flags=re.IGNORECASE) if degrees and hues else caption
+
+
 def rotate_hue(x: torch.Tensor, degrees: float) -> torch.Tensor:
     """Rotate the hue of a (3, H, W) image in [-1, 1] by ``degrees`` (a rotation of the YIQ chroma plane)."""
     if not degrees:
@@ -154,6 +189,7 @@ class ImageSet:
         self.hue_jitter = 0.0  # degrees; set by the trainer (--hue_jitter)
         self.invert_p = 0.0  # probability; set by the trainer (--invert_p)
         self.jitter_prompts: list[str] = []  # prompts of hue-jittered views (--jitter_prompt_template)
+        self.recolor = False  # jittered views: color words renamed to the turned colors (--jitter_color_words)
         self.images = [load_image(p, resolution) for p in paths]
 
     def __len__(self) -> int:

@@ -329,6 +329,9 @@ def build_data(cfg: TLoRAConfig, pipe: Any, images: list[Path], resolution: int,
     inst.hue_jitter, inst.invert_p = d.hue_jitter, d.invert_p
     if d.jitter_prompt_template:
         inst.jitter_prompts = expand_prompts(d.jitter_prompt_template, phrase)
+    inst.recolor = d.jitter_color_words
+    if d.jitter_color_words and not d.hue_jitter:
+        log.warning("--jitter_color_words renames the color words of hue-jittered views, but --hue_jitter is 0")
     classes = None
     class_prompt = None
     if d.with_prior_preservation:

@@ -28,7 +28,7 @@ import lora_diffusion as ld
 from lora_diffusion.embeddings import expand_prompt
 from lora_diffusion.families import family_of
 
-from .data import Example, ImageSet
+from .data import Example, ImageSet, recolor_caption
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ class Conditioner:
         s = self.sets[ex.prior]
         if ex.prior and self.class_prompt:
             return self.class_prompt
-        return s.jitter_prompts[ex.prompt] if ex.jitter_prompt else s.prompts[ex.prompt]
+        text = s.jitter_prompts[ex.prompt] if ex.jitter_prompt else s.prompts[ex.prompt]
+        return recolor_caption(text, ex.hue) if s.recolor and ex.hue else text
 
     @torch.no_grad()
     def posterior(self, ex: Example, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
