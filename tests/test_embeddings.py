@@ -347,14 +347,62 @@ def test_conditioner_renames_colors_of_jittered_views_only(tmp_path) -> None:
     assert len({cond.prompt(v) for v in views}) > 2
 
 
+def test_caption_colors_are_found_and_swapped() -> None:
+    """--recolor_p's captions: the subject's and the background's color words are found and replaced, articles fixed."""
+    from training.data import caption_colors, swap_colors
+
+    assert caption_colors("a blue sks on a white background") == ("blue", "white")
+    assert caption_colors("a Red sks , gray background") == ("red", "gray")
+    assert caption_colors("a photo of sks") is None and caption_colors("a sks on a red background") is None
+    assert swap_colors("a blue sks on a blue background", ("blue", "blue"), ("red", "orange")) == \
+        "a red sks on an orange background"
+    assert swap_colors("An orange sks , yellow background", ("orange", "yellow"), ("green", "gray")) == \
+        "A green sks , gray background"
+
+
+def test_repainted_views_show_the_colors_their_captions_name(tmp_path) -> None:
+    """--recolor_p: a repainted view's subject and background pixels are the colors its caption names (edges mixed
+    the same way); captions without colors leave the views, and their random sequence, as without the option."""
+    from lora_diffusion.demo import world
+    from training.data import COLOR_WORDS, ImageSet, caption_colors
+    from training.objectives import Conditioner
+
+    world.render(world.Scene("ring", "blue", "white", size=0.7), supersample=1).save(tmp_path / "x.png")
+    images = ImageSet([tmp_path / "x.png"], 32, ["a blue sks on a white background"])
+    images.recolor_p, images.hue_jitter = 0.5, 180.0
+    cond = Conditioner.__new__(Conditioner)  # prompt() reads only the sets and the class prompt
+    cond.sets, cond.class_prompt = {False: images, True: None}, None
+    gen = torch.Generator().manual_seed(0)
+    views = [images.draw(gen) for _ in range(64)]
+    painted = [v for v in views if v.colors]
+    assert 16 < len(painted) < 48 and all(v.hue == 0 for v in painted) and all(v.hue for v in views if not v.colors)
+    for v in painted[:8]:
+        fill, background = caption_colors(cond.prompt(v))
+        x = (images.pixels(v) + 1) * 127.5  # (3, 32, 32)
+        assert torch.allclose(x[:, 0, 0], torch.tensor(COLOR_WORDS[background], dtype=x.dtype), atol=1.0)
+        assert (x - torch.tensor(COLOR_WORDS[fill], dtype=x.dtype).view(3, 1, 1)).abs().amax(0).lt(1.0).sum() > 20
+        assert fill != background and fill in world.SHAPE_COLORS
+    bare = ImageSet([tmp_path / "x.png"], 32, ["a photo of sks"])
+    bare.hue_jitter = 180.0
+    plain = [bare.draw(torch.Generator().manual_seed(1)) for _ in range(2)]
+    bare.recolor_p = 1.0
+    assert not bare.can_repaint() and [bare.draw(torch.Generator().manual_seed(1)) for _ in range(2)] == plain
+    from training.config import TLoRAConfig, resolve_defaults
+
+    cfg = TLoRAConfig()
+    cfg.data.recolor_p = -0.1
+    with pytest.raises(ConfigError, match="--recolor_p"):
+        resolve_defaults(cfg, ld.variant_names())
+
+
 def test_class_images_drawn_by_the_base_model(sd_model, subject, tmp_path):  # noqa: F811
     """--num_class_images: the base model draws them (cycling the '#' prompts) with .txt captions, then trains on them."""
     cls = tmp_path / "class"
     cfg = tiny_config(sd_model, subject, tmp_path / "out", variant="lora", max_train_steps=2, with_prior_preservation=True,
                       class_data_dir=str(cls), num_class_images=3, class_prompt="a photo of dog#a photo of cat",
                       num_inference_steps=2, hue_jitter=30.0, invert_p=0.5, jitter_prompt_template="a red {0}#{0}",
-                      jitter_color_words=True)
-    train(cfg)  # with the augmentations (inversion, captions of jittered views, their colors renamed) too
+                      jitter_color_words=True, prompt_template="a red {0} on a white background", recolor_p=0.5)
+    train(cfg)  # with the augmentations (inversion, captions of jittered views, their colors renamed, repainting) too
     assert sorted(p.name for p in cls.glob("*.png")) == ["class-00000.png", "class-00001.png", "class-00002.png"]
     assert [(cls / f"class-0000{i}.txt").read_text() for i in range(3)] == ["a photo of dog", "a photo of cat",
                                                                            "a photo of dog"]

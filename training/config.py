@@ -325,6 +325,10 @@ class DataArgs:
                                    "the jitter turned it into (the nearest basic color in hue: red, orange, yellow, "
                                    "green, blue, purple; white, black and gray stay), so a caption that names colors "
                                    "stays true under --hue_jitter")
+    recolor_p: float = opt(0.0, "augmentation for flat two-color subjects (the demo world): with this probability a "
+                           "view is repainted in other colors (a random color with hue for the subject, another color "
+                           "for the background) and its caption's two color words say which ('a blue sks on a white "
+                           "background' -> 'a green sks on a gray background'); captions without both colors: no-op")
     invert_p: float = opt(0.0, "augmentation: invert the training image's colors (x -> 255 - x) with this probability "
                           "each step, so a texture's pattern is seen both darker and lighter than its fill (for a "
                           "texture concept in the demo world: a pattern is lighter on dark fills, darker on light "
@@ -610,5 +614,7 @@ def _check_ranges(cfg: TLoRAConfig) -> None:
         raise ConfigError(f"--learning_rate: expected > 0, found {cfg.optim.learning_rate}")
     if cfg.data.resolution is not None and (cfg.data.resolution < 8 or cfg.data.resolution % 8):
         raise ConfigError(f"--resolution: expected a multiple of 8, found {cfg.data.resolution}")
+    if not 0.0 <= cfg.data.recolor_p <= 1.0:
+        raise ConfigError(f"--recolor_p: expected a probability in [0, 1], found {cfg.data.recolor_p}")
     if not 0.0 <= cfg.data.invert_p <= 1.0:
         raise ConfigError(f"--invert_p: expected a probability in [0, 1], found {cfg.data.invert_p}")

@@ -128,6 +128,7 @@ class Example:
     hue: float = 0.0  # degrees of hue rotation (augmentation)
     invert: bool = False  # colors inverted, x -> 255 - x (augmentation)
     jitter_prompt: bool = False  # ``prompt`` indexes the prompts of hue-jittered views
+    colors: tuple[str, str] | None = None  # repainted in these (subject, background) color words (--recolor_p)
 
 
 #: basic color words and the sRGB each names (the demo world's palette), for --jitter_color_words
@@ -164,6 +165,40 @@ def recolor_caption(caption: str, degrees: float, palette: dict[str, tuple[int, 
     return re.sub(pattern, turn, caption, flags=re.IGNORECASE) if degrees and hues else caption
 
 
+def caption_colors(caption: str, palette: dict[str, tuple[int, int, int]] | None = None) -> tuple[str, str] | None:
+    """(subject color, background color): the caption's first color word and the color word right before
+    ``background`` (``a blue sks on a white background``: blue, white); None unless it names both."""
+    words = "|".join(palette or COLOR_WORDS)
+    subject = re.search(rf"\b({words})\b", caption, re.IGNORECASE)
+    background = re.search(rf"\b({words}) background\b", caption, re.IGNORECASE)
+    if subject is None or background is None or subject.start() == background.start():
+        return None
+    return subject.group(1).lower(), background.group(1).lower()
+
+
+def swap_colors(caption: str, old: tuple[str, str], new: tuple[str, str]) -> str:
+    """``caption`` with its subject and background color words (``old``, as :func:`caption_colors` found them)
+    replaced by ``new``, articles fixed (a red / an orange)."""
+    out = re.sub(rf"\b{re.escape(old[1])}(?= background\b)", "\x00B", caption, count=1, flags=re.IGNORECASE)
+    out = re.sub(rf"\b{re.escape(old[0])}\b", "\x00S", out, count=1, flags=re.IGNORECASE)
+    words = {"S": new[0], "B": new[1]}
+
+    def put(m: re.Match) -> str:
+        word = words[m.group(2)]
+        return (m.group(1)[0] + ("n " if word[0] in "aeiou" else " ") if m.group(1) else "") + word
+
+    return re.sub(r"(?:\b(an?) )?\x00([SB])", put, out, flags=re.IGNORECASE)
+
+
+def recolor_view(x: torch.Tensor, old: tuple[tuple[int, ...], tuple[int, ...]],
+                 new: tuple[tuple[int, ...], tuple[int, ...]]) -> torch.Tensor:
+    """A flat two-color image (3, H, W) in [-1, 1] repainted: each pixel is read as a mix a·f + (1 - a)·b of the old
+    subject and background colors (antialiased edges: 0 < a < 1) and redrawn as a·f' + (1 - a)·b'."""
+    f, b, f2, b2 = (torch.tensor(c, dtype=x.dtype).view(3, 1, 1) / 127.5 - 1 for c in (*old, *new))
+    a = (((x - b) * (f - b)).sum(0, keepdim=True) / ((f - b) ** 2).sum().clamp_min(1e-6)).clamp(0, 1)
+    return a * f2 + (1 - a) * b2
+
+
 def rotate_hue(x: torch.Tensor, degrees: float) -> torch.Tensor:
     """Rotate the hue of a (3, H, W) image in [-1, 1] by ``degrees`` (a rotation of the YIQ chroma plane)."""
     if not degrees:
@@ -190,6 +225,7 @@ class ImageSet:
         self.invert_p = 0.0  # probability; set by the trainer (--invert_p)
         self.jitter_prompts: list[str] = []  # prompts of hue-jittered views (--jitter_prompt_template)
         self.recolor = False  # jittered views: color words renamed to the turned colors (--jitter_color_words)
+        self.recolor_p = 0.0  # probability of a view repainted in other named colors (--recolor_p)
         self.images = [load_image(p, resolution) for p in paths]
 
     def __len__(self) -> int:
@@ -206,18 +242,41 @@ class ImageSet:
             left = int(torch.randint(w - r + 1, (1,), generator=gen))
         flip = bool(torch.rand((), generator=gen) < 0.5) if self.random_flip else False
         hue = float(torch.empty(()).uniform_(-self.hue_jitter, self.hue_jitter, generator=gen)) if self.hue_jitter else 0.0
+        repaint = bool(torch.rand((), generator=gen) < self.recolor_p) if self.can_repaint() else False
+        hue = 0.0 if repaint else hue
         jittered = bool(hue) and bool(self.jitter_prompts)
         prompts = self.jitter_prompts if jittered else self.prompts
         p = i if self.per_image and not jittered else \
             int(torch.randint(len(prompts), (1,), generator=gen)) if len(prompts) > 1 else 0
+        colors = self._new_colors(prompts[p], gen) if repaint else None
         invert = bool(torch.rand((), generator=gen) < self.invert_p) if self.invert_p else False
-        return Example(i, top, left, flip, p, prior, hue, invert, jittered)
+        return Example(i, top, left, flip, p, prior, hue, invert, jittered, colors)
+
+    def can_repaint(self) -> bool:
+        """--recolor_p is on and some caption names a subject and a background color (else views are drawn
+        exactly as without it: the same random sequence)."""
+        return bool(self.recolor_p) and any(caption_colors(p) for p in self.prompts)
+
+    def _new_colors(self, caption: str, gen: torch.Generator) -> tuple[str, str] | None:
+        """Random (subject, background) color words for a repainted view: a color with hue for the subject, any
+        other color for the background; None if the caption does not name both colors (the view stays as is)."""
+        if caption_colors(caption) is None:
+            return None
+        names = list(dict.fromkeys(n for n, c in COLOR_WORDS.items() if n != "grey"))
+        subjects = [n for n in names if hue_angle(COLOR_WORDS[n]) is not None]
+        subject = subjects[int(torch.randint(len(subjects), (1,), generator=gen))]
+        backgrounds = [n for n in names if n != subject]
+        return subject, backgrounds[int(torch.randint(len(backgrounds), (1,), generator=gen))]
 
     def pixels(self, ex: Example) -> torch.Tensor:
         """(3, r, r) view of the example's image."""
         r = self.resolution
         view = self.images[ex.image][:, ex.top:ex.top + r, ex.left:ex.left + r]
         view = rotate_hue(view.flip(-1) if ex.flip else view, ex.hue)
+        if ex.colors:
+            old = caption_colors(self.prompts[ex.prompt])
+            view = recolor_view(view, (COLOR_WORDS[old[0]], COLOR_WORDS[old[1]]),
+                                (COLOR_WORDS[ex.colors[0]], COLOR_WORDS[ex.colors[1]]))
         return -view if ex.invert else view  # [-1, 1]: -x is 255 - x
 
 

@@ -28,7 +28,7 @@ import lora_diffusion as ld
 from lora_diffusion.embeddings import expand_prompt
 from lora_diffusion.families import family_of
 
-from .data import Example, ImageSet, recolor_caption
+from .data import Example, ImageSet, caption_colors, recolor_caption, swap_colors
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class Conditioner:
         self.pipe, self.sets = pipe, {False: instances, True: classes}
         self.class_prompt = class_prompt
         self.cache_latents = (cache_latents and instances.center_crop and not instances.hue_jitter
-                              and not instances.invert_p)
+                              and not instances.invert_p and not instances.recolor_p)
         if cache_latents and not instances.center_crop:
             log.info("random crops: latents are encoded every step (no latent cache)")
         self.cache_text = cache_text
@@ -57,12 +57,14 @@ class Conditioner:
         if ex.prior and self.class_prompt:
             return self.class_prompt
         text = s.jitter_prompts[ex.prompt] if ex.jitter_prompt else s.prompts[ex.prompt]
+        if ex.colors:  # a repainted view (--recolor_p)
+            return swap_colors(text, caption_colors(text), ex.colors)
         return recolor_caption(text, ex.hue) if s.recolor and ex.hue else text
 
     @torch.no_grad()
     def posterior(self, ex: Example, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) of the VAE latent of the example's view, scaled by the VAE's scaling factor."""
-        key = (ex.prior, ex.image, ex.top, ex.left, ex.flip, ex.hue, ex.invert)
+        key = (ex.prior, ex.image, ex.top, ex.left, ex.flip, ex.hue, ex.invert, ex.colors)
         if key in self._latents:
             return self._latents[key]
         vae = self.pipe.vae
