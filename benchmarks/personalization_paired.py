@@ -1,7 +1,7 @@
 """A lever against the recipe: two ``benchmarks/personalization.py`` output folders of the same variants on the same
 (concept, seed) runs, compared checkpoint by checkpoint, paired by (variant, regime, concept, seed, step).
 
-    python benchmarks/personalization_paired.py /tmp/lever /tmp/recipe      # lever minus recipe, per step
+    python benchmarks/personalization_paired.py /tmp/lever-s0 /tmp/lever-s1 --recipe /tmp/recipe   # lever - recipe
 
 Prints, for each (regime, variant, step) both folders hold, each arm's mean and the paired difference (lever minus
 recipe) with its 95% Student-t interval, in percentage points (``benchmarks/stats.py``). The benchmark's runs are
@@ -65,16 +65,22 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merged(folders: list[Path]) -> dict[Key, dict[str, Any]]:
+    """The records of several folders; where two hold the same checkpoint, the first listed wins."""
+    out: dict[Key, dict[str, Any]] = {}
+    for folder in reversed(folders):
+        out.update(load_runs(folder))
+    return out
+
+
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("lever", type=Path, help="the lever's --out folder")
-    p.add_argument("recipe", type=Path, nargs="+", help="the recipe's --out folder(s) (merged; the first wins)")
+    p.add_argument("lever", type=Path, nargs="+", help="the lever's --out folder(s) (merged; the first wins)")
+    p.add_argument("--recipe", type=Path, nargs="+", required=True, help="the recipe's --out folder(s) (merged)")
     p.add_argument("--concepts", default=None, help="comma-separated concepts to keep (default: all both hold)")
     a = p.parse_args(argv)
-    recipe: dict[Key, dict[str, Any]] = {}
-    for folder in reversed(a.recipe):
-        recipe.update(load_runs(folder))
-    rows = paired_rows(load_runs(a.lever), recipe, set(a.concepts.split(",")) if a.concepts else None)
+    lever, recipe = merged(a.lever), merged(a.recipe)
+    rows = paired_rows(lever, recipe, set(a.concepts.split(",")) if a.concepts else None)
     if not rows:
         raise SystemExit(f"{a.lever} and {a.recipe}: no (variant, regime, concept, seed, step) in common")
     table = markdown(rows)

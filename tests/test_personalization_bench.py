@@ -186,7 +186,7 @@ def test_lever_against_recipe_folders_pairs_by_run(tmp_path) -> None:
     rows = pp.paired_rows(pp.load_runs(lever), pp.load_runs(recipe))
     assert [(r["step"], r["pairs"]) for r in rows] == [(400, 2)]  # moon/1 has no recipe run
     assert sorted(rows[0]["fidelity"][2]) == [25.0, 50.0] and sorted(rows[0]["alignment"][2]) == [-50.0, -25.0]
-    assert "+37.5 ±" in pp.main([str(lever), str(recipe)])
+    assert "+37.5 ±" in pp.main([str(lever), "--recipe", str(recipe)])
     assert pp.paired_rows(pp.load_runs(lever), pp.load_runs(recipe), {"moon"}) == []
     with pytest.raises(SystemExit, match="no results.json"):
         pp.load_runs(tmp_path)
