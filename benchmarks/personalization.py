@@ -327,7 +327,9 @@ def score(preds: list[dict[str, str]], asked: list[dict[str, str]], train: world
 def run_one(run: Run, cfg: BenchConfig, threads: int | None = None) -> list[dict[str, Any]]:
     """Train (unless ``base``), then draw and score at every sweep step. One record per step (base: step 0)."""
     from lora_diffusion.demo.evaluator import load_evaluator
+    from lora_diffusion.families import denoiser
     from lora_diffusion.generate import load_pipeline
+    from lora_diffusion.zero_context import collapse_zero_context
 
     if threads:  # a worker process
         torch.set_num_threads(threads)
@@ -336,6 +338,7 @@ def run_one(run: Run, cfg: BenchConfig, threads: int | None = None) -> list[dict
     evaluator = load_evaluator(cfg.evaluator)
     pipe = load_pipeline(cfg.model).to(cfg.device)
     pipe.set_progress_bar_config(disable=True)
+    collapse_zero_context(denoiser(pipe))  # SD3 without T5 (the DiT demo model): exact, several times faster
     train = training_scene(run.concept, run.seed)
     out = []
     with tempfile.TemporaryDirectory(prefix="pers-") as tmp:

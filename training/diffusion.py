@@ -19,6 +19,7 @@ from lora_diffusion.embeddings import TrainableTokens
 from lora_diffusion.families import FAMILIES, denoiser, family_of
 from lora_diffusion.generate import _slug, generate, install_timestep_hook, load_pipeline, remove_timestep_hook
 from lora_diffusion.io import embeddings as emb_io
+from lora_diffusion.zero_context import collapse_zero_context
 
 from . import init_adapter, lora_drop
 from .config import NO_ADAPTER, ConfigError, TLoRAConfig, settle_family, with_rank_spec
@@ -209,6 +210,8 @@ def add_adapter(pipe: Any, cfg: TLoRAConfig, device: torch.device) -> nn.Module:
     unet.to(device)
     if not family_of(pipe).flow:  # the transformers keep their own (SDPA) joint-attention processors
         set_attention(unet, cfg.model.attention, device)
+    elif collapse_zero_context(unet):  # SD3 without T5: its 256 zero context tokens run as one (exact)
+        log.info("SD3: zero context tokens (T5 dropped, or a zero stand-in) run as one with a ln(k) logit bias")
     if cfg.model.gradient_checkpointing and cfg.adapter.variant != lora_drop.VARIANT:  # recomputation sees the
         ld.enable_gradient_checkpointing(unet)  # timestep its forward saw
     return unet
