@@ -21,6 +21,7 @@ from training.config import ConfigError
 from training.init_adapter import load_init_adapter
 from training.train_tlora import build, train
 
+from .tiny_dit import flux_model, sd3_model  # noqa: F401
 from .tiny_sd import _one_thread, sd_model, subject, tiny_config  # noqa: F401
 
 TE = "clip-text"
@@ -142,3 +143,18 @@ def test_file_tokens_are_bundled_names(exported):
 
     assert bundled_tokens(exported["canonical"]) == bundled_tokens(exported["kohya"]) == ["<sks>"]
     assert bundled_tokens(exported["a1111"]) == []  # a standalone embedding file is not a bundle
+
+
+@pytest.mark.parametrize("fixture", ["flux_model", "sd3_model"])
+def test_dit_runs_continue_their_exported_transformer_adapter(fixture, request, subject, tmp_path):  # noqa: F811
+    """Flux/SD3: the pipeline-level load finds the transformer for canonical and kohya exports alike."""
+    src = request.getfixturevalue(fixture)
+    out = train(tiny_config(src, subject, tmp_path / "a", max_train_steps=2, learning_rate=1e-2)).outputs
+    for form in ("canonical", "kohya"):
+        run = build(tiny_config(src, subject, tmp_path / form, init_adapter=str(out[form])))
+        ref = load_pipeline(str(src))
+        ld.load_adapter(ref, out[form], name="default")
+        got, want = ld.adapter_state_dict(run.unet, "default"), ld.adapter_state_dict(ref.transformer, "default")
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), form
+        assert any(want[k].abs().max() > 0 for k in want if "lora_B" in k)
+        assert run.text_encoders == [] and all(p.requires_grad for _, p in ld.adapter_parameters(run.unet, "default"))

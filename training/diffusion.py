@@ -168,7 +168,7 @@ def add_text_adapter(pipe: Any, cfg: TLoRAConfig) -> list[nn.Module]:
     targets = cfg.embedding.text_encoder_targets
     if not targets:
         return []
-    loaded = init_adapter.text_encoders_with(pipe)
+    loaded = list(init_adapter.text_encoders_with(pipe).values())
     a = cfg.adapter
     spec = ld.AdapterSpec(variant="lora", rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout,
                           targets=targets if targets in ld.PRESETS else [t.strip() for t in targets.split(",")],
@@ -179,6 +179,7 @@ def add_text_adapter(pipe: Any, cfg: TLoRAConfig) -> list[nn.Module]:
         if te is not None and te in loaded:
             log.info("text encoder %s: the adapter of --init_adapter %s (%d modules)", role, cfg.adapter.init_adapter,
                      len(ld.api.model_state(te).modules[ADAPTER]))
+            ld.mark_trainable(te, [ADAPTER])
             out.append(te)
         elif te is not None:
             names = ld.add_adapter(te, spec, ADAPTER)

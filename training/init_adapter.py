@@ -54,8 +54,11 @@ def default_placeholder(cfg: TLoRAConfig) -> None:
         log.info("--init_adapter %s: placeholder token %r (from the file)", cfg.adapter.init_adapter, tokens[0])
 
 
-def text_encoders_with(pipe: Any, name: str = ADAPTER) -> list[nn.Module]:
-    return [te for _, te in ld_emb.encoders(pipe).values() if name in adapter_names(te)]
+def text_encoders_with(pipe: Any, name: str = ADAPTER) -> dict[str, nn.Module]:
+    """{role: text encoder} of the pipeline's components besides the denoiser that hold adapter ``name``."""
+    unet = denoiser(pipe)
+    return {r: m for r, m in ld.components(pipe).items()
+            if m is not unet and r != "vae" and name in adapter_names(m)}
 
 
 def load_init_adapter(pipe: Any, cfg: TLoRAConfig) -> None:
@@ -69,17 +72,13 @@ def load_init_adapter(pipe: Any, cfg: TLoRAConfig) -> None:
     except BaseException:
         ld.remove_adapters(pipe, [ADAPTER])
         raise
-    if not cfg.embedding.text_encoder_targets:
-        for te in text_encoders_with(pipe):
-            for _, p in ld.api.adapter_parameters(te, ADAPTER):
-                p.requires_grad_(False)
+    for role, te in text_encoders_with(pipe).items():  # frozen until add_text_adapter continues it
+        for _, p in ld.api.adapter_parameters(te, ADAPTER):
+            p.requires_grad_(False)
+        if not cfg.embedding.text_encoder_targets or role not in ld_emb.ENCODERS:
             log.warning("--init_adapter %s: its text-encoder adapter (%s, %d modules) is kept fixed and saved with "
-                        "the result; pass --text_encoder_targets to train it further", path, _role(pipe, te),
-                        len(ld.api.model_state(te).modules[ADAPTER]))
-
-
-def _role(pipe: Any, te: nn.Module) -> str:
-    return next(r for r, (_, m) in ld_emb.encoders(pipe).items() if m is te)
+                        "the result%s", path, role, len(ld.api.model_state(te).modules[ADAPTER]),
+                        "" if role not in ld_emb.ENCODERS else "; pass --text_encoder_targets to train it further")
 
 
 def _check_fits(pipe: Any, cfg: TLoRAConfig, path: str) -> None:
