@@ -158,13 +158,16 @@ class UI:
         return (f"**{n} steps** · time {time_s} · memory {mem}{avail} on {self.s.settings.device} · preset "
                 f"'{fam}': {LABELS[fam]}, {p['resolution']} px{extra}{warn}{note}")
 
-    def model_controls(self, model: str) -> Any:
-        """The pivotal-tuning box follows the base model: off and locked where the trainer has no pivotal tuning."""
+    def model_controls(self, model: str) -> tuple[Any, Any]:
+        """The pivotal-tuning box (off and locked where the trainer has no pivotal tuning) and the 'try' prompt follow
+        the base model."""
         try:
-            ok = PRESETS[model_family(self.s.settings, model)].get("pivotal", True)
+            p = PRESETS[model_family(self.s.settings, model)]
         except AppError:
-            return gr.skip()
-        return gr.update(value=True, interactive=True) if ok else gr.update(value=False, interactive=False)
+            return gr.skip(), gr.skip()
+        ok = p.get("pivotal", True)
+        try_prompt = "a yellow sks on a black background" if p["resolution"] <= 64 else "a photo of sks"
+        return gr.update(value=ok, interactive=ok), gr.update(value=try_prompt)
 
     def generate_defaults(self, model: str) -> tuple[Any, ...]:
         """Steps, guidance and the note under the model when the base model changes: the preset's."""
@@ -636,7 +639,7 @@ def _personalize_tab(ui: UI, models: list[str]) -> None:
     msg = gr.Markdown(elem_id="train-msg")
     for c in (model, variant, steps):
         c.change(ui.estimate_text, [model, variant, steps], plan, queue=False, show_progress="hidden")
-    model.change(ui.model_controls, model, pivotal, queue=False, show_progress="hidden")
+    model.change(ui.model_controls, model, [pivotal, try_prompt], queue=False, show_progress="hidden")
     images.change(ui.preview, images, preview, queue=False)
     start.click(ui.start, [images, token, class_word, variant, model, steps, rank, lr, template, sample_prompts,
                            sample_every, ckpt_every, seed, name, sample_steps, pivotal], [job, msg], api_name="train_start",

@@ -105,3 +105,34 @@ def test_missing_hypernetworks_and_bad_input_are_named(served, tmp_path) -> None
         s.hyper.doc_to_lora("facts.safetensors", DOC, "nope")
     assert {e["name"] for e in s.library.entries()} == before  # nothing half-written
     assert not list((s.settings.output / "tmp").glob("*/*"))  # work folders removed
+
+
+def test_text_to_lora_for_a_diffusion_unet_goes_to_the_generate_tab(tmp_path) -> None:
+    """A T2L hypernetwork on a pipeline's UNet (train_t2l --component unet) writes a diffusion LoRA for the served
+    model: a library entry for the Generate tab (not the chat), which changes the images."""
+    import numpy as np
+
+    from app.services import GenerateRequest
+    from app.services.pipelines import AdapterUse
+    from app.ui import UI
+    from lora_diffusion.generate import load_pipeline
+
+    from .tiny_sd import build_tiny_sd
+
+    folder = build_tiny_sd(tmp_path / "sd")
+    s = AppServices(Settings(library=tmp_path / "lib", output=tmp_path / "out", device="cpu", models={"tiny": str(folder)}))
+    unet = load_pipeline(str(folder)).unet
+    hyper = T2L.for_model(unet, T2LConfig(rank=4, alpha=4.0, emb_dim=384, task_dim=16, pos_dim=8, hidden=32, head_in=16,
+                                          targets=["unet-full"], component="unet"))
+    perturb(hyper)
+    hyper.save(s.settings.hyper_dir / "t2l-unet.safetensors", base_model=str(folder))
+    name = s.hyper.text_to_lora("t2l-unet.safetensors", "a ring shape", "smollm2")
+    ui = UI(s)
+    assert name in ui.library_choices(diffusion=True) and not s.library.entry(name)["llm_base"]
+    assert "Generate & Blend" in ui._generated(name)[1]
+    req = GenerateRequest("a ring", steps=2, num_images=1, model="tiny")
+    base = np.asarray(s.generator.generate(req)[0]).astype(int)
+    use = AdapterUse(str(s.library.path(name)), 4.0, name)
+    adapted = np.asarray(s.generator.generate(GenerateRequest("a ring", steps=2, num_images=1, model="tiny",
+                                                              adapters=(use,)))[0]).astype(int)
+    assert np.abs(adapted - base).mean() > 0

@@ -20,7 +20,7 @@ from lora_diffusion import AdapterError
 
 from .errors import AppError
 from .library import LibraryService, safe_name
-from .settings import Settings
+from .settings import DEMO, Settings
 
 log = logging.getLogger("app")
 KINDS = {"t2l": "Text-to-LoRA", "d2l": "Doc-to-LoRA"}
@@ -95,7 +95,7 @@ class HyperService:
         h = self.get(hyper, "t2l")
         if not (task or "").strip():
             raise AppError("task description: empty; describe the task, e.g. 'Answer with the last word only.'")
-        model = None if h.component else self._llm_source(llm)
+        model = self._diffusion_source() if h.component else self._llm_source(llm)
         return self._to_library(lambda out: generate_lora(h.path, task.strip(), out, model=model), h,
                                 name or task, {"t2l_task": task.strip()})
 
@@ -119,6 +119,12 @@ class HyperService:
         if llm not in self.settings.llm_models:
             raise AppError(f"LLM: '{llm}' is not one of the models this server offers: {sorted(self.settings.llm_models)}")
         return self.settings.llm_models[llm]
+
+    def _diffusion_source(self) -> str | None:
+        """The pipeline a component hypernetwork adapts: the embedded demo model when served, else the first model
+        (one made for another base is refused by the hypernetwork's load, naming what differs)."""
+        models = self.settings.models
+        return None if DEMO in models else next(iter(models.values()))
 
     def _work(self) -> Path:
         work = self.settings.output / "tmp" / uuid.uuid4().hex[:12]
