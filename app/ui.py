@@ -515,7 +515,7 @@ class UI:
         if not name:
             raise AppError("adapter: none selected")
         folder = self.s.sessions.folder(session(request)) / "exports"
-        return str(self.s.library.export(name, fmt, folder, self._fresh_pipe))
+        return str(self.s.library.export(name, fmt, folder, lambda: self._fresh_pipe(name)))
 
     @handled
     def library_squeeze(self, name: str, rank: Any, energy: Any) -> tuple[Any, ...]:
@@ -526,15 +526,19 @@ class UI:
         r = None if e is not None else _int_or_none(rank, "squeeze rank")
         if e is None and r is None:
             raise AppError("squeeze: expected a rank >= 1, or an energy fraction in (0, 1]")
-        new, summary = self.s.library.squeeze(name, rank=r, energy=e, pipe_factory=self._fresh_pipe)
+        new, summary = self.s.library.squeeze(name, rank=r, energy=e, pipe_factory=lambda: self._fresh_pipe(name))
         gr.Info(f"{new}: {summary}")
         return self.library_refresh(new)
 
-    def _fresh_pipe(self) -> Any:
+    def _fresh_pipe(self, name: str) -> Any:
+        """The served base model that library entry ``name`` was made for (its family), loaded afresh."""
         from lora_diffusion.generate import load_pipeline
 
-        return load_pipeline(self.s.settings.model_source(None if "demo" in self.s.settings.models else
-                                                          next(iter(self.s.settings.models))))
+        from .services.presets import model_for
+
+        e = self.s.library.entry(name)
+        model = model_for(self.s.settings, e.get("base_family") or e.get("family_hint"))
+        return load_pipeline(self.s.settings.model_source(model))
 
     def close_session(self, request: gr.Request) -> None:
         self.s.sessions.close(session(request))

@@ -165,3 +165,18 @@ def test_embedded_dit_demo_is_offered_with_its_presets(tmp_path, monkeypatch) ->
     images = s.generator.generate(GenerateRequest("a red star on a blue background", steps=2, num_images=1,
                                                   model=DEMO_DIT))
     assert images[0].size == (32, 32)
+
+
+def test_library_exports_a_flux_tlora_through_the_flux_model(flux_model, tmp_path) -> None:  # noqa: F811
+    """Export and squeeze load a T-LoRA's base (its frozen copies are regenerated): the served model of the file's
+    family, not the first one offered."""
+    from app.services.presets import model_for
+    from app.ui import UI
+    from lora_diffusion.io.library import describe
+
+    s = services(tmp_path, demo=None, flux=str(flux_model))
+    name = s.library.import_file(dit_lora(flux_model, tmp_path / "glow.safetensors"), "glow.safetensors")
+    assert model_for(s.settings, "flux") == "flux" and model_for(s.settings, "sd1") == "demo"
+    out = UI(s).library_export(name, "diffusers")
+    d = describe(out)
+    assert (d["format"], d["base_family"]) == ("diffusers", "flux")

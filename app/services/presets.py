@@ -126,6 +126,19 @@ def _is_demo_dit(source: str) -> bool:
         return False
 
 
+def model_for(settings: Settings, family: str | None) -> str:
+    """The served model a library file of ``family`` loads on (export, squeeze): the first of that family (a
+    transformer file whose widths do not tell: the first Flux or SD3 model); else the demo model, else the first."""
+    for name in settings.models:
+        try:
+            lib = LIBRARY_FAMILY[model_family(settings, name)]
+        except Exception:  # noqa: BLE001 - a model that cannot be read now is reported when it is used
+            continue
+        if lib == family or (family == "dit" and lib in ("flux", "sd3")):
+            return name
+    return DEMO if DEMO in settings.models else next(iter(settings.models))
+
+
 def served_families(settings: Settings) -> set[str]:
     """The library family names of every model the server offers (files of none of them are marked)."""
     out = set()
@@ -137,5 +150,5 @@ def served_families(settings: Settings) -> set[str]:
     return out
 
 
-__all__ = ["DEMO", "DEMO_DIT", "LABELS", "PRESETS", "demo_dit_path", "detect", "is_dit", "model_family", "preset",
-           "served_families", "trainer_family"]
+__all__ = ["DEMO", "DEMO_DIT", "LABELS", "PRESETS", "demo_dit_path", "detect", "is_dit", "model_family", "model_for",
+           "preset", "served_families", "trainer_family"]
