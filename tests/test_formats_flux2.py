@@ -319,3 +319,15 @@ def test_unsupported_family_on_a_unet_refused(tmp_path):
                        r"support; the model is SDXL"):
         ld.load_adapter(pipe, tmp_path / "q.safetensors")
     assert ld.list_adapters(pipe) == []
+
+
+def test_flux2_in_library_sidecars_and_file_descriptions(tmp_path):
+    """Civitai's "Flux.2 D" / "Flux.2 Klein" base models and a Flux.2 file's keys give the flux2 family (not Flux.1)."""
+    from lora_diffusion.io.library import describe
+    from lora_diffusion.retrieval.library import _sidecar_fields
+
+    assert _sidecar_fields({"baseModel": "Flux.2 D"})["family"] == "flux2"
+    assert _sidecar_fields({"baseModel": "Flux.2 Klein 4B"})["family"] == "flux2"
+    assert _sidecar_fields({"baseModel": "Flux.1 D"})["family"] == "flux"
+    write_safetensors(tmp_path / "f2.safetensors", bfl_lokr(tiny_flux2()), {})
+    assert describe(tmp_path / "f2.safetensors")["base_family"] == "flux2"

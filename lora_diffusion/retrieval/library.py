@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 FAMILIES = {**FAMILY_NAMES, "demo": "the demo model"}
 _A1111_VERSION = {"SD1": "sd1", "SD2": "sd2", "SDXL": "sdxl"}
-_CIVITAI_BASE = (("SDXL", "sdxl"), ("SD 1", "sd1"), ("SD 2", "sd2"), ("SD 3", "sd3"), ("Flux", "flux"))
+_CIVITAI_BASE = (("SDXL", "sdxl"), ("SD 1", "sd1"), ("SD 2", "sd2"), ("SD 3", "sd3"), ("Flux.2", "flux2"), ("Flux", "flux"))
 _NOISE = re.compile(r"^(v\d+(\.\d+)*|\d+|e\d+|lora|lycoris|locon|loha|lokr|dora|final|last|pytorch|weights|adapter|model|"
                     r"kohya|safetensors|fp16|bf16)$", re.IGNORECASE)
 _GENERIC_STEMS = {"pytorch_lora_weights", "adapter_model", "adapter", "lora", "model"}
