@@ -108,3 +108,14 @@ def test_print_config_round_trips(tmp_path, capsys) -> None:
 def test_bad_values(argv: list[str], msg: str) -> None:
     with pytest.raises(ConfigError, match=msg):
         resolved(argv)
+
+
+def test_recolor_is_a_demo_model_default_only(tmp_path) -> None:
+    """--recolor_p: 0.5 on the embedded demo model (TRAIN_DEFAULTS), 0 on any other model, a flag wins."""
+    from lora_diffusion.demo.model import TRAIN_DEFAULTS
+
+    other = tmp_path / "not-demo"
+    other.mkdir()
+    assert resolved([]).data.recolor_p == TRAIN_DEFAULTS["recolor_p"] == 0.5
+    assert resolved(["--model", str(other)]).data.recolor_p == 0.0
+    assert resolved(["--recolor_p", "0"]).data.recolor_p == 0.0

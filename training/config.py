@@ -325,10 +325,12 @@ class DataArgs:
                                    "the jitter turned it into (the nearest basic color in hue: red, orange, yellow, "
                                    "green, blue, purple; white, black and gray stay), so a caption that names colors "
                                    "stays true under --hue_jitter")
-    recolor_p: float = opt(0.0, "augmentation for flat two-color subjects (the demo world): with this probability a "
-                           "view is repainted in other colors (a random color with hue for the subject, another color "
-                           "for the background) and its caption's two color words say which ('a blue sks on a white "
-                           "background' -> 'a green sks on a gray background'); captions without both colors: no-op")
+    recolor_p: float | None = opt(None, "augmentation for flat two-color subjects (the demo world): with this "
+                                  "probability a view is repainted in other colors (a random color with hue for the "
+                                  "subject, another color for the background; not hue-jittered) and its caption's two "
+                                  "color words say which ('a blue sks on a white background' -> 'a green sks on a gray "
+                                  "background'); captions without both colors: no-op. None: 0, on the embedded demo "
+                                  "model 0.5")
     invert_p: float = opt(0.0, "augmentation: invert the training image's colors (x -> 255 - x) with this probability "
                           "each step, so a texture's pattern is seen both darker and lighter than its fill (for a "
                           "texture concept in the demo world: a pattern is lighter on dark fills, darker on light "
@@ -484,6 +486,8 @@ def resolve_defaults(cfg: TLoRAConfig, variant_names: list[str]) -> TLoRAConfig:
     a.adapter_options = step_option_defaults(a.variant, a.adapter_options, o.max_train_steps)
     if cfg.data.hue_jitter is None:
         cfg.data.hue_jitter = float(demo.get("hue_jitter", 0.0)) if demo else 0.0
+    if cfg.data.recolor_p is None:
+        cfg.data.recolor_p = float(demo.get("recolor_p", 0.0)) if demo else 0.0
     if a.variant == "tlora" and a.min_rank is None and not a.rank_spec:  # with --rank_spec: rank // 2 per module
         a.min_rank = max(1, a.lora_rank // 2)
     elif a.variant != "tlora" and a.min_rank is not None:
