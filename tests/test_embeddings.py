@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import lora_diffusion as ld
 from lora_diffusion import embeddings as E
@@ -382,11 +383,16 @@ def test_repainted_views_show_the_colors_their_captions_name(tmp_path) -> None:
         assert torch.allclose(x[:, 0, 0], torch.tensor(COLOR_WORDS[background], dtype=x.dtype), atol=1.0)
         assert (x - torch.tensor(COLOR_WORDS[fill], dtype=x.dtype).view(3, 1, 1)).abs().amax(0).lt(1.0).sum() > 20
         assert fill != background and fill in world.SHAPE_COLORS
-    bare = ImageSet([tmp_path / "x.png"], 32, ["a photo of sks"])
-    bare.hue_jitter = 180.0
-    plain = [bare.draw(torch.Generator().manual_seed(1)) for _ in range(2)]
-    bare.recolor_p = 1.0
-    assert not bare.can_repaint() and [bare.draw(torch.Generator().manual_seed(1)) for _ in range(2)] == plain
+    world.render(world.Scene("circle", "green", "gray", texture="dotted"), supersample=1).save(tmp_path / "t.png")
+    noise = (torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()
+    Image.fromarray(noise).save(tmp_path / "photo.png")
+    for image, caption in (("x.png", "a photo of sks"), ("t.png", "a green sks on a gray background"),
+                           ("photo.png", "a red sks on a white background")):  # no colors; a texture; not flat
+        other = ImageSet([tmp_path / image], 32, [caption])
+        other.hue_jitter = 180.0
+        plain = [other.draw(torch.Generator().manual_seed(1)) for _ in range(2)]
+        other.recolor_p = 1.0
+        assert not other.can_repaint() and [other.draw(torch.Generator().manual_seed(1)) for _ in range(2)] == plain
     from training.config import TLoRAConfig, resolve_defaults
 
     cfg = TLoRAConfig()

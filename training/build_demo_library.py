@@ -161,6 +161,7 @@ def train_one(r: Recipe, out: Path, args: argparse.Namespace) -> Path:
     # no hue jitter by default: the captions name each render's color and the renders cover every color, so a
     # rotated hue only teaches the LoRA that color words lie (ring alone: prompted color 2/6 with 180 deg, 6/6 without)
     tc.data.train_batch_size, tc.data.hue_jitter = args.batch_size, args.hue_jitter
+    tc.data.recolor_p = 0.0  # nor repainting: the renders already show every color (and the library stays as built)
     tc.optim.max_train_steps = args.steps
     # pivotal tuning: the trigger word's own row trains with the LoRA and travels in its file (loads with it)
     tc.embedding.train_embedding = r.pivotal and not args.no_pivotal

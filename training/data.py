@@ -190,13 +190,30 @@ def swap_colors(caption: str, old: tuple[str, str], new: tuple[str, str]) -> str
     return re.sub(r"(?:\b(an?) )?\x00([SB])", put, out, flags=re.IGNORECASE)
 
 
+def _mix(x: torch.Tensor, f: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(1, H, W): each pixel's share a of the subject color in the closest mix a·f + (1 - a)·b (a in [0, 1])."""
+    return (((x - b) * (f - b)).sum(0, keepdim=True) / ((f - b) ** 2).sum().clamp_min(1e-6)).clamp(0, 1)
+
+
+def _rgb(c: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(c, dtype=like.dtype).view(3, 1, 1) / 127.5 - 1
+
+
+def is_two_color(x: torch.Tensor, subject: tuple[int, ...], background: tuple[int, ...],
+                 tolerance: float = 0.02) -> bool:
+    """Whether a (3, H, W) image in [-1, 1] is (nearly) a flat mix of the two colors: under ``tolerance`` of its
+    pixels off the line between them by more than 0.1 (13/255). A texture's second shade or a photo is not."""
+    f, b = _rgb(subject, x), _rgb(background, x)
+    a = _mix(x, f, b)
+    return float(((x - (a * f + (1 - a) * b)).norm(dim=0) > 0.1).float().mean()) < tolerance
+
+
 def recolor_view(x: torch.Tensor, old: tuple[tuple[int, ...], tuple[int, ...]],
                  new: tuple[tuple[int, ...], tuple[int, ...]]) -> torch.Tensor:
     """A flat two-color image (3, H, W) in [-1, 1] repainted: each pixel is read as a mix a·f + (1 - a)·b of the old
     subject and background colors (antialiased edges: 0 < a < 1) and redrawn as a·f' + (1 - a)·b'."""
-    f, b, f2, b2 = (torch.tensor(c, dtype=x.dtype).view(3, 1, 1) / 127.5 - 1 for c in (*old, *new))
-    a = (((x - b) * (f - b)).sum(0, keepdim=True) / ((f - b) ** 2).sum().clamp_min(1e-6)).clamp(0, 1)
-    return a * f2 + (1 - a) * b2
+    a = _mix(x, _rgb(old[0], x), _rgb(old[1], x))
+    return a * _rgb(new[0], x) + (1 - a) * _rgb(new[1], x)
 
 
 def rotate_hue(x: torch.Tensor, degrees: float) -> torch.Tensor:
@@ -226,6 +243,7 @@ class ImageSet:
         self.jitter_prompts: list[str] = []  # prompts of hue-jittered views (--jitter_prompt_template)
         self.recolor = False  # jittered views: color words renamed to the turned colors (--jitter_color_words)
         self.recolor_p = 0.0  # probability of a view repainted in other named colors (--recolor_p)
+        self._two_color: dict[tuple[int, str], bool] = {}  # (image, caption) -> a flat mix of the named colors
         self.images = [load_image(p, resolution) for p in paths]
 
     def __len__(self) -> int:
@@ -248,19 +266,31 @@ class ImageSet:
         prompts = self.jitter_prompts if jittered else self.prompts
         p = i if self.per_image and not jittered else \
             int(torch.randint(len(prompts), (1,), generator=gen)) if len(prompts) > 1 else 0
-        colors = self._new_colors(prompts[p], gen) if repaint else None
+        colors = self._new_colors(i, prompts[p], gen) if repaint else None
         invert = bool(torch.rand((), generator=gen) < self.invert_p) if self.invert_p else False
         return Example(i, top, left, flip, p, prior, hue, invert, jittered, colors)
 
     def can_repaint(self) -> bool:
-        """--recolor_p is on and some caption names a subject and a background color (else views are drawn
-        exactly as without it: the same random sequence)."""
-        return bool(self.recolor_p) and any(caption_colors(p) for p in self.prompts)
+        """--recolor_p is on and some image is a flat mix of the two colors its caption names (else views are
+        drawn exactly as without it: the same random sequence)."""
+        pairs = enumerate(self.prompts) if self.per_image else \
+            ((i, p) for i in range(len(self.images)) for p in self.prompts)
+        return bool(self.recolor_p) and any(self._paintable(i, p) for i, p in pairs)
 
-    def _new_colors(self, caption: str, gen: torch.Generator) -> tuple[str, str] | None:
+    def _paintable(self, image: int, caption: str) -> bool:
+        """The caption names a subject and a background color and the image is a flat mix of the two (cached)."""
+        key = (image, caption)
+        if key not in self._two_color:
+            colors = caption_colors(caption)
+            self._two_color[key] = colors is not None and is_two_color(
+                self.images[image], COLOR_WORDS[colors[0]], COLOR_WORDS[colors[1]])
+        return self._two_color[key]
+
+    def _new_colors(self, image: int, caption: str, gen: torch.Generator) -> tuple[str, str] | None:
         """Random (subject, background) color words for a repainted view: a color with hue for the subject, any
-        other color for the background; None if the caption does not name both colors (the view stays as is)."""
-        if caption_colors(caption) is None:
+        other color for the background; None (the view stays as is) unless the caption names both colors and the
+        image is a flat mix of them."""
+        if not self._paintable(image, caption):
             return None
         names = list(dict.fromkeys(n for n, c in COLOR_WORDS.items() if n != "grey"))
         subjects = [n for n in names if hue_angle(COLOR_WORDS[n]) is not None]

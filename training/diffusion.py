@@ -335,8 +335,8 @@ def build_data(cfg: TLoRAConfig, pipe: Any, images: list[Path], resolution: int,
         inst.jitter_prompts = expand_prompts(d.jitter_prompt_template, phrase)
     inst.recolor, inst.recolor_p = d.jitter_color_words, d.recolor_p
     if d.recolor_p and not inst.can_repaint():
-        log.info("--recolor_p: no caption names a subject and a background color (e.g. 'a red %s on a white "
-                 "background'); no view is repainted", phrase)
+        log.info("--recolor_p: no image is a flat mix of a subject and a background color its caption names (e.g. "
+                 "'a red %s on a white background'); no view is repainted", phrase)
     if d.jitter_color_words and not d.hue_jitter:
         log.warning("--jitter_color_words renames the color words of hue-jittered views, but --hue_jitter is 0")
     classes = None
