@@ -93,9 +93,13 @@ def _first_line(e: BaseException) -> str:
 
 def resolve_source(source: str | os.PathLike | None) -> str:
     """The base model to load: ``source``, else the embedded demo model (``lora_diffusion.demo.model``)."""
-    from .demo.model import DemoModelError, default_model_path, resolve_demo_name
+    from .demo.model import DemoModelError, check_demo_name, default_model_path, resolve_demo_name
 
     if source is not None:
+        try:
+            check_demo_name(source)
+        except DemoModelError as e:
+            raise ModelLoadError(str(e)) from None
         return str(resolve_demo_name(source))  # `demo-sd3`: the embedded DiT demo model's folder
 
     try:

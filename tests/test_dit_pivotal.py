@@ -143,6 +143,13 @@ def test_the_flag_names_the_dit_demo_model_and_its_defaults(demo_dit):
     assert cfg.data.placeholder_token == "sks" and cfg.flow.weighting_scheme == "logit_normal"
     assert demo.resolve_demo_name("demo-sd") == str(demo.assets_dir() / demo.DEMO_MODEL_DIRNAME)
     assert demo.resolve_demo_name("my/model") == "my/model"
+    import shutil
+
+    from lora_diffusion.generate import ModelLoadError
+
+    shutil.rmtree(demo_dit / "transformer")
+    with pytest.raises(ModelLoadError, match="'demo-sd3' names the embedded demo model .*damaged.*pretrain_demo_dit"):
+        load_pipeline("demo-sd3")
     (demo_dit.parent.parent / "demo-sd3").mkdir()  # a local folder of that name wins
     assert demo.resolve_demo_name("demo-sd3") == "demo-sd3"
 

@@ -218,6 +218,20 @@ def resolve_demo_name(source: str | Path | None) -> str | Path | None:
     return str(assets_dir() / DEMO_NAMES[str(source)])
 
 
+def check_demo_name(source: str | Path | None) -> None:
+    """Raise :class:`DemoModelError` (how to rebuild it) when ``source`` names an embedded demo model whose folder
+    is missing or damaged; any other source passes."""
+    folder = resolve_demo_name(source)
+    if folder == source:
+        return
+    problems = check_model_folder(folder)
+    if problems:
+        what = "missing" if not Path(folder).exists() else "damaged"
+        hint = DIT_REBUILD_HINT if DEMO_NAMES[str(source)] == DEMO_DIT_DIRNAME else REBUILD_HINT
+        raise DemoModelError(f"'{source}' names the embedded demo model at {folder}, which is {what}: "
+                             f"{'; '.join(problems[:3])}. {hint}")
+
+
 def train_defaults(source: str | Path | None) -> dict[str, Any] | None:
     """The trainer's defaults for a demo model (None: ``source`` is not one): :data:`DIT_TRAIN_DEFAULTS` when its
     demo_model.json names a transformer family, else :data:`TRAIN_DEFAULTS`."""
