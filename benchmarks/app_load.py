@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+PROMPT = "a red star on a blue background"
 
 
 def _session(url: str, k: int, requests: int, out: dict[int, Any]) -> None:
@@ -45,7 +46,7 @@ def _session(url: str, k: int, requests: int, out: dict[int, Any]) -> None:
         seed = 1000 * k + r
         t = time.perf_counter()
         try:
-            _, _, files = c.predict("a red star on a blue background", "", str(seed), 4, 4.0, None, 1, "demo", False,
+            _, _, files = c.predict(PROMPT, "", str(seed), 4, 4.0, None, 1, "demo", False,
                                     *["", True, 1.0] * 4, api_name="/generate")
             rec["latency"].append(time.perf_counter() - t)
             rec["files"] += files
@@ -54,11 +55,53 @@ def _session(url: str, k: int, requests: int, out: dict[int, Any]) -> None:
             rec["errors"].append(f"{type(e).__name__}: {e}")
 
 
-def run(sessions: int = 20, requests: int = 2, train_steps: int = 40, max_concurrent: int = 1,
-        time_limit: float = 900.0, root: Path | None = None) -> dict[str, Any]:
-    import numpy as np
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ring(path: Path) -> Path:
+    """The training image: a red ring on blue."""
     from PIL import Image, ImageDraw
 
+    im = Image.new("RGB", (48, 40), (30, 60, 200))
+    ImageDraw.Draw(im).ellipse((10, 6, 38, 34), outline=(220, 30, 30), width=5)
+    im.save(path)
+    return path
+
+
+def _sessions(url: str, sessions: int, requests: int, deadline: float) -> tuple[dict[int, Any], float]:
+    """Every session in its own thread, joined by ``deadline`` (perf_counter); (results by session, wall s)."""
+    results: dict[int, Any] = {}
+    threads = [threading.Thread(target=_session, args=(url, k, requests, results), daemon=True)
+               for k in range(sessions)]
+    t1 = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(max(1.0, deadline - time.perf_counter()))
+    return results, time.perf_counter() - t1
+
+
+def _own_images(services: Any, results: dict[int, Any]) -> dict[int, bool]:
+    """Isolation: each session's first image is the one its own seed draws."""
+    import numpy as np
+
+    from app.services import GenerateRequest
+
+    reference = {}
+    for k, rec in results.items():
+        for seed, px in rec["pixels"][:1]:
+            ref = services.generator.generate(GenerateRequest(PROMPT, steps=4, seed=seed, num_images=1))[0]
+            reference[k] = bool((np.asarray(ref) == px).all())
+    return reference
+
+
+def run(sessions: int = 20, requests: int = 2, train_steps: int = 40, max_concurrent: int = 1,
+        time_limit: float = 900.0, root: Path | None = None) -> dict[str, Any]:
     from app.__main__ import launch
     from app.services import AppServices, GenerateRequest, JobRequest, Settings
     from app.ui import build_app
@@ -67,41 +110,20 @@ def run(sessions: int = 20, requests: int = 2, train_steps: int = 40, max_concur
     settings = Settings(library=root / "lib", output=root / "out", device="cpu", max_concurrent_generations=max_concurrent)
     services = AppServices(settings)
     demo = build_app(services)
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     launch(demo, settings, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
-    url = f"http://127.0.0.1:{port}/"
     try:
-        im = Image.new("RGB", (48, 40), (30, 60, 200))
-        ImageDraw.Draw(im).ellipse((10, 6, 38, 34), outline=(220, 30, 30), width=5)
-        im.save(root / "ring.png")
         tw = time.perf_counter()  # warm-up: the base model loads once, before the sessions start (cold start)
-        services.generator.generate(GenerateRequest("a red star on a blue background", steps=4, num_images=1))
+        services.generator.generate(GenerateRequest(PROMPT, steps=4, num_images=1))
         cold = time.perf_counter() - tw
         t0 = time.perf_counter()
-        job = services.jobs.create(JobRequest([str(root / "ring.png")], steps=train_steps, sample_every=train_steps,
+        job = services.jobs.create(JobRequest([str(_ring(root / "ring.png"))], steps=train_steps, sample_every=train_steps,
                                               sample_steps=4, checkpoint_every=max(1, train_steps // 4), name="load"))
-        results: dict[int, Any] = {}
-        threads = [threading.Thread(target=_session, args=(url, k, requests, results), daemon=True)
-                   for k in range(sessions)]
-        t1 = time.perf_counter()
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(max(1.0, time_limit - (time.perf_counter() - t0)))
-        gen_wall = time.perf_counter() - t1
+        results, gen_wall = _sessions(f"http://127.0.0.1:{port}/", sessions, requests, t0 + time_limit)
         while job.state in ("queued", "running") and time.perf_counter() - t0 < time_limit:
             time.sleep(0.5)
         train_wall = time.perf_counter() - t0
-        reference = {}
-        for k, rec in results.items():  # isolation: each session's image is the one of its own seed
-            for seed, px in rec["pixels"][:1]:
-                ref = services.generator.generate(GenerateRequest("a red star on a blue background", steps=4,
-                                                                  seed=seed, num_images=1))[0]
-                reference[k] = bool((np.asarray(ref) == px).all())
+        reference = _own_images(services, results)
     finally:
         demo.close()
     lat = sorted(x for rec in results.values() for x in rec["latency"])
