@@ -98,17 +98,9 @@ def train_argv(args: argparse.Namespace, variant: str, out_dir: Path) -> list[st
     return argv
 
 
-def worker(args: argparse.Namespace) -> dict[str, Any]:
-    """Train one variant through train_llm.train, wrapping its ``fit`` to time steps and measure memory."""
+def _timed(real_fit: Any, probe: dict[str, Any], cuda: bool) -> Any:
+    """``real_fit`` that records each step's end time, the memory baseline and peak, and the exported size."""
     import torch
-
-    from training import train_llm
-    from training.config import parse_args
-
-    torch.set_num_threads(args.threads)
-    cuda = args.device.startswith("cuda")
-    probe: dict[str, Any] = {"times": []}
-    real_fit = train_llm.fit
 
     def timed_fit(acc, model, optimizer, sched, source, loss_fn, cfg, start=0, hooks=(), **kw):
         def tick(step: int, logs: dict[str, float]) -> None:
@@ -130,7 +122,28 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         probe["export"] = exported_size(model)
         return result
 
-    train_llm.fit = timed_fit
+    return timed_fit
+
+
+def _drop_summary(plan: dict[str, Any], cfg: Any) -> dict[str, Any]:
+    """LoRA-drop: what the importance stage decided (its lora_drop.json)."""
+    return {"threshold": plan["threshold"], "kept": len(plan["kept"]), "rank": plan.get("rank", cfg.adapter.rank),
+            "matched": "rank" in plan, "layers": len(plan["importance"]), "shared_groups": len(plan["shared"]),
+            "stage_steps": cfg.lora_drop.lora_drop_steps, "samples": cfg.lora_drop.lora_drop_samples,
+            "kept_layers": plan["kept"], "top_importance": sorted(plan["importance"].items(), key=lambda kv: -kv[1])[:8]}
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Train one variant through train_llm.train, wrapping its ``fit`` to time steps and measure memory."""
+    import torch
+
+    from training import train_llm
+    from training.config import parse_args
+
+    torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    probe: dict[str, Any] = {"times": []}
+    train_llm.fit = _timed(train_llm.fit, probe, cuda)
     with tempfile.TemporaryDirectory() as tmp:
         argv = train_argv(args, "lora" if args.worker == SENSITIVITY else args.worker, Path(tmp) / "out")
         if args.worker == SENSITIVITY:  # calibrate (not timed), then a LoRA at those ranks
@@ -148,13 +161,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
            "step_s": statistics.median(steps[1:] if len(steps) > 1 else steps), "first_step_s": steps[0],
            "seed": args.seed, "train_call_s": t_train, "export_rank": probe["export"][0],
            "export_params": probe["export"][1]}
-    if drop_plan is not None:  # LoRA-drop: what the importance stage decided
-        res["lora_drop"] = {"threshold": drop_plan["threshold"], "kept": len(drop_plan["kept"]),
-                            "rank": drop_plan.get("rank", cfg.adapter.rank), "matched": "rank" in drop_plan,
-                            "layers": len(drop_plan["importance"]), "shared_groups": len(drop_plan["shared"]),
-                            "stage_steps": cfg.lora_drop.lora_drop_steps, "samples": cfg.lora_drop.lora_drop_samples,
-                            "kept_layers": drop_plan["kept"],
-                            "top_importance": sorted(drop_plan["importance"].items(), key=lambda kv: -kv[1])[:8]}
+    if drop_plan is not None:
+        res["lora_drop"] = _drop_summary(drop_plan, cfg)
     if probe.get("hwm_reset") and probe.get("hwm") is not None:
         res["peak_mib"], res["mem_method"] = (probe["hwm"] - probe["rss0"]) / 1024, "VmHWM - VmRSS at fit start"
     if cuda:
