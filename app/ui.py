@@ -605,23 +605,7 @@ def _personalize_tab(ui: UI, models: list[str]) -> None:
             pivotal_ok = PRESETS[model_family(ui.s.settings, models[0])].get("pivotal", True)
             pivotal = gr.Checkbox(value=pivotal_ok, interactive=pivotal_ok, elem_id="train-pivotal",
                                   label="Pivotal tuning: also learn the token's embedding (recommended; not on Flux yet)")
-            with gr.Accordion("Advanced", open=False):
-                with gr.Row():
-                    steps = gr.Number(value=0, precision=0, label="Total steps (0: the recipe's default)",
-                                      elem_id="train-steps")
-                    rank = gr.Number(value=0, precision=0, label="Rank (0: default)")
-                    lr = gr.Number(value=0, label="Learning rate (0: default)")
-                template = gr.Textbox(label="Training prompt ('{0}' = token + class; empty: the preset's)", value="")
-                sample_prompts = gr.Textbox(label="Sample prompts, '#'-separated (empty: the preset's)", value="")
-                with gr.Row():
-                    sample_every = gr.Number(value=0, precision=0, label="Sample every N steps (0: 4 times)",
-                                             elem_id="sample-every")
-                    ckpt_every = gr.Number(value=0, precision=0, label="Checkpoint every N steps (0: 10 times)",
-                                           elem_id="ckpt-every")
-                    seed = gr.Textbox(value="0", label="Seed")
-                    sample_steps = gr.Number(value=0, precision=0, label="Sample denoising steps (0: preset)",
-                                             elem_id="sample-steps")
-                name = gr.Textbox(label="Job name (empty: token-variant)", value="")
+            steps, rank, lr, template, sample_prompts, sample_every, ckpt_every, seed, sample_steps, name = _advanced()
             plan = gr.Markdown(ui.estimate_text(models[0], "tlora", None), elem_id="train-estimate")
             with gr.Row():
                 start = gr.Button("Start", variant="primary", elem_id="train-start")
@@ -659,6 +643,28 @@ def _personalize_tab(ui: UI, models: list[str]) -> None:
     try_btn.click(ui.try_prompt, [job, try_prompt, try_seed], tried, concurrency_id=GPU)
     # a reloaded page selects the user's running (or latest) job again
     gr.context.Context.root_block.load(ui.job_choices_for, None, job, queue=False)
+
+
+def _advanced() -> tuple[Any, ...]:
+    """Personalize's Advanced accordion: steps, rank, lr, prompts, sample/checkpoint intervals, seed, job name."""
+    with gr.Accordion("Advanced", open=False):
+        with gr.Row():
+            steps = gr.Number(value=0, precision=0, label="Total steps (0: the recipe's default)",
+                              elem_id="train-steps")
+            rank = gr.Number(value=0, precision=0, label="Rank (0: default)")
+            lr = gr.Number(value=0, label="Learning rate (0: default)")
+        template = gr.Textbox(label="Training prompt ('{0}' = token + class; empty: the preset's)", value="")
+        sample_prompts = gr.Textbox(label="Sample prompts, '#'-separated (empty: the preset's)", value="")
+        with gr.Row():
+            sample_every = gr.Number(value=0, precision=0, label="Sample every N steps (0: 4 times)",
+                                     elem_id="sample-every")
+            ckpt_every = gr.Number(value=0, precision=0, label="Checkpoint every N steps (0: 10 times)",
+                                   elem_id="ckpt-every")
+            seed = gr.Textbox(value="0", label="Seed")
+            sample_steps = gr.Number(value=0, precision=0, label="Sample denoising steps (0: preset)",
+                                     elem_id="sample-steps")
+        name = gr.Textbox(label="Job name (empty: token-variant)", value="")
+    return steps, rank, lr, template, sample_prompts, sample_every, ckpt_every, seed, sample_steps, name
 
 
 def _generate_tab(ui: UI, models: list[str]) -> list[Any]:
