@@ -22,7 +22,7 @@ from training.init_adapter import load_init_adapter
 from training.train_tlora import build, train
 
 from .tiny_dit import flux_model, sd3_model  # noqa: F401
-from .tiny_sd import _one_thread, sd_model, subject, tiny_config  # noqa: F401
+from .tiny_sd import _one_thread, sd_model, sdxl_model, subject, tiny_config  # noqa: F401
 
 TE = "clip-text"
 KEY = "bundle_emb.<sks>.string_to_param.*"
@@ -158,3 +158,18 @@ def test_dit_runs_continue_their_exported_transformer_adapter(fixture, request, 
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), form
         assert any(want[k].abs().max() > 0 for k in want if "lora_B" in k)
         assert run.text_encoders == [] and all(p.requires_grad for _, p in ld.adapter_parameters(run.unet, "default"))
+
+
+def test_sdxl_export_continues_both_encoders_tokens_and_text_adapters(sdxl_model, subject, tmp_path):  # noqa: F811
+    cfg = tiny_config(sdxl_model, subject, tmp_path / "a", variant="lora", max_train_steps=2, learning_rate=1e-2,
+                      train_embedding=True, embedding_lr=0.05, text_encoder_targets=TE)
+    src = train(cfg).outputs["kohya"]
+    run = build(tiny_config(sdxl_model, subject, tmp_path / "b", init_adapter=str(src), train_embedding=True,
+                            text_encoder_targets=TE))
+    rows = read_safetensors(src)[0]
+    assert torch.equal(run.tokens.vectors["text_encoder"], rows["bundle_emb.<sks>.clip_l"])
+    assert torch.equal(run.tokens.vectors["text_encoder_2"], rows["bundle_emb.<sks>.clip_g"])
+    assert run.text_encoders == [run.pipe.text_encoder, run.pipe.text_encoder_2]
+    ref = _pipe(sdxl_model)
+    ld.load_adapter(ref, src)
+    np.testing.assert_allclose(_draw(run.pipe), _draw(ref), atol=1e-5)
