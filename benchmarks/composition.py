@@ -14,7 +14,8 @@ background (``a red dotted ring on a blue background``), ``--seeds`` images each
   mole (MoLE gates from ``train_gates --method mole``, trained over a set of LoRAs; the pair active, the rest off).
 
 The evaluator reads shape, texture, color and background of every image. ``both`` = the concept's shape AND
-the style's texture; ``all`` = both and the prompted color and background. 95% Wilson intervals over images.
+the style's texture; ``all`` = both and the prompted color and background. 95% Wilson intervals over images;
+methods compared on the same images with an exact McNemar test (``--paired``).
 Writes ``results.json``, ``table.md`` and ``grid.png`` (one row per method) to ``--out``; ``--merge DIR[:LABEL] ...``
 joins the results of several runs (e.g. gates trained later) into one table and grid.
 """
@@ -148,12 +149,56 @@ def summarize(results: dict[str, dict]) -> list[dict[str, Any]]:
             v = np.concatenate([r[k] for r in res["per_pair"].values()])
             row[k], row[k + "_n"], row[k + "_ci"] = float(v.mean()), int(v.size), wilson(int(v.sum()), int(v.size))
         row["per_pair_both"] = {p: float(r["both"].mean()) for p, r in res["per_pair"].items()}
+        for k in ("both", "texture"):  # per image, in run order (the same in every run): paired comparisons
+            row[f"per_image_{k}"] = np.concatenate([r[k] for r in res["per_pair"].values()]).astype(int).tolist()
         row["seconds"] = res.get("seconds")
         rows.append(row)
     return rows
 
 
-def markdown(rows: list[dict[str, Any]], tuned: dict) -> str:
+def mcnemar(a: np.ndarray, b: np.ndarray) -> tuple[int, int, float]:
+    """Paired outcomes on the same images: (a only, b only, exact two-sided McNemar p)."""
+    n10, n01 = int((a & ~b).sum()), int((~a & b).sum())
+    n, k = n10 + n01, min(n10, n01)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return n10, n01, p
+
+
+def paired_lines(rows: list[dict[str, Any]], spec: str | None) -> list[str]:
+    """``A:B,...`` (default: every gated method against static-tuned, where both have per-image outcomes)."""
+    by = {r["method"]: np.array(r["per_image_both"], bool) for r in rows if "per_image_both" in r}
+    pairs = ([tuple(x.split(":", 1)) for x in spec.split(",")] if spec else
+             [(m, "static-tuned") for m in by if m.startswith("gated") and "static-tuned" in by])
+    out = []
+    for a, b in pairs:
+        if a in by and b in by and len(by[a]) == len(by[b]):
+            n10, n01, p = mcnemar(by[a], by[b])
+            out.append(f"- {a} vs {b}, same images: both kept by {a} only {n10}, by {b} only {n01}, "
+                       f"exact McNemar p = {p:.3g}")
+    return ["", "paired (same prompts and seeds):", *out] if out else []
+
+
+def within_style_reach(rows: list[dict[str, Any]]) -> list[str]:
+    """'both kept' on the images whose prompt and seed the style LoRA alone draws with a readable texture (needs a
+    'style' row with per-image outcomes): the part of the goal a fusion can reach with this style LoRA."""
+    style = next((r for r in rows if r["method"] == "style" and "per_image_texture" in r), None)
+    if style is None:
+        return []
+    mask = np.array(style["per_image_texture"], bool)
+    out = ["", f"both kept where the style alone keeps its texture ({int(mask.sum())} of {mask.size} images):"]
+    seen = {"base", "concept", "style"}
+    for r in rows:
+        if r["method"] not in seen and len(r.get("per_image_both", ())) == mask.size:
+            seen.add(r["method"])
+            b = np.array(r["per_image_both"], bool)
+            k, n = int(b[mask].sum()), int(mask.sum())
+            lo, hi = wilson(k, n)
+            out.append(f"- {r['method']}: {k}/{n} = {100 * k / n:.1f}% [{100 * lo:.0f}, {100 * hi:.0f}]; elsewhere "
+                       f"{int(b[~mask].sum())}/{int((~mask).sum())}")
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], tuned: dict, paired: str | None = None) -> str:
     def f(r: dict, k: str) -> str:
         lo, hi = r[k + "_ci"]
         return f"{100 * r[k]:.1f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
@@ -169,7 +214,7 @@ def markdown(rows: list[dict[str, Any]], tuned: dict) -> str:
         lines.append(f"| {r['method']} | " + " | ".join(f"{100 * r['per_pair_both'][p]:.0f}%" for p in pairs) + " |")
     if tuned:
         lines += ["", "tuned settings: " + ", ".join(f"{'+'.join(k)} {v}" for k, v in tuned.items())]
-    return "\n".join(lines)
+    return "\n".join(lines + paired_lines(rows, paired) + within_style_reach(rows))
 
 
 def grid(results: dict[str, dict], path: Path, per_pair: int = 2, scale: int = 3) -> None:
@@ -195,7 +240,7 @@ def grid(results: dict[str, dict], path: Path, per_pair: int = 2, scale: int = 3
     img.save(path)
 
 
-def merge(parts: list[str], out: Path) -> str:
+def merge(parts: list[str], out: Path, paired: str | None = None) -> str:
     """One table and grid from several runs' ``--out`` folders (same pairs, prompts and seeds); ``DIR:LABEL``
     renames that run's gated methods ``gated-LABEL``. Writes ``table.md`` and ``grid.png`` to ``out``."""
     from PIL import Image
@@ -220,7 +265,7 @@ def merge(parts: list[str], out: Path) -> str:
         canvas.paste(crop, (0, y))
         y += crop.height
     canvas.save(out / "grid.png")
-    table = markdown(rows, tuned)
+    table = markdown(rows, tuned, paired)
     (out / "table.md").write_text(table + "\n")
     return table
 
@@ -245,10 +290,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "composition")
     p.add_argument("--merge", nargs="+", default=None, metavar="DIR[:LABEL]",
                    help="only merge earlier runs' results into one table and grid in --out (no sampling)")
+    p.add_argument("--paired", default=None, metavar="A:B,...",
+                   help="paired comparisons of 'both kept' on the same images (exact McNemar); default: every gated "
+                        "method vs static-tuned")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.merge:
-        print(merge(args.merge, args.out))
+        print(merge(args.merge, args.out, args.paired))
         return
     logging.getLogger("lora_diffusion").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -294,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
         log.info("%-13s both kept %.1f%% (%d images, %.0f s)", m, 100 * both.mean(), both.size, results[m]["seconds"])
     rows = summarize(results)
     args.out.mkdir(parents=True, exist_ok=True)
-    table = markdown(rows, tuned)
+    table = markdown(rows, tuned, args.paired)
     (args.out / "table.md").write_text(table + "\n")
     (args.out / "results.json").write_text(json.dumps({"rows": rows, "tuned": {"+".join(k): v for k, v in tuned.items()},
                                                        "config": {k: str(v) for k, v in vars(args).items()}}, indent=1))

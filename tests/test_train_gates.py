@@ -176,6 +176,9 @@ def test_texture_term_trains_only_the_gates(loras, tmp_path, kind):
     with_grad = [p for comp in ld.components(pipe).values() for p in comp.parameters() if p.grad is not None]
     assert with_grad and all(id(p) in gates for p in with_grad)
     assert any(float(p.grad.abs().sum()) > 0 for p in fusion.parameters())
+    cfg.gates.texture_weight = 0.0  # off: the plain composition loss, no texture term
+    objective(sampler.next_batch())
+    assert "texture" not in objective.last and "composition" in objective.last
     res = train(_cfg(loras, tmp_path / "b", 2, *extra))
     assert all(math.isfinite(v) for v in res.losses)
     _, meta = ld.io.files.read_safetensors(res.gates)
