@@ -350,8 +350,10 @@ def test_conditioner_renames_colors_of_jittered_views_only(tmp_path) -> None:
 
 def test_caption_colors_are_found_and_swapped() -> None:
     """--recolor_p's captions: the subject's and the background's color words are found and replaced, articles fixed."""
-    from training.data import caption_colors, swap_colors
+    from lora_diffusion.demo import world
+    from training.data import COLOR_WORDS, caption_colors, swap_colors
 
+    assert {k: v for k, v in COLOR_WORDS.items() if k != "grey"} == world.COLORS  # the demo world's palette
     assert caption_colors("a blue sks on a white background") == ("blue", "white")
     assert caption_colors("a Red sks , gray background") == ("red", "gray")
     assert caption_colors("a photo of sks") is None and caption_colors("a sks on a red background") is None
