@@ -139,3 +139,22 @@ def test_shipped_dit_demo_model_is_complete_and_small():
     gen = info["metrics"]["generation"]
     assert (gen["steps"], gen["guidance"]) == (28, 7.0)  # measured with the pipeline's default call arguments
     assert {"shape", "color", "background"} <= set(gen["pretrain-heldout-combos"])
+
+
+def test_shipped_dit_demo_model_draws_prompts_with_default_call_arguments():
+    """The stock pipeline, default load and default call (28 steps, guidance 7), on held-out combinations."""
+    from diffusers import DiffusionPipeline
+
+    from lora_diffusion.demo import world
+    from lora_diffusion.demo.evaluator import load_evaluator
+
+    path = dm.default_dit_model_path(check=False)
+    if not path.exists():
+        pytest.skip("assets/demo-sd3 not built (python -m training.pretrain_demo_dit)")
+    pipe = DiffusionPipeline.from_pretrained(str(path))
+    pipe.set_progress_bar_config(disable=True)
+    scenes = world.sample_scenes(8, 99, "pretrain-heldout-combos", textured=0.0)
+    images = pipe([s.caption() for s in scenes], generator=torch.Generator().manual_seed(0), output_type="np").images
+    arr = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+    acc = load_evaluator().accuracy(arr, [{"shape": s.shape, "color": s.color, "background": s.background} for s in scenes])
+    assert acc["shape"] >= 6 / 8 and acc["color"] >= 6 / 8 and acc["background"] >= 7 / 8, acc
