@@ -173,7 +173,8 @@ def save_adapter(model_or_pipeline: Any, path: str | os.PathLike, name: str = "d
 
     "canonical" (one safetensors file, every variant, lossless), "kohya" (A1111/ComfyUI/Civitai; LoRA, DoRA,
     LoHa, LoKr), "diffusers" (``load_lora_weights``; LoRA, DoRA), "peft" (a folder for ``PeftModel``;
-    LoRA, DoRA, VeRA, LoHa, LoKr) or "tlora-official" (ControlGenAI/T-LoRA's checkpoint layout, schedule kept).
+    LoRA, DoRA, VeRA, LoHa, LoKr), "tlora-official" (ControlGenAI/T-LoRA's checkpoint layout, schedule kept) or
+    "bfl" (Flux.1 / Flux.2 transformers: ``diffusion_model.<original name>``, ComfyUI's and ai-toolkit's layout).
     A T-LoRA (or, outside PEFT, a VeRA) is written to the other external formats as the exactly equal plain LoRA
     at full rank min(2r, out, in): those formats have no timestep mask (logged). LoRA scales are folded into the
     factors where a loader could ignore the file's alpha (docs/formats.md).

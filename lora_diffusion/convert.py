@@ -1,6 +1,6 @@
 """Convert adapter files between formats, and inspect them.
 
-    python -m lora_diffusion.convert IN OUT --to kohya|diffusers|peft|canonical [--base BASE]
+    python -m lora_diffusion.convert IN OUT --to kohya|diffusers|peft|bfl|canonical [--base BASE]
         (BASE: sd1|sd2|sdxl|flux|sd3|sd35-large|flux2|flux2-klein-4b)
     python -m lora_diffusion.convert inspect FILE [--json]
     python -m lora_diffusion.convert squeeze IN OUT --rank K | --energy 0.9 [--to FORMAT] [--model SRC] [--overwrite]

@@ -667,3 +667,28 @@ def test_detect_dit_layouts(sd, fmt, family):
 
     assert detect_format(list(sd), {}) == fmt
     assert family_from_keys({k: tuple(v.shape) for k, v in sd.items()}) == family
+
+
+DOUBLE_BLOCKS = [r"re:transformer_blocks\.\d+\.attn\.(to_[qkv]|to_out\.0|add_[qkv]_proj|to_add_out)",
+                 r"re:transformer_blocks\.\d+\.ff(_context)?\.net\.(0\.proj|2)"]
+
+
+@pytest.mark.parametrize("targets", [DOUBLE_BLOCKS, "dit-full"], ids=["double-blocks", "dit-full"])
+def test_flux_bfl_export_loads_in_diffusers(tmp_path, targets):
+    """``format="bfl"`` on Flux.1 (ComfyUI's ``diffusion_model.<original name>.lora_down/up`` + alpha; q/k/v and
+    single-block linear1 fused exactly) reads back in ours, and in diffusers' Flux loader with our outputs (double
+    blocks: its converter splits linear1 at Flux.1's real widths, see above)."""
+    base = tiny_dit(FLUX)
+    model = copy.deepcopy(base)
+    ld.add_adapter(model, ld.AdapterSpec(rank=4, alpha=2, targets=targets))
+    with torch.no_grad():
+        for _, p in ld.adapter_parameters(model):
+            p.normal_(0, 0.3)
+    out = ld.save_adapter(model, tmp_path / "b.safetensors", format="bfl")
+    sd = read_safetensors(out)[0]
+    assert "diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight" in sd
+    again = copy.deepcopy(base)
+    ld.load_adapter(again, out)
+    assert close(dit_call(again), dit_call(model))
+    if targets != "dit-full":
+        assert close(dit_call(diffusers_load(copy.deepcopy(base), sd)), dit_call(model))

@@ -223,8 +223,8 @@ def test_flux_generation_from_shapes():
 
 def test_bfl_lokr_saved_canonical_and_refused_elsewhere(tmp_path):
     """A loaded BFL LoKr (its q/k/v parts are further variant groups: their own row offsets) round-trips through the
-    canonical file, groups included; kohya / diffusers / PEFT, which have no form for a LoKr on part of a fused
-    module, refuse it with the module named and write nothing."""
+    canonical file, groups included; diffusers / PEFT, which have no form for a LoKr on part of a fused module,
+    refuse it with the module named and write nothing (kohya / bfl fuse it back: the next test)."""
     base = tiny_flux2()
     ours = _load(base, bfl_lokr(base), tmp_path / "lokr.safetensors")
     name, *groups = ld.list_adapters(ours)
@@ -239,8 +239,8 @@ def test_bfl_lokr_saved_canonical_and_refused_elsewhere(tmp_path):
     from lora_diffusion.convert import convert
 
     with pytest.raises(ld.AdapterFileError, match="a LoKr on part of a fused module"):  # the groups read as parts
-        convert(tmp_path / "canon.safetensors", tmp_path / "c.safetensors", "kohya", model=copy.deepcopy(base))
-    for fmt in ("kohya", "diffusers", "peft"):
+        convert(tmp_path / "canon.safetensors", tmp_path / "c.safetensors", "diffusers", model=copy.deepcopy(base))
+    for fmt in ("diffusers", "peft"):
         with pytest.raises(ld.AdapterFileError, match=r"module 'transformer_blocks\.\d\.attn\.[a-z_]+': a LoKr on "
                            rf"part of a fused module .* has no {fmt} form"):
             ld.save_adapter(ours, tmp_path / f"out-{fmt}", name=name, format=fmt)
@@ -331,3 +331,50 @@ def test_flux2_in_library_sidecars_and_file_descriptions(tmp_path):
     assert _sidecar_fields({"baseModel": "Flux.1 D"})["family"] == "flux"
     write_safetensors(tmp_path / "f2.safetensors", bfl_lokr(tiny_flux2()), {})
     assert describe(tmp_path / "f2.safetensors")["base_family"] == "flux2"
+
+
+@pytest.mark.parametrize("factor", [16, -1])
+def test_bfl_lokr_written_back_exactly(tmp_path, factor):
+    """A BFL LoKr loaded (q/k/v parts with row offsets) and saved as ``format="bfl"`` is the original file again,
+    tensor for tensor (W1 put back from the parts' rows); diffusers' Flux.2 loader reads the export with our outputs;
+    ``format="kohya"`` names the same fused modules (sd-scripts names) and reads back equal. Parts trained apart are
+    refused with the module named."""
+    from lora_diffusion.io.files import read_safetensors
+
+    base = tiny_flux2()
+    sd = bfl_lokr(base, factor)
+    ours = _load(base, sd, tmp_path / "lokr.safetensors")
+    name = ld.list_adapters(ours)[0]
+    ld.save_adapter(ours, tmp_path / "bfl.safetensors", name=name, format="bfl")
+    back, _ = read_safetensors(tmp_path / "bfl.safetensors")
+    assert set(back) == set(sd) and all(torch.equal(back[k].to(sd[k].dtype), sd[k]) for k in sd)
+    assert close(flux2_call(diffusers_flux2(copy.deepcopy(base), back)), flux2_call(ours))
+    ld.save_adapter(ours, tmp_path / "k.safetensors", name=name, format="kohya")
+    kohya, _ = read_safetensors(tmp_path / "k.safetensors")
+    assert "lora_unet_double_blocks_1_img_attn_qkv.lokr_w1" in kohya
+    assert torch.equal(flux2_call(_load(base, kohya, tmp_path / "k2.safetensors")), flux2_call(ours))
+    with torch.no_grad():  # the k part trains apart from q and v
+        ours.get_submodule("transformer_blocks.0.attn.to_k").adapters[f"{name}_lokr2"].lokr_w1.add_(0.1)
+    with pytest.raises(ld.AdapterFileError, match=r"module 'transformer_blocks\.0\.attn\.to_[qkv]': its LoKr and those of "
+                       r"the other parts of the fused module 'double_blocks\.0\.img_attn\.qkv'"):
+        ld.save_adapter(ours, tmp_path / "apart.safetensors", name=name, format="bfl")
+    assert not (tmp_path / "apart.safetensors").exists()
+
+
+@pytest.mark.parametrize("preset", ["dit-attn-mlp", "dit-full"])
+def test_bfl_lora_export_through_diffusers(tmp_path, preset):
+    """Our LoRA on Flux.2 as ``format="bfl"`` (ai-toolkit's ``diffusion_model.…lora_A/B``, alpha folded): diffusers'
+    Flux.2 loader (modulation included) and ours give our outputs."""
+    from lora_diffusion.io.files import read_safetensors
+
+    base = tiny_flux2()
+    model = copy.deepcopy(base)
+    ld.add_adapter(model, ld.AdapterSpec(rank=4, alpha=2, targets=preset))
+    with torch.no_grad():
+        for _, p in ld.adapter_parameters(model):
+            p.normal_(0, 0.3)
+    out = ld.save_adapter(model, tmp_path / "a.safetensors", format="bfl")
+    sd, _ = read_safetensors(out)
+    assert all(k.startswith("diffusion_model.") and ".lora_" in k for k in sd)
+    assert close(flux2_call(diffusers_flux2(copy.deepcopy(base), sd)), flux2_call(model))
+    assert close(flux2_call(_load(base, sd, tmp_path / "b.safetensors")), flux2_call(model))

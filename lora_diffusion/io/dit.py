@@ -295,7 +295,9 @@ def fuse_module(dotted: str, members: list[str], params: dict[str, dict[str, tor
     """Per-path kohya tensors of the parts of one original module -> that module's tensors (exact)."""
     present = [p for p in members if p in params]
     if len(members) == 1 and not swap:
-        return params[members[0]]
+        return {k: v for k, v in params[members[0]].items() if k != ROW_OFFSET}
+    if present and all(_kind(params[p]) == "lokr" for p in present) and not swap:
+        return fuse_lokr(dotted, members, params, views)
     odd = [(p, k) for p in present for k in params[p] if k not in LORA_PARAMS]
     if odd:
         raise AdapterFileError(f"module '{odd[0][0]}': its {odd[0][1]} cannot be written as part of the fused module "
@@ -334,6 +336,39 @@ def fuse_module(dotted: str, members: list[str], params: dict[str, dict[str, tor
     return out
 
 
+def fuse_lokr(dotted: str, members: list[str], params: dict[str, dict[str, torch.Tensor]],
+              views: ModuleView) -> dict[str, torch.Tensor]:
+    """The parts of one LoKr split from a fused module (``split_module`` / ``lokr_windows``) -> that LoKr: the parts
+    share W2 (and W1b, alpha) and each holds W1's rows over its own rows [s, e) from row offset s mod b, so W1 is put
+    back row by row (overlapping rows must agree). Parts trained apart have no fused form: refused."""
+    where = f"the fused module '{dotted}' ({members})"
+    missing = [p for p in members if p not in params]
+    if missing:
+        raise AdapterFileError(f"module '{missing[0]}': a LoKr on part of {where} has no fused form; expected a LoKr "
+                               "on every part, or format='diffusers'/'peft'")
+    first = params[members[0]]
+    w1_key = "lokr_w1" if "lokr_w1" in first else "lokr_w1_a"
+    shared = sorted(k for k in first if k not in (w1_key, ROW_OFFSET))
+    w2 = first.get("lokr_w2", first.get("lokr_w2_a"))
+    b, rows, start = int(w2.shape[0]), sum(views[p].out_features for p in members), 0
+    w1 = torch.zeros(rows // b, first[w1_key].shape[1], dtype=first[w1_key].dtype)
+    filled = torch.zeros(rows // b, dtype=torch.bool)
+    for p in members:
+        own, n = params[p], views[p].out_features
+        i0, off = start // b, int(own.get(ROW_OFFSET, torch.tensor(0)))
+        same = set(own) - {ROW_OFFSET} == set(first) - {ROW_OFFSET} and all(torch.equal(own[k], first[k]) for k in shared)
+        part = own.get(w1_key)
+        clash = part is not None and i0 + part.shape[0] <= w1.shape[0] and bool(
+            (filled[i0:i0 + part.shape[0]] & (w1[i0:i0 + part.shape[0]] != part).any(1)).any())
+        if not same or part is None or off != start - i0 * b or part.shape[0] != -(-(start + n) // b) - i0 or clash:
+            raise AdapterFileError(f"module '{p}': its LoKr and those of the other parts of {where} are not one LoKr "
+                                   "split by rows (trained apart, or other factors); no fused form; expected "
+                                   "format='diffusers'/'peft' or the canonical format")
+        w1[i0:i0 + part.shape[0]], filled[i0:i0 + part.shape[0]] = part, True
+        start += n
+    return {k: first[k] for k in shared} | {w1_key: w1}
+
+
 def from_onetrainer(tensors: dict[str, torch.Tensor], targets: dict[str, list[str]], swapped: set[str],
                     views: ModuleView, prefix: str = "lora_unet") -> dict[str, torch.Tensor]:
     """``lora_transformer_<path>.<param>`` tensors -> the original layout ``<prefix>_<original name>.<param>``."""
@@ -352,6 +387,28 @@ def from_onetrainer(tensors: dict[str, torch.Tensor], targets: dict[str, list[st
         members = [p for p in targets[dotted] if p in views]
         for k, v in fuse_module(dotted, members, by_path, dotted in swapped, views).items():
             out[f"{flat(prefix, dotted)}.{k}"] = v
+    return out
+
+
+def to_bfl(tensors: dict[str, torch.Tensor], targets: dict[str, list[str]], peft_names: bool) -> dict[str, torch.Tensor]:
+    """``lora_unet_<original flat name>.<param>`` -> ``diffusion_model.<original dotted name>.<param>`` (ComfyUI / BFL;
+    ``peft_names``: ai-toolkit's Flux.2 LoRA, ``lora_A/B`` with alpha/r folded into A, as diffusers' Flux.2 loader
+    reads it; else kohya's ``lora_down/up`` + ``alpha``, as its Flux.1 loader reads ComfyUI files). LoHa / LoKr /
+    DoRA parameters as they are (LyCORIS names, alpha kept)."""
+    dotted = source_names(targets, "lora_unet")
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        name, _, param = key.partition(".")
+        grouped.setdefault(name, {})[param] = t
+    out: dict[str, torch.Tensor] = {}
+    for name, ps in grouped.items():
+        base = f"diffusion_model.{dotted[name]}"
+        if "lora_down.weight" in ps and peft_names:
+            down = ps.pop("lora_down.weight")
+            alpha = float(ps.pop("alpha")) if "alpha" in ps else float(down.shape[0])
+            out[f"{base}.lora_A.weight"] = (down * (alpha / down.shape[0])).contiguous()
+            out[f"{base}.lora_B.weight"] = ps.pop("lora_up.weight")
+        out |= {f"{base}.{k}": v for k, v in ps.items()}
     return out
 
 

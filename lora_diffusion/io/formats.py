@@ -21,7 +21,8 @@ from .files import read_safetensors, write_safetensors
 
 log = logging.getLogger(__name__)
 TLORA_OFFICIAL = "tlora-official"
-FORMATS = ("canonical", "kohya", "diffusers", "peft", TLORA_OFFICIAL)
+BFL = "bfl"  # BFL / ai-toolkit / ComfyUI: diffusion_model.<original module>.<param> (Flux.1, Flux.2 transformers)
+FORMATS = ("canonical", "kohya", "diffusers", "peft", TLORA_OFFICIAL, BFL)
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -204,15 +205,43 @@ def plain_lora(part: Part, adapters: dict[str, Any]) -> Part:
     return Part(part.component, spec_from_modules("lora", ranks, alphas), list(part.modules), tensors, group=part.group)
 
 
-def _refuse_row_windows(parts: list[Part], fmt: str) -> None:
+def _row_windows(parts: list[Part], fmt: str) -> dict[str, torch.Tensor]:
     """A LoKr read from a fused module it does not split on (``row_offset``: BFL ``img_attn.qkv``) has its rows of
-    W1 ⊗ W2; no external format names such a part."""
+    W1 ⊗ W2: the original layouts (kohya, bfl) fuse the parts back (``dit.fuse_lokr``, given their offsets here); the
+    other external formats name no such part."""
+    out: dict[str, torch.Tensor] = {}
     for p in parts:
-        if (p.spec.options or {}).get("row_offset") is not None:
+        off = (p.spec.options or {}).get("row_offset")
+        if off is None:
+            continue
+        if fmt not in ("kohya", BFL) or p.component != dit.TRANSFORMER:
             raise AdapterFileError(
-                f"module '{p.modules[0]}': a LoKr on part of a fused module (rows from {p.spec.options['row_offset']} "
-                f"of W1 ⊗ W2, as read from a BFL/kohya file) has no {fmt} form; expected the canonical format "
-                "(save_adapter's default), or the original file")
+                f"module '{p.modules[0]}': a LoKr on part of a fused module (rows from {off} of W1 ⊗ W2, as read from "
+                f"a BFL/kohya file) has no {fmt} form; expected format='kohya' or 'bfl' (the fused module), the "
+                "canonical format (save_adapter's default), or the original file")
+        out |= {f"{dit.flat(dit.OT_PREFIX, m)}.{kohya.ROW_OFFSET}": torch.tensor(off) for m in p.modules}
+    return out
+
+
+def _original_layout(tensors: dict[str, torch.Tensor], fmt: str, family: str | None, unet_config: Any,
+                     views: dict[str, ModuleView]) -> dict[str, torch.Tensor]:
+    """kohya tensors on diffusers names -> the original (BFL / Stability) module names: kohya's ``lora_unet_…`` or,
+    for ``bfl``, ``diffusion_model.<dotted>`` (``dit.to_bfl``)."""
+    if family not in ("flux", "flux2", "sd3") or dit.TRANSFORMER not in views:
+        if fmt == BFL:
+            raise AdapterFileError(f"format 'bfl' names the modules of a Flux.1 / Flux.2 transformer; the adapter is on "
+                                   f"{sorted(views)} of a {family or 'unknown'} model; expected format='kohya'")
+        return tensors
+    ot = {k: v for k, v in tensors.items() if k.startswith(dit.OT_PREFIX + "_")}
+    targets, swapped = dit.family_map(family, unet_config)
+    original = dit.from_onetrainer(ot, targets, swapped, views[dit.TRANSFORMER])
+    rest = {k: v for k, v in tensors.items() if k not in ot}
+    if fmt != BFL:
+        return rest | original
+    if rest or family == "sd3":
+        raise AdapterFileError(f"key '{next(iter(rest), 'lora_unet')}': format 'bfl' holds a Flux.1 / Flux.2 "
+                               "transformer's adapter only (no text encoders, not SD3); expected format='kohya'")
+    return dit.to_bfl(original, targets, peft_names=family == "flux2")
 
 
 def write_parts(path: Path, parts: list[Part], fmt: str, views: dict[str, ModuleView], meta: dict[str, str],
@@ -220,17 +249,13 @@ def write_parts(path: Path, parts: list[Part], fmt: str, views: dict[str, Module
                 shared: dict[str, dict[str, torch.Tensor]] | None = None,
                 extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Parts -> a kohya / diffusers file or a PEFT folder (canonical files are written by ``api.save_adapter``)."""
-    _refuse_row_windows(parts, fmt)
+    windows = _row_windows(parts, fmt)
     main = parts[0].spec
     meta = {"variant": main.variant, "rank": str(main.rank), "alpha": str(main.alpha if main.alpha is not None else main.rank),
             **({"base_model_family": family} if family else {}), **meta}
-    if fmt == "kohya":
-        tensors = kohya.write(parts, family, unet_config, views)
-        if family in ("flux", "flux2", "sd3") and dit.TRANSFORMER in views:  # the original names kohya/ComfyUI read
-            ot = {k: v for k, v in tensors.items() if k.startswith(dit.OT_PREFIX + "_")}
-            targets, swapped = dit.family_map(family, unet_config)
-            tensors = {k: v for k, v in tensors.items() if k not in ot} | dit.from_onetrainer(
-                ot, targets, swapped, views[dit.TRANSFORMER])
+    if fmt in ("kohya", BFL):
+        tensors = kohya.write(parts, family, unet_config, views) | windows
+        tensors = _original_layout(tensors, fmt, family, unet_config, views)  # the names kohya/ComfyUI/BFL read
         tensors |= extra_tensors or {}
         write_safetensors(path, tensors, kohya.metadata(parts, family, meta))
     elif fmt == "diffusers":
@@ -241,7 +266,7 @@ def write_parts(path: Path, parts: list[Part], fmt: str, views: dict[str, Module
     elif fmt == TLORA_OFFICIAL:
         path = write_official(path, parts, views, meta)
     else:
-        raise AdapterFileError(f"{path}: format {fmt!r}; expected kohya, diffusers, peft or {TLORA_OFFICIAL}")
+        raise AdapterFileError(f"{path}: format {fmt!r}; expected kohya, diffusers, peft, {TLORA_OFFICIAL} or {BFL}")
     return path
 
 
