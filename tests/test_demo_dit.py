@@ -43,6 +43,16 @@ def test_builder_folder_loads_in_stock_diffusers_and_generates(folder):
     assert type(dm.load_demo_pipeline(folder)).__name__ == "StableDiffusion3Pipeline"
 
 
+def test_damaged_dit_folder_names_the_file_and_the_dit_rebuild_command(folder, tmp_path):
+    import shutil
+
+    broken = Path(shutil.copytree(folder, tmp_path / "demo-sd3"))
+    (broken / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    assert any("transformer has no .safetensors" in p for p in dm.check_model_folder(broken))
+    with pytest.raises(dm.DemoModelError, match=r"transformer has no \.safetensors.*python -m training\.pretrain_demo_dit"):
+        dm.load_demo_pipeline(broken)
+
+
 def test_shipped_arch_fits_the_size_budget(folder):
     size = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
     assert size <= 20 * 2**20, f"{size / 2**20:.1f} MB"
