@@ -173,3 +173,14 @@ def test_sdxl_export_continues_both_encoders_tokens_and_text_adapters(sdxl_model
     ref = _pipe(sdxl_model)
     ld.load_adapter(ref, src)
     np.testing.assert_allclose(_draw(run.pipe), _draw(ref), atol=1e-5)
+
+
+def test_text_encoder_adapter_trains_in_fp32_under_mixed_precision(sd_model, subject, tmp_path):  # noqa: F811
+    """bf16: the frozen text-encoder weights are cast, its LoRA (--text_encoder_targets) stays fp32 like the UNet's."""
+    run = build(tiny_config(sd_model, subject, tmp_path / "run", variant="lora", mixed_precision="bf16",
+                            train_embedding=True, text_encoder_targets=TE))
+    te = run.text_encoders[0]
+    trainable = [p for p in te.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert te.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in run.unet.parameters() if p.requires_grad)

@@ -205,8 +205,9 @@ def add_adapter(pipe: Any, cfg: TLoRAConfig, device: torch.device) -> nn.Module:
     dtype = DTYPES[cfg.model.mixed_precision]
     cast_frozen(unet, dtype)
     for comp in (getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")):
-        if comp is not None:
-            comp.to(device, dtype)
+        if comp is not None:  # a text-encoder adapter (--text_encoder_targets) trains in fp32 like the UNet's
+            cast_frozen(comp, dtype)
+            comp.to(device)
     pipe.vae.to(device, torch.float32)  # fp32 VAE: no fp16 NaNs (sd-scripts --no_half_vae)
     unet.to(device)
     if not family_of(pipe).flow:  # the transformers keep their own (SDPA) joint-attention processors
