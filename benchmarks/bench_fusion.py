@@ -15,7 +15,8 @@ One run, the same LoRA files for every row (the demo library's ring, dotted, hea
 diffusers format for diffusers/PEFT), the same prompt, seed and step count; the UNet loop only
 (``output_type="latent"``). Calls are interleaved across configurations (round-robin) so a busy machine slows all
 of them alike; the median of ``--reps`` calls is reported (``--stat min``: the fastest, the least disturbed by
-other jobs on a shared machine). Ratios (targets from issue 12):
+other jobs on a shared machine; ``--clock cpu``: the process's CPU time instead of wall-clock, which other jobs on a
+shared CPU disturb far less). Ratios (targets from issue 12):
 
 - gated / static unfused <= 1.3 (gated: with the per-role terms, the default; gated_compiled: the same gate with
   ``compile=True``, one fused kernel per layer, compiled in the warm-up round; gated_shared: ``per_role=False``,
@@ -79,14 +80,17 @@ def _sync(device: str) -> None:
 
 
 def call(b: Bench, pipe: Any, args: argparse.Namespace) -> float:
+    """Seconds for one pipeline call: wall-clock, or with ``--clock cpu`` this process's CPU time (on a shared
+    CPU the time the call itself computed, not the time other jobs held the cores)."""
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     g = torch.Generator().manual_seed(0)
     _sync(args.device)
-    t0 = time.perf_counter()
+    t0 = clock()
     with torch.no_grad():
         pipe(**b.prompt, num_inference_steps=args.steps, guidance_scale=4.0, generator=g, output_type="latent",
              height=b.size, width=b.size)
     _sync(args.device)
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def configs(k: int, b: Bench) -> dict[str, tuple[Any, Any]]:
@@ -289,7 +293,7 @@ def table(res: dict[int, dict[str, float]], args: argparse.Namespace) -> str:
              f"SD1.5-config UNet ({args.sd_layers} layers per block, random weights), {args.latent}x{args.latent} "
              f"latents, LoRAs rank {args.rank}")
     lines.append(f"\n{model}, {args.steps} steps, CFG (UNet batch 2), {args.dtype}, {args.device}, "
-                 f"torch threads {torch.get_num_threads()}, {args.stat} of {args.reps} interleaved calls")
+                 f"torch threads {torch.get_num_threads()}, {args.stat} of {args.reps} interleaved calls, {args.clock} clock")
     return "\n".join(lines)
 
 
@@ -304,6 +308,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ks", default="1,2,3", help="numbers of LoRAs blended, comma-separated")
     p.add_argument("--configs", default="", help=f"a comma-separated subset of {', '.join(CONFIGS)} (default: all)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall-clock, or the process's CPU time (CPU runs on a shared machine; one thread)")
     p.add_argument("--stat", choices=["median", "min"], default="median", help="per configuration, of --reps calls")
     p.add_argument("--memory", action="store_true", help="also the peak memory of one call per configuration")
     p.add_argument("--out", type=Path, default=None, help="the figures as JSON (default outputs/bench_fusion.json, "
