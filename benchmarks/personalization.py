@@ -94,6 +94,7 @@ class BenchConfig:
     sensitivity_batches: int = 4  # sensitivity:R rows: calibration batches of training.rank_sensitivity
     paired_to: str | None = None  # a --variants entry: every other variant's difference to it, paired by run
     jitter_drops_color: bool = False  # described captions: hue-jittered views without the (wrong) color word
+    recolor_holdout: bool = False  # described captions: repainting never paints the evaluation's (color, background)
     texture_as: str = "object"  # a texture concept: "object" (`a red sks`: the textured shape is the subject, as a
     # shape concept) or "word" (`a red sks circle`: the token is a texture word; prompts ask for it on other shapes)
 
@@ -191,6 +192,9 @@ def train_config(run: Run, cfg: BenchConfig, work: Path) -> Any:
     described = world.caption("{0}", scene.color, scene.background)
     tc.data.prompt_template = {"described": described, "bare": BARE_TEMPLATE,
                                "mixed": f"{described}#{BARE_TEMPLATE}"}[run.regime]
+    if cfg.recolor_holdout and run.regime == "described":  # the prompts' pairs are never shown in training
+        pairs = recontext_prompts(scene, cfg.prompts, run.seed)
+        tc.data.recolor_exclude = "#".join(f"{c}/{b}" for c, b in pairs)
     if cfg.jitter_drops_color and run.regime == "described":  # `a sks on a white background`
         tc.data.jitter_prompt_template = f"a {{0}} on a {scene.background} background"
     tc.optim.max_train_steps, tc.optim.learning_rate = max(cfg.sweep), cfg.lr
@@ -502,6 +506,7 @@ def markdown(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]], cfg:
                  f"{'; per variant ' + str(list(cfg.variant_overrides)) if cfg.variant_overrides else ''}; "
                  f"textures as {cfg.texture_as}s; "
                  f"{'hue-jittered views captioned without the color; ' if cfg.jitter_drops_color else ''}"
+                 f"{'repainting holds out the evaluation pairs; ' if cfg.recolor_holdout else ''}"
                  f"device {cfg.device}.")
     return "\n".join(lines) + "\n"
 
@@ -625,6 +630,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jitter-drops-color", action="store_true",
                    help="described captions: hue-jittered views are captioned without the color word "
                         "(`a sks on a white background`; the trainer's --jitter_prompt_template)")
+    p.add_argument("--recolor-holdout", action="store_true",
+                   help="described captions: repainted views (--recolor_p) never show the evaluation prompts' "
+                        "(color, background) pairs (the trainer's --recolor_exclude), so alignment is measured on "
+                        "combinations the subject was never painted in")
     p.add_argument("--texture-as", choices=("object", "word"), default=d.texture_as,
                    help="a texture concept: 'object' (`a red sks`: the textured shape is the subject, as a shape "
                         "concept) or 'word' (`a red sks circle`, vectors from `striped`; prompts ask for it on the "
@@ -650,7 +659,7 @@ def main(argv: list[str] | None = None) -> None:
                       prior_images=a.prior, overrides=tuple(a.set), texture_as=a.texture_as,
                       variant_overrides=tuple(a.variant_set), sensitivity_batches=a.sensitivity_batches,
                       paired_to=a.paired_to,
-                      jitter_drops_color=a.jitter_drops_color)
+                      jitter_drops_color=a.jitter_drops_color, recolor_holdout=a.recolor_holdout)
     _check(cfg)
     cfg.sample_steps, cfg.guidance = generation_settings(cfg.model, cfg.sample_steps, cfg.guidance)
     cfg.out.mkdir(parents=True, exist_ok=True)

@@ -401,6 +401,25 @@ def test_repainted_views_show_the_colors_their_captions_name(tmp_path) -> None:
     cfg.data.recolor_p = -0.1
     with pytest.raises(ConfigError, match="--recolor_p"):
         resolve_defaults(cfg, ld.variant_names())
+    cfg = TLoRAConfig()
+    cfg.data.recolor_exclude = "green/gray#teal/blue"
+    with pytest.raises(ConfigError, match="--recolor_exclude: 'teal/blue'"):
+        resolve_defaults(cfg, ld.variant_names())
+
+
+def test_held_out_color_pairs_are_never_painted(tmp_path) -> None:
+    """--recolor_exclude: the pairs it names are never drawn; every other pair still is."""
+    from lora_diffusion.demo import world
+    from training.data import ImageSet, parse_color_pairs
+
+    world.render(world.Scene("ring", "blue", "white"), supersample=1).save(tmp_path / "x.png")
+    images = ImageSet([tmp_path / "x.png"], 32, ["a blue sks on a white background"])
+    images.recolor_p = 1.0
+    images.recolor_exclude = parse_color_pairs("green/gray # Red/blue")
+    assert images.recolor_exclude == {("green", "gray"), ("red", "blue")}
+    gen = torch.Generator().manual_seed(0)
+    seen = {images.draw(gen).colors for _ in range(400)}
+    assert len(seen) == 6 * 8 - 2 and not seen & images.recolor_exclude  # 6 hues x 8 other colors, less 2
 
 
 def test_class_images_drawn_by_the_base_model(sd_model, subject, tmp_path):  # noqa: F811

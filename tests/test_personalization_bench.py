@@ -190,3 +190,14 @@ def test_lever_against_recipe_folders_pairs_by_run(tmp_path) -> None:
     assert pp.paired_rows(pp.load_runs(lever), pp.load_runs(recipe), {"moon"}) == []
     with pytest.raises(SystemExit, match="no results.json"):
         pp.load_runs(tmp_path)
+
+
+def test_recolor_holdout_excludes_the_evaluation_pairs(tmp_path) -> None:
+    """--recolor-holdout: a described run's trainer never paints the (color, background) pairs its prompts ask for."""
+    from training.data import parse_color_pairs
+
+    cfg = pb.BenchConfig(concepts=("ring",), seeds=(0,), sweep=(4,), recolor_holdout=True, out=tmp_path)
+    for regime in ("described", "bare"):
+        tc = pb.train_config(pb.Run("tlora:64", "ring", 0, regime), cfg, tmp_path)
+        pairs = set(pb.recontext_prompts(pb.training_scene("ring", 0), cfg.prompts, 0))
+        assert parse_color_pairs(tc.data.recolor_exclude) == (pairs if regime == "described" else set())

@@ -331,6 +331,9 @@ class DataArgs:
                                   "color words say which ('a blue sks on a white background' -> 'a green sks on a gray "
                                   "background'); captions without both colors: no-op. None: 0, on the embedded demo "
                                   "model 0.5")
+    recolor_exclude: str | None = opt(None, "'#'-separated 'color/background' pairs that --recolor_p never paints "
+                                      "(e.g. 'green/gray#red/blue': combinations held out, to test that the subject "
+                                      "composes with color pairs it was not shown in)")
     invert_p: float = opt(0.0, "augmentation: invert the training image's colors (x -> 255 - x) with this probability "
                           "each step, so a texture's pattern is seen both darker and lighter than its fill (for a "
                           "texture concept in the demo world: a pattern is lighter on dark fills, darker on light "
@@ -620,5 +623,11 @@ def _check_ranges(cfg: TLoRAConfig) -> None:
         raise ConfigError(f"--resolution: expected a multiple of 8, found {cfg.data.resolution}")
     if not 0.0 <= cfg.data.recolor_p <= 1.0:
         raise ConfigError(f"--recolor_p: expected a probability in [0, 1], found {cfg.data.recolor_p}")
+    from .data import DataError, parse_color_pairs
+
+    try:
+        parse_color_pairs(cfg.data.recolor_exclude)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
     if not 0.0 <= cfg.data.invert_p <= 1.0:
         raise ConfigError(f"--invert_p: expected a probability in [0, 1], found {cfg.data.invert_p}")

@@ -190,6 +190,18 @@ def swap_colors(caption: str, old: tuple[str, str], new: tuple[str, str]) -> str
     return re.sub(r"(?:\b(an?) )?\x00([SB])", put, out, flags=re.IGNORECASE)
 
 
+def parse_color_pairs(text: str | None) -> set[tuple[str, str]]:
+    """``'green/gray#red/blue'`` -> {(green, gray), (red, blue)} (--recolor_exclude); an unknown color is an error."""
+    pairs = set()
+    for item in filter(None, (t.strip() for t in (text or "").split("#"))):
+        subject, sep, background = (w.strip().lower() for w in item.partition("/"))
+        if not sep or subject not in COLOR_WORDS or background not in COLOR_WORDS:
+            raise DataError(f"--recolor_exclude: {item!r} is not 'color/background' with colors among "
+                            f"{sorted(COLOR_WORDS)}")
+        pairs.add((subject, background))
+    return pairs
+
+
 def _mix(x: torch.Tensor, f: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(1, H, W): each pixel's share a of the subject color in the closest mix a·f + (1 - a)·b (a in [0, 1])."""
     return (((x - b) * (f - b)).sum(0, keepdim=True) / ((f - b) ** 2).sum().clamp_min(1e-6)).clamp(0, 1)
@@ -244,6 +256,7 @@ class ImageSet:
         self.recolor = False  # jittered views: color words renamed to the turned colors (--jitter_color_words)
         self.recolor_p = 0.0  # probability of a view repainted in other named colors (--recolor_p)
         self._two_color: dict[tuple[int, str], bool] = {}  # (image, caption) -> a flat mix of the named colors
+        self.recolor_exclude: set[tuple[str, str]] = set()  # (color, background) pairs never painted
         self.images = [load_image(p, resolution) for p in paths]
 
     def __len__(self) -> int:
@@ -294,9 +307,14 @@ class ImageSet:
             return None
         names = list(dict.fromkeys(n for n, c in COLOR_WORDS.items() if n != "grey"))
         subjects = [n for n in names if hue_angle(COLOR_WORDS[n]) is not None]
-        subject = subjects[int(torch.randint(len(subjects), (1,), generator=gen))]
-        backgrounds = [n for n in names if n != subject]
-        return subject, backgrounds[int(torch.randint(len(backgrounds), (1,), generator=gen))]
+        if all((s, b) in self.recolor_exclude for s in subjects for b in names if b != s):
+            return None
+        while True:  # redrawn while the pair is held out (--recolor_exclude)
+            subject = subjects[int(torch.randint(len(subjects), (1,), generator=gen))]
+            backgrounds = [n for n in names if n != subject]
+            pair = subject, backgrounds[int(torch.randint(len(backgrounds), (1,), generator=gen))]
+            if pair not in self.recolor_exclude:
+                return pair
 
     def pixels(self, ex: Example) -> torch.Tensor:
         """(3, r, r) view of the example's image."""

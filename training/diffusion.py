@@ -30,6 +30,7 @@ from .data import (
     check_single_token,
     expand_prompts,
     find_images,
+    parse_color_pairs,
     read_captions,
     subject_phrase,
 )
@@ -335,6 +336,7 @@ def build_data(cfg: TLoRAConfig, pipe: Any, images: list[Path], resolution: int,
     if d.jitter_prompt_template:
         inst.jitter_prompts = expand_prompts(d.jitter_prompt_template, phrase)
     inst.recolor, inst.recolor_p = d.jitter_color_words, d.recolor_p
+    inst.recolor_exclude = parse_color_pairs(d.recolor_exclude)
     if d.recolor_p and not inst.can_repaint():
         log.info("--recolor_p: no image is a flat mix of a subject and a background color its caption names (e.g. "
                  "'a red %s on a white background'); no view is repainted", phrase)
