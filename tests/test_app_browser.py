@@ -164,9 +164,11 @@ def test_personalize_in_a_real_browser(browser, served, tmp_path, monkeypatch) -
 
 @pytest.fixture(scope="module")
 def served_dit(tmp_path_factory):
-    """An app offering the demo model and a tiny Flux.1 pipeline, with a tiny LLM and a T2L hypernetwork for it."""
+    """An app offering the demo models (UNet, SD3 transformer) and a tiny Flux.1 pipeline, with a tiny LLM and a T2L
+    hypernetwork for it."""
     import torch
 
+    from app.services.settings import DEMO_DIT, demo_dit_path
     from lora_diffusion import llm
     from lora_diffusion.hyper import T2L, T2LConfig
     from tests.app_harness import Served
@@ -176,7 +178,10 @@ def served_dit(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("browser-dit")
     folder = make_folder(root / "llm")
-    s = Served(root, models={"demo": None, "flux": str(build_tiny_flux(root / "flux"))}, llm_models={"tiny": str(folder)})
+    dit = demo_dit_path()
+    assert dit is not None, "assets/demo-sd3 is missing: python -m training.pretrain_demo_dit"
+    s = Served(root, models={"demo": None, DEMO_DIT: str(dit), "flux": str(build_tiny_flux(root / "flux"))},
+               llm_models={"tiny": str(folder)})
     model, _ = llm.load_causal_lm(str(folder))
     hyper = T2L.for_model(model, T2LConfig(rank=4, alpha=8, task_dim=16, pos_dim=8, hidden=32, head_in=16))
     with torch.no_grad():
@@ -199,8 +204,8 @@ def choose(driver, elem_id: str, value: str) -> None:
 
 def test_flux_model_and_text_to_lora_in_a_real_browser(browser, served_dit) -> None:
     """The Flux presets follow the model choice (Personalize: 1024 px, gradient checkpointing, pivotal tuning locked
-    off; Generate: 28 steps, guidance 3.5), a Flux image is generated, a UNet-only fusion gets its one message, and the LLM tab
-    makes a LoRA from a description and chats with it."""
+    off; Generate: 28 steps, guidance 3.5), a Flux image is generated, a UNet-only fusion gets its one message, the embedded SD3
+    demo model draws the prompt, and the LLM tab makes a LoRA from a description and chats with it."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -225,6 +230,14 @@ def test_flux_model_and_text_to_lora_in_a_real_browser(browser, served_dit) -> N
     choose(d, "blend-method", "gated")
     click(d, "gen-go")
     wait_for(d, lambda d: "only 'static'" in d.page_source, 60, "the fusion message")
+    choose(d, "gen-model", "demo (SD3")  # the embedded SD3-architecture demo model draws the shapes world
+    wait_for(d, lambda d: "(SD3 transformer): 32 px, 28 steps, guidance 7" in text_of(d, "gen-model-note"), 20, "note")
+    choose(d, "blend-method", "static")
+    set_number(d, "gen-size", "0")
+    set_number(d, "gen-n", "4")
+    click(d, "gen-go")
+    wait_for(d, lambda d: images_in(d, "gen-gallery") >= 4, 120, "demo SD3 images")
+    shot(d, "app-generate-demo-sd3.png")
 
     tab(d, "LLM")
     wait_for(d, lambda d: "t2l.safetensors" in d.find_element(By.CSS_SELECTOR, "#t2l-hyper input").get_attribute("value"),

@@ -42,9 +42,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # SD3.5 medium/large: CFG 4.5 (medium's model card; large: 3.5-4.5), 28 steps
     "sd3": {"resolution": 1024, "mixed_precision": "bf16", "gradient_checkpointing": True, "num_inference_steps": 28,
             "guidance_scale": 4.5, "model_family": "sd3", "targets": "dit-attn", **_PHOTO},
-    # the embedded SD3-architecture demo model (assets/demo-sd3): the demo world at 32 px; the trainer's demo recipe
-    # picks its targets (attention and MLP linears)
-    "demo-sd3": {"resolution": 32, "num_inference_steps": 20, "guidance_scale": 4.0, "model_family": "sd3",
+    # the embedded SD3-architecture demo model (assets/demo-sd3): the demo world at 32 px, sampled as it was measured
+    # (the stock pipeline's 28 steps, guidance 7; docs/demo_model.md); the trainer's demo recipe picks its targets
+    "demo-sd3": {"resolution": 32, "num_inference_steps": 28, "guidance_scale": 7.0, "model_family": "sd3",
                  **_DEMO_PROMPTS},
 }
 #: the library's family names (``describe()['base_family']``) of the files each preset's models load
