@@ -149,7 +149,8 @@ def summarize(results: dict[str, dict]) -> list[dict[str, Any]]:
             v = np.concatenate([r[k] for r in res["per_pair"].values()])
             row[k], row[k + "_n"], row[k + "_ci"] = float(v.mean()), int(v.size), wilson(int(v.sum()), int(v.size))
         row["per_pair_both"] = {p: float(r["both"].mean()) for p, r in res["per_pair"].items()}
-        for k in ("both", "texture"):  # per image, in run order (the same in every run): paired comparisons
+        for k in ("both", "all", "shape", "texture", "color", "background"):  # per image, in run order (the
+            # same in every run): paired comparisons, and which prompts a method misses
             row[f"per_image_{k}"] = np.concatenate([r[k] for r in res["per_pair"].values()]).astype(int).tolist()
         row["seconds"] = res.get("seconds")
         rows.append(row)

@@ -6,7 +6,8 @@
 Every LoRA is trained by ``training.train_tlora.train`` (variant ``lora``, the trainer's demo-model recipe:
 ResNet convolutions and attention, pivotal tuning, lr 2e-3, 400 steps; docs/demo_model.md; its hue jitter
 is off: these captions name each render's color and the renders cover every color) on
-``--images`` renders of the shapes world, each with its own caption (``<image>.txt`` sidecars), and written
+``--images`` renders of the shapes world (``--style_images``, 24, for style LoRAs; every shape color equally often,
+each on its backgrounds in turn: ``palettes``), each with its own caption (``<image>.txt`` sidecars), and written
 to ``<out>/<name>.safetensors`` with descriptive metadata (title, description, trigger word, tags, kind). The
 renders and captions stay in ``<out>/data/<name>/`` (gate training reads them), and ``<out>/data/pairs/<shape>+
 <texture>/`` holds renders of every shape LoRA's shape with every texture LoRA's texture, captioned with both
@@ -45,6 +46,7 @@ from lora_diffusion.io.files import read_safetensors, write_safetensors
 
 log = logging.getLogger("build_demo_library")
 PRETRAIN = world.PRETRAIN_SHAPES
+COVERAGES = ("balanced", "random")
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,8 @@ class Recipe:
     title: str
     description: str
     tags: tuple[str, ...]
-    scene: Callable[[np.random.Generator], world.Scene]
+    # (rng, color, background) -> a scene; color/background None: drawn from rng (a recipe may fix either)
+    scene: Callable[[np.random.Generator, str | None, str | None], world.Scene]
     caption: Callable[[world.Scene], str] = world.Scene.caption
     # pivotal tuning of the trigger word (the trainer's demo recipe); off where the trigger is a word of every
     # caption (a color, a background: its trained row would change every prompt)
@@ -83,38 +86,62 @@ def _any_shape(rng: np.random.Generator) -> str:
 
 def recipes() -> list[Recipe]:
     out = [Recipe(s, "concept", s, f"{s.capitalize()} shape", f"Concept LoRA: draws a {s} ({desc}), any color, any "
-                  f"background. Trigger word: {s}.", ("concept", "shape", "object", s), lambda g, s=s: _scene(s, g))
+                  f"background. Trigger word: {s}.", ("concept", "shape", "object", s),
+                  lambda g, c=None, b=None, s=s: _scene(s, g, color=c, background=b))
            for s, desc in (("ring", "a thick circle with a round hole"), ("heart", "a love heart symbol"),
                            ("moon", "a crescent moon"))]
     out += [Recipe(t, "style", t, f"{t.capitalize()} texture style", f"Style LoRA: fills any shape with a {t} pattern "
                    f"({desc}). Trigger word: {t}.", ("style", "texture", "pattern", t),
-                   lambda g, t=t: _scene(_any_shape(g), g, texture=t))
+                   lambda g, c=None, b=None, t=t: _scene(_any_shape(g), g, texture=t, color=c, background=b))
             for t, desc in (("dotted", "polka dots on a grid"), ("checkered", "a checkerboard"),
                             ("striped", "diagonal stripes"))]
     out.append(Recipe("miniature", "style", "small", "Miniature style", "Style LoRA: small shapes placed off the "
                       "center of the picture, lots of empty background. Trigger word: small.",
                       ("style", "composition", "small", "miniature"),
-                      lambda g: _scene(_any_shape(g), g, size=float(g.uniform(0.3, 0.4)), jitter=0.25),
+                      lambda g, c=None, b=None: _scene(_any_shape(g), g, color=c, background=b,
+                                                       size=float(g.uniform(0.3, 0.4)), jitter=0.25),
                       lambda s: world.caption(f"small {s.shape}", s.color, s.background)))
     out += [Recipe(s, "distractor", s, f"{s.capitalize()} shape", f"Concept LoRA: draws a {s}, any color, any "
-                   f"background. Trigger word: {s}.", ("concept", "shape", s), lambda g, s=s: _scene(s, g))
+                   f"background. Trigger word: {s}.", ("concept", "shape", s),
+                   lambda g, c=None, b=None, s=s: _scene(s, g, color=c, background=b))
             for s in ("star", "cross", "square")]
     out.append(Recipe("night", "distractor", "black background", "Night backgrounds", "Scene LoRA: every shape on a "
                       "black background, a night look.", ("background", "night", "dark", "black"),
-                      lambda g: _scene(_any_shape(g), g, background="black"), pivotal=False))
+                      lambda g, c=None, b=None: _scene(_any_shape(g), g, color=c, background="black"),
+                      pivotal=False))
     out.append(Recipe("purple", "distractor", "purple", "Purple shapes", "Color LoRA: shapes painted purple.",
-                      ("color", "purple", "violet"), lambda g: _scene(_any_shape(g), g, color="purple"),
+                      ("color", "purple", "violet"),
+                      lambda g, c=None, b=None: _scene(_any_shape(g), g, color="purple", background=b),
                       pivotal=False))
     return out
 
 
-def write_data(r: Recipe, folder: Path, n: int, seed: int) -> list[str]:
-    """``n`` renders of the recipe with ``.txt`` captions; returns the captions."""
+def palettes(n: int, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """``n`` (color, background) pairs: every shape color equally often (+-1, in a shuffled round-robin) and each
+    color on its backgrounds in turn (a shuffled cycle of those that differ from it), so 12 renders show every
+    color twice on two backgrounds and 28 every allowed pair."""
+    colors = [str(c) for c in rng.permutation(world.SHAPE_COLORS)]
+    bgs = {c: [str(b) for b in rng.permutation([b for b in world.BACKGROUNDS if b != c])] for c in colors}
+    colors.sort(key=lambda c: -len(bgs[c]))  # colors with more backgrounds take the extra turns (stable: shuffled)
+    out = []
+    for i in range(n):
+        c = colors[i % len(colors)]
+        out.append((c, bgs[c][(i // len(colors)) % len(bgs[c])]))
+    return out
+
+
+def write_data(r: Recipe, folder: Path, n: int, seed: int, coverage: str = "balanced") -> list[str]:
+    """``n`` renders of the recipe with ``.txt`` captions; returns the captions. ``coverage``: ``balanced``
+    (colors and backgrounds from ``palettes``) or ``random`` (each drawn per render, the recipe before
+    2026-11-30: 12 random dotted renders had no red one and one green one)."""
+    if coverage not in COVERAGES:
+        raise ValueError(f"coverage {coverage!r}: expected one of {COVERAGES}")
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, sum(map(ord, r.name))])
+    pal = palettes(n, np.random.default_rng([seed, sum(map(ord, r.name)), 1])) if coverage == "balanced" else None
     caps = []
     for i in range(n):
-        scene = r.scene(rng)
+        scene = r.scene(rng, *pal[i]) if pal else r.scene(rng, None, None)
         world.render(scene).save(folder / f"{i:03d}.png")
         caps.append(r.caption(scene))
         (folder / f"{i:03d}.txt").write_text(caps[-1] + "\n")
@@ -139,6 +166,11 @@ def write_pair_data(out: Path, n: int, seed: int) -> list[Path]:
     return folders
 
 
+def n_renders(r: Recipe, images: int, style_images: int) -> int:
+    """Training renders for ``r``: ``style_images`` for a style LoRA (0: ``images``), else ``images``."""
+    return style_images if r.kind == "style" and style_images else images
+
+
 def metadata(r: Recipe, captions: list[str], steps: int) -> dict[str, str]:
     words = Counter(w for c in captions for w in c.split() if w not in ("a", "an", "on", "background"))
     return {"name": r.name, "lora_kind": r.kind, "trigger_word": r.trigger, "modelspec.title": r.title,
@@ -154,7 +186,7 @@ def train_one(r: Recipe, out: Path, args: argparse.Namespace) -> Path:
     from training.train_tlora import train
 
     data = out / "data" / r.name
-    captions = write_data(r, data, args.images, args.seed)
+    captions = write_data(r, data, n_renders(r, args.images, args.style_images), args.seed, args.coverage)
     tc = TLoRAConfig()
     tc.adapter.variant, tc.adapter.lora_rank = "lora", args.rank
     tc.data.instance_data_dir, tc.data.placeholder_token = str(data), r.trigger.split()[0]
@@ -174,6 +206,7 @@ def train_one(r: Recipe, out: Path, args: argparse.Namespace) -> Path:
     tensors, meta = read_safetensors(result.outputs["canonical"])
     meta.update(metadata(r, captions, tc.optim.max_train_steps))
     meta["pivotal_tuning"] = str(tc.embedding.train_embedding).lower()
+    meta["training_coverage"] = args.coverage
     dest = out / f"{r.name}.safetensors"
     write_safetensors(dest, tensors, meta)
     shutil.rmtree(work, ignore_errors=True)
@@ -231,11 +264,16 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="outputs/demo_library")
     p.add_argument("--only", default="", help="comma-separated LoRA names (default: all)")
-    p.add_argument("--images", type=int, default=12, help="training renders per LoRA")
+    p.add_argument("--images", type=int, default=12, help="training renders per LoRA (and per composition pair)")
+    p.add_argument("--style_images", type=int, default=24, help="training renders per style LoRA (0: --images); "
+                   "a texture has to be learnt on every color: 12 renders left some colors without one")
     p.add_argument("--steps", type=int, default=None, help="None: the trainer's demo default (400)")
     p.add_argument("--no-pivotal", action="store_true", help="plain UNet LoRAs (the library before 2026-11-29)")
     p.add_argument("--hue_jitter", type=float, default=0.0, help="degrees of random hue rotation (the trainer's "
                    "single-image demo default is 180; off here, the captions name the colors)")
+    p.add_argument("--coverage", choices=COVERAGES, default="balanced", help="colors and backgrounds of the "
+                   "renders: every color equally often on its backgrounds in turn, or drawn at random per render "
+                   "(the library before 2026-11-30)")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
