@@ -119,3 +119,20 @@ def test_recolor_is_a_demo_model_default_only(tmp_path) -> None:
     assert resolved([]).data.recolor_p == TRAIN_DEFAULTS["recolor_p"] == 0.5
     assert resolved(["--model", str(other)]).data.recolor_p == 0.0
     assert resolved(["--recolor_p", "0"]).data.recolor_p == 0.0
+
+
+@pytest.mark.parametrize("where", ["training.config:TLoRAConfig", "training.train_gates:GateConfig",
+                                   "training.train_llm:LLMConfig", "training.federated_dylora:FedConfig"])
+def test_every_config_cli_prints_its_help(where):
+    """argparse %-formats help texts: a literal % in a field's help (e.g. '52% -> 66%') must print, not crash."""
+    import importlib
+
+    from training.config import build_parser
+
+    mod, _, name = where.partition(":")
+    text = build_parser(getattr(importlib.import_module(mod), name)).format_help()
+    assert "--seed" in text and "%%" not in text
+    if name == "TLoRAConfig":
+        assert "10% of the run's steps" in text
+    if name == "GateConfig":
+        assert "52% -> 66-69%" in " ".join(text.split())

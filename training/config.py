@@ -93,7 +93,8 @@ def build_parser(cfg_cls: type, description: str = "") -> argparse.ArgumentParse
         hints = _hints(scls)
         for f in dataclasses.fields(scls):
             flags = [f"--{f.name}", *f.metadata.get("aliases", [])]
-            kw: dict[str, Any] = {"dest": f"{sec}.{f.name}", "help": f.metadata.get("help", "")}
+            # argparse %-formats help strings (for %(default)s): a literal % in a field's text must not break --help
+            kw: dict[str, Any] = {"dest": f"{sec}.{f.name}", "help": f.metadata.get("help", "").replace("%", "%%")}
             if _base_type(hints[f.name]) is bool:
                 kw["action"] = argparse.BooleanOptionalAction
             else:
@@ -229,7 +230,7 @@ class LoRADropArgs:
     lora_drop_threshold: float = opt(0.9, "--variant loradrop: keep per-layer LoRAs on the fewest layers whose "
                                           "importance sums to this fraction, in (0, 1]; the others share one")
     lora_drop_steps: int | None = opt(None, "--variant loradrop: steps of the first-stage LoRA on the sample (None: "
-                                            "10%% of the run's steps, at least 1)")
+                                            "10% of the run's steps, at least 1)")
     lora_drop_samples: int = opt(16, "--variant loradrop: size of the stratified sample (LLM: records by length "
                                      "quartile; diffusion: micro-batches, one timestep stratum each)")
     lora_drop_strict: bool = opt(False, "--variant loradrop: one shared adapter for all dropped layers, as the paper "
