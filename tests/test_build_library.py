@@ -69,5 +69,5 @@ def test_style_renders_cover_every_color_and_captions_name_it(tmp_path):
 
 def test_style_loras_train_on_more_renders_by_default():
     by = {r.name: r for r in recipes()}
-    assert n_renders(by["dotted"], 12, 24) == 24 and n_renders(by["ring"], 12, 24) == 12
+    assert n_renders(by["dotted"], 12, 48) == 48 and n_renders(by["ring"], 12, 48) == 12
     assert n_renders(by["dotted"], 12, 0) == 12  # 0: every LoRA on --images

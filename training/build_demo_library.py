@@ -6,7 +6,7 @@
 Every LoRA is trained by ``training.train_tlora.train`` (variant ``lora``, the trainer's demo-model recipe:
 ResNet convolutions and attention, pivotal tuning, lr 2e-3, 400 steps; docs/demo_model.md; its hue jitter
 is off: these captions name each render's color and the renders cover every color) on
-``--images`` renders of the shapes world (``--style_images``, 24, for style LoRAs; every shape color equally often,
+``--images`` renders of the shapes world (``--style_images``, 48, for style LoRAs; every shape color equally often,
 each on its backgrounds in turn: ``palettes``), each with its own caption (``<image>.txt`` sidecars), and written
 to ``<out>/<name>.safetensors`` with descriptive metadata (title, description, trigger word, tags, kind). The
 renders and captions stay in ``<out>/data/<name>/`` (gate training reads them), and ``<out>/data/pairs/<shape>+
@@ -265,8 +265,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="outputs/demo_library")
     p.add_argument("--only", default="", help="comma-separated LoRA names (default: all)")
     p.add_argument("--images", type=int, default=12, help="training renders per LoRA (and per composition pair)")
-    p.add_argument("--style_images", type=int, default=24, help="training renders per style LoRA (0: --images); "
-                   "a texture has to be learnt on every color: 12 renders left some colors without one")
+    p.add_argument("--style_images", type=int, default=48, help="training renders per style LoRA (0: --images); "
+                   "a texture has to be learnt on every color and shape: with 12 some colors had none, with 24 one "
+                   "build seed of 3 gave a dotted LoRA that paints streaks (docs/autolora.md, fifth run)")
     p.add_argument("--steps", type=int, default=None, help="None: the trainer's demo default (400)")
     p.add_argument("--no-pivotal", action="store_true", help="plain UNet LoRAs (the library before 2026-11-29)")
     p.add_argument("--hue_jitter", type=float, default=0.0, help="degrees of random hue rotation (the trainer's "
