@@ -139,7 +139,8 @@ def test_the_flag_names_the_dit_demo_model_and_its_defaults(demo_dit):
     assert cfg.model.pretrained_model_name_or_path == str(demo_dit) and cfg.model.model_family == "sd3"
     assert cfg.adapter.targets == d["targets"] and cfg.embedding.train_embedding
     assert cfg.optim.learning_rate == pytest.approx(1e-4 * d["lr_scale"])
-    assert (cfg.optim.max_train_steps, cfg.data.hue_jitter) == (d["max_train_steps"], d["hue_jitter"])
+    assert (cfg.optim.max_train_steps, cfg.data.hue_jitter, cfg.data.recolor_p) == (d["max_train_steps"],
+                                                                                    d["hue_jitter"], d["recolor_p"])
     assert cfg.data.placeholder_token == "sks" and cfg.flow.weighting_scheme == "logit_normal"
     assert demo.resolve_demo_name("demo-sd") == str(demo.assets_dir() / demo.DEMO_MODEL_DIRNAME)
     assert demo.resolve_demo_name("my/model") == "my/model"

@@ -53,12 +53,13 @@ TRAIN_DEFAULTS: dict[str, Any] = {"targets": "unet-full", "linear_only_targets":
 
 #: Training defaults on the DiT demo model (``assets/demo-sd3``, an SD3-architecture pipeline whose demo_model.json
 #: says ``"family": "sd3"``): its transformer has linear layers only, so every variant adapts the attention and MLP
-#: linears of the joint blocks; the same one-image recipe (pivotal tuning on both CLIP encoders, hue jitter). lr 10x:
-#: at 20x (the UNet model's) LoRA collapsed by 400 steps, at 5x T-LoRA learned less (one run each). With it one image
-#: reaches concept fidelity 25-41% (T-LoRA and LoRA, held-out shapes, 2 seeds; docs/demo_model.md): not tuned yet.
+#: linears of the joint blocks; the same one-image recipe (pivotal tuning on both CLIP encoders, hue jitter, repainted
+#: views). lr 10x: at 20x (the UNet model's) LoRA collapsed by 400 steps, at 5x T-LoRA learned less (one run each).
+#: Without repainting one image reached concept fidelity 25-41% (T-LoRA and LoRA, held-out shapes, 2 seeds); with
+#: ``recolor_p`` 0.5, described captions: 100% fidelity at 400 steps, alignment 71-78% (seed 0; docs/demo_model.md).
 DIT_TRAIN_DEFAULTS: dict[str, Any] = {"targets": "dit-attn-mlp", "linear_only_targets": "dit-attn-mlp",
                                       "lr_scale": 10.0, "train_embedding": True, "hue_jitter": 180.0,
-                                      "max_train_steps": 400}
+                                      "recolor_p": 0.5, "max_train_steps": 400}
 #: ``--model demo-sd3`` (any model flag, and ``load_pipeline``): a name of an embedded demo model -> its folder
 DEMO_NAMES = {"demo-sd": DEMO_MODEL_DIRNAME, "demo-sd3": DEMO_DIT_DIRNAME}
 
