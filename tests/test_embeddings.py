@@ -452,3 +452,17 @@ def test_demo_placeholder_rows_are_reserved() -> None:
     cfg.embedding.train_embedding = True
     resolve_defaults(cfg, ld.variant_names())
     assert cfg.data.placeholder_token == "<sks>" and not cfg.embedding.allow_existing_token
+
+
+def test_a_flat_image_resized_to_the_training_resolution_is_repainted() -> None:
+    """The README main job's picture (64 px, resized to 32: resampling rings past both colors along the line through
+    them) is a flat red/blue mix, so --recolor_p repaints its views; the wrong caption colors still do not fit."""
+    from training.data import COLOR_WORDS, ImageSet, is_two_color, load_image
+
+    ring = Path(__file__).resolve().parents[1] / "assets" / "examples" / "ring" / "ring.png"
+    x = load_image(ring, 32)
+    assert is_two_color(x, COLOR_WORDS["red"], COLOR_WORDS["blue"])
+    assert not is_two_color(x, COLOR_WORDS["red"], COLOR_WORDS["white"])
+    images = ImageSet([ring], 32, ["a red sks on a blue background"])
+    images.recolor_p = 0.5
+    assert images.can_repaint()
