@@ -127,10 +127,11 @@ def test_pretrain_command_stops_resumes_refuses_another_arch_and_exports(tmp_pat
     assert r.returncode == 3, r.stderr[-2000:]
     r = _run([*common[:-4], "--layers", "3", "--measure", "0", "--resume"], tmp_path)
     assert r.returncode != 0 and "another architecture" in r.stderr and "layers" in r.stderr
-    r = _run([*common, "--resume"], tmp_path)
+    r = _run([*common[:-4], "--measure", "1", "--sample-steps", "2", "--threads", "1", "--resume"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     info = json.loads((tmp_path / "model" / "demo_model.json").read_text())
     assert info["trained"] and info["family"] == "sd3" and info["metrics"]["latents"]["scaling_factor"] > 0
+    assert {"pretrain", "pretrain-heldout-combos"} <= set(info["metrics"]["generation"])  # the evaluator's figures
     pipe = dm.load_demo_pipeline(tmp_path / "model")
     assert pipe.vae.config.shift_factor == pytest.approx(info["metrics"]["latents"]["shift_factor"], abs=1e-5)
     img = pipe("a red star on a blue background", num_inference_steps=2, output_type="np").images[0]

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from lora_diffusion.demo import world
 from lora_diffusion.demo.model import DEMO_MODEL_DIRNAME, assets_dir
+from lora_diffusion.io.files import write_json
 
 log = logging.getLogger("pretrain_demo")
 BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<|unk|>"
@@ -516,13 +517,20 @@ class Pretrainer:
         finally:
             self.ema.swap()
         log.info("saved the pipeline to %s", folder)
-        if measure_n > 0:
-            self.metrics["generation"] = measure_generation(folder, self.evaluator_path, measure_n, self.cfg.sample_steps,
-                                                            self.cfg.guidance, grid_dir=self.out, device=self.device)
-            meta = json.loads((folder / "demo_model.json").read_text())
-            meta["metrics"] = self.metrics
-            (folder / "demo_model.json").write_text(json.dumps(meta, indent=2) + "\n")
+        self.record_generation(folder, measure_n)
         return folder
+
+
+    def record_generation(self, folder: Path, measure_n: int) -> None:
+        """Measure the exported pipeline with the evaluator (``measure_n`` images per split; 0: skip) and record the
+        figures in its ``demo_model.json`` (written atomically)."""
+        if measure_n <= 0:
+            return
+        self.metrics["generation"] = measure_generation(folder, self.evaluator_path, measure_n, self.cfg.sample_steps,
+                                                        self.cfg.guidance, grid_dir=self.out, device=self.device)
+        meta = json.loads((folder / "demo_model.json").read_text())
+        meta["metrics"] = self.metrics
+        write_json(folder / "demo_model.json", meta, indent=2)
 
 
 @torch.no_grad()

@@ -54,7 +54,6 @@ from training.pretrain_demo import (
     build_tokenizer,
     build_vae,
     check_same_arch,
-    measure_generation,
     rng_state,
     set_rng_state,
     world_meta,
@@ -393,12 +392,7 @@ class DitPretrainer(Pretrainer):
         finally:
             self.ema.swap()
         log.info("saved the pipeline to %s", folder)
-        if measure_n > 0:
-            self.metrics["generation"] = measure_generation(folder, self.evaluator_path, measure_n, self.cfg.sample_steps,
-                                                            self.cfg.guidance, grid_dir=self.out, device=self.device)
-            meta = json.loads((folder / "demo_model.json").read_text())
-            meta["metrics"] = self.metrics
-            (folder / "demo_model.json").write_text(json.dumps(meta, indent=2) + "\n")
+        self.record_generation(folder, measure_n)
         return folder
 
 
