@@ -117,9 +117,9 @@ class LoopResult:
     last_step: int = 0
 
 
-def make_accelerator(mixed_precision: str = "no", cpu: bool = False) -> Any:
-    """An ``accelerate.Accelerator``; in a single process, earlier in-process settings are dropped first,
-    so one Python session (tests, the app) can train several times with different precisions."""
+def make_accelerator(mixed_precision: str = "no", cpu: bool = False, **kwargs: Any) -> Any:
+    """An ``accelerate.Accelerator`` (``kwargs`` go to it); in a single process, earlier in-process settings are
+    dropped first, so one Python session (tests, the app) can train several times with different precisions."""
     import os
 
     from accelerate import Accelerator
@@ -128,7 +128,7 @@ def make_accelerator(mixed_precision: str = "no", cpu: bool = False) -> Any:
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu, **kwargs)
 
 
 def _all_finite(accelerator: Any, loss: torch.Tensor) -> bool:

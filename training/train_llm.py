@@ -56,7 +56,7 @@ from .llm_data import (
     pack,
     split_eval,
 )
-from .loop import EXIT_STOPPED, JsonlProgress, LoopConfig, StopSignals, TrainingStopped, fit
+from .loop import EXIT_STOPPED, JsonlProgress, LoopConfig, StopSignals, TrainingStopped, fit, make_accelerator
 from .privacy import DPSGD, DPArgs, PoissonBatches, check_dp, dp_enabled, epsilon, resolve_noise
 
 log = logging.getLogger("train_llm")
@@ -386,16 +386,15 @@ def eval_logged(model: torch.nn.Module, eval_ex: list[Example], cfg: LLMConfig, 
 
 def setup(cfg: LLMConfig) -> tuple[Any, Path, Any, Any]:
     """Checks, the output folder, the Accelerator and the (quantized) model: (acc, out, model, tokenizer)."""
-    from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     check_config(cfg)
     out = check_output(cfg)
     cfg.optim.learning_rate = cfg.optim.learning_rate or LR_DEFAULTS.get(cfg.adapter.variant, 2e-4)
     log_with = None if cfg.run.report_to == "none" else cfg.run.report_to
-    acc = Accelerator(mixed_precision=cfg.model.mixed_precision, cpu=cfg.run.cpu, log_with=log_with,
-                      project_config=ProjectConfiguration(str(out), str(out / cfg.run.logging_dir)),
-                      step_scheduler_with_optimizer=False)
+    acc = make_accelerator(cfg.model.mixed_precision, cfg.run.cpu, log_with=log_with,
+                           project_config=ProjectConfiguration(str(out), str(out / cfg.run.logging_dir)),
+                           step_scheduler_with_optimizer=False)
     torch.manual_seed(cfg.run.seed)
     model, tok = llm.load_causal_lm(cfg.model.model, load_in_4bit=cfg.model.load_in_4bit,
                                     dtype=DTYPES[cfg.model.dtype], device=acc.device,
