@@ -466,3 +466,9 @@ def test_a_flat_image_resized_to_the_training_resolution_is_repainted() -> None:
     images = ImageSet([ring], 32, ["a red sks on a blue background"])
     images.recolor_p = 0.5
     assert images.can_repaint()
+    gray, black = (torch.tensor(COLOR_WORDS[c], dtype=x.dtype).view(3, 1, 1) / 127.5 - 1 for c in ("gray", "black"))
+    shapes = black.expand(3, 32, 32).clone()
+    shapes[:, 8:24, 8:24] = gray
+    shapes[:, :8] = black + 1.8 * (gray - black)  # light gray: on the line through gray and black, far past gray
+    assert not is_two_color(shapes, COLOR_WORDS["gray"], COLOR_WORDS["black"])
+    assert is_two_color(shapes[:, 8:], COLOR_WORDS["gray"], COLOR_WORDS["black"])

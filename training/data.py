@@ -202,11 +202,11 @@ def parse_color_pairs(text: str | None) -> set[tuple[str, str]]:
     return pairs
 
 
-def _mix(x: torch.Tensor, f: torch.Tensor, b: torch.Tensor, clamp: bool = True) -> torch.Tensor:
-    """(1, H, W): each pixel's share a of the subject color in the closest mix a·f + (1 - a)·b (a in [0, 1], or
-    unclamped: a resized image's ringing overshoots the two colors along the same line)."""
+def _mix(x: torch.Tensor, f: torch.Tensor, b: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """(1, H, W): each pixel's share a of the subject color in the closest mix a·f + (1 - a)·b, a in [0, 1] (with a
+    ``margin`` past both ends: a resized image's ringing overshoots the two colors a little along the same line)."""
     a = ((x - b) * (f - b)).sum(0, keepdim=True) / ((f - b) ** 2).sum().clamp_min(1e-6)
-    return a.clamp(0, 1) if clamp else a
+    return a.clamp(-margin, 1 + margin)
 
 
 def _rgb(c: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -216,10 +216,11 @@ def _rgb(c: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
 def is_two_color(x: torch.Tensor, subject: tuple[int, ...], background: tuple[int, ...],
                  tolerance: float = 0.02) -> bool:
     """Whether a (3, H, W) image in [-1, 1] is (nearly) a flat mix of the two colors: under ``tolerance`` of its
-    pixels off the line through them by more than 0.1 (13/255). A texture's second shade or a photo is not; a
-    flat image resized (a linear filter whose weights sum to 1: its ringing stays on that line) still is."""
+    pixels off the segment between them (extended by a quarter at each end) by more than 0.1 (13/255). A texture's
+    second shade or a photo is not; a flat image resized (a linear filter whose weights sum to 1: its ringing stays
+    on that line, a little past the two colors) still is."""
     f, b = _rgb(subject, x), _rgb(background, x)
-    a = _mix(x, f, b, clamp=False)
+    a = _mix(x, f, b, margin=0.25)
     return float(((x - (a * f + (1 - a) * b)).norm(dim=0) > 0.1).float().mean()) < tolerance
 
 
