@@ -584,18 +584,23 @@ def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type) -> None:
             p.add_argument(flag, type=type(default), default=default, help=f"(default {default})")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=None, help="work folder (default outputs/pretrain_demo)")
-    p.add_argument("--model-dir", type=Path, default=None, help=f"where the pipeline goes (default assets/{DEMO_MODEL_DIRNAME})")
+def add_common_flags(p: argparse.ArgumentParser, out_default: str, model_dirname: str) -> None:
+    """The flags both demo-model pretrainers take (work folder, model folder, resume/stop, measurement, device)."""
+    p.add_argument("--out", type=Path, default=None, help=f"work folder (default {out_default})")
+    p.add_argument("--model-dir", type=Path, default=None, help=f"where the pipeline goes (default assets/{model_dirname})")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this long")
     p.add_argument("--export-on-stop", action="store_true", help="export and measure even when stopped early (trials)")
-    p.add_argument("--init-vae", type=Path, default=None, help="start at the UNet stage with the VAE of this checkpoint.pt")
     p.add_argument("--evaluator", type=Path, default=None, help="evaluator folder (default assets/evaluator)")
     p.add_argument("--measure", type=int, default=64, help="images per split for the final accuracy (0: skip)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy machine)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_flags(p, "outputs/pretrain_demo", DEMO_MODEL_DIRNAME)
+    p.add_argument("--init-vae", type=Path, default=None, help="start at the UNet stage with the VAE of this checkpoint.pt")
     _add_dataclass_flags(p, Arch)
     _add_dataclass_flags(p, Train)
     a = p.parse_args(argv)

@@ -51,6 +51,7 @@ from training.pretrain_demo import (
     _add_dataclass_flags,
     _atomic_save,
     _lr_lambda,
+    add_common_flags,
     build_tokenizer,
     build_vae,
     check_same_arch,
@@ -399,17 +400,9 @@ class DitPretrainer(Pretrainer):
 # ---------------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=None, help="work folder (default outputs/pretrain_demo_dit)")
-    p.add_argument("--model-dir", type=Path, default=None, help=f"where the pipeline goes (default assets/{DEMO_DIT_DIRNAME})")
+    add_common_flags(p, "outputs/pretrain_demo_dit", DEMO_DIT_DIRNAME)
     p.add_argument("--init-from", type=Path, default=None,
                    help=f"UNet demo model whose VAE and text encoder start this one (default assets/{DEMO_MODEL_DIRNAME})")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this long")
-    p.add_argument("--export-on-stop", action="store_true", help="export and measure even when stopped early (trials)")
-    p.add_argument("--evaluator", type=Path, default=None, help="evaluator folder (default assets/evaluator)")
-    p.add_argument("--measure", type=int, default=64, help="images per split for the final accuracy (0: skip)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy machine)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     _add_dataclass_flags(p, DitArch)
     _add_dataclass_flags(p, DitTrain)
     a = p.parse_args(argv)
