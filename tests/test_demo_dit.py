@@ -92,10 +92,10 @@ def test_training_forward_equals_the_stock_forward_with_256_zero_tokens():
     tr = pipe.transformer
     stock = tr(hidden_states=x, timestep=t, encoder_hidden_states=stock_ctx, pooled_projections=stock_pooled,
                return_dict=False)[0]
-    tr.set_attn_processor(pdd.ZeroTokensJointAttnProcessor(256))
+    tr.set_attn_processor(pdd.zero_tokens_processor(256))
     ours = pdd.training_forward(tr, x, t, ctx, pooled)
     torch.testing.assert_close(ours, stock, rtol=1e-10, atol=1e-10)
-    tr.set_attn_processor(pdd.ZeroTokensJointAttnProcessor(1))  # without the bias: another function
+    tr.set_attn_processor(pdd.zero_tokens_processor(1))  # without the bias: another function
     assert (pdd.training_forward(tr, x, t, ctx, pooled) - stock).abs().max() > 1e-3
 
 

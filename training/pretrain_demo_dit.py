@@ -23,7 +23,7 @@ loads it; the default call arguments draw the world at 32x32):
 
 The 256 zero tokens are identical at every layer (same input, no positional embedding on the context), so in
 attention they act as one key/value whose logit is raised by ln(256): training runs one zero token with that
-bias (:class:`ZeroTokensJointAttnProcessor`, 21 context tokens instead of 276, ~8x cheaper) and is exactly the
+bias (:func:`zero_tokens_processor`, 21 context tokens instead of 276, ~8x cheaper) and is exactly the
 function the stock pipeline evaluates (``tests/test_demo_dit.py`` checks it in float64).
 """
 
@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lora_diffusion.demo.model import DEMO_DIT_DIRNAME, DEMO_FORMAT, DEMO_MODEL_DIRNAME, assets_dir
+from lora_diffusion.zero_context import ZeroContextJointAttnProcessor
 from training.pretrain_demo import (
     EMA,
     Arch,
@@ -197,36 +198,13 @@ def build_demo_dit_pipeline(folder: str | Path, seed: int = 0, arch: DitArch | N
 
 
 # ---------------------------------------------------------------------------------------------------- forward
-class ZeroTokensJointAttnProcessor:
-    """SD3 joint attention (diffusers' ``JointAttnProcessor2_0``) where the LAST context token stands for ``copies``
-    identical tokens: ``softmax`` over ``[x, c, z*copies]`` equals ``softmax`` over ``[x, c, z]`` with ``ln(copies)``
-    added to ``z``'s logit (its ``copies`` equal terms in the sum), and ``z``'s own output is that of each copy."""
-
-    def __init__(self, copies: int) -> None:
-        self.log_copies = math.log(copies)
-
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        b, n = hidden_states.shape[:2]
-        c = encoder_hidden_states
-
-        def split(t: torch.Tensor) -> torch.Tensor:  # (b, l, heads*d) -> (b, heads, l, d)
-            return t.view(b, -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)
-
-        def norm(f: Any, t: torch.Tensor) -> torch.Tensor:
-            return f(t) if f is not None else t
-
-        q = torch.cat([norm(attn.norm_q, split(attn.to_q(hidden_states))), norm(attn.norm_added_q, split(attn.add_q_proj(c)))], 2)
-        k = torch.cat([norm(attn.norm_k, split(attn.to_k(hidden_states))), norm(attn.norm_added_k, split(attn.add_k_proj(c)))], 2)
-        v = torch.cat([split(attn.to_v(hidden_states)), split(attn.add_v_proj(c))], 2)
-        bias = torch.zeros(k.shape[2], dtype=q.dtype, device=q.device)
-        bias[-1] = self.log_copies
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(q.shape[2], -1))  # (n + l, n + l)
-        out = out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[3])
-        x, c = out[:, :n], out[:, n:]
-        if not attn.context_pre_only:
-            c = attn.to_add_out(c)
-        return attn.to_out[1](attn.to_out[0](x)), c
+def zero_tokens_processor(copies: int) -> ZeroContextJointAttnProcessor:
+    """SD3 joint attention where the LAST context token stands for ``copies`` identical zero tokens: ``softmax`` over
+    ``[x, c, z*copies]`` equals ``softmax`` over ``[x, c, z]`` with ``ln(copies)`` added to ``z``'s logit (the
+    library's :mod:`lora_diffusion.zero_context` processor with its bias fixed, since training passes one zero row)."""
+    proc = ZeroContextJointAttnProcessor()
+    proc.log_copies = math.log(copies)
+    return proc
 
 
 def encode_text(encoders: list[torch.nn.Module], ids: torch.Tensor, joint_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,7 +220,7 @@ def encode_text(encoders: list[torch.nn.Module], ids: torch.Tensor, joint_dim: i
 def training_forward(transformer: torch.nn.Module, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                      pooled: torch.Tensor) -> torch.Tensor:
     """The transformer as the stock pipeline calls it with ``copies`` zero context tokens appended, run with one
-    (the transformer's attention processors must be :class:`ZeroTokensJointAttnProcessor`)."""
+    (the transformer's attention processors must be :func:`zero_tokens_processor`'s)."""
     zero = context.new_zeros(context.shape[0], 1, context.shape[2])
     return transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=torch.cat([context, zero], 1),
                        pooled_projections=pooled, return_dict=False)[0]
@@ -355,7 +333,7 @@ class DitPretrainer(Pretrainer):
             self.latent_stats(mean, std)
         empty = self.tokenize([""])[0]
         tr = self.models["transformer"]
-        tr.set_attn_processor(ZeroTokensJointAttnProcessor(self.arch.t5_tokens))
+        tr.set_attn_processor(zero_tokens_processor(self.arch.t5_tokens))
         for m in self.trained:
             m.train()
         bar = tqdm(total=cfg.steps, initial=self.step, desc="dit", dynamic_ncols=True)
