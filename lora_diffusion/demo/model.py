@@ -143,23 +143,22 @@ def default_model_path(check: bool = True) -> Path:
     how to rebuild it) when the folder is missing or damaged."""
     env = os.environ.get(ENV_MODEL)
     path = Path(env) if env else assets_dir() / DEMO_MODEL_DIRNAME
-    if check:
-        problems = check_model_folder(path)
-        if problems:
-            what = "missing" if not path.exists() else "damaged"
-            raise DemoModelError(f"the embedded demo model at {path} is {what}: {'; '.join(problems[:4])}. {REBUILD_HINT}")
-    return path
+    return _checked(path, "the embedded demo model", REBUILD_HINT) if check else path
 
 
 def default_dit_model_path(check: bool = True) -> Path:
     """``assets/demo-sd3`` (the DiT demo model); with ``check``, raise :class:`DemoModelError` (saying how to
     rebuild it) when the folder is missing or damaged."""
     path = assets_dir() / DEMO_DIT_DIRNAME
-    if check:
-        problems = check_model_folder(path)
-        if problems:
-            what = "missing" if not path.exists() else "damaged"
-            raise DemoModelError(f"the DiT demo model at {path} is {what}: {'; '.join(problems[:4])}. {DIT_REBUILD_HINT}")
+    return _checked(path, "the DiT demo model", DIT_REBUILD_HINT) if check else path
+
+
+def _checked(path: Path, what: str, hint: str) -> Path:
+    """``path``, or :class:`DemoModelError` naming ``what`` is wrong with the folder and how to rebuild it."""
+    problems = check_model_folder(path)
+    if problems:
+        state = "missing" if not path.exists() else "damaged"
+        raise DemoModelError(f"{what} at {path} is {state}: {'; '.join(problems[:4])}. {hint}")
     return path
 
 
