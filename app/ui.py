@@ -313,7 +313,7 @@ class UI:
         try:
             job = self.s.jobs.get(job_id, owner(request))
         except AppError:
-            return "No job yet: drop images and press Start.", empty, [], None
+            return "No job yet: add the training images (LLM tab: a JSONL file) and press Start.", empty, [], None
         jm = self.s.jobs
         p = jm.progress(job)
         parts = [f"**{job.name}** — {job.detail or job.state}", f"step {p['step']}/{p['total']}"]
