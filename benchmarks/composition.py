@@ -17,7 +17,9 @@ The evaluator reads shape, texture, color and background of every image. ``both`
 the style's texture; ``all`` = both and the prompted color and background. 95% Wilson intervals over images;
 methods compared on the same images with an exact McNemar test (``--paired``).
 Writes ``results.json``, ``table.md`` and ``grid.png`` (one row per method) to ``--out``; ``--merge DIR[:LABEL] ...``
-joins the results of several runs (e.g. gates trained later) into one table and grid.
+joins the results of several runs (e.g. gates trained later) into one table and grid; ``--pool LABEL=DIR[+DIR] ...``
+tabulates runs on different library builds side by side and pooled (``--pool_over``), with paired tests per build and
+pooled (``pooled.md``, ``pooled.json``).
 """
 
 from __future__ import annotations
@@ -271,7 +273,93 @@ def merge(parts: list[str], out: Path, paired: str | None = None) -> str:
     return table
 
 
-def main(argv: list[str] | None = None) -> None:
+def load_run(spec: str) -> tuple[str, dict[str, dict[str, Any]]]:
+    """``LABEL=DIR[+DIR...]`` -> (label, {method: row}) from those ``--out`` folders' ``results.json`` (runs on one
+    library with the same pairs, prompts and seeds, e.g. a K-LoRA run made after the others)."""
+    label, sep, dirs = spec.partition("=")
+    if not sep or not label or not dirs:
+        raise ValueError(f"--pool {spec!r}: expected LABEL=DIR[+DIR...]")
+    rows: dict[str, dict[str, Any]] = {}
+    for d in dirs.split("+"):
+        f = Path(d) / "results.json"
+        if not f.is_file():
+            raise ValueError(f"--pool {label}: {f} not found (expected a composition.py --out folder)")
+        for r in json.loads(f.read_text())["rows"]:
+            rows[r["method"]] = r
+    return label, rows
+
+
+def counts(row: dict[str, Any], key: str) -> tuple[int, int]:
+    """(images where ``key`` held, images) of one method's row; from per-image outcomes when the run stored them."""
+    per = row.get(f"per_image_{key}")
+    if per is not None:
+        return int(sum(per)), len(per)
+    return round(row[key] * row[f"{key}_n"]), int(row[f"{key}_n"])
+
+
+def pool_table(runs: dict[str, dict[str, dict]], over: list[str], key: str) -> list[str]:
+    """Markdown: per method, ``key`` ('both' or 'all') in each run, and pooled over the runs ``over`` (every image of
+    those runs counted once, 95% Wilson interval); a method missing from a run is pooled over the others."""
+    methods = list(dict.fromkeys(m for rows in runs.values() for m in rows))
+    lines = [f"| {key} | " + " | ".join(runs) + f" | pooled over {', '.join(over)} |", "|---|" + "---|" * (len(runs) + 1)]
+    for m in methods:
+        cells = []
+        for rows in runs.values():
+            k, n = counts(rows[m], key) if m in rows else (0, 0)
+            cells.append(f"{100 * k / n:.1f}%" if n else "-")
+        got = [counts(runs[r][m], key) for r in over if m in runs[r]]
+        k, n = sum(c[0] for c in got), sum(c[1] for c in got)
+        lo, hi = wilson(k, n)
+        missing = [r for r in over if m not in runs[r]]
+        pooled = f"{100 * k / n:.1f}% [{100 * lo:.0f}, {100 * hi:.0f}] ({k}/{n})" if n else "-"
+        if missing and n:
+            pooled += f", without {', '.join(missing)}"
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {pooled} |")
+    return lines
+
+
+def pool_paired(runs: dict[str, dict[str, dict]], over: list[str], spec: str) -> list[str]:
+    """Exact McNemar on 'both kept' for each ``A:B`` of ``spec``, per run and pooled over ``over`` (pairs of images
+    of one prompt, seed and library; runs without both methods' per-image outcomes are left out)."""
+    out = ["", "paired, both kept (A only vs B only, exact McNemar p):"]
+    for a, _, b in (x.partition(":") for x in spec.split(",")):
+        cells, pa, pb, used = [], [], [], []
+        for label, rows in runs.items():
+            ya, yb = rows.get(a, {}).get("per_image_both"), rows.get(b, {}).get("per_image_both")
+            if ya is None or yb is None or len(ya) != len(yb):
+                continue
+            n10, n01, p = mcnemar(np.array(ya, bool), np.array(yb, bool))
+            cells.append(f"{label} {n10} vs {n01} (p = {p:.2g})")
+            if label in over:
+                pa, pb, used = pa + ya, pb + yb, used + [label]
+        if pa:
+            n10, n01, p = mcnemar(np.array(pa, bool), np.array(pb, bool))
+            cells.append(f"**pooled over {', '.join(used)}: {n10} vs {n01} (p = {p:.2g})**")
+        out.append(f"- {a} vs {b}: " + ("; ".join(cells) if cells else "no run has both"))
+    return out
+
+
+def pool(specs: list[str], over: str | None, out: Path, paired: str | None = None) -> str:
+    """One table across library builds: ``specs`` are ``LABEL=DIR[+DIR...]`` (one build each), ``over`` the labels
+    to pool (default: all). Different builds draw different images, so only counts pool; pairs stay within a run.
+    Writes ``pooled.md`` and ``pooled.json`` to ``out``."""
+    runs = dict(load_run(s) for s in specs)
+    labels = over.split(",") if over else list(runs)
+    if unknown := [x for x in labels if x not in runs]:
+        raise ValueError(f"--pool_over {', '.join(unknown)}: not among the --pool labels {', '.join(runs)}")
+    lines = [*pool_table(runs, labels, "both"), "", *pool_table(runs, labels, "all")]
+    if paired:
+        lines += pool_paired(runs, labels, paired)
+    out.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(lines)
+    (out / "pooled.md").write_text(text + "\n")
+    summary = {label: {m: {k: counts(r, k) for k in ("both", "all")} for m, r in rows.items()}
+               for label, rows in runs.items()}
+    (out / "pooled.json").write_text(json.dumps({"runs": specs, "pooled_over": labels, "counts": summary}, indent=1))
+    return text
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--library", default="outputs/demo_library")
     p.add_argument("--concepts", default="ring,heart,moon")
@@ -291,24 +379,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "composition")
     p.add_argument("--merge", nargs="+", default=None, metavar="DIR[:LABEL]",
                    help="only merge earlier runs' results into one table and grid in --out (no sampling)")
+    p.add_argument("--pool", nargs="+", default=None, metavar="LABEL=DIR[+DIR...]",
+                   help="only pool earlier runs across library builds (one LABEL per build; DIR+DIR joins runs on one "
+                        "build) into pooled.md/pooled.json in --out (no sampling)")
+    p.add_argument("--pool_over", default=None, metavar="LABEL,...", help="the --pool labels to pool (default: all)")
     p.add_argument("--paired", default=None, metavar="A:B,...",
                    help="paired comparisons of 'both kept' on the same images (exact McNemar); default: every gated "
                         "method vs static-tuned")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.merge:
-        print(merge(args.merge, args.out, args.paired))
-        return
-    logging.getLogger("lora_diffusion").setLevel(logging.WARNING)
-    torch.set_num_threads(args.threads)
+    return p
+
+
+def load(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The demo pipeline with the pairs' LoRAs (and MoLE's set) loaded, the timestep hook, and the evaluator."""
     from lora_diffusion.demo.evaluator import load_evaluator
     from lora_diffusion.generate import install_timestep_hook, load_pipeline
 
-    concepts, styles = args.concepts.split(","), args.styles.split(",")
-    pairs = [(c, s) for c in concepts for s in styles]
     pipe = load_pipeline(None).to(args.device)
     pipe.set_progress_bar_config(disable=True)
-    args.files = {n: Path(args.library) / f"{n}.safetensors" for n in concepts + styles}
+    names = args.concepts.split(",") + args.styles.split(",")
+    args.files = {n: Path(args.library) / f"{n}.safetensors" for n in names}
     for n, f in args.files.items():
         ld.load_adapter(pipe, f, name=n)
     install_timestep_hook(pipe.unet, pipe.scheduler.config.num_train_timesteps)
@@ -321,15 +410,27 @@ def main(argv: list[str] | None = None) -> None:
             if n not in args.files:
                 args.files[n] = Path(args.library) / f"{n}.safetensors"
                 ld.load_adapter(pipe, args.files[n], name=n)
-    ev = load_evaluator()
+    return pipe, load_evaluator()
+
+
+def method_list(args: argparse.Namespace) -> list[str]:
+    """``--methods`` with 'gated' expanded to one row per gates file ('gated' for the first unlabelled one,
+    'gated-LABEL'); fills ``args.gate_files``."""
     methods = args.methods.split(",")
     files = [g.partition("=") for g in args.gates.split(",")]
     args.gate_files = {(f"gated-{lab}" if sep else "gated" if not i else f"gated-{i}"): (path if sep else lab)
                        for i, (lab, sep, path) in enumerate(files)}
-    if "gated" in methods:  # every gates file: 'gated' (the first, unlabelled) and 'gated-LABEL'
+    if "gated" in methods:
         at = methods.index("gated")
         methods[at:at + 1] = list(args.gate_files)
-    tuned = {}
+    return methods
+
+
+def measure(pipe: Any, ev: Any, args: argparse.Namespace) -> tuple[dict[str, dict], dict]:
+    """Every method on every pair's test prompts and seeds (after tuning the tuned methods): (results, tuned)."""
+    pairs = [(c, s) for c in args.concepts.split(",") for s in args.styles.split(",")]
+    methods = method_list(args)
+    tuned: dict = {}
     for m in ("static-tuned", "scheduled-tuned"):
         if m in methods:
             tuned.update(tune(pipe, ev, pairs, args, m))
@@ -341,6 +442,26 @@ def main(argv: list[str] | None = None) -> None:
         results[m]["seconds"] = round(time.time() - t0, 1)
         both = np.concatenate([r["both"] for r in results[m]["per_pair"].values()])
         log.info("%-13s both kept %.1f%% (%d images, %.0f s)", m, 100 * both.mean(), both.size, results[m]["seconds"])
+    return results, tuned
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser()
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.merge:
+        print(merge(args.merge, args.out, args.paired))
+        return
+    if args.pool:
+        try:
+            print(pool(args.pool, args.pool_over, args.out, args.paired))
+        except ValueError as e:
+            p.error(str(e))
+        return
+    logging.getLogger("lora_diffusion").setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    pipe, ev = load(args)
+    results, tuned = measure(pipe, ev, args)
     rows = summarize(results)
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, tuned, args.paired)
