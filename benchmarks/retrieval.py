@@ -3,13 +3,15 @@
     python -m training.build_demo_library --out outputs/demo_library       # once (~15 min on CPU)
     python -m benchmarks.retrieval --library outputs/demo_library --family demo
 
-For every concept x style pair of the library and 3 wordings, is each right LoRA in the top 3? Printed for
+For every concept x style pair of the library and 5 wordings (``TEMPLATES``: 3 concepts x 4 styles x 5 = 60 fixed
+prompts on the default library), is each right LoRA in the top 3? Printed for
 phrase-level text scores, whole-prompt text scores, and (when ``<library>/.lora_retriever.safetensors`` exists,
 from ``python -m training.train_retriever``) text mixed with weight scores; plus the weight retriever's
 same-kind vs cross-kind cosine.
 
-``--heldout DIR`` (LoRAs of the same names trained from another seed: ``build_demo_library --seed 1 --out DIR``)
-copies the library, adds those LoRAs as metadata-less diffusers files named ``lora_0001`` ..., and reports
+``--heldout DIR`` (LoRAs of the same names trained from another seed: ``build_demo_library --seed 1 --out DIR``;
+``--heldout_only NAMES`` takes only those of a full build) copies the library, adds those LoRAs as metadata-less
+diffusers files named ``lora_0001`` ..., and reports
 whether each is found in the top 4 (2 seeds x concept and style) by the prompts naming its
 concept/style (text alone cannot: its description
 is its file name), and the cosine between its weight embedding and the seed-0 LoRA of the same name vs the others.
@@ -38,7 +40,8 @@ from lora_diffusion.retrieval.weights import theme_cosines
 WORDS = {"ring": ("ring", "rings"), "heart": ("heart", "hearts"), "moon": ("crescent moon", "moon"),
          "dotted": ("dotted", "polka-dot"), "checkered": ("checkered", "checkerboard"), "striped": ("striped", "stripy"),
          "miniature": ("miniature", "tiny")}
-TEMPLATES = ("a red {s} {c} on a blue background", "{c1} drawn in {s1} style, yellow background", "{s} {c}, green on white")
+TEMPLATES = ("a red {s} {c} on a blue background", "{c1} drawn in {s1} style, yellow background", "{s} {c}, green on white",
+             "an orange {c} with a {s1} look, gray backdrop", "{s1} {c1} in purple")
 
 
 def cases(kinds: dict[str, str]) -> list[tuple[str, str, str]]:
@@ -62,12 +65,17 @@ def top3_rate(lib: LoraLibrary, family: str | None, items: list[tuple[str, str, 
     return 1 - len(misses) / len(items), misses
 
 
-def with_heldout(library: Path, heldout: Path, work: Path) -> dict[str, str]:
-    """Copy ``library`` to ``work`` (its trained retriever too) and add the LoRAs of ``heldout`` as metadata-less
-    diffusers files; returns {new file: the name it was trained as}."""
+def with_heldout(library: Path, heldout: Path, work: Path, only: list[str] | None = None) -> dict[str, str]:
+    """Copy ``library`` to ``work`` (its trained retriever too) and add the LoRAs of ``heldout`` (those named in
+    ``only``, if given) as metadata-less diffusers files; returns {new file: the name it was trained as}."""
     shutil.copytree(library, work, ignore=shutil.ignore_patterns(".lora_embeddings", ".lora_library.json", "data"))
+    files = sorted(heldout.glob("*.safetensors"))
+    if only is not None:
+        if missing := sorted(set(only) - {f.stem for f in files}):
+            raise FileNotFoundError(f"--heldout {heldout}: no {', '.join(m + '.safetensors' for m in missing)}")
+        files = [f for f in files if f.stem in only]
     names = {}
-    for i, f in enumerate(sorted(heldout.glob("*.safetensors")), 1):
+    for i, f in enumerate(files, 1):
         tensors, _ = read_safetensors(f)
         anon = {f"unet.{k}.weight": v for k, v in tensors.items() if k.endswith((".lora_A", ".lora_B"))}
         rel = f"anon/lora_{i:04d}.safetensors"
@@ -76,7 +84,8 @@ def with_heldout(library: Path, heldout: Path, work: Path) -> dict[str, str]:
     return names
 
 
-def heldout_report(lib: LoraLibrary, names: dict[str, str], kinds: dict[str, str], family: str | None) -> None:
+def heldout_report(lib: LoraLibrary, names: dict[str, str], kinds: dict[str, str], family: str | None,
+                   where: tuple[str, str] = ("held-out", "library")) -> None:
     r = lib.weight_retriever()
     emb = r.embeddings(lib, lib.usable(family))
     same, cross, twin = [], [], {}
@@ -87,7 +96,7 @@ def heldout_report(lib: LoraLibrary, names: dict[str, str], kinds: dict[str, str
             (same if Path(f).stem == name else cross).append(float(emb[rel] @ v))
             if Path(f).stem == name:
                 twin[name] = f"{same[-1]:.2f}"
-    print(f"held-out (seed 1, no metadata) vs library (seed 0): same name {sum(same) / max(len(same), 1):.3f}, "
+    print(f"held-out ({where[0]}, no metadata) vs library ({where[1]}): same name {sum(same) / max(len(same), 1):.3f}, "
           f"other names {sum(cross) / max(len(cross), 1):.3f} over {len(names)} LoRAs ({twin})")
     for name, kw in (("text only", {"weights": None}), ("text + weights (mix 0.5)", {}),
                      ("weights only (mix 1.0)", {"weight_mix": 1.0})):
@@ -108,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--library", required=True)
     p.add_argument("--family", default="demo")
     p.add_argument("--heldout", type=Path, default=None, help="LoRAs of the same names from another seed")
+    p.add_argument("--heldout_only", default=None, metavar="NAMES", help="comma-separated: only these LoRAs of "
+                   "--heldout (e.g. ring,heart,moon,dotted,checkered,striped of a full build); default all")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
@@ -131,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
               f"(trained on {len(r.info.get('trained_on', []))} of them)")
     if a.heldout is not None and lib.weight_retriever() is not None:
         with tempfile.TemporaryDirectory() as tmp:
-            names = with_heldout(lib.folder, a.heldout, Path(tmp) / "lib")
-            heldout_report(LoraLibrary(Path(tmp) / "lib"), names, kinds, a.family)
+            only = a.heldout_only.split(",") if a.heldout_only else None
+            names = with_heldout(lib.folder, a.heldout, Path(tmp) / "lib", only)
+            heldout_report(LoraLibrary(Path(tmp) / "lib"), names, kinds, a.family, (str(a.heldout), str(lib.folder)))
     return 0
 
 
