@@ -363,6 +363,28 @@ class Pretrainer:
             return False
         return True
 
+    def _advance(self, loss: torch.Tensor, opt: torch.optim.Optimizer, sched: Any, modules: list[torch.nn.Module],
+                 bar: Any, smoothed: float | None) -> tuple[float, bool]:
+        """One step of the denoiser stages (UNet, DiT): backward, clip at 1, optimizer, schedule, EMA, count,
+        loss smoothed at 0.98 for the bar; (smoothed loss, False: the stage must stop now)."""
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for m in modules for p in m.parameters()], 1.0)
+        opt.step()
+        sched.step()
+        self.ema.update()
+        self.step += 1
+        li = loss.item()
+        smoothed = li if smoothed is None else 0.98 * smoothed + 0.02 * li
+        return smoothed, self._after_step(bar, lambda e=smoothed: {"loss": f"{e:.4f}"})
+
+    def _finish_stage(self, bar: Any, next_stage: str) -> bool:
+        """The stage ran all its steps: close the bar, checkpoint at the start of ``next_stage``."""
+        bar.close()
+        self.stage, self.step = next_stage, 0
+        self.save()
+        return True
+
     def out_of_time(self) -> bool:
         return self.max_minutes is not None and time.time() - self.t0 > 60 * self.max_minutes
 
@@ -489,21 +511,10 @@ class Pretrainer:
             hidden = text(tok).last_hidden_state
             pred = unet(noisy, t, hidden).sample
             loss = F.mse_loss(pred, target)
-            self.unet_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([*unet.parameters(), *text.parameters()], 1.0)
-            self.unet_opt.step()
-            self.unet_sched.step()
-            self.ema.update()
-            self.step += 1
-            li = loss.item()
-            ema_loss = li if ema_loss is None else 0.98 * ema_loss + 0.02 * li
-            if not self._after_step(bar, lambda e=ema_loss: {"loss": f"{e:.4f}"}):
+            ema_loss, go_on = self._advance(loss, self.unet_opt, self.unet_sched, [unet, text], bar, ema_loss)
+            if not go_on:
                 return False
-        bar.close()
-        self.stage, self.step = "export", 0
-        self.save()
-        return True
+        return self._finish_stage(bar, "export")
 
     # -- stage 4: export + measure
     def export(self, folder: Path, measure_n: int) -> Path:

@@ -345,20 +345,10 @@ class DitPretrainer(Pretrainer):
             tok = ids[idx].clone()
             tok[torch.rand(len(idx), generator=self.g) < cfg.cond_drop] = empty
             loss = self.loss(lat, tok.to(self.device))
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for m in self.trained for p in m.parameters()], 1.0)
-            self.opt.step()
-            self.sched.step()
-            self.ema.update()
-            self.step += 1
-            ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
-            if not self._after_step(bar, lambda e=ema_loss: {"loss": f"{e:.4f}"}):
+            ema_loss, go_on = self._advance(loss, self.opt, self.sched, self.trained, bar, ema_loss)
+            if not go_on:
                 return False
-        bar.close()
-        self.stage, self.step = "export", 0
-        self.save()
-        return True
+        return self._finish_stage(bar, "export")
 
     def export(self, folder: Path, measure_n: int) -> Path:
         self.ema.swap()  # export the averaged weights
