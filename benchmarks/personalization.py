@@ -600,7 +600,8 @@ def comparisons(results: list[dict[str, Any]], cfg: BenchConfig) -> list[dict[st
     return [c for g in cfg.regimes if (c := paired(results, t, lo, g)) is not None]
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; defaults from ``BenchConfig``."""
     d = BenchConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default=",".join(d.variants), help="comma-separated name[:rank], e.g. tlora:64,lora:64")
@@ -648,18 +649,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sensitivity-batches", type=int, default=d.sensitivity_batches,
                    help="calibration batches for sensitivity:R variants (a LoRA with Sensitivity-LoRA ranks at a "
                         "rank-R LoRA's parameter count, from training.rank_sensitivity tlora --match_rank R)")
-    a = p.parse_args(argv)
+    return p
+
+
+def config_from_args(a: argparse.Namespace) -> BenchConfig:
+    """The ``BenchConfig`` the parsed flags describe (comma lists split, the sweep sorted)."""
+    return BenchConfig(variants=tuple(a.variants.split(",")), concepts=tuple(a.concepts.split(",")),
+                       regimes=tuple(a.regimes.split(",")), seeds=tuple(int(s) for s in a.seeds.split(",")),
+                       sweep=tuple(sorted(int(s) for s in a.sweep.split(","))), lr=a.lr, targets=a.targets,
+                       prompts=a.prompts, images=a.images, sample_steps=a.sample_steps, guidance=a.guidance,
+                       model=a.model, evaluator=a.evaluator, device=a.device, jobs=a.jobs, out=a.out,
+                       prior_images=a.prior, overrides=tuple(a.set), texture_as=a.texture_as,
+                       variant_overrides=tuple(a.variant_set), sensitivity_batches=a.sensitivity_batches,
+                       paired_to=a.paired_to,
+                       jitter_drops_color=a.jitter_drops_color, recolor_holdout=a.recolor_holdout)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     _quiet()
-    cfg = BenchConfig(variants=tuple(a.variants.split(",")), concepts=tuple(a.concepts.split(",")),
-                      regimes=tuple(a.regimes.split(",")), seeds=tuple(int(s) for s in a.seeds.split(",")),
-                      sweep=tuple(sorted(int(s) for s in a.sweep.split(","))), lr=a.lr, targets=a.targets,
-                      prompts=a.prompts, images=a.images, sample_steps=a.sample_steps, guidance=a.guidance,
-                      model=a.model, evaluator=a.evaluator, device=a.device, jobs=a.jobs, out=a.out,
-                      prior_images=a.prior, overrides=tuple(a.set), texture_as=a.texture_as,
-                      variant_overrides=tuple(a.variant_set), sensitivity_batches=a.sensitivity_batches,
-                      paired_to=a.paired_to,
-                      jitter_drops_color=a.jitter_drops_color, recolor_holdout=a.recolor_holdout)
+    cfg = config_from_args(a)
     _check(cfg)
     cfg.sample_steps, cfg.guidance = generation_settings(cfg.model, cfg.sample_steps, cfg.guidance)
     cfg.out.mkdir(parents=True, exist_ok=True)
