@@ -358,14 +358,14 @@ def load_embeddings(pipe: Any, path: str | os.PathLike, name: str | None = None,
 
 def _load_weights(model_or_pipeline: Any, src: Path, loaded: tuple[dict[str, torch.Tensor], dict[str, str]] | None,
                   name: str, scale: float, trainable: bool) -> str:
+    if loaded is not None:  # canonical files too: Flux and SD3 share module names, the widths may match
+        _check_family(model_or_pipeline, src, loaded)
     if loaded is not None and canonical.is_canonical(loaded[1]):
         whole = mixtures.file_loader(loaded[1])  # X-LoRA/MoLE/LAG file: its adapters plus the learned mixture
         if whole is not None:
             return whole(model_or_pipeline, src, loaded, name)
         return _load_canonical(model_or_pipeline, src, loaded, name, scale, trainable)
     targets = _role_targets(model_or_pipeline)
-    if loaded is not None:
-        _check_family(model_or_pipeline, src, loaded)
     views = {role: model_view(m) for role, m in targets.items()}
     unet_config = getattr(targets.get("unet"), "config", None)
     bundle = formats.read_bundle(src, views, unet_config, loaded, bare=isinstance(model_or_pipeline, nn.Module),

@@ -194,6 +194,21 @@ def family_from_metadata(meta: Mapping[str, str]) -> str | None:
     return {f: f for f in ("sd1", "sd2", "sdxl", "sd3", "flux", "flux2")}.get(meta.get("base_model_family", ""))
 
 
+_UNET_FAMILIES = ("sd1", "sd2", "sdxl")
+# families whose files share these key names: the metadata may pick among them (widths only guess)
+_SHARED_NAMES = {None: _UNET_FAMILIES, "dit": ("flux", "flux2", "sd3"), "flux": ("flux", "flux2")}
+
+
 def file_family(shapes: Mapping[str, Sequence[int]], meta: Mapping[str, str]) -> str | None:
-    """Keys and shapes decide (they cannot lie about what the tensors fit); metadata is the fallback."""
-    return family_from_keys(shapes) or family_from_metadata(meta)
+    """The base family: the one the metadata names (our canonical files record the model's, ``base_model_family``)
+    where the key names fit it, else the keys' and shapes' answer; metadata alone is the fallback.
+
+    Widths only guess (a reduced-width SD3 such as the DiT demo model has neither 1536 nor 2432: "dit"), so the
+    metadata wins over them; key names do not (a Flux.2-only, SD3-only or SDXL-only name, or a transformer's blocks
+    against a UNet family in the metadata, keep the keys' family), so loading never fits a file to a family whose
+    modules its names do not have."""
+    found, named = family_from_keys(shapes), family_from_metadata(meta)
+    if found is None or named is None:
+        return found or named
+    by_names = family_from_keys({k: () for k in shapes})  # the key names alone (no widths): None, "dit", a family
+    return named if named in _SHARED_NAMES.get(by_names, (by_names,)) else found
