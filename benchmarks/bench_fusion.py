@@ -3,6 +3,7 @@
     python benchmarks/bench_fusion.py --library outputs/demo_library --threads 1          # the demo model, CPU
     python benchmarks/bench_fusion.py --size 128 --device cuda --dtype fp16                 # larger latents, GPU
     python benchmarks/bench_fusion.py --unet sd15 --steps 1 --reps 2 --threads 1            # SD1.5-sized layers, CPU
+    python benchmarks/bench_fusion.py --unet sd15 --steps 1 --ks 3 --paired-rounds 30 --configs plain,fused,base
 
 ``--unet sd15``: the real SD1.5 UNet config (tests/fixtures/sd15-unet.json: 320-1280 channels, 768-d cross
 attention) with random weights and ``--sd-layers`` resnet/attention layers per block (SD1.5: 2; default 1 so one
@@ -20,7 +21,13 @@ shared CPU disturb far less). Ratios (targets from issue 12):
 
 - gated / static unfused <= 1.3 (gated: with the per-role terms, the default; gated_compiled: the same gate with
   ``compile=True``, one fused kernel per layer, compiled in the warm-up round; gated_shared: ``per_role=False``,
-  the paper's gate);  static unfused / diffusers set_adapters <= 1.0;  fused / base within 3%.
+  the paper's gate);  static unfused / diffusers set_adapters <= 1.0;  fused / plain within 3% (``plain``: the
+  same base model with no adapter loaded, no wrappers; ``base``: ours with the LoRAs loaded and disabled).
+
+``--paired-rounds N --configs plain,fused,base``: instead of the table, N rounds that call each listed
+configuration once (order alternating), and per round each one's time divided by the first one's; the median of
+those ratios with its distribution-free 95% interval, quartiles and range (small differences such as fused vs
+plain, which a ratio of two medians taken minutes apart on a shared machine cannot resolve).
 
 Also measured in each k block: ``lora-1`` (the first LoRA alone: the single-LoRA model) and ``mole`` (MoLE gates,
 untrained); ``--memory`` adds the peak memory of one call per configuration (``benchmarks/bench_mixtures.py`` reads
@@ -56,7 +63,7 @@ log = logging.getLogger("bench_fusion")
 NAMES = ("ring", "dotted", "heart")
 SD_NAMES = ("lora_a", "lora_b", "lora_c")
 SD_TARGETS = PRESETS["unet-attn-proj"] + PRESETS["unet-attn-ff"][1:]  # kohya's SD1.5 LoRA targets
-CONFIGS = ("base", "lora-1", "fused", "static", "diffusers", "gated", "gated_compiled", "gated_shared", "klora",
+CONFIGS = ("plain", "base", "lora-1", "fused", "static", "diffusers", "gated", "gated_compiled", "gated_shared", "klora",
            "scheduled", "mole")
 PROMPT = "a red dotted ring on a blue background"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -69,6 +76,7 @@ class Bench:
 
     ours: Any
     ref: Any
+    plain: Any  # the same base model without any adapter (no wrappers): what "base speed" means for a user
     names: tuple[str, ...]
     prompt: dict[str, Any]  # the pipeline call's prompt (a string, or embeddings for --unet sd15)
     size: int  # image height and width in pixels
@@ -112,7 +120,8 @@ def configs(k: int, b: Bench) -> dict[str, tuple[Any, Any]]:
         unfuse(ours)
         ld.set_adapters(ours, names[:1])
 
-    return {"base": (ours, base), "lora-1": (ours, one), "fused": (ours, our("static", fuse=True)),
+    return {"plain": (b.plain, lambda: None), "base": (ours, base), "lora-1": (ours, one),
+            "fused": (ours, our("static", fuse=True)),
             "static": (ours, our("static")), "diffusers": (ref, diffusers), "gated": (ours, our("gated")),
             "gated_compiled": (ours, our("gated", compile=True)),
             "gated_shared": (ours, our("gated", per_role=False)), "klora": (ours, our("klora")) if k == 2 else None,
@@ -147,29 +156,32 @@ def build_demo(args: argparse.Namespace, tmp: Path) -> Bench:
     from lora_diffusion.generate import install_timestep_hook, load_pipeline
 
     dtype = DTYPES[args.dtype]
-    ours, ref = load_pipeline(None, dtype).to(args.device), load_pipeline(None, dtype).to(args.device)
-    for p in (ours, ref):
+    ours, ref, plain = (load_pipeline(None, dtype).to(args.device) for _ in range(3))
+    for p in (ours, ref, plain):
         p.set_progress_bar_config(disable=True)
     for n in NAMES:
         ld.load_adapter(ours, Path(args.library) / f"{n}.safetensors", name=n)
         ld.save_adapter(ours, tmp / f"{n}.safetensors", n, format="diffusers")
         ref.load_lora_weights(str(tmp / f"{n}.safetensors"), adapter_name=n)
     install_timestep_hook(ours.unet, ours.scheduler.config.num_train_timesteps)
-    return Bench(ours, ref, NAMES, {"prompt": PROMPT}, args.size)
+    return Bench(ours, ref, plain, NAMES, {"prompt": PROMPT}, args.size)
 
 
-def sd_unets(layers: int, dtype: torch.dtype) -> tuple[Any, Any]:
-    """Two SD1.5-config UNets (random weights, seed 0, ``layers`` per block) sharing every base tensor."""
+def sd_unets(layers: int, dtype: torch.dtype, n: int = 3) -> list[Any]:
+    """``n`` SD1.5-config UNets (random weights, seed 0, ``layers`` per block) sharing every base tensor."""
     from diffusers import UNet2DConditionModel
 
     cfg = {k: v for k, v in json.loads(SD15_CONFIG.read_text()).items() if not k.startswith("_")}
     cfg["layers_per_block"] = layers
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**cfg).to(dtype).eval()
-    with torch.device("meta"):
-        twin = UNet2DConditionModel(**cfg)
-    twin.load_state_dict(unet.state_dict(), assign=True)  # the same tensors: fused weights are restored after use
-    return unet, twin.eval()
+    twins = []
+    for _ in range(n - 1):
+        with torch.device("meta"):
+            twin = UNet2DConditionModel(**cfg)
+        twin.load_state_dict(unet.state_dict(), assign=True)  # the same tensors: fused weights are restored after use
+        twins.append(twin.eval())
+    return [unet, *twins]
 
 
 def random_loras(unet: Any, rank: int, tmp: Path) -> list[Path]:
@@ -193,9 +205,10 @@ def build_sd(args: argparse.Namespace, tmp: Path) -> Bench:
 
     dtype = DTYPES[args.dtype]
     demo = load_pipeline(None, dtype)
-    unet, twin = sd_unets(args.sd_layers, dtype)
-    ours, ref = (type(demo)(**{**demo.components, "unet": u}).to(args.device) for u in (unet, twin))
-    for p in (ours, ref):
+    unets = sd_unets(args.sd_layers, dtype)
+    ours, ref, plain = (type(demo)(**{**demo.components, "unet": u}).to(args.device) for u in unets)
+    unet = unets[0]
+    for p in (ours, ref, plain):
         p.set_progress_bar_config(disable=True)
     for n, path in zip(SD_NAMES, random_loras(unet, args.rank, tmp)):
         ld.load_adapter(ours, path, name=n)
@@ -204,7 +217,7 @@ def build_sd(args: argparse.Namespace, tmp: Path) -> Bench:
     g = torch.Generator().manual_seed(0)
     emb = [torch.randn(1, 77, unet.config.cross_attention_dim, generator=g).to(args.device, dtype) for _ in range(2)]
     prompt = {"prompt_embeds": emb[0], "negative_prompt_embeds": emb[1]}
-    return Bench(ours, ref, SD_NAMES, prompt, args.latent * ours.vae_scale_factor)
+    return Bench(ours, ref, plain, SD_NAMES, prompt, args.latent * ours.vae_scale_factor)
 
 
 def selected(k: int, b: Bench, args: argparse.Namespace) -> dict[str, tuple[Any, Any]]:
@@ -236,6 +249,47 @@ def time_k(k: int, b: Bench, args: argparse.Namespace) -> dict[str, float]:
     return out
 
 
+def paired_k(k: int, b: Bench, args: argparse.Namespace) -> dict[str, list[float]]:
+    """``--paired-rounds``: {config: its time / the first listed configuration's, one ratio per round}. Each round
+    calls every configuration of ``--configs`` once, in forward order on odd rounds and reversed on even ones,
+    after one warm-up round: the two sides of a ratio run seconds apart, so a change in the machine's load hits
+    both (a ratio of medians taken minutes apart does not cancel it)."""
+    cfgs = selected(k, b, args)
+    order = [n for n in args.configs.split(",") if n in cfgs]
+    if len(order) < 2:
+        raise SystemExit(f"--paired-rounds: --configs needs a reference and at least one more of {CONFIGS}")
+    ratios: dict[str, list[float]] = {n: [] for n in order[1:]}
+    for rnd in range(args.paired_rounds + 1):
+        t = {}
+        for n in order if rnd % 2 else order[::-1]:
+            pipe, setup = cfgs[n]
+            setup()
+            t[n] = call(b, pipe, args)
+            reset(b, pipe)
+        for n in ratios if rnd else ():
+            ratios[n].append(t[n] / t[order[0]])
+        if rnd and rnd % 10 == 0:
+            log.info("k=%d: %d of %d rounds", k, rnd, args.paired_rounds)
+    return ratios
+
+
+def paired_table(res: dict[int, dict[str, list[float]]], args: argparse.Namespace) -> str:
+    """Per k and configuration: the median of the per-round ratios, its 95% interval, quartiles, range."""
+    from stats import median_ci
+
+    ref = args.configs.split(",")[0]
+    lines = [f"| k | config | median ratio to {ref} | 95% CI of the median | quartiles | min-max | rounds |",
+             "|---|---|---|---|---|---|---|"]
+    for k, per in res.items():
+        for n, xs in per.items():
+            med, lo, hi = median_ci(xs)
+            q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+            lines.append(f"| {k} | {n} | {med:.4f} | {lo:.4f}-{hi:.4f} | {q[0]:.4f}-{q[2]:.4f} | "
+                         f"{min(xs):.4f}-{max(xs):.4f} | {len(xs)} |")
+    lines.append(f"\n{describe(args)}; {args.clock} clock, per-round ratios of interleaved calls (order alternating)")
+    return "\n".join(lines)
+
+
 def measure(args: argparse.Namespace) -> dict[int, dict[str, float]]:
     """{k: {config: median seconds per call}}; with ``args.memory`` also ``<config>/peak_mib`` (one call each)."""
     out: dict[int, dict[str, float]] = {}
@@ -243,6 +297,8 @@ def measure(args: argparse.Namespace) -> dict[int, dict[str, float]]:
         b = (build_sd if args.unet == "sd15" else build_demo)(args, Path(tmp))
         if args.profile:
             return profile(b, args)
+        if args.paired_rounds:
+            return {k: paired_k(k, b, args) for k in (int(x) for x in args.ks.split(","))}
         for k in (int(x) for x in args.ks.split(",")):
             out[k] = time_k(k, b, args)
             log.info("k=%d: %s; torch.compile graphs so far: %d", k, ", ".join(
@@ -278,8 +334,8 @@ def profile(b: Bench, args: argparse.Namespace) -> dict[int, dict[str, float]]:
 def table(res: dict[int, dict[str, float]], args: argparse.Namespace) -> str:
     cols = [c for c in CONFIGS if any(c in r for r in res.values())]
     lines = ["| k | " + " | ".join(f"{c} ms" for c in cols) + " | gated/static (<= 1.3) | gated_compiled/static | "
-             "gated_shared/static | static/diffusers (<= 1.0) | fused/base (1 +- 0.03) |",
-             "|---|" + "---|" * (len(cols) + 5)]
+             "gated_shared/static | static/diffusers (<= 1.0) | fused/base | fused/plain (1 +- 0.03) |",
+             "|---|" + "---|" * (len(cols) + 6)]
 
     def ratio(r: dict[str, float], a: str, b: str, fmt: str = ".2f") -> str:
         return f"{r[a] / r[b]:{fmt}}" if a in r and b in r else "-"
@@ -288,13 +344,18 @@ def table(res: dict[int, dict[str, float]], args: argparse.Namespace) -> str:
         ms = " | ".join(f"{1000 * r[c]:.0f}" if c in r else "-" for c in cols)
         lines.append(f"| {k} | {ms} | {ratio(r, 'gated', 'static')} | {ratio(r, 'gated_compiled', 'static')} | "
                      f"{ratio(r, 'gated_shared', 'static')} | "
-                     f"{ratio(r, 'static', 'diffusers')} | {ratio(r, 'fused', 'base', '.3f')} |")
+                     f"{ratio(r, 'static', 'diffusers')} | {ratio(r, 'fused', 'base', '.3f')} | "
+                     f"{ratio(r, 'fused', 'plain', '.3f')} |")
+    lines.append(f"\n{describe(args)}, {args.stat} of {args.reps} interleaved calls, {args.clock} clock")
+    return "\n".join(lines)
+
+
+def describe(args: argparse.Namespace) -> str:
     model = (f"demo model, {args.size}x{args.size} px" if args.unet == "demo" else
              f"SD1.5-config UNet ({args.sd_layers} layers per block, random weights), {args.latent}x{args.latent} "
              f"latents, LoRAs rank {args.rank}")
-    lines.append(f"\n{model}, {args.steps} steps, CFG (UNet batch 2), {args.dtype}, {args.device}, "
-                 f"torch threads {torch.get_num_threads()}, {args.stat} of {args.reps} interleaved calls, {args.clock} clock")
-    return "\n".join(lines)
+    return (f"{model}, {args.steps} steps, CFG (UNet batch 2), {args.dtype}, {args.device}, "
+            f"torch threads {torch.get_num_threads()}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -319,6 +380,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sd-layers", type=int, default=1, help="--unet sd15: layers per block (SD1.5 itself: 2)")
     p.add_argument("--latent", type=int, default=32, help="--unet sd15: latent height and width (SD1.5 at 512 px: 64)")
     p.add_argument("--rank", type=int, default=32, help="--unet sd15: the random LoRAs' rank")
+    p.add_argument("--paired-rounds", type=int, default=0, metavar="N",
+                   help="instead of the table: N rounds calling each of --configs once (order alternating); per "
+                        "round each one's time / the first one's; the median ratio with its 95%% interval")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="instead of timing: torch.profiler over one call per configuration at the largest k, "
                         "the top ROWS ops by self CPU time")
@@ -334,10 +398,11 @@ def main(argv: list[str] | None = None) -> None:
     res = measure(args)
     if args.profile:
         return
-    args.out = args.out or ROOT / "outputs" / ("bench_fusion_sd15.json" if args.unet == "sd15" else "bench_fusion.json")
+    stem = ("bench_fusion_sd15" if args.unet == "sd15" else "bench_fusion") + ("_paired" if args.paired_rounds else "")
+    args.out = args.out or ROOT / "outputs" / f"{stem}.json"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({str(k): v for k, v in res.items()}, indent=1))
-    print(table(res, args))
+    print(paired_table(res, args) if args.paired_rounds else table(res, args))
 
 
 if __name__ == "__main__":

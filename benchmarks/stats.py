@@ -42,3 +42,19 @@ def fmt_ci(xs: Sequence[float], fmt: str = ".4f") -> str:
     """``mean ± half`` (95% t-interval), or the single value; a sign in ``fmt`` ("+.4f") applies to the mean only."""
     m, h = mean_ci(xs)
     return format(m, fmt) if h is None else f"{format(m, fmt)} ± {format(h, fmt.replace('+', ''))}"
+
+
+def median_ci(xs: Sequence[float]) -> tuple[float, float, float]:
+    """(median, low, high): the distribution-free 95% interval of the median, the order statistics
+    (x_(j), x_(n+1-j)) with the largest j such that P(j <= Bin(n, 1/2) <= n - j) >= 0.95 (n >= 6; fewer values:
+    their range)."""
+    if not xs:
+        raise ValueError("median_ci: no values")
+    s, n = sorted(xs), len(xs)
+
+    def cover(j: int) -> float:
+        return sum(math.comb(n, i) for i in range(j, n - j + 1)) / 2 ** n
+
+    j = max((j for j in range(1, n // 2 + 1) if cover(j) >= 0.95), default=0)
+    lo, hi = (s[j - 1], s[n - j]) if j else (s[0], s[-1])
+    return statistics.median(s), lo, hi

@@ -8,11 +8,13 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_diffusion as ld
 from lora_diffusion.core.errors import AdapterError
 from lora_diffusion.fusion import FUSION_METHODS, fuse, unfuse
 from lora_diffusion.fusion.klora import gamma
+from lora_diffusion.inject.walker import adapted_layers
 
 from .conftest import perturb
 from .test_formats_helpers import close, sd15_pipeline, sd15_unet_config, unet_call
@@ -100,6 +102,91 @@ def test_static_equals_diffusers_set_adapters_with_the_same_files(tmp_path):
     fuse(ours, ["l0", "l1"], method="static", weights=[0.7, 0.4])
     assert close(unet_call(ours.unet), expected)
 
+
+
+class _Ops(TorchDispatchMode):
+    """Every aten op a forward runs, in order (name, output shape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, tuple]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append((str(func), tuple(out.shape) if isinstance(out, torch.Tensor) else ()))
+        return out
+
+
+def _ops(unet) -> tuple[torch.Tensor, list]:
+    with _Ops() as rec:
+        out = unet_call(unet)
+    return out, rec.ops
+
+
+def _merged_by_hand(unet, weights: dict[str, float]):
+    """A plain UNet (no wrappers) with W + Σ_i w_i (α_i/r) B_i A_i written into each adapted layer's weight."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    plain = UNet2DConditionModel(**sd15_unet_config()).eval()
+    with torch.no_grad():
+        for path, layer in adapted_layers(unet):
+            w = plain.get_submodule(path).weight
+            for n, wi in weights.items():
+                ad = layer.adapters[n]
+                w += wi * ad.scaling * (ad.lora_B.flatten(1) @ ad.lora_A.flatten(1)).view(w.shape)
+    return plain
+
+
+def test_fused_static_runs_exactly_the_base_models_ops():
+    """fuse=True: the layers' forward is the base module's own call and a UNet call runs the same aten ops, in the
+    same order and shapes, as a plain UNet (no adapters, no wrappers) with the weights merged by hand, and gives
+    its output; no hook is added anywhere. What makes "fused = base speed" hold by construction (per call, the
+    wrapper adds one attribute lookup and module dispatch per adapted layer, no tensor op)."""
+    unet, weights = _unet_with(2), {"a0": 0.7, "a1": 0.4}
+    hand = _merged_by_hand(unet, weights)
+    hand_out, hand_ops = _ops(hand)
+    fuse(unet, list(weights), "static", weights=list(weights.values()))
+    static_out, static_ops = _ops(unet)
+    fusion = fuse(unet, list(weights), "static", weights=list(weights.values()), fuse=True)
+    fused_out, fused_ops = _ops(unet)
+    layers = dict(adapted_layers(unet))
+    assert len(layers) > 10 and all(layer.forward == layer.base_layer.__call__ for layer in layers.values())
+    assert fused_ops == hand_ops and static_ops != hand_ops  # the recorder sees the LoRAs' ops when they run
+    assert close(fused_out, hand_out, 1e-5) and close(static_out, hand_out, 1e-5)
+    hooked = [n for n, m in unet.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert hooked == [n for n, m in hand.named_modules() if m._forward_hooks or m._forward_pre_hooks] == []
+    fusion.remove()  # unfused: the adapters run beside the base layers again
+    assert not any("forward" in layer.__dict__ for layer in layers.values())
+    assert torch.equal(unet_call(unet), static_out)
+    ld.disable_adapters(unet)  # disabled: the base model's ops again
+    assert _ops(unet)[1] == hand_ops
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_model_follows_fusing_unfusing_and_disabling(backend):
+    """torch.compile of an adapted model sees the switch between the base module's call (fused, disabled) and the
+    adapters' sum (guards on the layer's state): each state gives the eager output."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Two()
+    ld.add_adapter(model, ld.AdapterSpec(rank=2, targets=["l1", "l2"]), "a", trainable=False)
+    perturb(model, "a", std=0.5)
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    seen = []
+    for state in ("static", "fused", "unfused", "disabled", "static"):
+        if state in ("static", "fused"):
+            fuse(model, ["a"], "static", fuse=state == "fused")
+        elif state == "unfused":
+            unfuse(model)
+        else:
+            ld.disable_adapters(model)
+        with torch.no_grad():
+            eager, comp = model(x), compiled(x)
+        torch.testing.assert_close(comp, eager, rtol=1e-6, atol=1e-6, msg=lambda m, s=state: f"{s}: {m}")
+        seen.append(eager)
+    assert torch.allclose(seen[0], seen[1], atol=1e-6) and not torch.allclose(seen[0], seen[3])
 
 class Two(nn.Module):
     def __init__(self) -> None:

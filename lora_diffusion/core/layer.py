@@ -8,7 +8,9 @@ it asks the layer for each adapter's own output ``y_i = adapter_output(name, x, 
 how to combine them, per layer, token, channel and timestep.
 
 It replaces the target module (so adapters show in ``print(model)``) and keeps the original
-module object as ``base_layer``, which ``remove`` puts back. Merging folds adapters into the base
+module object as ``base_layer``, which ``remove`` puts back. With nothing to add (adapters disabled, or all
+merged: static fusion with ``fuse=True``) its forward is the base module's own call, so a fused model runs
+exactly the base model's ops. Merging folds adapters into the base
 weight; the first merge keeps a copy of the original weight (on the CPU), so unmerging restores
 it bit for bit instead of subtracting (which would leave rounding error).
 """
@@ -97,6 +99,13 @@ class AdaptedLayer(nn.Module):
 
     def _refresh(self) -> None:
         self._run = [n for n in self.active if n not in self.merged]
+        # nothing to add (every active adapter merged, or none active): a call goes straight to the base module,
+        # whose own hooks and instance-level forward (accelerate's offload) still run; per call the wrapper then
+        # costs one attribute lookup, not a second forward (fused = the base model's ops, nothing else)
+        if self._run:
+            self.__dict__.pop("forward", None)
+        else:
+            self.__dict__["forward"] = self.base_layer.__call__
 
     def set_combiner(self, combiner: nn.Module | None) -> None:
         """Install (or, with None, remove) a module called as ``combiner(layer, x, y0, ctx)`` instead of the sum."""
