@@ -267,27 +267,40 @@ def _pairs(items: Sequence[str], what: str) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> None:
     from .generate import _slug, load_pipeline
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--prompt", required=True)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", required=True, help="what to generate (with --library: also what the LoRAs are "
+                   "retrieved by)")
     p.add_argument("--lora", action="append", default=[], help="LoRA file (repeat); instead of --library")
-    p.add_argument("--library", default=None, help="folder of LoRAs searched by the prompt")
-    p.add_argument("--method", default="gated", choices=list(FUSION_METHODS))
-    p.add_argument("--weight", action="append", type=float, default=None, help="weight per LoRA (repeat)")
-    p.add_argument("--role", action="append", default=[], help="NAME=subject|style|other (repeat)")
-    p.add_argument("--option", action="append", default=[], help="fusion option NAME=VALUE, e.g. width=0.2")
+    p.add_argument("--library", default=None, help="folder of LoRAs searched by the prompt (see --top-k, --threshold)")
+    p.add_argument("--method", default="gated", choices=list(FUSION_METHODS),
+                   help="how the LoRAs are fused (default: gated; without --gates its untrained gate is the static "
+                        "sum): static (weighted sum), gated (AutoLoRA gates from training.train_gates), klora and "
+                        "scheduled (training-free subject + style; see --role), lag (one LoRA per token and layer), "
+                        "mole (MoLE gate; uniform mean untrained); xlora is for LLMs only")
+    p.add_argument("--weight", action="append", type=float, default=None,
+                   help="weight per usable LoRA, in order (repeat once per LoRA; default: 1 each)")
+    p.add_argument("--role", action="append", default=[], help="NAME=subject|style|other (repeat; NAME: the file's "
+                   "stem; default: the file's lora_kind metadata, else the first LoRA subject and the rest style)")
+    p.add_argument("--option", action="append", default=[], help="fusion option NAME=VALUE of --method, VALUE in "
+                   "JSON (repeat), e.g. width=0.2 (scheduled), compile=true (gated); docs/autolora.md")
     p.add_argument("--gates", default=None, help="gates file from training.train_gates (gated; with --library and no "
                    "--gates: a gates file in the library trained with the chosen LoRAs, if any)")
     p.add_argument("--allow-unseen-loras", action="store_true", help="apply gates to LoRAs they were not trained with")
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=2, help="with --library: how many LoRAs retrieval picks (default: 2)")
+    p.add_argument("--threshold", type=float, default=None, help="with --library: leave out LoRAs whose retrieval "
+                   "score (cosine) is below this; with none left the base model generates (default: no threshold)")
     p.add_argument("--model", default=None, help="hub id, diffusers folder or .safetensors (default: the demo model)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance_scale", type=float, default=4.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_images", type=int, default=1)
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--output", type=Path, default=Path("outputs/blend"))
+    p.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
+    p.add_argument("--guidance_scale", "--guidance-scale", type=float, default=4.0,
+                   help="classifier-free guidance (default: 4.0)")
+    p.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    p.add_argument("--num_images", "--num-images", type=int, default=1, help="images to generate (default: 1)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="weights' dtype (default: fp32; fp16/bf16 for a GPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="(default: cuda when available, else cpu)")
+    p.add_argument("--output", type=Path, default=Path("outputs/blend"),
+                   help="folder for the images, blend.json and gates.png (default: outputs/blend)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not a.lora and a.library is None:

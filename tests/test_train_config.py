@@ -136,3 +136,17 @@ def test_every_config_cli_prints_its_help(where):
         assert "10% of the run's steps" in text
     if name == "GateConfig":
         assert "52% -> 66-69%" in " ".join(text.split())
+
+
+def test_gate_trainer_help_shows_defaults_and_example() -> None:
+    """train_gates' defaults do not depend on the model, so its --help shows them (and its example command, lines
+    kept); the T-LoRA trainer's depend on the variant and demo model, so it does not claim any."""
+    from training.config import build_parser
+    from training.train_gates import GateConfig
+
+    text = " ".join(build_parser(GateConfig, "    python -m training.train_gates --loras a,b", True).format_help().split())
+    assert "optimizer steps (default: 300)" in text and "(default: gated)" in text
+    assert "base model (None: the embedded demo model) (default" not in text  # a None default is described, not shown
+    assert "\n    python -m training.train_gates --loras a,b\n" in build_parser(GateConfig, "    python -m training."
+                                                                               "train_gates --loras a,b").format_help()
+    assert "(default:" not in build_parser(TLoRAConfig).format_help()

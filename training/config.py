@@ -81,10 +81,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def build_parser(cfg_cls: type, description: str = "") -> argparse.ArgumentParser:
-    """One flag per leaf field (defaults suppressed, so only flags given on the command line are set)."""
+def build_parser(cfg_cls: type, description: str = "", show_defaults: bool = False) -> argparse.ArgumentParser:
+    """One flag per leaf field (defaults suppressed, so only flags given on the command line are set).
+
+    ``show_defaults``: each help ends with the field's default (for trainers whose defaults do not depend on the
+    model or variant; argparse cannot show suppressed ones). The description keeps its lines (example commands)."""
     p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, help="YAML or TOML file with any of the options below")
     p.add_argument("--print-config", "--print_config", action="store_true", dest="print_config",
                    help="print the resolved configuration (as YAML, usable with --config) and exit")
@@ -94,7 +97,10 @@ def build_parser(cfg_cls: type, description: str = "") -> argparse.ArgumentParse
         for f in dataclasses.fields(scls):
             flags = [f"--{f.name}", *f.metadata.get("aliases", [])]
             # argparse %-formats help strings (for %(default)s): a literal % in a field's text must not break --help
-            kw: dict[str, Any] = {"dest": f"{sec}.{f.name}", "help": f.metadata.get("help", "").replace("%", "%%")}
+            text = f.metadata.get("help", "")
+            if show_defaults and f.default not in (None, dataclasses.MISSING):
+                text += f" (default: {f.default})"
+            kw: dict[str, Any] = {"dest": f"{sec}.{f.name}", "help": text.replace("%", "%%")}
             if _base_type(hints[f.name]) is bool:
                 kw["action"] = argparse.BooleanOptionalAction
             else:
@@ -154,9 +160,10 @@ def merge(cfg_cls: type, *layers: dict[tuple[str, str], Any]) -> Any:
     return cfg_cls(**built)
 
 
-def parse_args(cfg_cls: type, argv: list[str] | None, description: str = "") -> tuple[Any, bool, set[tuple[str, str]]]:
+def parse_args(cfg_cls: type, argv: list[str] | None, description: str = "",
+               show_defaults: bool = False) -> tuple[Any, bool, set[tuple[str, str]]]:
     """(config, print_config, explicitly set keys) from argv and an optional --config file."""
-    ns = vars(build_parser(cfg_cls, description).parse_args(argv))
+    ns = vars(build_parser(cfg_cls, description, show_defaults).parse_args(argv))
     file_layer = {}
     if ns.get("config") is not None:
         file_layer = flatten_file(load_config_file(ns["config"]), cfg_cls, str(ns["config"]))

@@ -98,11 +98,12 @@ class GateArgs:
                             "(training/texture_loss.py): highpass (fine-detail error) | spectrum (amplitude spectrum of the "
                             "fine detail: where the texture sits does not matter) | none",
                             choices=list(TEXTURE_LOSSES))
-    texture_weight: float = opt(3.0, "weight of --texture_loss (0: off, the objectives as before 2026-11-30; "
+    texture_weight: float = opt(3.0, "weight of --texture_loss (0: off; "
                                      "3 with highpass: composition both-kept 52% -> 66-69% on the demo world, "
                                      "docs/autolora.md)")
-    margin: float = opt(0.3, "hinge margin m on the loss under the other LoRA's caption")
-    hinge_weight: float = opt(1.0, "lambda")
+    margin: float = opt(0.3, "paper objective: hinge margin m, how far the loss under the other LoRA's caption is "
+                        "kept from falling")
+    hinge_weight: float = opt(1.0, "paper objective: λ, the weight of the hinge term max(0, m - that loss)")
 
 
 @dataclass
@@ -488,7 +489,8 @@ def train(cfg: GateConfig) -> GateResult:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        cfg, print_config, _ = parse_args(GateConfig, argv, __doc__.split("\n\n")[0])
+        usage = "\n\n".join(__doc__.split("\n\n")[:2]) + "\n\nObjectives, losses and outputs: docs/autolora.md."
+        cfg, print_config, _ = parse_args(GateConfig, argv, usage, show_defaults=True)
         if print_config:
             sys.stdout.write(to_yaml(cfg))
             return

@@ -128,21 +128,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--library", required=True, help="folder of LoRA files")
     p.add_argument("--out", type=Path, default=None,
                    help=f"retriever file (default <library>/{DEFAULT_NAME}, which retrieval then uses by itself)")
-    p.add_argument("--family", default=None, help="train on the LoRAs of this base family only (sd1, sdxl, demo, ...)")
-    p.add_argument("--themes", default="", help="comma-separated theme words to report same/cross-theme cosine")
-    p.add_argument("--steps", type=int, default=TrainConfig.steps)
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
-    p.add_argument("--width", type=int, default=EncoderConfig.width)
-    p.add_argument("--depth", type=int, default=EncoderConfig.depth)
-    p.add_argument("--probes", type=int, default=EncoderConfig.probes)
+    p.add_argument("--family", default=None, help="train on the LoRAs of this base family only (e.g. sd1, sdxl, "
+                   "sd3, flux, demo; default: every family the library holds)")
+    p.add_argument("--themes", default="", help="comma-separated theme words to report same/cross-theme cosine "
+                   "(default: none, no theme report)")
+    p.add_argument("--steps", type=int, default=TrainConfig.steps, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
+                   help="LoRAs per step, at most the training pairs (default: %(default)s, as the paper)")
+    p.add_argument("--lr", type=float, default=TrainConfig.lr,
+                   help="AdamW peak learning rate (one-cycle schedule; default: %(default)s)")
+    p.add_argument("--width", type=int, default=EncoderConfig.width,
+                   help="weight encoder's token width (default: %(default)s; the paper: 768)")
+    p.add_argument("--depth", type=int, default=EncoderConfig.depth,
+                   help="weight encoder's transformer layers (default: %(default)s)")
+    p.add_argument("--probes", type=int, default=EncoderConfig.probes,
+                   help="probe vectors per LoRA layer (default: %(default)s; the paper: 1)")
     p.add_argument("--layer-dropout", type=float, default=TrainConfig.layer_dropout,
-                   help="drop each layer's token with this probability in training (robustness to partial LoRAs)")
+                   help="drop each layer's token with this probability in training (robustness to partial LoRAs; "
+                        "default: %(default)s)")
     p.add_argument("--target-temperature", type=float, default=TrainConfig.target_temperature,
-                   help="soft InfoNCE targets from description similarity; 0 = one-hot (the paper)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy machine)")
+                   help="soft InfoNCE targets from description similarity; 0 = one-hot (the paper; "
+                        "default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--save-every", type=int, default=100,
+                   help="write the retriever file every N steps, and at the end (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy machine; "
+                   "default: torch's)")
     return p.parse_args(argv)
 
 
