@@ -193,3 +193,19 @@ def test_cli_lists_and_searches(library, capsys, monkeypatch, minilm):
     assert files["dotted"] in out and files["heart"] in out and "text 0." in out
     assert main(["--library", str(lib.folder / "missing")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_a_second_copy_of_a_file_is_skipped_not_retrieved_twice(tmp_path):
+    """The same LoRA in two places (a download kept in a sub-folder and imported at the top level): retrieved once,
+    the copy listed as skipped naming the file it repeats (both would apply one LoRA at twice its weight)."""
+    import shutil
+
+    from lora_diffusion.retrieval import LoraLibrary
+    from tests.retrieval_library import build_library
+
+    lib, files = build_library(tmp_path)
+    shutil.copyfile(lib / files["ring"], lib / "ring.safetensors")
+    r = LoraLibrary(lib).retrieve("a red ring on a blue background", k=3)
+    picked = [m.entry.file for m in r]
+    assert files["ring"] in picked and "ring.safetensors" not in picked
+    assert ("ring.safetensors", f"the same file as {files['ring']}") in [(e.file, why) for e, why in r.skipped]

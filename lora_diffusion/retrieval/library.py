@@ -222,12 +222,30 @@ class LoraLibrary:
         return [e for e in self.entries if e.error]
 
     def usable(self, family: str | None = None) -> list[LibraryEntry]:
-        """Readable entries that may be applied to a model of ``family`` (None: any family)."""
-        return [e for e in self.entries if e.incompatibility(family) is None]
+        """Readable entries that may be applied to a model of ``family`` (None: any family), each file content once."""
+        copies = self._copies()
+        return [e for e in self.entries if self._why_not(e, family, copies) is None]
 
     def skipped(self, family: str | None = None) -> list[tuple[LibraryEntry, str]]:
-        """(entry, reason) for every entry that must not be applied to a model of ``family``."""
-        return [(e, why) for e in self.entries if (why := e.incompatibility(family))]
+        """(entry, reason) for every entry that must not be applied to a model of ``family``, and for a second copy
+        of the same file (same sha256: retrieving both would apply one LoRA twice)."""
+        copies = self._copies()
+        return [(e, why) for e in self.entries if (why := self._why_not(e, family, copies))]
+
+    def _copies(self) -> dict[str, str]:
+        """{file: the first file with the same contents} for each later copy."""
+        first: dict[str, str] = {}
+        out = {}
+        for e in self.entries:
+            if e.sha256:
+                out.update({e.file: first[e.sha256]} if e.sha256 in first else {})
+                first.setdefault(e.sha256, e.file)
+        return out
+
+    @staticmethod
+    def _why_not(entry: LibraryEntry, family: str | None, copies: dict[str, str]) -> str | None:
+        why = entry.incompatibility(family)
+        return why or (f"the same file as {copies[entry.file]}" if entry.file in copies else None)
 
     def __len__(self) -> int:
         return len(self.entries)

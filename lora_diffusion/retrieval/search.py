@@ -58,7 +58,7 @@ class Match:
 class Retrieval:
     """What ``retrieve`` chose for a prompt. Iterates, indexes and measures like its list of matches.
 
-    ``skipped``: (entry, reason) for entries never applied (another base family, unreadable);
+    ``skipped``: (entry, reason) for entries never applied (another base family, unreadable, a second copy);
     ``below_threshold``: the best candidates the threshold turned away; ``message``: one line for the user
     (e.g. that nothing is relevant, so the base model alone should generate).
     """
