@@ -210,7 +210,8 @@ def _fuse(pipe: Any, chosen: list[Chosen], method: str, roles: dict[str, str] | 
 
 
 def plot_gate_stats(stats: GateStats, path: str | os.PathLike, title: str = "") -> Path:
-    """PNG: mean gate strength per timestep (top) and per layer x timestep for each LoRA (heatmaps)."""
+    """PNG: mean gate strength per timestep (left) and per layer x timestep for each LoRA (heatmaps, one color scale;
+    a constant strength, e.g. untrained gates, is said in the title rather than stretched over the scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -218,26 +219,35 @@ def plot_gate_stats(stats: GateStats, path: str | os.PathLike, title: str = "") 
     import numpy as np
 
     n = len(stats.names)
-    fig, axes = plt.subplots(1, n + 1, figsize=(4 + 4.2 * n, max(4.0, 0.12 * len(stats.layers) + 1.5)),
-                             gridspec_kw={"width_ratios": [1.1] + [1] * n})
+    fig, axes = plt.subplots(1, n + 1, figsize=(5 + 4.2 * n, max(4.0, 0.12 * len(stats.layers) + 1.5)),
+                             gridspec_kw={"width_ratios": [1.1] + [1] * n}, layout="constrained")
     ax = axes[0]
-    for name, vals in stats.per_timestep().items():
-        ax.plot(stats.timesteps, vals, marker="o", ms=3, label=name)
+    for k, (name, vals) in enumerate(stats.per_timestep().items()):  # dashes tell apart lines that coincide
+        ax.plot(stats.timesteps, vals, marker="o", ms=3, ls=("-", "--", ":", "-.")[k % 4], label=name)
     ax.invert_xaxis()
-    ax.set(xlabel="timestep t (sampling goes right)", ylabel="mean effective weight", title="per step, all layers")
-    ax.legend(fontsize=8)
+    ax.set(xlabel="timestep t (sampling runs left to right)", ylabel="effective weight (mean over layers)",
+           title="per denoising step")
+    ax.legend(fontsize=8, title="LoRA", title_fontsize=8)
     lo, hi = float(np.nanmin(stats.strength)), float(np.nanmax(stats.strength))
+    constant = hi - lo < 1e-6
+    if constant:  # one value everywhere: a scale around it, not matplotlib's arbitrary stretch
+        lo, hi = lo - max(0.05, abs(lo) * 0.1), hi + max(0.05, abs(hi) * 0.1)
     labels = [_short(layer) for layer in stats.layers]
+    step = max(1, len(stats.timesteps) // 6)
     for i, name in enumerate(stats.names):
         ax = axes[i + 1]
         im = ax.imshow(stats.strength[:, :, i], aspect="auto", cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest")
-        ax.set_title(f"{name}: weight per layer and step", fontsize=9)
-        ax.set_xticks(range(len(stats.timesteps))[:: max(1, len(stats.timesteps) // 6)])
-        ax.set_xticklabels([f"{t:.0f}" for t in stats.timesteps][:: max(1, len(stats.timesteps) // 6)], fontsize=7)
-        ax.set_xlabel("timestep")
+        ax.set_title(f"{name}: per layer and step", fontsize=9)
+        ax.set_xticks(range(len(stats.timesteps))[::step])
+        ax.set_xticklabels([f"{t:.0f}" for t in stats.timesteps][::step], fontsize=7)
+        ax.set_xlabel("timestep t")
         ax.set_yticks(range(len(labels)))
         ax.set_yticklabels(labels if i == 0 else [""] * len(labels), fontsize=5)
-    fig.colorbar(im, ax=axes[1:].tolist(), shrink=0.8, label="effective weight")
+        if i == 0:
+            ax.set_ylabel("layer (D/M/U: down/mid/up block; att: attention, res: ResNet)", fontsize=8)
+    fig.colorbar(im, ax=axes[1:].tolist(), shrink=0.8, label="effective weight (1: the LoRA at full strength)")
+    if constant:
+        title += f"{' · ' if title else ''}every layer and step at {float(np.nanmin(stats.strength)):.3g}"
     if title:
         fig.suptitle(title, fontsize=10)
     path = Path(path)
