@@ -8,6 +8,7 @@ a time and the others see their place. Jobs live on disk: a reloaded page finds 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import threading
 from pathlib import Path
@@ -30,6 +31,7 @@ from .services import (
     estimate,
     parse_seed,
 )
+from .services.pipelines import known_prompts
 from .services.presets import LABELS, is_dit, model_family
 
 
@@ -48,26 +50,49 @@ class Cancelled(Exception):
 
 
 def handled(fn: Any) -> Any:
-    """AppError -> gr.Error with its message, logged as one line; a bug -> logged with its traceback."""
+    """AppError -> gr.Error with its message, logged as one line; a bug -> logged with its traceback. The error is
+    not a toast (toasts outlive the next, successful action): the page's ``failure`` event (:func:`on_failure`)
+    writes it into the action's status box, which the next action overwrites; API clients get it as an error."""
+    params = list(inspect.signature(fn).parameters)
 
     @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> Any:
+    def run(self: UI, *args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            return fn(self, *args, **kwargs)
         except AppError as e:
             log.warning("%s: %s", fn.__name__, e)
-            raise gr.Error(str(e), print_exception=False) from None
+            message = str(e)
         except Cancelled:
             log.info("%s: stopped by the user", fn.__name__)
-            raise gr.Error("stopped", print_exception=False) from None
-        except gr.Error:
-            raise
+            message = "stopped"
+        except gr.Error as e:
+            message = e.message
         except Exception as e:
             log.exception("%s failed", fn.__name__)
-            raise gr.Error(f"internal error ({type(e).__name__}); the server log has the details",
-                           print_exception=False) from None
+            message = f"internal error ({type(e).__name__}); the server log has the details"
+        self.failures[session(_request(params, args, kwargs)) or ""] = message
+        raise gr.Error(message, visible=False, print_exception=False) from None
 
     return run
+
+
+def _request(params: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> gr.Request | None:
+    """The ``request`` argument of a handler called with ``args`` (``params``: its parameter names, self first)."""
+    if "request" in kwargs:
+        return kwargs["request"]
+    i = params.index("request") - 1 if "request" in params else len(args)
+    return args[i] if i < len(args) else None
+
+
+def on_failure(ui: UI, event: Any, outputs: list[Any], box: Any) -> None:
+    """When ``event`` fails, its message goes into ``box`` (the action's status line) and its other ``outputs`` keep
+    what they showed (without this, Gradio draws an 'Error' badge over each of them until their next update)."""
+    others = [o for o in outputs if o is not box]
+
+    def failed(request: gr.Request = None) -> tuple[Any, ...]:
+        return ui.failed(len(others) + 1, request)
+
+    event.failure(failed, None, [*others, box], queue=False, show_progress="hidden", api_visibility="private")
 
 
 def owner(request: gr.Request | None) -> str:
@@ -118,6 +143,14 @@ class UI:
         self.s = services
         self._stops: dict[str, threading.Event] = {}
         self._shown: dict[tuple[str, str], tuple[int, str]] = {}  # (session, job) -> (samples, state) last sent
+        self.failures: dict[str, str] = {}  # session -> the message of its last failed action (see ``handled``)
+
+    def failed(self, n_outputs: int, request: gr.Request | None = None) -> tuple[Any, ...]:
+        """A failed action's outputs (``failure`` event): every one kept as it was but the last, the action's status
+        box, which gets the message (one per action: the next action's result replaces it)."""
+        message = self.failures.pop(session(request) or "", "the action failed; the server log has the details")
+        box = "⏹ Stopped." if message == "stopped" else f"⚠ **{message}**"
+        return (*[gr.skip()] * (n_outputs - 1), box)
 
     # --- personalize ---
     def preview(self, files: list[Any] | None) -> list[Any]:
@@ -170,16 +203,19 @@ class UI:
         return gr.update(value=ok, interactive=ok), gr.update(value=try_prompt)
 
     def generate_defaults(self, model: str) -> tuple[Any, ...]:
-        """Steps, guidance and the note under the model when the base model changes: the preset's."""
+        """Steps, guidance, the note under the model and whether the demo world's example prompts are shown, when the
+        base model changes: the preset's."""
         try:
             fam = model_family(self.s.settings, model)
         except AppError as e:
-            return gr.skip(), gr.skip(), f"⚠ {e}"
+            return gr.skip(), gr.skip(), f"⚠ {e}", gr.update(visible=False)
         p = PRESETS[fam]
         note = f"{LABELS[fam]}: {p['resolution']} px, {p['num_inference_steps']} steps, guidance {p['guidance_scale']:g}"
         if is_dit(fam):
             note += " · fusion: static (the weighted sum) only"
-        return gr.update(value=p["num_inference_steps"]), gr.update(value=p["guidance_scale"]), note
+        known = bool(known_prompts(self.s.settings, model))  # the demo world's prompts: true on a demo model only
+        return (gr.update(value=p["num_inference_steps"]), gr.update(value=p["guidance_scale"]), note,
+                gr.update(visible=known))
 
     @handled
     def start(self, files: list[Any] | None, token: str, class_word: str, variant: str, model: str, steps: Any,
@@ -193,17 +229,20 @@ class UI:
                          _int_or_none(sample_steps, "sample denoising steps"), bool(pivotal),
                          [Path(p).name for p in paths])
         job = self.s.jobs.create(req, owner(request))
-        plan = self.estimate_text(model, variant, steps)
-        if "run out of memory" in plan:
-            gr.Warning("This job would likely run out of memory on this device (see the estimate); Stop it and lower "
-                       "the rank or the resolution if it fails", duration=None)
-        return self.job_choices(request, job.id), self._started(job, "Job")
+        started = self._started(job, "Job")
+        if "run out of memory" in self.estimate_text(model, variant, steps):  # said here, not in a toast that stays
+            started += ("\n\n⚠ It would likely run out of memory on this device (see the estimate): Stop it and lower "
+                        "the rank or the resolution if it fails.")
+        return self.job_choices(request, job.id), started
 
     def _started(self, job: Any, what: str) -> str:
         """What Start did: the job runs now, or waits for the running one (one training at a time)."""
+        caption = job.request.get("caption")
+        words = " ".join(w.strip() for w in (job.request.get("token", ""), job.request.get("class_word", "")) if w.strip())
+        said = f" · training caption: '{caption.format(words)}'" if caption else ""
         if job.state == "queued":
-            return f"{what} {job.name} queued: place {self.s.jobs.place(job)} in the training queue"
-        return f"{what} {job.name} started"
+            return f"{what} {job.name} queued: place {self.s.jobs.place(job)} in the training queue{said}"
+        return f"{what} {job.name} started{said}"
 
     def job_choices(self, request: gr.Request | None, selected: str | None = None, kind: str = "diffusion") -> Any:
         jobs = self.s.jobs.list(owner(request), kind)
@@ -231,8 +270,9 @@ class UI:
 
     @handled
     def llm_chat(self, job_id: str, message: str, max_new: float, base_hist: list | None, adapted_hist: list | None,
-                 lib_name: str = "", llm: str = "", request: gr.Request = None) -> tuple[list, list, str]:
-        """Both answers; the adapter is the library entry ``lib_name`` (on the tab's LLM) or the selected job's."""
+                 lib_name: str = "", llm: str = "", request: gr.Request = None) -> tuple[list, list, str, str]:
+        """Both answers (the message box and the chat's status line cleared); the adapter is the library entry
+        ``lib_name`` (on the tab's LLM) or the selected job's."""
         if lib_name:
             adapter, label, model = self.s.library.path(lib_name), lib_name, llm
         else:
@@ -246,7 +286,7 @@ class UI:
         adapted_msgs = [{"role": m["role"], "content": m["content"]} for m in history]
         base, adapted = self.s.llm.reply_both(model, adapter, label, [*adapted_msgs, user], int(max_new))
         return ([*base_msgs, user, {"role": "assistant", "content": base}],
-                [*adapted_msgs, user, {"role": "assistant", "content": adapted}], "")
+                [*adapted_msgs, user, {"role": "assistant", "content": adapted}], "", "")
 
     # --- generated adapters (Text-to-LoRA, Doc-to-LoRA) ---
     def chat_adapters(self, selected: str = "") -> Any:
@@ -265,12 +305,14 @@ class UI:
         return tuple(out)
 
     @handled
-    def text_to_lora(self, hyper: str | None, task: str, llm: str, name: str) -> tuple[Any, str]:
+    def text_to_lora(self, hyper: str | None, task: str, llm: str, name: str,
+                     request: gr.Request = None) -> tuple[Any, str]:
         entry = self.s.hyper.text_to_lora(hyper, task, llm, name.strip())
         return self._generated(entry)
 
     @handled
-    def doc_to_lora(self, hyper: str | None, text: str, llm: str, name: str) -> tuple[Any, str]:
+    def doc_to_lora(self, hyper: str | None, text: str, llm: str, name: str,
+                    request: gr.Request = None) -> tuple[Any, str]:
         entry = self.s.hyper.doc_to_lora(hyper, text, llm, name.strip())
         return self._generated(entry)
 
@@ -358,14 +400,17 @@ class UI:
         return out
 
     @handled
-    def try_prompt(self, job_id: str, prompt: str, seed: Any, request: gr.Request = None) -> list[Any]:
+    def try_prompt(self, job_id: str, prompt: str, seed: Any, request: gr.Request = None) -> tuple[list[Any], str]:
         job = self.s.jobs.get(job_id, owner(request))
         adapter = self.s.jobs.current_adapter(job)
         req = GenerateRequest(prompt, seed=parse_seed(seed), num_images=2, model=job.request["model"],
                               adapters=(AdapterUse(str(adapter), 1.0, job.name),),
                               steps=PRESETS[job.family]["num_inference_steps"],
                               guidance=PRESETS[job.family]["guidance_scale"])
-        return [enlarge(im) for im in self.s.generator.generate(req)]
+        images = [enlarge(im) for im in self.s.generator.generate(req)]
+        ckpt = self.s.jobs.latest_checkpoint(job)
+        which = "final" if job.state == "done" or ckpt is None else f"checkpoint of step {ckpt[0]}"
+        return images, f"{job.name}'s {which} adapter, seeds {req.seed} and {req.seed + 1}"
 
     # --- generate & blend ---
     def library_choices(self, diffusion: bool = False) -> Any:
@@ -418,13 +463,16 @@ class UI:
               request: gr.Request = None, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
         """Generate & Blend: 'manual' with 'static' is the plain weighted sum (``generate``); otherwise the fusion
         method over the chosen adapters, or in 'automatic' mode over the LoRAs retrieved for the prompt."""
-        import pandas as pd
 
         slots = (a1, on1, w1, a2, on2, w2, a3, on3, w3, a4, on4, w4)
         if mode == "manual" and method == "static":
             gallery, big, files = self.generate(prompt, negative, seed, steps, guidance, size, n, model, insert_triggers,
                                                 *slots, request=request, progress=progress)
-            return gallery, big, files, None, None, "static: the weighted sum of the adapters that are on"
+            on = [(slots[3 * k], slots[3 * k + 2]) for k in range(SLOTS) if slots[3 * k] and slots[3 * k + 1]]
+            table = _chosen_table([{"name": a, "score": None, "weight": float(w), "role": ""} for a, w in on])
+            what = (f"the weighted sum of {', '.join(f'{a} × {float(w):g}' for a, w in on)}" if on
+                    else "no adapter on: the base model alone")
+            return gallery, big, files, table, None, f"**static**: {what}"
         uses = []
         if mode == "manual":
             for k in range(SLOTS):
@@ -444,8 +492,9 @@ class UI:
             path = folder / f"seed{req.seed + i}-{k}-{i}.png"
             im.save(path)
             files.append(str(path))
-        table = pd.DataFrame(r["chosen"], columns=["name", "score", "weight", "role"])
-        notes = f"**{r['method']}**" + "".join(f"\n- {n}" for n in r["notes"])
+        table = _chosen_table(r["chosen"])
+        library = str(self.s.settings.library)
+        notes = f"**{r['method']}**" + "".join(f"\n- {n.replace(library, 'the library')}" for n in r["notes"])
         return ([(f, f"seed {req.seed + i}") for i, f in enumerate(files)], enlarge(r["images"][0], 512), files, table,
                 str(r["plot"]) if r["plot"] else None, notes)
 
@@ -470,26 +519,36 @@ class UI:
                                            "size MB", "sample", "error"])
 
     def library_refresh(self, selected: str | None = None) -> tuple[Any, ...]:
+        """(table, the note under it, the selected entry, the Generate tab's slot choices)."""
         names = self.library_choices()
         sel = selected if selected in names else (names[0] if names else None)
         slot = gr.update(choices=[""] + self.library_choices(diffusion=True))
-        return (self.library_table(), gr.update(choices=names, value=sel), *[slot] * SLOTS)
+        return (self.library_table(), self.library_note(), gr.update(choices=names, value=sel), *[slot] * SLOTS)
+
+    def library_note(self) -> str:
+        """What the table does not show: files in sub-folders, which automatic retrieval reads all the same."""
+        nested = self.s.library.nested()
+        if not nested:
+            return ""
+        shown = ", ".join(nested[:4]) + (f" and {len(nested) - 4} more" if len(nested) > 4 else "")
+        return (f"{len(nested)} adapter file(s) in sub-folders of the library are not listed here (import them to "
+                f"use them in a slot), but the Generate tab's automatic mode retrieves them: {shown}")
 
     @handled
-    def library_upload(self, files: list[Any] | None) -> tuple[Any, ...]:
+    def library_upload(self, files: list[Any] | None, request: gr.Request = None) -> tuple[Any, ...]:
         if not files:
             raise AppError("adapter files: none; choose one or more .safetensors files")
-        names = [self.s.library.import_file(f, Path(f).name) for f in files]
-        gr.Info(f"Imported {', '.join(names)}")
-        return self.library_refresh(names[-1])
+        names = [(Path(f).name, self.s.library.import_file(f, Path(f).name)) for f in files]
+        said = ", ".join(f"{f} as **{n}**" for f, n in names)
+        return (*self.library_refresh(names[-1][1]), f"Imported {said}.")
 
     @handled
-    def library_import_path(self, path: str) -> tuple[Any, ...]:
+    def library_import_path(self, path: str, request: gr.Request = None) -> tuple[Any, ...]:
         name = self.s.library.import_server_path(path)
-        return self.library_refresh(name)
+        return (*self.library_refresh(name), f"Imported {Path(path.strip()).name} as **{name}**.")
 
     @handled
-    def library_inspect(self, name: str | None) -> tuple[Any, Any]:
+    def library_inspect(self, name: str | None, request: gr.Request = None) -> tuple[Any, Any]:
         if not name:
             return None, None
         e = self.s.library.entry(name)
@@ -498,27 +557,29 @@ class UI:
         return {**shown, "base": _base_label(e)} if "base" in e else shown, sample
 
     @handled
-    def library_rename(self, name: str, new: str) -> tuple[Any, ...]:
+    def library_rename(self, name: str, new: str, request: gr.Request = None) -> tuple[Any, ...]:
         if not name:
             raise AppError("adapter: none selected")
-        return self.library_refresh(self.s.library.rename(name, new))
+        renamed = self.s.library.rename(name, new)
+        return (*self.library_refresh(renamed), f"Renamed **{name}** to **{renamed}**.")
 
     @handled
-    def library_delete(self, name: str) -> tuple[Any, ...]:
+    def library_delete(self, name: str, request: gr.Request = None) -> tuple[Any, ...]:
         if not name:
             raise AppError("adapter: none selected")
         self.s.library.delete(name)
-        return self.library_refresh()
+        return (*self.library_refresh(), f"Deleted **{name}**.")
 
     @handled
-    def library_export(self, name: str, fmt: str, request: gr.Request = None) -> str:
+    def library_export(self, name: str, fmt: str, request: gr.Request = None) -> tuple[str, str]:
         if not name:
             raise AppError("adapter: none selected")
         folder = self.s.sessions.folder(session(request)) / "exports"
-        return str(self.s.library.export(name, fmt, folder, lambda: self._fresh_pipe(name)))
+        out = self.s.library.export(name, fmt, folder, lambda: self._fresh_pipe(name))
+        return str(out), f"Exported **{name}** as {fmt}: {Path(out).name} (download it below)."
 
     @handled
-    def library_squeeze(self, name: str, rank: Any, energy: Any) -> tuple[Any, ...]:
+    def library_squeeze(self, name: str, rank: Any, energy: Any, request: gr.Request = None) -> tuple[Any, ...]:
         """LoRA-Squeeze the selected adapter to a plain LoRA of ``rank`` (or of the ``energy`` fraction, if given)."""
         if not name:
             raise AppError("adapter: none selected")
@@ -527,8 +588,7 @@ class UI:
         if e is None and r is None:
             raise AppError("squeeze: expected a rank >= 1, or an energy fraction in (0, 1]")
         new, summary = self.s.library.squeeze(name, rank=r, energy=e, pipe_factory=lambda: self._fresh_pipe(name))
-        gr.Info(f"{new}: {summary}")
-        return self.library_refresh(new)
+        return (*self.library_refresh(new), f"Squeezed **{name}** into **{new}**: {summary}")
 
     def _fresh_pipe(self, name: str) -> Any:
         """The served base model that library entry ``name`` was made for (its family), loaded afresh."""
@@ -544,8 +604,19 @@ class UI:
         self.s.sessions.close(session(request))
         self.s.sessions.sweep()
         self._stops.pop(session(request) or "", None)
+        self.failures.pop(session(request) or "", None)
         for key in [k for k in self._shown if k[0] == (session(request) or "")]:
             self._shown.pop(key, None)
+
+
+def _chosen_table(chosen: list[dict[str, Any]]) -> Any:
+    """The LoRAs a generation used, as the Generate tab shows them: score to two decimals ('chosen' where the user
+    picked the LoRA), weight as typed."""
+    import pandas as pd
+
+    rows = [(c["name"], "chosen" if c.get("score") is None else f"{c['score']:.2f}", f"{c['weight']:g}",
+             c.get("role") or "") for c in chosen]
+    return pd.DataFrame(rows, columns=list(CHOSEN_COLUMNS))
 
 
 def _open(path: str | Path) -> Any:
@@ -590,57 +661,81 @@ def build_app(services: AppServices | None = None) -> gr.Blocks:
 
 def _personalize_tab(ui: UI, models: list[str]) -> None:
     variants = ld.variant_names()
+    c: dict[str, Any] = {}
     with gr.Row():
         with gr.Column(scale=1):
-            images = gr.File(label="Images of the subject (one is enough)", file_count="multiple", file_types=["image"],
-                             type="filepath", elem_id="train-images")
-            preview = gr.Gallery(label="Training crops (center square)", columns=6, height=150, format="png",
-                                 object_fit="contain", allow_preview=False, fit_columns=False)
+            c["images"] = gr.File(label="Images of the subject (one is enough)", file_count="multiple",
+                                  file_types=["image"], type="filepath", elem_id="train-images")
+            c["preview"] = gr.Gallery(label="Training crops (center square)", columns=6, height=150, format="png",
+                                      object_fit="contain", allow_preview=False, fit_columns=False)
             with gr.Row():
-                token = gr.Textbox(value="sks", label="Placeholder token", info="one rare word; no spaces")
-                class_word = gr.Textbox(value="", label="Class word", info="e.g. dog; empty for none")
+                c["token"] = gr.Textbox(value="sks", label="Placeholder token", info="one rare word; no spaces")
+                c["class_word"] = gr.Textbox(value="", label="Class word", info="e.g. dog; empty for none")
             with gr.Row():
-                variant = gr.Dropdown(variants, value="tlora" if "tlora" in variants else variants[0], label="Variant")
-                model = gr.Dropdown(models, value=models[0], label="Base model", elem_id="train-model")
+                c["variant"] = gr.Dropdown(variants, value="tlora" if "tlora" in variants else variants[0],
+                                           label="Variant")
+                c["model"] = gr.Dropdown(models, value=models[0], label="Base model", elem_id="train-model")
             pivotal_ok = PRESETS[model_family(ui.s.settings, models[0])].get("pivotal", True)
-            pivotal = gr.Checkbox(value=pivotal_ok, interactive=pivotal_ok, elem_id="train-pivotal",
-                                  label="Pivotal tuning: also learn the token's embedding (recommended; not on Flux yet)")
-            steps, rank, lr, template, sample_prompts, sample_every, ckpt_every, seed, sample_steps, name = _advanced()
-            plan = gr.Markdown(ui.estimate_text(models[0], "tlora", None), elem_id="train-estimate")
+            c["pivotal"] = gr.Checkbox(value=pivotal_ok, interactive=pivotal_ok, elem_id="train-pivotal",
+                                       label="Pivotal tuning: also learn the token's embedding (recommended; not on "
+                                             "Flux yet)")
+            c.update(zip(ADVANCED, _advanced()))
+            c["plan"] = gr.Markdown(ui.estimate_text(models[0], "tlora", None), elem_id="train-estimate")
             with gr.Row():
-                start = gr.Button("Start", variant="primary", elem_id="train-start")
-                stop = gr.Button("Stop", elem_id="train-stop")
-                resume = gr.Button("Resume", elem_id="train-resume")
+                c["start"] = gr.Button("Start", variant="primary", elem_id="train-start")
+                c["stop"] = gr.Button("Stop", elem_id="train-stop")
+                c["resume"] = gr.Button("Resume", elem_id="train-resume")
+            c["msg"] = gr.Markdown(elem_id="train-msg")  # what Start/Stop/Resume did, or why not
         with gr.Column(scale=1):
-            job = gr.Dropdown([], label="Job", elem_id="job-select", allow_custom_value=True)
-            status = gr.Markdown("No job yet.", elem_id="job-status")
-            loss = gr.LinePlot(x="step", y="loss", title="Loss", height=220, elem_id="loss-plot")
-            samples = gr.Gallery(label="Samples", columns=4, height=260, format="png", elem_id="job-samples")
-            downloads = gr.File(label="Adapter files (canonical, kohya for A1111/ComfyUI, diffusers)", file_count="multiple",
-                                elem_id="job-downloads", interactive=False)
-            with gr.Row():
-                try_prompt = gr.Textbox(label="Try a prompt with this job's adapter (while stopped or when done)",
-                                        value="a yellow sks on a black background", scale=3)
-                try_seed = gr.Textbox(value="0", label="Seed", scale=1)
-            try_btn = gr.Button("Try", elem_id="try-btn")
-            tried = gr.Gallery(label="Tried", columns=2, height=200, format="png", elem_id="tried")
-    msg = gr.Markdown(elem_id="train-msg")
-    for c in (model, variant, steps):
-        c.change(ui.estimate_text, [model, variant, steps], plan, queue=False, show_progress="hidden")
-    model.change(ui.model_controls, model, [pivotal, try_prompt], queue=False, show_progress="hidden")
-    images.change(ui.preview, images, preview, queue=False)
-    start.click(ui.start, [images, token, class_word, variant, model, steps, rank, lr, template, sample_prompts,
-                           sample_every, ckpt_every, seed, name, sample_steps, pivotal], [job, msg], api_name="train_start",
-                concurrency_limit=None)
-    stop.click(ui.stop, job, msg, api_name="train_stop", concurrency_limit=None)
-    resume.click(ui.resume, job, msg, api_name="train_resume", concurrency_limit=None)
+            _job_column(c)
+    _personalize_events(ui, c)
+
+
+#: the Advanced accordion's fields, in the order :func:`_advanced` returns them
+ADVANCED = ("steps", "rank", "lr", "template", "sample_prompts", "sample_every", "ckpt_every", "seed", "sample_steps",
+            "name")
+
+
+def _job_column(c: dict[str, Any]) -> None:
+    """Personalize's right-hand column: the job, its progress, samples, downloads and 'try a prompt'."""
+    c["job"] = gr.Dropdown([], label="Job", elem_id="job-select", allow_custom_value=True)
+    c["status"] = gr.Markdown("No job yet.", elem_id="job-status")
+    c["loss"] = gr.LinePlot(x="step", y="loss", title="Loss", height=220, elem_id="loss-plot")
+    c["samples"] = gr.Gallery(label="Samples", columns=4, height=260, format="png", elem_id="job-samples")
+    c["downloads"] = gr.File(label="Adapter files (canonical, kohya for A1111/ComfyUI, diffusers)",
+                             file_count="multiple", elem_id="job-downloads", interactive=False)
+    with gr.Row():
+        c["try_prompt"] = gr.Textbox(label="Try a prompt with this job's adapter (while stopped or when done)",
+                                     value="a yellow sks on a black background", scale=3)
+        c["try_seed"] = gr.Textbox(value="0", label="Seed", scale=1)
+    c["try_btn"] = gr.Button("Try", elem_id="try-btn")
+    c["try_msg"] = gr.Markdown(elem_id="try-msg")
+    c["tried"] = gr.Gallery(label="Tried", columns=2, height=200, format="png", elem_id="tried")
+
+
+def _personalize_events(ui: UI, c: dict[str, Any]) -> None:
+    model, job, msg = c["model"], c["job"], c["msg"]
+    for x in (model, c["variant"], c["steps"]):
+        x.change(ui.estimate_text, [model, c["variant"], c["steps"]], c["plan"], queue=False, show_progress="hidden")
+    model.change(ui.model_controls, model, [c["pivotal"], c["try_prompt"]], queue=False, show_progress="hidden")
+    c["images"].change(ui.preview, c["images"], c["preview"], queue=False)
+    fields = [c[k] for k in ("images", "token", "class_word", "variant", "model", "steps", "rank", "lr", "template",
+                             "sample_prompts", "sample_every", "ckpt_every", "seed", "name", "sample_steps",
+                             "pivotal")]
+    on_failure(ui, c["start"].click(ui.start, fields, [job, msg], api_name="train_start", concurrency_limit=None),
+               [job, msg], msg)
+    for button, fn, api in ((c["stop"], ui.stop, "train_stop"), (c["resume"], ui.resume, "train_resume")):
+        on_failure(ui, button.click(fn, job, msg, api_name=api, concurrency_limit=None), [msg], msg)
     timer = gr.Timer(1.0)
-    outs = [status, loss, samples, downloads]
+    outs = [c["status"], c["loss"], c["samples"], c["downloads"]]
     timer.tick(ui.status_tick, job, [*outs, job, msg], queue=False, show_progress="hidden")
     job.change(ui.status, job, outs, queue=False, show_progress="hidden", api_name="train_status")
     job.focus(ui.job_choices_for, job, job, queue=False)
-    try_prompt.submit(ui.try_prompt, [job, try_prompt, try_seed], tried, concurrency_id=GPU, api_name="train_try")
-    try_btn.click(ui.try_prompt, [job, try_prompt, try_seed], tried, concurrency_id=GPU)
+    tried = [c["tried"], c["try_msg"]]
+    args = [job, c["try_prompt"], c["try_seed"]]
+    on_failure(ui, c["try_prompt"].submit(ui.try_prompt, args, tried, concurrency_id=GPU, api_name="train_try"),
+               tried, c["try_msg"])
+    on_failure(ui, c["try_btn"].click(ui.try_prompt, args, tried, concurrency_id=GPU), tried, c["try_msg"])
     # a reloaded page selects the user's running (or latest) job again
     gr.context.Context.root_block.load(ui.job_choices_for, None, job, queue=False)
 
@@ -653,7 +748,8 @@ def _advanced() -> tuple[Any, ...]:
                               elem_id="train-steps")
             rank = gr.Number(value=0, precision=0, label="Rank (0: default)")
             lr = gr.Number(value=0, label="Learning rate (0: default)")
-        template = gr.Textbox(label="Training prompt ('{0}' = token + class; empty: the preset's)", value="")
+        template = gr.Textbox(label="Training prompt ('{0}' = token + class; empty: the preset's, on a demo model "
+                                         "one naming the image's two colors)", value="")
         sample_prompts = gr.Textbox(label="Sample prompts, '#'-separated (empty: the preset's)", value="")
         with gr.Row():
             sample_every = gr.Number(value=0, precision=0, label="Sample every N steps (0: 4 times)",
@@ -668,102 +764,148 @@ def _advanced() -> tuple[Any, ...]:
 
 
 def _generate_tab(ui: UI, models: list[str]) -> list[Any]:
-    names = [""] + ui.library_choices(diffusion=True)
+    c: dict[str, Any] = {}
     with gr.Row():
         with gr.Column():
-            prompt = gr.Textbox(label="Prompt (Enter generates)", value=DEMO_EXAMPLES[0], lines=1, elem_id="gen-prompt")
-            negative = gr.Textbox(label="Negative prompt", value="")
-            gr.Examples([[p] for p in DEMO_EXAMPLES], inputs=[prompt], label="Prompts the demo model knows")
+            _generate_inputs(ui, models, c)
+            _blend_inputs(ui, c)
             with gr.Row():
-                p0 = PRESETS[model_family(ui.s.settings, models[0])]
-                steps = gr.Slider(1, 100, value=p0["num_inference_steps"], step=1, label="Steps", elem_id="gen-steps")
-                guidance = gr.Slider(0, 15, value=p0["guidance_scale"], step=0.5, label="Guidance",
-                                     elem_id="gen-guidance")
-            with gr.Row():
-                seed = gr.Textbox(value="0", label="Seed (0..2^64-1)")
-                size = gr.Number(value=0, precision=0, label="Size px (0: the model's)", elem_id="gen-size")
-                n = gr.Slider(1, 16, value=4, step=1, label="Images", elem_id="gen-n")
-            model = gr.Dropdown(models, value=models[0], label="Base model", elem_id="gen-model")
-            model_note = gr.Markdown(ui.generate_defaults(models[0])[2], elem_id="gen-model-note")
-            gr.Markdown("**Adapters from the library** (import files in the Library tab)")
-            slots: list[Any] = []
-            for k in range(SLOTS):
-                with gr.Row():
-                    pick = gr.Dropdown(names, value="", label=f"Adapter {k + 1}", scale=3, elem_id=f"slot-{k}",
-                                       allow_custom_value=True)
-                    on = gr.Checkbox(value=False, label="on", scale=1, elem_id=f"slot-on-{k}")
-                    slots += [pick, on, gr.Slider(-2, 2, value=1.0, step=0.05, label="weight", scale=3,
-                                                  elem_id=f"slot-w-{k}")]
-                # an empty slot reads "off"; choosing an adapter turns its slot on, clearing it turns it off
-                pick.input(bool, pick, on, queue=False, api_visibility="private")
-            triggers = gr.Checkbox(value=False, label="Insert the adapters' trigger words into the prompt")
-            with gr.Row():
-                mode = gr.Radio(["manual", "automatic"], value="manual", label="Adapters",
-                                info="automatic: the LoRAs of the library that fit the prompt", elem_id="blend-mode")
-                method = gr.Dropdown(fusion_names(), value="static", label="Fusion", elem_id="blend-method",
-                                     info="static: weighted sum; gated (AutoLoRA), K-LoRA, scheduled: per layer/step")
-                top_k = gr.Slider(1, 4, value=2, step=1, label="LoRAs to retrieve (automatic)")
-            with gr.Row():
-                go = gr.Button("Generate", variant="primary", elem_id="gen-go")
-                stop = gr.Button("Stop", elem_id="gen-stop")
+                c["go"] = gr.Button("Generate", variant="primary", elem_id="gen-go")
+                c["stop"] = gr.Button("Stop", elem_id="gen-stop")
+            c["notes"] = gr.Markdown(elem_id="blend-notes")  # what this generation did (method, retrieval), or why not
         with gr.Column():
-            gallery = gr.Gallery(label="Images (PNG, native size)", columns=4, height="auto", format="png",
-                                 elem_id="gen-gallery")
-            big = gr.Image(label="Enlarged view", format="png", elem_id="gen-big", height=320)
-            files = gr.File(label="Download PNGs (lossless, native size)", file_count="multiple", elem_id="gen-files",
-                            interactive=False)
-            notes = gr.Markdown(elem_id="blend-notes")
-            chosen = gr.Dataframe(headers=["name", "score", "weight", "role"], label="LoRAs used (score: retrieval)",
-                                  interactive=False, elem_id="blend-chosen")
-            gates = gr.Image(label="Gate strength per layer and timestep", format="png", elem_id="blend-gates")
-    model.change(ui.generate_defaults, model, [steps, guidance, model_note], queue=False, show_progress="hidden")
-    inputs = [prompt, negative, seed, steps, guidance, size, n, model, triggers, *slots]
-    ev = go.click(ui.blend, [*inputs, mode, method, top_k], [gallery, big, files, chosen, gates, notes], api_name="blend",
-                  concurrency_id=GPU, concurrency_limit=ui.s.settings.max_concurrent_generations)
-    ev2 = prompt.submit(ui.blend, [*inputs, mode, method, top_k], [gallery, big, files, chosen, gates, notes],
-                        concurrency_id=GPU)
-    ev3 = gr.Button(visible=False).click(ui.generate, inputs, [gallery, big, files], api_name="generate",
-                                         concurrency_id=GPU)
-    stop.click(ui.stop_generation, None, None, queue=False, cancels=[ev, ev2, ev3])
-    return [s for i, s in enumerate(slots) if i % 3 == 0]
+            c["gallery"] = gr.Gallery(label="Images (PNG, native size)", columns=4, height="auto", format="png",
+                                      elem_id="gen-gallery")
+            c["big"] = gr.Image(label="Enlarged view", format="png", elem_id="gen-big", height=320)
+            c["files"] = gr.File(label="Download PNGs (lossless, native size)", file_count="multiple",
+                                 elem_id="gen-files", interactive=False)
+            c["chosen"] = gr.Dataframe(headers=list(CHOSEN_COLUMNS), label=CHOSEN_LABEL, interactive=False,
+                                       elem_id="blend-chosen")
+            c["gates"] = gr.Image(label="Gate strength: each LoRA's effective weight per layer and denoising step "
+                                        "(gated fusion)", format="png", elem_id="blend-gates")
+    _generate_events(ui, c)
+    return [x for i, x in enumerate(c["slots"]) if i % 3 == 0]
+
+
+#: the Generate tab's table of the LoRAs a blend used
+CHOSEN_COLUMNS = ("LoRA", "retrieval score", "weight", "role")
+CHOSEN_LABEL = ("LoRAs used · retrieval score: cosine similarity of the prompt (or a phrase of it) to the LoRA's "
+                "description, higher is closer ('chosen': picked by you, not retrieved)")
+
+
+def _generate_inputs(ui: UI, models: list[str], c: dict[str, Any]) -> None:
+    """Prompt, the demo world's example prompts (demo models only), sampling settings and the base model."""
+    known = known_prompts(ui.s.settings, models[0])
+    c["prompt"] = gr.Textbox(label="Prompt (Enter generates)", value=known[0] if known else "a photo of a cat",
+                             lines=1, elem_id="gen-prompt")
+    c["negative"] = gr.Textbox(label="Negative prompt", value="")
+    with gr.Column(visible=bool(known), elem_id="gen-examples") as c["examples"]:  # true on the demo models only
+        gr.Examples([[p] for p in DEMO_EXAMPLES], inputs=[c["prompt"]],
+                    label="Prompts the demo models know (shapes, colors, backgrounds, textures of their world)")
+    with gr.Row():
+        p0 = PRESETS[model_family(ui.s.settings, models[0])]
+        c["steps"] = gr.Slider(1, 100, value=p0["num_inference_steps"], step=1, label="Steps", elem_id="gen-steps")
+        c["guidance"] = gr.Slider(0, 15, value=p0["guidance_scale"], step=0.5, label="Guidance",
+                                  elem_id="gen-guidance")
+    with gr.Row():
+        c["seed"] = gr.Textbox(value="0", label="Seed (0..2^64-1)")
+        c["size"] = gr.Number(value=0, precision=0, label="Size px (0: the model's)", elem_id="gen-size")
+        c["n"] = gr.Slider(1, 16, value=4, step=1, label="Images", elem_id="gen-n")
+    c["model"] = gr.Dropdown(models, value=models[0], label="Base model", elem_id="gen-model")
+    c["model_note"] = gr.Markdown(ui.generate_defaults(models[0])[2], elem_id="gen-model-note")
+
+
+def _blend_inputs(ui: UI, c: dict[str, Any]) -> None:
+    """The adapter slots (library name, on, weight) and the blend mode, method and number retrieved."""
+    names = [""] + ui.library_choices(diffusion=True)
+    gr.Markdown("**Adapters from the library** (import files in the Library tab)")
+    c["slots"] = slots = []
+    for k in range(SLOTS):
+        with gr.Row():
+            pick = gr.Dropdown(names, value="", label=f"Adapter {k + 1}", scale=3, elem_id=f"slot-{k}",
+                               allow_custom_value=True)
+            on = gr.Checkbox(value=False, label="on", scale=1, elem_id=f"slot-on-{k}")
+            slots += [pick, on, gr.Slider(-2, 2, value=1.0, step=0.05, label="weight", scale=3,
+                                          elem_id=f"slot-w-{k}")]
+        # an empty slot reads "off"; choosing an adapter turns its slot on, clearing it turns it off
+        pick.input(bool, pick, on, queue=False, api_visibility="private")
+    c["triggers"] = gr.Checkbox(value=False, label="Insert the adapters' trigger words into the prompt")
+    with gr.Row():
+        c["mode"] = gr.Radio(["manual", "automatic"], value="manual", label="Adapters", elem_id="blend-mode",
+                             info="automatic: the LoRAs of the library that fit the prompt")
+        c["method"] = gr.Dropdown(fusion_names(), value="static", label="Fusion", elem_id="blend-method",
+                                  info="static: weighted sum; gated (AutoLoRA), K-LoRA, scheduled: per layer/step")
+        c["top_k"] = gr.Slider(1, 4, value=2, step=1, label="LoRAs to retrieve (automatic)")
+
+
+def _generate_events(ui: UI, c: dict[str, Any]) -> None:
+    c["model"].change(ui.generate_defaults, c["model"], [c["steps"], c["guidance"], c["model_note"], c["examples"]],
+                      queue=False, show_progress="hidden")
+    inputs = [c[k] for k in ("prompt", "negative", "seed", "steps", "guidance", "size", "n", "model", "triggers")]
+    inputs += c["slots"]
+    blend_in = [*inputs, c["mode"], c["method"], c["top_k"]]
+    outs = [c[k] for k in ("gallery", "big", "files", "chosen", "gates", "notes")]
+    ev = c["go"].click(ui.blend, blend_in, outs, api_name="blend", concurrency_id=GPU,
+                       concurrency_limit=ui.s.settings.max_concurrent_generations)
+    ev2 = c["prompt"].submit(ui.blend, blend_in, outs, concurrency_id=GPU)
+    ev3 = gr.Button(visible=False).click(ui.generate, inputs, outs[:3], api_name="generate", concurrency_id=GPU)
+    for event in (ev, ev2):
+        on_failure(ui, event, outs, c["notes"])
+    on_failure(ui, ev3, [*outs[:3], c["notes"]], c["notes"])
+    c["stop"].click(ui.stop_generation, None, None, queue=False, cancels=[ev, ev2, ev3])
 
 
 def _library_tab(ui: UI, gen_slots: list[Any], demo: gr.Blocks) -> None:
-    st = ui.s.settings
+    c: dict[str, Any] = {}
     with gr.Row():
-        upload = gr.File(label="Import adapter files (.safetensors)", file_count="multiple", file_types=[".safetensors"],
-                         type="filepath", elem_id="lib-upload")
-        with gr.Column(visible=st.allow_server_paths):
-            server_path = gr.Textbox(label="…or a file on the server (allowed by the operator)")
-            import_path = gr.Button("Import from server path")
-    table = gr.Dataframe(ui.library_table(), label="Library", interactive=False, elem_id="lib-table", wrap=True)
+        c["upload"] = gr.File(label="Import adapter files (.safetensors)", file_count="multiple",
+                              file_types=[".safetensors"], type="filepath", elem_id="lib-upload")
+        with gr.Column(visible=ui.s.settings.allow_server_paths):
+            c["server_path"] = gr.Textbox(label="…or a file on the server (allowed by the operator)",
+                                          elem_id="lib-server-path")
+            c["import_path"] = gr.Button("Import from server path", elem_id="lib-import-path")
+    c["table"] = gr.Dataframe(ui.library_table(), label="Library", interactive=False, elem_id="lib-table", wrap=True)
+    c["note"] = gr.Markdown(ui.library_note(), elem_id="lib-note")
     with gr.Row():
-        selected = gr.Dropdown(ui.library_choices(), label="Adapter", elem_id="lib-select", allow_custom_value=True)
-        refresh = gr.Button("Refresh", elem_id="lib-refresh")
+        c["selected"] = gr.Dropdown(ui.library_choices(), label="Adapter", elem_id="lib-select",
+                                    allow_custom_value=True)
+        c["refresh"] = gr.Button("Refresh", elem_id="lib-refresh")
     with gr.Row():
-        info = gr.JSON(label="Inspect (header and metadata)", elem_id="lib-info")
-        sample = gr.Image(label="Sample", format="png", height=256, elem_id="lib-sample")
+        c["new_name"] = gr.Textbox(label="New name")
+        c["rename"] = gr.Button("Rename")
+        c["fmt"] = gr.Radio(list(EXPORT_FORMATS), value="kohya", label="Export as")
+        c["export"] = gr.Button("Export", elem_id="lib-export")
+        c["delete"] = gr.Button("Delete", variant="stop")
     with gr.Row():
-        new_name = gr.Textbox(label="New name")
-        rename = gr.Button("Rename")
-        fmt = gr.Radio(list(EXPORT_FORMATS), value="kohya", label="Export as")
-        export = gr.Button("Export")
-        delete = gr.Button("Delete", variant="stop")
+        c["sq_rank"] = gr.Number(16, label="Squeeze to rank", precision=0, minimum=1, elem_id="lib-squeeze-rank")
+        c["sq_energy"] = gr.Number(None, label="…or keep this energy fraction (0-1], ranks chosen per layer",
+                                   elem_id="lib-squeeze-energy")
+        c["squeeze"] = gr.Button("Squeeze (LoRA-Squeeze: SVD to a smaller plain LoRA)", elem_id="lib-squeeze")
+    c["msg"] = gr.Markdown(elem_id="lib-msg")  # what the last Library action did, or why not
+    c["exported"] = gr.File(label="Exported file", elem_id="lib-exported", interactive=False)
     with gr.Row():
-        sq_rank = gr.Number(16, label="Squeeze to rank", precision=0, minimum=1, elem_id="lib-squeeze-rank")
-        sq_energy = gr.Number(None, label="…or keep this energy fraction (0-1], ranks chosen per layer",
-                              elem_id="lib-squeeze-energy")
-        squeeze = gr.Button("Squeeze (LoRA-Squeeze: SVD to a smaller plain LoRA)", elem_id="lib-squeeze")
-    exported = gr.File(label="Exported file", elem_id="lib-exported", interactive=False)
-    outs = [table, selected, *gen_slots]
-    upload.upload(ui.library_upload, upload, outs, api_name="library_upload")
-    import_path.click(ui.library_import_path, server_path, outs, api_name="library_import_path")
-    refresh.click(lambda s: ui.library_refresh(s), selected, outs, queue=False, api_name="library_refresh")
-    selected.change(ui.library_inspect, selected, [info, sample], queue=False)
-    rename.click(ui.library_rename, [selected, new_name], outs, api_name="library_rename")
-    delete.click(ui.library_delete, selected, outs, api_name="library_delete")
-    export.click(ui.library_export, [selected, fmt], exported, api_name="library_export")
-    squeeze.click(ui.library_squeeze, [selected, sq_rank, sq_energy], outs, api_name="library_squeeze")
+        c["info"] = gr.JSON(label="Inspect (header and metadata)", elem_id="lib-info")
+        c["sample"] = gr.Image(label="Sample", format="png", height=256, elem_id="lib-sample")
+    _library_events(ui, c, gen_slots, demo)
+
+
+def _library_events(ui: UI, c: dict[str, Any], gen_slots: list[Any], demo: gr.Blocks) -> None:
+    selected, msg = c["selected"], c["msg"]
+    outs = [c["table"], c["note"], selected, *gen_slots]
+    for event in (c["upload"].upload(ui.library_upload, c["upload"], [*outs, msg], api_name="library_upload"),
+                  c["import_path"].click(ui.library_import_path, c["server_path"], [*outs, msg],
+                                         api_name="library_import_path"),
+                  c["rename"].click(ui.library_rename, [selected, c["new_name"]], [*outs, msg],
+                                    api_name="library_rename"),
+                  c["delete"].click(ui.library_delete, selected, [*outs, msg], api_name="library_delete"),
+                  c["squeeze"].click(ui.library_squeeze, [selected, c["sq_rank"], c["sq_energy"]], [*outs, msg],
+                                     api_name="library_squeeze")):
+        on_failure(ui, event, [*outs, msg], msg)
+    on_failure(ui, c["export"].click(ui.library_export, [selected, c["fmt"]], [c["exported"], msg],
+                                     api_name="library_export"), [c["exported"], msg], msg)
+    on_failure(ui, selected.change(ui.library_inspect, selected, [c["info"], c["sample"]], queue=False),
+               [c["info"], c["sample"], msg], msg)
+    c["refresh"].click(lambda s: ui.library_refresh(s), selected, outs, queue=False, api_name="library_refresh")
     demo.load(lambda: ui.library_refresh(), None, outs, queue=False)
 
 
@@ -771,52 +913,64 @@ def _llm_tab(ui: UI, demo: gr.Blocks) -> None:
     from lora_diffusion.llm import llm_variant_names
 
     models = list(ui.s.settings.llm_models)
+    c: dict[str, Any] = {}
     with gr.Row():
         with gr.Column():
             gr.Markdown("Train an adapter on a JSONL file (one `{\"text\"}`, `{\"messages\"}` or "
                         "`{\"prompt\", \"response\"}` per line), then ask the base and the adapted model side by side.")
-            data = gr.File(label="Training data (.jsonl)", file_types=[".jsonl"], type="filepath", elem_id="llm-data")
+            c["data"] = gr.File(label="Training data (.jsonl)", file_types=[".jsonl"], type="filepath",
+                                elem_id="llm-data")
             with gr.Row():
-                model = gr.Dropdown(models, value=models[0], label="Base LLM", allow_custom_value=True)
-                variant = gr.Dropdown(llm_variant_names(), value="lora", label="Variant")
+                c["model"] = gr.Dropdown(models, value=models[0], label="Base LLM", allow_custom_value=True)
+                c["variant"] = gr.Dropdown(llm_variant_names(), value="lora", label="Variant")
             with gr.Row():
-                steps = gr.Number(value=100, precision=0, label="Total steps")
-                rank = gr.Number(value=0, precision=0, label="Rank (0: 8)")
-                lr = gr.Number(value=0, label="Learning rate (0: default)")
+                c["steps"] = gr.Number(value=100, precision=0, label="Total steps")
+                c["rank"] = gr.Number(value=0, precision=0, label="Rank (0: 8)")
+                c["lr"] = gr.Number(value=0, label="Learning rate (0: default)")
             with gr.Row():
-                start = gr.Button("Start", variant="primary", elem_id="llm-start")
-                stop = gr.Button("Stop")
-                resume = gr.Button("Resume")
-            job = gr.Dropdown([], label="LLM job", allow_custom_value=True, elem_id="llm-job")
-            status = gr.Markdown(elem_id="llm-status")
-            loss = gr.LinePlot(x="step", y="loss", title="Loss", height=200)
-            files = gr.File(label="Adapter file", file_count="multiple", interactive=False)
-            msg = gr.Markdown()
+                c["start"] = gr.Button("Start", variant="primary", elem_id="llm-start")
+                c["stop"] = gr.Button("Stop")
+                c["resume"] = gr.Button("Resume")
+            c["msg"] = gr.Markdown(elem_id="llm-msg")  # what Start/Stop/Resume did, or why not
+            c["job"] = gr.Dropdown([], label="LLM job", allow_custom_value=True, elem_id="llm-job")
+            c["status"] = gr.Markdown(elem_id="llm-status")
+            c["loss"] = gr.LinePlot(x="step", y="loss", title="Loss", height=200)
+            c["files"] = gr.File(label="Adapter file", file_count="multiple", interactive=False)
         with gr.Column():
-            chat_with = gr.Dropdown(label="Chat with", elem_id="llm-chat-with", allow_custom_value=True,
-                                    info="the adapter the right-hand answers use", **_update_args(ui.chat_adapters()))
+            c["chat_with"] = gr.Dropdown(label="Chat with", elem_id="llm-chat-with", allow_custom_value=True,
+                                         info="the adapter the right-hand answers use",
+                                         **_update_args(ui.chat_adapters()))
             with gr.Row():
-                base = gr.Chatbot(label="Base model", height=360, elem_id="llm-base")
-                adapted = gr.Chatbot(label="With the adapter", height=360, elem_id="llm-adapted")
-            text = gr.Textbox(label="Message (Enter sends to both)", elem_id="llm-message")
-            max_new = gr.Slider(8, 256, value=64, step=8, label="Max new tokens")
-            gen = _generated_adapters(ui, model)
-    start.click(ui.llm_start, [data, model, variant, steps, rank, lr], [job, msg], api_name="llm_start",
-                concurrency_limit=None)
-    stop.click(ui.stop, job, msg, concurrency_limit=None)
-    resume.click(ui.resume, job, msg, concurrency_limit=None)
+                c["base"] = gr.Chatbot(label="Base model", height=360, elem_id="llm-base")
+                c["adapted"] = gr.Chatbot(label="With the adapter", height=360, elem_id="llm-adapted")
+            c["text"] = gr.Textbox(label="Message (Enter sends to both)", elem_id="llm-message")
+            c["chat_msg"] = gr.Markdown(elem_id="llm-chat-msg")  # why a message got no answer
+            c["max_new"] = gr.Slider(8, 256, value=64, step=8, label="Max new tokens")
+            c["gen"] = _generated_adapters(ui, c["model"])
+    _llm_events(ui, c, demo)
+
+
+def _llm_events(ui: UI, c: dict[str, Any], demo: gr.Blocks) -> None:
+    job, msg, gen, chat_with = c["job"], c["msg"], c["gen"], c["chat_with"]
+    fields = [c[k] for k in ("data", "model", "variant", "steps", "rank", "lr")]
+    on_failure(ui, c["start"].click(ui.llm_start, fields, [job, msg], api_name="llm_start", concurrency_limit=None),
+               [job, msg], msg)
+    for button, fn in ((c["stop"], ui.stop), (c["resume"], ui.resume)):
+        on_failure(ui, button.click(fn, job, msg, concurrency_limit=None), [msg], msg)
     timer = gr.Timer(1.0)
-    hidden = gr.Gallery(visible=False)
-    timer.tick(ui.status_tick, job, [status, loss, hidden, files, job, msg], queue=False, show_progress="hidden")
-    job.change(ui.status, job, [status, loss, hidden, files], queue=False, show_progress="hidden",
-               api_name="llm_status")
-    text.submit(ui.llm_chat, [job, text, max_new, base, adapted, chat_with, model], [base, adapted, text],
-                concurrency_id=GPU, api_name="llm_chat")
+    outs = [c["status"], c["loss"], gr.Gallery(visible=False), c["files"]]
+    timer.tick(ui.status_tick, job, [*outs, job, msg], queue=False, show_progress="hidden")
+    job.change(ui.status, job, outs, queue=False, show_progress="hidden", api_name="llm_status")
+    chat = [c["base"], c["adapted"], c["text"], c["chat_msg"]]
+    on_failure(ui, c["text"].submit(ui.llm_chat, [job, c["text"], c["max_new"], c["base"], c["adapted"], chat_with,
+                                                  c["model"]], chat, concurrency_id=GPU, api_name="llm_chat"),
+               chat, c["chat_msg"])
     demo.load(ui.llm_job_choices_for, None, job, queue=False)
-    gen["t2l_go"].click(ui.text_to_lora, [gen["t2l"], gen["task"], model, gen["t2l_name"]], [chat_with, gen["msg"]],
-                        concurrency_id=GPU, api_name="text_to_lora")
-    gen["d2l_go"].click(ui.doc_to_lora, [gen["d2l"], gen["doc"], model, gen["d2l_name"]], [chat_with, gen["msg"]],
-                        concurrency_id=GPU, api_name="doc_to_lora")
+    for go, fn, hyper, what, name, api in (("t2l_go", ui.text_to_lora, "t2l", "task", "t2l_name", "text_to_lora"),
+                                           ("d2l_go", ui.doc_to_lora, "d2l", "doc", "d2l_name", "doc_to_lora")):
+        ev = gen[go].click(fn, [gen[hyper], gen[what], c["model"], gen[name]], [chat_with, gen["msg"]],
+                           concurrency_id=GPU, api_name=api)
+        on_failure(ui, ev, [chat_with, gen["msg"]], gen["msg"])
     pickers = [gen["t2l"], gen["t2l_note"], gen["d2l"], gen["d2l_note"]]
     gen["refresh"].click(ui.hyper_refresh, None, pickers, queue=False)
     demo.load(ui.hyper_refresh, None, pickers, queue=False)

@@ -306,7 +306,8 @@ def test_job_trains_stops_resumes_and_survives_a_restart(tmp_path, monkeypatch) 
 
     ui = UI(services)
     assert (ui._started(job, "Job"), ui._started(second, "Job")) == (
-        "Job ring started", "Job second queued: place 2 in the training queue")
+        "Job ring started · training caption: 'a sks'",  # a flat one-color image: no two colors to name
+        "Job second queued: place 2 in the training queue · training caption: 'a sks'")
     wait(jm, job, until=lambda: jm.progress(job)["step"] >= 3)
     ui.status_tick(job.id)  # the page's poll sees "running"
     assert ui.status_tick(job.id)[-1] != ""  # nothing moved: the last action's message stays
@@ -483,3 +484,63 @@ def test_library_squeeze_makes_a_smaller_plain_lora_entry(services, lora_file) -
         lib.squeeze(name, energy=1.5, pipe_factory=lambda: load_pipeline(None))
     for n in (name, new, e_new):
         lib.delete(n)
+
+
+def test_demo_caption_names_the_images_two_colors(tmp_path) -> None:
+    """On a demo model the training caption names the subject's and background's colors when the images are a flat
+    pair of the demo world's colors (so the trainer's repainting, recolor_p, works), else it is the bare 'a {0}':
+    never colors the image does not have."""
+    import numpy as np
+    from PIL import ImageDraw
+
+    from app.services.captions import BARE, demo_caption, image_colors
+
+    def ring(name: str, fg: tuple, bg: tuple) -> Path:
+        im = Image.new("RGB", (48, 40), bg)
+        ImageDraw.Draw(im).ellipse((10, 6, 38, 34), outline=fg, width=5)
+        im.save(tmp_path / name)
+        return tmp_path / name
+
+    assert image_colors(Path(__file__).parents[1] / "assets/examples/ring/ring.png") == ("red", "blue")
+    assert image_colors(ring("a.png", (220, 30, 30), (30, 60, 200))) == ("red", "blue")  # near, not exact: named
+    assert demo_caption([ring("b.png", (35, 165, 55), (245, 245, 245))]) == "a green {0} on a white background"
+    assert demo_caption([ring("c.png", (245, 135, 15), (20, 20, 20))]) == "an orange {0} on a black background"
+    assert image_colors(ring("d.png", (120, 200, 240), (20, 20, 20))) is None  # light blue: no color word names it
+    Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype("uint8")).save(tmp_path / "e.png")
+    assert image_colors(tmp_path / "e.png") is None  # a photo-like image
+    assert image_colors(image(tmp_path / "f.png")) is None  # one flat color: no subject
+    assert demo_caption([tmp_path / "a.png", tmp_path / "b.png"]) == BARE  # two pairs: no one caption is true
+
+
+def test_each_action_reports_in_its_own_status_box(tmp_path, lora_file) -> None:
+    """A failed action's message goes into its tab's status box (not a toast, which outlived the next, successful
+    action), with the action's other outputs kept (no 'Error' badge over the library table); the next action's
+    result replaces it, and the message is handed out once (it never reappears). Every handled action of the page
+    has such a failure event."""
+    import gradio as gr
+
+    from app.ui import UI, build_app
+
+    services = AppServices(Settings(library=tmp_path / "lib", output=tmp_path / "out", device="cpu",
+                                    allow_server_paths=True))
+    ui = UI(services)
+    with pytest.raises(gr.Error, match="server path: no such file") as err:
+        ui.library_import_path(str(tmp_path / "missing.safetensors"))
+    assert err.value.visible is False  # no toast
+    *kept, box = ui.failed(7)
+    assert all(k == gr.skip() for k in kept) and box.startswith("⚠") and "no such file" in box
+    *_, said = ui.library_import_path(str(lora_file))
+    assert said.startswith("Imported") and "⚠" not in said
+    assert "no such file" not in ui.failed(2)[-1]  # handed out once: it does not come back
+    with pytest.raises(gr.Error):
+        ui.library_rename("", "x")
+    assert ui.failed(2)[-1] == "⚠ **adapter: none selected**"
+
+    demo = build_app(services)
+    failures = {f.trigger_after: f for f in demo.fns.values() if f.trigger_only_on_failure}
+    actions = [(i, f) for i, f in demo.fns.items() if hasattr(getattr(f.fn, "__func__", f.fn), "__wrapped__")]
+    assert len(actions) >= 17
+    for i, f in actions:
+        assert i in failures, f"{f.name}: no failure event writes its message into a status box"
+        out = failures[i].outputs
+        assert {o._id for o in f.outputs} <= {o._id for o in out} and isinstance(out[-1], gr.Markdown), f.name

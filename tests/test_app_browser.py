@@ -219,8 +219,11 @@ def test_flux_model_and_text_to_lora_in_a_real_browser(browser, served_dit) -> N
     shot(d, "app-personalize-flux.png")
 
     tab(d, "Generate")
+    assert d.find_element(By.ID, "gen-examples").is_displayed()  # the demo world's prompts, on the demo model
     choose(d, "gen-model", "flux")
     wait_for(d, lambda d: "Flux.1-dev: 1024 px, 28 steps, guidance 3.5" in text_of(d, "gen-model-note"), 20, "note")
+    wait_for(d, lambda d: not d.find_elements(By.CSS_SELECTOR, "#gen-examples") or
+             not d.find_element(By.ID, "gen-examples").is_displayed(), 10, "no demo prompts on a real checkpoint")
     assert d.find_element(By.CSS_SELECTOR, "#gen-steps input[type=number]").get_attribute("value") == "28"
     set_number(d, "gen-size", "32")
     set_number(d, "gen-n", "1")
@@ -232,6 +235,8 @@ def test_flux_model_and_text_to_lora_in_a_real_browser(browser, served_dit) -> N
     wait_for(d, lambda d: "only 'static'" in d.page_source, 60, "the fusion message")
     choose(d, "gen-model", "demo (SD3")  # the embedded SD3-architecture demo model draws the shapes world
     wait_for(d, lambda d: "(SD3 transformer): 32 px, 28 steps, guidance 7" in text_of(d, "gen-model-note"), 20, "note")
+    wait_for(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#gen-examples") and
+             d.find_element(By.ID, "gen-examples").is_displayed(), 10, "the demo prompts on the DiT demo model")
     choose(d, "blend-method", "static")
     set_number(d, "gen-size", "0")
     set_number(d, "gen-n", "4")
@@ -253,3 +258,70 @@ def test_flux_model_and_text_to_lora_in_a_real_browser(browser, served_dit) -> N
     wait_for(d, lambda d: all("apple river stone" in text_of(d, c) for c in ("llm-base", "llm-adapted"))
              and not msg.get_attribute("value"), 90, "both answers")
     shot(d, "app-llm-text-to-lora.png")
+
+
+@pytest.fixture(scope="module")
+def served_library(tmp_path_factory):
+    """An app whose library folder is tests/retrieval_library.py's (15 files in sub-folders: concepts, styles,
+    distractors, an SDXL file, a truncated file), server paths allowed."""
+    from tests.app_harness import Served
+    from tests.retrieval_library import build_library
+
+    root = tmp_path_factory.mktemp("browser-lib")
+    build_library(root)[0].rename(root / "lib")
+    s = Served(root, allow_server_paths=True)
+    yield s
+    s.close()
+
+
+def shown_times(driver, text: str) -> int:
+    """How often ``text`` is on the page as the user sees it (a toast repeating a status box counts twice)."""
+    return driver.execute_script("return document.body.innerText.split(arguments[0]).length - 1", text)
+
+
+def test_errors_in_status_boxes_and_a_library_blend_in_a_real_browser(browser, served_library) -> None:
+    """A failed action says why in its own status box, once (no toast that outlives the next action), and leaves the
+    other outputs as they were (no 'Error' badge over the library table); the next, successful action replaces the
+    message. The Library tab says which files in sub-folders it does not list; automatic mode retrieves from them,
+    shows the scores, the skipped files and the gate plot."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    d, lib = browser, served_library.settings.library
+    d.get(served_library.url)
+    wait_for(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#train-model input"), 60, "the page")
+    click(d, "train-start")  # no images
+    wait_for(d, lambda d: "images: none" in text_of(d, "train-msg"), 20, "the Start message")
+    assert shown_times(d, "images: none") == 1 and "Error" not in text_of(d, "job-select")
+    shot(d, "app-personalize-error.png")
+
+    tab(d, "Library")
+    wait_for(d, lambda d: "15 adapter file(s) in sub-folders" in text_of(d, "lib-note"), 20, "the sub-folder note")
+    path = d.find_element(By.CSS_SELECTOR, "#lib-server-path textarea, #lib-server-path input")
+    path.send_keys(str(lib / "concepts" / "missing.safetensors"))
+    click(d, "lib-import-path")
+    wait_for(d, lambda d: "no such file" in text_of(d, "lib-msg"), 20, "the import error")
+    assert shown_times(d, "no such file") == 1 and "Error" not in text_of(d, "lib-table")
+    path.send_keys(Keys.CONTROL, "a")
+    path.send_keys(str(lib / "concepts" / "ring.safetensors"))
+    click(d, "lib-import-path")
+    wait_for(d, lambda d: "Imported ring.safetensors as ring" in text_of(d, "lib-msg"), 30, "the import")
+    assert "no such file" not in d.execute_script("return document.body.innerText")  # the old error is gone
+    # the Personalize message stays in its own box (on the hidden tab): no toast carries it over here
+    assert "ring" in text_of(d, "lib-table") and shown_times(d, "images: none") == 0
+    shot(d, "app-library-status.png")
+
+    tab(d, "Generate")
+    prompt = d.find_element(By.CSS_SELECTOR, "#gen-prompt textarea, #gen-prompt input")
+    prompt.send_keys(Keys.CONTROL, "a")
+    prompt.send_keys("a red dotted ring on a blue background")
+    d.find_element(By.CSS_SELECTOR, "#blend-mode input[value=automatic]").click()
+    choose(d, "blend-method", "gated")
+    set_number(d, "gen-steps", "6")
+    set_number(d, "gen-n", "2")
+    click(d, "gen-go")
+    wait_for(d, lambda d: images_in(d, "blend-gates") > 0 and images_in(d, "gen-gallery") >= 2, 150, "the blend")
+    chosen, notes = text_of(d, "blend-chosen"), text_of(d, "blend-notes")
+    assert "ring" in chosen and "dotted_texture" in chosen and "retrieval score" in chosen
+    assert "skipped" in notes and "SDXL" in notes and str(lib) not in notes and "⚠" not in notes
+    shot(d, "app-blend-automatic.png")

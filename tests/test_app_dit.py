@@ -177,6 +177,48 @@ def test_library_exports_a_flux_tlora_through_the_flux_model(flux_model, tmp_pat
     s = services(tmp_path, demo=None, flux=str(flux_model))
     name = s.library.import_file(dit_lora(flux_model, tmp_path / "glow.safetensors"), "glow.safetensors")
     assert model_for(s.settings, "flux") == "flux" and model_for(s.settings, "sd1") == "demo"
-    out = UI(s).library_export(name, "diffusers")
+    out, said = UI(s).library_export(name, "diffusers")
+    assert said.startswith(f"Exported **{name}** as diffusers")
     d = describe(out)
     assert (d["format"], d["base_family"]) == ("diffusers", "flux")
+
+
+def test_dit_demo_job_gets_the_measured_recipe(tmp_path, monkeypatch) -> None:
+    """A Personalize job on the DiT demo model with the page's defaults resolves, through the trainer's own defaults,
+    to the recipe docs/demo_model.md measured best: attention + MLP linears, pivotal tuning, hue jitter 180, repainted
+    views (recolor_p 0.5, which needs a caption naming the image's two colors: read from the image), lr 10x, 400
+    steps; the sampling settings the model was measured with (28 steps, guidance 7)."""
+    from app.services.jobs import JobManager, _sections
+    from app.services.settings import DEMO_DIT, demo_dit_path
+    from tests.app_harness import subject_image
+    from training.config import TLoRAConfig, resolve_defaults
+
+    if demo_dit_path() is None:
+        pytest.fail("assets/demo-sd3 is missing: python -m training.pretrain_demo_dit")
+    s = AppServices(Settings(library=tmp_path / "lib", output=tmp_path / "out", device="cpu"))
+    monkeypatch.setattr(JobManager, "_launch", lambda self, job: None)
+    job = s.jobs.create(JobRequest([str(subject_image(tmp_path / "ring.png"))], model=DEMO_DIT))  # red ring on blue
+    cfg = yaml.safe_load((s.jobs.dir(job) / "config.yaml").read_text())
+    assert cfg["prompt_template"] == "a red {0} on a blue background" == job.request["caption"]
+    assert (cfg["num_inference_steps"], cfg["guidance_scale"]) == (28, 7.0)
+    r = resolve_defaults(TLoRAConfig(**_sections(cfg)), ld.variant_names())
+    assert (r.adapter.targets, r.adapter.variant, r.optim.max_train_steps) == ("dit-attn-mlp", "tlora", 400)
+    assert (r.data.recolor_p, r.data.hue_jitter, r.model.model_family) == (0.5, 180.0, "sd3")
+    assert r.optim.learning_rate == pytest.approx(1e-3) and r.embedding.train_embedding is True
+
+
+def test_demo_prompts_are_offered_on_the_demo_models_only(flux_model, tmp_path) -> None:  # noqa: F811
+    """"Prompts the demo models know": both embedded demo models (one world, one vocabulary) get them, every word in
+    the model's vocabulary; a real checkpoint (here Flux) gets none, so the panel is hidden there."""
+    import json
+
+    from app.services.pipelines import DEMO_EXAMPLES, known_prompts
+    from app.services.settings import DEMO_DIT, demo_dit_path
+
+    if demo_dit_path() is None:
+        pytest.fail("assets/demo-sd3 is missing: python -m training.pretrain_demo_dit")
+    s = services(tmp_path, demo=None, **{DEMO_DIT: str(demo_dit_path())}, flux=str(flux_model))
+    assert known_prompts(s.settings, "demo") == known_prompts(s.settings, DEMO_DIT) == DEMO_EXAMPLES
+    vocabulary = set(json.loads((demo_dit_path() / "demo_model.json").read_text())["vocabulary"])
+    assert all(set(p.split()) <= vocabulary for p in DEMO_EXAMPLES)
+    assert known_prompts(s.settings, "flux") == () and known_prompts(s.settings, "not served") == ()

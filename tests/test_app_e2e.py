@@ -39,7 +39,8 @@ def test_train_stop_resume_then_generate_and_blend(served, client, tmp_path, mon
     update, msg = client.predict([handle_file(str(img))], "sks", "", "tlora", "demo", 40, None, None, "", "", 40, 30,
                                  "0", "ring", 2, api_name="/train_start")
     job = update["value"]
-    assert msg == "Job ring started"  # nothing else runs: it starts at once (a second job would say its place)
+    # nothing else runs: it starts at once (a second job would say its place); the caption names the ring's colors
+    assert msg == "Job ring started · training caption: 'a red sks on a blue background'"
     poll(lambda: status(client, job), lambda s: "step " in s and int(s.split("step ")[1].split("/")[0]) >= 2)
     assert "Stopping ring" in client.predict(job, api_name="/train_stop")
     stopped = poll(lambda: status(client, job), lambda s: "— stopped" in s)
@@ -81,8 +82,8 @@ def test_train_stop_resume_then_generate_and_blend(served, client, tmp_path, mon
     half, _, _ = gen("ring", True, 0.5, "dotted", False, 0.8)
     assert served.services.generator.loads == loads and np.abs(half[0].astype(int) - alone[0]).max() > 0  # in place
     # the Library tab exports the trained T-LoRA as kohya (through the base model: its frozen tensors are regenerated)
-    exported = client.predict("ring", "kohya", api_name="/library_export")
-    assert exported.endswith("ring.kohya.safetensors")
+    exported, said = client.predict("ring", "kohya", api_name="/library_export")
+    assert exported.endswith("ring.kohya.safetensors") and said.startswith("Exported **ring** as kohya")
     from lora_diffusion.io.files import read_header
 
     assert any(k.startswith("lora_unet_") for k in read_header(exported)[0])

@@ -68,8 +68,8 @@ def test_text_to_lora_into_the_library_then_chat(served, tmp_path) -> None:
 
     ui = UI(s)
     assert name in [c[1] for c in ui.chat_adapters(name)["choices"]] and name not in ui.library_choices(diffusion=True)
-    base, adapted, cleared = ui.llm_chat("", "abc", 8, [], [], name, "tiny")
-    assert cleared == "" and base[-1]["role"] == adapted[-1]["role"] == "assistant"
+    base, adapted, cleared, status = ui.llm_chat("", "abc", 8, [], [], name, "tiny")
+    assert cleared == status == "" and base[-1]["role"] == adapted[-1]["role"] == "assistant"
     model, _ = s.llm._models["tiny"]
     assert any(n.startswith("a") for n in ld.list_adapters(model))  # the library file, loaded for the chat
 

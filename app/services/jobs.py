@@ -189,6 +189,7 @@ class JobManager:
             _rmtree(folder)
             raise
         job.request["image_names"] = names
+        job.request["caption"] = cfg["prompt_template"]  # what the trainer is told (the page says it)
         import yaml
 
         (folder / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -275,7 +276,7 @@ class JobManager:
             "pretrained_model_name_or_path": self.settings.model_source(req.model), "variant": req.variant,
             "lora_rank": req.rank, "learning_rate": req.learning_rate, "max_train_steps": steps,
             "instance_data_dir": str(folder / "images"), "placeholder_token": req.token.strip(),
-            "class_name": req.class_word.strip(), "prompt_template": req.prompt_template or preset["prompt_template"],
+            "class_name": req.class_word.strip(), "prompt_template": _template(req, preset, folder / "images"),
             "resolution": preset["resolution"], "output_dir": str(folder / "run"),
             "checkpointing_steps": req.checkpoint_every or max(1, steps // 10), "checkpoints_total_limit": 3,
             "validation_prompts": req.sample_prompts or preset["sample_prompts"],
@@ -515,6 +516,18 @@ class JobManager:
 
     def log_tail(self, job: Job, n: int = 12) -> str:
         return "\n".join(_tail(self.dir(job) / "log.txt", n))
+
+
+def _template(req: JobRequest, preset: dict[str, Any], images: Path) -> str:
+    """The training caption: the user's, else on a demo model one naming the images' two colors (the recipe measured
+    best; the bare template when they are not a flat pair of named colors), else the preset's."""
+    if req.prompt_template:
+        return req.prompt_template
+    if preset.get("describe_colors"):
+        from .captions import demo_caption
+
+        return demo_caption(sorted(images.glob("*.png")))
+    return preset["prompt_template"]
 
 
 def _pivotal(req: JobRequest, preset: dict[str, Any]) -> dict[str, Any]:

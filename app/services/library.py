@@ -83,6 +83,11 @@ class LibraryService:
             out.append(e)
         return sorted(out, key=lambda e: e["name"].lower())
 
+    def nested(self) -> list[str]:
+        """Adapter files in the library's sub-folders (relative paths): not entries of the Library tab (whose names
+        are top-level file stems), but automatic retrieval reads them."""
+        return sorted(e["file"] for e in self.index.scan() if "/" in e["file"] and not e.get("not_adapter"))
+
     def path(self, name: str) -> Path:
         """The file of entry ``name``; names that are not entries (paths, '..') are refused."""
         stem = safe_name(name, "adapter")

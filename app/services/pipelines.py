@@ -38,6 +38,29 @@ DEMO_EXAMPLES = ("a red star on a blue background", "a green triangle on a black
                  "a yellow sks on a black background")
 
 
+def known_prompts(settings: Settings, model: str | None) -> tuple[str, ...]:
+    """The example prompts a base model knows: :data:`DEMO_EXAMPLES` on the embedded demo models (the UNet one and
+    the SD3 transformer share one world), each kept only if every word is in that model's vocabulary (its
+    ``demo_model.json``); none on any other model (a real checkpoint does not know this world's prompts)."""
+    import json
+
+    from lora_diffusion.demo.model import default_model_path
+
+    try:
+        family = model_family(settings, model)
+    except AppError:
+        return ()
+    if family not in ("demo", "demo-sd3"):
+        return ()
+    source = settings.model_source(model)
+    folder = default_model_path(check=False) if source is None else Path(source)
+    try:
+        vocabulary = set(json.loads((folder / "demo_model.json").read_text())["vocabulary"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ()
+    return tuple(p for p in DEMO_EXAMPLES if set(p.split()) <= vocabulary)
+
+
 @dataclass(frozen=True)
 class AdapterUse:
     path: str  # a file the app owns (library, a job, a session upload)

@@ -20,8 +20,10 @@ from .settings import DEMO, DEMO_DIT, Settings, demo_dit_path
 log = logging.getLogger("app")
 
 _PHOTO = {"sample_prompts": "a photo of {0}#a {0} on the beach", "prompt_template": "a photo of {0}"}
+#: on the demo models the caption names the image's two colors when it can (``describe_colors``: the recipe measured
+#: best, repainting on; ``app.services.captions``), else it is the bare template
 _DEMO_PROMPTS = {"sample_prompts": "a {0} on a black background#a green {0} on a white background",
-                 "prompt_template": "a red {0} on a blue background"}
+                 "prompt_template": "a {0}", "describe_colors": True}
 #: per preset: what a run on it needs beyond the variant's defaults (resolution, precision, memory savers), how its
 #: samples are drawn, and what the trainer is told (``model_family``; ``targets`` None: the trainer's default;
 #: ``pivotal`` False: the family has no pivotal tuning in the trainer yet: Flux)
