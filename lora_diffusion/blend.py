@@ -24,8 +24,9 @@ from typing import Any
 import torch
 
 from . import api
-from .core.errors import AdapterError
-from .fusion import FUSION_METHODS, fuse, unfuse
+from .core.errors import AdapterError, AdapterFileError
+from .families import denoiser
+from .fusion import FUSION_METHODS, fuse, layer_map, unfuse
 from .fusion.base import GateStats
 from .fusion.gated import find_gates, load_gates
 from .io.bundle import FAMILY_NAMES, model_family
@@ -33,7 +34,7 @@ from .io.library import describe, sha256
 
 log = logging.getLogger(__name__)
 KIND_ROLES = {"concept": "subject", "subject": "subject", "character": "subject", "style": "style"}
-LOADED_ATTR = "_blend_loaded"  # {resolved path: (adapter name, sha256)} on the pipeline's UNet
+LOADED_ATTR = "_blend_loaded"  # {resolved path: (adapter name, sha256)} on the pipeline's UNet or transformer
 
 
 @dataclass
@@ -86,7 +87,7 @@ def inspect_files(pipe: Any, paths: Sequence[str | os.PathLike], notes: list[str
 
 def load_chosen(pipe: Any, chosen: list[Chosen], notes: list[str]) -> list[Chosen]:
     """Load each file once per pipeline (kept for later blends); a file that fails to load is noted and skipped."""
-    loaded: dict[str, tuple[str, str]] = pipe.unet.__dict__.setdefault(LOADED_ATTR, {})
+    loaded: dict[str, tuple[str, str]] = denoiser(pipe).__dict__.setdefault(LOADED_ATTR, {})
     ok = []
     for c in chosen:
         key = str(Path(c.path).resolve())
@@ -138,13 +139,16 @@ def _roles(chosen: list[Chosen], roles: dict[str, str] | None) -> dict[str, str]
 def blend(pipe: Any, prompt: str, loras: Sequence[str | os.PathLike] = (), library: str | os.PathLike | None = None,
           method: str = "gated", weights: Sequence[float] | None = None, roles: dict[str, str] | None = None,
           gates: str | os.PathLike | None = None, allow_unseen: bool = False, top_k: int = 2,
-          threshold: float | None = None, steps: int = 20, guidance_scale: float = 4.0, seed: int = 0, num_images: int = 1,
-          options: dict[str, Any] | None = None, progress: Callable[[float, str], None] | None = None) -> BlendResult:
-    """Generate ``prompt`` with the LoRAs given (or retrieved from ``library``) fused by ``method``."""
+          threshold: float | None = None, steps: int = 20, guidance_scale: float | None = None, seed: int = 0,
+          num_images: int = 1, options: dict[str, Any] | None = None,
+          progress: Callable[[float, str], None] | None = None, height: int | None = None,
+          width: int | None = None) -> BlendResult:
+    """Generate ``prompt`` with the LoRAs given (or retrieved from ``library``) fused by ``method``, on any
+    supported pipeline (SD1.x/SDXL UNets, Flux.1/SD3 transformers: the adapters and the fusion go on its denoiser).
+    ``guidance_scale`` None: 4.0 on a UNet, the stock pipeline's default on Flux (3.5) and SD3 (7.0)."""
     from .generate import generate
 
-    if method not in FUSION_METHODS:
-        raise AdapterError(f"unknown fusion method '{method}'; registered: {list(FUSION_METHODS)}")
+    check_method(pipe, method)
     notes: list[str] = []
     scores: dict[str, float] = {}
     paths = [str(p) for p in loras]
@@ -174,11 +178,35 @@ def blend(pipe: Any, prompt: str, loras: Sequence[str | os.PathLike] = (), libra
     for n in notes:
         log.warning("%s", n)
     with torch.no_grad():
-        images = generate(pipe, [prompt], steps, guidance_scale, seed, num_images, progress=progress)
+        images = generate(pipe, [prompt], steps, default_guidance(pipe) if guidance_scale is None else guidance_scale,
+                          seed, num_images, height, width, progress=progress)
     stats = fusion.stats() if fusion is not None else None
     if fusion is not None:
         fusion.record(False)
     return BlendResult(images, prompt, method if chosen else "base", chosen, notes, stats)
+
+
+def family_label(pipe: Any) -> str:
+    """The pipeline's base family for messages: "Flux", "SD3", "SD1.x", ... (the demo model: "the demo model")."""
+    fam = model_family(pipe)
+    return FAMILY_NAMES.get(fam or "", "the embedded demo model" if fam is None else fam)
+
+
+def check_method(pipe: Any, method: str) -> None:
+    """One clear error for a method that is not registered or does not apply to a diffusion pipeline."""
+    if method not in FUSION_METHODS:
+        raise AdapterError(f"unknown fusion method '{method}'; registered: {list(FUSION_METHODS)}")
+    if "diffusion" not in FUSION_METHODS[method].models:
+        usable = [m for m, c in FUSION_METHODS.items() if "diffusion" in c.models]
+        raise AdapterError(f"fusion method '{method}' applies to language models only ({FUSION_METHODS[method].formula}"
+                           f"), not to a {family_label(pipe)} diffusion pipeline; for diffusion use one of {usable}")
+
+
+def default_guidance(pipe: Any) -> float:
+    """4.0 on a UNet (the demo world's setting), the stock pipeline's default on Flux (3.5) and SD3 (7.0)."""
+    from .generate import GUIDANCE
+
+    return GUIDANCE.get(model_family(pipe) or "", 4.0)
 
 
 def _library_gates(library: str | os.PathLike, chosen: list[Chosen], notes: list[str]) -> Path | None:
@@ -199,6 +227,7 @@ def _fuse(pipe: Any, chosen: list[Chosen], method: str, roles: dict[str, str] | 
             notes.append("gated fusion without a gates file: the untrained gate equals the static sum at weight 1 "
                          "(train gates with python -m training.train_gates)")
         else:
+            check_gates_model(pipe, gates)
             load_gates(fusion, gates, {c.name: c.sha256 for c in chosen}, allow_unseen)
     elif method == "mole":
         notes.append("mole with untrained gates: the uniform mean of the LoRAs; MoLE gates trained by "
@@ -207,6 +236,22 @@ def _fuse(pipe: Any, chosen: list[Chosen], method: str, roles: dict[str, str] | 
     elif gates is not None:
         notes.append(f"--gates ignored: method '{method}' has no gates")
     return fusion
+
+
+def check_gates_model(pipe: Any, path: str | os.PathLike) -> None:
+    """Refuse a gates file trained on another kind of denoiser (UNet gates on a Flux/SD3 transformer or back): its
+    layers do not exist here, whatever LoRAs it names. Headers only."""
+    from .io.files import read_header
+
+    keys = [k for k in read_header(path)[0] if k != "__metadata__"]
+    have = {k.split(".", 1)[0] for k in layer_map(pipe)}
+    comps = sorted({k.split(".", 1)[0] for k in keys} - {"text_encoder", "text_encoder_2", "text_encoder_3"})
+    if comps and not set(comps) & have:
+        raise AdapterFileError(
+            f"{path}: gates trained on a model whose denoiser is {comps} (layers {keys[0]!r}, ...); this "
+            f"{family_label(pipe)} pipeline has {sorted(have)}: gates do not carry across model families. Gate "
+            "training (python -m training.train_gates) runs on UNet models only; gated fusion on Flux/SD3 runs with "
+            "the untrained gate (the static sum at weight 1) until then")
 
 
 def plot_gate_stats(stats: GateStats, path: str | os.PathLike, title: str = "") -> Path:
@@ -258,8 +303,9 @@ def plot_gate_stats(stats: GateStats, path: str | os.PathLike, title: str = "") 
 
 
 def _short(layer: str) -> str:
-    for a, b in (("unet.", ""), ("down_blocks", "D"), ("up_blocks", "U"), ("mid_block", "M"), ("attentions", "att"),
-                 ("transformer_blocks", "tb"), ("resnets", "res"), ("downsamplers", "down"), ("upsamplers", "up")):
+    for a, b in (("unet.", ""), ("transformer.", ""), ("single_transformer_blocks", "stb"), ("down_blocks", "D"),
+                 ("up_blocks", "U"), ("mid_block", "M"), ("attentions", "att"), ("transformer_blocks", "tb"),
+                 ("resnets", "res"), ("downsamplers", "down"), ("upsamplers", "up")):
         layer = layer.replace(a, b)
     return layer
 
@@ -274,9 +320,7 @@ def _pairs(items: Sequence[str], what: str) -> dict[str, str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    from .generate import _slug, load_pipeline
-
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", required=True, help="what to generate (with --library: also what the LoRAs are "
                    "retrieved by)")
@@ -301,8 +345,11 @@ def main(argv: list[str] | None = None) -> None:
                    "score (cosine) is below this; with none left the base model generates (default: no threshold)")
     p.add_argument("--model", default=None, help="hub id, diffusers folder or .safetensors (default: the demo model)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
-    p.add_argument("--guidance_scale", "--guidance-scale", type=float, default=4.0,
-                   help="classifier-free guidance (default: 4.0)")
+    p.add_argument("--guidance_scale", "--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance (Flux.1-dev: its guidance input) (default: 4.0 on a UNet, the stock "
+                        "pipeline's 3.5 on Flux and 7.0 on SD3)")
+    p.add_argument("--height", type=int, default=None, help="image height (default: the pipeline's)")
+    p.add_argument("--width", type=int, default=None, help="image width (default: the pipeline's)")
     p.add_argument("--seed", type=int, default=0, help="(default: 0)")
     p.add_argument("--num_images", "--num-images", type=int, default=1, help="images to generate (default: 1)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
@@ -311,7 +358,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="(default: cuda when available, else cpu)")
     p.add_argument("--output", type=Path, default=Path("outputs/blend"),
                    help="folder for the images, blend.json and gates.png (default: outputs/blend)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .generate import _slug, load_pipeline
+
+    a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not a.lora and a.library is None:
         raise SystemExit("error: give LoRA files (--lora) or a library folder (--library)")
@@ -321,7 +374,8 @@ def main(argv: list[str] | None = None) -> None:
         pipe = load_pipeline(a.model, dtype).to(a.device)
         pipe.set_progress_bar_config(disable=True)
         res = blend(pipe, a.prompt, a.lora, a.library, a.method, a.weight, _pairs(a.role, "--role"), a.gates,
-                    a.allow_unseen_loras, a.top_k, a.threshold, a.steps, a.guidance_scale, a.seed, a.num_images, options)
+                    a.allow_unseen_loras, a.top_k, a.threshold, a.steps, a.guidance_scale, a.seed, a.num_images, options,
+                    height=a.height, width=a.width)
     except AdapterError as e:
         raise SystemExit(f"error: {e}") from None
     a.output.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ from ..io.library import LoraLibrary as HeaderIndex
 log = logging.getLogger(__name__)
 
 FAMILIES = {**FAMILY_NAMES, "demo": "the demo model"}
+DIT = ("flux", "sd3")  # what a "dit" file (Flux or SD3, the widths cannot tell) may be applied to; loading checks
 _A1111_VERSION = {"SD1": "sd1", "SD2": "sd2", "SDXL": "sdxl"}
 _CIVITAI_BASE = (("SDXL", "sdxl"), ("SD 1", "sd1"), ("SD 2", "sd2"), ("SD 3", "sd3"), ("Flux.2", "flux2"), ("Flux", "flux"))
 _NOISE = re.compile(r"^(v\d+(\.\d+)*|\d+|e\d+|lora|lycoris|locon|loha|lokr|dora|final|last|pytorch|weights|adapter|model|"
@@ -78,7 +79,7 @@ class LibraryEntry:
         """Why this entry must not be applied to a model of ``family`` (None = no check), or None if it may be."""
         if self.error:
             return f"unreadable: {self.error}"
-        if family and self.family and self.family != family:
+        if family and self.family and self.family != family and not (self.family == "dit" and family in DIT):
             return f"made for {self.base}, not {FAMILIES.get(family, family)}"
         return None
 
