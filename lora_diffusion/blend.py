@@ -255,7 +255,7 @@ def check_gates_model(pipe: Any, path: str | os.PathLike) -> None:
 
 
 def plot_gate_stats(stats: GateStats, path: str | os.PathLike, title: str = "") -> Path:
-    """PNG: mean gate strength per timestep (left) and per layer x timestep for each LoRA (heatmaps, one color scale;
+    """PNG: mean gate strength per timestep (top) and per layer x timestep for each LoRA (heatmaps, one color scale;
     a constant strength, e.g. untrained gates, is said in the title rather than stretched over the scale)."""
     import matplotlib
 
@@ -264,8 +264,10 @@ def plot_gate_stats(stats: GateStats, path: str | os.PathLike, title: str = "") 
     import numpy as np
 
     n = len(stats.names)
-    fig, axes = plt.subplots(1, n + 1, figsize=(5 + 4.2 * n, max(4.0, 0.12 * len(stats.layers) + 1.5)),
-                             gridspec_kw={"width_ratios": [1.1] + [1] * n}, layout="constrained")
+    heat_h = max(3.0, 0.12 * len(stats.layers) + 1.5)  # the heat maps (bottom row) under the per-step curves (top)
+    fig, grid = plt.subplot_mosaic([["steps"] * n, [f"h{i}" for i in range(n)]], layout="constrained",
+                                   figsize=(1.5 + 4.2 * n, 3.0 + heat_h), height_ratios=[3.0, heat_h])
+    axes = [grid["steps"], *[grid[f"h{i}"] for i in range(n)]]
     ax = axes[0]
     for k, (name, vals) in enumerate(stats.per_timestep().items()):  # dashes tell apart lines that coincide
         ax.plot(stats.timesteps, vals, marker="o", ms=3, ls=("-", "--", ":", "-.")[k % 4], label=name)
@@ -289,8 +291,8 @@ def plot_gate_stats(stats: GateStats, path: str | os.PathLike, title: str = "") 
         ax.set_yticks(range(len(labels)))
         ax.set_yticklabels(labels if i == 0 else [""] * len(labels), fontsize=5)
         if i == 0:
-            ax.set_ylabel("layer (D/M/U: down/mid/up block; att: attention, res: ResNet)", fontsize=8)
-    fig.colorbar(im, ax=axes[1:].tolist(), shrink=0.8, label="effective weight (1: the LoRA at full strength)")
+            ax.set_ylabel("layer (D/M/U: down/mid/up block)", fontsize=8)
+    fig.colorbar(im, ax=axes[1:], shrink=0.8, label="effective weight (1: the LoRA at full strength)")
     if constant:
         title += f"{' · ' if title else ''}every layer and step at {float(np.nanmin(stats.strength)):.3g}"
     if title:

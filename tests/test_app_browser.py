@@ -212,6 +212,12 @@ def test_flux_model_and_text_to_lora_in_a_real_browser(browser, served_dit) -> N
     d = browser
     d.get(served_dit.url)
     wait_for(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#train-model input"), 60, "the page")
+    choose(d, "train-model", "demo (SD3")  # the DiT demo model: its recipe (400 steps), pivotal tuning on
+    wait_for(d, lambda d: "400 steps" in text_of(d, "train-estimate") and
+             "demo model (SD3 transformer), 32 px" in text_of(d, "train-estimate"), 20, "the DiT demo preset")
+    pivotal = d.find_element(By.CSS_SELECTOR, "#train-pivotal input")
+    assert pivotal.is_enabled() and pivotal.is_selected()
+    shot(d, "app-personalize-demo-sd3.png")
     choose(d, "train-model", "flux")
     wait_for(d, lambda d: "Flux.1-dev, 1024 px · fp32 · gradient checkpointing" in text_of(d, "train-estimate"), 20,
              "the Flux preset")
