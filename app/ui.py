@@ -188,6 +188,9 @@ class UI:
         extra += " · gradient checkpointing" if p.get("gradient_checkpointing") else ""
         note = (f"\n\nPivotal tuning is not available on {LABELS[fam]} yet: the adapter alone is trained."
                 if not p.get("pivotal", True) else "")
+        if p.get("describe_colors"):  # the demo recipe's repainting needs a caption naming the image's colors
+            note += ("\n\nBest on this model: a flat picture of one shape in one color on a one-color background; "
+                     "the caption then names both colors and half the views are repainted in others.")
         return (f"**{n} steps** · time {time_s} · memory {mem}{avail} on {self.s.settings.device} · preset "
                 f"'{fam}': {LABELS[fam]}, {p['resolution']} px{extra}{warn}{note}")
 
