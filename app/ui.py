@@ -215,7 +215,7 @@ class UI:
         p = PRESETS[fam]
         note = f"{LABELS[fam]}: {p['resolution']} px, {p['num_inference_steps']} steps, guidance {p['guidance_scale']:g}"
         if is_dit(fam):
-            note += " · fusion: static (the weighted sum) only"
+            note += " · gated fusion: untrained gates only (= static; gate training is UNet-only)"
         known = bool(known_prompts(self.s.settings, model))  # the demo world's prompts: true on a demo model only
         return (gr.update(value=p["num_inference_steps"]), gr.update(value=p["guidance_scale"]), note,
                 gr.update(visible=known))

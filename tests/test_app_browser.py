@@ -204,8 +204,9 @@ def choose(driver, elem_id: str, value: str) -> None:
 
 def test_flux_model_and_text_to_lora_in_a_real_browser(browser, served_dit) -> None:
     """The Flux presets follow the model choice (Personalize: 1024 px, gradient checkpointing, pivotal tuning locked
-    off; Generate: 28 steps, guidance 3.5), a Flux image is generated, a UNet-only fusion gets its one message, the embedded SD3
-    demo model draws the prompt, and the LLM tab makes a LoRA from a description and chats with it."""
+    off; Generate: 28 steps, guidance 3.5), a Flux image is generated, a gated blend with no LoRA on says it used
+    the base model, the embedded SD3 demo model draws the prompt, and the LLM tab makes a LoRA from a description and
+    chats with it."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -238,7 +239,7 @@ def test_flux_model_and_text_to_lora_in_a_real_browser(browser, served_dit) -> N
     shot(d, "app-generate-flux.png")
     choose(d, "blend-method", "gated")
     click(d, "gen-go")
-    wait_for(d, lambda d: "only 'static'" in d.page_source, 60, "the fusion message")
+    wait_for(d, lambda d: "generated with the base model" in d.page_source, 60, "the gated blend's note (no LoRA on)")
     choose(d, "gen-model", "demo (SD3")  # the embedded SD3-architecture demo model draws the shapes world
     wait_for(d, lambda d: "(SD3 transformer): 32 px, 28 steps, guidance 7" in text_of(d, "gen-model-note"), 20, "note")
     wait_for(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#gen-examples") and

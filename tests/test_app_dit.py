@@ -1,7 +1,7 @@
 """The app's services on diffusion transformers (no Gradio): Flux.1 / SD3 model folders get their family from the
 model and their presets, Personalize launches the trainer with the family's settings, a trained SD3 job lands in the
 library under its family and generates through the stock pipeline with the T-LoRA mask hook, Flux files generate and
-blend (static; the UNet-only fusions are refused with one message), and the Library marks families."""
+blend (every diffusion fusion; LLM-only ones refused with one message), and the Library marks families."""
 
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def test_sd3_job_trains_into_the_library_and_generates_with_the_mask_hook(sd3_mo
     assert getattr(pipe.transformer, HOOK_ATTR, None) is not None and ld.list_adapters(pipe)
 
 
-def test_flux_generates_blends_static_and_refuses_unet_fusions(flux_model, tmp_path) -> None:  # noqa: F811
+def test_flux_generates_and_blends_with_every_diffusion_fusion(flux_model, tmp_path) -> None:  # noqa: F811
     from tests.app_harness import random_lora
 
     s = services(tmp_path, flux=str(flux_model))
@@ -131,10 +131,14 @@ def test_flux_generates_blends_static_and_refuses_unet_fusions(flux_model, tmp_p
     assert np.abs(adapted - base).mean() > 1.0
     static = s.generator.blend(GenerateRequest("a glow style photo", adapters=(use,), **kw), "static")
     assert (pixels(static["images"]) == adapted).all() and static["chosen"][0]["name"] == name
-    for method in ("gated", "klora"):
-        with pytest.raises(AppError, match=rf"fusion method '{method}': on Flux.1-dev, a transformer model, only "
-                                           r"'static' \(the weighted sum of the adapters\) is available"):
-            s.generator.blend(GenerateRequest("a glow style photo", adapters=(use,), **kw), method)
+    gated = s.generator.blend(GenerateRequest("a glow style photo", adapters=(use,), **kw), "gated",
+                              plot_to=tmp_path / "gates.png")
+    assert (pixels(gated["images"]) == adapted).all()  # the untrained gate: the plain LoRA
+    assert gated["plot"].read_bytes()[:4] == b"\x89PNG" and any("without a gates file" in n for n in gated["notes"])
+    with pytest.raises(AppError, match=r"K-LoRA fuses one subject and one style LoRA"):
+        s.generator.blend(GenerateRequest("a glow style photo", adapters=(use,), **kw), "klora")
+    with pytest.raises(AppError, match=r"fusion method 'xlora' applies to language models only"):
+        s.generator.blend(GenerateRequest("a glow style photo", adapters=(use,), **kw), "xlora")
     auto = s.generator.blend(GenerateRequest("a glow style photo", **kw), "static", s.settings.library, top_k=2)
     assert [c["name"] for c in auto["chosen"]] == ["glow-style"]  # the UNet file is not retrieved for Flux
     assert (pixels(auto["images"]) == adapted).all()

@@ -16,7 +16,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from lora_diffusion import AdapterError
 from lora_diffusion.generate import apply_adapters, generate, load_pipeline
 
 from .errors import AppError
-from .presets import LABELS, LIBRARY_FAMILY, PRESETS, is_dit, model_family
+from .presets import PRESETS, model_family
 from .settings import Settings
 
 log = logging.getLogger("app")
@@ -223,9 +223,7 @@ class GenerateService:
             raise AppError(f"fusion method: expected one of {list(FUSION_METHODS)}, got {method!r}")
         if not 1 <= top_k <= 8:
             raise AppError(f"number of LoRAs to retrieve: expected 1..8, got {top_k}")
-        family = model_family(self.settings, req.model)
-        if is_dit(family):
-            return self._blend_dit(req, family, method, library, top_k, progress)
+        model_family(self.settings, req.model)  # an unknown model name: one clear error before anything loads
         on = [a for a in req.adapters if a.enabled]
         for a in on:
             check_adapter_file(a.path, a.name)
@@ -238,7 +236,8 @@ class GenerateService:
             try:
                 r = blend(pipe, req.prompt, [a.path for a in on], None if on else library, method,
                           [a.scale for a in on] or None, top_k=top_k, steps=req.steps, guidance_scale=req.guidance,
-                          seed=req.seed, num_images=req.num_images, progress=progress)
+                          seed=req.seed, num_images=req.num_images, progress=progress, height=req.height,
+                          width=req.width)
             except AdapterError as e:
                 raise AppError(_user_message(str(e), req.adapters) or f"blend: {e}") from None
             while len(self._pipes) > self.settings.max_pipelines + 1:
@@ -266,28 +265,6 @@ class GenerateService:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def _blend_dit(self, req: GenerateRequest, family: str, method: str, library: Path | None, top_k: int,
-                   progress: Callable[[float, str], None] | None) -> dict[str, Any]:
-        """Flux/SD3: the weighted sum of the adapters that are on (or of those retrieved for the prompt), through
-        the stock pipeline with the T-LoRA mask hook; the per-layer fusions hook UNet layers and are refused."""
-        if method != "static":
-            raise AppError(f"fusion method '{method}': on {LABELS[family]}, a transformer model, only 'static' (the "
-                           "weighted sum of the adapters) is available; the per-layer fusions (gated, K-LoRA, "
-                           "scheduled, MoLE) work on UNet models")
-        notes, scores = [], {}
-        uses = tuple(a for a in req.adapters if a.enabled)
-        if not uses and library is not None:
-            hits, message = retrieve_for(library, req.prompt, LIBRARY_FAMILY[family], top_k)
-            notes.append(message)
-            uses = tuple(AdapterUse(p, 1.0, Path(p).stem) for p, _ in hits)
-            scores = dict(hits)
-        if not uses:
-            notes.append("no LoRA on or retrieved: generated with the base model")
-        images = self.generate(replace(req, adapters=uses), progress)
-        chosen = [{"name": a.name, "score": scores.get(a.path), "weight": a.scale, "role": ""} for a in uses]
-        return {"images": images, "method": "static" if uses else "base", "chosen": chosen, "notes": notes,
-                "plot": None}
-
     @staticmethod
     def _set_scales(pipe: Any, req: GenerateRequest, digests: list[str]) -> None:
         """In place: the enabled adapters at their weights (the same file twice: weights add), others off."""
@@ -301,20 +278,6 @@ class GenerateService:
             ld.set_adapters(pipe, list(scales), scales)
         elif ld.list_adapters(pipe):
             ld.disable_adapters(pipe)
-
-
-def retrieve_for(library: Path, prompt: str, family: str, top_k: int) -> tuple[list[tuple[str, float]], str]:
-    """(path, score) of the library's LoRAs for ``prompt`` made for ``family`` (or for a transformer whose widths do
-    not tell Flux from SD3), best first, and the retrieval's message."""
-    from lora_diffusion.retrieval import LibraryError, LoraLibrary
-
-    try:
-        r = LoraLibrary(library).retrieve(prompt, k=64)
-    except LibraryError as e:
-        raise AppError(f"retrieval: {e}") from None
-    hits = [(str(m.entry.path), float(m.score)) for m in r if m.entry.family in (family, "dit")][:top_k]
-    log.info("retrieved %d LoRA(s) for %r (%s)", len(hits), prompt[:40], family)
-    return hits, r.message
 
 
 def _user_message(msg: str, adapters: tuple[AdapterUse, ...]) -> str:
