@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,7 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if a.threads:
@@ -170,14 +169,12 @@ def main(argv: list[str] | None = None) -> int:
                           target_temperature=a.target_temperature)
         themes = [t.strip() for t in a.themes.split(",") if t.strip()]
         _, report = train_on_library(lib, out, enc_cfg, cfg, a.family, themes, save_every=a.save_every)
-    except AdapterError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except AdapterError as e:  # one line naming the library/file and what was expected, exit status 1
+        raise SystemExit(f"error: {e}") from None
     for line in report.lines():
         log.info("%s", line)
     log.info("saved %s", out)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
