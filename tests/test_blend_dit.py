@@ -201,3 +201,19 @@ def test_a_transformer_file_of_unknown_family_is_retrievable_for_flux_and_sd3():
     e = LibraryEntry("x.safetensors", Path("x.safetensors"), "x", family="dit")
     assert e.incompatibility("flux") is None and e.incompatibility("sd3") is None
     assert e.incompatibility("sdxl") == "made for a diffusion transformer (Flux or SD3), not SDXL"
+
+
+def test_gate_training_refuses_a_transformer_model_up_front(dit, tmp_path):
+    """train_gates is UNet-only (DDPM objective through pipe.unet): a Flux/SD3 folder gets one error naming the model
+    and what works there, before the output folder is made; a loaded transformer pipeline (a hub id) likewise."""
+    from training.train_gates import check_unet_model
+    from training.train_gates import main as train_gates
+
+    out = tmp_path / "gates-out"
+    with pytest.raises(SystemExit, match=rf"error: --pretrained_model_name_or_path .*: a {LABEL[dit['family']]} model, "
+                                         r"a diffusion transformer; gate training runs on UNet models only"):
+        train_gates(["--pretrained_model_name_or_path", str(dit["folder"]), "--loras", f"{dit['ring']},{dit['dotted']}",
+                     "--output_dir", str(out)])
+    assert not out.exists()
+    with pytest.raises(ValueError, match="gate training runs on UNet models only"):
+        check_unet_model("some/hub-id", _pipe(dit))

@@ -368,12 +368,29 @@ def _conditioner(pipe: Any, images: list[Path], captions: list[str], res: int, d
     return c
 
 
+def check_unet_model(source: str | None, pipe: Any = None) -> None:
+    """Gate training runs on UNet models (SD1.x/2.x, SDXL, the demo model): its objective is DDPM noise prediction
+    through ``pipe.unet``. A Flux/SD3 model (by its model_index.json, or the loaded pipeline) gets one error saying so
+    and what works there (blending with the untrained gate) before anything is built or written."""
+    from lora_diffusion.families import detect_family
+    from lora_diffusion.io.bundle import FAMILY_NAMES, model_family
+
+    fam = detect_family(source) if pipe is None else model_family(pipe)
+    if fam in ("flux", "sd3", "flux2") or (pipe is not None and getattr(pipe, "unet", None) is None):
+        raise ConfigError(f"--pretrained_model_name_or_path {source or 'demo'}: a "
+                          f"{FAMILY_NAMES.get(fam or '', type(pipe).__name__)} model, a "
+                          "diffusion transformer; gate training runs on UNet models only (SD1.x/2.x, SDXL, the demo "
+                          "model). On Flux/SD3, python -m lora_diffusion.blend --method gated runs with the untrained "
+                          "gate (the static sum at weight 1); every other diffusion fusion works there too")
+
+
 def _build(cfg: GateConfig, data: list[LoraData], pairs: list[PairData],
            acc: Any) -> tuple[Any, Any, list[Conditioner], list[Conditioner]]:
     from lora_diffusion.generate import load_pipeline
 
     pipe = load_pipeline(cfg.model.pretrained_model_name_or_path, torch.float32)
     pipe.set_progress_bar_config(disable=True)
+    check_unet_model(cfg.model.pretrained_model_name_or_path, pipe)
     for comp in ld.components(pipe).values():
         comp.requires_grad_(False)
     unet = pipe.unet
@@ -429,6 +446,7 @@ def train(cfg: GateConfig) -> GateResult:
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
+    check_unet_model(cfg.model.pretrained_model_name_or_path)
     out = dif.check_output_dir(cfg.checkpoint.output_dir)
     data = find_data(cfg)
     pairs = find_pairs(cfg, data) if cfg.gates.objective == "composition" else []
