@@ -100,6 +100,7 @@ def test_klora_time_scale_comes_from_the_schedulers_t(dit):
     ratio = np.array([float(fusion.combiners[k].ratio) for k in st.layers])  # (layers,)
     expect = (ratio[:, None] > o.alpha * (1 - ts[None, :] / 1000) + o.beta).astype(float)  # (layers, steps)
     assert np.array_equal(st.strength[:, :, 0], expect)
+    assert expect[:, 0].all() and not expect[:, -1].any()  # these LoRAs: the subject at t = 1000, the style at the end
 
 
 @pytest.mark.parametrize("method", DIFFUSION)

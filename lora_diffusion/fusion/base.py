@@ -4,7 +4,8 @@ A *fusion method* (one file each: ``static``, ``gated``, ``klora``, ``scheduled`
 ``y0 = base(x)`` and ``y_i`` (adapter i alone, at its scale) into the layer's output. It does so by installing a
 :class:`Combiner` on every adapted layer (``AdaptedLayer.set_combiner``), or, for the static sum, by the
 layer's own fast path (no combiner at all). Combiners read the timestep from the model's per-call context,
-so a sampler needs no changes (``generate.install_timestep_hook`` sets it before every UNet call).
+so a sampler needs no changes (``generate.install_timestep_hook`` sets it before every call of the denoiser,
+UNet or Flux/SD3 transformer, on the 0..1000 scale).
 
 Every combiner can record, per call, how strongly each adapter was used (its mean effective weight) together
 with the timestep; :meth:`Fusion.stats` turns the trace into a layer x timestep x adapter table with one
