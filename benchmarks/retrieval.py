@@ -77,7 +77,9 @@ def with_heldout(library: Path, heldout: Path, work: Path, only: list[str] | Non
     names = {}
     for i, f in enumerate(files, 1):
         tensors, _ = read_safetensors(f)
-        anon = {f"unet.{k}.weight": v for k, v in tensors.items() if k.endswith((".lora_A", ".lora_B"))}
+        # diffusers names: a bare UNet's keys get the 'unet.' prefix, files that carry it already (pivotal) keep theirs
+        anon = {(k if k.startswith(("unet.", "text_encoder")) else f"unet.{k}") + ".weight": v
+                for k, v in tensors.items() if k.endswith((".lora_A", ".lora_B"))}
         rel = f"anon/lora_{i:04d}.safetensors"
         write_safetensors(work / rel, anon, {})
         names[rel] = f.stem

@@ -24,9 +24,11 @@ def test_default_library_gets_at_least_50_distinct_prompts_each_naming_its_conce
 def test_heldout_copy_takes_only_the_named_loras_and_strips_their_metadata(tmp_path):
     lib, held = tmp_path / "lib", tmp_path / "held"
     lib.mkdir(), held.mkdir()
-    for name in ("ring", "dotted", "star"):
-        write_safetensors(held / f"{name}.safetensors", {"down.attn.lora_A": torch.ones(2, 4),
-                                                         "down.attn.lora_B": torch.zeros(4, 2)}, {"name": name})
+    for name, prefix in (("ring", ""), ("dotted", "unet."), ("star", "")):  # bare UNet keys, and pivotal files' keys
+        write_safetensors(held / f"{name}.safetensors", {f"{prefix}down.attn.lora_A": torch.ones(2, 4),
+                                                         f"{prefix}down.attn.lora_B": torch.zeros(4, 2),
+                                                         f"bundle_emb.{name}.string_to_param.*": torch.ones(1, 4)},
+                          {"name": name})
     names = bench.with_heldout(lib, held, tmp_path / "work", only=["ring", "dotted"])
     assert sorted(names.values()) == ["dotted", "ring"]
     for rel in names:
