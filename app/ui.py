@@ -336,29 +336,36 @@ class UI:
         job = self.s.jobs.resume(job_id, owner(request))
         return f"{job.name} queued to resume from its latest checkpoint"
 
-    def status_tick(self, job_id: str | None, request: gr.Request = None) -> tuple[Any, ...]:
+    def llm_status_tick(self, job_id: str | None, request: gr.Request = None) -> tuple[Any, ...]:
+        return self.status_tick(job_id, request, kind="llm")
+
+    def llm_status(self, job_id: str | None, request: gr.Request = None) -> tuple[str, Any, Any, Any]:
+        return self.status(job_id, request, kind="llm")
+
+    def status_tick(self, job_id: str | None, request: gr.Request = None, *, kind: str = "diffusion") -> tuple[Any, ...]:
         """``status`` for the page's one-second poll: samples, downloads and the job list (whose labels show the
         states) only when something changed; the last action's message ("queued", "stopping") is cleared once the
         job's state moves on, so it never contradicts the status line."""
         key = (session(request) or "", str(job_id))
         before = self._shown.get(key)
-        out = self.status(job_id, request, only_changes=True)
+        out = self.status(job_id, request, only_changes=True, kind=kind)
         after = self._shown.get(key)
-        kind = self.s.jobs.jobs[job_id].kind if job_id in self.s.jobs.jobs else "diffusion"
+        kind = self.s.jobs.jobs[job_id].kind if job_id in self.s.jobs.jobs else kind
         jobs = self.job_choices(request, job_id, kind) if after is not None and before != after else gr.skip()
         moved = before is not None and after is not None and before[1] != after[1]
         return (*out, jobs, "" if moved else gr.skip())
 
-    def status(self, job_id: str | None, request: gr.Request = None,
-               only_changes: bool = False) -> tuple[str, Any, Any, Any]:
-        """(status text, loss table, samples, downloads) of the selected job."""
+    def status(self, job_id: str | None, request: gr.Request = None, only_changes: bool = False,
+               kind: str = "diffusion") -> tuple[str, Any, Any, Any]:
+        """(status text, loss table, samples, downloads) of the selected job (``kind``: the tab's, for 'no job')."""
         import pandas as pd
 
         empty = pd.DataFrame({"step": [], "loss": []})
         try:
             job = self.s.jobs.get(job_id, owner(request))
         except AppError:
-            return "No job yet: add the training images (LLM tab: a JSONL file) and press Start.", empty, [], None
+            what = "the training file (.jsonl)" if kind == "llm" else "the images of the subject"
+            return f"No job yet: add {what} and press Start.", empty, [], None
         jm = self.s.jobs
         p = jm.progress(job)
         parts = [f"**{job.name}** — {job.detail or job.state}", f"step {p['step']}/{p['total']}"]
@@ -962,8 +969,8 @@ def _llm_events(ui: UI, c: dict[str, Any], demo: gr.Blocks) -> None:
         on_failure(ui, button.click(fn, job, msg, concurrency_limit=None), [msg], msg)
     timer = gr.Timer(1.0)
     outs = [c["status"], c["loss"], gr.Gallery(visible=False), c["files"]]
-    timer.tick(ui.status_tick, job, [*outs, job, msg], queue=False, show_progress="hidden")
-    job.change(ui.status, job, outs, queue=False, show_progress="hidden", api_name="llm_status")
+    timer.tick(ui.llm_status_tick, job, [*outs, job, msg], queue=False, show_progress="hidden")
+    job.change(ui.llm_status, job, outs, queue=False, show_progress="hidden", api_name="llm_status")
     chat = [c["base"], c["adapted"], c["text"], c["chat_msg"]]
     on_failure(ui, c["text"].submit(ui.llm_chat, [job, c["text"], c["max_new"], c["base"], c["adapted"], chat_with,
                                                   c["model"]], chat, concurrency_id=GPU, api_name="llm_chat"),

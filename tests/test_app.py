@@ -544,3 +544,12 @@ def test_each_action_reports_in_its_own_status_box(tmp_path, lora_file) -> None:
         assert i in failures, f"{f.name}: no failure event writes its message into a status box"
         out = failures[i].outputs
         assert {o._id for o in f.outputs} <= {o._id for o in out} and isinstance(out[-1], gr.Markdown), f.name
+
+
+def test_no_job_status_names_what_each_tab_needs(services) -> None:
+    from app.ui import UI
+
+    ui = UI(services)
+    assert ui.status(None)[0] == "No job yet: add the images of the subject and press Start."
+    assert ui.llm_status(None)[0] == ui.llm_status_tick(None)[0] == \
+        "No job yet: add the training file (.jsonl) and press Start."

@@ -209,6 +209,8 @@ def test_dit_demo_job_gets_the_measured_recipe(tmp_path, monkeypatch) -> None:
     assert (r.adapter.targets, r.adapter.variant, r.optim.max_train_steps) == ("dit-attn-mlp", "tlora", 400)
     assert (r.data.recolor_p, r.data.hue_jitter, r.model.model_family) == (0.5, 180.0, "sd3")
     assert r.optim.learning_rate == pytest.approx(1e-3) and r.embedding.train_embedding is True
+    assert (r.adapter.lora_rank, r.adapter.min_rank) == (64, 32)  # T-LoRA rank 64, r_min 32: the rows measured
+    assert cfg["validation_prompts"] == "a yellow {0} on a black background#a green {0} on a white background"
 
 
 def test_demo_prompts_are_offered_on_the_demo_models_only(flux_model, tmp_path) -> None:  # noqa: F811

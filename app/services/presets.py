@@ -22,7 +22,7 @@ log = logging.getLogger("app")
 _PHOTO = {"sample_prompts": "a photo of {0}#a {0} on the beach", "prompt_template": "a photo of {0}"}
 #: on the demo models the caption names the image's two colors when it can (``describe_colors``: the recipe measured
 #: best, repainting on; ``app.services.captions``), else it is the bare template
-_DEMO_PROMPTS = {"sample_prompts": "a {0} on a black background#a green {0} on a white background",
+_DEMO_PROMPTS = {"sample_prompts": "a yellow {0} on a black background#a green {0} on a white background",
                  "prompt_template": "a {0}", "describe_colors": True}
 #: per preset: what a run on it needs beyond the variant's defaults (resolution, precision, memory savers), how its
 #: samples are drawn, and what the trainer is told (``model_family``; ``targets`` None: the trainer's default;
