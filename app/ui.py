@@ -419,8 +419,8 @@ class UI:
                               guidance=PRESETS[job.family]["guidance_scale"])
         images = [enlarge(im) for im in self.s.generator.generate(req)]
         ckpt = self.s.jobs.latest_checkpoint(job)
-        which = "final" if job.state == "done" or ckpt is None else f"checkpoint of step {ckpt[0]}"
-        return images, f"{job.name}'s {which} adapter, seeds {req.seed} and {req.seed + 1}"
+        which = "final adapter" if job.state == "done" or ckpt is None else f"adapter at step {ckpt[0]} (checkpoint)"
+        return images, f"'{prompt}' with {job.name}'s {which}, seeds {req.seed} and {req.seed + 1}"
 
     # --- generate & blend ---
     def library_choices(self, diffusion: bool = False) -> Any:
