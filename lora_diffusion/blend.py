@@ -222,16 +222,20 @@ def _fuse(pipe: Any, chosen: list[Chosen], method: str, roles: dict[str, str] | 
           options: dict[str, Any], notes: list[str]) -> Any:
     names = [c.name for c in chosen]
     fusion = fuse(pipe, names, method=method, weights=[c.weight for c in chosen], roles=_roles(chosen, roles), **options)
+    unet = getattr(pipe, "unet", None) is not None
     if method == "gated":
         if gates is None:
             notes.append("gated fusion without a gates file: the untrained gate equals the static sum at weight 1 "
-                         "(train gates with python -m training.train_gates)")
+                         + ("(train gates with python -m training.train_gates)" if unet else
+                            f"(gate training is UNet-only: none for {family_label(pipe)} yet)"))
         else:
             check_gates_model(pipe, gates)
             load_gates(fusion, gates, {c.name: c.sha256 for c in chosen}, allow_unseen)
     elif method == "mole":
-        notes.append("mole with untrained gates: the uniform mean of the LoRAs; MoLE gates trained by "
-                     "train_gates --method mole load with their LoRAs: ld.load_adapter(pipe, 'mole.safetensors')"
+        notes.append("mole with untrained gates: the uniform mean of the LoRAs; "
+                     + ("MoLE gates trained by train_gates --method mole load with their LoRAs: "
+                        "ld.load_adapter(pipe, 'mole.safetensors')" if unet else
+                        f"MoLE gate training is UNet-only: none for {family_label(pipe)} yet")
                      + (" (--gates ignored)" if gates is not None else ""))
     elif gates is not None:
         notes.append(f"--gates ignored: method '{method}' has no gates")

@@ -82,8 +82,11 @@ def test_every_diffusion_method_blends_on_the_transformer(dit, method):
     assert st.names == ["ring", "dotted"] and st.timesteps == sched_t and max(sched_t) > 1  # t on 0..1000, not σ
     assert st.layers and all(k.startswith("transformer.") for k in st.layers) and np.isfinite(st.strength).all()
     if method == "gated":
-        assert any("without a gates file" in n for n in res.notes)
+        assert any("without a gates file" in n and f"UNet-only: none for {LABEL[dit['family']]}" in n
+                   for n in res.notes), res.notes
         assert st.summary()["mean"] == {"ring": 1.0, "dotted": 1.0}  # the untrained gate: the static sum
+    if method == "mole":
+        assert any("MoLE gate training is UNet-only" in n for n in res.notes), res.notes
     if method == "klora":  # one of the two per layer and step
         assert set(np.unique(st.strength)) <= {0.0, 1.0} and (st.strength.sum(-1) == 1).all()
 
