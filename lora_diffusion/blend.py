@@ -295,7 +295,8 @@ def plot_gate_stats(stats: GateStats, path: str | os.PathLike, title: str = "") 
         ax.set_yticks(range(len(labels)))
         ax.set_yticklabels(labels if i == 0 else [""] * len(labels), fontsize=5)
         if i == 0:
-            ax.set_ylabel("layer (D/M/U: down/mid/up block)", fontsize=8)
+            ax.set_ylabel("layer (tb/stb: transformer/single block)" if all(k.startswith("transformer.") for k in
+                          stats.layers) else "layer (D/M/U: down/mid/up block)", fontsize=8)
     fig.colorbar(im, ax=axes[1:], shrink=0.8, label="effective weight (1: the LoRA at full strength)")
     if constant:
         title += f"{' · ' if title else ''}every layer and step at {float(np.nanmin(stats.strength)):.3g}"
