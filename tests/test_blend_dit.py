@@ -221,3 +221,34 @@ def test_gate_training_refuses_a_transformer_model_up_front(dit, tmp_path):
     assert not out.exists()
     with pytest.raises(ValueError, match="gate training runs on UNet models only"):
         check_unet_model("some/hub-id", _pipe(dit))
+
+
+@pytest.mark.parametrize("fixture", ["flux1-dev-transformer.json", "sd35-medium-transformer.json"])
+def test_static_fusion_equals_diffusers_set_adapters_on_the_transformer(tmp_path, fixture):
+    """The same two diffusers-layout files at weights (0.7, 0.4): our static fusion (unfused, fused, unfused again)
+    = diffusers' ``load_lora_weights`` + ``set_adapters`` on the reduced real Flux.1 / SD3.5 configs (float64)."""
+    import copy
+
+    from lora_diffusion.io.files import write_safetensors
+
+    from .test_formats_dit import _random_lora
+    from .test_formats_helpers import close
+    from .tiny_dit import dit_call, tiny_dit_pipeline
+
+    base = tiny_dit_pipeline(fixture)
+    for i in range(2):
+        write_safetensors(tmp_path / f"l{i}.safetensors", _random_lora(base.transformer, "dit-attn", seed=i), {})
+    ref, ours = copy.deepcopy(base), copy.deepcopy(base)
+    for i in range(2):
+        ref.load_lora_weights(str(tmp_path / f"l{i}.safetensors"), adapter_name=f"l{i}")
+        ld.load_adapter(ours, tmp_path / f"l{i}.safetensors", name=f"l{i}")
+    ref.set_adapters(["l0", "l1"], [0.7, 0.4])
+    expected = dit_call(ref.transformer)
+    assert not close(expected, dit_call(base.transformer))
+    fuse(ours, ["l0", "l1"], method="static", weights=[0.7, 0.4])
+    assert close(dit_call(ours.transformer), expected)
+    fused = fuse(ours, ["l0", "l1"], method="static", weights=[0.7, 0.4], fuse=True)
+    assert close(dit_call(ours.transformer), expected)
+    fused.remove()
+    fuse(ours, ["l0", "l1"], method="static", weights=[0.7, 0.4])
+    assert close(dit_call(ours.transformer), expected)
