@@ -1,6 +1,6 @@
 """Retrieval quality on a LoRA library whose kinds are known (``library.json`` from training.build_demo_library).
 
-    python -m training.build_demo_library --out outputs/demo_library       # once (~15 min on CPU)
+    python -m training.build_demo_library --out outputs/demo_library       # once (5-8 min on CPU, one thread)
     python -m benchmarks.retrieval --library outputs/demo_library --family demo
 
 For every concept x style pair of the library and 5 wordings (``TEMPLATES``: 3 concepts x 4 styles x 5 = 60 fixed
