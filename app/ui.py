@@ -792,7 +792,8 @@ def _generate_tab(ui: UI, models: list[str]) -> list[Any]:
             c["chosen"] = gr.Dataframe(headers=list(CHOSEN_COLUMNS), label=CHOSEN_LABEL, interactive=False,
                                        elem_id="blend-chosen")
             c["gates"] = gr.Image(label="Gate strength: each LoRA's effective weight per layer and denoising step "
-                                        "(gated fusion)", format="png", elem_id="blend-gates")
+                                        "(the per-layer fusions: gated, K-LoRA, scheduled, MoLE)", format="png",
+                                  elem_id="blend-gates")
     _generate_events(ui, c)
     return [x for i, x in enumerate(c["slots"]) if i % 3 == 0]
 
