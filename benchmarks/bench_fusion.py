@@ -90,15 +90,19 @@ def _sync(device: str) -> None:
 def call(b: Bench, pipe: Any, args: argparse.Namespace) -> float:
     """Seconds for one pipeline call: wall-clock, or with ``--clock cpu`` this process's CPU time (on a shared
     CPU the time the call itself computed, not the time other jobs held the cores)."""
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    return clocked(b, pipe, args)[args.clock]
+
+
+def clocked(b: Bench, pipe: Any, args: argparse.Namespace) -> dict[str, float]:
+    """{"wall": seconds, "cpu": seconds of this process's CPU time} for one pipeline call."""
     g = torch.Generator().manual_seed(0)
     _sync(args.device)
-    t0 = clock()
+    w0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
         pipe(**b.prompt, num_inference_steps=args.steps, guidance_scale=4.0, generator=g, output_type="latent",
              height=b.size, width=b.size)
     _sync(args.device)
-    return clock() - t0
+    return {"wall": time.perf_counter() - w0, "cpu": time.process_time() - c0}
 
 
 def configs(k: int, b: Bench) -> dict[str, tuple[Any, Any]]:
@@ -226,14 +230,15 @@ def selected(k: int, b: Bench, args: argparse.Namespace) -> dict[str, tuple[Any,
 
 
 def time_k(k: int, b: Bench, args: argparse.Namespace) -> dict[str, float]:
-    """{config: median seconds per call} over ``args.reps`` interleaved rounds after one warm-up round."""
+    """{config: median (``--stat``) seconds per call (``--clock``)} over ``args.reps`` interleaved rounds after one
+    warm-up round; also ``<config>/<clock>_<stat>`` for both clocks and both statistics (the same calls)."""
     cfgs = selected(k, b, args)
-    times: dict[str, list[float]] = {n: [] for n in cfgs}
+    times: dict[str, list[dict[str, float]]] = {n: [] for n in cfgs}
     graphs = 0
     for rep in range(args.reps + 1):  # the first round warms up (and compiles the compiled gate)
         for n, (pipe, setup) in cfgs.items():
             setup()
-            t = call(b, pipe, args)
+            t = clocked(b, pipe, args)
             if rep:
                 times[n].append(t)
             reset(b, pipe)
@@ -241,7 +246,10 @@ def time_k(k: int, b: Bench, args: argparse.Namespace) -> dict[str, float]:
             graphs = compiled_graphs()
     if compiled_graphs() != graphs:
         log.warning("k=%d: torch.compile built %d graphs during the timed rounds", k, compiled_graphs() - graphs)
-    out = {n: (min if args.stat == "min" else statistics.median)(v) for n, v in times.items()}
+    stats = {"min": min, "median": statistics.median}
+    out = {n: stats[args.stat]([t[args.clock] for t in v]) for n, v in times.items()}
+    out.update({f"{n}/{c}_{st}": f([t[c] for t in v]) for n, v in times.items() for c in ("wall", "cpu")
+                for st, f in stats.items()})
     for n, (pipe, setup) in cfgs.items() if args.memory else ():
         setup()
         out[f"{n}/peak_mib"] = peak_mib(b, pipe, args)
@@ -301,6 +309,8 @@ def measure(args: argparse.Namespace) -> dict[int, dict[str, float]]:
             return {k: paired_k(k, b, args) for k in (int(x) for x in args.ks.split(","))}
         for k in (int(x) for x in args.ks.split(",")):
             out[k] = time_k(k, b, args)
+            if args.out:  # the figures so far (a time-boxed run keeps its finished k)
+                args.out.write_text(json.dumps({str(j): v for j, v in out.items()}, indent=1))
             log.info("k=%d: %s; torch.compile graphs so far: %d", k, ", ".join(
                 f"{n} {1000 * v:.0f} ms" for n, v in out[k].items() if "/" not in n), compiled_graphs())
     return out
@@ -350,6 +360,22 @@ def table(res: dict[int, dict[str, float]], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+RATIOS = (("gated", "static", "<= 1.3"), ("gated_compiled", "static", "<= 1.3"), ("static", "diffusers", "<= 1.0"),
+          ("fused", "plain", "1 +- 0.03"), ("fused", "base", ""))
+
+
+def views(res: dict[int, dict[str, float]]) -> str:
+    """The target ratios under each view of the same calls: wall-clock or CPU time, median or min per config."""
+    pairs = [(a, b, t) for a, b, t in RATIOS if any(f"{a}/wall_min" in r and b in r for r in res.values())]
+    lines = ["| k | view | " + " | ".join(f"{a}/{b}" + (f" ({t})" if t else "") for a, b, t in pairs) + " |",
+             "|---|---|" + "---|" * len(pairs)]
+    for k, r in res.items():
+        for view in ("wall_median", "wall_min", "cpu_median", "cpu_min"):
+            cells = " | ".join(f"{r[f'{a}/{view}'] / r[f'{b}/{view}']:.3f}" for a, b, _ in pairs)
+            lines.append(f"| {k} | {view.replace('_', ' ')} | {cells} |")
+    return "\n".join(lines)
+
+
 def describe(args: argparse.Namespace) -> str:
     model = (f"demo model, {args.size}x{args.size} px" if args.unet == "demo" else
              f"SD1.5-config UNet ({args.sd_layers} layers per block, random weights), {args.latent}x{args.latent} "
@@ -395,14 +421,14 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("lora_diffusion", "diffusers", "peft"):
         logging.getLogger(name).setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
-    res = measure(args)
-    if args.profile:
-        return
     stem = ("bench_fusion_sd15" if args.unet == "sd15" else "bench_fusion") + ("_paired" if args.paired_rounds else "")
     args.out = args.out or ROOT / "outputs" / f"{stem}.json"
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    res = measure(args)
+    if args.profile:
+        return
     args.out.write_text(json.dumps({str(k): v for k, v in res.items()}, indent=1))
-    print(paired_table(res, args) if args.paired_rounds else table(res, args))
+    print(paired_table(res, args) if args.paired_rounds else table(res, args) + "\n\n" + views(res))
 
 
 if __name__ == "__main__":
