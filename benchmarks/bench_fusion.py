@@ -305,8 +305,14 @@ def measure(args: argparse.Namespace) -> dict[int, dict[str, float]]:
         b = (build_sd if args.unet == "sd15" else build_demo)(args, Path(tmp))
         if args.profile:
             return profile(b, args)
+        for k in (int(x) for x in args.ks.split(",")) if args.paired_rounds else ():
+            out[k] = paired_k(k, b, args)
+            log.info("k=%d: per-round ratios to %s: %s", k, args.configs.split(",")[0], {
+                n: round(statistics.median(v), 4) for n, v in out[k].items()})
+            if args.out:  # the figures so far (a time-boxed run keeps its finished k)
+                args.out.write_text(json.dumps({str(j): v for j, v in out.items()}, indent=1))
         if args.paired_rounds:
-            return {k: paired_k(k, b, args) for k in (int(x) for x in args.ks.split(","))}
+            return out
         for k in (int(x) for x in args.ks.split(",")):
             out[k] = time_k(k, b, args)
             if args.out:  # the figures so far (a time-boxed run keeps its finished k)

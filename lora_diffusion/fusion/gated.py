@@ -179,7 +179,8 @@ class GateCombiner(Combiner):
         """Without autograd or recording: the formula one LoRA at a time on channels-last contiguous tensors, each
         LoRA's temporary reused in place (LN(y_i) -> pre-activation -> g_i -> g_i y_i), added into the output;
         no stacked copy of the y_i and no (k, B, ..., C) broadcast temporaries, 6 passes per LoRA over a
-        y-sized tensor (measured on SD1.5-sized layers, one CPU thread: 1.2-4x faster than the stacked form)."""
+        y-sized tensor. One CPU thread, k = 1-3, vs the stacked form: 2.3-4x faster on (2, 1024, 320|2560) linear
+        outputs, 1.05-1.25x on (2, 256, 640), about equal on conv outputs (the stacked form's copy transposes)."""
         y0l = self._last(y0)  # a view: the output keeps y0's memory layout (what the next layer's kernel expects)
         bias, w_out = self._terms(ys, ctx, y0l)  # per-LoRA bias (k, [B,] 1.., C) or None; w_out (k, C) or (C,)
         n0 = F.layer_norm(y0l, y0l.shape[-1:])
