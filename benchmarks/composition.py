@@ -9,7 +9,7 @@ background (``a red dotted ring on a blue background``), ``--seeds`` images each
 
 - base / concept only / style only: references;
 - static: the sum at weight 1 (diffusers ``set_adapters([c, s], [1, 1])``);
-- static-tuned: the best (w_c, w_s) of a grid, picked on separate tuning prompts and seeds;
+- static-tuned: the best (w_c, w_s) of a grid, picked on separate tuning prompts and seeds (ties go to (1, 1));
 - klora (K-LoRA), scheduled (subject early, style late), gated (AutoLoRA gates from ``train_gates``),
   mole (MoLE gates from ``train_gates --method mole``, trained over a set of LoRAs; the pair active, the rest off).
 
@@ -49,6 +49,8 @@ log = logging.getLogger("composition")
 METHODS = ("base", "concept", "style", "static", "static-tuned", "klora", "scheduled", "scheduled-tuned", "gated", "mole")
 GRID = (0.5, 0.75, 1.0, 1.25)
 SWITCHES = (0.5, 0.65, 0.8, 0.9)  # scheduled-tuned: progress at which the style takes over
+TUNE_DEFAULT = {"static-tuned": (1.0, 1.0), "scheduled-tuned": 0.5}  # the untuned setting ties go to
+TUNE_PROMPTS, TUNE_SEEDS = 3, (10_000, 10_001)  # tuning images per setting: prompts x seeds
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -61,11 +63,16 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, c - h), min(1.0, c + h))
 
 
-def prompts_for(concept: str, style: str, n: int, seed: int) -> list[tuple[str, str, str]]:
-    """``n`` (prompt, color, background) with a seeded color and background."""
+def prompts_for(concept: str, style: str, n: int, seed: int, skip: int = 0) -> list[tuple[str, str, str]]:
+    """``n`` (prompt, color, background) with a seeded color and background: entries ``skip:skip + n`` of a seeded
+    order of the (color, background) pairs, so ``skip=k`` never repeats the first ``k`` (the test prompts)."""
     rng = np.random.default_rng([seed, world.SHAPES.index(concept), world.TEXTURES.index(style)])
     pairs = [(c, b) for c in world.SHAPE_COLORS for b in world.BACKGROUNDS if c != b]
-    return [(world.caption(concept, c, b, style), c, b) for c, b in (pairs[i] for i in rng.permutation(len(pairs))[:n])]
+    if skip + n > len(pairs):
+        raise ValueError(f"{skip} + {n} prompts asked for {concept}+{style}; only {len(pairs)} (color, background) "
+                         "pairs exist")
+    order = rng.permutation(len(pairs))[skip:skip + n]
+    return [(world.caption(concept, c, b, style), c, b) for c, b in (pairs[i] for i in order)]
 
 
 @torch.no_grad()
@@ -112,11 +119,11 @@ def score(preds: list[dict[str, str]], asked: list[dict[str, str]]) -> dict[str,
 
 
 def run_set(pipe: Any, ev: Any, method: str, pairs: list[tuple[str, str]], n_prompts: int, seeds: list[int],
-            args: argparse.Namespace, tuned: dict, prompt_seed: int) -> dict[str, Any]:
+            args: argparse.Namespace, tuned: dict, prompt_seed: int, skip: int = 0) -> dict[str, Any]:
     per_pair, images = {}, {}
     for c, s in pairs:
         setup(pipe, method, c, s, args, tuned)
-        ps = prompts_for(c, s, n_prompts, prompt_seed)
+        ps = prompts_for(c, s, n_prompts, prompt_seed, skip)
         prompts = [p for p, _, _ in ps for _ in seeds]
         asked = [{"shape": c, "texture": s, "color": col, "background": bg} for _, col, bg in ps for _ in seeds]
         ims = draw(pipe, prompts, [sd for _ in ps for sd in seeds], args.steps, args.guidance)
@@ -126,20 +133,36 @@ def run_set(pipe: Any, ev: Any, method: str, pairs: list[tuple[str, str]], n_pro
     return {"per_pair": per_pair, "images": images}
 
 
+def closest_best(scores: dict[Any, tuple], default: Any) -> Any:
+    """The setting with the best score (tuples compare in order: 'both', then 'all'); among tied settings the one
+    nearest ``default`` (the untuned method: weights (1, 1), switch 0.5), then the first in ``scores``' order.
+    So tuning never leaves the untuned setting for one that only ties with it on the tuning images."""
+    def dist(v: Any) -> float:
+        return float(np.linalg.norm(np.subtract(v, default)))
+
+    top = max(scores.values())
+    return min((v for v in scores if scores[v] == top), key=dist)
+
+
 def tune(pipe: Any, ev: Any, pairs: list[tuple[str, str]], args: argparse.Namespace, method: str) -> dict[tuple, Any]:
     """Per pair, the best setting of ``method`` (static-tuned: (w_c, w_s) on a grid; scheduled-tuned: the switch)
-    on tuning prompts and seeds other than the test set's (by 'both', then 'all')."""
+    by 'both', then 'all', ties to the untuned default (``closest_best``), on ``TUNE_PROMPTS`` prompts x
+    ``TUNE_SEEDS``: prompts that follow the test prompts in the same seeded order (disjoint from them), seeds that
+    the test (seeds 0..n-1) does not use."""
     best: dict[tuple, Any] = {}
     grid = list(itertools.product(GRID, GRID)) if method == "static-tuned" else list(SWITCHES)
     for c, s in pairs:
         key = (c, s) if method == "static-tuned" else ("scheduled", c, s)
         scores = {}
         for v in grid:
-            res = run_set(pipe, ev, method, [(c, s)], 2, [10_000, 10_001], args, {key: v}, prompt_seed=99)
+            res = run_set(pipe, ev, method, [(c, s)], TUNE_PROMPTS, list(TUNE_SEEDS), args, {key: v}, prompt_seed=0,
+                          skip=args.prompts)
             r = res["per_pair"][f"{c}+{s}"]
-            scores[v] = (r["both"].mean(), r["all"].mean())
-        best[key] = max(scores, key=lambda v: scores[v])
-        log.info("%s %s+%s: %s (tuning both %.2f)", method, c, s, best[key], scores[best[key]][0])
+            scores[v] = (float(r["both"].mean()), float(r["all"].mean()))
+        best[key] = closest_best(scores, TUNE_DEFAULT[method])
+        ties = sum(x == scores[best[key]] for x in scores.values())
+        log.info("%s %s+%s: %s (tuning both %.2f, all %.2f; %d settings tied)", method, c, s, best[key],
+                 *scores[best[key]], ties)
     return best
 
 
@@ -466,7 +489,10 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, tuned, args.paired)
     (args.out / "table.md").write_text(table + "\n")
+    tuning = {"prompts": TUNE_PROMPTS, "seeds": list(TUNE_SEEDS), "prompts_after_the_test_ones": args.prompts,
+              "ties_to": {m: TUNE_DEFAULT[m] for m in TUNE_DEFAULT if tuned and m in args.methods.split(",")}}
     (args.out / "results.json").write_text(json.dumps({"rows": rows, "tuned": {"+".join(k): v for k, v in tuned.items()},
+                                                       "tuning": tuning,
                                                        "config": {k: str(v) for k, v in vars(args).items()}}, indent=1))
     grid(results, args.out / "grid.png")
     print(table)

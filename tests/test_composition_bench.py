@@ -94,3 +94,55 @@ def test_pool_from_the_command_line_prints_and_writes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| gated | 50.0% | 50.0% [" in out and "- gated vs static: a 1 vs 0 (p = 1); **pooled over a: 1 vs 0" in out
     assert (tmp_path / "out" / "pooled.md").is_file()
+
+
+def test_tuning_ties_go_to_the_untuned_setting_and_a_unique_best_still_wins():
+    tie = {(0.5, 0.5): (1.0, 1.0), (0.5, 1.0): (1.0, 1.0), (1.0, 1.25): (1.0, 1.0), (1.0, 1.0): (1.0, 1.0),
+           (1.25, 1.25): (0.75, 1.0)}
+    assert comp.closest_best(tie, (1.0, 1.0)) == (1.0, 1.0)  # grid order would have taken (0.5, 0.5)
+    tie[(1.0, 1.0)] = (0.75, 0.75)  # the sum itself lost: the nearest of the tied ones
+    assert comp.closest_best(tie, (1.0, 1.0)) == (1.0, 1.25)
+    tie[(0.5, 0.5)] = (1.0, 1.0 + 1e-9)  # strictly best on 'all' (the second key): far from (1, 1) but it wins
+    assert comp.closest_best(tie, (1.0, 1.0)) == (0.5, 0.5)
+    assert comp.closest_best({0.5: (0.5, 0.5), 0.65: (1.0, 0.5), 0.9: (1.0, 0.5)}, 0.5) == 0.65  # the switch too
+
+
+def _fake_run_set(truth):
+    """run_set stand-in: 'both'/'all' per image from ``truth[setting]``; records the prompts and seeds it was given."""
+    calls = []
+
+    def run_set(pipe, ev, method, pairs, n_prompts, seeds, args, tuned, prompt_seed, skip=0):
+        (c, s), = pairs
+        v = next(iter(tuned.values()))
+        calls.append((n_prompts, tuple(seeds), prompt_seed, skip))
+        both = np.array(truth(v)[: n_prompts * len(seeds)], bool)
+        return {"per_pair": {f"{c}+{s}": {"both": both, "all": both}}, "images": {}}
+    return run_set, calls
+
+
+@pytest.mark.parametrize("method", ["static-tuned", "scheduled-tuned"])
+def test_tune_with_a_fake_scorer(monkeypatch, method):
+    from argparse import Namespace
+
+    good = {(1.0, 1.25), (0.5, 0.75), (1.0, 1.0)} if method == "static-tuned" else {0.8, 0.9, 0.5}
+    run_set, calls = _fake_run_set(lambda v: [1] * 6 if v in good else [1, 0] * 3)
+    monkeypatch.setattr(comp, "run_set", run_set)
+    args = Namespace(prompts=4)
+    best = comp.tune(None, None, [("ring", "dotted")], args, method)
+    assert list(best.values()) == [(1.0, 1.0) if method == "static-tuned" else 0.5]  # ties -> the untuned setting
+    n_prompts, seeds, _, skip = calls[0]
+    assert n_prompts * len(seeds) == 6 and skip == 4 and not set(seeds) & set(range(4))  # disjoint from the test
+    only = (0.5, 0.75) if method == "static-tuned" else 0.9
+    run_set, _ = _fake_run_set(lambda v: [1] * 6 if v == only else [1, 0] * 3)
+    monkeypatch.setattr(comp, "run_set", run_set)
+    assert list(comp.tune(None, None, [("ring", "dotted")], args, method).values()) == [only]  # a unique best wins
+
+
+def test_tuning_prompts_follow_the_test_prompts_and_never_repeat_them():
+    for c, s in [("ring", "dotted"), ("heart", "checkered"), ("moon", "striped")]:
+        test = comp.prompts_for(c, s, 4, 0)
+        tuning = comp.prompts_for(c, s, 3, 0, skip=4)
+        assert comp.prompts_for(c, s, 7, 0) == test + tuning  # one seeded order, cut in two
+        assert not {p for p, _, _ in test} & {p for p, _, _ in tuning}
+    with pytest.raises(ValueError, match="only"):
+        comp.prompts_for("ring", "dotted", 5, 0, skip=40)
