@@ -397,6 +397,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=4, help="images per prompt")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--model", default=None, help="demo-sd (default: the UNet demo model) or demo-sd3 (the DiT one; "
+                   "its library from build_demo_library --model demo-sd3; sample it at --steps 28 --guidance 7)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "composition")
@@ -415,15 +417,16 @@ def parser() -> argparse.ArgumentParser:
 def load(args: argparse.Namespace) -> tuple[Any, Any]:
     """The demo pipeline with the pairs' LoRAs (and MoLE's set) loaded, the timestep hook, and the evaluator."""
     from lora_diffusion.demo.evaluator import load_evaluator
+    from lora_diffusion.families import denoiser
     from lora_diffusion.generate import install_timestep_hook, load_pipeline
 
-    pipe = load_pipeline(None).to(args.device)
+    pipe = load_pipeline(args.model).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     names = args.concepts.split(",") + args.styles.split(",")
     args.files = {n: Path(args.library) / f"{n}.safetensors" for n in names}
     for n, f in args.files.items():
         ld.load_adapter(pipe, f, name=n)
-    install_timestep_hook(pipe.unet, pipe.scheduler.config.num_train_timesteps)
+    install_timestep_hook(denoiser(pipe), pipe.scheduler.config.num_train_timesteps)
     if "mole" in args.methods.split(","):
         from lora_diffusion.fusion.mixture import read_info
         from lora_diffusion.io.files import read_header

@@ -189,6 +189,7 @@ def train_one(r: Recipe, out: Path, args: argparse.Namespace) -> Path:
     captions = write_data(r, data, n_renders(r, args.images, args.style_images), args.seed, args.coverage)
     tc = TLoRAConfig()
     tc.adapter.variant, tc.adapter.lora_rank = "lora", args.rank
+    tc.model.pretrained_model_name_or_path = getattr(args, "model", None)  # demo-sd3: the DiT demo model's recipe
     tc.data.instance_data_dir, tc.data.placeholder_token = str(data), r.trigger.split()[0]
     # no hue jitter by default: the captions name each render's color and the renders cover every color, so a
     # rotated hue only teaches the LoRA that color words lie (ring alone: prompted color 2/6 with 180 deg, 6/6 without)
@@ -281,6 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--overwrite", action="store_true", help="retrain LoRAs already in --out")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model", default=None, help="the demo model to train on: demo-sd (default, the UNet) or demo-sd3 "
+                   "(the SD3-architecture DiT demo model: its trainer recipe, attention and MLP linears)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
