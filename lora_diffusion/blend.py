@@ -199,7 +199,8 @@ def check_method(pipe: Any, method: str) -> None:
     if "diffusion" not in FUSION_METHODS[method].models:
         usable = [m for m, c in FUSION_METHODS.items() if "diffusion" in c.models]
         raise AdapterError(f"fusion method '{method}' applies to language models only ({FUSION_METHODS[method].formula}"
-                           f"), not to a {family_label(pipe)} diffusion pipeline; for diffusion use one of {usable}")
+                           f"), not to diffusion pipelines (this one: {family_label(pipe)}); for diffusion use one of "
+                           f"{usable}")
 
 
 def default_guidance(pipe: Any) -> float:
@@ -335,9 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--library", default=None, help="folder of LoRAs searched by the prompt (see --top-k, --threshold)")
     p.add_argument("--method", default="gated", choices=list(FUSION_METHODS),
                    help="how the LoRAs are fused (default: gated; without --gates its untrained gate is the static "
-                        "sum): static (weighted sum), gated (AutoLoRA gates from training.train_gates), klora and "
-                        "scheduled (training-free subject + style; see --role), lag (one LoRA per token and layer), "
-                        "mole (MoLE gate; uniform mean untrained); xlora is for LLMs only")
+                        "sum): static (weighted sum), gated (AutoLoRA gates from training.train_gates, UNet models), "
+                        "klora and scheduled (training-free subject + style; see --role), mole (MoLE gate; uniform "
+                        "mean untrained); all of them on UNet (SD1.x/SDXL) and Flux/SD3 models. lag and xlora route "
+                        "LLM tokens (python -m lora_diffusion.chat) and are refused here")
     p.add_argument("--weight", action="append", type=float, default=None,
                    help="weight per usable LoRA, in order (repeat once per LoRA; default: 1 each)")
     p.add_argument("--role", action="append", default=[], help="NAME=subject|style|other (repeat; NAME: the file's "

@@ -136,8 +136,9 @@ def test_fused_static_equals_unfused_and_unfuses_exactly(dit):
 
 @pytest.mark.parametrize("method", LLM_ONLY)
 def test_llm_only_methods_are_refused_naming_method_and_family(dit, method):
-    with pytest.raises(AdapterError, match=rf"fusion method '{method}' applies to language models only .* not to a "
-                                           rf"{LABEL[dit['family']]} diffusion pipeline; for diffusion use one of"):
+    with pytest.raises(AdapterError, match=rf"fusion method '{method}' applies to language models only .* not to "
+                                           rf"diffusion pipelines \(this one: {LABEL[dit['family']]}\); for diffusion "
+                                           r"use one of \['static', 'gated'"):
         blend(_pipe(dit), PROMPT, [dit["ring"], dit["dotted"]], method=method, **KW)
 
 
@@ -252,3 +253,12 @@ def test_static_fusion_equals_diffusers_set_adapters_on_the_transformer(tmp_path
     fused.remove()
     fuse(ours, ["l0", "l1"], method="static", weights=[0.7, 0.4])
     assert close(dit_call(ours.transformer), expected)
+
+
+@pytest.mark.parametrize("method", LLM_ONLY)
+def test_llm_only_methods_are_refused_on_the_unet_demo_model_too(method, tmp_path):
+    from lora_diffusion.demo.model import load_demo_pipeline
+
+    with pytest.raises(AdapterError, match=rf"fusion method '{method}' applies to language models only .* not to "
+                                           r"diffusion pipelines \(this one: the embedded demo model\)"):
+        blend(load_demo_pipeline(), PROMPT, [tmp_path / "none.safetensors"], method=method, steps=1)
