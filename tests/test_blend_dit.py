@@ -262,3 +262,17 @@ def test_llm_only_methods_are_refused_on_the_unet_demo_model_too(method, tmp_pat
     with pytest.raises(AdapterError, match=rf"fusion method '{method}' applies to language models only .* not to "
                                            r"diffusion pipelines \(this one: the embedded demo model\)"):
         blend(load_demo_pipeline(), PROMPT, [tmp_path / "none.safetensors"], method=method, steps=1)
+
+
+@pytest.mark.parametrize("method", DIFFUSION)
+def test_bf16_transformer_blends_in_its_dtype(dit, method):
+    """The GPU setting (bf16 weights; Flux/SD3 overflow fp16), run on the CPU: with every method the transformer's
+    output stays bf16 (the adapters keep their files' fp32) and the image is not blank."""
+    pipe = load_pipeline(str(dit["folder"]), torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    dtypes: list[torch.dtype] = []
+    pipe.transformer.register_forward_hook(lambda m, args, out: dtypes.append((out[0] if isinstance(out, tuple)
+                                                                               else out.sample).dtype))
+    res = blend(pipe, PROMPT, [dit["ring"], dit["dotted"]], method=method, **KW)
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert _px(res.images).std() > 0 and (res.gate_stats is None or np.isfinite(res.gate_stats.strength).all())
