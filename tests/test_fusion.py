@@ -161,6 +161,10 @@ def test_fused_static_runs_exactly_the_base_models_ops():
     assert torch.equal(unet_call(unet), static_out)
     ld.disable_adapters(unet)  # disabled: the base model's ops again
     assert _ops(unet)[1] == hand_ops
+    layer = next(iter(layers.values()))
+    layer.forward = foreign = layer.base_layer.forward  # set by other code (a hook library): left alone
+    ld.set_adapters(unet, ["a0"])
+    assert layer.__dict__["forward"] is foreign
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])

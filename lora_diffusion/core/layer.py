@@ -101,11 +101,15 @@ class AdaptedLayer(nn.Module):
         self._run = [n for n in self.active if n not in self.merged]
         # nothing to add (every active adapter merged, or none active): a call goes straight to the base module,
         # whose own hooks and instance-level forward (accelerate's offload) still run; per call the wrapper then
-        # costs one attribute lookup, not a second forward (fused = the base model's ops, nothing else)
+        # costs one attribute lookup, not a second forward (fused = the base model's ops, nothing else). A forward
+        # that other code set on this layer itself (a hook library wrapping it) is left alone.
+        fast = self.base_layer.__call__
+        if self.__dict__.get("forward", fast) != fast:
+            return
         if self._run:
             self.__dict__.pop("forward", None)
         else:
-            self.__dict__["forward"] = self.base_layer.__call__
+            self.__dict__["forward"] = fast
 
     def set_combiner(self, combiner: nn.Module | None) -> None:
         """Install (or, with None, remove) a module called as ``combiner(layer, x, y0, ctx)`` instead of the sum."""
