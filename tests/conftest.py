@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,9 @@ from lora_diffusion.io.files import single_thread
 FIXTURES = Path(__file__).parent / "fixtures"
 # Tolerances are a property of the dtype, never of the variant.
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+# Gradio keeps uploads in one shared /tmp/gradio by default: two test runs (or a running app) on one machine then
+# delete each other's files mid-upload. Each test session gets its own folder (an explicit setting is kept).
+os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="lora-diffusion-gradio-"))
 
 
 @pytest.fixture(autouse=True)
