@@ -28,7 +28,7 @@ from .core.errors import AdapterError, AdapterFileError
 from .families import denoiser
 from .fusion import FUSION_METHODS, fuse, layer_map, unfuse
 from .fusion.base import GateStats
-from .fusion.gated import find_gates, load_gates
+from .fusion.gated import find_gates, gate_notes, load_gates
 from .io.bundle import FAMILY_NAMES, model_family
 from .io.library import describe, sha256
 
@@ -231,7 +231,8 @@ def _fuse(pipe: Any, chosen: list[Chosen], method: str, roles: dict[str, str] | 
                             f"(gate training is UNet-only: none for {family_label(pipe)} yet)"))
         else:
             check_gates_model(pipe, gates)
-            load_gates(fusion, gates, {c.name: c.sha256 for c in chosen}, allow_unseen)
+            hashes = {c.name: c.sha256 for c in chosen}
+            notes.extend(gate_notes(load_gates(fusion, gates, hashes, allow_unseen), fusion, hashes))
     elif method == "mole":
         notes.append("mole with untrained gates: the uniform mean of the LoRAs; "
                      + ("MoLE gates trained by train_gates --method mole load with their LoRAs: "

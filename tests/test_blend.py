@@ -34,6 +34,13 @@ def files(tmp_path_factory):
     return {"dir": d, "xl": write_other_family(d), **{n: d / f"{n}.safetensors" for n in ("ring", "dotted", "other", "broken")}}
 
 
+def load_demo_pipeline_with(files, names):
+    pipe = load_demo_pipeline()
+    for n in names:
+        ld.load_adapter(pipe, files[n], name=n)
+    return pipe
+
+
 def _run(files, names, **kw):
     pipe = load_demo_pipeline()
     return pipe, blend(pipe, PROMPT, [files[n] for n in names], steps=2, **kw)
@@ -69,6 +76,17 @@ def test_gates_for_other_loras_are_refused_naming_them(files, tmp_path):
         _run(files, ["ring", "other"], method="gated", gates=gates)
     _, res = _run(files, ["ring", "other"], method="gated", gates=gates, allow_unseen=True)
     assert res.gate_stats.strength.shape[2] == 2
+    unseen = [n for n in res.notes if "not trained with" in n]
+    assert len(unseen) == 1 and "['other" in unseen[0], res.notes  # the user is told, not only the log
+    assert not [n for n in res.notes if "never trained the role" in n], res.notes  # 'other' (style role) was trained
+    # gates that never trained a role: a LoRA of that role gets only the shared terms, and the user is told so
+    both_subjects = fuse(load_demo_pipeline_with(files, ["ring", "dotted"]), ["ring", "dotted"], method="gated",
+                         roles={"ring": "subject", "dotted": "subject"})
+    hashes = {n: sha256(files[n]) for n in ("ring", "dotted")}
+    subj = save_gates(both_subjects, tmp_path / "subjects.safetensors", hashes)
+    _, res = _run(files, ["ring", "dotted"], method="gated", gates=subj)
+    assert [n for n in res.notes if "never trained the role of {'dotted': 'style'}" in n], res.notes
+    assert not [n for n in res.notes if "not trained with" in n], res.notes
     out = plot_gate_stats(res.gate_stats, tmp_path / "g.png", "t")
     assert out.read_bytes()[:4] == b"\x89PNG"
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -370,6 +371,31 @@ def _note_role_changes(path: Any, meta: dict[str, str], fusion: Fusion, lora_has
         log.warning("%s: LoRAs with another role than in gate training (trained, now): %s", path, moved)
 
 
+def untrained_roles(meta: dict[str, str], fusion: Fusion, names: Iterable[str]) -> dict[str, str]:
+    """{LoRA: role} for the LoRAs whose role no LoRA had in gate training: that role's offsets are still at their
+    initial zero, so those LoRAs get only the gate's shared terms (empty for gates without role terms)."""
+    if not json.loads(meta.get("options", "{}")).get("per_role"):
+        return {}
+    had = set(json.loads(meta.get("roles", "{}")).values())
+    return {n: fusion.roles.get(n, "other") for n in names if fusion.roles.get(n, "other") not in had}
+
+
+def gate_notes(meta: dict[str, str], fusion: Fusion, lora_hashes: dict[str, str]) -> list[str]:
+    """What a user should know about gates applied with ``allow_unseen``: the LoRAs they never saw, and the roles
+    no trained LoRA had. Measured on the demo world (docs/autolora.md, gates that never saw the test compositions):
+    gates applied to unseen concept LoRAs kept shape and texture less often than the static sum."""
+    seen = set(json.loads(meta.get("loras", "{}")).values())
+    notes = []
+    if unseen := sorted(n for n, h in lora_hashes.items() if h not in seen):
+        notes.append(f"gates applied to LoRAs they were not trained with: {unseen} (on the demo world, gates applied "
+                     "to unseen concept LoRAs did worse than the static sum: docs/autolora.md)")
+    if untrained := untrained_roles(meta, fusion, lora_hashes):
+        notes.append(f"the gates never trained the role of {untrained} (trained roles: "
+                     f"{sorted(set(json.loads(meta.get('roles', '{}')).values()))}): those LoRAs get only the "
+                     "gate's shared terms")
+    return notes
+
+
 def _with_zero_role_offsets(path: Any, meta: dict[str, str], tensors: dict[str, torch.Tensor],
                             expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A gates file without role terms (written before them, or with ``per_role=False``) into a per-role fusion:
@@ -392,6 +418,8 @@ def load_gates(fusion: Fusion, path: str | os.PathLike, lora_hashes: dict[str, s
     if lora_hashes is not None:
         check_gate_hashes(path, meta, lora_hashes, allow_unseen)
         _note_role_changes(path, meta, fusion, lora_hashes)
+        if untrained := untrained_roles(meta, fusion, lora_hashes):
+            log.warning("%s: gates never trained the role of %s: those LoRAs get only the shared terms", path, untrained)
     expected = gate_state_dict(fusion)
     tensors = _with_zero_role_offsets(path, meta, tensors, expected)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
