@@ -129,9 +129,30 @@ def _atomic(path: Path) -> Iterator[str]:
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write atomically, byte for byte the same for the same tensors and metadata (see ``_sort_metadata``)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with _atomic(Path(path)) as tmp:
         save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
+        _sort_metadata(tmp)
+
+
+def _sort_metadata(path: str) -> None:
+    """Put the header's ``__metadata__`` keys in sorted order, in place. safetensors writes them in its hash map's
+    order, which changes from process to process: the same LoRA saved twice got another sha256 each time, so gates
+    (which record their LoRAs' sha256) refused a byte-for-byte rebuild and duplicate detection missed copies.
+    The sorted header has the same length (the same JSON, reordered); were it ever longer, the file is left as
+    written (still valid, only not reproducible)."""
+    with open(path, "r+b") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        raw = f.read(n)
+        header = json.loads(raw)
+        if not isinstance(header.get("__metadata__"), dict):
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(new) <= n:  # padded with spaces, as safetensors pads its header to 8-byte alignment
+            f.seek(8)
+            f.write(new + b" " * (n - len(new)))
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
