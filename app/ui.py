@@ -32,7 +32,7 @@ from .services import (
     parse_seed,
 )
 from .services.pipelines import known_prompts
-from .services.presets import LABELS, is_dit, model_family
+from .services.presets import LABELS, model_family
 
 
 def fusion_names() -> list[str]:
@@ -214,8 +214,6 @@ class UI:
             return gr.skip(), gr.skip(), f"⚠ {e}", gr.update(visible=False)
         p = PRESETS[fam]
         note = f"{LABELS[fam]}: {p['resolution']} px, {p['num_inference_steps']} steps, guidance {p['guidance_scale']:g}"
-        if is_dit(fam):
-            note += " · gated fusion: untrained gates only (= static; gate training is UNet-only)"
         known = bool(known_prompts(self.s.settings, model))  # the demo world's prompts: true on a demo model only
         return (gr.update(value=p["num_inference_steps"]), gr.update(value=p["guidance_scale"]), note,
                 gr.update(visible=known))

@@ -223,21 +223,17 @@ def _fuse(pipe: Any, chosen: list[Chosen], method: str, roles: dict[str, str] | 
           options: dict[str, Any], notes: list[str]) -> Any:
     names = [c.name for c in chosen]
     fusion = fuse(pipe, names, method=method, weights=[c.weight for c in chosen], roles=_roles(chosen, roles), **options)
-    unet = getattr(pipe, "unet", None) is not None
     if method == "gated":
         if gates is None:
             notes.append("gated fusion without a gates file: the untrained gate equals the static sum at weight 1 "
-                         + ("(train gates with python -m training.train_gates)" if unet else
-                            f"(gate training is UNet-only: none for {family_label(pipe)} yet)"))
+                         "(train gates with python -m training.train_gates)")
         else:
             check_gates_model(pipe, gates)
             hashes = {c.name: c.sha256 for c in chosen}
             notes.extend(gate_notes(load_gates(fusion, gates, hashes, allow_unseen), fusion, hashes))
     elif method == "mole":
-        notes.append("mole with untrained gates: the uniform mean of the LoRAs; "
-                     + ("MoLE gates trained by train_gates --method mole load with their LoRAs: "
-                        "ld.load_adapter(pipe, 'mole.safetensors')" if unet else
-                        f"MoLE gate training is UNet-only: none for {family_label(pipe)} yet")
+        notes.append("mole with untrained gates: the uniform mean of the LoRAs; MoLE gates trained by train_gates "
+                     "--method mole load with their LoRAs: ld.load_adapter(pipe, 'mole.safetensors')"
                      + (" (--gates ignored)" if gates is not None else ""))
     elif gates is not None:
         notes.append(f"--gates ignored: method '{method}' has no gates")
@@ -255,9 +251,8 @@ def check_gates_model(pipe: Any, path: str | os.PathLike) -> None:
     if comps and not set(comps) & have:
         raise AdapterFileError(
             f"{path}: gates trained on a model whose denoiser is {comps} (layers {keys[0]!r}, ...); this "
-            f"{family_label(pipe)} pipeline has {sorted(have)}: gates do not carry across model families. Gate "
-            "training (python -m training.train_gates) runs on UNet models only; gated fusion on Flux/SD3 runs with "
-            "the untrained gate (the static sum at weight 1) until then")
+            f"{family_label(pipe)} pipeline has {sorted(have)}: gates do not carry across model families; train "
+            "gates on this model with python -m training.train_gates --model <this model>")
 
 
 def plot_gate_stats(stats: GateStats, path: str | os.PathLike, title: str = "") -> Path:
@@ -337,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--library", default=None, help="folder of LoRAs searched by the prompt (see --top-k, --threshold)")
     p.add_argument("--method", default="gated", choices=list(FUSION_METHODS),
                    help="how the LoRAs are fused (default: gated; without --gates its untrained gate is the static "
-                        "sum): static (weighted sum), gated (AutoLoRA gates from training.train_gates, UNet models), "
+                        "sum): static (weighted sum), gated (AutoLoRA gates from training.train_gates), "
                         "klora and scheduled (training-free subject + style; see --role), mole (MoLE gate; uniform "
                         "mean untrained); all of them on UNet (SD1.x/SDXL) and Flux/SD3 models. lag and xlora route "
                         "LLM tokens (python -m lora_diffusion.chat) and are refused here")

@@ -29,6 +29,13 @@ detail term on the decoded predicted clean image (training/texture_loss.py) to e
 a pair's) own caption: a latent MSE is dominated by shape, color and background, and a texture (the style LoRA's
 contribution) is a small part of it.
 
+On Flux.1 and SD3/3.5 (``--model`` a diffusers folder or hub id of one) the gates sit on the transformer and the
+denoising loss is the T-LoRA trainer's rectified-flow MSE (training/objectives.py ``FlowMatchingObjective``:
+x_σ = (1-σ)x0 + σε, target ε - x0, σ drawn as ``--weighting_scheme``/``--flow_shift`` say, the text through the
+pipeline's CLIP/T5 encoders with the pooled embedding); the gate's φ(t) gets t = 1000·σ, the scale the timestep
+hook hands it when ``blend`` samples. The texture term is DDPM-only and off there. ``--resolution`` sets the
+training size (default: the model's, 1024 on Flux/SD3).
+
 Writes ``gates.safetensors`` (the gates and the sha256 of every LoRA; ``blend --gates`` refuses other LoRAs),
 ``checkpoints/checkpoint-<step>/`` (resume with ``--resume_from_checkpoint latest``), progress with ETA.
 """
@@ -50,10 +57,10 @@ from lora_diffusion.io.library import sha256
 
 from . import diffusion as dif
 from .checkpoint import CheckpointError, CheckpointManager, GlobalRNG, TrainableParams
-from .config import CheckpointArgs, ConfigError, RunArgs, opt, parse_args, to_yaml
+from .config import CheckpointArgs, ConfigError, FlowArgs, RunArgs, opt, parse_args, to_yaml
 from .data import DataError, ImageSet, files_digest, find_images, read_captions
 from .loop import EXIT_STOPPED, LoopConfig, NonFiniteLossError, Reporter, TrainingStopped, fit, make_accelerator
-from .objectives import Conditioner
+from .objectives import Conditioner, FlowMatchingObjective, FlowSampling, pipeline_shift
 from .texture_loss import TEXTURE_LOSSES, texture_loss
 
 log = logging.getLogger("train_gates")
@@ -74,6 +81,8 @@ class GateDataArgs:
                                 "their .txt captions (None: <folder of the first LoRA>/data/pairs)")
     caption_dropout: float = opt(0.3, "probability of an empty caption for the denoising loss (CFG)")
     train_batch_size: int = opt(8, "images per step (half from each of the two LoRAs)")
+    resolution: int | None = opt(None, "training resolution in pixels (None: the model's default, e.g. 512 SD1.5, "
+                                 "1024 SDXL/Flux/SD3, 64 the demo model)")
 
 
 OBJECTIVES = ("paper", "composition")
@@ -128,6 +137,7 @@ class GateConfig:
     optim: GateOptimArgs = field(default_factory=GateOptimArgs)
     checkpoint: GateCheckpointArgs = field(default_factory=GateCheckpointArgs)
     run: RunArgs = field(default_factory=RunArgs)
+    flow: FlowArgs = field(default_factory=FlowArgs)  # Flux/SD3 only
 
 
 @dataclass
@@ -255,13 +265,17 @@ class GateObjective:
     composition: denoising loss on images of both LoRAs' content with their combined caption (+ the paper's)."""
 
     def __init__(self, model: Any, unet: Any, scheduler: Any, conds: list[Conditioner], names: list[str],
-                 cfg: GateArgs, seed: int, pair_conds: list[Conditioner] | None = None, vae: Any = None) -> None:
+                 cfg: GateArgs, seed: int, pair_conds: list[Conditioner] | None = None, vae: Any = None,
+                 flow: FlowMatchingObjective | None = None) -> None:
         self.model, self.unet, self.sched, self.conds, self.names, self.cfg = model, unet, scheduler, conds, names, cfg
         self.vae = vae
         self.pair_conds = pair_conds or []
         self.gen = torch.Generator().manual_seed(seed)
         self.T = int(scheduler.config.num_train_timesteps)
         self.last: dict[str, float] = {}
+        self.flow = flow  # Flux/SD3: the T-LoRA trainer's rectified-flow objective draws σ and calls the transformer
+        if flow is not None:
+            flow.gen = self.gen  # one generator (checkpointed here) for noise and σ
 
     def _noisy(self, cond: Conditioner, exs: list[Any], device: torch.device) -> tuple[torch.Tensor, ...]:
         """(x_t, t, target, x0) of the examples' latents with fresh noise and uniform timesteps."""
@@ -269,12 +283,22 @@ class GateObjective:
         mean, std = torch.cat([m for m, _ in stats]), torch.cat([s for _, s in stats])
         x0 = mean + std * torch.randn(mean.shape, generator=self.gen).to(device)
         noise = torch.randn(mean.shape, generator=self.gen).to(device)
+        if self.flow is not None:  # t = 1000·σ: the scale the gate's φ(t) sees at sampling (the timestep hook)
+            t = self.flow.timesteps(len(exs)).to(device)
+            return {"latents": x0, "noise": noise, "timesteps": t}, t, None, x0
         t = torch.randint(0, self.T, (len(exs),), generator=self.gen).to(device)
         target = self.sched.get_velocity(x0, noise, t) if self.sched.config.prediction_type == "v_prediction" else noise
         return self.sched.add_noise(x0, noise, t), t, target, x0
 
-    def _mse(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _mse(self, noisy: Any, t: torch.Tensor, text: Any, target: torch.Tensor | None) -> torch.Tensor:
+        if self.flow is not None:
+            return F.mse_loss(*self._flow(noisy, text))
         return F.mse_loss(self._predict(noisy, t, text), target)
+
+    def _flow(self, x: dict[str, torch.Tensor], text: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """(v̂, ε - x0) of the transformer (Flux: both packed into 2x2-patch tokens)."""
+        pred, target = self.flow.predict({**x, "text": text[0], "pooled": text[1]})
+        return pred.float(), target.float()
 
     def _predict(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         dtype = next(p for p in self.unet.parameters() if not p.requires_grad).dtype
@@ -284,6 +308,8 @@ class GateObjective:
                  share: float = 1.0) -> torch.Tensor:
         """The denoising MSE (+ texture_weight x the texture term, logged as 'texture') of one noisy batch."""
         noisy, t, target, x0 = batch
+        if self.flow is not None:  # no texture term: its x̂0 and weighting are DDPM's (train() turns it off)
+            return F.mse_loss(*self._flow(noisy, text))
         pred = self._predict(noisy, t, text)
         loss = F.mse_loss(pred, target)
         if self.cfg.texture_weight > 0 and self.cfg.texture_loss != "none":
@@ -292,8 +318,12 @@ class GateObjective:
             loss = loss + self.cfg.texture_weight * tex
         return loss
 
-    def _text(self, cond: Conditioner, prompts: list[str], device: torch.device) -> torch.Tensor:
-        return torch.cat([cond.text(p, device)[0] for p in prompts])
+    def _text(self, cond: Conditioner, prompts: list[str], device: torch.device) -> Any:
+        """UNet: the prompt embeddings (B, L, D); Flux/SD3: (embeddings, pooled (B, P))."""
+        if self.flow is None:
+            return torch.cat([cond.text(p, device)[0] for p in prompts])
+        texts = [cond.text(p, device) for p in prompts]
+        return torch.cat([e for e, _ in texts]), torch.cat([q for _, q in texts])
 
     def _paper(self, i: int, j: int, side: dict[int, Any], device: torch.device, parts: dict[str, float]) -> Any:
         total = 0.0
@@ -368,48 +398,48 @@ def _conditioner(pipe: Any, images: list[Path], captions: list[str], res: int, d
     return c
 
 
-def check_unet_model(source: str | None, pipe: Any = None) -> None:
-    """Gate training runs on UNet models (SD1.x/2.x, SDXL, the demo model): its objective is DDPM noise prediction
-    through ``pipe.unet``. A Flux/SD3 model (by its model_index.json, or the loaded pipeline) gets one error saying so
-    and what works there (blending with the untrained gate) before anything is built or written."""
-    from lora_diffusion.families import detect_family
-    from lora_diffusion.io.bundle import FAMILY_NAMES, model_family
+def check_gate_model(source: str | None, pipe: Any) -> str:
+    """The loaded pipeline's family (sd | sdxl | flux | sd3): gate training runs where the T-LoRA trainer does, UNet
+    models with the DDPM objective, Flux.1 and SD3/3.5 with rectified flow; anything else (FLUX.2, which the loader
+    refuses too) gets one error naming the model before anything is written."""
+    from lora_diffusion.families import FamilyError, family_of
 
-    fam = detect_family(source) if pipe is None else model_family(pipe)
-    if fam in ("flux", "sd3", "flux2") or (pipe is not None and getattr(pipe, "unet", None) is None):
-        raise ConfigError(f"--pretrained_model_name_or_path {source or 'demo'}: a "
-                          f"{FAMILY_NAMES.get(fam or '', type(pipe).__name__)} model, a "
-                          "diffusion transformer; gate training runs on UNet models only (SD1.x/2.x, SDXL, the demo "
-                          "model). On Flux/SD3, python -m lora_diffusion.blend --method gated runs with the untrained "
-                          "gate (the static sum at weight 1); every other diffusion fusion works there too")
+    try:
+        return family_of(pipe).name
+    except FamilyError as e:
+        raise ConfigError(f"--pretrained_model_name_or_path {source or 'demo'}: {e}; gate training runs on SD1.x/2.x, "
+                          "SDXL, the demo model (DDPM objective), Flux.1 and SD3/3.5 (rectified flow), like "
+                          "training.train_tlora") from None
 
 
 def _build(cfg: GateConfig, data: list[LoraData], pairs: list[PairData],
            acc: Any) -> tuple[Any, Any, list[Conditioner], list[Conditioner]]:
+    from lora_diffusion.families import denoiser
     from lora_diffusion.generate import load_pipeline
 
     pipe = load_pipeline(cfg.model.pretrained_model_name_or_path, torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    check_unet_model(cfg.model.pretrained_model_name_or_path, pipe)
+    check_gate_model(cfg.model.pretrained_model_name_or_path, pipe)
     for comp in ld.components(pipe).values():
         comp.requires_grad_(False)
-    unet = pipe.unet
+    den = denoiser(pipe)  # the UNet, or the Flux/SD3 transformer
     for d in data:  # onto the pipeline: a LoRA's pivotal-tuning tokens load with it (its captions name them)
         ld.load_adapter(pipe, d.path, name=d.name)
     opts = ({"time_features": cfg.gates.time_features, "per_role": cfg.gates.per_role} if cfg.gates.method == "gated"
             else {"balance_weight": cfg.gates.balance_weight})
-    fusion = fuse(unet, [d.name for d in data], method=cfg.gates.method, roles={d.name: d.role for d in data}, **opts)
+    fusion = fuse(den, [d.name for d in data], method=cfg.gates.method, roles={d.name: d.role for d in data}, **opts)
     log.info("roles: %s", {d.name: d.role for d in data})
     for p in fusion.parameters():
         p.requires_grad_(True)
-    dtype = dif.DTYPES[cfg.model.mixed_precision]
-    dif.cast_frozen(unet, dtype)
+    dif.cast_frozen(den, dif.DTYPES[cfg.model.mixed_precision])
     for p in fusion.parameters():
         p.data = p.data.float()
-    pipe.text_encoder.to(acc.device, dtype)
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):  # SDXL, Flux and SD3 have several
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).to(acc.device, dif.DTYPES[cfg.model.mixed_precision])
     pipe.vae.to(acc.device, torch.float32)
-    unet.to(acc.device)
-    res = int(unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+    den.to(acc.device)
+    res = cfg.data.resolution or dif.default_resolution(pipe)
     conds = [_conditioner(pipe, d.images, d.captions, res, acc.device) for d in data]
     pair_conds = [_conditioner(pipe, p.images, p.captions, res, acc.device) for p in pairs]
     c0 = conds[0]
@@ -419,7 +449,9 @@ def _build(cfg: GateConfig, data: list[LoraData], pairs: list[PairData],
     return pipe, fusion, conds, pair_conds
 
 
-def identity(cfg: GateConfig, data: list[LoraData], pairs: list[PairData]) -> dict[str, Any]:
+def identity(cfg: GateConfig, data: list[LoraData], pairs: list[PairData], flow: str | None = None) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed (``flow``: the Flux/SD3 family and its σ sampling, absent on UNets
+    so their checkpoints keep resuming)."""
     return {"loras": {d.name: d.sha256 for d in data}, "data": files_digest([p for d in data for p in d.images]),
             "base_model": cfg.model.pretrained_model_name_or_path, "time_features": cfg.gates.time_features,
             "margin": cfg.gates.margin, "hinge_weight": cfg.gates.hinge_weight, "batch": cfg.data.train_batch_size,
@@ -430,7 +462,8 @@ def identity(cfg: GateConfig, data: list[LoraData], pairs: list[PairData]) -> di
                if cfg.gates.per_role and cfg.gates.method == "gated" else {}),
             **({"paper_weight": cfg.gates.paper_weight, "pairs": files_digest([p for q in pairs for p in q.images])}
                if pairs else {}),
-            **({"method": "mole", "balance_weight": cfg.gates.balance_weight} if cfg.gates.method == "mole" else {})}
+            **({"method": "mole", "balance_weight": cfg.gates.balance_weight} if cfg.gates.method == "mole" else {}),
+            **({"family": flow, "flow": vars(cfg.flow), "resolution": cfg.data.resolution} if flow else {})}
 
 
 def save_learned(fusion: Any, pipe: Any, folder: Path, hashes: dict[str, str], meta: dict[str, str] | None = None) -> Path:
@@ -441,34 +474,79 @@ def save_learned(fusion: Any, pipe: Any, folder: Path, hashes: dict[str, str], m
     return save_gates(fusion, folder / "gates.safetensors", hashes, meta)
 
 
+def flow_objective(cfg: GateConfig, pipe: Any, model: Any, conds: list[Conditioner]) -> FlowMatchingObjective | None:
+    """Flux/SD3: the T-LoRA trainer's rectified-flow objective with ``cfg.flow``'s σ sampling (None: logit-normal
+    for SD3, uniform for Flux) and shift (None: the stock pipeline's at this resolution); UNets: None (DDPM)."""
+    from lora_diffusion.families import denoiser, family_of
+
+    fam = family_of(pipe)
+    if not fam.flow:
+        return None
+    f, res = cfg.flow, conds[0].sets[False].resolution
+    tokens = (res // (int(getattr(pipe, "vae_scale_factor", 8)) * 2)) ** 2 if fam.name == "flux" else 0
+    shift = f.flow_shift if f.flow_shift is not None else pipeline_shift(pipe.scheduler.config, tokens)
+    scheme = f.weighting_scheme or ("logit_normal" if fam.name == "sd3" else "uniform")
+    log.info("%s: rectified flow, σ %s, shift %.3g", fam.name, scheme, shift)
+    return FlowMatchingObjective(model, denoiser(pipe), conds[0], 0, FlowSampling(scheme, f.logit_mean, f.logit_std,
+                                 f.mode_scale, shift), resolution=res, guidance=f.train_guidance_scale,
+                                 num_train_timesteps=int(pipe.scheduler.config.num_train_timesteps))
+
+
+def _objective(cfg: GateConfig, pipe: Any, model: Any, data: list[LoraData], pairs: list[PairData],
+               conds: list[Conditioner], pair_conds: list[Conditioner]) -> tuple[GateObjective, PairSampler]:
+    from diffusers import DDPMScheduler
+
+    from lora_diffusion.families import denoiser
+
+    flow = flow_objective(cfg, pipe, model, conds)
+    sched = pipe.scheduler if flow is not None else DDPMScheduler.from_config(pipe.scheduler.config)
+    objective = GateObjective(model, denoiser(pipe), sched, conds, [d.name for d in data], cfg.gates,
+                              cfg.run.seed * 1000 + 1, pair_conds, pipe.vae, flow)
+    sampler = PairSampler([c.sets[False] for c in conds], cfg.data.train_batch_size, cfg.data.caption_dropout,
+                          cfg.run.seed, [(p.a, p.b, c.sets[False]) for p, c in zip(pairs, pair_conds)],
+                          cfg.gates.paper_weight > 0)
+    return objective, sampler
+
+
 def train(cfg: GateConfig) -> GateResult:
     """Check the inputs, build, (resume,) train the gates, save them."""
-    from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
-    check_unet_model(cfg.model.pretrained_model_name_or_path)
+    from lora_diffusion.families import denoiser
+
     out = dif.check_output_dir(cfg.checkpoint.output_dir)
     data = find_data(cfg)
     pairs = find_pairs(cfg, data) if cfg.gates.objective == "composition" else []
     acc = make_accelerator(cfg.model.mixed_precision, cfg.run.cpu)
     torch.manual_seed(cfg.run.seed)
     pipe, fusion, conds, pair_conds = _build(cfg, data, pairs, acc)
+    flow = conds[0].family in ("flux", "sd3")
+    if flow and cfg.gates.texture_weight > 0 and cfg.gates.texture_loss != "none":
+        log.info("--texture_loss: DDPM models only (its x̂0 and weighting are DDPM's); off on %s", conds[0].family)
+        cfg.gates.texture_weight = 0.0
     o = cfg.optim
     opt_ = torch.optim.AdamW(fusion.parameters(), lr=o.learning_rate, weight_decay=o.adam_weight_decay)
     sched = get_scheduler("cosine", opt_, num_warmup_steps=min(20, o.max_train_steps // 10), num_training_steps=o.max_train_steps)
-    model, opt_ = acc.prepare(pipe.unet, opt_)
-    names = [d.name for d in data]
-    objective = GateObjective(model, pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), conds, names, cfg.gates,
-                              cfg.run.seed * 1000 + 1, pair_conds, pipe.vae)
-    sampler = PairSampler([c.sets[False] for c in conds], cfg.data.train_batch_size, cfg.data.caption_dropout, cfg.run.seed,
-                          [(p.a, p.b, c.sets[False]) for p, c in zip(pairs, pair_conds)], cfg.gates.paper_weight > 0)
-    ckpt = CheckpointManager(out / "checkpoints", identity(cfg, data, pairs), cfg.checkpoint.checkpoints_total_limit)
-    shared = {"params": TrainableParams(pipe.unet), "optimizer": opt_, "lr_scheduler": sched}
+    model, opt_ = acc.prepare(denoiser(pipe), opt_)
+    objective, sampler = _objective(cfg, pipe, model, data, pairs, conds, pair_conds)
+    ckpt = CheckpointManager(out / "checkpoints", identity(cfg, data, pairs, conds[0].family if flow else None),
+                             cfg.checkpoint.checkpoints_total_limit)
+    shared = {"params": TrainableParams(denoiser(pipe)), "optimizer": opt_, "lr_scheduler": sched}
     local = {"rng": GlobalRNG(), "data": sampler, "objective": objective}
     start = 0
     if cfg.checkpoint.resume_from_checkpoint:
         path = ckpt.find(cfg.checkpoint.resume_from_checkpoint)
         start = ckpt.load(path, shared, local) if path else 0
+    return _run(cfg, out, pipe, fusion, data, pairs, (acc, model, opt_, sched, sampler, objective), ckpt,
+                (shared, local), start)
+
+
+def _run(cfg: GateConfig, out: Path, pipe: Any, fusion: Any, data: list[LoraData], pairs: list[PairData],
+         parts: tuple[Any, ...], ckpt: CheckpointManager, state: tuple[dict, dict], start: int) -> GateResult:
+    """The loop (progress, checkpoints, Stop) from ``start``, then the validation loss and the gates file."""
+    acc, model, opt_, sched, sampler, objective = parts
+    shared, local = state
+    o = cfg.optim
     reporter = Reporter(out / cfg.run.logging_dir, cfg.run.report_to == "tensorboard")
     hashes = {d.name: d.sha256 for d in data}
 
@@ -500,7 +578,7 @@ def train(cfg: GateConfig) -> GateResult:
             "texture_loss": f"{cfg.gates.texture_loss} x {cfg.gates.texture_weight}",
             "pairs": ",".join(p.folder.name for p in pairs)}
     gates = save_learned(fusion, pipe, out, hashes, meta)
-    log.info("gates of %d layers for %s -> %s", len(fusion.combiners), names, gates)
+    log.info("gates of %d layers for %s -> %s", len(fusion.combiners), [d.name for d in data], gates)
     return GateResult(result.losses, result.first_step, result.last_step, gates, ckpt.checkpoints(), (before, after))
 
 
