@@ -161,10 +161,23 @@ def test_mole_gates_train_on_the_transformer_and_load_with_their_loras(dit, tmp_
     assert np.abs(np.asarray(generate(pipe, [PROMPT], 2, 7.0, 0, 1, 32, 32)[0]).astype(int) - base).max() > 0
 
 
-def test_a_pipeline_the_trainers_do_not_support_is_refused_naming_what_is():
-    """FLUX.2 (the loader refuses it too) or any other pipeline: one error naming the model and the families."""
+def test_a_pipeline_the_trainers_do_not_support_is_refused_naming_what_is(dit, tmp_path):
+    """FLUX.2 (the loader refuses it too) or any other pipeline: one error naming the model and the families; a
+    local folder before the output folder is made."""
     from training.config import ConfigError
     from training.train_gates import check_gate_model
+    from training.train_gates import main as train_gates
+
+    folder = tmp_path / "flux2"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "Flux2Pipeline"}))
+    d, out = dit["dir"], tmp_path / "gates-out"
+    with pytest.raises(SystemExit, match=rf"error: --pretrained_model_name_or_path {folder}: a Flux2Pipeline; gate "
+                                         r"training runs on SD1.x/2.x, SDXL, the demo model"):
+        train_gates(["--model", str(folder), "--loras", f"{d / 'ring.safetensors'},{d / 'dotted.safetensors'}",
+                     "--output_dir", str(out)])
+    assert not out.exists()
+    assert check_gate_model(str(dit["folder"])) == dit["family"]
 
     class Flux2Pipeline:  # the class name is what the family is told by
         pass

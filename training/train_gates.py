@@ -398,18 +398,29 @@ def _conditioner(pipe: Any, images: list[Path], captions: list[str], res: int, d
     return c
 
 
-def check_gate_model(source: str | None, pipe: Any) -> str:
-    """The loaded pipeline's family (sd | sdxl | flux | sd3): gate training runs where the T-LoRA trainer does, UNet
-    models with the DDPM objective, Flux.1 and SD3/3.5 with rectified flow; anything else (FLUX.2, which the loader
-    refuses too) gets one error naming the model before anything is written."""
-    from lora_diffusion.families import FamilyError, family_of
+GATE_FAMILIES = ("gate training runs on SD1.x/2.x, SDXL, the demo model (DDPM objective), Flux.1 and SD3/3.5 "
+                 "(rectified flow), like training.train_tlora")
 
-    try:
-        return family_of(pipe).name
-    except FamilyError as e:
-        raise ConfigError(f"--pretrained_model_name_or_path {source or 'demo'}: {e}; gate training runs on SD1.x/2.x, "
-                          "SDXL, the demo model (DDPM objective), Flux.1 and SD3/3.5 (rectified flow), like "
-                          "training.train_tlora") from None
+
+def check_gate_model(source: str | None, pipe: Any = None) -> str | None:
+    """The family (sd | sdxl | flux | sd3) of the loaded pipeline, or without one of a local diffusers folder's
+    ``model_index.json`` (None when that cannot tell, e.g. a hub id: checked once loaded). Gate training runs where
+    the T-LoRA trainer does; anything else (FLUX.2, which the loader refuses too) gets one error naming the model,
+    for a local folder before anything is written."""
+    import json
+
+    from lora_diffusion.families import BY_PIPELINE, FamilyError, family_of
+
+    if pipe is not None:
+        try:
+            return family_of(pipe).name
+        except FamilyError as e:
+            raise ConfigError(f"--pretrained_model_name_or_path {source or 'demo'}: {e}; {GATE_FAMILIES}") from None
+    index = Path(source or "") / "model_index.json"
+    name = json.loads(index.read_text()).get("_class_name") if source and index.is_file() else None
+    if name is not None and name not in BY_PIPELINE:
+        raise ConfigError(f"--pretrained_model_name_or_path {source}: a {name}; {GATE_FAMILIES}")
+    return BY_PIPELINE[name].name if name else None
 
 
 def _build(cfg: GateConfig, data: list[LoraData], pairs: list[PairData],
@@ -514,6 +525,7 @@ def train(cfg: GateConfig) -> GateResult:
 
     from lora_diffusion.families import denoiser
 
+    check_gate_model(cfg.model.pretrained_model_name_or_path)
     out = dif.check_output_dir(cfg.checkpoint.output_dir)
     data = find_data(cfg)
     pairs = find_pairs(cfg, data) if cfg.gates.objective == "composition" else []
