@@ -278,7 +278,8 @@ class GateObjective:
             flow.gen = self.gen  # one generator (checkpointed here) for noise and σ
 
     def _noisy(self, cond: Conditioner, exs: list[Any], device: torch.device) -> tuple[torch.Tensor, ...]:
-        """(x_t, t, target, x0) of the examples' latents with fresh noise and uniform timesteps."""
+        """(x_t, t, target, x0) of the examples' latents with fresh noise and uniform timesteps; Flux/SD3:
+        ({x0, ε, t}, t = 1000·σ, None, x0), noised and targeted by the flow objective's ``predict``."""
         stats = [cond.posterior(ex, device) for ex in exs]
         mean, std = torch.cat([m for m, _ in stats]), torch.cat([s for _, s in stats])
         x0 = mean + std * torch.randn(mean.shape, generator=self.gen).to(device)
