@@ -145,7 +145,17 @@ def test_composition_objective_on_the_transformer(dit, tmp_path):
     res = train(_cfg(dit, tmp_path / "a", 2, "--objective", "composition", "--pair_data", str(tmp_path / "pairs"),
                      "--paper_weight", "0.5", "--checkpointing_steps", "0"))
     assert all(math.isfinite(v) for v in res.losses)
-    assert read_header(res.gates)[1]["objective"] == "composition"
+    meta = read_header(res.gates)[1]
+    assert meta["objective"] == "composition" and meta["texture_loss"] == "highpass x 0.0"  # DDPM-only: off here
+
+
+def test_bf16_transformer_trains_fp32_gates(dit, tmp_path):
+    """The GPU setting (bf16 frozen transformer and text encoders; Flux/SD3 overflow fp16), run on the CPU: the
+    losses are finite, the gates learn (the validation loss moves) and are saved in fp32."""
+    res = train(_cfg(dit, tmp_path / "a", 2, "--mixed_precision", "bf16", "--checkpointing_steps", "0"))
+    assert all(math.isfinite(v) for v in res.losses) and res.validation[0] != res.validation[1]
+    tensors = ld.io.files.read_safetensors(res.gates)[0]
+    assert tensors and {t.dtype for t in tensors.values()} == {torch.float32}
 
 
 def test_mole_gates_train_on_the_transformer_and_load_with_their_loras(dit, tmp_path):
