@@ -11,7 +11,7 @@ from diffusers import DDPMScheduler
 from lora_diffusion.demo import world
 from lora_diffusion.demo.evaluator import images_to_tensor
 from lora_diffusion.demo.model import load_demo_pipeline
-from training.texture_loss import TEXTURE_LOSSES, decode, detail_error, predicted_x0, texture_loss
+from training.texture_loss import TEXTURE_LOSSES, decode, detail_error, flow_x0, predicted_x0, texture_loss, unpack_2x2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 KINDS = [k for k in TEXTURE_LOSSES if k != "none"]
@@ -80,3 +80,16 @@ def test_texture_gradient_reaches_only_the_predictor(pipe):
     assert scale.grad is not None and float(scale.grad.abs()) > 0
     assert all(p.grad is None for p in pipe.vae.parameters())
     assert decode(pipe.vae, x0).shape == (1, 3, 64, 64)
+
+
+def test_flow_x0_inverts_the_rectified_flow_forward_process():
+    """x_σ = (1-σ) x0 + σ ε with v = ε - x0 (training/objectives.py): x_σ - σ v is x0, at every σ; Flux's packed
+    tokens unpack to the latents they were packed from."""
+    from diffusers import FluxPipeline
+
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 16, 8, 8, generator=g), torch.randn(4, 16, 8, 8, generator=g)
+    sigma = torch.tensor([0.0, 0.25, 0.7, 1.0])
+    s = sigma.view(-1, 1, 1, 1)
+    assert torch.allclose(flow_x0((1 - s) * x0 + s * eps, sigma, eps - x0), x0, atol=1e-6)
+    assert torch.equal(unpack_2x2(FluxPipeline._pack_latents(x0, 4, 16, 8, 8), x0.shape), x0)

@@ -146,7 +146,35 @@ def test_composition_objective_on_the_transformer(dit, tmp_path):
                      "--paper_weight", "0.5", "--checkpointing_steps", "0"))
     assert all(math.isfinite(v) for v in res.losses)
     meta = read_header(res.gates)[1]
-    assert meta["objective"] == "composition" and meta["texture_loss"] == "highpass x 0.0"  # DDPM-only: off here
+    assert meta["objective"] == "composition" and meta["texture_loss"] == "highpass x 3.0"  # the default, on
+
+
+@pytest.mark.parametrize("kind", ["highpass", "spectrum"])
+def test_texture_term_on_the_transformer_reaches_only_the_gates(dit, tmp_path, kind):
+    """The flow texture term (x̂0 = x_σ - σ v̂ decoded by the pipeline's VAE, weight 1 - σ): 0 when v̂ is the true
+    velocity (x̂0 = x0), finite and logged in the objective, its gradient reaching the gates and nothing else."""
+    from lora_diffusion.families import denoiser
+    from training.loop import make_accelerator
+    from training.texture_loss import flow_texture_loss
+    from training.train_gates import _build, _objective, find_data
+
+    cfg = _cfg(dit, tmp_path / "a", 1, "--texture_loss", kind, "--texture_weight", "5")
+    data = find_data(cfg)
+    pipe, fusion, conds, pair_conds = _build(cfg, data, [], make_accelerator("no", True))
+    objective, sampler = _objective(cfg, pipe, denoiser(pipe), data, [], conds, pair_conds)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.cat([conds[0].posterior(conds[0].sets[False].draw(g), torch.device("cpu"))[0] for _ in range(2)])
+    eps, sigma = torch.randn(x0.shape), torch.tensor([0.3, 0.8])
+    s = sigma.view(-1, 1, 1, 1)
+    x_t = (1 - s) * x0 + s * eps
+    assert float(flow_texture_loss(kind, pipe.vae, x_t, sigma, eps - x0, x0)) < 1e-6
+    assert float(flow_texture_loss(kind, pipe.vae, x_t, sigma, torch.zeros_like(x0), x0)) > 0.01
+    objective(sampler.next_batch()).backward()
+    assert math.isfinite(objective.last["texture"]) and objective.last["texture"] > 0
+    gates = {id(p) for p in fusion.parameters()}
+    with_grad = [p for comp in ld.components(pipe).values() for p in comp.parameters() if p.grad is not None]
+    assert with_grad and all(id(p) in gates for p in with_grad)
+    assert any(float(p.grad.abs().sum()) > 0 for p in fusion.parameters())
 
 
 def test_bf16_transformer_trains_fp32_gates(dit, tmp_path):

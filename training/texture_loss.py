@@ -6,12 +6,15 @@ is lost. These terms decode the model's predicted clean latent with the frozen V
 with the training image's, each as a per-image relative error (0 = the same detail, 1 = as wrong as no detail):
 
     x̂0 = sqrt(ᾱ_t) x_t - sqrt(1 - ᾱ_t) v̂        (v-prediction; ε: (x_t - sqrt(1 - ᾱ_t) ε̂) / sqrt(ᾱ_t))
+    x̂0 = x_σ - σ v̂                              (rectified flow, Flux/SD3: x_σ = (1-σ) x0 + σ ε, v = ε - x0;
+                                                 the Euler step of FlowMatchEulerDiscreteScheduler to σ = 0)
     highpass:  ‖H(D(x̂0)) - H(D(x0))‖² / ‖H(D(x0))‖²         H(x) = x - blur3x3(x), D the VAE decoder
     spectrum:  ‖|FFT2 H(D(x̂0))| - |FFT2 H(D(x0))|‖² / ‖|FFT2 H(D(x0))|‖²   the amplitude spectrum of the fine
                detail: which frequencies and orientations the texture has, not where it sits (a shifted copy of
                the target scores 0), so a texture drawn out of phase with the training image is not punished
 
-weighted per image by ᾱ_t (at high noise x̂0 is a blur whose detail cannot be predicted, so it counts little).
+weighted per image by ᾱ_t, on flow models by 1 - σ, the weight of x0 in x_σ as sqrt(ᾱ_t) is in x_t (at high
+noise x̂0 is a blur whose detail cannot be predicted, so it counts little).
 Every network here is frozen: only the parameters that produced the prediction (the gates) get gradients.
 """
 
@@ -68,12 +71,36 @@ def detail_error(kind: str, image: torch.Tensor, target: torch.Tensor) -> torch.
     raise ValueError(f"texture loss: unknown kind {kind!r} (expected one of {TEXTURE_LOSSES})")
 
 
-def texture_loss(kind: str, vae: Any, scheduler: Any, noisy: torch.Tensor, t: torch.Tensor, pred: torch.Tensor,
-                 x0: torch.Tensor) -> torch.Tensor:
-    """The ᾱ_t-weighted mean detail error of the prediction's clean image against the training latent ``x0``."""
-    x0_hat = predicted_x0(scheduler, noisy, t, pred.float())
+def flow_x0(noisy: torch.Tensor, sigma: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """The clean latent a rectified-flow velocity implies: x_σ - σ v̂. (B, C, h, w), σ (B,) -> (B, C, h, w)."""
+    return noisy - sigma.view(-1, *([1] * (noisy.ndim - 1))) * pred
+
+
+def unpack_2x2(tokens: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Flux's 2x2-patch tokens (B, h/2·w/2, 4C) back to latents of ``shape`` (B, C, h, w) (inverse of
+    ``FluxPipeline._pack_latents``)."""
+    b, c, h, w = shape
+    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def detail_loss(kind: str, vae: Any, x0_hat: torch.Tensor, x0: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The ``weight``-weighted (B,) mean detail error of the decoded ``x0_hat`` against the training latent ``x0``."""
     with torch.no_grad():
         target = decode(vae, x0)
     err = detail_error(kind, decode(vae, x0_hat), target)
-    weight = scheduler.alphas_cumprod.to(noisy.device)[t].float()
     return (weight * err).sum() / weight.sum().clamp_min(1e-8)
+
+
+def texture_loss(kind: str, vae: Any, scheduler: Any, noisy: torch.Tensor, t: torch.Tensor, pred: torch.Tensor,
+                 x0: torch.Tensor) -> torch.Tensor:
+    """DDPM: the ᾱ_t-weighted mean detail error of the prediction's clean image against the training latent ``x0``."""
+    x0_hat = predicted_x0(scheduler, noisy, t, pred.float())
+    return detail_loss(kind, vae, x0_hat, x0, scheduler.alphas_cumprod.to(noisy.device)[t].float())
+
+
+def flow_texture_loss(kind: str, vae: Any, noisy: torch.Tensor, sigma: torch.Tensor, pred: torch.Tensor,
+                      x0: torch.Tensor) -> torch.Tensor:
+    """Rectified flow: the same term, x̂0 = x_σ - σ v̂ weighted by 1 - σ (in place of ᾱ_t: x0's weight in x_σ).
+    ``pred`` (B, C, h, w) or Flux's packed tokens (B, h/2·w/2, 4C)."""
+    pred = unpack_2x2(pred, x0.shape) if pred.ndim == 3 else pred
+    return detail_loss(kind, vae, flow_x0(noisy, sigma.float(), pred.float()), x0, 1 - sigma.float())

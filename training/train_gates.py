@@ -33,7 +33,7 @@ On Flux.1 and SD3/3.5 (``--model`` a diffusers folder or hub id of one) the gate
 denoising loss is the T-LoRA trainer's rectified-flow MSE (training/objectives.py ``FlowMatchingObjective``:
 x_σ = (1-σ)x0 + σε, target ε - x0, σ drawn as ``--weighting_scheme``/``--flow_shift`` say, the text through the
 pipeline's CLIP/T5 encoders with the pooled embedding); the gate's φ(t) gets t = 1000·σ, the scale the timestep
-hook hands it when ``blend`` samples. The texture term is DDPM-only and off there. ``--resolution`` sets the
+hook hands it when ``blend`` samples. The texture term decodes x̂0 = x_σ - σ v̂ there, weighted by 1 - σ. ``--resolution`` sets the
 training size (default: the model's, 1024 on Flux/SD3).
 
 Writes ``gates.safetensors`` (the gates and the sha256 of every LoRA; ``blend --gates`` refuses other LoRAs),
@@ -61,7 +61,7 @@ from .config import CheckpointArgs, ConfigError, FlowArgs, RunArgs, opt, parse_a
 from .data import DataError, ImageSet, files_digest, find_images, read_captions
 from .loop import EXIT_STOPPED, LoopConfig, NonFiniteLossError, Reporter, TrainingStopped, fit, make_accelerator
 from .objectives import Conditioner, FlowMatchingObjective, FlowSampling, pipeline_shift
-from .texture_loss import TEXTURE_LOSSES, texture_loss
+from .texture_loss import TEXTURE_LOSSES, flow_texture_loss, texture_loss
 
 log = logging.getLogger("train_gates")
 
@@ -309,15 +309,25 @@ class GateObjective:
                  share: float = 1.0) -> torch.Tensor:
         """The denoising MSE (+ texture_weight x the texture term, logged as 'texture') of one noisy batch."""
         noisy, t, target, x0 = batch
-        if self.flow is not None:  # no texture term: its x̂0 and weighting are DDPM's (train() turns it off)
-            return F.mse_loss(*self._flow(noisy, text))
-        pred = self._predict(noisy, t, text)
+        if self.flow is not None:
+            pred, target = self._flow(noisy, text)
+        else:
+            pred = self._predict(noisy, t, text)
         loss = F.mse_loss(pred, target)
         if self.cfg.texture_weight > 0 and self.cfg.texture_loss != "none":
-            tex = texture_loss(self.cfg.texture_loss, self.vae, self.sched, noisy, t, pred, x0)
+            tex = self._texture(noisy, t, pred, x0)
             parts["texture"] = parts.get("texture", 0.0) + share * float(tex.detach())
             loss = loss + self.cfg.texture_weight * tex
         return loss
+
+    def _texture(self, noisy: Any, t: torch.Tensor, pred: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """The texture term; Flux/SD3: x_σ as ``FlowMatchingObjective.predict`` made it, σ = t / T."""
+        if self.flow is None:
+            return texture_loss(self.cfg.texture_loss, self.vae, self.sched, noisy, t, pred, x0)
+        sigma = t.float() / self.flow.T
+        s = sigma.view(-1, 1, 1, 1)
+        x_t = (1 - s) * noisy["latents"] + s * noisy["noise"]
+        return flow_texture_loss(self.cfg.texture_loss, self.vae, x_t, sigma, pred, x0)
 
     def _text(self, cond: Conditioner, prompts: list[str], device: torch.device) -> Any:
         """UNet: the prompt embeddings (B, L, D); Flux/SD3: (embeddings, pooled (B, P))."""
@@ -535,8 +545,8 @@ def train(cfg: GateConfig) -> GateResult:
     pipe, fusion, conds, pair_conds = _build(cfg, data, pairs, acc)
     flow = conds[0].family in ("flux", "sd3")
     if flow and cfg.gates.texture_weight > 0 and cfg.gates.texture_loss != "none":
-        log.info("--texture_loss: DDPM models only (its x̂0 and weighting are DDPM's); off on %s", conds[0].family)
-        cfg.gates.texture_weight = 0.0
+        log.info("--texture_loss %s x %g on %s: x̂0 = x_σ - σ·v̂ decoded by its VAE, weighted by 1 - σ",
+                 cfg.gates.texture_loss, cfg.gates.texture_weight, conds[0].family)
     o = cfg.optim
     opt_ = torch.optim.AdamW(fusion.parameters(), lr=o.learning_rate, weight_decay=o.adam_weight_decay)
     sched = get_scheduler("cosine", opt_, num_warmup_steps=min(20, o.max_train_steps // 10), num_training_steps=o.max_train_steps)
