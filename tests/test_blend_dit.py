@@ -20,7 +20,7 @@ from lora_diffusion.fusion import FUSION_ATTR, FUSION_METHODS, fuse, save_gates
 from lora_diffusion.generate import generate, load_pipeline
 from lora_diffusion.io.library import sha256
 
-from .tiny_dit import flux_model, sd3_model  # noqa: F401
+from .tiny_dit import flux_model, sd3_model, write_ring_dotted_loras  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "a red dotted ring on a blue background"
@@ -35,17 +35,8 @@ NEEDS_TWO = {"klora": "K-LoRA fuses one subject and one style LoRA", "mole": "mo
 def dit(request, tmp_path_factory) -> dict:
     """The tiny model folder and two LoRAs on its transformer: ``ring`` (a concept) and ``dotted`` (a style)."""
     folder = request.getfixturevalue(f"{request.param}_model")
-    d = tmp_path_factory.mktemp(f"{request.param}-loras")
-    pipe = load_pipeline(str(folder))
-    for i, (name, kind) in enumerate((("ring", "concept"), ("dotted", "style"))):
-        ld.add_adapter(pipe.transformer, ld.AdapterSpec(rank=4, targets="dit-attn", seed=i), name)
-        g = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for _, p in ld.adapter_parameters(pipe.transformer, name):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-        ld.save_adapter(pipe, d / f"{name}.safetensors", name, metadata={"lora_kind": kind})
-    return {"family": request.param, "folder": folder, "ring": d / "ring.safetensors",
-            "dotted": d / "dotted.safetensors"}
+    files = write_ring_dotted_loras(folder, tmp_path_factory.mktemp(f"{request.param}-loras"))
+    return {"family": request.param, "folder": folder, **files}
 
 
 def _pipe(dit: dict):

@@ -23,7 +23,7 @@ from lora_diffusion.io.library import sha256
 from training.config import parse_args
 from training.train_gates import GateConfig, train
 
-from .tiny_dit import flux_model, sd3_model  # noqa: F401
+from .tiny_dit import flux_model, sd3_model, write_ring_dotted_loras  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "a red dotted ring on a blue background"
@@ -36,16 +36,10 @@ def dit(request, tmp_path_factory) -> dict:
     captioned images in ``data/<name>/``."""
     folder = request.getfixturevalue(f"{request.param}_model")
     d = tmp_path_factory.mktemp(f"{request.param}-gates")
-    pipe = load_pipeline(str(folder))
+    write_ring_dotted_loras(folder, d)
     scenes = {"ring": [world.Scene("ring", "red", "blue"), world.Scene("ring", "green", "white")],
               "dotted": [world.Scene("star", "blue", "yellow", "dotted")]}
-    for i, (name, kind) in enumerate((("ring", "concept"), ("dotted", "style"))):
-        ld.add_adapter(pipe.transformer, ld.AdapterSpec(rank=4, targets="dit-attn", seed=i), name)
-        g = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for _, p in ld.adapter_parameters(pipe.transformer, name):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-        ld.save_adapter(pipe, d / f"{name}.safetensors", name, metadata={"lora_kind": kind})
+    for name in ("ring", "dotted"):
         (d / "data" / name).mkdir(parents=True)
         for k, s in enumerate(scenes[name]):
             world.render(s).save(d / "data" / name / f"{k}.png")

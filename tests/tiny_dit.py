@@ -182,6 +182,24 @@ def te_out(encoder) -> torch.Tensor:
         return encoder(torch.tensor([[0, 5, 9, 3, 1]])).last_hidden_state
 
 
+def write_ring_dotted_loras(folder: Path, out: Path) -> dict[str, Path]:
+    """Two LoRAs on a tiny DiT's transformer, written as our trainer writes them: ``ring`` (lora_kind concept) and
+    ``dotted`` (style), random factors (seeds 0 and 1) large enough to change the output."""
+    import lora_diffusion as ld
+    from lora_diffusion.generate import load_pipeline
+
+    pipe, files = load_pipeline(str(folder)), {}
+    for i, (name, kind) in enumerate((("ring", "concept"), ("dotted", "style"))):
+        ld.add_adapter(pipe.transformer, ld.AdapterSpec(rank=4, targets="dit-attn", seed=i), name)
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for _, p in ld.adapter_parameters(pipe.transformer, name):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        files[name] = out / f"{name}.safetensors"
+        ld.save_adapter(pipe, files[name], name, metadata={"lora_kind": kind})
+    return files
+
+
 @pytest.fixture(scope="session")
 def flux_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))
