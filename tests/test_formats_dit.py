@@ -12,6 +12,7 @@ import torch
 import lora_diffusion as ld
 from lora_diffusion.io.files import read_safetensors, write_safetensors
 
+from .conftest import perturb
 from .test_formats_helpers import close
 from .tiny_dit import dit_call, tiny_dit
 
@@ -243,7 +244,6 @@ def _comfy(sd: dict, model) -> dict:
 
 # --- our exports -------------------------------------------------------------------------------------------------
 def _trained_pipeline(fixture, exclude=()):
-    from .conftest import perturb
     from .tiny_dit import tiny_dit_pipeline
 
     pipe = tiny_dit_pipeline(fixture)
@@ -622,7 +622,6 @@ def test_peft_folders_both_ways(tmp_path, fixture):
     same outputs."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from .conftest import perturb
 
     base = tiny_dit(fixture)
     ours = copy.deepcopy(base)
@@ -681,9 +680,7 @@ def test_flux_bfl_export_loads_in_diffusers(tmp_path, targets):
     base = tiny_dit(FLUX)
     model = copy.deepcopy(base)
     ld.add_adapter(model, ld.AdapterSpec(rank=4, alpha=2, targets=targets))
-    with torch.no_grad():
-        for _, p in ld.adapter_parameters(model):
-            p.normal_(0, 0.3)
+    perturb(model, std=0.3)
     out = ld.save_adapter(model, tmp_path / "b.safetensors", format="bfl")
     sd = read_safetensors(out)[0]
     assert "diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight" in sd

@@ -15,6 +15,7 @@ import lora_diffusion as ld
 from lora_diffusion.io import dit
 from lora_diffusion.io.files import write_safetensors
 
+from .conftest import perturb
 from .test_formats_helpers import close
 from .tiny_dit import FLUX2, dit_call, flux2_call, tiny_dit, tiny_flux2
 
@@ -151,9 +152,7 @@ def test_flux2_export_round_trip(tmp_path, fmt, preset):
     base = tiny_flux2()
     model = copy.deepcopy(base)
     ld.add_adapter(model, ld.AdapterSpec(rank=4, alpha=2, targets=preset))
-    with torch.no_grad():
-        for _, p in ld.adapter_parameters(model):
-            p.normal_(0, 0.3)
+    perturb(model, std=0.3)
     out = tmp_path / "k.safetensors"
     ld.save_adapter(model, out, format=fmt)
     sd, meta = read_safetensors(out)
@@ -370,9 +369,7 @@ def test_bfl_lora_export_through_diffusers(tmp_path, preset):
     base = tiny_flux2()
     model = copy.deepcopy(base)
     ld.add_adapter(model, ld.AdapterSpec(rank=4, alpha=2, targets=preset))
-    with torch.no_grad():
-        for _, p in ld.adapter_parameters(model):
-            p.normal_(0, 0.3)
+    perturb(model, std=0.3)
     out = ld.save_adapter(model, tmp_path / "a.safetensors", format="bfl")
     sd, _ = read_safetensors(out)
     assert all(k.startswith("diffusion_model.") and ".lora_" in k for k in sd)
