@@ -256,15 +256,21 @@ def lokr_windows(params: dict[str, torch.Tensor], targets: list[str], ranges: li
     return out
 
 
+def _by_module(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``<flat module name>.<param>`` keys -> {flat module name: {param: tensor}}."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        name, _, param = key.partition(".")
+        grouped.setdefault(name, {})[param] = t
+    return grouped
+
+
 def to_onetrainer(tensors: dict[str, torch.Tensor], mapping: dict[str, str], targets: dict[str, list[str]],
                   swapped: set[str], views: ModuleView, src: str, family: str, cfg: Any) -> dict[str, torch.Tensor]:
     """Tensors keyed ``<source flat name>.<param>`` -> ``lora_transformer_<path>.<param>`` (OneTrainer's layout).
 
     ``mapping``: source flat name -> original dotted name (a key of ``targets``)."""
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        name, _, param = key.partition(".")
-        grouped.setdefault(name, {})[param] = t
+    grouped = _by_module(tensors)
     out: dict[str, torch.Tensor] = {}
     for name, params in grouped.items():
         dotted = mapping.get(name)
@@ -396,10 +402,7 @@ def to_bfl(tensors: dict[str, torch.Tensor], targets: dict[str, list[str]], peft
     reads it; else kohya's ``lora_down/up`` + ``alpha``, as its Flux.1 loader reads ComfyUI files). LoHa / LoKr /
     DoRA parameters as they are (LyCORIS names, alpha kept)."""
     dotted = source_names(targets, "lora_unet")
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        name, _, param = key.partition(".")
-        grouped.setdefault(name, {})[param] = t
+    grouped = _by_module(tensors)
     out: dict[str, torch.Tensor] = {}
     for name, ps in grouped.items():
         base = f"diffusion_model.{dotted[name]}"
